@@ -1,0 +1,365 @@
+//! Pod-link messages: `LEN u32 | TYPE u8 | SESSION_ID u32 | BODY`, big-endian,
+//! `LEN = 5 + len(BODY)`. A LEN below 5 or over 1 MiB + 5 breaks the link.
+
+/// Bytes before the body.
+pub const HEADER_LEN: usize = 9;
+/// Largest body a message may carry.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Pod-link protocol version.
+pub const VERSION: u8 = 1;
+
+/// Message types (POD-LINK.md §3).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MsgType {
+    Hello,
+    Open,
+    Reopen,
+    Data,
+    Resize,
+    Detached,
+    Attached,
+    Close,
+    Pause,
+    Continue,
+    Unknown(u8),
+}
+
+impl MsgType {
+    pub const fn code(self) -> u8 {
+        match self {
+            MsgType::Hello => 0x01,
+            MsgType::Open => 0x02,
+            MsgType::Reopen => 0x03,
+            MsgType::Data => 0x10,
+            MsgType::Resize => 0x11,
+            MsgType::Detached => 0x20,
+            MsgType::Attached => 0x21,
+            MsgType::Close => 0x30,
+            MsgType::Pause => 0x40,
+            MsgType::Continue => 0x41,
+            MsgType::Unknown(c) => c,
+        }
+    }
+
+    pub const fn from_code(c: u8) -> MsgType {
+        match c {
+            0x01 => MsgType::Hello,
+            0x02 => MsgType::Open,
+            0x03 => MsgType::Reopen,
+            0x10 => MsgType::Data,
+            0x11 => MsgType::Resize,
+            0x20 => MsgType::Detached,
+            0x21 => MsgType::Attached,
+            0x30 => MsgType::Close,
+            0x40 => MsgType::Pause,
+            0x41 => MsgType::Continue,
+            c => MsgType::Unknown(c),
+        }
+    }
+
+    /// The contract's name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MsgType::Hello => "HELLO",
+            MsgType::Open => "OPEN",
+            MsgType::Reopen => "REOPEN",
+            MsgType::Data => "DATA",
+            MsgType::Resize => "RESIZE",
+            MsgType::Detached => "DETACHED",
+            MsgType::Attached => "ATTACHED",
+            MsgType::Close => "CLOSE",
+            MsgType::Pause => "PAUSE",
+            MsgType::Continue => "CONTINUE",
+            MsgType::Unknown(_) => "UNKNOWN",
+        }
+    }
+}
+
+/// CLOSE reasons.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    Normal,
+    ClientDisconnect,
+    SuspendExpired,
+    Error,
+    Refused,
+    Other(u8),
+}
+
+impl CloseReason {
+    pub const fn code(self) -> u8 {
+        match self {
+            CloseReason::Normal => 0,
+            CloseReason::ClientDisconnect => 1,
+            CloseReason::SuspendExpired => 2,
+            CloseReason::Error => 3,
+            CloseReason::Refused => 4,
+            CloseReason::Other(c) => c,
+        }
+    }
+
+    pub const fn from_code(c: u8) -> CloseReason {
+        match c {
+            0 => CloseReason::Normal,
+            1 => CloseReason::ClientDisconnect,
+            2 => CloseReason::SuspendExpired,
+            3 => CloseReason::Error,
+            4 => CloseReason::Refused,
+            c => CloseReason::Other(c),
+        }
+    }
+}
+
+/// OPEN / REOPEN body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Open<'a> {
+    pub tenant: u32,
+    pub agent: u32,
+    pub client_caps: u8,
+    /// The client's address, as UTF-8 text (e.g. `127.0.0.1:50000`).
+    pub peer: &'a str,
+}
+
+/// A decoded message whose body borrows the input buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg<'a> {
+    Hello {
+        version: u8,
+        name: &'a str,
+    },
+    Open(Open<'a>),
+    Reopen(Open<'a>),
+    Data(&'a [u8]),
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    Detached,
+    Attached,
+    Close(CloseReason),
+    Pause,
+    Continue,
+    /// A type this version does not know: receivers ignore it.
+    Unknown {
+        ty: u8,
+        body: &'a [u8],
+    },
+}
+
+impl Msg<'_> {
+    pub fn ty(&self) -> MsgType {
+        match self {
+            Msg::Hello { .. } => MsgType::Hello,
+            Msg::Open(_) => MsgType::Open,
+            Msg::Reopen(_) => MsgType::Reopen,
+            Msg::Data(_) => MsgType::Data,
+            Msg::Resize { .. } => MsgType::Resize,
+            Msg::Detached => MsgType::Detached,
+            Msg::Attached => MsgType::Attached,
+            Msg::Close(_) => MsgType::Close,
+            Msg::Pause => MsgType::Pause,
+            Msg::Continue => MsgType::Continue,
+            Msg::Unknown { ty, .. } => MsgType::Unknown(*ty),
+        }
+    }
+}
+
+/// Outcome of [`decode`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A whole message for `session_id`, and the bytes it used.
+    Msg {
+        session_id: u32,
+        msg: Msg<'a>,
+        used: usize,
+    },
+    /// At least this many more bytes are needed.
+    NeedMore(usize),
+}
+
+/// The link is broken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("pod-link message LEN {0} is below 5 or over 1 MiB + 5")]
+    BadLen(u32),
+    #[error("pod-link {ty} body of {len} bytes is malformed: {what}")]
+    BadBody {
+        ty: &'static str,
+        len: usize,
+        what: &'static str,
+    },
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn bad(ty: MsgType, len: usize, what: &'static str) -> DecodeError {
+    DecodeError::BadBody {
+        ty: ty.name(),
+        len,
+        what,
+    }
+}
+
+fn parse_open(body: &[u8], ty: MsgType) -> Result<Open<'_>, DecodeError> {
+    if body.len() < 9 {
+        return Err(bad(ty, body.len(), "shorter than 9 bytes"));
+    }
+    let peer =
+        std::str::from_utf8(&body[9..]).map_err(|_| bad(ty, body.len(), "address is not UTF-8"))?;
+    Ok(Open {
+        tenant: be32(body, 0),
+        agent: be32(body, 4),
+        client_caps: body[8],
+        peer,
+    })
+}
+
+/// Decodes the first message in `buf`.
+pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+    if buf.len() < 4 {
+        return Ok(Decoded::NeedMore(HEADER_LEN - buf.len()));
+    }
+    let len = be32(buf, 0);
+    if !(5..=(MAX_BODY as u32 + 5)).contains(&len) {
+        return Err(DecodeError::BadLen(len));
+    }
+    let total = 4 + len as usize;
+    if buf.len() < total {
+        return Ok(Decoded::NeedMore(total - buf.len()));
+    }
+    let ty = MsgType::from_code(buf[4]);
+    let session_id = be32(buf, 5);
+    let body = &buf[HEADER_LEN..total];
+    let msg = match ty {
+        MsgType::Hello => {
+            let Some((&version, name)) = body.split_first() else {
+                return Err(bad(ty, 0, "missing version"));
+            };
+            let name =
+                std::str::from_utf8(name).map_err(|_| bad(ty, body.len(), "name is not UTF-8"))?;
+            Msg::Hello { version, name }
+        }
+        MsgType::Open => Msg::Open(parse_open(body, ty)?),
+        MsgType::Reopen => Msg::Reopen(parse_open(body, ty)?),
+        MsgType::Data => Msg::Data(body),
+        MsgType::Resize => {
+            if body.len() != 4 {
+                return Err(bad(ty, body.len(), "must be 4 bytes"));
+            }
+            Msg::Resize {
+                cols: u16::from_be_bytes([body[0], body[1]]),
+                rows: u16::from_be_bytes([body[2], body[3]]),
+            }
+        }
+        MsgType::Detached => Msg::Detached,
+        MsgType::Attached => Msg::Attached,
+        MsgType::Close => match body {
+            [r, ..] => Msg::Close(CloseReason::from_code(*r)),
+            [] => Msg::Close(CloseReason::Normal),
+        },
+        MsgType::Pause => Msg::Pause,
+        MsgType::Continue => Msg::Continue,
+        MsgType::Unknown(ty) => Msg::Unknown { ty, body },
+    };
+    Ok(Decoded::Msg {
+        session_id,
+        msg,
+        used: total,
+    })
+}
+
+/// Appends `msg` for `session_id` to `out`.
+///
+/// # Panics
+/// If a DATA body is over [`MAX_BODY`] (split it first).
+pub fn encode(out: &mut Vec<u8>, session_id: u32, msg: &Msg<'_>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    out.push(msg.ty().code());
+    out.extend_from_slice(&session_id.to_be_bytes());
+    match msg {
+        Msg::Hello { version, name } => {
+            out.push(*version);
+            out.extend_from_slice(name.as_bytes());
+        }
+        Msg::Open(o) | Msg::Reopen(o) => {
+            out.extend_from_slice(&o.tenant.to_be_bytes());
+            out.extend_from_slice(&o.agent.to_be_bytes());
+            out.push(o.client_caps);
+            out.extend_from_slice(o.peer.as_bytes());
+        }
+        Msg::Data(d) => out.extend_from_slice(d),
+        Msg::Resize { cols, rows } => {
+            out.extend_from_slice(&cols.to_be_bytes());
+            out.extend_from_slice(&rows.to_be_bytes());
+        }
+        Msg::Close(r) => out.push(r.code()),
+        Msg::Detached | Msg::Attached | Msg::Pause | Msg::Continue => {}
+        Msg::Unknown { body, .. } => out.extend_from_slice(body),
+    }
+    let len = out.len() - start - 4;
+    assert!(len <= MAX_BODY + 5, "pod-link body over 1 MiB");
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn len_bounds_break_the_link() {
+        assert_eq!(decode(&[0, 0, 0, 4, 1]), Err(DecodeError::BadLen(4)));
+        assert_eq!(
+            decode(&[0, 0x10, 0, 6]),
+            Err(DecodeError::BadLen(0x0010_0006))
+        );
+        assert!(matches!(decode(&[0, 0x10, 0, 5]), Ok(Decoded::NeedMore(_))));
+        assert_eq!(decode(&[0, 0, 0]), Ok(Decoded::NeedMore(6)));
+    }
+
+    #[test]
+    fn round_trip_each_type() {
+        let open = Open {
+            tenant: 7,
+            agent: 42,
+            client_caps: 3,
+            peer: "[::1]:5",
+        };
+        let msgs = [
+            Msg::Hello {
+                version: 1,
+                name: "x",
+            },
+            Msg::Open(open.clone()),
+            Msg::Reopen(open),
+            Msg::Data(b"ls\n"),
+            Msg::Resize { cols: 80, rows: 24 },
+            Msg::Detached,
+            Msg::Attached,
+            Msg::Close(CloseReason::Refused),
+            Msg::Pause,
+            Msg::Continue,
+            Msg::Unknown {
+                ty: 0x77,
+                body: b"zz",
+            },
+        ];
+        for m in msgs {
+            let mut v = Vec::new();
+            encode(&mut v, 99, &m);
+            match decode(&v).unwrap() {
+                Decoded::Msg {
+                    session_id,
+                    msg,
+                    used,
+                } => {
+                    assert_eq!((session_id, &msg, used), (99, &m, v.len()));
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+    }
+}
