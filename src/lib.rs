@@ -7,6 +7,7 @@
 //! * [`session`]: the sans-IO session core — state machine, replay ring, timers, session table,
 //!   resume tokens, tenant tokens — driven by an injected clock.
 
+pub mod auth;
 pub mod podlink;
 pub mod proto;
 pub mod session;

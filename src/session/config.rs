@@ -1,0 +1,61 @@
+//! Limits and timer settings shared by every session of a shard.
+
+/// What happens when a suspended session's ring is full (POD-LINK.md §4).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drop the oldest frames; the next RESUMED carries GAP.
+    #[default]
+    Drop,
+    /// PAUSE the agent instead, so nothing is lost.
+    Pause,
+}
+
+impl std::str::FromStr for Overflow {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "drop" => Ok(Overflow::Drop),
+            "pause" => Ok(Overflow::Pause),
+            o => Err(format!("unknown overflow policy '{o}': use 'drop' or 'pause'")),
+        }
+    }
+}
+
+/// Settings of the session core. Times are milliseconds on the caller's clock.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Replay ring cap, in payload bytes (`--ring-bytes`).
+    pub ring_bytes: usize,
+    /// Largest DATA payload sent or accepted (`--max-payload`).
+    pub max_payload: usize,
+    /// Send a KEEPALIVE after this long without sending anything (`--keepalive`).
+    pub keepalive_ms: u64,
+    /// Close the connection after this long without receiving anything (`--idle-timeout`).
+    pub idle_ms: u64,
+    /// Close a session suspended this long (`--suspend-ttl`).
+    pub ttl_ms: u64,
+    /// Suspended-ring policy (`--overflow`).
+    pub overflow: Overflow,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            ring_bytes: 256 * 1024,
+            max_payload: 65535,
+            keepalive_ms: 30_000,
+            idle_ms: 90_000,
+            ttl_ms: 3_600_000,
+            overflow: Overflow::Drop,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Bound on ring payload while a client is attached (or the agent is paused): the agent is
+    /// asked to PAUSE at `ring_bytes`, and only an agent that ignores PAUSE for this much more
+    /// output loses its oldest frames.
+    pub fn hard_ring_bytes(&self) -> usize {
+        self.ring_bytes.saturating_mul(2)
+    }
+}

@@ -1,0 +1,513 @@
+//! One session's state machine (PROTOCOL.md §3–§4, POD-LINK.md §4).
+//!
+//! A [`Session`] is driven by method calls — a client frame, agent output, a timer, the loss of
+//! the connection, a RESUME — each with the current time in milliseconds. Effects go to a
+//! [`Sink`]: encoded frames for the attached client connection and pod-link messages for the
+//! agent. What the connection should do next comes back as a [`Flow`].
+
+use super::config::{Overflow, SessionConfig};
+use super::ring::ReplayRing;
+use crate::podlink::{CloseReason, Msg as PodMsg, Open};
+use crate::proto::{
+    self, frame::encode_with, payload::ErrorFrame, seq, Ack, ErrorCode, Frame, FrameType, Resize,
+    Resumed, CAP_RELIABLE,
+};
+
+/// Where a session's effects go.
+pub trait Sink {
+    /// The buffer of bytes to write to the attached client connection.
+    fn client(&mut self) -> &mut Vec<u8>;
+    /// Sends a pod-link message for this session to its agent.
+    fn pod(&mut self, session_id: u32, msg: PodMsg<'_>);
+}
+
+/// Session states (§4).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// A connection is bound.
+    Attached,
+    /// No connection; output keeps flowing into the ring until the suspend TTL.
+    Suspended,
+    /// Finished: the session should be removed from its table.
+    Closed,
+}
+
+/// What the connection (if any) should do after an event.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep going.
+    Continue,
+    /// Flush what was written to the client, then close the connection; the session is now
+    /// SUSPENDED with its ring intact.
+    Suspend,
+    /// Flush, close the connection, and remove the session: it is CLOSED.
+    Close,
+}
+
+/// Where a resumed client wants the replay to start.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// 24-byte RESUME: the highest server SEQ the client holds.
+    LastSeq(u32),
+    /// Legacy 4-byte RESUME: replay everything unacknowledged.
+    Unacknowledged,
+}
+
+// Bits of `Session::flags`.
+const ACK_PENDING: u8 = 0x01;
+const HAS_DROPPED: u8 = 0x02;
+const POD_PAUSED: u8 = 0x04;
+const AGENT_CLOSED: u8 = 0x08;
+const HAS_ACKED: u8 = 0x10;
+
+/// One session. Kept small: this is what every idle session costs in the table.
+pub struct Session {
+    id: u32,
+    tenant: u32,
+    agent: u32,
+    /// SEQ the next frame sent will take.
+    next_seq: u32,
+    /// Highest (most recent) SEQ of a client DATA frame received.
+    last_client_seq: u32,
+    /// Newest SEQ dropped from the ring unacknowledged (valid with HAS_DROPPED).
+    dropped_through: u32,
+    /// Newest SEQ acknowledged by the client (valid with HAS_ACKED).
+    acked_through: u32,
+    /// Frames sent on the current connection that overflow dropped before they were
+    /// acknowledged; empty ACKs count these first.
+    conn_dropped: u32,
+    caps: u8,
+    state: State,
+    flags: u8,
+    resume_token: [u8; 16],
+    ring: ReplayRing,
+    /// Last time anything was received (attached), or the time of suspension (suspended).
+    last_rx: u64,
+    /// Last time anything was sent to the client.
+    last_tx: u64,
+    /// Deadline of the timer entry the owner filed last (0 = none); lets the owner ignore
+    /// stale wheel entries.
+    pub armed: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("agent", &self.agent)
+            .field("state", &self.state)
+            .field("next_seq", &self.next_seq)
+            .field("last_client_seq", &self.last_client_seq)
+            .field("ring_frames", &self.ring.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A new ATTACHED session (CONNECT accepted). Call [`Session::accept`] next.
+    pub fn new(id: u32, tenant: u32, agent: u32, caps: u8, resume_token: [u8; 16], now: u64) -> Session {
+        Session {
+            id,
+            tenant,
+            agent,
+            next_seq: 1,
+            last_client_seq: 0,
+            dropped_through: 0,
+            acked_through: 0,
+            conn_dropped: 0,
+            caps,
+            state: State::Attached,
+            flags: 0,
+            resume_token,
+            ring: ReplayRing::new(),
+            last_rx: now,
+            last_tx: now,
+            armed: 0,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+    pub fn tenant(&self) -> u32 {
+        self.tenant
+    }
+    pub fn agent(&self) -> u32 {
+        self.agent
+    }
+    pub fn caps(&self) -> u8 {
+        self.caps
+    }
+    pub fn state(&self) -> State {
+        self.state
+    }
+    pub fn resume_token(&self) -> &[u8; 16] {
+        &self.resume_token
+    }
+    pub fn ring(&self) -> &ReplayRing {
+        &self.ring
+    }
+    /// SEQ the next frame will take.
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq
+    }
+    pub fn last_client_seq(&self) -> u32 {
+        self.last_client_seq
+    }
+    /// The agent has been asked to PAUSE.
+    pub fn pod_paused(&self) -> bool {
+        self.flags & POD_PAUSED != 0
+    }
+    /// The agent closed the session (output may still wait in the ring for the client).
+    pub fn agent_closed(&self) -> bool {
+        self.flags & AGENT_CLOSED != 0
+    }
+    fn reliable(&self) -> bool {
+        self.caps & CAP_RELIABLE != 0
+    }
+
+    fn take_seq(&mut self) -> u32 {
+        let s = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        s
+    }
+
+    /// Writes a frame with the next SEQ to the client.
+    fn send(&mut self, ty: FrameType, flags: u8, now: u64, sink: &mut impl Sink, payload: impl FnOnce(&mut Vec<u8>)) {
+        let s = self.take_seq();
+        encode_with(sink.client(), self.id, s, ty, flags, payload);
+        self.last_tx = now;
+    }
+
+    /// Sends ACCEPT (SEQ 1) and OPEN to the agent.
+    pub fn accept(&mut self, server_caps: u8, peer: &str, now: u64, sink: &mut impl Sink) {
+        let (id, token) = (self.id, self.resume_token);
+        self.send(FrameType::Accept, 0, now, sink, |o| {
+            proto::Accept {
+                session_id: id,
+                version: proto::VERSION,
+                caps: server_caps,
+                resume_token: Some(token),
+            }
+            .encode(o)
+        });
+        sink.pod(
+            self.id,
+            PodMsg::Open(Open {
+                tenant: self.tenant,
+                agent: self.agent,
+                client_caps: self.caps,
+                peer,
+            }),
+        );
+    }
+
+    /// Sends an ERROR on the attached connection and suspends the session (§6: bad input never
+    /// costs data). Returns [`Flow::Suspend`].
+    pub fn fail(&mut self, code: ErrorCode, now: u64, sink: &mut impl Sink) -> Flow {
+        if self.state == State::Attached {
+            self.send(FrameType::Error, 0, now, sink, |o| ErrorFrame::encode_parts(code, code.message(), o));
+            self.detach(now, sink);
+        }
+        Flow::Suspend
+    }
+
+    /// Handles one frame from the attached client.
+    pub fn on_client_frame(&mut self, f: &Frame<'_>, now: u64, cfg: &SessionConfig, sink: &mut impl Sink) -> Flow {
+        if self.state != State::Attached {
+            return Flow::Suspend;
+        }
+        if f.session_id != self.id {
+            return self.fail(ErrorCode::ProtocolViolation, now, sink);
+        }
+        match f.ty {
+            FrameType::Data => {
+                self.last_rx = now;
+                self.last_client_seq = f.seq;
+                if self.reliable() {
+                    self.flags |= ACK_PENDING;
+                }
+                sink.pod(self.id, PodMsg::Data(f.payload));
+                Flow::Continue
+            }
+            FrameType::Ack => match Ack::parse(f.payload) {
+                Ok(ack) => {
+                    self.last_rx = now;
+                    self.on_ack(ack, cfg, sink);
+                    Flow::Continue
+                }
+                Err(e) => self.fail(e.code, now, sink),
+            },
+            FrameType::Resize => match Resize::parse(f.payload) {
+                Ok(r) => {
+                    self.last_rx = now;
+                    sink.pod(self.id, PodMsg::Resize { cols: r.cols, rows: r.rows });
+                    Flow::Continue
+                }
+                Err(e) => self.fail(e.code, now, sink),
+            },
+            FrameType::Keepalive | FrameType::Nack | FrameType::Unknown(_) => {
+                // Never answer a KEEPALIVE with a KEEPALIVE; NACK is reserved; unknown types are
+                // ignored (the caller counts them).
+                self.last_rx = now;
+                Flow::Continue
+            }
+            FrameType::Suspend => {
+                self.detach(now, sink);
+                Flow::Suspend
+            }
+            FrameType::Disconnect => {
+                self.close(CloseReason::ClientDisconnect, sink);
+                Flow::Close
+            }
+            FrameType::Connect
+            | FrameType::Resume
+            | FrameType::Accept
+            | FrameType::Resumed
+            | FrameType::Roam
+            | FrameType::Error => self.fail(ErrorCode::ProtocolViolation, now, sink),
+        }
+    }
+
+    /// Called once after a batch of client input: coalesced cumulative ACK for RELIABLE clients.
+    pub fn end_batch(&mut self, now: u64, sink: &mut impl Sink) {
+        if self.flags & ACK_PENDING != 0 && self.state == State::Attached {
+            self.flags &= !ACK_PENDING;
+            let s = self.last_client_seq;
+            self.send(FrameType::Ack, 0, now, sink, |o| Ack::Cumulative(s).encode(o));
+        }
+    }
+
+    fn on_ack(&mut self, ack: Ack, cfg: &SessionConfig, sink: &mut impl Sink) {
+        match ack {
+            Ack::Empty => {
+                if self.conn_dropped > 0 {
+                    self.conn_dropped -= 1;
+                } else if let Some((s, _)) = self.ring.pop_front() {
+                    self.note_acked(s);
+                }
+            }
+            Ack::Cumulative(through) => {
+                while let Some(s) = self.ring.front_seq() {
+                    if !seq::le(s, through) {
+                        break;
+                    }
+                    self.ring.pop_front();
+                    self.note_acked(s);
+                }
+            }
+        }
+        self.maybe_continue(cfg, sink);
+    }
+
+    fn note_acked(&mut self, s: u32) {
+        if self.flags & HAS_ACKED == 0 || seq::gt(s, self.acked_through) {
+            self.acked_through = s;
+        }
+        self.flags |= HAS_ACKED;
+    }
+
+    fn maybe_continue(&mut self, cfg: &SessionConfig, sink: &mut impl Sink) {
+        if self.flags & POD_PAUSED != 0 && self.ring.payload_bytes() < cfg.ring_bytes / 2 {
+            self.flags &= !POD_PAUSED;
+            sink.pod(self.id, PodMsg::Continue);
+        }
+    }
+
+    fn note_dropped(&mut self, d: super::ring::Dropped, on_conn: bool) {
+        if d.frames == 0 {
+            return;
+        }
+        if self.flags & HAS_DROPPED == 0 || seq::gt(d.last_seq, self.dropped_through) {
+            self.dropped_through = d.last_seq;
+        }
+        self.flags |= HAS_DROPPED;
+        if on_conn {
+            self.conn_dropped += d.frames;
+        }
+    }
+
+    /// Output from the agent: split to the maximum payload, numbered, kept in the ring and, when
+    /// attached, written to the client. May ask the agent to PAUSE (§4 flow control).
+    pub fn on_agent_data(&mut self, data: &[u8], now: u64, cfg: &SessionConfig, sink: &mut impl Sink) {
+        if self.state == State::Closed || self.agent_closed() {
+            return;
+        }
+        let attached = self.state == State::Attached;
+        // Attached clients and the pause policy never lose data to the soft cap: the agent is
+        // paused instead, and only output past the hard cap (an agent ignoring PAUSE) is dropped.
+        let lossless = attached || cfg.overflow == Overflow::Pause;
+        let cap = if lossless { cfg.hard_ring_bytes() } else { cfg.ring_bytes };
+        for piece in data.chunks(cfg.max_payload.max(1)) {
+            let s = self.take_seq();
+            let d = self.ring.push(s, piece, cap);
+            self.note_dropped(d, attached);
+            if attached {
+                encode_with(sink.client(), self.id, s, FrameType::Data, 0, |o| o.extend_from_slice(piece));
+                self.last_tx = now;
+            }
+        }
+        if lossless && self.flags & POD_PAUSED == 0 && self.ring.payload_bytes() >= cfg.ring_bytes {
+            self.flags |= POD_PAUSED;
+            sink.pod(self.id, PodMsg::Pause);
+        }
+    }
+
+    /// The agent closed the session. Attached: DISCONNECT follows the output already written,
+    /// then the connection closes. Suspended: the session waits for its client (or the TTL) so
+    /// no output is lost.
+    pub fn on_agent_close(&mut self, now: u64, sink: &mut impl Sink) -> Flow {
+        match self.state {
+            State::Attached => {
+                self.send(FrameType::Disconnect, 0, now, sink, |_| {});
+                self.state = State::Closed;
+                self.ring = ReplayRing::new();
+                Flow::Close
+            }
+            State::Suspended => {
+                self.flags |= AGENT_CLOSED;
+                Flow::Continue
+            }
+            State::Closed => Flow::Close,
+        }
+    }
+
+    /// Ends the session from our side: the agent is told, the ring freed.
+    pub fn close(&mut self, reason: CloseReason, sink: &mut impl Sink) {
+        if self.state != State::Closed {
+            if !self.agent_closed() {
+                sink.pod(self.id, PodMsg::Close(reason));
+            }
+            self.state = State::Closed;
+            self.ring = ReplayRing::new();
+        }
+    }
+
+    /// The connection is gone (EOF, reset, error, idle timeout, broken framing, SUSPEND): the
+    /// session is SUSPENDED and the agent told DETACHED.
+    pub fn detach(&mut self, now: u64, sink: &mut impl Sink) {
+        if self.state != State::Attached {
+            return;
+        }
+        self.state = State::Suspended;
+        self.last_rx = now;
+        self.flags &= !ACK_PENDING;
+        self.conn_dropped = 0;
+        if !self.agent_closed() {
+            sink.pod(self.id, PodMsg::Detached);
+        }
+    }
+
+    /// Another connection resumed this session: tell the current one (`old` is its sink) with
+    /// ERROR TAKEN_OVER. The caller closes that connection, then calls [`Session::resume`].
+    pub fn take_over(&mut self, now: u64, old: &mut impl Sink) {
+        if self.state == State::Attached {
+            let code = ErrorCode::TakenOver;
+            self.send(FrameType::Error, 0, now, old, |o| ErrorFrame::encode_parts(code, code.message(), o));
+            self.state = State::Suspended;
+            self.conn_dropped = 0;
+            self.flags &= !ACK_PENDING;
+        }
+    }
+
+    /// Resumes the session on a new connection: RESUMED first, then the replay, then (if the
+    /// agent has closed meanwhile) DISCONNECT. The caller has already checked the credential and
+    /// handled any take-over.
+    pub fn resume(&mut self, from: ResumeFrom, now: u64, cfg: &SessionConfig, sink: &mut impl Sink) -> Flow {
+        if self.state == State::Closed {
+            return Flow::Close;
+        }
+        let was_suspended = self.state == State::Suspended;
+        let last_seq = match from {
+            ResumeFrom::LastSeq(s) => {
+                // The client holds everything up to last_seq: that acknowledges it.
+                while let Some(f) = self.ring.front_seq() {
+                    if !seq::le(f, s) {
+                        break;
+                    }
+                    self.ring.pop_front();
+                    self.note_acked(f);
+                }
+                Some(s)
+            }
+            ResumeFrom::Unacknowledged => (self.flags & HAS_ACKED != 0).then_some(self.acked_through),
+        };
+        // GAP: a frame the client asked for (newer than what it holds) and never acknowledged
+        // was dropped.
+        let gap = self.flags & HAS_DROPPED != 0
+            && match last_seq {
+                Some(s) => seq::gt(self.dropped_through, s),
+                None => true,
+            }
+            && (self.flags & HAS_ACKED == 0 || seq::gt(self.dropped_through, self.acked_through));
+        let first_replay_seq = self.ring.front_seq().unwrap_or(0);
+        self.state = State::Attached;
+        self.last_rx = now;
+        self.conn_dropped = 0;
+        let resumed = Resumed {
+            session_id: self.id,
+            last_client_seq: self.last_client_seq,
+            first_replay_seq,
+        };
+        let flags = if gap { proto::FLAG_GAP } else { 0 };
+        self.send(FrameType::Resumed, flags, now, sink, |o| resumed.encode(o));
+        let out = sink.client();
+        for rec in self.ring.iter() {
+            encode_with(out, self.id, rec.seq, FrameType::Data, proto::FLAG_REPLAY, |o| {
+                rec.for_each_piece(|p| o.extend_from_slice(p))
+            });
+        }
+        if gap {
+            // Reported once: the client now knows where its history starts.
+            self.flags &= !HAS_DROPPED;
+        }
+        if self.agent_closed() {
+            self.send(FrameType::Disconnect, 0, now, sink, |_| {});
+            self.state = State::Closed;
+            self.ring = ReplayRing::new();
+            return Flow::Close;
+        }
+        if was_suspended {
+            sink.pod(self.id, PodMsg::Attached);
+        }
+        if cfg.overflow == Overflow::Drop && !self.pod_paused() && self.ring.payload_bytes() >= cfg.ring_bytes {
+            self.flags |= POD_PAUSED;
+            sink.pod(self.id, PodMsg::Pause);
+        }
+        Flow::Continue
+    }
+
+    /// The next time [`Session::on_timer`] has something to do.
+    pub fn next_deadline(&self, cfg: &SessionConfig) -> Option<u64> {
+        match self.state {
+            State::Attached => Some((self.last_tx + cfg.keepalive_ms).min(self.last_rx + cfg.idle_ms)),
+            State::Suspended => Some(self.last_rx + cfg.ttl_ms),
+            State::Closed => None,
+        }
+    }
+
+    /// Timers: keepalive and idle timeout while attached, suspend TTL while suspended.
+    pub fn on_timer(&mut self, now: u64, cfg: &SessionConfig, sink: &mut impl Sink) -> Flow {
+        match self.state {
+            State::Attached => {
+                if now >= self.last_rx + cfg.idle_ms {
+                    self.detach(now, sink);
+                    return Flow::Suspend;
+                }
+                if now >= self.last_tx + cfg.keepalive_ms {
+                    self.send(FrameType::Keepalive, 0, now, sink, |_| {});
+                }
+                Flow::Continue
+            }
+            State::Suspended => {
+                if now >= self.last_rx + cfg.ttl_ms {
+                    self.close(CloseReason::SuspendExpired, sink);
+                    return Flow::Close;
+                }
+                Flow::Continue
+            }
+            State::Closed => Flow::Close,
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The shard's session table: sessions in a paged slab (no per-session task, no large
+//! reallocations), indexed by session id; ids that encode the owning shard; resume tokens.
+
+use super::state::Session;
+use rand::{rngs::StdRng, RngCore, SeedableRng};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// How session ids encode their shard: the low `bits` bits are the shard index, the rest random.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct IdSpace {
+    bits: u32,
+    shard: u32,
+}
+
+impl IdSpace {
+    /// The id space of `shard` among `shards` (1 ..= 256).
+    pub fn new(shard: usize, shards: usize) -> IdSpace {
+        assert!((1..=256).contains(&shards) && shard < shards, "shard {shard} of {shards}");
+        let bits = usize::BITS - (shards - 1).leading_zeros();
+        IdSpace {
+            bits,
+            shard: shard as u32,
+        }
+    }
+
+    /// The shard that owns `id` (may be ≥ the shard count for an id that was never issued).
+    pub fn owner(&self, id: u32) -> usize {
+        (id & ((1u32 << self.bits) - 1)) as usize
+    }
+
+    /// An id of this shard made from random bits; never 0.
+    pub fn make(&self, random: u32) -> Option<u32> {
+        let id = (random << self.bits) | self.shard;
+        (id != 0).then_some(id)
+    }
+}
+
+/// A multiplicative hasher for u32 ids (random high bits, shard in the low bits).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+const PAGE: usize = 512;
+
+/// The table of one shard's sessions.
+pub struct SessionTable {
+    pages: Vec<Vec<Option<Session>>>,
+    free: Vec<u32>,
+    index: HashMap<u32, u32, BuildHasherDefault<IdHasher>>,
+    ids: IdSpace,
+    rng: StdRng,
+}
+
+impl SessionTable {
+    /// An empty table for `ids`, with its CSPRNG seeded from the operating system.
+    pub fn new(ids: IdSpace) -> SessionTable {
+        SessionTable::with_rng(ids, StdRng::from_entropy())
+    }
+
+    /// An empty table using `rng` (tests use a seeded one).
+    pub fn with_rng(ids: IdSpace, rng: StdRng) -> SessionTable {
+        SessionTable {
+            pages: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::default(),
+            ids,
+            rng,
+        }
+    }
+
+    pub fn ids(&self) -> IdSpace {
+        self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// 128 random bits from the CSPRNG (resume tokens).
+    pub fn random_token(&mut self) -> [u8; 16] {
+        let mut t = [0u8; 16];
+        self.rng.fill_bytes(&mut t);
+        t
+    }
+
+    /// A fresh id: random, non-zero, of this shard, not in use.
+    pub fn fresh_id(&mut self) -> u32 {
+        loop {
+            if let Some(id) = self.ids.make(self.rng.next_u32()) {
+                if !self.index.contains_key(&id) {
+                    return id;
+                }
+            }
+        }
+    }
+
+    /// Creates a session with a fresh id and resume token; `make` builds it from those.
+    pub fn create(&mut self, make: impl FnOnce(u32, [u8; 16]) -> Session) -> &mut Session {
+        let id = self.fresh_id();
+        let token = self.random_token();
+        let session = make(id, token);
+        debug_assert_eq!(session.id(), id);
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                if self.pages.last().is_none_or(|p| p.len() == PAGE) {
+                    self.pages.push(Vec::with_capacity(PAGE));
+                }
+                let p = self.pages.len() - 1;
+                self.pages[p].push(None);
+                (p * PAGE + self.pages[p].len() - 1) as u32
+            }
+        };
+        self.index.insert(id, slot);
+        let cell = &mut self.pages[slot as usize / PAGE][slot as usize % PAGE];
+        cell.insert(session)
+    }
+
+    pub fn get(&self, id: u32) -> Option<&Session> {
+        let slot = *self.index.get(&id)? as usize;
+        self.pages[slot / PAGE][slot % PAGE].as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut Session> {
+        let slot = *self.index.get(&id)? as usize;
+        self.pages[slot / PAGE][slot % PAGE].as_mut()
+    }
+
+    /// The session `id` if `token` is its resume token (constant-time comparison). Unknown id
+    /// and wrong token give the same `None`.
+    pub fn get_with_token(&mut self, id: u32, token: &[u8; 16]) -> Option<&mut Session> {
+        use subtle::ConstantTimeEq;
+        let s = self.get_mut(id)?;
+        bool::from(s.resume_token().ct_eq(token)).then_some(s)
+    }
+
+    pub fn remove(&mut self, id: u32) -> Option<Session> {
+        let slot = self.index.remove(&id)?;
+        self.free.push(slot);
+        self.pages[slot as usize / PAGE][slot as usize % PAGE].take()
+    }
+
+    /// Every session id (for shutdown and metrics).
+    pub fn ids_iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.index.keys().copied()
+    }
+
+    /// Heap bytes the table's own structures hold (not the sessions' rings).
+    pub fn heap_bytes(&self) -> usize {
+        self.pages.iter().map(|p| p.capacity() * std::mem::size_of::<Option<Session>>()).sum::<usize>()
+            + self.pages.capacity() * std::mem::size_of::<Vec<Option<Session>>>()
+            + self.free.capacity() * 4
+            + self.index.capacity() * (8 + 1)
+    }
+}
