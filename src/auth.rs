@@ -27,7 +27,12 @@ pub struct Tokens {
 impl std::fmt::Debug for Tokens {
     // Never print a token.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokens {{ tenants: {}, tokens: {} }}", self.by_tenant.len(), self.count)
+        write!(
+            f,
+            "Tokens {{ tenants: {}, tokens: {} }}",
+            self.by_tenant.len(),
+            self.count
+        )
     }
 }
 
@@ -50,7 +55,10 @@ fn parse_u32(field: &str, what: &str, line: usize) -> Result<u32, TokensError> {
 fn parse_hex32(field: &str, line: usize) -> Result<[u8; 32], TokensError> {
     let err = |msg: String| TokensError::Line { line, msg };
     if field.len() != 64 {
-        return Err(err(format!("the token has {} characters, it must be 64 hex digits", field.len())));
+        return Err(err(format!(
+            "the token has {} characters, it must be 64 hex digits",
+            field.len()
+        )));
     }
     let mut out = [0u8; 32];
     for (i, pair) in field.as_bytes().chunks(2).enumerate() {
@@ -83,8 +91,14 @@ impl Tokens {
             }
             let tenant = parse_u32(fields[0], "tenant id", line)?;
             let token = parse_hex32(fields[1], line)?;
-            let agent = fields.get(2).map(|a| parse_u32(a, "agent id", line)).transpose()?;
-            t.by_tenant.entry(tenant).or_default().push(Entry { token, agent });
+            let agent = fields
+                .get(2)
+                .map(|a| parse_u32(a, "agent id", line))
+                .transpose()?;
+            t.by_tenant
+                .entry(tenant)
+                .or_default()
+                .push(Entry { token, agent });
             t.count += 1;
         }
         Ok(t)
@@ -146,7 +160,10 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert!(t.check(7, 1, &tok(A)));
         assert!(t.check(7, 42, &tok(B)));
-        assert!(!t.check(7, 43, &tok(B)), "agent-bound token used for another agent");
+        assert!(
+            !t.check(7, 43, &tok(B)),
+            "agent-bound token used for another agent"
+        );
         assert!(t.check(0, 0, &tok(A)));
         assert!(!t.check(8, 0, &tok(A)), "tenant with no tokens");
         assert!(!t.check(7, 1, &[0u8; 32]));
@@ -167,7 +184,10 @@ mod tests {
         for (text, line, needle) in cases {
             let e = Tokens::parse(&text).unwrap_err();
             let msg = e.to_string();
-            assert!(matches!(e, TokensError::Line { line: l, .. } if l == line), "{msg}");
+            assert!(
+                matches!(e, TokensError::Line { line: l, .. } if l == line),
+                "{msg}"
+            );
             assert!(msg.contains(needle), "{msg} lacks {needle}");
         }
     }

@@ -16,7 +16,9 @@ impl std::str::FromStr for Overflow {
         match s {
             "drop" => Ok(Overflow::Drop),
             "pause" => Ok(Overflow::Pause),
-            o => Err(format!("unknown overflow policy '{o}': use 'drop' or 'pause'")),
+            o => Err(format!(
+                "unknown overflow policy '{o}': use 'drop' or 'pause'"
+            )),
         }
     }
 }

@@ -129,11 +129,21 @@ impl ReplayRing {
 
     /// Copies `n` bytes starting `off` bytes after the head into `dst` (or skips them when `dst`
     /// is `None`); returns the position after them as (chunk index, offset).
-    fn read_at(&self, mut ci: usize, mut off: usize, mut n: usize, mut dst: Option<&mut [u8]>) -> (usize, usize) {
+    fn read_at(
+        &self,
+        mut ci: usize,
+        mut off: usize,
+        mut n: usize,
+        mut dst: Option<&mut [u8]>,
+    ) -> (usize, usize) {
         let mut written = 0;
         while n > 0 {
             let c = &self.chunks[ci];
-            let end = if ci + 1 == self.chunks.len() { self.tail as usize } else { c.len() };
+            let end = if ci + 1 == self.chunks.len() {
+                self.tail as usize
+            } else {
+                c.len()
+            };
             let avail = end - off;
             if avail == 0 {
                 ci += 1;
@@ -238,7 +248,11 @@ impl Record<'_> {
         let (mut ci, mut off, mut n) = (self.ci, self.off, self.len);
         while n > 0 {
             let c = &self.ring.chunks[ci];
-            let end = if ci + 1 == self.ring.chunks.len() { self.ring.tail as usize } else { c.len() };
+            let end = if ci + 1 == self.ring.chunks.len() {
+                self.ring.tail as usize
+            } else {
+                c.len()
+            };
             let k = (end - off).min(n);
             if k > 0 {
                 f(&c[off..off + k]);
@@ -322,12 +336,24 @@ mod tests {
             assert_eq!(r.push(i, &[0u8; 100], 1000), Dropped::default());
         }
         let d = r.push(11, &[0u8; 250], 1000);
-        assert_eq!(d, Dropped { frames: 3, last_seq: 3 });
+        assert_eq!(
+            d,
+            Dropped {
+                frames: 3,
+                last_seq: 3
+            }
+        );
         assert_eq!(r.front_seq(), Some(4));
         assert!(r.payload_bytes() <= 1000);
         // A payload over the cap on its own is dropped, the rest kept.
         let d = r.push(12, &[0u8; 1001], 1000);
-        assert_eq!(d, Dropped { frames: 1, last_seq: 12 });
+        assert_eq!(
+            d,
+            Dropped {
+                frames: 1,
+                last_seq: 12
+            }
+        );
         assert_eq!(r.len(), 8);
     }
 

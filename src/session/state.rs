@@ -106,7 +106,14 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A new ATTACHED session (CONNECT accepted). Call [`Session::accept`] next.
-    pub fn new(id: u32, tenant: u32, agent: u32, caps: u8, resume_token: [u8; 16], now: u64) -> Session {
+    pub fn new(
+        id: u32,
+        tenant: u32,
+        agent: u32,
+        caps: u8,
+        resume_token: [u8; 16],
+        now: u64,
+    ) -> Session {
         Session {
             id,
             tenant,
@@ -125,6 +132,13 @@ impl Session {
             last_tx: now,
             armed: 0,
         }
+    }
+
+    /// Continues the server's SEQ counter from `next_seq` (a session restored from elsewhere,
+    /// e.g. roamed in; also lets tests exercise the wrap).
+    pub fn with_next_seq(mut self, next_seq: u32) -> Session {
+        self.next_seq = next_seq;
+        self
     }
 
     pub fn id(&self) -> u32 {
@@ -174,7 +188,14 @@ impl Session {
     }
 
     /// Writes a frame with the next SEQ to the client.
-    fn send(&mut self, ty: FrameType, flags: u8, now: u64, sink: &mut impl Sink, payload: impl FnOnce(&mut Vec<u8>)) {
+    fn send(
+        &mut self,
+        ty: FrameType,
+        flags: u8,
+        now: u64,
+        sink: &mut impl Sink,
+        payload: impl FnOnce(&mut Vec<u8>),
+    ) {
         let s = self.take_seq();
         encode_with(sink.client(), self.id, s, ty, flags, payload);
         self.last_tx = now;
@@ -207,14 +228,22 @@ impl Session {
     /// costs data). Returns [`Flow::Suspend`].
     pub fn fail(&mut self, code: ErrorCode, now: u64, sink: &mut impl Sink) -> Flow {
         if self.state == State::Attached {
-            self.send(FrameType::Error, 0, now, sink, |o| ErrorFrame::encode_parts(code, code.message(), o));
+            self.send(FrameType::Error, 0, now, sink, |o| {
+                ErrorFrame::encode_parts(code, code.message(), o)
+            });
             self.detach(now, sink);
         }
         Flow::Suspend
     }
 
     /// Handles one frame from the attached client.
-    pub fn on_client_frame(&mut self, f: &Frame<'_>, now: u64, cfg: &SessionConfig, sink: &mut impl Sink) -> Flow {
+    pub fn on_client_frame(
+        &mut self,
+        f: &Frame<'_>,
+        now: u64,
+        cfg: &SessionConfig,
+        sink: &mut impl Sink,
+    ) -> Flow {
         if self.state != State::Attached {
             return Flow::Suspend;
         }
@@ -242,7 +271,13 @@ impl Session {
             FrameType::Resize => match Resize::parse(f.payload) {
                 Ok(r) => {
                     self.last_rx = now;
-                    sink.pod(self.id, PodMsg::Resize { cols: r.cols, rows: r.rows });
+                    sink.pod(
+                        self.id,
+                        PodMsg::Resize {
+                            cols: r.cols,
+                            rows: r.rows,
+                        },
+                    );
                     Flow::Continue
                 }
                 Err(e) => self.fail(e.code, now, sink),
@@ -275,7 +310,9 @@ impl Session {
         if self.flags & ACK_PENDING != 0 && self.state == State::Attached {
             self.flags &= !ACK_PENDING;
             let s = self.last_client_seq;
-            self.send(FrameType::Ack, 0, now, sink, |o| Ack::Cumulative(s).encode(o));
+            self.send(FrameType::Ack, 0, now, sink, |o| {
+                Ack::Cumulative(s).encode(o)
+            });
         }
     }
 
@@ -330,7 +367,13 @@ impl Session {
 
     /// Output from the agent: split to the maximum payload, numbered, kept in the ring and, when
     /// attached, written to the client. May ask the agent to PAUSE (§4 flow control).
-    pub fn on_agent_data(&mut self, data: &[u8], now: u64, cfg: &SessionConfig, sink: &mut impl Sink) {
+    pub fn on_agent_data(
+        &mut self,
+        data: &[u8],
+        now: u64,
+        cfg: &SessionConfig,
+        sink: &mut impl Sink,
+    ) {
         if self.state == State::Closed || self.agent_closed() {
             return;
         }
@@ -338,13 +381,19 @@ impl Session {
         // Attached clients and the pause policy never lose data to the soft cap: the agent is
         // paused instead, and only output past the hard cap (an agent ignoring PAUSE) is dropped.
         let lossless = attached || cfg.overflow == Overflow::Pause;
-        let cap = if lossless { cfg.hard_ring_bytes() } else { cfg.ring_bytes };
+        let cap = if lossless {
+            cfg.hard_ring_bytes()
+        } else {
+            cfg.ring_bytes
+        };
         for piece in data.chunks(cfg.max_payload.max(1)) {
             let s = self.take_seq();
             let d = self.ring.push(s, piece, cap);
             self.note_dropped(d, attached);
             if attached {
-                encode_with(sink.client(), self.id, s, FrameType::Data, 0, |o| o.extend_from_slice(piece));
+                encode_with(sink.client(), self.id, s, FrameType::Data, 0, |o| {
+                    o.extend_from_slice(piece)
+                });
                 self.last_tx = now;
             }
         }
@@ -404,7 +453,9 @@ impl Session {
     pub fn take_over(&mut self, now: u64, old: &mut impl Sink) {
         if self.state == State::Attached {
             let code = ErrorCode::TakenOver;
-            self.send(FrameType::Error, 0, now, old, |o| ErrorFrame::encode_parts(code, code.message(), o));
+            self.send(FrameType::Error, 0, now, old, |o| {
+                ErrorFrame::encode_parts(code, code.message(), o)
+            });
             self.state = State::Suspended;
             self.conn_dropped = 0;
             self.flags &= !ACK_PENDING;
@@ -414,7 +465,13 @@ impl Session {
     /// Resumes the session on a new connection: RESUMED first, then the replay, then (if the
     /// agent has closed meanwhile) DISCONNECT. The caller has already checked the credential and
     /// handled any take-over.
-    pub fn resume(&mut self, from: ResumeFrom, now: u64, cfg: &SessionConfig, sink: &mut impl Sink) -> Flow {
+    pub fn resume(
+        &mut self,
+        from: ResumeFrom,
+        now: u64,
+        cfg: &SessionConfig,
+        sink: &mut impl Sink,
+    ) -> Flow {
         if self.state == State::Closed {
             return Flow::Close;
         }
@@ -431,7 +488,9 @@ impl Session {
                 }
                 Some(s)
             }
-            ResumeFrom::Unacknowledged => (self.flags & HAS_ACKED != 0).then_some(self.acked_through),
+            ResumeFrom::Unacknowledged => {
+                (self.flags & HAS_ACKED != 0).then_some(self.acked_through)
+            }
         };
         // GAP: a frame the client asked for (newer than what it holds) and never acknowledged
         // was dropped.
@@ -454,9 +513,14 @@ impl Session {
         self.send(FrameType::Resumed, flags, now, sink, |o| resumed.encode(o));
         let out = sink.client();
         for rec in self.ring.iter() {
-            encode_with(out, self.id, rec.seq, FrameType::Data, proto::FLAG_REPLAY, |o| {
-                rec.for_each_piece(|p| o.extend_from_slice(p))
-            });
+            encode_with(
+                out,
+                self.id,
+                rec.seq,
+                FrameType::Data,
+                proto::FLAG_REPLAY,
+                |o| rec.for_each_piece(|p| o.extend_from_slice(p)),
+            );
         }
         if gap {
             // Reported once: the client now knows where its history starts.
@@ -471,7 +535,10 @@ impl Session {
         if was_suspended {
             sink.pod(self.id, PodMsg::Attached);
         }
-        if cfg.overflow == Overflow::Drop && !self.pod_paused() && self.ring.payload_bytes() >= cfg.ring_bytes {
+        if cfg.overflow == Overflow::Drop
+            && !self.pod_paused()
+            && self.ring.payload_bytes() >= cfg.ring_bytes
+        {
             self.flags |= POD_PAUSED;
             sink.pod(self.id, PodMsg::Pause);
         }
@@ -481,7 +548,9 @@ impl Session {
     /// The next time [`Session::on_timer`] has something to do.
     pub fn next_deadline(&self, cfg: &SessionConfig) -> Option<u64> {
         match self.state {
-            State::Attached => Some((self.last_tx + cfg.keepalive_ms).min(self.last_rx + cfg.idle_ms)),
+            State::Attached => {
+                Some((self.last_tx + cfg.keepalive_ms).min(self.last_rx + cfg.idle_ms))
+            }
             State::Suspended => Some(self.last_rx + cfg.ttl_ms),
             State::Closed => None,
         }

@@ -16,7 +16,10 @@ pub struct IdSpace {
 impl IdSpace {
     /// The id space of `shard` among `shards` (1 ..= 256).
     pub fn new(shard: usize, shards: usize) -> IdSpace {
-        assert!((1..=256).contains(&shards) && shard < shards, "shard {shard} of {shards}");
+        assert!(
+            (1..=256).contains(&shards) && shard < shards,
+            "shard {shard} of {shards}"
+        );
         let bits = usize::BITS - (shards - 1).leading_zeros();
         IdSpace {
             bits,
@@ -165,7 +168,10 @@ impl SessionTable {
 
     /// Heap bytes the table's own structures hold (not the sessions' rings).
     pub fn heap_bytes(&self) -> usize {
-        self.pages.iter().map(|p| p.capacity() * std::mem::size_of::<Option<Session>>()).sum::<usize>()
+        self.pages
+            .iter()
+            .map(|p| p.capacity() * std::mem::size_of::<Option<Session>>())
+            .sum::<usize>()
             + self.pages.capacity() * std::mem::size_of::<Vec<Option<Session>>>()
             + self.free.capacity() * 4
             + self.index.capacity() * (8 + 1)
