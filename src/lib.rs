@@ -7,7 +7,9 @@
 //! * [`session`]: the sans-IO session core — state machine, replay ring, timers, session table,
 //!   resume tokens, tenant tokens — driven by an injected clock.
 
+pub mod agent;
 pub mod auth;
 pub mod podlink;
 pub mod proto;
+pub mod server;
 pub mod session;

@@ -727,3 +727,26 @@ fn idle_session_in_table_is_small() {
     let size = std::mem::size_of::<Option<Session>>();
     assert!(size <= 160, "Session is {size} bytes");
 }
+
+#[test]
+fn agent_gone_attached_and_suspended() {
+    let cfg = SessionConfig::default();
+    let (mut s, mut r) = new_session(0, &cfg);
+    s.on_agent_data(b"out", 1, &cfg, &mut r);
+    assert_eq!(s.on_agent_gone(2, &mut r), Flow::Close);
+    let f = r.frames();
+    let tys: Vec<FrameType> = f.iter().map(|f| f.ty).collect();
+    assert_eq!(tys, vec![FrameType::Accept, FrameType::Data, FrameType::Error, FrameType::Disconnect]);
+    assert_eq!(u16::from_be_bytes([f[2].payload[0], f[2].payload[1]]), ErrorCode::AgentGone as u16);
+
+    let (mut s, mut r) = new_session(0, &cfg);
+    r.frames();
+    s.detach(1, &mut r);
+    s.on_agent_data(b"kept", 2, &cfg, &mut r);
+    assert_eq!(s.on_agent_gone(3, &mut r), Flow::Continue);
+    r.pods();
+    assert_eq!(s.resume(ResumeFrom::LastSeq(1), 4, &cfg, &mut r), Flow::Close);
+    let tys: Vec<FrameType> = r.frames().iter().map(|f| f.ty).collect();
+    assert_eq!(tys, vec![FrameType::Resumed, FrameType::Data, FrameType::Error, FrameType::Disconnect]);
+    assert!(r.pods().is_empty(), "nothing is sent to a gone agent");
+}

@@ -71,7 +71,14 @@ impl<K: Copy> Wheel<K> {
     fn file(&mut self, deadline: u64, key: K) {
         let place = deadline.clamp(self.now, self.now + MAX_SPAN);
         let level = level_for(self.now, place);
-        let slot = ((place >> (level as u32 * SLOT_BITS)) as usize) & (SLOTS - 1);
+        let shift = level as u32 * SLOT_BITS;
+        let mut slot = ((place >> shift) as usize) & (SLOTS - 1);
+        let now_slot = ((self.now >> shift) as usize) & (SLOTS - 1);
+        if level == LEVELS - 1 && slot == now_slot && place > self.now {
+            // A full rotation of the top level ahead (or parked beyond the span): file it in the
+            // furthest slot instead of the one being drained, so it is re-filed when that comes.
+            slot = (now_slot + SLOTS - 1) & (SLOTS - 1);
+        }
         let l = &mut self.levels[level];
         l.occupied |= 1 << slot;
         l.slots[slot].push((deadline, key));

@@ -59,6 +59,7 @@ const HAS_DROPPED: u8 = 0x02;
 const POD_PAUSED: u8 = 0x04;
 const AGENT_CLOSED: u8 = 0x08;
 const HAS_ACKED: u8 = 0x10;
+const AGENT_GONE: u8 = 0x20;
 
 /// One session. Kept small: this is what every idle session costs in the table.
 pub struct Session {
@@ -409,9 +410,8 @@ impl Session {
     pub fn on_agent_close(&mut self, now: u64, sink: &mut impl Sink) -> Flow {
         match self.state {
             State::Attached => {
-                self.send(FrameType::Disconnect, 0, now, sink, |_| {});
-                self.state = State::Closed;
-                self.ring = ReplayRing::new();
+                self.flags |= AGENT_CLOSED;
+                self.finish_with_agent_gone(now, sink);
                 Flow::Close
             }
             State::Suspended => {
@@ -420,6 +420,31 @@ impl Session {
             }
             State::Closed => Flow::Close,
         }
+    }
+
+    /// The agent pod went away for good (POD-LINK.md §5). Attached: ERROR AGENT_GONE after the
+    /// output already written, then DISCONNECT, then the connection closes. Suspended: the
+    /// session waits for its client, who gets the replay, then AGENT_GONE and DISCONNECT.
+    pub fn on_agent_gone(&mut self, now: u64, sink: &mut impl Sink) -> Flow {
+        self.flags |= AGENT_GONE | AGENT_CLOSED;
+        match self.state {
+            State::Attached => {
+                self.finish_with_agent_gone(now, sink);
+                Flow::Close
+            }
+            State::Suspended => Flow::Continue,
+            State::Closed => Flow::Close,
+        }
+    }
+
+    fn finish_with_agent_gone(&mut self, now: u64, sink: &mut impl Sink) {
+        if self.flags & AGENT_GONE != 0 {
+            let code = ErrorCode::AgentGone;
+            self.send(FrameType::Error, 0, now, sink, |o| ErrorFrame::encode_parts(code, code.message(), o));
+        }
+        self.send(FrameType::Disconnect, 0, now, sink, |_| {});
+        self.state = State::Closed;
+        self.ring = ReplayRing::new();
     }
 
     /// Ends the session from our side: the agent is told, the ring freed.
@@ -527,9 +552,7 @@ impl Session {
             self.flags &= !HAS_DROPPED;
         }
         if self.agent_closed() {
-            self.send(FrameType::Disconnect, 0, now, sink, |_| {});
-            self.state = State::Closed;
-            self.ring = ReplayRing::new();
+            self.finish_with_agent_gone(now, sink);
             return Flow::Close;
         }
         if was_suspended {

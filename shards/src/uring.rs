@@ -1,0 +1,684 @@
+//! io_uring backend: one ring per shard thread, multishot accept, multishot recv into a
+//! provided-buffer ring (idle conns hold no receive buffer), at most one Send in flight per
+//! conn, AsyncCancel for receives, an eventfd Read kept armed for the mailbox, and
+//! `submit_with_args` + timespec for timers.
+//!
+//! Memory-safety invariants (what makes the `unsafe` here sound):
+//! * A conn slot (and its fd and output queue) is never freed, reused or closed while
+//!   `Conn::ops > 0`, i.e. while a recv or send SQE referencing it is in flight.
+//! * The front chunk of an output queue is never modified or freed while a send is in flight
+//!   (`OutQueue::push(.., locked)`), so the pointer given to `opcode::Send` stays valid.
+//! * The provided-buffer ring and buffer memory are `mmap`ed once, registered with the ring
+//!   and unmapped only after the ring is gone and no op is in flight (leaked otherwise).
+//! * The eventfd read buffer is a heap allocation freed only after the ring is gone (leaked
+//!   if ops may still be in flight).
+
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
+
+use crate::reactor::{f, Core, Envelope};
+use crate::{sys, Config, Ctx, Handler};
+
+const BGID: u16 = 0;
+
+const K_RECV: u64 = 1;
+const K_SEND: u64 = 2;
+const K_ACCEPT: u64 = 3;
+const K_WAKE: u64 = 4;
+const K_CANCEL: u64 = 5;
+
+fn ud(kind: u64, idx: u32, gen: u32) -> u64 {
+    (kind << 56) | ((gen as u64 & 0xff_ffff) << 32) | idx as u64
+}
+
+/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`) plus its buffers.
+pub(crate) struct BufRing {
+    ring: *mut BufRingEntry,
+    ring_len: usize,
+    bufs: *mut u8,
+    bufs_len: usize,
+    buf_size: usize,
+    entries: u16,
+    tail: u16,
+}
+
+impl BufRing {
+    pub fn new(entries: u16, buf_size: usize) -> io::Result<BufRing> {
+        assert!(entries.is_power_of_two());
+        let ring_len = entries as usize * std::mem::size_of::<BufRingEntry>();
+        let ring = sys::mmap_anon(ring_len)? as *mut BufRingEntry;
+        let bufs_len = entries as usize * buf_size;
+        let bufs = match sys::mmap_anon(bufs_len) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: `ring` was just mapped with `ring_len` and is referenced nowhere.
+                unsafe { sys::munmap(ring as *mut u8, ring_len) };
+                return Err(e);
+            }
+        };
+        Ok(BufRing {
+            ring,
+            ring_len,
+            bufs,
+            bufs_len,
+            buf_size,
+            entries,
+            tail: 0,
+        })
+    }
+
+    /// Register with `ring` and hand every buffer to the kernel.
+    ///
+    /// # Safety
+    /// `self` must stay alive (not unmapped) until `ring` is dropped or the group is
+    /// unregistered, and until no op that may select a buffer is in flight.
+    pub unsafe fn register(&mut self, ring: &IoUring) -> io::Result<()> {
+        // SAFETY: the ring memory is page-aligned (mmap) and holds `entries` entries; the
+        // lifetime requirement is forwarded to our caller.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                self.ring as u64,
+                self.entries,
+                BGID,
+                0,
+            )?;
+        }
+        for bid in 0..self.entries {
+            self.recycle(bid);
+        }
+        Ok(())
+    }
+
+    /// Give buffer `bid` back to the kernel.
+    pub fn recycle(&mut self, bid: u16) {
+        debug_assert!(bid < self.entries);
+        let slot = (self.tail & (self.entries - 1)) as usize;
+        // SAFETY: `slot < entries`, so the pointer is inside the mapping. Entries between the
+        // kernel's head and our tail are ours to write; the kernel reads an entry only after
+        // the Release store of the tail below publishes it. We write addr/len/bid only, never
+        // the `resv` field that doubles as the tail in entry 0.
+        let e = unsafe { &mut *self.ring.add(slot) };
+        e.set_addr(self.bufs as u64 + bid as u64 * self.buf_size as u64);
+        e.set_len(self.buf_size as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: `BufRingEntry::tail` needs the ring base, which `self.ring` is; the tail is
+        // a naturally aligned u16 shared with the kernel, so an atomic store is the right
+        // access.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which the kernel just filled and handed to us.
+    pub fn data(&self, bid: u16, len: usize) -> &[u8] {
+        assert!(bid < self.entries && len <= self.buf_size);
+        // SAFETY: in-bounds (checked above). The kernel completed the write before posting the
+        // CQE we got `bid` from and will not touch this buffer again until `recycle(bid)`,
+        // which needs `&mut self` and so cannot happen while the slice is borrowed.
+        unsafe { std::slice::from_raw_parts(self.bufs.add(bid as usize * self.buf_size), len) }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: owners drop a BufRing only after the io_uring it was registered with is gone
+        // (or it was never registered), so nothing references the mappings any more.
+        unsafe {
+            sys::munmap(self.ring as *mut u8, self.ring_len);
+            sys::munmap(self.bufs, self.bufs_len);
+        }
+    }
+}
+
+fn build_ring(entries: u32, cq: u32) -> io::Result<IoUring> {
+    let mut last = None;
+    for variant in 0..4 {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(cq);
+        match variant {
+            0 => {
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_submit_all();
+            }
+            1 => {
+                b.setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .setup_submit_all();
+            }
+            2 => {
+                b.setup_coop_taskrun();
+            }
+            _ => {}
+        }
+        match b.build(entries) {
+            Ok(r) => {
+                tracing::debug!(variant, "io_uring ring set up");
+                return Ok(r);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap())
+}
+
+pub(crate) fn probe() -> Result<(), String> {
+    let ring = IoUring::new(8).map_err(|e| {
+        format!(
+            "io_uring_setup failed: {e} (kernel without io_uring, kernel.io_uring_disabled \
+             sysctl, or a seccomp profile such as Docker's default blocking it)"
+        )
+    })?;
+    if !ring.params().is_feature_ext_arg() {
+        return Err("kernel lacks IORING_FEAT_EXT_ARG (needs Linux >= 5.11)".into());
+    }
+    let mut p = Probe::new();
+    ring.submitter()
+        .register_probe(&mut p)
+        .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    for (code, name) in [
+        (opcode::Accept::CODE, "ACCEPT"),
+        (opcode::RecvMulti::CODE, "RECV"),
+        (opcode::Send::CODE, "SEND"),
+        (opcode::Read::CODE, "READ"),
+        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    ] {
+        if !p.is_supported(code) {
+            return Err(format!("io_uring opcode IORING_OP_{name} not supported"));
+        }
+    }
+    // Live check: provided-buffer ring + multishot recv (Linux >= 6.0, which also implies
+    // multishot accept, 5.19).
+    let mut ring = ManuallyDrop::new(ring);
+    let mut bufs = ManuallyDrop::new(BufRing::new(2, 64).map_err(|e| format!("mmap: {e}"))?);
+    let res = probe_live(&mut ring, &mut bufs);
+    // SAFETY: `ring` is not used after this; dropping it tears down all its ops.
+    unsafe { ManuallyDrop::drop(&mut ring) };
+    if res.is_ok() {
+        // SAFETY: probe_live only returns Ok after observing the final CQE of its only
+        // buffer-selecting op, and the ring is gone, so nothing references the buffers.
+        unsafe { ManuallyDrop::drop(&mut bufs) };
+    } // else: leak the (tiny) buffers; an op might still have been in flight.
+    res
+}
+
+fn probe_live(ring: &mut IoUring, bufs: &mut BufRing) -> Result<(), String> {
+    // SAFETY: the caller keeps `bufs` alive until the ring is dropped (or leaks it).
+    unsafe { bufs.register(ring) }
+        .map_err(|e| format!("provided-buffer rings unsupported (needs Linux >= 5.19): {e}"))?;
+    let (a, b) = sys::socketpair().map_err(|e| format!("socketpair: {e}"))?;
+    let e = opcode::RecvMulti::new(Fd(a.as_raw_fd()), BGID)
+        .build()
+        .user_data(1);
+    // SAFETY: RecvMulti references only the registered buffer ring (kept alive by the caller)
+    // and the fd `a`, which outlives the op (it is closed only after the final CQE).
+    unsafe { ring.submission().push(&e) }.map_err(|_| "submission queue full".to_string())?;
+    sys::send(b.as_raw_fd(), b"x").map_err(|e| format!("socketpair write: {e}"))?;
+    let wait = |ring: &mut IoUring| -> Result<(i32, u32), String> {
+        let ts = Timespec::from(Duration::from_secs(2));
+        let args = SubmitArgs::new().timespec(&ts);
+        match ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            Err(e) => return Err(format!("io_uring_enter: {e}")),
+        }
+        let cqe = ring
+            .completion()
+            .next()
+            .ok_or_else(|| "no completion from multishot recv within 2 s".to_string())?;
+        Ok((cqe.result(), cqe.flags()))
+    };
+    let (res, flags) = wait(ring)?;
+    if res < 0 {
+        return Err(format!(
+            "multishot recv unsupported (needs Linux >= 6.0): {}",
+            io::Error::from_raw_os_error(-res)
+        ));
+    }
+    let more = cqueue::more(flags);
+    if res != 1 || cqueue::buffer_select(flags).is_none() {
+        return Err("multishot recv with provided buffers misbehaved".into());
+    }
+    drop(b); // EOF ends the multishot recv
+    if more {
+        let (res, flags) = wait(ring)?;
+        if cqueue::more(flags) || res < 0 {
+            return Err("multishot recv did not terminate on EOF".into());
+        }
+    } else {
+        return Err("recv did not stay armed (no multishot support)".into());
+    }
+    drop(a);
+    Ok(())
+}
+
+pub(crate) struct UringShard {
+    ring: ManuallyDrop<IoUring>,
+    bufs: ManuallyDrop<BufRing>,
+    listener: Option<OwnedFd>,
+    accept_armed: bool,
+    accept_retry_at: Option<Instant>,
+    wake_fd: RawFd,
+    wake_armed: bool,
+    /// Target of the armed eventfd Read (heap, stable address).
+    wake_buf: *mut u64,
+    /// Non-conn ops in flight (accept, wake read).
+    misc_ops: u32,
+    cqes: Vec<(u64, i32, u32)>,
+    fatal: Option<io::Error>,
+    /// Ops may still be in flight at drop: leak buffers rather than free them.
+    leak: bool,
+}
+
+impl UringShard {
+    pub fn new(cfg: &Config, listener: Option<OwnedFd>, wake_fd: RawFd) -> io::Result<Self> {
+        let ring = ManuallyDrop::new(build_ring(1024, 16384)?);
+        let mut bufs = ManuallyDrop::new(BufRing::new(cfg.bufs_per_shard, cfg.buf_size)?);
+        // SAFETY: `bufs` lives in the same struct as `ring`; Drop drops the ring first and
+        // frees the buffers only when no op is in flight.
+        if let Err(e) = unsafe { bufs.register(&ring) } {
+            // Not registered: the buffers can go; dropping the ring is fine too.
+            let mut ring = ring;
+            // SAFETY: never used again.
+            unsafe {
+                ManuallyDrop::drop(&mut ring);
+                ManuallyDrop::drop(&mut bufs);
+            }
+            return Err(e);
+        }
+        if let Some(l) = &listener {
+            sys::set_nonblocking(l.as_raw_fd(), false)?;
+        }
+        Ok(UringShard {
+            ring,
+            bufs,
+            listener,
+            accept_armed: false,
+            accept_retry_at: None,
+            wake_fd,
+            wake_armed: false,
+            wake_buf: Box::into_raw(Box::new(0u64)),
+            misc_ops: 0,
+            cqes: Vec::with_capacity(1024),
+            fatal: None,
+            leak: false,
+        })
+    }
+
+    pub fn leaked(&self) -> bool {
+        self.leak
+    }
+
+    /// Queue an SQE, submitting first if the SQ is full.
+    ///
+    /// # Safety
+    /// Every pointer inside `e` must stay valid until the op's final CQE.
+    unsafe fn push(&mut self, e: squeue::Entry) {
+        for _ in 0..1000 {
+            // SAFETY: forwarded to the caller.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) => {}
+                Err(err) => {
+                    self.fatal = Some(err);
+                    return;
+                }
+            }
+        }
+        self.fatal = Some(io::Error::other("io_uring submission queue stuck full"));
+    }
+
+    fn cancel(&mut self, target: u64) {
+        let e = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(K_CANCEL << 56);
+        // SAFETY: AsyncCancel references no memory.
+        unsafe { self.push(e) };
+    }
+
+    pub fn run<H: Handler>(
+        &mut self,
+        core: &mut Core<H::Msg>,
+        rx: &Receiver<Envelope<H::Msg>>,
+        h: &mut H,
+    ) -> io::Result<()> {
+        core.now = Instant::now();
+        h.on_start(&mut Ctx::new(core));
+        let mut teardown_deadline: Option<Instant> = None;
+        let mut hard_deadline: Option<Instant> = None;
+        loop {
+            if !core.stopping && core.shared.stop.load(Ordering::SeqCst) {
+                core.begin_shutdown(h);
+                if self.accept_armed {
+                    self.cancel(ud(K_ACCEPT, 0, 0));
+                } else {
+                    self.listener = None;
+                }
+                hard_deadline = Some(core.now + Duration::from_secs(4));
+            }
+            core.settle(h, |c, idx| self.drive(c, idx));
+            if let Some(e) = self.fatal.take() {
+                self.leak = true;
+                return Err(e);
+            }
+            if !self.wake_armed && teardown_deadline.is_none() {
+                let e = opcode::Read::new(Fd(self.wake_fd), self.wake_buf as *mut u8, 8)
+                    .build()
+                    .user_data(K_WAKE << 56);
+                // SAFETY: `wake_buf` is a live heap allocation freed only after the ring is
+                // gone (or leaked); the eventfd is owned by `Shared`, which outlives us.
+                unsafe { self.push(e) };
+                self.wake_armed = true;
+                self.misc_ops += 1;
+            }
+            if !core.stopping && !self.accept_armed {
+                if let Some(l) = &self.listener {
+                    if self.accept_retry_at.map_or(true, |t| core.now >= t) {
+                        self.accept_retry_at = None;
+                        let e = opcode::AcceptMulti::new(Fd(l.as_raw_fd()))
+                            .flags(libc::SOCK_CLOEXEC)
+                            .build()
+                            .user_data(ud(K_ACCEPT, 0, 0));
+                        // SAFETY: references only the listener fd, which is closed only after
+                        // the accept's final CQE.
+                        unsafe { self.push(e) };
+                        self.accept_armed = true;
+                        self.misc_ops += 1;
+                    }
+                }
+            }
+            if core.stopping && core.live == 0 {
+                if self.misc_ops == 0 {
+                    break;
+                }
+                match teardown_deadline {
+                    None => {
+                        teardown_deadline = Some(core.now + Duration::from_secs(1));
+                        if self.wake_armed {
+                            self.cancel(K_WAKE << 56);
+                        }
+                        if self.accept_armed {
+                            self.cancel(ud(K_ACCEPT, 0, 0));
+                        }
+                    }
+                    Some(t) if core.now >= t => {
+                        self.leak = true;
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(t) = hard_deadline {
+                if core.now >= t {
+                    tracing::warn!(shard = core.shard, "shutdown did not finish in time");
+                    self.leak = true;
+                    break;
+                }
+            }
+            let mut deadline = core.next_deadline();
+            for t in [self.accept_retry_at, teardown_deadline, hard_deadline]
+                .into_iter()
+                .flatten()
+            {
+                deadline = Some(deadline.map_or(t, |d| d.min(t)));
+            }
+            self.wait(deadline)?;
+            core.now = Instant::now();
+            self.cqes.clear();
+            for c in self.ring.completion() {
+                self.cqes.push((c.user_data(), c.result(), c.flags()));
+            }
+            for i in 0..self.cqes.len() {
+                let (u, res, fl) = self.cqes[i];
+                self.complete(core, rx, h, u, res, fl);
+            }
+            core.run_timers(h);
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        let r = match deadline {
+            None => self.ring.submit_and_wait(1),
+            Some(d) => {
+                let ts = Timespec::from(d.saturating_duration_since(Instant::now()));
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn complete<H: Handler>(
+        &mut self,
+        core: &mut Core<H::Msg>,
+        rx: &Receiver<Envelope<H::Msg>>,
+        h: &mut H,
+        u: u64,
+        res: i32,
+        flags: u32,
+    ) {
+        match u >> 56 {
+            K_WAKE => {
+                self.misc_ops -= 1;
+                self.wake_armed = false;
+                if res != -libc::ECANCELED {
+                    core.drain_mailbox(rx, h);
+                }
+            }
+            K_ACCEPT => {
+                if res >= 0 {
+                    if core.stopping {
+                        sys::close(res);
+                    } else {
+                        sys::set_nodelay(res);
+                        let peer = sys::peer_addr(res).unwrap_or_else(sys::unspecified_addr);
+                        let id = core.alloc(res, f::READING);
+                        core.mark_dirty(id.index());
+                        h.on_accept(&mut Ctx::new(core), id, peer);
+                    }
+                } else if res != -libc::ECANCELED {
+                    tracing::warn!(
+                        shard = core.shard,
+                        "accept failed: {}",
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+                if !cqueue::more(flags) {
+                    self.misc_ops -= 1;
+                    self.accept_armed = false;
+                    if core.stopping {
+                        self.listener = None;
+                    } else if res < 0 {
+                        // e.g. EMFILE: back off a little instead of spinning.
+                        self.accept_retry_at = Some(core.now + Duration::from_millis(50));
+                    }
+                }
+            }
+            K_RECV => self.recv_done(core, h, u as u32, res, flags),
+            K_SEND => {
+                let idx = u as u32;
+                let c = &mut core.conns[idx as usize];
+                debug_assert!(c.flags & f::SEND != 0 && c.ops > 0);
+                c.ops -= 1;
+                c.flags &= !(f::SEND | f::CANCEL_SEND);
+                if res > 0 {
+                    core.consumed(idx, res as usize);
+                } else if res != -libc::ECANCELED {
+                    let err = if res == 0 {
+                        io::Error::from(io::ErrorKind::WriteZero)
+                    } else {
+                        io::Error::from_raw_os_error(-res)
+                    };
+                    core.fail(idx, Some(err));
+                }
+                core.mark_dirty(idx);
+            }
+            _ => {} // AsyncCancel results
+        }
+    }
+
+    fn recv_done<H: Handler>(
+        &mut self,
+        core: &mut Core<H::Msg>,
+        h: &mut H,
+        idx: u32,
+        res: i32,
+        flags: u32,
+    ) {
+        let bid = cqueue::buffer_select(flags);
+        let c = &mut core.conns[idx as usize];
+        debug_assert!(c.flags & f::USED != 0 && c.flags & f::RECV != 0);
+        if !cqueue::more(flags) {
+            c.ops -= 1;
+            c.flags &= !(f::RECV | f::CANCEL_RECV);
+            core.mark_dirty(idx);
+        }
+        let cf = core.conns[idx as usize].flags;
+        if res > 0 {
+            let Some(bid) = bid else {
+                debug_assert!(false, "recv data without a buffer");
+                return;
+            };
+            let data = self.bufs.data(bid, res as usize);
+            if cf & f::DEAD != 0 {
+                if cf & f::HANDOFF != 0 {
+                    if let Some(ho) = core.handoffs.get_mut(&idx) {
+                        ho.unread.extend_from_slice(data);
+                    }
+                }
+            } else if cf & f::READING == 0 || cf & f::STASH != 0 {
+                core.stash_data(idx, data);
+            } else {
+                let id = core.id(idx);
+                h.on_data(&mut Ctx::new(core), id, data);
+            }
+            self.bufs.recycle(bid);
+            return;
+        }
+        if let Some(bid) = bid {
+            self.bufs.recycle(bid);
+        }
+        if res == 0 {
+            if cf & f::DEAD == 0 {
+                if cf & f::READING == 0 || cf & f::STASH != 0 {
+                    // Deliver what was stashed first; drive reports EOF afterwards.
+                    core.conns[idx as usize].flags |= f::EOF;
+                } else {
+                    core.fail(idx, None);
+                }
+            }
+        } else if res != -libc::ECANCELED && res != -libc::ENOBUFS {
+            // ENOBUFS: buffers are all back by the time drive re-arms the recv.
+            core.fail(idx, Some(io::Error::from_raw_os_error(-res)));
+        }
+    }
+
+    /// Bring in-flight ops of a conn in line with its flags; close/free/hand off when done.
+    fn drive<M: Send + 'static>(&mut self, core: &mut Core<M>, idx: u32) {
+        if self.fatal.is_some() {
+            return;
+        }
+        let c = &mut core.conns[idx as usize];
+        if c.flags & f::USED == 0 {
+            return;
+        }
+        c.flags &= !f::DIRTY;
+        let (fd, gen) = (c.fd, c.gen);
+        if c.flags & (f::DEAD | f::READING | f::EOF | f::STASH) == f::READING | f::EOF {
+            core.fail(idx, None);
+            return; // fail() marked it dirty again
+        }
+        let want_recv = c.flags & (f::DEAD | f::READING | f::EOF) == f::READING;
+        if c.flags & f::RECV != 0 && !want_recv && c.flags & f::CANCEL_RECV == 0 {
+            c.flags |= f::CANCEL_RECV;
+            self.cancel(ud(K_RECV, idx, gen));
+        } else if c.flags & f::RECV == 0 && want_recv {
+            c.flags |= f::RECV;
+            c.ops += 1;
+            let e = opcode::RecvMulti::new(Fd(fd), BGID)
+                .build()
+                .user_data(ud(K_RECV, idx, gen));
+            // SAFETY: references the fd (closed only when ops == 0) and the registered buffer
+            // ring (alive as long as the ring).
+            unsafe { self.push(e) };
+        }
+        let c = &mut core.conns[idx as usize];
+        if c.flags & f::ABORT != 0 {
+            if c.flags & f::SEND != 0 {
+                if c.flags & f::CANCEL_SEND == 0 {
+                    c.flags |= f::CANCEL_SEND;
+                    self.cancel(ud(K_SEND, idx, gen));
+                }
+            } else {
+                c.out = None;
+            }
+        } else if c.flags & (f::HANDOFF | f::SEND) == 0 {
+            if let Some(q) = c.out.as_deref() {
+                let buf = q.front();
+                let len = buf.len().min(1 << 30) as u32;
+                let e = opcode::Send::new(Fd(fd), buf.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(ud(K_SEND, idx, gen));
+                c.flags |= f::SEND;
+                c.ops += 1;
+                // SAFETY: `buf` is the front chunk of the conn's boxed output queue; with SEND
+                // set the chunk is neither modified nor freed, and the queue/slot is not
+                // dropped, until this op's CQE has been processed.
+                unsafe { self.push(e) };
+            }
+        }
+        let c = &core.conns[idx as usize];
+        if c.flags & f::DEAD != 0 && c.ops == 0 {
+            if c.flags & f::HANDOFF != 0 {
+                core.finish_handoff(idx);
+            } else if c.flags & f::ABORT != 0 || c.out.is_none() {
+                sys::close(fd);
+                core.free(idx);
+            }
+        }
+    }
+}
+
+impl Drop for UringShard {
+    fn drop(&mut self) {
+        // SAFETY: the ring is never used after this point; dropping it first means the kernel
+        // no longer accepts new work referencing our buffers.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+        if self.leak || std::thread::panicking() {
+            // Ops may have been in flight when the ring went away; their teardown is
+            // asynchronous in the kernel, so keep the memory they might touch.
+            return;
+        }
+        // SAFETY: clean exit: every op completed (misc_ops == 0, all slots freed) and the ring
+        // is gone, so the kernel references neither the buffers nor `wake_buf`.
+        unsafe {
+            ManuallyDrop::drop(&mut self.bufs);
+            drop(Box::from_raw(self.wake_buf));
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Server settings.
+
+use crate::session::SessionConfig;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+/// How CONNECT tokens are checked.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Accept any token (`--insecure-no-auth`).
+    NoAuth,
+    /// The tokens file (PROTOCOL.md §5).
+    Tokens(PathBuf),
+}
+
+/// Everything a shard needs to know; built from the command line.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub auth: Auth,
+    pub shards: usize,
+    pub cpus: Vec<Option<usize>>,
+    pub io: shards::IoMode,
+    pub session: SessionConfig,
+    /// Sessions per node, suspended ones included (`--max-sessions`).
+    pub max_sessions: Option<usize>,
+    /// Connections per shard that have not completed a handshake yet.
+    pub max_pending_handshakes: usize,
+    pub handshake_ms: u64,
+    pub allow_legacy_resume: bool,
+    pub agent_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: 7220,
+            socket_dir: PathBuf::from("/run/claw/sockets"),
+            auth: Auth::NoAuth,
+            shards: 1,
+            cpus: vec![None],
+            io: shards::IoMode::Auto,
+            session: SessionConfig::default(),
+            max_sessions: None,
+            max_pending_handshakes: 4096,
+            handshake_ms: 10_000,
+            allow_legacy_resume: false,
+            agent_grace_ms: 60_000,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `clawtermd`: the node's session server.
+//!
+//! * [`config`]: the server's settings (built by the CLI).
+//! * [`shard`]: the per-core handler the `shards` runtime drives: it routes bytes between
+//!   client connections, the sans-IO [`crate::session`] core and agent pod links.
+//! * [`pods`]: where agent pods are found and how a shard's links to them are kept.
+//!
+//! [`start`] starts the runtime and returns a [`Server`] handle.
+
+pub mod config;
+pub mod pods;
+pub mod shard;
+
+pub use config::{Auth, ServerConfig};
+
+use crate::auth::Tokens;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// State shared by every shard of the node.
+pub struct Shared {
+    pub cfg: ServerConfig,
+    /// The tenant tokens in force (`None` with `--insecure-no-auth`).
+    pub tokens: RwLock<Option<Arc<Tokens>>>,
+    /// Sessions on the node, suspended ones included (for `--max-sessions`).
+    pub sessions: AtomicUsize,
+}
+
+impl Shared {
+    /// Reserves room for one more session; false when the node is at `--max-sessions`.
+    pub fn reserve_session(&self) -> bool {
+        let n = self.sessions.fetch_add(1, Ordering::Relaxed);
+        if self.cfg.max_sessions.is_some_and(|max| n >= max) {
+            self.sessions.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn release_session(&self) {
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether `token` is accepted for (tenant, agent).
+    pub fn check_token(&self, tenant: u32, agent: u32, token: &[u8; 32]) -> bool {
+        let guard = match self.tokens.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match guard.as_ref() {
+            None => true,
+            Some(t) => t.check(tenant, agent, token),
+        }
+    }
+
+    /// Replaces the tokens in force (a reload); an invalid file never gets here.
+    pub fn set_tokens(&self, tokens: Tokens) {
+        let mut guard = match self.tokens.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Some(Arc::new(tokens));
+    }
+}
+
+/// A running server.
+pub struct Server {
+    runtime: shards::Runtime<shard::ShardMsg>,
+    shared: Arc<Shared>,
+}
+
+/// Starts the shards and the listeners.
+pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
+    let tokens = match &cfg.auth {
+        Auth::NoAuth => None,
+        Auth::Tokens(path) => Some(Arc::new(
+            Tokens::load(path).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
+        )),
+    };
+    let rt_cfg = shards::Config {
+        shards: cfg.shards,
+        cpus: cfg.cpus.clone(),
+        io: cfg.io,
+        listen: Some(SocketAddr::new(cfg.bind, cfg.port)),
+        ..shards::Config::default()
+    };
+    let shared = Arc::new(Shared {
+        cfg,
+        tokens: RwLock::new(tokens),
+        sessions: AtomicUsize::new(0),
+    });
+    let s2 = shared.clone();
+    let runtime = shards::Runtime::start(rt_cfg, move |i| shard::ShardHandler::new(i, s2.clone()))?;
+    Ok(Server { runtime, shared })
+}
+
+impl Server {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.runtime.local_addr()
+    }
+    pub fn backend(&self) -> shards::Backend {
+        self.runtime.backend()
+    }
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    /// A handle that can stop the server from another thread.
+    pub fn stopper(&self) -> shards::Remote<shard::ShardMsg> {
+        self.runtime.remote()
+    }
+    pub fn shutdown(&self) {
+        self.runtime.shutdown();
+    }
+    pub fn join(self) -> std::io::Result<()> {
+        self.runtime.join()
+    }
+}

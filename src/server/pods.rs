@@ -1,0 +1,92 @@
+//! Agent pods: where their sockets are, and each shard's links to them.
+//!
+//! A pod serving tenant T, agent A listens at `{socket_dir}/{T}_{A}`. Each shard opens one link
+//! per pod the first time one of its sessions needs it and multiplexes all its sessions for
+//! that pod over it (POD-LINK.md §2).
+
+use crate::podlink::{self, Msg};
+use shards::ConnId;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// The socket path of (tenant, agent).
+pub fn socket_path(dir: &Path, tenant: u32, agent: u32) -> PathBuf {
+    dir.join(format!("{tenant}_{agent}"))
+}
+
+/// Whether a pod socket for (tenant, agent) is present.
+pub fn pod_present(dir: &Path, tenant: u32, agent: u32) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(socket_path(dir, tenant, agent)).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// A shard's link to one pod.
+pub struct Link {
+    pub key: (u32, u32),
+    pub conn: ConnId,
+    /// The connect completed: bytes can be sent.
+    pub connected: bool,
+    /// The pod's HELLO arrived.
+    pub hello_seen: bool,
+    /// Messages queued before the connect completed.
+    pub pending: Vec<u8>,
+    /// A partial message from the pod.
+    pub inbuf: Vec<u8>,
+    /// Sessions of this shard on this link.
+    pub sessions: HashSet<u32>,
+}
+
+/// A shard's links, by pod and by connection.
+#[derive(Default)]
+pub struct Links {
+    by_key: HashMap<(u32, u32), Link>,
+    by_conn: HashMap<ConnId, (u32, u32)>,
+}
+
+impl Links {
+    pub fn get(&self, key: (u32, u32)) -> Option<&Link> {
+        self.by_key.get(&key)
+    }
+
+    pub fn get_mut(&mut self, key: (u32, u32)) -> Option<&mut Link> {
+        self.by_key.get_mut(&key)
+    }
+
+    pub fn key_of(&self, conn: ConnId) -> Option<(u32, u32)> {
+        self.by_conn.get(&conn).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Registers a new link whose connect is in progress; HELLO is queued first.
+    pub fn insert(&mut self, key: (u32, u32), conn: ConnId, name: &str) -> &mut Link {
+        let mut pending = Vec::new();
+        podlink::encode(&mut pending, 0, &Msg::Hello { version: podlink::codec::VERSION, name });
+        self.by_conn.insert(conn, key);
+        self.by_key.entry(key).or_insert(Link {
+            key,
+            conn,
+            connected: false,
+            hello_seen: false,
+            pending,
+            inbuf: Vec::new(),
+            sessions: HashSet::new(),
+        })
+    }
+
+    pub fn remove(&mut self, key: (u32, u32)) -> Option<Link> {
+        let link = self.by_key.remove(&key)?;
+        self.by_conn.remove(&link.conn);
+        Some(link)
+    }
+
+    pub fn keys(&self) -> Vec<(u32, u32)> {
+        self.by_key.keys().copied().collect()
+    }
+}

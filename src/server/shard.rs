@@ -1,0 +1,755 @@
+//! The per-core handler: connections, sessions, pod links and timers of one shard.
+//!
+//! The reactor (`shards`) moves bytes and events; this handler decodes frames, asks the sans-IO
+//! session core what to do, and routes what it writes: client frames to the session's
+//! connection, pod messages to the shard's link for the session's pod. Sessions are entries of
+//! the shard's [`SessionTable`]; no task exists per session or per connection.
+
+use super::pods::{self, Links};
+use super::Shared;
+use crate::podlink::{self, CloseReason, Msg as PodMsg};
+use crate::proto::{
+    self, payload::ErrorFrame, Connect, Decoded, ErrorCode, Frame, FrameType, Resume, CAP_RELIABLE,
+    CAP_ROAM,
+};
+use crate::session::{Clock, Flow, IdSpace, ResumeFrom, Session, SessionTable, Sink, State};
+use shards::timer::Wheel;
+use shards::{ConnId, Ctx};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Messages between shards.
+pub enum ShardMsg {
+    /// A connection handed over to the shard that owns the session it wants to resume;
+    /// `buffered` holds the RESUME frame and anything received after it.
+    Resume { buffered: Vec<u8> },
+}
+
+/// Where a session's effects are collected before they are sent.
+#[derive(Default)]
+struct Scratch {
+    client: Vec<u8>,
+    pod: Vec<u8>,
+}
+
+impl Sink for Scratch {
+    fn client(&mut self) -> &mut Vec<u8> {
+        &mut self.client
+    }
+    fn pod(&mut self, session_id: u32, msg: PodMsg<'_>) {
+        podlink::encode(&mut self.pod, session_id, &msg);
+    }
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+enum ConnState {
+    /// Waiting for CONNECT or RESUME.
+    Handshake,
+    /// Bound to a session.
+    Bound(u32),
+}
+
+struct Conn {
+    state: ConnState,
+    /// A partial frame (allocated only while one is pending).
+    inbuf: Vec<u8>,
+    peer: SocketAddr,
+}
+
+#[derive(Copy, Clone, Debug)]
+enum Key {
+    Session(u32),
+    Handshake(ConnId),
+}
+
+/// Counters of one shard (exported as metrics by a later layer).
+#[derive(Default, Debug, Clone)]
+pub struct Stats {
+    pub accepted: u64,
+    pub refused_pending: u64,
+    pub unknown_frames: u64,
+    pub resumes_local: u64,
+    pub resumes_handed_off: u64,
+}
+
+/// One shard's state.
+pub struct ShardHandler {
+    index: usize,
+    shared: Arc<Shared>,
+    clock: Clock,
+    table: SessionTable,
+    conns: HashMap<ConnId, Conn>,
+    /// The connection each attached session is bound to.
+    attached: HashMap<u32, ConnId>,
+    links: Links,
+    wheel: Wheel<Key>,
+    fired: Vec<(u64, Key)>,
+    next_wake: u64,
+    pending_handshakes: usize,
+    scratch: Scratch,
+    pub stats: Stats,
+}
+
+const NO_WAKE: u64 = u64::MAX;
+
+impl ShardHandler {
+    pub fn new(index: usize, shared: Arc<Shared>) -> ShardHandler {
+        let clock = Clock::new(Instant::now());
+        ShardHandler {
+            index,
+            table: SessionTable::new(IdSpace::new(index, shared.cfg.shards)),
+            shared,
+            clock,
+            conns: HashMap::new(),
+            attached: HashMap::new(),
+            links: Links::default(),
+            wheel: Wheel::new(0),
+            fired: Vec::new(),
+            next_wake: NO_WAKE,
+            pending_handshakes: 0,
+            scratch: Scratch::default(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn now(&self, ctx: &Ctx<'_, ShardMsg>) -> u64 {
+        self.clock.ms(ctx.now())
+    }
+
+    fn schedule(&mut self, ctx: &mut Ctx<'_, ShardMsg>, deadline: u64) {
+        if deadline < self.next_wake {
+            self.next_wake = deadline;
+            ctx.wake_at(self.clock.instant(deadline));
+        }
+    }
+
+    /// Files the session's next timer if it is earlier than the one already filed.
+    fn arm(&mut self, ctx: &mut Ctx<'_, ShardMsg>, sid: u32) {
+        let cfg = &self.shared.cfg.session;
+        let Some(s) = self.table.get_mut(sid) else { return };
+        let Some(d) = s.next_deadline(cfg) else { return };
+        if s.armed == 0 || d < s.armed {
+            s.armed = d;
+            self.wheel.insert(d, Key::Session(sid));
+            self.schedule(ctx, d);
+        }
+    }
+
+    /// Sends what the scratch sink collected: client bytes to `conn`, pod bytes to the link of
+    /// `pod`.
+    fn flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Option<ConnId>, pod: (u32, u32)) {
+        if !self.scratch.client.is_empty() {
+            if let Some(c) = conn {
+                ctx.send(c, &self.scratch.client);
+            }
+            self.scratch.client.clear();
+        }
+        if !self.scratch.pod.is_empty() {
+            let bytes = std::mem::take(&mut self.scratch.pod);
+            self.link_send(ctx, pod, &bytes);
+            self.scratch.pod = bytes;
+            self.scratch.pod.clear();
+        }
+    }
+
+    fn link_send(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32), bytes: &[u8]) {
+        match self.links.get_mut(key) {
+            Some(l) if l.connected => {
+                ctx.send(l.conn, bytes);
+            }
+            Some(l) => l.pending.extend_from_slice(bytes),
+            None => debug!(shard = self.index, ?key, "no link for pod message; dropped"),
+        }
+    }
+
+    /// The link to (tenant, agent), opened if this shard has none yet.
+    fn ensure_link(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) -> bool {
+        if self.links.get(key).is_some() {
+            return true;
+        }
+        let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
+        match ctx.connect_unix(&path) {
+            Ok(conn) => {
+                let name = format!("clawtermd shard {}", self.index);
+                self.links.insert(key, conn, &name);
+                true
+            }
+            Err(e) => {
+                warn!(shard = self.index, path = %path.display(), error = %e, "cannot connect to agent pod");
+                false
+            }
+        }
+    }
+
+    /// Refuses a connection that has no session: ERROR with SESSION_ID 0 and SEQ 0, then close.
+    fn refuse(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, code: ErrorCode) {
+        let mut out = Vec::with_capacity(64);
+        proto::frame::encode_with(&mut out, 0, 0, FrameType::Error, 0, |o| {
+            ErrorFrame::encode_parts(code, code.message(), o)
+        });
+        ctx.send(conn, &out);
+        self.drop_conn(ctx, conn, true);
+        debug!(shard = self.index, ?conn, %code, "connection refused");
+    }
+
+    /// Forgets a connection (and closes it, flushing, when `close`).
+    fn drop_conn(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, close: bool) {
+        if let Some(c) = self.conns.remove(&conn) {
+            match c.state {
+                ConnState::Handshake => self.pending_handshakes -= 1,
+                ConnState::Bound(sid) => {
+                    if self.attached.get(&sid) == Some(&conn) {
+                        self.attached.remove(&sid);
+                    }
+                }
+            }
+        }
+        if close {
+            ctx.close(conn);
+        }
+    }
+
+    /// Applies a session's [`Flow`] to its connection and the table.
+    fn apply_flow(&mut self, ctx: &mut Ctx<'_, ShardMsg>, sid: u32, conn: Option<ConnId>, flow: Flow) {
+        match flow {
+            Flow::Continue => self.arm(ctx, sid),
+            Flow::Suspend => {
+                if let Some(c) = conn {
+                    self.drop_conn(ctx, c, true);
+                }
+                self.attached.remove(&sid);
+                self.arm(ctx, sid);
+            }
+            Flow::Close => {
+                if let Some(c) = conn {
+                    self.drop_conn(ctx, c, true);
+                }
+                self.attached.remove(&sid);
+                self.remove_session(sid);
+            }
+        }
+    }
+
+    fn remove_session(&mut self, sid: u32) {
+        if let Some(s) = self.table.remove(sid) {
+            self.shared.release_session();
+            if let Some(l) = self.links.get_mut((s.tenant(), s.agent())) {
+                l.sessions.remove(&sid);
+            }
+        }
+    }
+
+    /// Feeds received bytes through the frame decoder. Returns how many bytes were consumed
+    /// and whether the connection is still ours to read.
+    fn process(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, bytes: &[u8]) -> (usize, bool) {
+        let max = self.shared.cfg.session.max_payload;
+        let mut off = 0;
+        let mut alive = true;
+        while off < bytes.len() {
+            match proto::decode(&bytes[off..], max) {
+                Err(e) => {
+                    debug!(shard = self.index, ?conn, error = %e, "broken stream");
+                    self.broken(ctx, conn, e.error_code());
+                    alive = false;
+                    break;
+                }
+                Ok(Decoded::NeedMore(_)) => break,
+                Ok(Decoded::Frame(f, used)) => {
+                    let rest_from = off;
+                    off += used;
+                    match self.on_frame(ctx, conn, &f) {
+                        Next::Continue => {}
+                        Next::Stop => {
+                            alive = false;
+                            break;
+                        }
+                        Next::HandOff(shard) => {
+                            let buffered = bytes[rest_from..].to_vec();
+                            self.drop_conn(ctx, conn, false);
+                            self.stats.resumes_handed_off += 1;
+                            ctx.hand_off(conn, shard, ShardMsg::Resume { buffered });
+                            return (bytes.len(), false);
+                        }
+                    }
+                }
+            }
+        }
+        // One coalesced ACK per batch of input for RELIABLE clients.
+        if alive {
+            if let Some(Conn {
+                state: ConnState::Bound(sid),
+                ..
+            }) = self.conns.get(&conn)
+            {
+                let sid = *sid;
+                let now = self.now(ctx);
+                if let Some(s) = self.table.get_mut(sid) {
+                    s.end_batch(now, &mut self.scratch);
+                    let key = (s.tenant(), s.agent());
+                    self.flush(ctx, Some(conn), key);
+                }
+            }
+        }
+        (off, alive)
+    }
+
+    /// The stream is broken (bad flag or CRC, oversize LEN): ERROR, close; a bound session is
+    /// suspended with its ring intact.
+    fn broken(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, code: ErrorCode) {
+        match self.conns.get(&conn).map(|c| c.state) {
+            Some(ConnState::Bound(sid)) => {
+                let now = self.now(ctx);
+                if let Some(s) = self.table.get_mut(sid) {
+                    let flow = s.fail(code, now, &mut self.scratch);
+                    let key = (s.tenant(), s.agent());
+                    self.flush(ctx, Some(conn), key);
+                    self.apply_flow(ctx, sid, Some(conn), flow);
+                }
+            }
+            Some(ConnState::Handshake) => self.refuse(ctx, conn, code),
+            None => {}
+        }
+    }
+
+    fn on_frame(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, f: &Frame<'_>) -> Next {
+        let Some(state) = self.conns.get(&conn).map(|c| c.state) else {
+            return Next::Stop;
+        };
+        match state {
+            ConnState::Handshake => match f.ty {
+                FrameType::Connect => self.on_connect(ctx, conn, f),
+                FrameType::Resume => self.on_resume(ctx, conn, f),
+                _ => {
+                    self.refuse(ctx, conn, ErrorCode::ProtocolViolation);
+                    Next::Stop
+                }
+            },
+            ConnState::Bound(sid) => {
+                let now = self.now(ctx);
+                let cfg = &self.shared.cfg.session;
+                let Some(s) = self.table.get_mut(sid) else {
+                    self.drop_conn(ctx, conn, true);
+                    return Next::Stop;
+                };
+                if matches!(f.ty, FrameType::Unknown(_) | FrameType::Nack) {
+                    self.stats.unknown_frames += 1;
+                }
+                let flow = s.on_client_frame(f, now, cfg, &mut self.scratch);
+                let key = (s.tenant(), s.agent());
+                if flow == Flow::Continue {
+                    // Client → pod bytes are flushed per frame so DATA boundaries and order
+                    // are kept; the client side is flushed once per batch.
+                    if !self.scratch.pod.is_empty() {
+                        self.flush(ctx, None, key);
+                    }
+                    return Next::Continue;
+                }
+                self.flush(ctx, Some(conn), key);
+                self.apply_flow(ctx, sid, Some(conn), flow);
+                Next::Stop
+            }
+        }
+    }
+
+    fn on_connect(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, f: &Frame<'_>) -> Next {
+        if f.session_id != 0 {
+            self.refuse(ctx, conn, ErrorCode::ProtocolViolation);
+            return Next::Stop;
+        }
+        // Order of checks (§2.1): version, shape, token, agent, capacity.
+        let c = match Connect::parse(f.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                self.refuse(ctx, conn, e.code);
+                return Next::Stop;
+            }
+        };
+        if !self.shared.check_token(c.tenant_id, c.agent_id, &c.token) {
+            info!(shard = self.index, tenant = c.tenant_id, agent = c.agent_id, "CONNECT refused: bad token");
+            self.refuse(ctx, conn, ErrorCode::AuthFailed);
+            return Next::Stop;
+        }
+        let key = (c.tenant_id, c.agent_id);
+        if !pods::pod_present(&self.shared.cfg.socket_dir, key.0, key.1) || !self.ensure_link(ctx, key) {
+            self.refuse(ctx, conn, ErrorCode::NoAgent);
+            return Next::Stop;
+        }
+        if !self.shared.reserve_session() {
+            self.refuse(ctx, conn, ErrorCode::Overloaded);
+            return Next::Stop;
+        }
+        let now = self.now(ctx);
+        let Some(peer) = self.conns.get(&conn).map(|c| c.peer) else {
+            return Next::Stop;
+        };
+        let peer_s = peer.to_string();
+        let caps = c.caps;
+        let s = self.table.create(|id, token| Session::new(id, key.0, key.1, caps, token, now));
+        let sid = s.id();
+        s.accept(CAP_RELIABLE | CAP_ROAM, &peer_s, now, &mut self.scratch);
+        if let Some(l) = self.links.get_mut(key) {
+            l.sessions.insert(sid);
+        }
+        if let Some(cs) = self.conns.get_mut(&conn) {
+            cs.state = ConnState::Bound(sid);
+        }
+        self.pending_handshakes -= 1;
+        self.attached.insert(sid, conn);
+        self.flush(ctx, Some(conn), key);
+        self.arm(ctx, sid);
+        debug!(shard = self.index, session = sid, tenant = key.0, agent = key.1, "session opened");
+        Next::Continue
+    }
+
+    fn on_resume(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, f: &Frame<'_>) -> Next {
+        let r = match Resume::parse(f.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse(ctx, conn, e.code);
+                return Next::Stop;
+            }
+        };
+        let sid = r.session_id();
+        if f.session_id != 0 && f.session_id != sid {
+            self.refuse(ctx, conn, ErrorCode::ProtocolViolation);
+            return Next::Stop;
+        }
+        if matches!(r, Resume::Legacy { .. }) && !self.shared.cfg.allow_legacy_resume {
+            self.refuse(ctx, conn, ErrorCode::AuthFailed);
+            return Next::Stop;
+        }
+        let owner = self.table.ids().owner(sid);
+        if owner >= self.shared.cfg.shards || sid == 0 {
+            self.refuse(ctx, conn, ErrorCode::NoSuchSession);
+            return Next::Stop;
+        }
+        if owner != self.index {
+            return Next::HandOff(owner);
+        }
+        self.stats.resumes_local += 1;
+        let now = self.now(ctx);
+        let (from, found) = match r {
+            Resume::Full { last_seq, token, .. } => {
+                (ResumeFrom::LastSeq(last_seq), self.table.get_with_token(sid, &token).is_some())
+            }
+            Resume::Legacy { .. } => (ResumeFrom::Unacknowledged, self.table.get(sid).is_some()),
+        };
+        let usable = found && self.table.get(sid).is_some_and(|s| s.state() != State::Closed);
+        if !usable {
+            self.refuse(ctx, conn, ErrorCode::NoSuchSession);
+            return Next::Stop;
+        }
+        // Newest RESUME wins: the old connection is told and closed.
+        if let Some(old) = self.attached.remove(&sid) {
+            if let Some(s) = self.table.get_mut(sid) {
+                s.take_over(now, &mut self.scratch);
+                let key = (s.tenant(), s.agent());
+                self.flush(ctx, Some(old), key);
+            }
+            self.drop_conn(ctx, old, true);
+            debug!(shard = self.index, session = sid, "session taken over");
+        }
+        let cfg = &self.shared.cfg.session;
+        let Some(s) = self.table.get_mut(sid) else {
+            return Next::Stop;
+        };
+        let flow = s.resume(from, now, cfg, &mut self.scratch);
+        let key = (s.tenant(), s.agent());
+        if let Some(cs) = self.conns.get_mut(&conn) {
+            cs.state = ConnState::Bound(sid);
+        }
+        self.pending_handshakes -= 1;
+        self.attached.insert(sid, conn);
+        self.flush(ctx, Some(conn), key);
+        self.apply_flow(ctx, sid, Some(conn), flow);
+        if flow == Flow::Continue {
+            Next::Continue
+        } else {
+            Next::Stop
+        }
+    }
+
+    fn on_link_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, link_conn: ConnId, key: (u32, u32), data: &[u8]) {
+        let mut buf = match self.links.get_mut(key) {
+            Some(l) => std::mem::take(&mut l.inbuf),
+            None => return,
+        };
+        let owned;
+        let bytes: &[u8] = if buf.is_empty() {
+            data
+        } else {
+            buf.extend_from_slice(data);
+            owned = std::mem::take(&mut buf);
+            &owned
+        };
+        let mut off = 0;
+        let mut broken = false;
+        while off < bytes.len() {
+            match podlink::decode(&bytes[off..]) {
+                Err(e) => {
+                    warn!(shard = self.index, ?key, error = %e, "pod link broken");
+                    broken = true;
+                    break;
+                }
+                Ok(podlink::Decoded::NeedMore(_)) => break,
+                Ok(podlink::Decoded::Msg { session_id, msg, used }) => {
+                    off += used;
+                    if !self.on_pod_msg(ctx, key, session_id, msg) {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if broken {
+            ctx.close(link_conn);
+            self.link_lost(ctx, key);
+            return;
+        }
+        if let Some(l) = self.links.get_mut(key) {
+            let mut rest = buf;
+            rest.clear();
+            rest.extend_from_slice(&bytes[off..]);
+            l.inbuf = rest;
+        }
+    }
+
+    /// One message from a pod. Returns false when the link must be broken.
+    fn on_pod_msg(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32), sid: u32, msg: PodMsg<'_>) -> bool {
+        let Some(l) = self.links.get_mut(key) else { return false };
+        if !l.hello_seen {
+            if let PodMsg::Hello { version, name } = msg {
+                l.hello_seen = true;
+                debug!(shard = self.index, ?key, version, name, "pod HELLO");
+                return true;
+            }
+            warn!(shard = self.index, ?key, "pod sent {} before HELLO", msg.ty().name());
+            return false;
+        }
+        let now = self.now(ctx);
+        let cfg = &self.shared.cfg.session;
+        let Some(s) = self.table.get_mut(sid) else {
+            return true; // a session that ended meanwhile
+        };
+        if (s.tenant(), s.agent()) != key {
+            warn!(shard = self.index, ?key, session = sid, "pod sent a message for another pod's session");
+            return true;
+        }
+        let conn = self.attached.get(&sid).copied();
+        let flow = match msg {
+            PodMsg::Data(d) => {
+                s.on_agent_data(d, now, cfg, &mut self.scratch);
+                Flow::Continue
+            }
+            PodMsg::Close(_) => s.on_agent_close(now, &mut self.scratch),
+            _ => Flow::Continue,
+        };
+        self.flush(ctx, conn, key);
+        if flow == Flow::Continue && conn.is_some() {
+            // No re-arm needed for output: it only moves deadlines later.
+            return true;
+        }
+        self.apply_flow(ctx, sid, conn, flow);
+        true
+    }
+
+    /// The link to a pod failed: its sessions on this shard lose their agent.
+    fn link_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+        let Some(link) = self.links.remove(key) else { return };
+        info!(shard = self.index, tenant = key.0, agent = key.1, sessions = link.sessions.len(), "pod link lost");
+        let now = self.now(ctx);
+        for sid in link.sessions {
+            let conn = self.attached.get(&sid).copied();
+            let Some(s) = self.table.get_mut(sid) else { continue };
+            let flow = s.on_agent_gone(now, &mut self.scratch);
+            self.scratch.pod.clear();
+            self.flush(ctx, conn, key);
+            self.apply_flow(ctx, sid, conn, flow);
+        }
+    }
+
+    fn on_timers(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+        let now = self.now(ctx);
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.poll(now, &mut fired);
+        for (deadline, key) in fired.drain(..) {
+            match key {
+                Key::Handshake(conn) => {
+                    if self.conns.get(&conn).is_some_and(|c| c.state == ConnState::Handshake) {
+                        debug!(shard = self.index, ?conn, "handshake timeout");
+                        self.drop_conn(ctx, conn, false);
+                        ctx.abort(conn);
+                    }
+                }
+                Key::Session(sid) => {
+                    let cfg = &self.shared.cfg.session;
+                    let Some(s) = self.table.get_mut(sid) else { continue };
+                    if s.armed != deadline {
+                        continue; // re-armed since; stale entry
+                    }
+                    s.armed = 0;
+                    let flow = s.on_timer(now, cfg, &mut self.scratch);
+                    let key = (s.tenant(), s.agent());
+                    let conn = self.attached.get(&sid).copied();
+                    self.flush(ctx, conn, key);
+                    self.apply_flow(ctx, sid, conn, flow);
+                }
+            }
+        }
+        self.fired = fired;
+        self.next_wake = NO_WAKE;
+        if let Some(d) = self.wheel.next_deadline() {
+            self.schedule(ctx, d.max(now));
+        }
+    }
+}
+
+enum Next {
+    Continue,
+    Stop,
+    HandOff(usize),
+}
+
+impl shards::Handler for ShardHandler {
+    type Msg = ShardMsg;
+
+    fn on_accept(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr) {
+        self.stats.accepted += 1;
+        if self.pending_handshakes >= self.shared.cfg.max_pending_handshakes {
+            self.stats.refused_pending += 1;
+            ctx.abort(conn);
+            return;
+        }
+        self.pending_handshakes += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                state: ConnState::Handshake,
+                inbuf: Vec::new(),
+                peer,
+            },
+        );
+        let d = self.now(ctx) + self.shared.cfg.handshake_ms;
+        self.wheel.insert(d, Key::Handshake(conn));
+        self.schedule(ctx, d);
+    }
+
+    fn on_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
+        if let Some(key) = self.links.key_of(conn) {
+            self.on_link_data(ctx, conn, key, data);
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.inbuf.is_empty() {
+            // Fast path: decode straight from the receive buffer.
+            let (used, alive) = self.process(ctx, conn, data);
+            if alive && used < data.len() {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.inbuf.extend_from_slice(&data[used..]);
+                }
+            }
+        } else {
+            let mut buf = std::mem::take(&mut c.inbuf);
+            buf.extend_from_slice(data);
+            let (used, alive) = self.process(ctx, conn, &buf);
+            if alive {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if used < buf.len() {
+                        buf.drain(..used);
+                        c.inbuf = buf;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_closed(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, err: Option<std::io::Error>) {
+        if let Some(key) = self.links.key_of(conn) {
+            debug!(shard = self.index, ?key, error = ?err, "pod link closed");
+            self.link_lost(ctx, key);
+            return;
+        }
+        let Some(c) = self.conns.get(&conn) else { return };
+        if let ConnState::Bound(sid) = c.state {
+            if self.attached.get(&sid) == Some(&conn) {
+                let now = self.now(ctx);
+                if let Some(s) = self.table.get_mut(sid) {
+                    s.detach(now, &mut self.scratch);
+                    let key = (s.tenant(), s.agent());
+                    self.flush(ctx, None, key);
+                }
+                self.drop_conn(ctx, conn, false);
+                self.arm(ctx, sid);
+                debug!(shard = self.index, session = sid, error = ?err, "connection lost; session suspended");
+                return;
+            }
+        }
+        self.drop_conn(ctx, conn, false);
+    }
+
+    fn on_connected(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, res: std::io::Result<()>) {
+        let Some(key) = self.links.key_of(conn) else { return };
+        match res {
+            Ok(()) => {
+                if let Some(l) = self.links.get_mut(key) {
+                    l.connected = true;
+                    let pending = std::mem::take(&mut l.pending);
+                    ctx.send(conn, &pending);
+                }
+            }
+            Err(e) => {
+                warn!(shard = self.index, ?key, error = %e, "pod link connect failed");
+                self.link_lost(ctx, key);
+            }
+        }
+    }
+
+    fn on_message(&mut self, _ctx: &mut Ctx<'_, ShardMsg>, _msg: ShardMsg) {}
+
+    fn on_adopt(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr, unread: Vec<u8>, msg: ShardMsg) {
+        let ShardMsg::Resume { mut buffered } = msg;
+        buffered.extend_from_slice(&unread);
+        self.pending_handshakes += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                state: ConnState::Handshake,
+                inbuf: Vec::new(),
+                peer,
+            },
+        );
+        let d = self.now(ctx) + self.shared.cfg.handshake_ms;
+        self.wheel.insert(d, Key::Handshake(conn));
+        self.schedule(ctx, d);
+        self.on_data(ctx, conn, &buffered);
+    }
+
+    fn on_tick(&mut self, ctx: &mut Ctx<'_, ShardMsg>, _now: Instant) {
+        self.on_timers(ctx);
+    }
+
+    fn on_shutdown(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+        let ids: Vec<u32> = self.table.ids_iter().collect();
+        for sid in ids {
+            if let Some(s) = self.table.get_mut(sid) {
+                s.close(CloseReason::Normal, &mut self.scratch);
+                let key = (s.tenant(), s.agent());
+                self.flush(ctx, None, key);
+            }
+            self.remove_session(sid);
+        }
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for c in conns {
+            self.drop_conn(ctx, c, true);
+        }
+        for key in self.links.keys() {
+            if let Some(l) = self.links.remove(key) {
+                ctx.close(l.conn);
+            }
+        }
+        info!(shard = self.index, "shard stopped");
+    }
+}
