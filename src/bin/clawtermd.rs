@@ -1,1 +1,290 @@
-fn main() {}
+//! `clawtermd`: the ClawTerm session server (one per node).
+
+use clap::Parser;
+use clawterm::auth::Tokens;
+use clawterm::server::{self, Auth, ServerConfig};
+use clawterm::session::{Overflow, SessionConfig};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing::{error, info, warn};
+
+/// ClawTerm session server: keeps interactive agent sessions alive through network drops,
+/// device switches and reconnects. Clients connect over TCP and speak the ClawTerm protocol;
+/// agents are pods on this node listening on Unix sockets in --socket-dir.
+///
+/// Every option can also be set as CLAWTERM_<NAME> in the environment (e.g. CLAWTERM_PORT).
+#[derive(Parser, Debug)]
+#[command(name = "clawtermd", version, about, long_about)]
+struct Args {
+    /// TCP port for clients (0 = pick a free one).
+    #[arg(short, long, env = "CLAWTERM_PORT", default_value_t = 7220)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "CLAWTERM_BIND", default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// UDP port for QUIC.
+    #[arg(long, env = "CLAWTERM_QUIC_PORT", default_value_t = 7221)]
+    quic_port: u16,
+    /// Turn QUIC off.
+    #[arg(long, env = "CLAWTERM_NO_QUIC")]
+    no_quic: bool,
+    /// Directory where agent pods' sockets appear ({tenant}_{agent}).
+    #[arg(short = 's', long, env = "CLAWTERM_SOCKET_DIR", default_value = "/run/claw/sockets")]
+    socket_dir: PathBuf,
+    /// Tenant tokens file: lines of `TENANT_ID TOKEN_HEX64 [AGENT_ID]`; reloaded on SIGHUP.
+    #[arg(long, env = "CLAWTERM_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Accept any token (development only).
+    #[arg(long, env = "CLAWTERM_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// TLS certificate chain (PEM) for the TCP port.
+    #[arg(long, env = "CLAWTERM_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "CLAWTERM_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Plaintext TCP (development, legacy clients).
+    #[arg(long, env = "CLAWTERM_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
+    /// Reactor threads [default: one per CPU the process may run on].
+    #[arg(long, env = "CLAWTERM_SHARDS")]
+    shards: Option<usize>,
+    /// CPUs to pin shards to, e.g. `0,2-3` [default: the affinity mask].
+    #[arg(long, env = "CLAWTERM_CPUS")]
+    cpus: Option<String>,
+    /// I/O backend: auto, uring or epoll. auto falls back to epoll, saying so.
+    #[arg(long, env = "CLAWTERM_IO", default_value = "auto")]
+    io: shards::IoMode,
+    /// Admin endpoint ADDR:PORT for /metrics, /healthz, /readyz, or `off`.
+    #[arg(long, env = "CLAWTERM_ADMIN", default_value = "127.0.0.1:9720")]
+    admin: String,
+    /// Replay ring cap per session, in bytes of payload.
+    #[arg(long, env = "CLAWTERM_RING_BYTES", default_value_t = 262144)]
+    ring_bytes: usize,
+    /// What a suspended session's full ring does: drop (oldest, reported as GAP) or pause the agent.
+    #[arg(long, env = "CLAWTERM_OVERFLOW", default_value = "drop")]
+    overflow: Overflow,
+    /// Largest accepted frame payload (1024 to 65535).
+    #[arg(long, env = "CLAWTERM_MAX_PAYLOAD", default_value_t = 65535)]
+    max_payload: usize,
+    /// Sessions per node (suspended ones count); beyond it CONNECT gets OVERLOADED.
+    #[arg(long, env = "CLAWTERM_MAX_SESSIONS")]
+    max_sessions: Option<usize>,
+    /// Connections per shard that may be mid-handshake at once; more are closed at accept.
+    #[arg(long, env = "CLAWTERM_MAX_PENDING_HANDSHAKES", default_value_t = 4096)]
+    max_pending_handshakes: usize,
+    /// Send a KEEPALIVE after this many seconds without sending.
+    #[arg(long, env = "CLAWTERM_KEEPALIVE", default_value_t = 30.0)]
+    keepalive: f64,
+    /// Close a connection after this many seconds without receiving anything.
+    #[arg(long, env = "CLAWTERM_IDLE_TIMEOUT", default_value_t = 90.0)]
+    idle_timeout: f64,
+    /// Close a session suspended this many seconds.
+    #[arg(long, env = "CLAWTERM_SUSPEND_TTL", default_value_t = 3600.0)]
+    suspend_ttl: f64,
+    /// Close a connection that has not completed CONNECT/RESUME within this many seconds.
+    #[arg(long, env = "CLAWTERM_HANDSHAKE_TIMEOUT", default_value_t = 10.0)]
+    handshake_timeout: f64,
+    /// How long a lost agent pod may take to come back, in seconds.
+    #[arg(long, env = "CLAWTERM_AGENT_GRACE", default_value_t = 60.0)]
+    agent_grace: f64,
+    /// Accept the 4-byte RESUME that carries no credential (INSECURE: anyone who guesses a
+    /// session id can take the session over).
+    #[arg(long, env = "CLAWTERM_ALLOW_LEGACY_RESUME")]
+    allow_legacy_resume: bool,
+    /// Everything embedded for a first run: a temporary socket dir, a built-in echo agent, a
+    /// printed dev token, loopback only, and a scripted client that shows connect, echo, an
+    /// abrupt drop and a resume with replay.
+    #[arg(long)]
+    demo: bool,
+}
+
+fn secs(name: &str, v: f64) -> Result<u64, String> {
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("--{name} must be a positive number of seconds, got {v}"));
+    }
+    Ok((v * 1000.0).round() as u64)
+}
+
+fn build_config(a: &Args) -> Result<ServerConfig, String> {
+    if !(1024..=65535).contains(&a.max_payload) {
+        return Err(format!(
+            "--max-payload must be from 1024 to 65535, got {}: pick a value in that range",
+            a.max_payload
+        ));
+    }
+    if a.ring_bytes < a.max_payload {
+        return Err(format!(
+            "--ring-bytes ({}) must be at least --max-payload ({}) so one frame fits the replay ring",
+            a.ring_bytes, a.max_payload
+        ));
+    }
+    if a.tls_cert.is_some() || a.tls_key.is_some() {
+        return Err("TLS is not available in this build yet: run with --insecure-plaintext on a trusted network".into());
+    }
+    if !a.insecure_plaintext && !a.demo {
+        return Err("no TLS certificate configured: this build serves plaintext TCP only, which needs an explicit --insecure-plaintext".into());
+    }
+    let auth = match (&a.tokens, a.insecure_no_auth) {
+        (Some(_), true) => return Err("--tokens and --insecure-no-auth contradict each other: pick one".into()),
+        (Some(p), false) => {
+            Tokens::load(p).map_err(|e| format!("{e}; fix the file or point --tokens at a valid one"))?;
+            Auth::Tokens(p.clone())
+        }
+        (None, true) => Auth::NoAuth,
+        (None, false) if a.demo => Auth::NoAuth,
+        (None, false) => {
+            return Err("no tokens: pass --tokens FILE (lines of `TENANT_ID TOKEN_HEX64 [AGENT_ID]`), or --insecure-no-auth for development".into())
+        }
+    };
+    let allowed = shards::allowed_cpus().map_err(|e| format!("cannot read the CPU affinity mask: {e}"))?;
+    let cpus: Vec<usize> = match &a.cpus {
+        Some(list) => {
+            let l = shards::parse_cpu_list(list).map_err(|e| format!("--cpus: {e}"))?;
+            if let Some(bad) = l.iter().find(|c| !allowed.contains(c)) {
+                return Err(format!("--cpus: CPU {bad} is not in this process's affinity mask {allowed:?}"));
+            }
+            l
+        }
+        None => allowed,
+    };
+    let n = a.shards.unwrap_or(cpus.len().max(1));
+    if !(1..=256).contains(&n) {
+        return Err(format!("--shards must be from 1 to 256, got {n}"));
+    }
+    // Pin only when each shard gets a CPU of its own.
+    let pinned: Vec<Option<usize>> = (0..n).map(|i| (n <= cpus.len()).then(|| cpus[i])).collect();
+    Ok(ServerConfig {
+        bind: a.bind,
+        port: a.port,
+        socket_dir: a.socket_dir.clone(),
+        auth,
+        shards: n,
+        cpus: pinned,
+        io: a.io,
+        session: SessionConfig {
+            ring_bytes: a.ring_bytes,
+            max_payload: a.max_payload,
+            keepalive_ms: secs("keepalive", a.keepalive)?,
+            idle_ms: secs("idle-timeout", a.idle_timeout)?,
+            ttl_ms: secs("suspend-ttl", a.suspend_ttl)?,
+            overflow: a.overflow,
+        },
+        max_sessions: a.max_sessions,
+        max_pending_handshakes: a.max_pending_handshakes.max(1),
+        handshake_ms: secs("handshake-timeout", a.handshake_timeout)?,
+        allow_legacy_resume: a.allow_legacy_resume,
+        agent_grace_ms: secs("agent-grace", a.agent_grace)?,
+    })
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts afterwards) so
+/// that they are only received through `wait_signal`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and pthread_sigmask
+    // only reads it. None of these calls can fail with valid signal numbers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset and `sig` a valid out-pointer.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let mut cfg = match build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clawtermd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sigs = block_signals();
+    let demo = if args.demo {
+        match clawterm::demo::prepare(&mut cfg) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("clawtermd: --demo: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    if !args.no_quic {
+        warn!(port = args.quic_port, "QUIC is not available in this build yet; UDP port not bound");
+    }
+    if args.admin != "off" {
+        warn!(admin = %args.admin, "the admin endpoint is not available in this build yet");
+    }
+    let server = match server::start(cfg.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("clawtermd: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(addr) = server.local_addr() else {
+        eprintln!("clawtermd: no listening address");
+        return ExitCode::FAILURE;
+    };
+    info!(
+        "clawtermd {} listening on tcp {} (plaintext), {} shards, {} I/O, agents in {}",
+        env!("CARGO_PKG_VERSION"),
+        addr,
+        cfg.shards,
+        server.backend(),
+        cfg.socket_dir.display()
+    );
+    if let Some(d) = &demo {
+        d.run_walkthrough(addr);
+    }
+    loop {
+        match wait_signal(&sigs) {
+            libc::SIGHUP => match &cfg.auth {
+                Auth::Tokens(p) => match Tokens::load(p) {
+                    Ok(t) => {
+                        info!(tokens = t.len(), "tokens file reloaded");
+                        server.shared().set_tokens(t);
+                    }
+                    Err(e) => error!("tokens file not reloaded, keeping the previous one: {e}"),
+                },
+                Auth::NoAuth => info!("SIGHUP: no tokens file to reload"),
+            },
+            s => {
+                info!(signal = s, "shutting down");
+                break;
+            }
+        }
+    }
+    server.shutdown();
+    match server.join() {
+        Ok(()) => {
+            info!("clawtermd stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("shard failure during shutdown: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

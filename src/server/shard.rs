@@ -270,6 +270,7 @@ impl ShardHandler {
                             let buffered = bytes[rest_from..].to_vec();
                             self.drop_conn(ctx, conn, false);
                             self.stats.resumes_handed_off += 1;
+                            debug!(shard = self.index, to = shard, "resume handed off to the owning shard");
                             ctx.hand_off(conn, shard, ShardMsg::Resume { buffered });
                             return (bytes.len(), false);
                         }

@@ -1,0 +1,486 @@
+//! One pod link: the HELLO exchange, the read/dispatch loop, and the [`Outbox`].
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{Agent, OpenInfo, SessionId, AGENT_NAME};
+use crate::podlink::codec::VERSION;
+use crate::podlink::{decode, encode, CloseReason, Decoded, Msg, MAX_BODY};
+
+/// How long the daemon has to send its HELLO after connecting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The writer coalesces queued messages into writes of about this size.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Read chunk size.
+const READ_CHUNK: usize = 64 * 1024;
+
+enum WriterCmd {
+    Bytes(Vec<u8>),
+    /// Flush what is queued, then end.
+    Stop,
+}
+
+#[derive(Default)]
+struct Sess {
+    /// The daemon sent PAUSE (and no CONTINUE yet).
+    paused: bool,
+    /// We closed it while paused: the CLOSE waits in `held`; nothing more is accepted.
+    closing: bool,
+    /// Encoded messages held while paused.
+    held: Vec<Vec<u8>>,
+}
+
+struct State {
+    link_open: bool,
+    sessions: HashMap<SessionId, Sess>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+    tx: Sender<WriterCmd>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The lock is only held by SDK code that does not panic; recover if it ever was.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mark_link_closed(&self) {
+        let mut st = self.lock();
+        st.link_open = false;
+        st.sessions.clear();
+        drop(st);
+        self.cond.notify_all();
+    }
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "pod link is closed")
+}
+
+/// Sends messages to the daemon on one link. Cheap to clone; `Send + Sync`, so any thread can
+/// hold one (e.g. a reader of a child process's output).
+///
+/// Sends for a session that is not open on the link (never opened, or closed by either side)
+/// are dropped silently and return `Ok(())`; once the link itself is gone every call returns
+/// an error of kind `NotConnected`, which a producer thread can use as its signal to stop.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    fn send_or_hold(&self, s: SessionId, buf: Vec<u8>, closing: bool) -> io::Result<()> {
+        let mut st = self.shared.lock();
+        if !st.link_open {
+            return Err(not_connected());
+        }
+        let Some(sess) = st.sessions.get_mut(&s) else {
+            return Ok(());
+        };
+        if sess.closing {
+            return Ok(());
+        }
+        if sess.paused {
+            sess.held.push(buf);
+            sess.closing = closing;
+            return Ok(());
+        }
+        if closing {
+            st.sessions.remove(&s);
+        }
+        // Sent under the lock so that order matches the order of calls and a CLOSE can't
+        // overtake DATA sent before it.
+        let r = self.shared.tx.send(WriterCmd::Bytes(buf));
+        drop(st);
+        if closing {
+            self.shared.cond.notify_all();
+        }
+        r.map_err(|_| not_connected())
+    }
+
+    /// Sends `bytes` as DATA for session `s` (split into several messages if over 1 MiB; an
+    /// empty slice sends one empty DATA). Held, not sent, while the daemon has the session
+    /// paused; flushed on CONTINUE.
+    pub fn data(&self, s: SessionId, bytes: &[u8]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(bytes.len() + 9 * (1 + bytes.len() / MAX_BODY));
+        if bytes.is_empty() {
+            encode(&mut buf, s, &Msg::Data(bytes));
+        }
+        for chunk in bytes.chunks(MAX_BODY) {
+            encode(&mut buf, s, &Msg::Data(chunk));
+        }
+        self.send_or_hold(s, buf, false)
+    }
+
+    /// Closes session `s` (CLOSE with `reason`). Nothing more is sent for it afterwards; the
+    /// agent gets no further events for it. If the session is paused, the CLOSE follows the
+    /// held DATA on CONTINUE (so no output is lost).
+    pub fn close(&self, s: SessionId, reason: CloseReason) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(10);
+        encode(&mut buf, s, &Msg::Close(reason));
+        self.send_or_hold(s, buf, true)
+    }
+
+    /// Whether `s` is open on this link (opened, and closed by neither side).
+    pub fn is_open(&self, s: SessionId) -> bool {
+        let st = self.shared.lock();
+        st.link_open && st.sessions.get(&s).is_some_and(|x| !x.closing)
+    }
+
+    /// Whether the daemon has paused `s` (PAUSE without CONTINUE yet).
+    pub fn is_paused(&self, s: SessionId) -> bool {
+        self.shared
+            .lock()
+            .sessions
+            .get(&s)
+            .is_some_and(|x| x.paused)
+    }
+
+    /// Blocks while the daemon has `s` paused. Returns `true` when DATA may be sent, `false`
+    /// once the session or the link is closed. For producer threads (back-pressure): call it
+    /// before producing each chunk of output. Never call it from an [`Agent`] method (the
+    /// CONTINUE that ends the wait is delivered on that same thread).
+    pub fn wait_sendable(&self, s: SessionId) -> bool {
+        let mut st = self.shared.lock();
+        loop {
+            if !st.link_open {
+                return false;
+            }
+            match st.sessions.get(&s) {
+                None => return false,
+                Some(x) if x.closing => return false,
+                Some(x) if !x.paused => return true,
+                Some(_) => {}
+            }
+            st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether the link is still up.
+    pub fn link_open(&self) -> bool {
+        self.shared.lock().link_open
+    }
+}
+
+fn writer_loop(mut stream: UnixStream, rx: Receiver<WriterCmd>, shared: Arc<Shared>) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let mut stop = match rx.recv() {
+            Ok(WriterCmd::Bytes(b)) => {
+                buf = b;
+                false
+            }
+            Ok(WriterCmd::Stop) | Err(_) => true,
+        };
+        while !stop && buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(WriterCmd::Bytes(b)) => buf.extend_from_slice(&b),
+                Ok(WriterCmd::Stop) => stop = true,
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() {
+            if let Err(e) = stream.write_all(&buf) {
+                tracing::debug!(error = %e, "pod link write failed; closing the link");
+                shared.mark_link_closed();
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            buf.clear();
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Why the read loop ended.
+enum End {
+    Eof,
+    Io(io::Error),
+    Protocol(String),
+}
+
+/// Serves one link on the calling thread until it ends: sends our HELLO, expects the daemon's
+/// HELLO first, then dispatches every message to `agent`. Protocol errors (malformed input, a
+/// first message that isn't HELLO, a HELLO of another version) close the link with a warning
+/// and return `Err` of kind `InvalidData`; EOF returns `Ok(())`.
+///
+/// [`AgentListener::serve`](super::AgentListener::serve) runs this on one thread per link; use
+/// it directly for a custom accept loop or a test over `UnixStream::pair()`.
+pub fn serve_link<A: Agent>(stream: UnixStream, agent: A) -> io::Result<()> {
+    serve_link_with(stream, move || agent)
+}
+
+/// [`serve_link`], making the handler only once the daemon's HELLO has arrived (a connection
+/// that never completes the handshake costs no handler and gets no `link_closed`).
+pub(crate) fn serve_link_with<A: Agent>(
+    stream: UnixStream,
+    make: impl FnOnce() -> A,
+) -> io::Result<()> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            link_open: true,
+            sessions: HashMap::new(),
+        }),
+        cond: Condvar::new(),
+        tx,
+    });
+    let out = Outbox {
+        shared: Arc::clone(&shared),
+    };
+    let wstream = stream.try_clone()?;
+    let wshared = Arc::clone(&shared);
+    let writer = std::thread::Builder::new()
+        .name("claw-agent-link-writer".into())
+        .spawn(move || writer_loop(wstream, rx, wshared))?;
+
+    let mut hello = Vec::new();
+    encode(
+        &mut hello,
+        0,
+        &Msg::Hello {
+            version: VERSION,
+            name: AGENT_NAME,
+        },
+    );
+    let _ = shared.tx.send(WriterCmd::Bytes(hello));
+
+    let mut agent = None;
+    let end = read_loop(&stream, make, &mut agent, &out);
+
+    shared.mark_link_closed();
+    let _ = shared.tx.send(WriterCmd::Stop);
+    if let Some(agent) = agent.as_mut() {
+        agent.link_closed(&out);
+    }
+    if matches!(end, End::Protocol(_)) {
+        // Don't wait for a misbehaving peer to read what we had queued.
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    let _ = writer.join();
+    let _ = stream.shutdown(Shutdown::Both);
+    match end {
+        End::Eof => {
+            tracing::debug!("pod link closed by the daemon");
+            Ok(())
+        }
+        End::Io(e) => {
+            tracing::debug!(error = %e, "pod link ended");
+            Err(e)
+        }
+        End::Protocol(what) => {
+            tracing::warn!("pod link protocol error, closing the link: {what}");
+            Err(io::Error::new(io::ErrorKind::InvalidData, what))
+        }
+    }
+}
+
+fn read_loop<A: Agent>(
+    mut stream: &UnixStream,
+    make: impl FnOnce() -> A,
+    slot: &mut Option<A>,
+    out: &Outbox,
+) -> End {
+    let mut make = Some(make);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut filled = 0usize; // bytes of `buf` holding input
+    let mut hello_seen = false;
+    if let Err(e) = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)) {
+        return End::Io(e);
+    }
+    loop {
+        // Decode every whole message in the buffer.
+        let mut at = 0usize;
+        let mut want = READ_CHUNK;
+        loop {
+            match decode(&buf[at..filled]) {
+                Ok(Decoded::NeedMore(n)) => {
+                    want = want.max(n);
+                    break;
+                }
+                Ok(Decoded::Msg {
+                    session_id,
+                    msg,
+                    used,
+                }) => {
+                    at += used;
+                    if !hello_seen {
+                        match msg {
+                            Msg::Hello { version, .. } if version == VERSION => {
+                                hello_seen = true;
+                                if let Some(make) = make.take() {
+                                    *slot = Some(make());
+                                }
+                                if let Err(e) = stream.set_read_timeout(None) {
+                                    return End::Io(e);
+                                }
+                            }
+                            Msg::Hello { version, .. } => {
+                                return End::Protocol(format!(
+                                    "daemon speaks pod-link version {version}, we speak {VERSION}"
+                                ));
+                            }
+                            other => {
+                                return End::Protocol(format!(
+                                    "first message was {}, not HELLO",
+                                    other.ty().name()
+                                ));
+                            }
+                        }
+                        continue;
+                    }
+                    if let Some(agent) = slot.as_mut() {
+                        dispatch(agent, out, session_id, msg);
+                    }
+                }
+                Err(e) => return End::Protocol(e.to_string()),
+            }
+        }
+        // Keep the unread tail at the front, then read more.
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+        if buf.len() < filled + want {
+            buf.resize(filled + want, 0);
+        }
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return if filled == 0 {
+                    End::Eof
+                } else {
+                    End::Protocol(format!("EOF inside a message ({filled} bytes pending)"))
+                };
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if !hello_seen
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+            {
+                return End::Protocol(format!("no HELLO within {HANDSHAKE_TIMEOUT:?}"));
+            }
+            Err(e) => return End::Io(e),
+        }
+    }
+}
+
+fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
+    let shared = &out.shared;
+    // `live`: opened, and not closed by us (a CLOSE held while paused counts as closed).
+    let live = |st: &State| st.sessions.get(&s).is_some_and(|x| !x.closing);
+    match msg {
+        Msg::Open(ref o) | Msg::Reopen(ref o) => {
+            let reopen = matches!(msg, Msg::Reopen(_));
+            {
+                let mut st = shared.lock();
+                if st.sessions.contains_key(&s) {
+                    tracing::warn!(
+                        session = s,
+                        "OPEN/REOPEN for a session already open; ignored"
+                    );
+                    return;
+                }
+                st.sessions.insert(s, Sess::default());
+            }
+            let info = OpenInfo {
+                tenant: o.tenant,
+                agent: o.agent,
+                client_caps: o.client_caps,
+                peer: o.peer.to_owned(),
+                reopen,
+            };
+            agent.open(s, &info, out);
+        }
+        Msg::Data(b) => {
+            if live(&shared.lock()) {
+                agent.data(s, b, out);
+            }
+        }
+        Msg::Resize { cols, rows } => {
+            if live(&shared.lock()) {
+                agent.resize(s, cols, rows, out);
+            }
+        }
+        Msg::Detached => {
+            if live(&shared.lock()) {
+                agent.detached(s, out);
+            }
+        }
+        Msg::Attached => {
+            if live(&shared.lock()) {
+                agent.attached(s, out);
+            }
+        }
+        Msg::Pause => {
+            let was_live = {
+                let mut st = shared.lock();
+                match st.sessions.get_mut(&s) {
+                    Some(x) => {
+                        x.paused = true;
+                        !x.closing
+                    }
+                    None => false,
+                }
+            };
+            if was_live {
+                agent.pause(s, out);
+            }
+        }
+        Msg::Continue => {
+            let was_live = {
+                let mut st = shared.lock();
+                let Some(x) = st.sessions.get_mut(&s) else {
+                    return;
+                };
+                x.paused = false;
+                let closing = x.closing;
+                for m in std::mem::take(&mut x.held) {
+                    let _ = shared.tx.send(WriterCmd::Bytes(m));
+                }
+                if closing {
+                    st.sessions.remove(&s);
+                }
+                !closing
+            };
+            shared.cond.notify_all();
+            if was_live {
+                agent.resume_output(s, out);
+            }
+        }
+        Msg::Close(reason) => {
+            let removed = shared.lock().sessions.remove(&s);
+            shared.cond.notify_all();
+            if removed.is_some_and(|x| !x.closing) {
+                agent.close(s, reason, out);
+            }
+        }
+        Msg::Hello { .. } => tracing::warn!("HELLO in the middle of a pod link; ignored"),
+        Msg::Unknown { ty, body } => {
+            tracing::debug!(
+                ty,
+                len = body.len(),
+                session = s,
+                "unknown pod-link message; ignored"
+            )
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The pod's listening socket and its accept loop.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::link::serve_link_with;
+use super::Agent;
+
+/// How often [`AgentListener::serve`] looks at its stop flag.
+const STOP_POLL_MS: i32 = 50;
+
+/// A pod's listening socket at `{dir}/{tenant}_{agent}`. The socket file is removed when the
+/// listener is dropped (if it is still ours).
+#[derive(Debug)]
+pub struct AgentListener {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file we bound, so that drop removes only our own.
+    id: (u64, u64),
+}
+
+impl AgentListener {
+    /// The socket path for (tenant, agent) in `dir`: `{dir}/{tenant}_{agent}`.
+    pub fn socket_path(dir: &Path, tenant: u32, agent: u32) -> PathBuf {
+        dir.join(format!("{tenant}_{agent}"))
+    }
+
+    /// Binds `{dir}/{tenant}_{agent}`, creating `dir` if missing.
+    ///
+    /// A stale socket file there (nobody listening: connecting is refused) is replaced. If
+    /// another agent is listening there, fails with `AddrInUse` and a message saying so; if
+    /// something other than a socket is there, fails with `AlreadyExists`.
+    pub fn bind(dir: &Path, tenant: u32, agent: u32) -> io::Result<AgentListener> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create socket directory {}: {e}", dir.display()),
+            )
+        })?;
+        let path = Self::socket_path(dir, tenant, agent);
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                Self::clear_stale(&path)?;
+                UnixListener::bind(&path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display()))
+                })?
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot bind {}: {e}", path.display()),
+                ))
+            }
+        };
+        listener.set_nonblocking(true)?;
+        let md = std::fs::symlink_metadata(&path)?;
+        Ok(AgentListener {
+            listener,
+            path,
+            id: (md.dev(), md.ino()),
+        })
+    }
+
+    /// Something is at `path`: remove it if it is a socket nobody listens on.
+    fn clear_stale(path: &Path) -> io::Result<()> {
+        let md = match std::fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if !md.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ));
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another agent is already listening on {}; refusing to start",
+                    path.display()
+                ),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "replacing stale socket file");
+                match std::fs::remove_file(path) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot check existing socket {}: {e}", path.display()),
+            )),
+        }
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves links until `stop` is set, each link on its own thread with a fresh handler from
+    /// `factory`; the SDK does the HELLO exchange (announcing itself as `claw-agent`).
+    ///
+    /// `stop` is checked at least every 100 ms. When it is set, accepting stops, every link is
+    /// shut down (each handler gets [`Agent::link_closed`]) and this returns once all link
+    /// threads have ended. Errors from `accept` that concern one connection are logged and
+    /// skipped; only an unusable listener is returned as an error.
+    pub fn serve<F, A>(&self, factory: F, stop: Arc<AtomicBool>) -> io::Result<()>
+    where
+        F: Fn() -> A + Send + Sync + 'static,
+        A: Agent + Send + 'static,
+    {
+        let mut links: Vec<(UnixStream, JoinHandle<()>)> = Vec::new();
+        let factory = Arc::new(factory);
+        let mut next_link = 0u64;
+        let result = loop {
+            if stop.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            // Forget links that have ended.
+            links.retain(|(_, h)| !h.is_finished());
+            match wait_readable(self.listener.as_raw_fd(), STOP_POLL_MS) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => break Err(e),
+            }
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = stream.set_nonblocking(false) {
+                        tracing::warn!(error = %e, "cannot set up accepted link; dropped");
+                        continue;
+                    }
+                    let ctl = match stream.try_clone() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot set up accepted link; dropped");
+                            continue;
+                        }
+                    };
+                    next_link += 1;
+                    let link = next_link;
+                    let factory = Arc::clone(&factory);
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("claw-agent-link-{link}"))
+                        .spawn(move || {
+                            tracing::debug!(link, "pod link accepted");
+                            let _ = serve_link_with(stream, || factory());
+                            tracing::debug!(link, "pod link ended");
+                        });
+                    match spawned {
+                        Ok(h) => links.push((ctl, h)),
+                        Err(e) => tracing::warn!(error = %e, "cannot start a link thread"),
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE and the like: log, back off a little, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(std::time::Duration::from_millis(STOP_POLL_MS as u64));
+                }
+            }
+        };
+        for (s, _) in &links {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for (_, h) in links {
+            let _ = h.join();
+        }
+        result
+    }
+}
+
+/// `poll()`s `fd` for readability for up to `timeout_ms`.
+fn wait_readable(fd: i32, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, count 1.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
+}
+
+impl Drop for AgentListener {
+    fn drop(&mut self) {
+        if let Ok(md) = std::fs::symlink_metadata(&self.path) {
+            if (md.dev(), md.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}

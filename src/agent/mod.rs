@@ -1,0 +1,107 @@
+//! The agent SDK: write a pod that `clawtermd` can talk to in a page of code.
+//!
+//! An agent pod listens on `{socket_dir}/{tenant}_{agent}` ([`AgentListener::bind`]) and serves
+//! *links* from `clawtermd` ([`AgentListener::serve`]). Each link carries many sessions; the SDK
+//! does the HELLO exchange, decodes messages, and calls one [`Agent`] per link (made by your
+//! factory) for every session event. Replies go through an [`Outbox`], which can be cloned and
+//! used from any thread (a PTY or pipe reader, a timer, ...).
+//!
+//! The SDK keeps the contract for you (see `docs/POD-LINK.md`):
+//! * nothing is sent for a session after CLOSE in either direction (later sends are dropped);
+//! * DATA bodies over 1 MiB are split;
+//! * DATA sent while the daemon has PAUSEd a session is held and flushed on CONTINUE, in order,
+//!   and [`Outbox::wait_sendable`] lets a producer thread block instead (back-pressure);
+//! * the link thread never blocks on the socket's write side: output goes through a per-link
+//!   writer thread, so a daemon that is busy writing to us cannot dead-lock the link;
+//! * malformed input closes the link with a warning, never a panic.
+//!
+//! ```no_run
+//! use std::sync::{atomic::AtomicBool, Arc};
+//! use clawterm::agent::{Agent, AgentListener, Outbox, SessionId};
+//!
+//! struct Echo;
+//! impl Agent for Echo {
+//!     fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
+//!         let _ = out.data(s, bytes);
+//!     }
+//! }
+//!
+//! let listener = AgentListener::bind("/run/claw/sockets".as_ref(), 1, 7)?;
+//! listener.serve(|| Echo, Arc::new(AtomicBool::new(false)))?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+mod link;
+mod listener;
+
+pub use link::{serve_link, Outbox};
+pub use listener::AgentListener;
+
+pub use crate::podlink::CloseReason;
+
+/// A session's id on its link (the pod-link SESSION_ID).
+pub type SessionId = u32;
+
+/// Name this SDK announces in its HELLO.
+pub const AGENT_NAME: &str = "claw-agent";
+
+/// What an OPEN or REOPEN said about a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenInfo {
+    pub tenant: u32,
+    pub agent: u32,
+    /// The client's capability bits, as the daemon forwarded them.
+    pub client_caps: u8,
+    /// The client's address (e.g. `127.0.0.1:50000`).
+    pub peer: String,
+    /// `true` for REOPEN: an existing session re-bound to this pod (the pod or the daemon
+    /// restarted, or the session roamed in). Its earlier state on this pod, if any, is gone.
+    pub reopen: bool,
+}
+
+/// A link's handler: the SDK makes one per link (from the factory given to
+/// [`AgentListener::serve`]) and calls it, from the link's own thread, for every session of
+/// that link. Only [`Agent::data`] is required.
+///
+/// Calls for a session arrive between its `open` and its `close` (or `link_closed`); events
+/// for unknown or already-closed sessions are dropped by the SDK. Don't block for long in
+/// these methods: the whole link waits (hand slow work to a thread and reply via a clone of
+/// the [`Outbox`]).
+pub trait Agent {
+    /// A session was opened (OPEN) or re-bound to this pod (REOPEN, `info.reopen`).
+    fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
+        let _ = (s, info, out);
+    }
+    /// The client sent bytes.
+    fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox);
+    /// The client's terminal size changed.
+    fn resize(&mut self, s: SessionId, cols: u16, rows: u16, out: &Outbox) {
+        let _ = (s, cols, rows, out);
+    }
+    /// The client went away; the session lives on (output is kept for it by the daemon).
+    fn detached(&mut self, s: SessionId, out: &Outbox) {
+        let _ = (s, out);
+    }
+    /// A client is back.
+    fn attached(&mut self, s: SessionId, out: &Outbox) {
+        let _ = (s, out);
+    }
+    /// The daemon asked us to stop sending DATA for `s` (PAUSE). The SDK already holds any DATA
+    /// sent meanwhile; an agent with an unbounded producer should stop producing.
+    fn pause(&mut self, s: SessionId, out: &Outbox) {
+        let _ = (s, out);
+    }
+    /// Sending may resume (CONTINUE). Held DATA has been flushed before this call.
+    fn resume_output(&mut self, s: SessionId, out: &Outbox) {
+        let _ = (s, out);
+    }
+    /// The daemon closed the session. Nothing more can be sent for it.
+    fn close(&mut self, s: SessionId, reason: CloseReason, out: &Outbox) {
+        let _ = (s, reason, out);
+    }
+    /// The link is gone (EOF, error, protocol error or the server stopping): every session
+    /// still open on it is gone too. Last call on this handler.
+    fn link_closed(&mut self, out: &Outbox) {
+        let _ = out;
+    }
+}
