@@ -385,7 +385,7 @@ impl UringShard {
             }
             if !core.stopping && !self.accept_armed {
                 if let Some(l) = &self.listener {
-                    if self.accept_retry_at.map_or(true, |t| core.now >= t) {
+                    if self.accept_retry_at.is_none_or(|t| core.now >= t) {
                         self.accept_retry_at = None;
                         let e = opcode::AcceptMulti::new(Fd(l.as_raw_fd()))
                             .flags(libc::SOCK_CLOEXEC)

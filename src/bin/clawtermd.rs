@@ -30,7 +30,12 @@ struct Args {
     #[arg(long, env = "CLAWTERM_NO_QUIC")]
     no_quic: bool,
     /// Directory where agent pods' sockets appear ({tenant}_{agent}).
-    #[arg(short = 's', long, env = "CLAWTERM_SOCKET_DIR", default_value = "/run/claw/sockets")]
+    #[arg(
+        short = 's',
+        long,
+        env = "CLAWTERM_SOCKET_DIR",
+        default_value = "/run/claw/sockets"
+    )]
     socket_dir: PathBuf,
     /// Tenant tokens file: lines of `TENANT_ID TOKEN_HEX64 [AGENT_ID]`; reloaded on SIGHUP.
     #[arg(long, env = "CLAWTERM_TOKENS")]
@@ -102,7 +107,9 @@ struct Args {
 
 fn secs(name: &str, v: f64) -> Result<u64, String> {
     if !(v.is_finite() && v > 0.0) {
-        return Err(format!("--{name} must be a positive number of seconds, got {v}"));
+        return Err(format!(
+            "--{name} must be a positive number of seconds, got {v}"
+        ));
     }
     Ok((v * 1000.0).round() as u64)
 }
@@ -138,12 +145,15 @@ fn build_config(a: &Args) -> Result<ServerConfig, String> {
             return Err("no tokens: pass --tokens FILE (lines of `TENANT_ID TOKEN_HEX64 [AGENT_ID]`), or --insecure-no-auth for development".into())
         }
     };
-    let allowed = shards::allowed_cpus().map_err(|e| format!("cannot read the CPU affinity mask: {e}"))?;
+    let allowed =
+        shards::allowed_cpus().map_err(|e| format!("cannot read the CPU affinity mask: {e}"))?;
     let cpus: Vec<usize> = match &a.cpus {
         Some(list) => {
             let l = shards::parse_cpu_list(list).map_err(|e| format!("--cpus: {e}"))?;
             if let Some(bad) = l.iter().find(|c| !allowed.contains(c)) {
-                return Err(format!("--cpus: CPU {bad} is not in this process's affinity mask {allowed:?}"));
+                return Err(format!(
+                    "--cpus: CPU {bad} is not in this process's affinity mask {allowed:?}"
+                ));
             }
             l
         }
@@ -231,7 +241,10 @@ fn main() -> ExitCode {
         None
     };
     if !args.no_quic {
-        warn!(port = args.quic_port, "QUIC is not available in this build yet; UDP port not bound");
+        warn!(
+            port = args.quic_port,
+            "QUIC is not available in this build yet; UDP port not bound"
+        );
     }
     if args.admin != "off" {
         warn!(admin = %args.admin, "the admin endpoint is not available in this build yet");

@@ -12,10 +12,10 @@ use crate::proto::{
     self, payload::ErrorFrame, Connect, Decoded, ErrorCode, Frame, FrameType, Resume, CAP_RELIABLE,
     CAP_ROAM,
 };
+use crate::session::table::IdMap;
 use crate::session::{Clock, Flow, IdSpace, ResumeFrom, Session, SessionTable, Sink, State};
 use shards::timer::Wheel;
 use shards::{ConnId, Ctx};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -81,9 +81,9 @@ pub struct ShardHandler {
     shared: Arc<Shared>,
     clock: Clock,
     table: SessionTable,
-    conns: HashMap<ConnId, Conn>,
+    conns: IdMap<ConnId, Conn>,
     /// The connection each attached session is bound to.
-    attached: HashMap<u32, ConnId>,
+    attached: IdMap<u32, ConnId>,
     links: Links,
     wheel: Wheel<Key>,
     fired: Vec<(u64, Key)>,
@@ -103,8 +103,8 @@ impl ShardHandler {
             table: SessionTable::new(IdSpace::new(index, shared.cfg.shards)),
             shared,
             clock,
-            conns: HashMap::new(),
-            attached: HashMap::new(),
+            conns: IdMap::default(),
+            attached: IdMap::default(),
             links: Links::default(),
             wheel: Wheel::new(0),
             fired: Vec::new(),
@@ -129,8 +129,12 @@ impl ShardHandler {
     /// Files the session's next timer if it is earlier than the one already filed.
     fn arm(&mut self, ctx: &mut Ctx<'_, ShardMsg>, sid: u32) {
         let cfg = &self.shared.cfg.session;
-        let Some(s) = self.table.get_mut(sid) else { return };
-        let Some(d) = s.next_deadline(cfg) else { return };
+        let Some(s) = self.table.get_mut(sid) else {
+            return;
+        };
+        let Some(d) = s.next_deadline(cfg) else {
+            return;
+        };
         if s.armed == 0 || d < s.armed {
             s.armed = d;
             self.wheel.insert(d, Key::Session(sid));
@@ -213,7 +217,13 @@ impl ShardHandler {
     }
 
     /// Applies a session's [`Flow`] to its connection and the table.
-    fn apply_flow(&mut self, ctx: &mut Ctx<'_, ShardMsg>, sid: u32, conn: Option<ConnId>, flow: Flow) {
+    fn apply_flow(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        sid: u32,
+        conn: Option<ConnId>,
+        flow: Flow,
+    ) {
         match flow {
             Flow::Continue => self.arm(ctx, sid),
             Flow::Suspend => {
@@ -244,7 +254,12 @@ impl ShardHandler {
 
     /// Feeds received bytes through the frame decoder. Returns how many bytes were consumed
     /// and whether the connection is still ours to read.
-    fn process(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, bytes: &[u8]) -> (usize, bool) {
+    fn process(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: ConnId,
+        bytes: &[u8],
+    ) -> (usize, bool) {
         let max = self.shared.cfg.session.max_payload;
         let mut off = 0;
         let mut alive = true;
@@ -270,7 +285,11 @@ impl ShardHandler {
                             let buffered = bytes[rest_from..].to_vec();
                             self.drop_conn(ctx, conn, false);
                             self.stats.resumes_handed_off += 1;
-                            debug!(shard = self.index, to = shard, "resume handed off to the owning shard");
+                            debug!(
+                                shard = self.index,
+                                to = shard,
+                                "resume handed off to the owning shard"
+                            );
                             ctx.hand_off(conn, shard, ShardMsg::Resume { buffered });
                             return (bytes.len(), false);
                         }
@@ -369,12 +388,19 @@ impl ShardHandler {
             }
         };
         if !self.shared.check_token(c.tenant_id, c.agent_id, &c.token) {
-            info!(shard = self.index, tenant = c.tenant_id, agent = c.agent_id, "CONNECT refused: bad token");
+            info!(
+                shard = self.index,
+                tenant = c.tenant_id,
+                agent = c.agent_id,
+                "CONNECT refused: bad token"
+            );
             self.refuse(ctx, conn, ErrorCode::AuthFailed);
             return Next::Stop;
         }
         let key = (c.tenant_id, c.agent_id);
-        if !pods::pod_present(&self.shared.cfg.socket_dir, key.0, key.1) || !self.ensure_link(ctx, key) {
+        if !pods::pod_present(&self.shared.cfg.socket_dir, key.0, key.1)
+            || !self.ensure_link(ctx, key)
+        {
             self.refuse(ctx, conn, ErrorCode::NoAgent);
             return Next::Stop;
         }
@@ -388,7 +414,9 @@ impl ShardHandler {
         };
         let peer_s = peer.to_string();
         let caps = c.caps;
-        let s = self.table.create(|id, token| Session::new(id, key.0, key.1, caps, token, now));
+        let s = self
+            .table
+            .create(|id, token| Session::new(id, key.0, key.1, caps, token, now));
         let sid = s.id();
         s.accept(CAP_RELIABLE | CAP_ROAM, &peer_s, now, &mut self.scratch);
         if let Some(l) = self.links.get_mut(key) {
@@ -401,7 +429,13 @@ impl ShardHandler {
         self.attached.insert(sid, conn);
         self.flush(ctx, Some(conn), key);
         self.arm(ctx, sid);
-        debug!(shard = self.index, session = sid, tenant = key.0, agent = key.1, "session opened");
+        debug!(
+            shard = self.index,
+            session = sid,
+            tenant = key.0,
+            agent = key.1,
+            "session opened"
+        );
         Next::Continue
     }
 
@@ -433,12 +467,19 @@ impl ShardHandler {
         self.stats.resumes_local += 1;
         let now = self.now(ctx);
         let (from, found) = match r {
-            Resume::Full { last_seq, token, .. } => {
-                (ResumeFrom::LastSeq(last_seq), self.table.get_with_token(sid, &token).is_some())
-            }
+            Resume::Full {
+                last_seq, token, ..
+            } => (
+                ResumeFrom::LastSeq(last_seq),
+                self.table.get_with_token(sid, &token).is_some(),
+            ),
             Resume::Legacy { .. } => (ResumeFrom::Unacknowledged, self.table.get(sid).is_some()),
         };
-        let usable = found && self.table.get(sid).is_some_and(|s| s.state() != State::Closed);
+        let usable = found
+            && self
+                .table
+                .get(sid)
+                .is_some_and(|s| s.state() != State::Closed);
         if !usable {
             self.refuse(ctx, conn, ErrorCode::NoSuchSession);
             return Next::Stop;
@@ -473,7 +514,13 @@ impl ShardHandler {
         }
     }
 
-    fn on_link_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, link_conn: ConnId, key: (u32, u32), data: &[u8]) {
+    fn on_link_data(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        link_conn: ConnId,
+        key: (u32, u32),
+        data: &[u8],
+    ) {
         let mut buf = match self.links.get_mut(key) {
             Some(l) => std::mem::take(&mut l.inbuf),
             None => return,
@@ -496,7 +543,11 @@ impl ShardHandler {
                     break;
                 }
                 Ok(podlink::Decoded::NeedMore(_)) => break,
-                Ok(podlink::Decoded::Msg { session_id, msg, used }) => {
+                Ok(podlink::Decoded::Msg {
+                    session_id,
+                    msg,
+                    used,
+                }) => {
                     off += used;
                     if !self.on_pod_msg(ctx, key, session_id, msg) {
                         broken = true;
@@ -519,15 +570,28 @@ impl ShardHandler {
     }
 
     /// One message from a pod. Returns false when the link must be broken.
-    fn on_pod_msg(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32), sid: u32, msg: PodMsg<'_>) -> bool {
-        let Some(l) = self.links.get_mut(key) else { return false };
+    fn on_pod_msg(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        key: (u32, u32),
+        sid: u32,
+        msg: PodMsg<'_>,
+    ) -> bool {
+        let Some(l) = self.links.get_mut(key) else {
+            return false;
+        };
         if !l.hello_seen {
             if let PodMsg::Hello { version, name } = msg {
                 l.hello_seen = true;
                 debug!(shard = self.index, ?key, version, name, "pod HELLO");
                 return true;
             }
-            warn!(shard = self.index, ?key, "pod sent {} before HELLO", msg.ty().name());
+            warn!(
+                shard = self.index,
+                ?key,
+                "pod sent {} before HELLO",
+                msg.ty().name()
+            );
             return false;
         }
         let now = self.now(ctx);
@@ -536,7 +600,12 @@ impl ShardHandler {
             return true; // a session that ended meanwhile
         };
         if (s.tenant(), s.agent()) != key {
-            warn!(shard = self.index, ?key, session = sid, "pod sent a message for another pod's session");
+            warn!(
+                shard = self.index,
+                ?key,
+                session = sid,
+                "pod sent a message for another pod's session"
+            );
             return true;
         }
         let conn = self.attached.get(&sid).copied();
@@ -559,12 +628,22 @@ impl ShardHandler {
 
     /// The link to a pod failed: its sessions on this shard lose their agent.
     fn link_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
-        let Some(link) = self.links.remove(key) else { return };
-        info!(shard = self.index, tenant = key.0, agent = key.1, sessions = link.sessions.len(), "pod link lost");
+        let Some(link) = self.links.remove(key) else {
+            return;
+        };
+        info!(
+            shard = self.index,
+            tenant = key.0,
+            agent = key.1,
+            sessions = link.sessions.len(),
+            "pod link lost"
+        );
         let now = self.now(ctx);
         for sid in link.sessions {
             let conn = self.attached.get(&sid).copied();
-            let Some(s) = self.table.get_mut(sid) else { continue };
+            let Some(s) = self.table.get_mut(sid) else {
+                continue;
+            };
             let flow = s.on_agent_gone(now, &mut self.scratch);
             self.scratch.pod.clear();
             self.flush(ctx, conn, key);
@@ -579,7 +658,11 @@ impl ShardHandler {
         for (deadline, key) in fired.drain(..) {
             match key {
                 Key::Handshake(conn) => {
-                    if self.conns.get(&conn).is_some_and(|c| c.state == ConnState::Handshake) {
+                    if self
+                        .conns
+                        .get(&conn)
+                        .is_some_and(|c| c.state == ConnState::Handshake)
+                    {
                         debug!(shard = self.index, ?conn, "handshake timeout");
                         self.drop_conn(ctx, conn, false);
                         ctx.abort(conn);
@@ -587,7 +670,9 @@ impl ShardHandler {
                 }
                 Key::Session(sid) => {
                     let cfg = &self.shared.cfg.session;
-                    let Some(s) = self.table.get_mut(sid) else { continue };
+                    let Some(s) = self.table.get_mut(sid) else {
+                        continue;
+                    };
                     if s.armed != deadline {
                         continue; // re-armed since; stale entry
                     }
@@ -643,7 +728,9 @@ impl shards::Handler for ShardHandler {
             self.on_link_data(ctx, conn, key, data);
             return;
         }
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         if c.inbuf.is_empty() {
             // Fast path: decode straight from the receive buffer.
             let (used, alive) = self.process(ctx, conn, data);
@@ -667,13 +754,20 @@ impl shards::Handler for ShardHandler {
         }
     }
 
-    fn on_closed(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, err: Option<std::io::Error>) {
+    fn on_closed(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: ConnId,
+        err: Option<std::io::Error>,
+    ) {
         if let Some(key) = self.links.key_of(conn) {
             debug!(shard = self.index, ?key, error = ?err, "pod link closed");
             self.link_lost(ctx, key);
             return;
         }
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         if let ConnState::Bound(sid) = c.state {
             if self.attached.get(&sid) == Some(&conn) {
                 let now = self.now(ctx);
@@ -691,8 +785,15 @@ impl shards::Handler for ShardHandler {
         self.drop_conn(ctx, conn, false);
     }
 
-    fn on_connected(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, res: std::io::Result<()>) {
-        let Some(key) = self.links.key_of(conn) else { return };
+    fn on_connected(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: ConnId,
+        res: std::io::Result<()>,
+    ) {
+        let Some(key) = self.links.key_of(conn) else {
+            return;
+        };
         match res {
             Ok(()) => {
                 if let Some(l) = self.links.get_mut(key) {
@@ -710,7 +811,14 @@ impl shards::Handler for ShardHandler {
 
     fn on_message(&mut self, _ctx: &mut Ctx<'_, ShardMsg>, _msg: ShardMsg) {}
 
-    fn on_adopt(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr, unread: Vec<u8>, msg: ShardMsg) {
+    fn on_adopt(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: ConnId,
+        peer: SocketAddr,
+        unread: Vec<u8>,
+        msg: ShardMsg,
+    ) {
         let ShardMsg::Resume { mut buffered } = msg;
         buffered.extend_from_slice(&unread);
         self.pending_handshakes += 1;

@@ -39,7 +39,8 @@ impl IdSpace {
     }
 }
 
-/// A multiplicative hasher for u32 ids (random high bits, shard in the low bits).
+/// A fast multiplicative hasher for small integer keys: session ids (random high bits, shard in
+/// the low bits) and connection ids. Not for keys a peer chooses freely.
 #[derive(Default)]
 pub struct IdHasher(u64);
 
@@ -53,7 +54,8 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u32(&mut self, v: u32) {
-        self.0 = (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Combines with what was written before, so multi-field keys hash every field.
+        self.0 = (self.0.rotate_left(26) ^ v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -177,3 +179,6 @@ impl SessionTable {
             + self.index.capacity() * (8 + 1)
     }
 }
+
+/// A `HashMap` keyed by small integers, hashed with [`IdHasher`].
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
