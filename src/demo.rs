@@ -50,16 +50,24 @@ pub fn prepare(cfg: &mut ServerConfig) -> std::io::Result<Demo> {
     let mut token = [0u8; 32];
     getrandom::getrandom(&mut token).map_err(|e| std::io::Error::other(e.to_string()))?;
     let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("# clawtermd --demo dev token\n{DEMO_TENANT} {}\n", to_hex(&token)))?;
+    std::fs::write(
+        &tokens,
+        format!(
+            "# clawtermd --demo dev token\n{DEMO_TENANT} {}\n",
+            to_hex(&token)
+        ),
+    )?;
     let sockets = dir.join("sockets");
     let listener = AgentListener::bind(&sockets, DEMO_TENANT, DEMO_AGENT)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    std::thread::Builder::new().name("demo-agent".into()).spawn(move || {
-        if let Err(e) = listener.serve(|| Echo, stop2) {
-            tracing::error!("demo agent stopped: {e}");
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("demo-agent".into())
+        .spawn(move || {
+            if let Err(e) = listener.serve(|| Echo, stop2) {
+                tracing::error!("demo agent stopped: {e}");
+            }
+        })?;
     cfg.bind = Ipv4Addr::LOCALHOST.into();
     cfg.socket_dir = sockets;
     cfg.auth = Auth::Tokens(tokens);
@@ -78,7 +86,11 @@ impl MiniClient {
         let sock = TcpStream::connect(addr)?;
         sock.set_read_timeout(Some(Duration::from_secs(5)))?;
         sock.set_nodelay(true)?;
-        Ok(MiniClient { sock, buf: Vec::new(), seq: 0 })
+        Ok(MiniClient {
+            sock,
+            buf: Vec::new(),
+            seq: 0,
+        })
     }
 
     fn send(&mut self, sid: u32, ty: FrameType, payload: &[u8]) -> std::io::Result<()> {
@@ -103,7 +115,10 @@ impl MiniClient {
             let mut chunk = [0u8; 4096];
             let n = self.sock.read(&mut chunk)?;
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "server closed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "server closed",
+                ));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -148,20 +163,31 @@ fn walkthrough(addr: SocketAddr, token: [u8; 32]) -> std::io::Result<()> {
     c.send(0, FrameType::Connect, &p)?;
     let (_, ty, _, payload) = c.recv()?;
     if ty != FrameType::Accept {
-        let e = proto::ErrorFrame::parse(&payload).map(|e| format!("{} {}", e.code, e.message)).unwrap_or_default();
+        let e = proto::ErrorFrame::parse(&payload)
+            .map(|e| format!("{} {}", e.code, e.message))
+            .unwrap_or_default();
         return Err(err(format!("expected ACCEPT, got {ty} {e}")));
     }
     let acc = Accept::parse(&payload).map_err(|e| err(e.to_string()))?;
     let sid = acc.session_id;
-    let rtoken = acc.resume_token.ok_or_else(|| err("ACCEPT without resume token".into()))?;
+    let rtoken = acc
+        .resume_token
+        .ok_or_else(|| err("ACCEPT without resume token".into()))?;
     println!("  [1] CONNECT → ACCEPT: session {sid:#010x}");
     c.send(sid, FrameType::Data, b"hello, agent")?;
     let (seq, _, _, echo) = c.recv()?;
-    println!("  [2] DATA \"hello, agent\" → echoed back as SEQ {seq}: {:?}", String::from_utf8_lossy(&echo));
+    println!(
+        "  [2] DATA \"hello, agent\" → echoed back as SEQ {seq}: {:?}",
+        String::from_utf8_lossy(&echo)
+    );
     c.send(sid, FrameType::Ack, &seq.to_be_bytes())?;
     let last_seen = seq;
     for i in 1..=3 {
-        c.send(sid, FrameType::Data, format!("line {i} typed just before the network died").as_bytes())?;
+        c.send(
+            sid,
+            FrameType::Data,
+            format!("line {i} typed just before the network died").as_bytes(),
+        )?;
     }
     // Abrupt loss: no SUSPEND, the socket just goes away while the echoes are in flight.
     drop(c);
@@ -169,7 +195,12 @@ fn walkthrough(addr: SocketAddr, token: [u8; 32]) -> std::io::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let mut c = MiniClient::connect(addr)?;
     let mut p = Vec::new();
-    Resume::Full { session_id: sid, last_seq: last_seen, token: rtoken }.encode(&mut p);
+    Resume::Full {
+        session_id: sid,
+        last_seq: last_seen,
+        token: rtoken,
+    }
+    .encode(&mut p);
     c.send(0, FrameType::Resume, &p)?;
     let (_, ty, flags, payload) = c.recv()?;
     if ty != FrameType::Resumed {
@@ -179,14 +210,23 @@ fn walkthrough(addr: SocketAddr, token: [u8; 32]) -> std::io::Result<()> {
     println!(
         "  [4] RESUME (last_seq {last_seen}) on a new connection → RESUMED, replay from SEQ {}{}",
         r.first_replay_seq,
-        if flags & proto::FLAG_GAP != 0 { " (GAP)" } else { "" }
+        if flags & proto::FLAG_GAP != 0 {
+            " (GAP)"
+        } else {
+            ""
+        }
     );
     for _ in 0..3 {
         let (seq, ty, flags, data) = c.recv()?;
         if ty != FrameType::Data || flags & proto::FLAG_REPLAY == 0 {
-            return Err(err(format!("expected a replayed DATA frame, got {ty} flags {flags:#x}")));
+            return Err(err(format!(
+                "expected a replayed DATA frame, got {ty} flags {flags:#x}"
+            )));
         }
-        println!("      replayed SEQ {seq}: {:?}", String::from_utf8_lossy(&data));
+        println!(
+            "      replayed SEQ {seq}: {:?}",
+            String::from_utf8_lossy(&data)
+        );
         c.send(sid, FrameType::Ack, &seq.to_be_bytes())?;
     }
     c.send(sid, FrameType::Disconnect, &[])?;

@@ -736,8 +736,19 @@ fn agent_gone_attached_and_suspended() {
     assert_eq!(s.on_agent_gone(2, &mut r), Flow::Close);
     let f = r.frames();
     let tys: Vec<FrameType> = f.iter().map(|f| f.ty).collect();
-    assert_eq!(tys, vec![FrameType::Accept, FrameType::Data, FrameType::Error, FrameType::Disconnect]);
-    assert_eq!(u16::from_be_bytes([f[2].payload[0], f[2].payload[1]]), ErrorCode::AgentGone as u16);
+    assert_eq!(
+        tys,
+        vec![
+            FrameType::Accept,
+            FrameType::Data,
+            FrameType::Error,
+            FrameType::Disconnect
+        ]
+    );
+    assert_eq!(
+        u16::from_be_bytes([f[2].payload[0], f[2].payload[1]]),
+        ErrorCode::AgentGone as u16
+    );
 
     let (mut s, mut r) = new_session(0, &cfg);
     r.frames();
@@ -745,8 +756,19 @@ fn agent_gone_attached_and_suspended() {
     s.on_agent_data(b"kept", 2, &cfg, &mut r);
     assert_eq!(s.on_agent_gone(3, &mut r), Flow::Continue);
     r.pods();
-    assert_eq!(s.resume(ResumeFrom::LastSeq(1), 4, &cfg, &mut r), Flow::Close);
+    assert_eq!(
+        s.resume(ResumeFrom::LastSeq(1), 4, &cfg, &mut r),
+        Flow::Close
+    );
     let tys: Vec<FrameType> = r.frames().iter().map(|f| f.ty).collect();
-    assert_eq!(tys, vec![FrameType::Resumed, FrameType::Data, FrameType::Error, FrameType::Disconnect]);
+    assert_eq!(
+        tys,
+        vec![
+            FrameType::Resumed,
+            FrameType::Data,
+            FrameType::Error,
+            FrameType::Disconnect
+        ]
+    );
     assert!(r.pods().is_empty(), "nothing is sent to a gone agent");
 }

@@ -74,9 +74,9 @@ pub struct Server {
 pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
     let tokens = match &cfg.auth {
         Auth::NoAuth => None,
-        Auth::Tokens(path) => Some(Arc::new(
-            Tokens::load(path).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?,
-        )),
+        Auth::Tokens(path) => Some(Arc::new(Tokens::load(path).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
+        })?)),
     };
     let rt_cfg = shards::Config {
         shards: cfg.shards,

@@ -67,7 +67,14 @@ impl Links {
     /// Registers a new link whose connect is in progress; HELLO is queued first.
     pub fn insert(&mut self, key: (u32, u32), conn: ConnId, name: &str) -> &mut Link {
         let mut pending = Vec::new();
-        podlink::encode(&mut pending, 0, &Msg::Hello { version: podlink::codec::VERSION, name });
+        podlink::encode(
+            &mut pending,
+            0,
+            &Msg::Hello {
+                version: podlink::codec::VERSION,
+                name,
+            },
+        );
         self.by_conn.insert(conn, key);
         self.by_key.entry(key).or_insert(Link {
             key,

@@ -440,7 +440,9 @@ impl Session {
     fn finish_with_agent_gone(&mut self, now: u64, sink: &mut impl Sink) {
         if self.flags & AGENT_GONE != 0 {
             let code = ErrorCode::AgentGone;
-            self.send(FrameType::Error, 0, now, sink, |o| ErrorFrame::encode_parts(code, code.message(), o));
+            self.send(FrameType::Error, 0, now, sink, |o| {
+                ErrorFrame::encode_parts(code, code.message(), o)
+            });
         }
         self.send(FrameType::Disconnect, 0, now, sink, |_| {});
         self.state = State::Closed;
