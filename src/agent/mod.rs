@@ -16,7 +16,6 @@
 //! * malformed input closes the link with a warning, never a panic.
 //!
 //! ```no_run
-//! use std::sync::{atomic::AtomicBool, Arc};
 //! use clawterm::agent::{Agent, AgentListener, Outbox, SessionId};
 //!
 //! struct Echo;
@@ -27,15 +26,17 @@
 //! }
 //!
 //! let listener = AgentListener::bind("/run/claw/sockets".as_ref(), 1, 7)?;
-//! listener.serve(|| Echo, Arc::new(AtomicBool::new(false)))?;
+//! listener.serve(|| Echo, clawterm::agent::stop_on_signals())?;
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
 mod link;
 mod listener;
+mod signal;
 
 pub use link::{serve_link, Outbox};
 pub use listener::AgentListener;
+pub use signal::stop_on_signals;
 
 pub use crate::podlink::CloseReason;
 

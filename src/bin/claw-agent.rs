@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -84,26 +84,6 @@ enum Mode {
     },
 }
 
-static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    // Async-signal-safe: an atomic load (OnceLock is initialised before the handler is set)
-    // and an atomic store.
-    if let Some(flag) = STOP.get() {
-        flag.store(true, Ordering::SeqCst);
-    }
-}
-
-fn install_stop_signals(flag: Arc<AtomicBool>) {
-    let _ = STOP.set(flag);
-    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: installing a handler that only touches atomics.
-    unsafe {
-        libc::signal(libc::SIGTERM, handler);
-        libc::signal(libc::SIGINT, handler);
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -123,8 +103,7 @@ fn main() -> ExitCode {
         }
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    install_stop_signals(Arc::clone(&stop));
+    let stop = clawterm::agent::stop_on_signals();
 
     let listener = match AgentListener::bind(&cli.socket_dir, cli.tenant, cli.agent) {
         Ok(l) => l,
