@@ -34,6 +34,8 @@ pub struct Link {
     pub inbuf: Vec<u8>,
     /// Sessions of this shard on this link.
     pub sessions: HashSet<u32>,
+    /// Client connections whose reading is paused until this link's output queue drains.
+    pub paused_readers: Vec<ConnId>,
 }
 
 /// A shard's links, by pod and by connection.
@@ -84,6 +86,7 @@ impl Links {
             pending,
             inbuf: Vec::new(),
             sessions: HashSet::new(),
+            paused_readers: Vec::new(),
         })
     }
 

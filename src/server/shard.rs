@@ -364,6 +364,14 @@ impl ShardHandler {
                     // are kept; the client side is flushed once per batch.
                     if !self.scratch.pod.is_empty() {
                         self.flush(ctx, None, key);
+                        // A pod that reads slower than this client writes: stop reading the
+                        // client until the link drains, so the link's queue stays bounded.
+                        if let Some(l) = self.links.get_mut(key) {
+                            if l.connected && ctx.is_backpressured(l.conn) {
+                                ctx.set_reading(conn, false);
+                                l.paused_readers.push(conn);
+                            }
+                        }
                     }
                     return Next::Continue;
                 }
@@ -805,6 +813,17 @@ impl shards::Handler for ShardHandler {
             Err(e) => {
                 warn!(shard = self.index, ?key, error = %e, "pod link connect failed");
                 self.link_lost(ctx, key);
+            }
+        }
+    }
+
+    fn on_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
+        let Some(key) = self.links.key_of(conn) else { return };
+        if let Some(l) = self.links.get_mut(key) {
+            for c in l.paused_readers.drain(..) {
+                if self.conns.contains_key(&c) {
+                    ctx.set_reading(c, true);
+                }
             }
         }
     }
