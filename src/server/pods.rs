@@ -36,6 +36,23 @@ pub struct Link {
     pub sessions: HashSet<u32>,
     /// Client connections whose reading is paused until this link's output queue drains.
     pub paused_readers: Vec<ConnId>,
+    /// Since when the pod is lost (link EOF or socket gone): sessions wait for it, their
+    /// input held in `pending`, until `--agent-grace` runs out.
+    pub lost_since: Option<u64>,
+}
+
+impl Link {
+    /// Holding more than this for a lost or connecting pod pauses the clients feeding it.
+    pub const HELD_LIMIT: usize = 1 << 20;
+
+    /// Whether input for this link should stop being read from clients for now.
+    pub fn over_limit(&self, backpressured: bool) -> bool {
+        if self.connected {
+            backpressured
+        } else {
+            self.pending.len() > Self::HELD_LIMIT
+        }
+    }
 }
 
 /// A shard's links, by pod and by connection.
@@ -87,7 +104,39 @@ impl Links {
             inbuf: Vec::new(),
             sessions: HashSet::new(),
             paused_readers: Vec::new(),
+            lost_since: None,
         })
+    }
+
+    /// The link's connection is gone: keep the link (and what is pending) as lost since `now`.
+    /// Returns the dead connection.
+    pub fn mark_lost(&mut self, key: (u32, u32), now: u64) -> Option<ConnId> {
+        let l = self.by_key.get_mut(&key)?;
+        self.by_conn.remove(&l.conn);
+        if !l.connected {
+            // What was queued for a connect that never completed is held like later input;
+            // only the old HELLO goes (a new one is sent on reconnect).
+            if let Ok(podlink::Decoded::Msg { used, .. }) = podlink::decode(&l.pending) {
+                if l.lost_since.is_none() {
+                    l.pending.drain(..used);
+                }
+            }
+        }
+        l.connected = false;
+        l.hello_seen = false;
+        l.inbuf.clear();
+        l.lost_since.get_or_insert(now);
+        Some(l.conn)
+    }
+
+    /// A lost link gets a new connection; `prefix` (HELLO, REOPENs) goes before the held input.
+    pub fn reconnect(&mut self, key: (u32, u32), conn: ConnId, mut prefix: Vec<u8>) {
+        if let Some(l) = self.by_key.get_mut(&key) {
+            self.by_conn.insert(conn, key);
+            l.conn = conn;
+            prefix.extend_from_slice(&l.pending);
+            l.pending = prefix;
+        }
     }
 
     pub fn remove(&mut self, key: (u32, u32)) -> Option<Link> {

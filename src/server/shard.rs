@@ -26,6 +26,10 @@ pub enum ShardMsg {
     /// A connection handed over to the shard that owns the session it wants to resume;
     /// `buffered` holds the RESUME frame and anything received after it.
     Resume { buffered: Vec<u8> },
+    /// The pod registry saw a pod socket appear.
+    PodAdded(u32, u32),
+    /// The pod registry saw a pod socket disappear.
+    PodRemoved(u32, u32),
 }
 
 /// Where a session's effects are collected before they are sent.
@@ -63,6 +67,8 @@ struct Conn {
 enum Key {
     Session(u32),
     Handshake(ConnId),
+    /// The agent grace period of a lost pod.
+    Grace((u32, u32)),
 }
 
 /// Counters of one shard (exported as metrics by a later layer).
@@ -171,8 +177,9 @@ impl ShardHandler {
 
     /// The link to (tenant, agent), opened if this shard has none yet.
     fn ensure_link(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) -> bool {
-        if self.links.get(key).is_some() {
-            return true;
+        if let Some(l) = self.links.get(key) {
+            // A lost pod takes no new sessions until it is back.
+            return l.lost_since.is_none();
         }
         let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
         match ctx.connect_unix(&path) {
@@ -367,7 +374,7 @@ impl ShardHandler {
                         // A pod that reads slower than this client writes: stop reading the
                         // client until the link drains, so the link's queue stays bounded.
                         if let Some(l) = self.links.get_mut(key) {
-                            if l.connected && ctx.is_backpressured(l.conn) {
+                            if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
                                 ctx.set_reading(conn, false);
                                 l.paused_readers.push(conn);
                             }
@@ -566,7 +573,7 @@ impl ShardHandler {
         }
         if broken {
             ctx.close(link_conn);
-            self.link_lost(ctx, key);
+            self.link_down(ctx, key);
             return;
         }
         if let Some(l) = self.links.get_mut(key) {
@@ -634,8 +641,117 @@ impl ShardHandler {
         true
     }
 
-    /// The link to a pod failed: its sessions on this shard lose their agent.
-    fn link_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+    /// The link to a pod broke (EOF, error, broken framing) or its socket disappeared: its
+    /// sessions wait for the pod for `--agent-grace`, their input held; attached clients stay.
+    fn link_down(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+        let grace = self.shared.cfg.agent_grace_ms;
+        let now = self.now(ctx);
+        let Some(l) = self.links.get(key) else { return };
+        if l.lost_since.is_some() {
+            // A reconnect attempt failed: keep waiting within the same grace period.
+            self.links.mark_lost(key, now);
+            return;
+        }
+        if grace == 0 || l.sessions.is_empty() {
+            self.agent_gone(ctx, key);
+            return;
+        }
+        info!(
+            shard = self.index,
+            tenant = key.0,
+            agent = key.1,
+            sessions = l.sessions.len(),
+            grace_ms = grace,
+            "pod lost; sessions wait for it"
+        );
+        self.links.mark_lost(key, now);
+        self.wheel.insert(now + grace, Key::Grace(key));
+        self.schedule(ctx, now + grace);
+    }
+
+    /// A pod socket appeared: a lost link to it reconnects, with HELLO, a REOPEN for each of
+    /// its sessions, then the input held meanwhile.
+    fn pod_added(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+        let Some(l) = self.links.get(key) else { return };
+        if l.lost_since.is_none() {
+            return;
+        }
+        let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
+        let conn = match ctx.connect_unix(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(shard = self.index, path = %path.display(), error = %e, "pod back but not reachable yet");
+                return;
+            }
+        };
+        let mut prefix = Vec::new();
+        let name = format!("clawtermd shard {}", self.index);
+        podlink::encode(
+            &mut prefix,
+            0,
+            &PodMsg::Hello {
+                version: podlink::codec::VERSION,
+                name: &name,
+            },
+        );
+        let sessions: Vec<u32> = l.sessions.iter().copied().collect();
+        for sid in sessions {
+            let Some(s) = self.table.get(sid) else {
+                continue;
+            };
+            let peer = self
+                .attached
+                .get(&sid)
+                .and_then(|c| self.conns.get(c))
+                .map(|c| c.peer.to_string())
+                .unwrap_or_default();
+            podlink::encode(
+                &mut prefix,
+                sid,
+                &PodMsg::Reopen(podlink::Open {
+                    tenant: key.0,
+                    agent: key.1,
+                    client_caps: s.caps(),
+                    peer: &peer,
+                }),
+            );
+            if s.state() == State::Suspended {
+                podlink::encode(&mut prefix, sid, &PodMsg::Detached);
+            }
+            if s.pod_paused() {
+                podlink::encode(&mut prefix, sid, &PodMsg::Pause);
+            }
+        }
+        info!(
+            shard = self.index,
+            tenant = key.0,
+            agent = key.1,
+            "pod back; reopening its sessions"
+        );
+        self.links.reconnect(key, conn, prefix);
+    }
+
+    /// The grace period of a lost pod ran out.
+    fn grace_expired(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+        let now = self.now(ctx);
+        let grace = self.shared.cfg.agent_grace_ms;
+        if let Some(l) = self.links.get(key) {
+            if l.lost_since.is_some_and(|t| t + grace <= now) {
+                if !l.connected && l.lost_since.is_some() {
+                    // A reconnect in flight: forget it too.
+                    let c = l.conn;
+                    if self.links.key_of(c).is_some() {
+                        ctx.abort(c);
+                    }
+                }
+                self.agent_gone(ctx, key);
+            }
+        }
+    }
+
+    /// The pod is gone for good: its sessions on this shard end with AGENT_GONE, after the
+    /// output the pod already produced.
+    fn agent_gone(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
         let Some(link) = self.links.remove(key) else {
             return;
         };
@@ -644,7 +760,7 @@ impl ShardHandler {
             tenant = key.0,
             agent = key.1,
             sessions = link.sessions.len(),
-            "pod link lost"
+            "pod gone for good"
         );
         let now = self.now(ctx);
         for sid in link.sessions {
@@ -676,6 +792,7 @@ impl ShardHandler {
                         ctx.abort(conn);
                     }
                 }
+                Key::Grace(pod) => self.grace_expired(ctx, pod),
                 Key::Session(sid) => {
                     let cfg = &self.shared.cfg.session;
                     let Some(s) = self.table.get_mut(sid) else {
@@ -770,7 +887,7 @@ impl shards::Handler for ShardHandler {
     ) {
         if let Some(key) = self.links.key_of(conn) {
             debug!(shard = self.index, ?key, error = ?err, "pod link closed");
-            self.link_lost(ctx, key);
+            self.link_down(ctx, key);
             return;
         }
         let Some(c) = self.conns.get(&conn) else {
@@ -806,19 +923,29 @@ impl shards::Handler for ShardHandler {
             Ok(()) => {
                 if let Some(l) = self.links.get_mut(key) {
                     l.connected = true;
+                    l.lost_since = None;
                     let pending = std::mem::take(&mut l.pending);
                     ctx.send(conn, &pending);
+                    if !ctx.is_backpressured(conn) {
+                        for c in l.paused_readers.drain(..) {
+                            if self.conns.contains_key(&c) {
+                                ctx.set_reading(c, true);
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => {
                 warn!(shard = self.index, ?key, error = %e, "pod link connect failed");
-                self.link_lost(ctx, key);
+                self.link_down(ctx, key);
             }
         }
     }
 
     fn on_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
-        let Some(key) = self.links.key_of(conn) else { return };
+        let Some(key) = self.links.key_of(conn) else {
+            return;
+        };
         if let Some(l) = self.links.get_mut(key) {
             for c in l.paused_readers.drain(..) {
                 if self.conns.contains_key(&c) {
@@ -828,7 +955,22 @@ impl shards::Handler for ShardHandler {
         }
     }
 
-    fn on_message(&mut self, _ctx: &mut Ctx<'_, ShardMsg>, _msg: ShardMsg) {}
+    fn on_message(&mut self, ctx: &mut Ctx<'_, ShardMsg>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::PodAdded(t, a) => self.pod_added(ctx, (t, a)),
+            ShardMsg::PodRemoved(t, a) => {
+                let key = (t, a);
+                if let Some(l) = self.links.get(key) {
+                    if l.lost_since.is_none() {
+                        let c = l.conn;
+                        ctx.close(c);
+                        self.link_down(ctx, key);
+                    }
+                }
+            }
+            ShardMsg::Resume { .. } => {}
+        }
+    }
 
     fn on_adopt(
         &mut self,
@@ -838,7 +980,10 @@ impl shards::Handler for ShardHandler {
         unread: Vec<u8>,
         msg: ShardMsg,
     ) {
-        let ShardMsg::Resume { mut buffered } = msg;
+        let ShardMsg::Resume { mut buffered } = msg else {
+            ctx.abort(conn);
+            return;
+        };
         buffered.extend_from_slice(&unread);
         self.pending_handshakes += 1;
         self.conns.insert(
