@@ -11,6 +11,7 @@ pub mod agent;
 pub mod auth;
 pub mod demo;
 pub mod podlink;
+pub mod pods;
 pub mod proto;
 pub mod server;
 pub mod session;

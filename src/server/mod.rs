@@ -3,17 +3,16 @@
 //! * [`config`]: the server's settings (built by the CLI).
 //! * [`shard`]: the per-core handler the `shards` runtime drives: it routes bytes between
 //!   client connections, the sans-IO [`crate::session`] core and agent pod links.
-//! * [`pods`]: where agent pods are found and how a shard's links to them are kept.
 //!
 //! [`start`] starts the runtime and returns a [`Server`] handle.
 
 pub mod config;
-pub mod pods;
 pub mod shard;
 
 pub use config::{Auth, ServerConfig};
 
 use crate::auth::Tokens;
+use crate::pods::{PodEvent, PodKey, Registry};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -25,6 +24,8 @@ pub struct Shared {
     pub tokens: RwLock<Option<Arc<Tokens>>>,
     /// Sessions on the node, suspended ones included (for `--max-sessions`).
     pub sessions: AtomicUsize,
+    /// The node's agent pods, kept current by inotify.
+    pub registry: Arc<Registry>,
 }
 
 impl Shared {
@@ -40,6 +41,11 @@ impl Shared {
 
     pub fn release_session(&self) {
         self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether a pod for (tenant, agent) is registered (lock-free).
+    pub fn pod_present(&self, tenant: u32, agent: u32) -> bool {
+        self.registry.contains(PodKey { tenant, agent })
     }
 
     /// Whether `token` is accepted for (tenant, agent).
@@ -85,13 +91,31 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         listen: Some(SocketAddr::new(cfg.bind, cfg.port)),
         ..shards::Config::default()
     };
+    let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("pod socket directory {}: {e}", cfg.socket_dir.display()),
+        )
+    })?;
     let shared = Arc::new(Shared {
         cfg,
         tokens: RwLock::new(tokens),
         sessions: AtomicUsize::new(0),
+        registry,
     });
     let s2 = shared.clone();
     let runtime = shards::Runtime::start(rt_cfg, move |i| shard::ShardHandler::new(i, s2.clone()))?;
+    // Pod events reach every shard through its mailbox (links are per shard).
+    let remote = runtime.remote();
+    shared.registry.set_on_event(Box::new(move |ev| {
+        for i in 0..remote.shards() {
+            let msg = match &ev {
+                PodEvent::Added(k) => shard::ShardMsg::PodAdded(k.tenant, k.agent),
+                PodEvent::Removed(k) => shard::ShardMsg::PodRemoved(k.tenant, k.agent),
+            };
+            remote.send(i, msg);
+        }
+    }));
     Ok(Server { runtime, shared })
 }
 
@@ -110,6 +134,7 @@ impl Server {
         self.runtime.remote()
     }
     pub fn shutdown(&self) {
+        self.shared.registry.stop();
         self.runtime.shutdown();
     }
     pub fn join(self) -> std::io::Result<()> {

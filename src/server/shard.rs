@@ -5,9 +5,9 @@
 //! connection, pod messages to the shard's link for the session's pod. Sessions are entries of
 //! the shard's [`SessionTable`]; no task exists per session or per connection.
 
-use super::pods::{self, Links};
 use super::Shared;
 use crate::podlink::{self, CloseReason, Msg as PodMsg};
+use crate::pods::links::{self as pods, Links};
 use crate::proto::{
     self, payload::ErrorFrame, Connect, Decoded, ErrorCode, Frame, FrameType, Resume, CAP_RELIABLE,
     CAP_ROAM,
@@ -413,9 +413,7 @@ impl ShardHandler {
             return Next::Stop;
         }
         let key = (c.tenant_id, c.agent_id);
-        if !pods::pod_present(&self.shared.cfg.socket_dir, key.0, key.1)
-            || !self.ensure_link(ctx, key)
-        {
+        if !self.shared.pod_present(key.0, key.1) || !self.ensure_link(ctx, key) {
             self.refuse(ctx, conn, ErrorCode::NoAgent);
             return Next::Stop;
         }

@@ -14,12 +14,6 @@ pub fn socket_path(dir: &Path, tenant: u32, agent: u32) -> PathBuf {
     dir.join(format!("{tenant}_{agent}"))
 }
 
-/// Whether a pod socket for (tenant, agent) is present.
-pub fn pod_present(dir: &Path, tenant: u32, agent: u32) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(socket_path(dir, tenant, agent)).is_ok_and(|m| m.file_type().is_socket())
-}
-
 /// A shard's link to one pod.
 pub struct Link {
     pub key: (u32, u32),
