@@ -451,15 +451,6 @@ fn sigterm_and_sigint_remove_the_socket_and_exit_0() {
     }
 }
 
-#[test]
-fn shell_mode_is_not_implemented_yet() {
-    let dir = temp_dir("shell");
-    let out = agent_cmd(&dir, &["shell"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
 // ---------------------------------------------------------------------------------------------
 // claw-agent exec
 

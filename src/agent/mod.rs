@@ -32,6 +32,7 @@
 
 mod link;
 mod listener;
+pub mod pty;
 mod signal;
 
 pub use link::{serve_link, Outbox};
