@@ -45,21 +45,25 @@ impl AgentListener {
             )
         })?;
         let path = Self::socket_path(dir, tenant, agent);
-        let listener = match UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-                Self::clear_stale(&path)?;
-                UnixListener::bind(&path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display()))
-                })?
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot bind {}: {e}", path.display()),
-                ))
-            }
-        };
+        // Refuse if a live agent is there; remove a stale socket file.
+        Self::clear_stale(&path)?;
+        // Publish the socket atomically: bind (which also listens) under a temporary name the
+        // daemon ignores, then rename it into place, so the daemon never sees a socket file
+        // that refuses connections.
+        let tmp = dir.join(format!(".{tenant}_{agent}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", tmp.display())))?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot move the socket into place at {}: {e}",
+                    path.display()
+                ),
+            ));
+        }
         listener.set_nonblocking(true)?;
         let md = std::fs::symlink_metadata(&path)?;
         Ok(AgentListener {

@@ -33,9 +33,15 @@ pub struct Link {
     /// Since when the pod is lost (link EOF or socket gone): sessions wait for it, their
     /// input held in `pending`, until `--agent-grace` runs out.
     pub lost_since: Option<u64>,
+    /// Next delay before retrying a refused reconnect while the pod's socket is registered.
+    pub retry_ms: u64,
 }
 
 impl Link {
+    /// First delay before retrying a refused connect (doubling up to [`Link::MAX_RETRY_MS`]).
+    pub const FIRST_RETRY_MS: u64 = 50;
+    pub const MAX_RETRY_MS: u64 = 2_000;
+
     /// Holding more than this for a lost or connecting pod pauses the clients feeding it.
     pub const HELD_LIMIT: usize = 1 << 20;
 
@@ -99,6 +105,7 @@ impl Links {
             sessions: HashSet::new(),
             paused_readers: Vec::new(),
             lost_since: None,
+            retry_ms: Link::FIRST_RETRY_MS,
         })
     }
 

@@ -69,6 +69,8 @@ enum Key {
     Handshake(ConnId),
     /// The agent grace period of a lost pod.
     Grace((u32, u32)),
+    /// Retry connecting to a lost pod whose socket is still registered.
+    Retry((u32, u32)),
 }
 
 /// Counters of one shard (exported as metrics by a later layer).
@@ -648,6 +650,7 @@ impl ShardHandler {
         if l.lost_since.is_some() {
             // A reconnect attempt failed: keep waiting within the same grace period.
             self.links.mark_lost(key, now);
+            self.schedule_retry(ctx, key);
             return;
         }
         if grace == 0 || l.sessions.is_empty() {
@@ -665,20 +668,37 @@ impl ShardHandler {
         self.links.mark_lost(key, now);
         self.wheel.insert(now + grace, Key::Grace(key));
         self.schedule(ctx, now + grace);
+        self.schedule_retry(ctx, key);
+    }
+
+    /// While the pod's socket is still registered (a pod restarting in place, or one whose
+    /// socket exists but refused us), retry connecting with backoff within the grace period.
+    fn schedule_retry(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+        if !self.shared.pod_present(key.0, key.1) {
+            return; // it will be reconnected when its socket appears
+        }
+        let now = self.now(ctx);
+        if let Some(l) = self.links.get_mut(key) {
+            let d = now + l.retry_ms;
+            l.retry_ms = (l.retry_ms * 2).min(pods::Link::MAX_RETRY_MS);
+            self.wheel.insert(d, Key::Retry(key));
+            self.schedule(ctx, d);
+        }
     }
 
     /// A pod socket appeared: a lost link to it reconnects, with HELLO, a REOPEN for each of
     /// its sessions, then the input held meanwhile.
     fn pod_added(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
         let Some(l) = self.links.get(key) else { return };
-        if l.lost_since.is_none() {
-            return;
+        if l.lost_since.is_none() || self.links.key_of(l.conn).is_some() {
+            return; // not lost, or a reconnect is already in flight
         }
         let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
         let conn = match ctx.connect_unix(&path) {
             Ok(c) => c,
             Err(e) => {
-                warn!(shard = self.index, path = %path.display(), error = %e, "pod back but not reachable yet");
+                debug!(shard = self.index, path = %path.display(), error = %e, "pod not reachable yet");
+                self.schedule_retry(ctx, key);
                 return;
             }
         };
@@ -791,6 +811,14 @@ impl ShardHandler {
                     }
                 }
                 Key::Grace(pod) => self.grace_expired(ctx, pod),
+                Key::Retry(pod) => {
+                    let waiting = self.links.get(pod).is_some_and(|l| {
+                        l.lost_since.is_some() && self.links.key_of(l.conn).is_none()
+                    });
+                    if waiting {
+                        self.pod_added(ctx, pod);
+                    }
+                }
                 Key::Session(sid) => {
                     let cfg = &self.shared.cfg.session;
                     let Some(s) = self.table.get_mut(sid) else {
@@ -922,6 +950,7 @@ impl shards::Handler for ShardHandler {
                 if let Some(l) = self.links.get_mut(key) {
                     l.connected = true;
                     l.lost_since = None;
+                    l.retry_ms = pods::Link::FIRST_RETRY_MS;
                     let pending = std::mem::take(&mut l.pending);
                     ctx.send(conn, &pending);
                     if !ctx.is_backpressured(conn) {
