@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod client;
 pub mod demo;
 pub mod podlink;
 pub mod pods;

@@ -1,0 +1,452 @@
+//! Saved session credentials: one small JSON file per named session, and a one-line export
+//! format to carry a session to another device.
+//!
+//! Files live in `$CLAWTERM_STATE_DIR/sessions/NAME.json`, else
+//! `$XDG_STATE_HOME/clawterm/sessions/NAME.json`, else `~/.local/state/clawterm/sessions/`.
+//! Directories are created 0700 and files written 0600 (atomically: temp file + rename),
+//! because the resume token grants access to the session.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::ClientError;
+
+/// Everything needed to resume a session.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Name it is saved under (not part of the secret).
+    pub name: String,
+    /// `HOST:PORT` of the server.
+    pub endpoint: String,
+    pub tenant: u32,
+    pub agent: u32,
+    pub session_id: u32,
+    pub resume_token: [u8; 16],
+    /// Highest server DATA SEQ received.
+    pub last_seq: u32,
+    /// Next client SEQ (client SEQs continue across resumes).
+    pub next_seq: u32,
+    /// Unix time (s) of the last contact.
+    pub last_seen: u64,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("name", &self.name)
+            .field("endpoint", &self.endpoint)
+            .field("tenant", &self.tenant)
+            .field("agent", &self.agent)
+            .field("session_id", &format_args!("{:08x}", self.session_id))
+            .field("resume_token", &"<redacted>")
+            .field("last_seq", &self.last_seq)
+            .field("next_seq", &self.next_seq)
+            .field("last_seen", &self.last_seen)
+            .finish()
+    }
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// Unix time now, seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// A value of a flat JSON object: a string or a non-negative integer.
+#[derive(Debug, PartialEq)]
+enum JVal {
+    Str(String),
+    Num(u64),
+}
+
+/// Parses a flat JSON object whose values are strings or non-negative integers.
+fn parse_flat_json(s: &str) -> Option<Vec<(String, JVal)>> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && (b[*i] as char).is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    let string = |i: &mut usize| -> Option<String> {
+        if b.get(*i) != Some(&b'"') {
+            return None;
+        }
+        *i += 1;
+        let mut out = String::new();
+        let rest = &s[*i..];
+        let mut chars = rest.char_indices();
+        while let Some((k, c)) = chars.next() {
+            match c {
+                '"' => {
+                    *i += k + 1;
+                    return Some(out);
+                }
+                '\\' => {
+                    let (_, e) = chars.next()?;
+                    match e {
+                        '"' => out.push('"'),
+                        '\\' => out.push('\\'),
+                        '/' => out.push('/'),
+                        'n' => out.push('\n'),
+                        'r' => out.push('\r'),
+                        't' => out.push('\t'),
+                        'b' => out.push('\u{8}'),
+                        'f' => out.push('\u{c}'),
+                        'u' => {
+                            let mut v = 0u32;
+                            for _ in 0..4 {
+                                v = v * 16 + chars.next()?.1.to_digit(16)?;
+                            }
+                            out.push(char::from_u32(v).unwrap_or('\u{fffd}'));
+                        }
+                        _ => return None,
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        None
+    };
+    ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut out = Vec::new();
+    ws(&mut i);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            ws(&mut i);
+            let k = string(&mut i)?;
+            ws(&mut i);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i += 1;
+            ws(&mut i);
+            let v = if b.get(i) == Some(&b'"') {
+                JVal::Str(string(&mut i)?)
+            } else {
+                let st = i;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                JVal::Num(s[st..i].parse().ok()?)
+            };
+            out.push((k, v));
+            ws(&mut i);
+            match b.get(i) {
+                Some(b',') => i += 1,
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    ws(&mut i);
+    (i == b.len()).then_some(out)
+}
+
+impl Credentials {
+    /// The JSON text stored in the session file.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\n  \"version\": 1,\n  \"name\": {},\n  \"endpoint\": {},\n  \"tenant\": {},\n  \"agent\": {},\n  \"session_id\": {},\n  \"resume_token\": \"{}\",\n  \"last_seq\": {},\n  \"next_seq\": {},\n  \"last_seen\": {}\n}}\n",
+            json_str(&self.name),
+            json_str(&self.endpoint),
+            self.tenant,
+            self.agent,
+            self.session_id,
+            hex(&self.resume_token),
+            self.last_seq,
+            self.next_seq,
+            self.last_seen
+        )
+    }
+
+    /// Parses [`Credentials::to_json`]'s format.
+    pub fn from_json(s: &str) -> Result<Credentials, ClientError> {
+        let bad = |what: &str| ClientError::BadCredentials(what.to_string());
+        let fields = parse_flat_json(s).ok_or_else(|| bad("not a flat JSON object"))?;
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+        let num = |k: &str| -> Result<u64, ClientError> {
+            match get(k) {
+                Some(JVal::Num(n)) => Ok(*n),
+                _ => Err(bad(&format!("missing or non-numeric field {k:?}"))),
+            }
+        };
+        let u32f = |k: &str| -> Result<u32, ClientError> {
+            u32::try_from(num(k)?).map_err(|_| bad(&format!("field {k:?} out of range")))
+        };
+        let strf = |k: &str| -> Result<String, ClientError> {
+            match get(k) {
+                Some(JVal::Str(s)) => Ok(s.clone()),
+                _ => Err(bad(&format!("missing or non-string field {k:?}"))),
+            }
+        };
+        if num("version")? != 1 {
+            return Err(bad("unsupported credentials version"));
+        }
+        let tok = unhex(&strf("resume_token")?)
+            .filter(|t| t.len() == 16)
+            .ok_or_else(|| bad("resume_token must be 32 hex digits"))?;
+        let mut resume_token = [0u8; 16];
+        resume_token.copy_from_slice(&tok);
+        Ok(Credentials {
+            name: strf("name")?,
+            endpoint: strf("endpoint")?,
+            tenant: u32f("tenant")?,
+            agent: u32f("agent")?,
+            session_id: u32f("session_id")?,
+            resume_token,
+            last_seq: u32f("last_seq")?,
+            next_seq: u32f("next_seq").unwrap_or(1),
+            last_seen: num("last_seen").unwrap_or(0),
+        })
+    }
+
+    /// A single-line, copy-pasteable blob: `ct1:` followed by the hex of the JSON. It holds the
+    /// resume token: treat it like a password.
+    pub fn export(&self) -> String {
+        format!("ct1:{}", hex(self.to_json().as_bytes()))
+    }
+
+    /// Parses [`Credentials::export`]'s blob.
+    pub fn import(blob: &str) -> Result<Credentials, ClientError> {
+        let body = blob.trim().strip_prefix("ct1:").ok_or_else(|| {
+            ClientError::BadCredentials(
+                "not a clawterm export blob (it starts with \"ct1:\")".into(),
+            )
+        })?;
+        let bytes = unhex(body)
+            .ok_or_else(|| ClientError::BadCredentials("blob is not valid hex".into()))?;
+        let s = String::from_utf8(bytes)
+            .map_err(|_| ClientError::BadCredentials("blob is not UTF-8".into()))?;
+        Credentials::from_json(&s)
+    }
+}
+
+/// Whether `name` is usable as a session name (file-name safe).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+}
+
+/// The directory of saved sessions.
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// The default store (see the module docs for the lookup order).
+    pub fn default_location() -> Result<Store, ClientError> {
+        let base = if let Some(d) = std::env::var_os("CLAWTERM_STATE_DIR").filter(|d| !d.is_empty())
+        {
+            PathBuf::from(d)
+        } else if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+            PathBuf::from(d).join("clawterm")
+        } else if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+            PathBuf::from(h).join(".local/state/clawterm")
+        } else {
+            return Err(ClientError::Store(
+                "cannot find a state directory: set CLAWTERM_STATE_DIR or HOME".into(),
+            ));
+        };
+        Ok(Store::at(base.join("sessions")))
+    }
+
+    /// A store in `dir` (the `sessions` directory itself).
+    pub fn at(dir: impl Into<PathBuf>) -> Store {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    fn io_err(&self, what: &str, p: &Path, e: std::io::Error) -> ClientError {
+        ClientError::Store(format!("{what} {}: {e}", p.display()))
+    }
+
+    /// Writes `c` as `NAME.json` (0600, dir 0700), replacing any earlier version atomically.
+    pub fn save(&self, c: &Credentials) -> Result<PathBuf, ClientError> {
+        if !valid_name(&c.name) {
+            return Err(ClientError::BadCredentials(format!(
+                "invalid session name {:?}: use letters, digits, '-', '_', '.', '@' (max 64)",
+                c.name
+            )));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| self.io_err("cannot create", &self.dir, e))?;
+        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        let path = self.path_of(&c.name);
+        let tmp = self
+            .dir
+            .join(format!(".{}.{}.tmp", c.name, std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(c.to_json().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.io_err("cannot write", &path, e)
+        })?;
+        Ok(path)
+    }
+
+    /// Loads `NAME.json`.
+    pub fn load(&self, name: &str) -> Result<Credentials, ClientError> {
+        if !valid_name(name) {
+            return Err(ClientError::NotSaved(name.to_string()));
+        }
+        let path = self.path_of(name);
+        let s = match std::fs::read_to_string(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ClientError::NotSaved(name.to_string()))
+            }
+            Err(e) => return Err(self.io_err("cannot read", &path, e)),
+        };
+        let mut c = Credentials::from_json(&s)?;
+        c.name = name.to_string();
+        Ok(c)
+    }
+
+    /// Removes `NAME.json` (no error if absent).
+    pub fn remove(&self, name: &str) -> Result<(), ClientError> {
+        if !valid_name(name) {
+            return Ok(());
+        }
+        let p = self.path_of(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_err("cannot remove", &p, e)),
+        }
+    }
+
+    /// Every saved session, sorted by name (unreadable files are skipped).
+    pub fn list(&self) -> Result<Vec<Credentials>, ClientError> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io_err("cannot read", &self.dir, e)),
+        };
+        let mut v = Vec::new();
+        for ent in rd.flatten() {
+            let n = ent.file_name();
+            let Some(n) = n.to_str() else { continue };
+            let Some(stem) = n.strip_suffix(".json") else {
+                continue;
+            };
+            if let Ok(c) = self.load(stem) {
+                v.push(c);
+            }
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Credentials {
+        Credentials {
+            name: "dev\"x".into(),
+            endpoint: "127.0.0.1:7220".into(),
+            tenant: 7,
+            agent: u32::MAX,
+            session_id: 0xdead_beef,
+            resume_token: [9; 16],
+            last_seq: 42,
+            next_seq: 17,
+            last_seen: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let c = sample();
+        assert_eq!(Credentials::from_json(&c.to_json()).unwrap(), c);
+        assert_eq!(Credentials::import(&c.export()).unwrap(), c);
+        assert!(!c.export().contains('\n'));
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert!(Credentials::import("ct1:zz").is_err());
+        assert!(Credentials::import("hello").is_err());
+        assert!(Credentials::from_json("{\"version\": 1}").is_err());
+        assert!(parse_flat_json("{\"a\": 1,}").is_none());
+    }
+}

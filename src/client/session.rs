@@ -1,0 +1,611 @@
+//! Blocking TCP transport over [`ClientCore`], with automatic reconnect.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::backoff::Backoff;
+use super::core::{ClientCore, CoreEvent, Timers};
+use super::creds::{unix_now, Credentials};
+use super::ClientError;
+
+/// What [`Session::recv`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Output from the agent, each byte exactly once and in order.
+    Data(Vec<u8>),
+    /// Output was lost while away (the server's replay ring overflowed).
+    Gap,
+    /// The connection is down (`attempt` 0: just lost; n: the n-th reconnect failed); the next
+    /// attempt is in `retry_in`. Input sent meanwhile is queued and delivered after reconnect.
+    Disconnected {
+        reason: String,
+        retry_in: Duration,
+        attempt: u32,
+    },
+    /// A reconnect attempt starts now (the next `recv` may block up to the connect timeout).
+    Reconnecting { attempt: u32 },
+    /// Attached again; queued input was resent.
+    Reconnected { resent: usize },
+    /// The session ended on the server (the agent closed it). Later calls return
+    /// [`ClientError::Closed`].
+    Ended,
+}
+
+/// Transport settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// TCP connect timeout per address.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for ACCEPT/RESUMED.
+    pub handshake_timeout: Duration,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// Keepalive and dead-connection timers.
+    pub timers: Timers,
+    /// Reconnect by itself after a loss (otherwise the loss is a [`ClientError::Unreachable`]).
+    pub auto_reconnect: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            timers: Timers::default(),
+            auto_reconnect: true,
+        }
+    }
+}
+
+enum Link {
+    Up(TcpStream),
+    Down { retry_at: Instant, announced: bool },
+    Closed,
+}
+
+/// A client session: one ClawTerm session over any number of TCP connections.
+pub struct Session {
+    core: ClientCore,
+    endpoint: String,
+    opts: Options,
+    backoff: Backoff,
+    link: Link,
+    wbuf: Vec<u8>,
+    events: VecDeque<Event>,
+    fatal: Option<ClientError>,
+    epoch: Instant,
+    last_seen: u64,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("endpoint", &self.endpoint)
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tcp_connect(endpoint: &str, timeout: Duration) -> Result<TcpStream, ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = endpoint
+        .to_socket_addrs()
+        .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
+        .collect();
+    let mut last = String::from("no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(unreachable(last))
+}
+
+impl Session {
+    /// Opens a new session with the default [`Options`].
+    pub fn connect(
+        endpoint: &str,
+        tenant: u32,
+        agent: u32,
+        token: [u8; 32],
+    ) -> Result<Session, ClientError> {
+        Session::connect_with(endpoint, tenant, agent, token, Options::default())
+    }
+
+    pub fn connect_with(
+        endpoint: &str,
+        tenant: u32,
+        agent: u32,
+        token: [u8; 32],
+        opts: Options,
+    ) -> Result<Session, ClientError> {
+        let mut core = ClientCore::new(tenant, agent, token);
+        core.set_timers(opts.timers);
+        let mut s = Session::with_core(core, endpoint, opts);
+        s.establish(false)?;
+        Ok(s)
+    }
+
+    /// Resumes a saved session (taking it over from any other device) with the default
+    /// [`Options`].
+    pub fn resume(creds: &Credentials) -> Result<Session, ClientError> {
+        Session::resume_with(creds, Options::default())
+    }
+
+    pub fn resume_with(creds: &Credentials, opts: Options) -> Result<Session, ClientError> {
+        let mut core = ClientCore::for_resume(
+            creds.tenant,
+            creds.agent,
+            creds.session_id,
+            creds.resume_token,
+            creds.last_seq,
+            creds.next_seq,
+        );
+        core.set_timers(opts.timers);
+        let mut s = Session::with_core(core, &creds.endpoint, opts);
+        s.establish(true)?;
+        Ok(s)
+    }
+
+    fn with_core(core: ClientCore, endpoint: &str, opts: Options) -> Session {
+        Session {
+            core,
+            endpoint: endpoint.to_string(),
+            backoff: opts.backoff.clone(),
+            opts,
+            link: Link::Closed,
+            wbuf: Vec::new(),
+            events: VecDeque::new(),
+            fatal: None,
+            epoch: Instant::now(),
+            last_seen: unix_now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Opens a connection and runs the handshake (CONNECT or RESUME) to completion.
+    fn establish(&mut self, resume: bool) -> Result<usize, ClientError> {
+        let mut stream = tcp_connect(&self.endpoint, self.opts.connect_timeout)?;
+        let _ = stream.set_nodelay(true);
+        let lost = |e: std::io::Error| ClientError::Unreachable {
+            endpoint: String::new(),
+            reason: e.to_string(),
+        };
+        let fix = |e: ClientError, ep: &str| match e {
+            ClientError::Unreachable { reason, .. } => ClientError::Unreachable {
+                endpoint: ep.to_string(),
+                reason,
+            },
+            e => e,
+        };
+        let r = (|| {
+            stream
+                .set_read_timeout(Some(self.opts.handshake_timeout))
+                .map_err(lost)?;
+            let now = self.now_ms();
+            if resume {
+                self.core.start_resume(now);
+            } else {
+                let mut nonce = [0u8; 16];
+                let _ = getrandom::getrandom(&mut nonce);
+                self.core.start_connect(nonce, now);
+            }
+            stream.write_all(&self.core.take_output()).map_err(lost)?;
+            let deadline = Instant::now() + self.opts.handshake_timeout;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut resent = 0;
+            while !self.core.is_attached() {
+                if Instant::now() >= deadline {
+                    return Err(ClientError::Unreachable {
+                        endpoint: String::new(),
+                        reason: "no answer to the handshake".into(),
+                    });
+                }
+                let n = match stream.read(&mut buf) {
+                    Ok(0) => {
+                        return Err(ClientError::Unreachable {
+                            endpoint: String::new(),
+                            reason: "connection closed during the handshake".into(),
+                        })
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        continue
+                    }
+                    Err(e) => return Err(lost(e)),
+                };
+                let now = self.now_ms();
+                self.core
+                    .on_bytes(&buf[..n], now)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                while let Some(ev) = self.core.poll_event() {
+                    match ev {
+                        CoreEvent::Error { code, message } => {
+                            return Err(ClientError::from_code(
+                                code,
+                                message,
+                                self.core.tenant(),
+                                self.core.agent(),
+                            ))
+                        }
+                        CoreEvent::Resumed { resent: r, .. } => resent = r,
+                        other => self.push_core_event(other),
+                    }
+                }
+                if self.core.is_closed() {
+                    return Err(ClientError::Closed);
+                }
+            }
+            stream.write_all(&self.core.take_output()).map_err(lost)?;
+            stream.set_nonblocking(true).map_err(lost)?;
+            Ok(resent)
+        })();
+        match r {
+            Ok(resent) => {
+                self.link = Link::Up(stream);
+                self.wbuf.clear();
+                self.last_seen = unix_now();
+                Ok(resent)
+            }
+            Err(e) => {
+                self.core.connection_lost();
+                Err(fix(e, &self.endpoint))
+            }
+        }
+    }
+
+    fn push_core_event(&mut self, ev: CoreEvent) {
+        match ev {
+            CoreEvent::Data(d) => self.events.push_back(Event::Data(d)),
+            CoreEvent::Gap => self.events.push_back(Event::Gap),
+            CoreEvent::Ended => {
+                self.events.push_back(Event::Ended);
+                self.link = Link::Closed;
+                self.fatal = Some(ClientError::Closed);
+            }
+            CoreEvent::Accepted { .. } | CoreEvent::Resumed { .. } => {}
+            CoreEvent::Roam(addr) => {
+                self.endpoint = addr.to_string();
+                self.core.connection_lost();
+                self.link = Link::Down {
+                    retry_at: Instant::now(),
+                    announced: false,
+                };
+                self.events.push_back(Event::Disconnected {
+                    reason: format!("session moved to {addr}"),
+                    retry_in: Duration::ZERO,
+                    attempt: 0,
+                });
+            }
+            CoreEvent::Error { code, message } => {
+                let e =
+                    ClientError::from_code(code, message, self.core.tenant(), self.core.agent());
+                if e.is_fatal() {
+                    self.link = Link::Closed;
+                    self.fatal = Some(e);
+                } else {
+                    self.lost(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// The connection is gone: schedule a reconnect.
+    fn lost(&mut self, reason: String) {
+        self.core.connection_lost();
+        self.wbuf.clear();
+        if matches!(self.link, Link::Closed) && self.fatal.is_some() {
+            return;
+        }
+        if !self.opts.auto_reconnect {
+            self.link = Link::Closed;
+            self.fatal = Some(ClientError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                reason,
+            });
+            return;
+        }
+        let attempt = self.backoff.attempt();
+        let d = self.backoff.next_delay();
+        self.link = Link::Down {
+            retry_at: Instant::now() + d,
+            announced: false,
+        };
+        self.events.push_back(Event::Disconnected {
+            reason,
+            retry_in: d,
+            attempt,
+        });
+    }
+
+    /// Reads what is available, runs timers, reconnects when due, flushes output. Never blocks
+    /// except during a reconnect attempt (bounded by the connect and handshake timeouts).
+    fn drive(&mut self) {
+        match &mut self.link {
+            Link::Closed => {}
+            Link::Down {
+                retry_at,
+                announced,
+            } => {
+                if Instant::now() < *retry_at {
+                    return;
+                }
+                if !*announced {
+                    *announced = true;
+                    let attempt = self.backoff.attempt();
+                    self.events.push_back(Event::Reconnecting { attempt });
+                    return;
+                }
+                self.reconnect();
+            }
+            Link::Up(stream) => {
+                let mut buf = [0u8; 64 * 1024];
+                let mut failure = None;
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => {
+                            failure = Some("the server closed the connection".to_string());
+                            break;
+                        }
+                        Ok(n) => {
+                            let now = self.epoch.elapsed().as_millis() as u64;
+                            if let Err(e) = self.core.on_bytes(&buf[..n], now) {
+                                failure = Some(e.to_string());
+                                break;
+                            }
+                            if !self.core.is_attached() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            failure = Some(format!("connection lost: {e}"));
+                            break;
+                        }
+                    }
+                }
+                self.last_seen = unix_now();
+                while let Some(ev) = self.core.poll_event() {
+                    self.push_core_event(ev);
+                }
+                if !matches!(self.link, Link::Up(_)) {
+                    return;
+                }
+                if let Some(f) = failure {
+                    self.lost(f);
+                    return;
+                }
+                let now = self.now_ms();
+                if !self.core.tick(now) {
+                    self.lost("no traffic from the server; the connection seems dead".into());
+                    return;
+                }
+                self.flush();
+            }
+        }
+    }
+
+    fn reconnect(&mut self) {
+        let mark = self.events.len();
+        match self.establish(true) {
+            Ok(resent) => {
+                self.backoff.reset();
+                // Before the replayed output that arrived with RESUMED.
+                self.events.insert(mark, Event::Reconnected { resent });
+            }
+            Err(e) if e.is_fatal() => {
+                self.link = Link::Closed;
+                self.fatal = Some(e);
+            }
+            Err(e) => self.lost(e.to_string()),
+        }
+    }
+
+    /// Moves the core's output to the socket (non-blocking; leftovers stay in the buffer).
+    fn flush(&mut self) {
+        let Link::Up(stream) = &mut self.link else {
+            return;
+        };
+        self.wbuf.extend_from_slice(&self.core.take_output());
+        let mut off = 0;
+        let mut failure = None;
+        while off < self.wbuf.len() {
+            match stream.write(&self.wbuf[off..]) {
+                Ok(0) => {
+                    failure = Some("connection closed while writing".to_string());
+                    break;
+                }
+                Ok(n) => off += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    failure = Some(format!("connection lost: {e}"));
+                    break;
+                }
+            }
+        }
+        self.wbuf.drain(..off);
+        if let Some(f) = failure {
+            self.lost(f);
+        }
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        match &self.fatal {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends input to the agent. While the connection is down it is queued and delivered after
+    /// the reconnect; it is kept until the server acknowledges it.
+    pub fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.check_open()?;
+        let now = self.now_ms();
+        self.core.send_data(data, now);
+        self.flush();
+        Ok(())
+    }
+
+    /// Tells the agent the terminal size (remembered while down).
+    pub fn resize(&mut self, cols: u16, rows: u16) -> Result<(), ClientError> {
+        self.check_open()?;
+        let now = self.now_ms();
+        self.core.resize(cols, rows, now);
+        self.flush();
+        Ok(())
+    }
+
+    /// The next event without blocking (except for a due reconnect attempt): `Ok(None)` when
+    /// there is nothing yet. Fatal conditions (taken over, session expired, …) are errors.
+    pub fn try_recv(&mut self) -> Result<Option<Event>, ClientError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        self.check_open()?;
+        self.drive();
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        self.check_open()?;
+        Ok(None)
+    }
+
+    /// Waits up to `timeout` for the next event (`Ok(None)`: nothing happened).
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.try_recv()? {
+                return Ok(Some(e));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let mut wait = deadline - now;
+            if let Some(w) = self.next_deadline() {
+                wait = wait.min(w.saturating_duration_since(now));
+            }
+            match self.poll_fd() {
+                Some(fd) => {
+                    let mut pfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN | if self.wants_write() { libc::POLLOUT } else { 0 },
+                        revents: 0,
+                    };
+                    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
+                }
+                None => std::thread::sleep(wait.max(Duration::from_millis(1))),
+            }
+        }
+    }
+
+    /// The socket to wait on (readable ⇒ call [`Session::try_recv`]); `None` while down.
+    pub fn poll_fd(&self) -> Option<RawFd> {
+        match &self.link {
+            Link::Up(s) => Some(s.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Whether output is waiting for the socket to become writable.
+    pub fn wants_write(&self) -> bool {
+        !self.wbuf.is_empty() || self.core.has_output()
+    }
+
+    /// When [`Session::try_recv`] must be called again even if the socket stays quiet (timers,
+    /// reconnect). `None`: no timer (closed).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.link {
+            Link::Up(_) => self
+                .core
+                .next_timer()
+                .map(|ms| self.epoch + Duration::from_millis(ms)),
+            Link::Down { retry_at, .. } => Some(*retry_at),
+            Link::Closed => None,
+        }
+    }
+
+    /// Whether a connection is up and attached.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.link, Link::Up(_))
+    }
+
+    /// Cuts the current connection as if the network dropped it (testing, "reconnect now").
+    pub fn drop_connection(&mut self, reason: &str) {
+        if let Link::Up(s) = &self.link {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            self.lost(reason.to_string());
+        }
+    }
+
+    fn flush_blocking(&mut self) {
+        if let Link::Up(stream) = &mut self.link {
+            self.wbuf.extend_from_slice(&self.core.take_output());
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.write_all(&self.wbuf);
+            self.wbuf.clear();
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    /// Detaches on purpose: SUSPEND, then close. The session stays on the server; resume it
+    /// with its [`Credentials`].
+    pub fn detach(mut self) -> Credentials {
+        let now = self.now_ms();
+        self.core.suspend(now);
+        self.flush_blocking();
+        self.credentials("")
+    }
+
+    /// Ends the session on the server (DISCONNECT).
+    pub fn end(mut self) {
+        let now = self.now_ms();
+        self.core.disconnect(now);
+        self.flush_blocking();
+    }
+
+    /// The credentials to resume this session (from this or another device).
+    pub fn credentials(&self, name: &str) -> Credentials {
+        Credentials {
+            name: name.to_string(),
+            endpoint: self.endpoint.clone(),
+            tenant: self.core.tenant(),
+            agent: self.core.agent(),
+            session_id: self.core.session_id(),
+            resume_token: self.core.resume_token(),
+            last_seq: self.core.last_seq(),
+            next_seq: self.core.next_seq(),
+            last_seen: self.last_seen,
+        }
+    }
+
+    pub fn session_id(&self) -> u32 {
+        self.core.session_id()
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Client DATA bytes not yet acknowledged by the server.
+    pub fn unacked_bytes(&self) -> usize {
+        self.core.unacked_bytes()
+    }
+}
