@@ -1,6 +1,6 @@
 //! `clawtermd`: the ClawTerm session server (one per node).
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use clawterm::auth::Tokens;
 use clawterm::server::{self, Auth, ServerConfig};
 use clawterm::session::{Overflow, SessionConfig};
@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 ///
 /// Every option can also be set as CLAWTERM_<NAME> in the environment (e.g. CLAWTERM_PORT).
 #[derive(Parser, Debug)]
-#[command(name = "clawtermd", version, about, long_about)]
+#[command(name = "clawtermd", version, about, long_about, args_override_self = true)]
 struct Args {
     /// TCP port for clients (0 = pick a free one).
     #[arg(short, long, env = "CLAWTERM_PORT", default_value_t = 7220)]
@@ -98,6 +98,14 @@ struct Args {
     /// session id can take the session over).
     #[arg(long, env = "CLAWTERM_ALLOW_LEGACY_RESUME")]
     allow_legacy_resume: bool,
+    /// TOML config file: keys are the long option names (`ring_bytes = 262144`); the command
+    /// line and CLAWTERM_* variables win over it.
+    #[arg(long, env = "CLAWTERM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the options, config file and tokens file, print the result and exit (0 when
+    /// valid) without starting.
+    #[arg(long)]
+    check_config: bool,
     /// Everything embedded for a first run: a temporary socket dir, a built-in echo agent, a
     /// printed dev token, loopback only, and a scripted client that shows connect, echo, an
     /// abrupt drop and a resume with replay.
@@ -186,7 +194,78 @@ fn build_config(a: &Args) -> Result<ServerConfig, String> {
         handshake_ms: secs("handshake-timeout", a.handshake_timeout)?,
         allow_legacy_resume: a.allow_legacy_resume,
         agent_grace_ms: secs("agent-grace", a.agent_grace)?,
+        admin: match a.admin.as_str() {
+            "off" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                format!("--admin must be ADDR:PORT (e.g. 127.0.0.1:9720) or `off`, got `{addr}`")
+            })?),
+        },
     })
+}
+
+/// Applies the TOML config file named by `--config` (or CLAWTERM_CONFIG) by setting the
+/// CLAWTERM_* variable of every key not already set, so the command line and the environment
+/// win over the file. Returns the keys the file set. Unknown keys are an error naming them.
+fn apply_config_file() -> Result<Vec<String>, String> {
+    let argv: Vec<String> = std::env::args().collect();
+    let mut path = std::env::var("CLAWTERM_CONFIG").ok();
+    for (i, a) in argv.iter().enumerate() {
+        if a == "--config" {
+            path = argv.get(i + 1).cloned();
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(p.to_string());
+        }
+    }
+    let Some(path) = path else { return Ok(Vec::new()) };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("config file {path}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("config file {path}: {}", e.message()))?;
+    let cmd = Args::command();
+    let mut keys = Vec::new();
+    for (key, value) in table {
+        let name = key.replace('_', "-");
+        let arg = cmd.get_arguments().find(|a| a.get_long() == Some(name.as_str()));
+        let Some(env) = arg.and_then(|a| a.get_env()) else {
+            let valid: Vec<String> = cmd
+                .get_arguments()
+                .filter(|a| a.get_env().is_some() && a.get_long() != Some("config"))
+                .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+                .collect();
+            return Err(format!(
+                "config file {path}: unknown key `{key}`; valid keys: {}",
+                valid.join(", ")
+            ));
+        };
+        let v = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "config file {path}: key `{key}` must be a string, number or boolean, not {}",
+                    other.type_str()
+                ))
+            }
+        };
+        if std::env::var_os(env).is_none() {
+            // Single-threaded here: nothing else reads the environment concurrently.
+            std::env::set_var(env, v);
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Points an error about an option at the config key that set it, if one did.
+fn with_key(msg: String, keys: &[String]) -> String {
+    for k in keys {
+        if msg.contains(&format!("--{}", k.replace('_', "-"))) {
+            return format!("config key `{k}`: {msg}");
+        }
+    }
+    msg
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts afterwards) so
@@ -220,14 +299,46 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
-    let mut cfg = match build_config(&args) {
-        Ok(c) => c,
+    let keys = match apply_config_file() {
+        Ok(k) => k,
         Err(e) => {
             eprintln!("clawtermd: {e}");
             return ExitCode::from(2);
         }
     };
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("clawtermd: {}", with_key(e.to_string().trim_start_matches("error: ").trim().to_string(), &keys));
+            return ExitCode::from(2);
+        }
+    };
+    let mut cfg = match build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clawtermd: {}", with_key(e, &keys));
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!(
+            "clawtermd: configuration OK: {} shards, {} I/O, tcp {}:{}, agents in {}, auth {}",
+            cfg.shards,
+            args.io,
+            cfg.bind,
+            cfg.port,
+            cfg.socket_dir.display(),
+            match &cfg.auth {
+                Auth::NoAuth => "off (--insecure-no-auth)".to_string(),
+                Auth::Tokens(p) => format!("tokens file {}", p.display()),
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
     let sigs = block_signals();
     let demo = if args.demo {
         match clawterm::demo::prepare(&mut cfg) {
@@ -245,9 +356,6 @@ fn main() -> ExitCode {
             port = args.quic_port,
             "QUIC is not available in this build yet; UDP port not bound"
         );
-    }
-    if args.admin != "off" {
-        warn!(admin = %args.admin, "the admin endpoint is not available in this build yet");
     }
     let server = match server::start(cfg.clone()) {
         Ok(s) => s,
@@ -268,6 +376,9 @@ fn main() -> ExitCode {
         server.backend(),
         cfg.socket_dir.display()
     );
+    if let Some(a) = server.admin_addr() {
+        info!("admin endpoint on http://{a} (/metrics, /healthz, /readyz)");
+    }
     if let Some(d) = &demo {
         d.run_walkthrough(addr);
     }

@@ -83,6 +83,11 @@ impl Links {
         self.by_key.is_empty()
     }
 
+    /// Links whose connection is up.
+    pub fn connected(&self) -> usize {
+        self.by_key.values().filter(|l| l.connected).count()
+    }
+
     /// Registers a new link whose connect is in progress; HELLO is queued first.
     pub fn insert(&mut self, key: (u32, u32), conn: ConnId, name: &str) -> &mut Link {
         let mut pending = Vec::new();

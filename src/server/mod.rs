@@ -6,7 +6,9 @@
 //!
 //! [`start`] starts the runtime and returns a [`Server`] handle.
 
+pub mod admin;
 pub mod config;
+pub mod metrics;
 pub mod shard;
 
 pub use config::{Auth, ServerConfig};
@@ -26,6 +28,8 @@ pub struct Shared {
     pub sessions: AtomicUsize,
     /// The node's agent pods, kept current by inotify.
     pub registry: Arc<Registry>,
+    /// Counters and gauges, one set per shard.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Shared {
@@ -74,6 +78,7 @@ impl Shared {
 pub struct Server {
     runtime: shards::Runtime<shard::ShardMsg>,
     shared: Arc<Shared>,
+    admin: Option<admin::Admin>,
 }
 
 /// Starts the shards and the listeners.
@@ -91,6 +96,8 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         listen: Some(SocketAddr::new(cfg.bind, cfg.port)),
         ..shards::Config::default()
     };
+    let cfg_shards = cfg.shards;
+    let admin_addr = cfg.admin;
     let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -102,6 +109,7 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         tokens: RwLock::new(tokens),
         sessions: AtomicUsize::new(0),
         registry,
+        metrics: Arc::new(metrics::Metrics::new(cfg_shards)),
     });
     let s2 = shared.clone();
     let runtime = shards::Runtime::start(rt_cfg, move |i| shard::ShardHandler::new(i, s2.clone()))?;
@@ -116,7 +124,12 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
             remote.send(i, msg);
         }
     }));
-    Ok(Server { runtime, shared })
+    let _ = shared.metrics.backend.set(runtime.backend().to_string());
+    let admin = match admin_addr {
+        Some(a) => Some(admin::Admin::start(a, shared.metrics.clone(), shared.registry.clone())?),
+        None => None,
+    };
+    Ok(Server { runtime, shared, admin })
 }
 
 impl Server {
@@ -125,6 +138,10 @@ impl Server {
     }
     pub fn backend(&self) -> shards::Backend {
         self.runtime.backend()
+    }
+    /// Where the admin endpoint listens, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
     }
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared

@@ -5,6 +5,7 @@
 //! connection, pod messages to the shard's link for the session's pod. Sessions are entries of
 //! the shard's [`SessionTable`]; no task exists per session or per connection.
 
+use super::metrics::{self, ShardMetrics};
 use super::Shared;
 use crate::podlink::{self, CloseReason, Msg as PodMsg};
 use crate::pods::links::{self as pods, Links};
@@ -25,7 +26,11 @@ use tracing::{debug, info, warn};
 pub enum ShardMsg {
     /// A connection handed over to the shard that owns the session it wants to resume;
     /// `buffered` holds the RESUME frame and anything received after it.
-    Resume { buffered: Vec<u8> },
+    Resume {
+        buffered: Vec<u8>,
+        /// When the connection was accepted (for the resume latency histogram).
+        accepted_at: Instant,
+    },
     /// The pod registry saw a pod socket appear.
     PodAdded(u32, u32),
     /// The pod registry saw a pod socket disappear.
@@ -61,6 +66,10 @@ struct Conn {
     /// A partial frame (allocated only while one is pending).
     inbuf: Vec<u8>,
     peer: SocketAddr,
+    /// Accepted at, in µs on this shard's clock (handshake and resume latency).
+    accepted_us: u64,
+    /// Handed over from another shard (a cross-shard resume).
+    adopted: bool,
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -71,17 +80,11 @@ enum Key {
     Grace((u32, u32)),
     /// Retry connecting to a lost pod whose socket is still registered.
     Retry((u32, u32)),
+    /// Refresh the gauges in the metrics.
+    Stats,
 }
 
-/// Counters of one shard (exported as metrics by a later layer).
-#[derive(Default, Debug, Clone)]
-pub struct Stats {
-    pub accepted: u64,
-    pub refused_pending: u64,
-    pub unknown_frames: u64,
-    pub resumes_local: u64,
-    pub resumes_handed_off: u64,
-}
+const STATS_EVERY_MS: u64 = 1000;
 
 /// One shard's state.
 pub struct ShardHandler {
@@ -98,7 +101,6 @@ pub struct ShardHandler {
     next_wake: u64,
     pending_handshakes: usize,
     scratch: Scratch,
-    pub stats: Stats,
 }
 
 const NO_WAKE: u64 = u64::MAX;
@@ -119,8 +121,36 @@ impl ShardHandler {
             next_wake: NO_WAKE,
             pending_handshakes: 0,
             scratch: Scratch::default(),
-            stats: Stats::default(),
         }
+    }
+
+    fn m(&self) -> &ShardMetrics {
+        &self.shared.metrics.shards[self.index]
+    }
+
+    /// Sends client bytes, counting frames, bytes and ERROR codes.
+    fn send_client(&self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, bytes: &[u8]) {
+        let m = self.m();
+        let frames = metrics::count_frames(bytes, |code| m.error(code));
+        ShardMetrics::inc(&m.frames_out, frames);
+        ShardMetrics::inc(&m.bytes_out, bytes.len() as u64);
+        ctx.send(conn, bytes);
+    }
+
+    fn publish_gauges(&self) {
+        let m = self.m();
+        let attached = self.attached.len() as u64;
+        ShardMetrics::set(&m.sessions_attached, attached);
+        ShardMetrics::set(&m.sessions_suspended, (self.table.len() as u64).saturating_sub(attached));
+        ShardMetrics::set(&m.connections, self.conns.len() as u64);
+        ShardMetrics::set(&m.pod_links, self.links.connected() as u64);
+        let ring: u64 = self
+            .table
+            .ids_iter()
+            .filter_map(|id| self.table.get(id))
+            .map(|s| s.ring().payload_bytes() as u64)
+            .sum();
+        ShardMetrics::set(&m.ring_bytes, ring);
     }
 
     fn now(&self, ctx: &Ctx<'_, ShardMsg>) -> u64 {
@@ -155,7 +185,7 @@ impl ShardHandler {
     fn flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Option<ConnId>, pod: (u32, u32)) {
         if !self.scratch.client.is_empty() {
             if let Some(c) = conn {
-                ctx.send(c, &self.scratch.client);
+                self.send_client(ctx, c, &self.scratch.client);
             }
             self.scratch.client.clear();
         }
@@ -203,7 +233,7 @@ impl ShardHandler {
         proto::frame::encode_with(&mut out, 0, 0, FrameType::Error, 0, |o| {
             ErrorFrame::encode_parts(code, code.message(), o)
         });
-        ctx.send(conn, &out);
+        self.send_client(ctx, conn, &out);
         self.drop_conn(ctx, conn, true);
         debug!(shard = self.index, ?conn, %code, "connection refused");
     }
@@ -282,6 +312,7 @@ impl ShardHandler {
                 }
                 Ok(Decoded::NeedMore(_)) => break,
                 Ok(Decoded::Frame(f, used)) => {
+                    ShardMetrics::inc(&self.m().frames_in, 1);
                     let rest_from = off;
                     off += used;
                     match self.on_frame(ctx, conn, &f) {
@@ -292,14 +323,21 @@ impl ShardHandler {
                         }
                         Next::HandOff(shard) => {
                             let buffered = bytes[rest_from..].to_vec();
+                            let accepted_us = self.conns.get(&conn).map_or(0, |c| c.accepted_us);
                             self.drop_conn(ctx, conn, false);
-                            self.stats.resumes_handed_off += 1;
                             debug!(
                                 shard = self.index,
                                 to = shard,
                                 "resume handed off to the owning shard"
                             );
-                            ctx.hand_off(conn, shard, ShardMsg::Resume { buffered });
+                            ctx.hand_off(
+                                conn,
+                                shard,
+                                ShardMsg::Resume {
+                                    buffered,
+                                    accepted_at: self.clock.instant_us(accepted_us),
+                                },
+                            );
                             return (bytes.len(), false);
                         }
                     }
@@ -364,7 +402,7 @@ impl ShardHandler {
                     return Next::Stop;
                 };
                 if matches!(f.ty, FrameType::Unknown(_) | FrameType::Nack) {
-                    self.stats.unknown_frames += 1;
+                    ShardMetrics::inc(&self.shared.metrics.shards[self.index].unknown_frames, 1);
                 }
                 let flow = s.on_client_frame(f, now, cfg, &mut self.scratch);
                 let key = (s.tenant(), s.agent());
@@ -444,6 +482,8 @@ impl ShardHandler {
         self.attached.insert(sid, conn);
         self.flush(ctx, Some(conn), key);
         self.arm(ctx, sid);
+        let now_us = self.clock.us(ctx.now());
+        self.m().handshake.observe_us(now_us.saturating_sub(self.conns.get(&conn).map_or(now_us, |c| c.accepted_us)));
         debug!(
             shard = self.index,
             session = sid,
@@ -479,7 +519,6 @@ impl ShardHandler {
         if owner != self.index {
             return Next::HandOff(owner);
         }
-        self.stats.resumes_local += 1;
         let now = self.now(ctx);
         let (from, found) = match r {
             Resume::Full {
@@ -515,6 +554,13 @@ impl ShardHandler {
         };
         let flow = s.resume(from, now, cfg, &mut self.scratch);
         let key = (s.tenant(), s.agent());
+        let replayed = s.ring().payload_bytes() as u64;
+        let now_us = self.clock.us(ctx.now());
+        let (accepted_us, adopted) = self.conns.get(&conn).map_or((now_us, false), |c| (c.accepted_us, c.adopted));
+        let m = &self.shared.metrics.shards[self.index];
+        ShardMetrics::inc(&m.replay_bytes, replayed);
+        ShardMetrics::inc(if adopted { &m.resumes_cross_shard } else { &m.resumes_same_shard }, 1);
+        m.resume.observe_us(now_us.saturating_sub(accepted_us));
         if let Some(cs) = self.conns.get_mut(&conn) {
             cs.state = ConnState::Bound(sid);
         }
@@ -811,6 +857,10 @@ impl ShardHandler {
                     }
                 }
                 Key::Grace(pod) => self.grace_expired(ctx, pod),
+                Key::Stats => {
+                    self.publish_gauges();
+                    self.wheel.insert(now + STATS_EVERY_MS, Key::Stats);
+                }
                 Key::Retry(pod) => {
                     let waiting = self.links.get(pod).is_some_and(|l| {
                         l.lost_since.is_some() && self.links.key_of(l.conn).is_none()
@@ -853,13 +903,20 @@ enum Next {
 impl shards::Handler for ShardHandler {
     type Msg = ShardMsg;
 
+    fn on_start(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+        let d = self.now(ctx) + STATS_EVERY_MS;
+        self.wheel.insert(d, Key::Stats);
+        self.schedule(ctx, d);
+        self.publish_gauges();
+        self.shared.metrics.ready_shards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn on_accept(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr) {
-        self.stats.accepted += 1;
         if self.pending_handshakes >= self.shared.cfg.max_pending_handshakes {
-            self.stats.refused_pending += 1;
             ctx.abort(conn);
             return;
         }
+        let accepted_us = self.clock.us(ctx.now());
         self.pending_handshakes += 1;
         self.conns.insert(
             conn,
@@ -867,6 +924,8 @@ impl shards::Handler for ShardHandler {
                 state: ConnState::Handshake,
                 inbuf: Vec::new(),
                 peer,
+                accepted_us,
+                adopted: false,
             },
         );
         let d = self.now(ctx) + self.shared.cfg.handshake_ms;
@@ -879,6 +938,7 @@ impl shards::Handler for ShardHandler {
             self.on_link_data(ctx, conn, key, data);
             return;
         }
+        ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -1007,10 +1067,15 @@ impl shards::Handler for ShardHandler {
         unread: Vec<u8>,
         msg: ShardMsg,
     ) {
-        let ShardMsg::Resume { mut buffered } = msg else {
+        let ShardMsg::Resume {
+            mut buffered,
+            accepted_at,
+        } = msg
+        else {
             ctx.abort(conn);
             return;
         };
+        let accepted_us = self.clock.us(accepted_at);
         buffered.extend_from_slice(&unread);
         self.pending_handshakes += 1;
         self.conns.insert(
@@ -1019,6 +1084,8 @@ impl shards::Handler for ShardHandler {
                 state: ConnState::Handshake,
                 inbuf: Vec::new(),
                 peer,
+                accepted_us,
+                adopted: true,
             },
         );
         let d = self.now(ctx) + self.shared.cfg.handshake_ms;
@@ -1032,6 +1099,7 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_shutdown(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+        self.shared.metrics.ready_shards.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let ids: Vec<u32> = self.table.ids_iter().collect();
         for sid in ids {
             if let Some(s) = self.table.get_mut(sid) {

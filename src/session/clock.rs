@@ -19,6 +19,16 @@ impl Clock {
         t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
+    /// Microseconds since the epoch (0 for instants before it).
+    pub fn us(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// The instant of a microsecond timestamp.
+    pub fn instant_us(&self, us: u64) -> Instant {
+        self.epoch + Duration::from_micros(us)
+    }
+
     /// The instant of a millisecond timestamp.
     pub fn instant(&self, ms: u64) -> Instant {
         self.epoch + Duration::from_millis(ms)

@@ -1,0 +1,204 @@
+//! Node metrics in Prometheus text format.
+//!
+//! Each shard owns one [`ShardMetrics`] and is its only writer (relaxed atomics: no contention,
+//! no lock on the data path); the admin endpoint reads them all when scraped. Gauges that would
+//! cost a walk over the sessions (ring bytes) are refreshed by each shard once a second.
+
+use crate::proto::ErrorCode;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+pub const BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// A latency histogram with fixed buckets and atomic counts.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation of `us` microseconds.
+    pub fn observe_us(&self, us: u64) {
+        let secs = us as f64 / 1e6;
+        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+}
+
+/// The counters and gauges of one shard.
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub sessions_attached: AtomicU64,
+    pub sessions_suspended: AtomicU64,
+    pub connections: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Indexed by ERROR code (1..=12); 0 unused.
+    pub errors: [AtomicU64; 13],
+    pub unknown_frames: AtomicU64,
+    pub resumes_same_shard: AtomicU64,
+    pub resumes_cross_shard: AtomicU64,
+    pub replay_bytes: AtomicU64,
+    pub ring_bytes: AtomicU64,
+    pub pod_links: AtomicU64,
+    pub handshake: Histogram,
+    pub resume: Histogram,
+}
+
+impl ShardMetrics {
+    pub fn inc(c: &AtomicU64, by: u64) {
+        c.fetch_add(by, Relaxed);
+    }
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Relaxed);
+    }
+    pub fn error(&self, code: u16) {
+        if let Some(c) = self.errors.get(code as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Every shard's metrics plus node-wide state.
+pub struct Metrics {
+    pub shards: Vec<ShardMetrics>,
+    /// Shards that have started serving.
+    pub ready_shards: AtomicUsize,
+    pub backend: std::sync::OnceLock<String>,
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Metrics {
+        Metrics {
+            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            ready_shards: AtomicUsize::new(0),
+            backend: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Ready once every shard is serving.
+    pub fn ready(&self) -> bool {
+        self.ready_shards.load(Relaxed) >= self.shards.len()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self, pod_sockets: usize) -> String {
+        let mut o = String::with_capacity(8192);
+        let per_shard = |o: &mut String, name: &str, help: &str, kind: &str, f: &dyn Fn(&ShardMetrics) -> u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, s) in self.shards.iter().enumerate() {
+                let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
+            }
+        };
+        let _ = writeln!(o, "# HELP clawterm_sessions Sessions by state and shard.\n# TYPE clawterm_sessions gauge");
+        for (i, s) in self.shards.iter().enumerate() {
+            let _ = writeln!(o, "clawterm_sessions{{state=\"attached\",shard=\"{i}\"}} {}", s.sessions_attached.load(Relaxed));
+            let _ = writeln!(o, "clawterm_sessions{{state=\"suspended\",shard=\"{i}\"}} {}", s.sessions_suspended.load(Relaxed));
+        }
+        per_shard(&mut o, "clawterm_connections", "Open client connections (handshaking or bound).", "gauge", &|s| s.connections.load(Relaxed));
+        let sum = |f: &dyn Fn(&ShardMetrics) -> u64| self.shards.iter().map(f).sum::<u64>();
+        let _ = writeln!(o, "# HELP clawterm_frames_total ClawTerm frames by direction.\n# TYPE clawterm_frames_total counter");
+        let _ = writeln!(o, "clawterm_frames_total{{dir=\"in\"}} {}", sum(&|s| s.frames_in.load(Relaxed)));
+        let _ = writeln!(o, "clawterm_frames_total{{dir=\"out\"}} {}", sum(&|s| s.frames_out.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_bytes_total Client bytes on the wire by direction.\n# TYPE clawterm_bytes_total counter");
+        let _ = writeln!(o, "clawterm_bytes_total{{dir=\"in\"}} {}", sum(&|s| s.bytes_in.load(Relaxed)));
+        let _ = writeln!(o, "clawterm_bytes_total{{dir=\"out\"}} {}", sum(&|s| s.bytes_out.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_errors_total ERROR frames sent, by code.\n# TYPE clawterm_errors_total counter");
+        for code in ErrorCode::ALL {
+            let n = sum(&|s| s.errors[code as usize].load(Relaxed));
+            let _ = writeln!(o, "clawterm_errors_total{{code=\"{}\"}} {n}", code.name());
+        }
+        let _ = writeln!(o, "# HELP clawterm_unknown_frames_total Frames of unknown type received and ignored.\n# TYPE clawterm_unknown_frames_total counter");
+        let _ = writeln!(o, "clawterm_unknown_frames_total {}", sum(&|s| s.unknown_frames.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_resumes_total Successful resumes by where the RESUME landed.\n# TYPE clawterm_resumes_total counter");
+        let _ = writeln!(o, "clawterm_resumes_total{{kind=\"same_shard\"}} {}", sum(&|s| s.resumes_same_shard.load(Relaxed)));
+        let _ = writeln!(o, "clawterm_resumes_total{{kind=\"cross_shard\"}} {}", sum(&|s| s.resumes_cross_shard.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_replay_bytes_total Payload bytes replayed on resume.\n# TYPE clawterm_replay_bytes_total counter");
+        let _ = writeln!(o, "clawterm_replay_bytes_total {}", sum(&|s| s.replay_bytes.load(Relaxed)));
+        per_shard(&mut o, "clawterm_ring_bytes", "Unacknowledged payload bytes held in replay rings (refreshed each second).", "gauge", &|s| s.ring_bytes.load(Relaxed));
+        per_shard(&mut o, "clawterm_pod_links", "Open links to agent pods.", "gauge", &|s| s.pod_links.load(Relaxed));
+        let _ = writeln!(o, "# HELP clawterm_pods Agent pod sockets registered on the node.\n# TYPE clawterm_pods gauge\nclawterm_pods {pod_sockets}");
+        for (name, help, pick) in [
+            ("clawterm_handshake_seconds", "Accept to ACCEPT sent, for new sessions.", 0),
+            ("clawterm_resume_seconds", "Accept to RESUMED sent, for resumed sessions.", 1),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+            fn pick_h(s: &ShardMetrics, pick: u8) -> &Histogram {
+                if pick == 0 {
+                    &s.handshake
+                } else {
+                    &s.resume
+                }
+            }
+            let mut cum = 0u64;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                cum += sum(&|s| pick_h(s, pick).counts[i].load(Relaxed));
+                let _ = writeln!(o, "{name}_bucket{{le=\"{b}\"}} {cum}");
+            }
+            cum += sum(&|s| pick_h(s, pick).counts[BUCKETS.len()].load(Relaxed));
+            let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+            let _ = writeln!(o, "{name}_sum {}", sum(&|s| pick_h(s, pick).sum_us.load(Relaxed)) as f64 / 1e6);
+            let _ = writeln!(o, "{name}_count {cum}");
+        }
+        let backend = self.backend.get().map(String::as_str).unwrap_or("starting");
+        let _ = writeln!(o, "# HELP clawterm_io_backend The I/O backend in use.\n# TYPE clawterm_io_backend gauge\nclawterm_io_backend{{backend=\"{backend}\"}} 1");
+        let _ = writeln!(o, "# HELP clawterm_shards_ready Shards serving.\n# TYPE clawterm_shards_ready gauge\nclawterm_shards_ready {}", self.ready_shards.load(Relaxed));
+        o
+    }
+}
+
+/// Counts the frames in a buffer of whole encoded frames, calling `on_error` with the code of
+/// each ERROR frame. Walks headers only (no CRC).
+pub fn count_frames(mut buf: &[u8], mut on_error: impl FnMut(u16)) -> u64 {
+    let mut n = 0;
+    while buf.len() >= crate::proto::OVERHEAD {
+        let len = u16::from_be_bytes([buf[11], buf[12]]) as usize;
+        if buf[9] == 0xFF && len >= 2 && buf.len() >= 15 {
+            on_error(u16::from_be_bytes([buf[13], buf[14]]));
+        }
+        let total = crate::proto::OVERHEAD + len;
+        n += 1;
+        if total > buf.len() {
+            break;
+        }
+        buf = &buf[total..];
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_frames_and_errors() {
+        let mut b = Vec::new();
+        crate::proto::encode_to_vec(&mut b, 1, 1, crate::proto::FrameType::Data, 0, b"abc");
+        crate::proto::frame::encode_with(&mut b, 1, 2, crate::proto::FrameType::Error, 0, |o| {
+            crate::proto::ErrorFrame::encode_parts(ErrorCode::TakenOver, "x", o)
+        });
+        let mut codes = Vec::new();
+        assert_eq!(count_frames(&b, |c| codes.push(c)), 2);
+        assert_eq!(codes, vec![9]);
+    }
+
+    #[test]
+    fn histogram_and_render() {
+        let m = Metrics::new(2);
+        m.shards[0].handshake.observe_us(70);
+        m.shards[1].handshake.observe_us(2_000_000);
+        m.shards[1].error(4);
+        let t = m.render(3);
+        assert!(t.contains("clawterm_handshake_seconds_bucket{le=\"0.0001\"} 1"));
+        assert!(t.contains("clawterm_handshake_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(t.contains("clawterm_errors_total{code=\"NO_SUCH_SESSION\"} 1"));
+        assert!(t.contains("clawterm_pods 3"));
+    }
+}
