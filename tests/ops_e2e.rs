@@ -16,8 +16,15 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -30,7 +37,11 @@ fn admin_addr(env: &Env) -> SocketAddr {
                 return rest.split_whitespace().next().unwrap().parse().unwrap();
             }
         }
-        assert!(Instant::now() < deadline, "no admin line in {:?}", env.server.log_lines());
+        assert!(
+            Instant::now() < deadline,
+            "no admin line in {:?}",
+            env.server.log_lines()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -46,8 +57,12 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter(|s| s.metric == name)
         .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
         .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(ref h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => {
+                h.iter().map(|b| b.count).fold(0.0, f64::max)
+            }
             _ => 0.0,
         })
         .sum()
@@ -61,7 +76,10 @@ fn wait_for(admin: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
         if f(&body) {
             return body;
         }
-        assert!(Instant::now() < deadline, "metrics never showed {what}:\n{body}");
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {what}:\n{body}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -75,13 +93,29 @@ fn metrics_move_as_sessions_come_and_go() {
         assert_eq!(http_get(admin, "/readyz").0, 200, "every shard serving");
         let before = http_get(admin, "/metrics").1;
         assert_eq!(value(&before, "clawterm_sessions", &[]), 0.0);
-        assert_eq!(value(&before, "clawterm_io_backend", &[("backend", if cfg.io == "uring" { "io_uring" } else { "epoll" })]), 1.0);
+        assert_eq!(
+            value(
+                &before,
+                "clawterm_io_backend",
+                &[(
+                    "backend",
+                    if cfg.io == "uring" {
+                        "io_uring"
+                    } else {
+                        "epoll"
+                    }
+                )]
+            ),
+            1.0
+        );
 
         let mut clients: Vec<Client> = (0..6).map(|_| env.session()).collect();
         for c in clients.iter_mut() {
             c.echo(b"ping");
         }
-        let body = wait_for(admin, "6 attached sessions", |b| value(b, "clawterm_sessions", &[("state", "attached")]) == 6.0);
+        let body = wait_for(admin, "6 attached sessions", |b| {
+            value(b, "clawterm_sessions", &[("state", "attached")]) == 6.0
+        });
         assert!(value(&body, "clawterm_frames_total", &[("dir", "in")]) >= 12.0);
         assert!(value(&body, "clawterm_frames_total", &[("dir", "out")]) >= 12.0);
         assert!(value(&body, "clawterm_bytes_total", &[("dir", "in")]) > 0.0);
@@ -98,31 +132,49 @@ fn metrics_move_as_sessions_come_and_go() {
                 k
             })
             .collect();
-        wait_for(admin, "3 suspended", |b| value(b, "clawterm_sessions", &[("state", "suspended")]) == 3.0);
+        wait_for(admin, "3 suspended", |b| {
+            value(b, "clawterm_sessions", &[("state", "suspended")]) == 3.0
+        });
         // Resume them: resumes counted (same or cross shard), replay bytes not negative.
         for (sid, tok, last) in &dropped {
             let mut c = env.client();
             c.resume(*sid, *last, tok);
         }
-        let body = wait_for(admin, "3 resumes", |b| value(b, "clawterm_resumes_total", &[]) == 3.0);
+        let body = wait_for(admin, "3 resumes", |b| {
+            value(b, "clawterm_resumes_total", &[]) == 3.0
+        });
         assert!(value(&body, "clawterm_resume_seconds_count", &[]) >= 3.0);
         // A refused RESUME is counted under its code.
         let mut bad = env.client();
-        assert_eq!(bad.try_resume(0x7777_0000, 0, &[1; 16]), Err(E_NO_SUCH_SESSION));
-        let body = wait_for(admin, "an error", |b| value(b, "clawterm_errors_total", &[("code", "NO_SUCH_SESSION")]) >= 1.0);
-        assert_eq!(value(&body, "clawterm_errors_total", &[("code", "AUTH_FAILED")]), 0.0);
+        assert_eq!(
+            bad.try_resume(0x7777_0000, 0, &[1; 16]),
+            Err(E_NO_SUCH_SESSION)
+        );
+        let body = wait_for(admin, "an error", |b| {
+            value(b, "clawterm_errors_total", &[("code", "NO_SUCH_SESSION")]) >= 1.0
+        });
+        assert_eq!(
+            value(&body, "clawterm_errors_total", &[("code", "AUTH_FAILED")]),
+            0.0
+        );
         // Sessions that end leave the gauges.
         for mut c in clients {
             c.send(DISCONNECT, &[]);
             c.expect_closed();
         }
-        wait_for(admin, "3 sessions left", |b| value(b, "clawterm_sessions", &[]) == 3.0);
+        wait_for(admin, "3 sessions left", |b| {
+            value(b, "clawterm_sessions", &[]) == 3.0
+        });
         assert_eq!(http_get(admin, "/nope").0, 404);
     }
 }
 
 fn check_config(args: &[&str], toml: &str) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("clawterm-cc-{}-{}", std::process::id(), toml.len() + args.len()));
+    let dir = std::env::temp_dir().join(format!(
+        "clawterm-cc-{}-{}",
+        std::process::id(),
+        toml.len() + args.len()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("clawtermd.toml");
     std::fs::write(&f, toml).unwrap();
@@ -135,7 +187,10 @@ fn check_config(args: &[&str], toml: &str) -> (bool, String) {
     }
     let out = cmd.output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
@@ -152,14 +207,30 @@ fn check_config_names_the_bad_key() {
         ("max_payload = 70000\n", "`max_payload`"),
         ("admin = \"nowhere\"\n", "`admin`"),
         ("keepalive = -1\n", "`keepalive`"),
-        ("tokens = \"/nonexistent/tokens\"\ninsecure_no_auth = false\n", "`tokens`"),
+        (
+            "tokens = \"/nonexistent/tokens\"\ninsecure_no_auth = false\n",
+            "`tokens`",
+        ),
     ] {
-        let text = format!("{}{toml}", ok.replace("insecure_no_auth = true\n", if toml.contains("tokens") { "" } else { "insecure_no_auth = true\n" }));
+        let text = format!(
+            "{}{toml}",
+            ok.replace(
+                "insecure_no_auth = true\n",
+                if toml.contains("tokens") {
+                    ""
+                } else {
+                    "insecure_no_auth = true\n"
+                }
+            )
+        );
         let (good, out) = check_config(&[], &text);
         assert!(!good, "{toml} was accepted: {out}");
-        assert!(out.contains(key), "{toml}: message does not name {key}: {out}");
+        assert!(
+            out.contains(key),
+            "{toml}: message does not name {key}: {out}"
+        );
     }
     // The command line wins over the file.
-    let (good, out) = check_config(&["--ring-bytes", "400000"], &format!("{ok}"));
+    let (good, out) = check_config(&["--ring-bytes", "400000"], ok);
     assert!(good, "{out}");
 }
