@@ -33,6 +33,8 @@ pub struct Demo {
     dir: PathBuf,
     token: [u8; 32],
     stop: Arc<AtomicBool>,
+    /// The self-signed certificate (path, SHA-256) when the demo runs TLS.
+    tls: Option<(PathBuf, String)>,
 }
 
 impl Drop for Demo {
@@ -42,9 +44,9 @@ impl Drop for Demo {
     }
 }
 
-/// Sets up the demo: loopback address, a temporary socket dir with an echo agent, and a dev
-/// token; rewrites `cfg` to use them.
-pub fn prepare(cfg: &mut ServerConfig) -> std::io::Result<Demo> {
+/// Sets up the demo: loopback address, a temporary socket dir with an echo agent, a dev token
+/// and (with `tls`) a self-signed certificate; rewrites `cfg` to use them.
+pub fn prepare(cfg: &mut ServerConfig, tls: bool) -> std::io::Result<Demo> {
     let dir = std::env::temp_dir().join(format!("clawterm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut token = [0u8; 32];
@@ -71,21 +73,94 @@ pub fn prepare(cfg: &mut ServerConfig) -> std::io::Result<Demo> {
     cfg.bind = Ipv4Addr::LOCALHOST.into();
     cfg.socket_dir = sockets;
     cfg.auth = Auth::Tokens(tokens);
-    Ok(Demo { dir, token, stop })
+    let tls = if tls && cfg.tls.is_none() {
+        let (cert, key, fp) =
+            crate::server::tls::self_signed(&dir).map_err(std::io::Error::other)?;
+        cfg.tls = Some((cert.clone(), key));
+        Some((cert, fp))
+    } else {
+        None
+    };
+    Ok(Demo {
+        dir,
+        token,
+        stop,
+        tls,
+    })
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(b),
+            Stream::Tls(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(b),
+            Stream::Tls(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A client TLS configuration that trusts exactly `cert` (the demo's self-signed one).
+fn trust_only(cert: &std::path::Path) -> std::io::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let der =
+        CertificateDer::from_pem_file(cert).map_err(|e| std::io::Error::other(e.to_string()))?;
+    roots
+        .add(der)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 /// A minimal blocking ClawTerm client, enough for the walkthrough.
 struct MiniClient {
-    sock: TcpStream,
+    sock: Stream,
     buf: Vec<u8>,
     seq: u32,
 }
 
 impl MiniClient {
-    fn connect(addr: SocketAddr) -> std::io::Result<MiniClient> {
-        let sock = TcpStream::connect(addr)?;
-        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-        sock.set_nodelay(true)?;
+    fn connect(
+        addr: SocketAddr,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> std::io::Result<MiniClient> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.set_nodelay(true)?;
+        let sock = match tls {
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let conn = rustls::ClientConnection::new(cfg.clone(), name)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+            }
+            None => Stream::Plain(tcp),
+        };
         Ok(MiniClient {
             sock,
             buf: Vec::new(),
@@ -129,16 +204,36 @@ impl Demo {
     /// Prints how to use the demo server, then runs the scripted walkthrough on a thread.
     pub fn run_walkthrough(&self, addr: SocketAddr) {
         println!();
-        println!("  clawtermd demo is running on {addr} (plaintext, loopback only)");
+        match &self.tls {
+            Some((cert, fp)) => {
+                println!("  clawtermd demo is running on {addr} (TLS 1.3, loopback only)");
+                println!(
+                    "  self-signed certificate: {} (SHA-256 {fp})",
+                    cert.display()
+                );
+                println!("  clients trust it with --ca {}", cert.display());
+            }
+            None => println!("  clawtermd demo is running on {addr} (plaintext, loopback only)"),
+        }
         println!("  built-in echo agent: tenant {DEMO_TENANT}, agent {DEMO_AGENT}");
         println!("  dev token: {}", to_hex(&self.token));
         println!("  press Ctrl-C to stop");
         println!();
         let token = self.token;
+        let tls = match &self.tls {
+            Some((cert, _)) => match trust_only(cert) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    println!("  demo walkthrough failed: {e}");
+                    return;
+                }
+            },
+            None => None,
+        };
         let _ = std::thread::Builder::new().name("demo-client".into()).spawn(move || {
             // Give the shards a moment to be serving before the scripted client connects.
             std::thread::sleep(Duration::from_millis(200));
-            match walkthrough(addr, token) {
+            match walkthrough(addr, token, tls.as_ref()) {
                 Ok(()) => println!("  demo walkthrough: OK — every missed frame replayed exactly once, in order\n"),
                 Err(e) => println!("  demo walkthrough failed: {e}\n"),
             }
@@ -146,9 +241,13 @@ impl Demo {
     }
 }
 
-fn walkthrough(addr: SocketAddr, token: [u8; 32]) -> std::io::Result<()> {
+fn walkthrough(
+    addr: SocketAddr,
+    token: [u8; 32],
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> std::io::Result<()> {
     let err = |m: String| std::io::Error::other(m);
-    let mut c = MiniClient::connect(addr)?;
+    let mut c = MiniClient::connect(addr, tls)?;
     let mut p = Vec::new();
     Connect {
         version: 1,
@@ -193,7 +292,7 @@ fn walkthrough(addr: SocketAddr, token: [u8; 32]) -> std::io::Result<()> {
     drop(c);
     println!("  [3] connection dropped abruptly with 3 echoes in flight");
     std::thread::sleep(Duration::from_millis(300));
-    let mut c = MiniClient::connect(addr)?;
+    let mut c = MiniClient::connect(addr, tls)?;
     let mut p = Vec::new();
     Resume::Full {
         session_id: sid,

@@ -175,11 +175,35 @@ impl EpollShard {
         }
         if flags & f::DEAD == 0 && flags & f::READING != 0 {
             self.read(core, h, idx);
+        } else if flags & f::LINGER != 0 {
+            self.drain(core, idx);
         } else if bits & errbits != 0 && flags & f::HANDOFF == 0 {
             let fd = core.conns[idx as usize].fd;
             let err = sys::take_error(fd)
                 .unwrap_or_else(|| io::Error::from(io::ErrorKind::ConnectionReset));
             core.fail(idx, Some(err));
+        }
+    }
+
+    /// A lingering close: read and discard until EOF (or the close deadline aborts it).
+    fn drain<M: Send + 'static>(&mut self, core: &mut Core<M>, idx: u32) {
+        let fd = core.conns[idx as usize].fd;
+        loop {
+            match sys::recv(fd, &mut self.scratch) {
+                Ok(0) => {
+                    core.conns[idx as usize].flags |= f::EOF;
+                    core.mark_dirty(idx);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    core.conns[idx as usize].flags |= f::EOF | f::ABORT;
+                    core.mark_dirty(idx);
+                    return;
+                }
+            }
         }
     }
 
@@ -245,7 +269,8 @@ impl EpollShard {
             }
         }
         let c = &mut core.conns[idx as usize];
-        if c.flags & f::ABORT != 0 || (c.flags & f::DEAD != 0 && c.out.is_none()) {
+        let lingering = crate::reactor::linger(c);
+        if c.flags & f::ABORT != 0 || (c.flags & f::DEAD != 0 && c.out.is_none() && !lingering) {
             // close(2) also removes the fd from the epoll set.
             sys::close(fd);
             core.free(idx);
@@ -253,7 +278,7 @@ impl EpollShard {
         }
         let mut want = 0u32;
         let mut want_flags = 0u16;
-        if c.flags & (f::DEAD | f::READING) == f::READING {
+        if c.flags & (f::DEAD | f::READING) == f::READING || lingering {
             want |= (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
             want_flags |= f::RECV;
         }

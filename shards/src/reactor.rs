@@ -52,7 +52,26 @@ pub(crate) mod f {
     /// Has bytes in `Core::stash` (received while paused).
     pub const STASH: u16 = 1 << 13;
     /// uring: peer EOF seen while paused/stashed; reported once the stash is delivered.
+    /// Both backends: peer EOF seen on a lingering (closing) conn.
     pub const EOF: u16 = 1 << 14;
+    /// Graceful close in progress: output flushed, write side shut down, input drained and
+    /// discarded until the peer's EOF (closing with unread input would make the kernel send a
+    /// RST, which can destroy output the peer has not read yet).
+    pub const LINGER: u16 = 1 << 15;
+}
+
+/// A graceful close whose output is flushed: shut the write side down once, so the peer sees
+/// EOF after the last byte; returns whether the conn is still lingering (waiting for EOF).
+pub(crate) fn linger(c: &mut Conn) -> bool {
+    let graceful = c.flags & (f::DEAD | f::CLOSING | f::ABORT | f::HANDOFF) == f::DEAD | f::CLOSING;
+    if !graceful || c.out.is_some() {
+        return false;
+    }
+    if c.flags & f::LINGER == 0 {
+        c.flags |= f::LINGER;
+        sys::shutdown_write(c.fd);
+    }
+    c.flags & f::EOF == 0
 }
 
 /// Per-connection state. 24 bytes on 64-bit targets (see the `conn_size` test); idle

@@ -33,6 +33,14 @@ pub(crate) unsafe fn owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// `shutdown(fd, SHUT_WR)`; errors (e.g. the peer already reset) are irrelevant here.
+pub(crate) fn shutdown_write(fd: RawFd) {
+    // SAFETY: plain syscall on an fd the caller owns; no memory is passed.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
 pub(crate) fn close(fd: RawFd) {
     // SAFETY: callers pass an fd they own and never use again after this call.
     unsafe {

@@ -583,7 +583,11 @@ impl UringShard {
             self.bufs.recycle(bid);
         }
         if res == 0 {
-            if cf & f::DEAD == 0 {
+            if cf & f::DEAD != 0 {
+                // The peer finished: a lingering close may complete.
+                core.conns[idx as usize].flags |= f::EOF;
+                core.mark_dirty(idx);
+            } else {
                 if cf & f::READING == 0 || cf & f::STASH != 0 {
                     // Deliver what was stashed first; drive reports EOF afterwards.
                     core.conns[idx as usize].flags |= f::EOF;
@@ -612,7 +616,8 @@ impl UringShard {
             core.fail(idx, None);
             return; // fail() marked it dirty again
         }
-        let want_recv = c.flags & (f::DEAD | f::READING | f::EOF) == f::READING;
+        let lingering = crate::reactor::linger(c);
+        let want_recv = c.flags & (f::DEAD | f::READING | f::EOF) == f::READING || lingering;
         if c.flags & f::RECV != 0 && !want_recv && c.flags & f::CANCEL_RECV == 0 {
             c.flags |= f::CANCEL_RECV;
             self.cancel(ud(K_RECV, idx, gen));
@@ -652,10 +657,13 @@ impl UringShard {
                 unsafe { self.push(e) };
             }
         }
-        let c = &core.conns[idx as usize];
+        let c = &mut core.conns[idx as usize];
+        let lingering = crate::reactor::linger(c);
         if c.flags & f::DEAD != 0 && c.ops == 0 {
             if c.flags & f::HANDOFF != 0 {
                 core.finish_handoff(idx);
+            } else if lingering {
+                // Output flushed, write side shut, receive armed above: wait for the EOF.
             } else if c.flags & f::ABORT != 0 || c.out.is_none() {
                 sys::close(fd);
                 core.free(idx);

@@ -45,7 +45,13 @@ struct Shared {
     state: Mutex<State>,
     cond: Condvar,
     tx: Sender<WriterCmd>,
+    /// Bytes handed to the writer thread and not yet written to the socket.
+    queued: std::sync::atomic::AtomicUsize,
 }
+
+/// Producers block once this much output waits for the socket: a PAUSE from the daemon then
+/// finds little in flight, and a fast producer cannot queue unbounded memory.
+const QUEUE_LIMIT: usize = 256 * 1024;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -100,9 +106,33 @@ impl Outbox {
             sess.closing = closing;
             return Ok(());
         }
+        // Back-pressure: wait while the socket is behind (the writer notifies as it drains).
+        use std::sync::atomic::Ordering::Relaxed;
+        while !closing && self.shared.queued.load(Relaxed) > QUEUE_LIMIT && st.link_open {
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, std::time::Duration::from_millis(10))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        if !st.link_open {
+            return Err(not_connected());
+        }
+        if st.sessions.get(&s).is_none_or(|x| x.closing) {
+            return Ok(());
+        }
+        if st.sessions.get(&s).is_some_and(|x| x.paused) {
+            if let Some(sess) = st.sessions.get_mut(&s) {
+                sess.held.push(buf);
+                sess.closing = closing;
+            }
+            return Ok(());
+        }
         if closing {
             st.sessions.remove(&s);
         }
+        self.shared.queued.fetch_add(buf.len(), Relaxed);
         // Sent under the lock so that order matches the order of calls and a CLOSE can't
         // overtake DATA sent before it.
         let r = self.shared.tx.send(WriterCmd::Bytes(buf));
@@ -201,6 +231,14 @@ fn writer_loop(mut stream: UnixStream, rx: Receiver<WriterCmd>, shared: Arc<Shar
                 let _ = stream.shutdown(Shutdown::Both);
                 return;
             }
+            let n = buf.len();
+            let before = shared.queued.load(std::sync::atomic::Ordering::Relaxed);
+            shared
+                .queued
+                .fetch_sub(n.min(before), std::sync::atomic::Ordering::Relaxed);
+            if before > QUEUE_LIMIT {
+                shared.cond.notify_all();
+            }
             buf.clear();
         }
         if stop {
@@ -241,6 +279,7 @@ pub(crate) fn serve_link_with<A: Agent>(
         }),
         cond: Condvar::new(),
         tx,
+        queued: std::sync::atomic::AtomicUsize::new(0),
     });
     let out = Outbox {
         shared: Arc::clone(&shared),

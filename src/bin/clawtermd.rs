@@ -15,7 +15,13 @@ use tracing::{error, info, warn};
 ///
 /// Every option can also be set as CLAWTERM_<NAME> in the environment (e.g. CLAWTERM_PORT).
 #[derive(Parser, Debug)]
-#[command(name = "clawtermd", version, about, long_about, args_override_self = true)]
+#[command(
+    name = "clawtermd",
+    version,
+    about,
+    long_about,
+    args_override_self = true
+)]
 struct Args {
     /// TCP port for clients (0 = pick a free one).
     #[arg(short, long, env = "CLAWTERM_PORT", default_value_t = 7220)]
@@ -135,12 +141,22 @@ fn build_config(a: &Args) -> Result<ServerConfig, String> {
             a.ring_bytes, a.max_payload
         ));
     }
-    if a.tls_cert.is_some() || a.tls_key.is_some() {
-        return Err("TLS is not available in this build yet: run with --insecure-plaintext on a trusted network".into());
-    }
-    if !a.insecure_plaintext && !a.demo {
-        return Err("no TLS certificate configured: this build serves plaintext TCP only, which needs an explicit --insecure-plaintext".into());
-    }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(_), Some(_)) if a.insecure_plaintext => {
+            return Err("--tls-cert/--tls-key and --insecure-plaintext contradict each other: pick one".into())
+        }
+        (Some(c), Some(k)) => {
+            server::tls::server_config(c, k)?;
+            Some((c.clone(), k.clone()))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err("--tls-cert and --tls-key go together: pass both (PEM files)".into())
+        }
+        (None, None) if a.insecure_plaintext || a.demo => None,
+        (None, None) => {
+            return Err("no TLS certificate: pass --tls-cert and --tls-key (PEM), or --insecure-plaintext for development on a trusted network".into())
+        }
+    };
     let auth = match (&a.tokens, a.insecure_no_auth) {
         (Some(_), true) => return Err("--tokens and --insecure-no-auth contradict each other: pick one".into()),
         (Some(p), false) => {
@@ -194,6 +210,7 @@ fn build_config(a: &Args) -> Result<ServerConfig, String> {
         handshake_ms: secs("handshake-timeout", a.handshake_timeout)?,
         allow_legacy_resume: a.allow_legacy_resume,
         agent_grace_ms: secs("agent-grace", a.agent_grace)?,
+        tls,
         admin: match a.admin.as_str() {
             "off" => None,
             addr => Some(addr.parse().map_err(|_| {
@@ -216,7 +233,9 @@ fn apply_config_file() -> Result<Vec<String>, String> {
             path = Some(p.to_string());
         }
     }
-    let Some(path) = path else { return Ok(Vec::new()) };
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
     let text = std::fs::read_to_string(&path).map_err(|e| format!("config file {path}: {e}"))?;
     let table: toml::Table = text
         .parse()
@@ -225,7 +244,9 @@ fn apply_config_file() -> Result<Vec<String>, String> {
     let mut keys = Vec::new();
     for (key, value) in table {
         let name = key.replace('_', "-");
-        let arg = cmd.get_arguments().find(|a| a.get_long() == Some(name.as_str()));
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name.as_str()));
         let Some(env) = arg.and_then(|a| a.get_env()) else {
             let valid: Vec<String> = cmd
                 .get_arguments()
@@ -313,7 +334,16 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("clawtermd: {}", with_key(e.to_string().trim_start_matches("error: ").trim().to_string(), &keys));
+            eprintln!(
+                "clawtermd: {}",
+                with_key(
+                    e.to_string()
+                        .trim_start_matches("error: ")
+                        .trim()
+                        .to_string(),
+                    &keys
+                )
+            );
             return ExitCode::from(2);
         }
     };
@@ -341,7 +371,7 @@ fn main() -> ExitCode {
     }
     let sigs = block_signals();
     let demo = if args.demo {
-        match clawterm::demo::prepare(&mut cfg) {
+        match clawterm::demo::prepare(&mut cfg, !args.insecure_plaintext) {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("clawtermd: --demo: {e}");
@@ -369,9 +399,14 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     info!(
-        "clawtermd {} listening on tcp {} (plaintext), {} shards, {} I/O, agents in {}",
+        "clawtermd {} listening on tcp {} ({}), {} shards, {} I/O, agents in {}",
         env!("CARGO_PKG_VERSION"),
         addr,
+        if cfg.tls.is_some() {
+            "TLS 1.3"
+        } else {
+            "plaintext"
+        },
         cfg.shards,
         server.backend(),
         cfg.socket_dir.display()
@@ -384,16 +419,26 @@ fn main() -> ExitCode {
     }
     loop {
         match wait_signal(&sigs) {
-            libc::SIGHUP => match &cfg.auth {
-                Auth::Tokens(p) => match Tokens::load(p) {
-                    Ok(t) => {
-                        info!(tokens = t.len(), "tokens file reloaded");
-                        server.shared().set_tokens(t);
+            libc::SIGHUP => {
+                if let Some(t) = &server.shared().tls {
+                    match t.reload() {
+                        Ok(()) => info!("TLS certificate reloaded"),
+                        Err(e) => {
+                            error!("TLS certificate not reloaded, keeping the previous one: {e}")
+                        }
                     }
-                    Err(e) => error!("tokens file not reloaded, keeping the previous one: {e}"),
-                },
-                Auth::NoAuth => info!("SIGHUP: no tokens file to reload"),
-            },
+                }
+                match &cfg.auth {
+                    Auth::Tokens(p) => match Tokens::load(p) {
+                        Ok(t) => {
+                            info!(tokens = t.len(), "tokens file reloaded");
+                            server.shared().set_tokens(t);
+                        }
+                        Err(e) => error!("tokens file not reloaded, keeping the previous one: {e}"),
+                    },
+                    Auth::NoAuth => info!("SIGHUP: no tokens file to reload"),
+                }
+            }
             s => {
                 info!(signal = s, "shutting down");
                 break;

@@ -35,6 +35,11 @@ pub struct Link {
     pub lost_since: Option<u64>,
     /// Next delay before retrying a refused reconnect while the pod's socket is registered.
     pub retry_ms: u64,
+    /// CONNECTs (connection, client caps) waiting for the link's first connect to complete.
+    pub waiting: Vec<(ConnId, u8)>,
+    /// Bytes at the head of `pending` that belong to the current connect attempt (HELLO and
+    /// REOPENs): dropped if that attempt fails, so the next one does not repeat them.
+    pub prefix_len: usize,
 }
 
 impl Link {
@@ -99,6 +104,7 @@ impl Links {
                 name,
             },
         );
+        let prefix_len = pending.len();
         self.by_conn.insert(conn, key);
         self.by_key.entry(key).or_insert(Link {
             key,
@@ -111,6 +117,8 @@ impl Links {
             paused_readers: Vec::new(),
             lost_since: None,
             retry_ms: Link::FIRST_RETRY_MS,
+            waiting: Vec::new(),
+            prefix_len,
         })
     }
 
@@ -120,14 +128,12 @@ impl Links {
         let l = self.by_key.get_mut(&key)?;
         self.by_conn.remove(&l.conn);
         if !l.connected {
-            // What was queued for a connect that never completed is held like later input;
-            // only the old HELLO goes (a new one is sent on reconnect).
-            if let Ok(podlink::Decoded::Msg { used, .. }) = podlink::decode(&l.pending) {
-                if l.lost_since.is_none() {
-                    l.pending.drain(..used);
-                }
-            }
+            // The attempt that failed queued its own HELLO (and REOPENs): drop them; what
+            // follows is held input, kept for the next attempt.
+            let n = l.prefix_len.min(l.pending.len());
+            l.pending.drain(..n);
         }
+        l.prefix_len = 0;
         l.connected = false;
         l.hello_seen = false;
         l.inbuf.clear();
@@ -140,6 +146,7 @@ impl Links {
         if let Some(l) = self.by_key.get_mut(&key) {
             self.by_conn.insert(conn, key);
             l.conn = conn;
+            l.prefix_len = prefix.len();
             prefix.extend_from_slice(&l.pending);
             l.pending = prefix;
         }

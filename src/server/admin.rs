@@ -20,31 +20,37 @@ pub struct Admin {
 
 impl Admin {
     /// Binds `addr` and serves on a thread named `admin`.
-    pub fn start(addr: SocketAddr, metrics: Arc<Metrics>, registry: Arc<Registry>) -> std::io::Result<Admin> {
+    pub fn start(
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        registry: Arc<Registry>,
+    ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("admin endpoint {addr}: {e}")))?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let thread = std::thread::Builder::new().name("admin".into()).spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        if let Err(e) = serve(s, &metrics, &registry) {
-                            tracing::debug!("admin request failed: {e}");
+        let thread = std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            if let Err(e) = serve(s, &metrics, &registry) {
+                                tracing::debug!("admin request failed: {e}");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            tracing::warn!("admin accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        tracing::warn!("admin accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Admin {
             addr,
             stop,
@@ -79,7 +85,12 @@ fn serve(mut s: TcpStream, metrics: &Metrics, registry: &Registry) -> std::io::R
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > 8192 {
-            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", "request too large\n");
+            return respond(
+                &mut s,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+            );
         }
     }
     let line = String::from_utf8_lossy(&buf);
@@ -97,8 +108,18 @@ fn serve(mut s: TcpStream, metrics: &Metrics, registry: &Registry) -> std::io::R
         ),
         "/healthz" => respond(&mut s, "200 OK", "text/plain", "ok\n"),
         "/readyz" if metrics.ready() => respond(&mut s, "200 OK", "text/plain", "ready\n"),
-        "/readyz" => respond(&mut s, "503 Service Unavailable", "text/plain", "shards starting\n"),
-        _ => respond(&mut s, "404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n"),
+        "/readyz" => respond(
+            &mut s,
+            "503 Service Unavailable",
+            "text/plain",
+            "shards starting\n",
+        ),
+        _ => respond(
+            &mut s,
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n",
+        ),
     }
 }
 

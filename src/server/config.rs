@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub handshake_ms: u64,
     pub allow_legacy_resume: bool,
     pub agent_grace_ms: u64,
+    /// TLS certificate chain and key (PEM); `None` = plaintext (`--insecure-plaintext`).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Admin endpoint (`/metrics`, `/healthz`, `/readyz`); `None` = off.
     pub admin: Option<std::net::SocketAddr>,
 }
@@ -51,6 +53,7 @@ impl Default for ServerConfig {
             handshake_ms: 10_000,
             allow_legacy_resume: false,
             agent_grace_ms: 60_000,
+            tls: None,
             admin: None,
         }
     }

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const BUCKETS: [f64; 14] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 
 /// A latency histogram with fixed buckets and atomic counts.
@@ -24,7 +25,10 @@ impl Histogram {
     /// Records one observation of `us` microseconds.
     pub fn observe_us(&self, us: u64) {
         let secs = us as f64 / 1e6;
-        let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        let i = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
@@ -91,43 +95,116 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self, pod_sockets: usize) -> String {
         let mut o = String::with_capacity(8192);
-        let per_shard = |o: &mut String, name: &str, help: &str, kind: &str, f: &dyn Fn(&ShardMetrics) -> u64| {
+        let per_shard = |o: &mut String,
+                         name: &str,
+                         help: &str,
+                         kind: &str,
+                         f: &dyn Fn(&ShardMetrics) -> u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (i, s) in self.shards.iter().enumerate() {
                 let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
             }
         };
-        let _ = writeln!(o, "# HELP clawterm_sessions Sessions by state and shard.\n# TYPE clawterm_sessions gauge");
+        let _ = writeln!(
+            o,
+            "# HELP clawterm_sessions Sessions by state and shard.\n# TYPE clawterm_sessions gauge"
+        );
         for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(o, "clawterm_sessions{{state=\"attached\",shard=\"{i}\"}} {}", s.sessions_attached.load(Relaxed));
-            let _ = writeln!(o, "clawterm_sessions{{state=\"suspended\",shard=\"{i}\"}} {}", s.sessions_suspended.load(Relaxed));
+            let _ = writeln!(
+                o,
+                "clawterm_sessions{{state=\"attached\",shard=\"{i}\"}} {}",
+                s.sessions_attached.load(Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "clawterm_sessions{{state=\"suspended\",shard=\"{i}\"}} {}",
+                s.sessions_suspended.load(Relaxed)
+            );
         }
-        per_shard(&mut o, "clawterm_connections", "Open client connections (handshaking or bound).", "gauge", &|s| s.connections.load(Relaxed));
+        per_shard(
+            &mut o,
+            "clawterm_connections",
+            "Open client connections (handshaking or bound).",
+            "gauge",
+            &|s| s.connections.load(Relaxed),
+        );
         let sum = |f: &dyn Fn(&ShardMetrics) -> u64| self.shards.iter().map(f).sum::<u64>();
         let _ = writeln!(o, "# HELP clawterm_frames_total ClawTerm frames by direction.\n# TYPE clawterm_frames_total counter");
-        let _ = writeln!(o, "clawterm_frames_total{{dir=\"in\"}} {}", sum(&|s| s.frames_in.load(Relaxed)));
-        let _ = writeln!(o, "clawterm_frames_total{{dir=\"out\"}} {}", sum(&|s| s.frames_out.load(Relaxed)));
+        let _ = writeln!(
+            o,
+            "clawterm_frames_total{{dir=\"in\"}} {}",
+            sum(&|s| s.frames_in.load(Relaxed))
+        );
+        let _ = writeln!(
+            o,
+            "clawterm_frames_total{{dir=\"out\"}} {}",
+            sum(&|s| s.frames_out.load(Relaxed))
+        );
         let _ = writeln!(o, "# HELP clawterm_bytes_total Client bytes on the wire by direction.\n# TYPE clawterm_bytes_total counter");
-        let _ = writeln!(o, "clawterm_bytes_total{{dir=\"in\"}} {}", sum(&|s| s.bytes_in.load(Relaxed)));
-        let _ = writeln!(o, "clawterm_bytes_total{{dir=\"out\"}} {}", sum(&|s| s.bytes_out.load(Relaxed)));
+        let _ = writeln!(
+            o,
+            "clawterm_bytes_total{{dir=\"in\"}} {}",
+            sum(&|s| s.bytes_in.load(Relaxed))
+        );
+        let _ = writeln!(
+            o,
+            "clawterm_bytes_total{{dir=\"out\"}} {}",
+            sum(&|s| s.bytes_out.load(Relaxed))
+        );
         let _ = writeln!(o, "# HELP clawterm_errors_total ERROR frames sent, by code.\n# TYPE clawterm_errors_total counter");
         for code in ErrorCode::ALL {
             let n = sum(&|s| s.errors[code as usize].load(Relaxed));
             let _ = writeln!(o, "clawterm_errors_total{{code=\"{}\"}} {n}", code.name());
         }
         let _ = writeln!(o, "# HELP clawterm_unknown_frames_total Frames of unknown type received and ignored.\n# TYPE clawterm_unknown_frames_total counter");
-        let _ = writeln!(o, "clawterm_unknown_frames_total {}", sum(&|s| s.unknown_frames.load(Relaxed)));
+        let _ = writeln!(
+            o,
+            "clawterm_unknown_frames_total {}",
+            sum(&|s| s.unknown_frames.load(Relaxed))
+        );
         let _ = writeln!(o, "# HELP clawterm_resumes_total Successful resumes by where the RESUME landed.\n# TYPE clawterm_resumes_total counter");
-        let _ = writeln!(o, "clawterm_resumes_total{{kind=\"same_shard\"}} {}", sum(&|s| s.resumes_same_shard.load(Relaxed)));
-        let _ = writeln!(o, "clawterm_resumes_total{{kind=\"cross_shard\"}} {}", sum(&|s| s.resumes_cross_shard.load(Relaxed)));
+        let _ = writeln!(
+            o,
+            "clawterm_resumes_total{{kind=\"same_shard\"}} {}",
+            sum(&|s| s.resumes_same_shard.load(Relaxed))
+        );
+        let _ = writeln!(
+            o,
+            "clawterm_resumes_total{{kind=\"cross_shard\"}} {}",
+            sum(&|s| s.resumes_cross_shard.load(Relaxed))
+        );
         let _ = writeln!(o, "# HELP clawterm_replay_bytes_total Payload bytes replayed on resume.\n# TYPE clawterm_replay_bytes_total counter");
-        let _ = writeln!(o, "clawterm_replay_bytes_total {}", sum(&|s| s.replay_bytes.load(Relaxed)));
-        per_shard(&mut o, "clawterm_ring_bytes", "Unacknowledged payload bytes held in replay rings (refreshed each second).", "gauge", &|s| s.ring_bytes.load(Relaxed));
-        per_shard(&mut o, "clawterm_pod_links", "Open links to agent pods.", "gauge", &|s| s.pod_links.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "clawterm_replay_bytes_total {}",
+            sum(&|s| s.replay_bytes.load(Relaxed))
+        );
+        per_shard(
+            &mut o,
+            "clawterm_ring_bytes",
+            "Unacknowledged payload bytes held in replay rings (refreshed each second).",
+            "gauge",
+            &|s| s.ring_bytes.load(Relaxed),
+        );
+        per_shard(
+            &mut o,
+            "clawterm_pod_links",
+            "Open links to agent pods.",
+            "gauge",
+            &|s| s.pod_links.load(Relaxed),
+        );
         let _ = writeln!(o, "# HELP clawterm_pods Agent pod sockets registered on the node.\n# TYPE clawterm_pods gauge\nclawterm_pods {pod_sockets}");
         for (name, help, pick) in [
-            ("clawterm_handshake_seconds", "Accept to ACCEPT sent, for new sessions.", 0),
-            ("clawterm_resume_seconds", "Accept to RESUMED sent, for resumed sessions.", 1),
+            (
+                "clawterm_handshake_seconds",
+                "Accept to ACCEPT sent, for new sessions.",
+                0,
+            ),
+            (
+                "clawterm_resume_seconds",
+                "Accept to RESUMED sent, for resumed sessions.",
+                1,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
             fn pick_h(s: &ShardMetrics, pick: u8) -> &Histogram {
@@ -144,7 +221,11 @@ impl Metrics {
             }
             cum += sum(&|s| pick_h(s, pick).counts[BUCKETS.len()].load(Relaxed));
             let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-            let _ = writeln!(o, "{name}_sum {}", sum(&|s| pick_h(s, pick).sum_us.load(Relaxed)) as f64 / 1e6);
+            let _ = writeln!(
+                o,
+                "{name}_sum {}",
+                sum(&|s| pick_h(s, pick).sum_us.load(Relaxed)) as f64 / 1e6
+            );
             let _ = writeln!(o, "{name}_count {cum}");
         }
         let backend = self.backend.get().map(String::as_str).unwrap_or("starting");

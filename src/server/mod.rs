@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod metrics;
 pub mod shard;
+pub mod tls;
 
 pub use config::{Auth, ServerConfig};
 
@@ -30,6 +31,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Counters and gauges, one set per shard.
     pub metrics: Arc<metrics::Metrics>,
+    /// TLS 1.3 on the TCP port (None with `--insecure-plaintext`).
+    pub tls: Option<tls::Tls>,
 }
 
 impl Shared {
@@ -97,6 +100,13 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         ..shards::Config::default()
     };
     let cfg_shards = cfg.shards;
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(
+            tls::Tls::load(cert, key)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        ),
+        None => None,
+    };
     let admin_addr = cfg.admin;
     let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|e| {
         std::io::Error::new(
@@ -110,6 +120,7 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         sessions: AtomicUsize::new(0),
         registry,
         metrics: Arc::new(metrics::Metrics::new(cfg_shards)),
+        tls,
     });
     let s2 = shared.clone();
     let runtime = shards::Runtime::start(rt_cfg, move |i| shard::ShardHandler::new(i, s2.clone()))?;
@@ -126,10 +137,18 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
     }));
     let _ = shared.metrics.backend.set(runtime.backend().to_string());
     let admin = match admin_addr {
-        Some(a) => Some(admin::Admin::start(a, shared.metrics.clone(), shared.registry.clone())?),
+        Some(a) => Some(admin::Admin::start(
+            a,
+            shared.metrics.clone(),
+            shared.registry.clone(),
+        )?),
         None => None,
     };
-    Ok(Server { runtime, shared, admin })
+    Ok(Server {
+        runtime,
+        shared,
+        admin,
+    })
 }
 
 impl Server {

@@ -30,6 +30,8 @@ pub enum ShardMsg {
         buffered: Vec<u8>,
         /// When the connection was accepted (for the resume latency histogram).
         accepted_at: Instant,
+        /// The connection's TLS state, which moves with it.
+        tls: Option<Box<rustls::ServerConnection>>,
     },
     /// The pod registry saw a pod socket appear.
     PodAdded(u32, u32),
@@ -70,6 +72,8 @@ struct Conn {
     accepted_us: u64,
     /// Handed over from another shard (a cross-shard resume).
     adopted: bool,
+    /// TLS state (None on a plaintext port).
+    tls: Option<Box<rustls::ServerConnection>>,
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -101,6 +105,10 @@ pub struct ShardHandler {
     next_wake: u64,
     pending_handshakes: usize,
     scratch: Scratch,
+    /// Decrypted bytes of the TLS connection being read (reused).
+    plain: Vec<u8>,
+    /// TLS records being written (reused).
+    tls_out: Vec<u8>,
 }
 
 const NO_WAKE: u64 = u64::MAX;
@@ -121,6 +129,8 @@ impl ShardHandler {
             next_wake: NO_WAKE,
             pending_handshakes: 0,
             scratch: Scratch::default(),
+            plain: Vec::new(),
+            tls_out: Vec::new(),
         }
     }
 
@@ -129,19 +139,151 @@ impl ShardHandler {
     }
 
     /// Sends client bytes, counting frames, bytes and ERROR codes.
-    fn send_client(&self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, bytes: &[u8]) {
-        let m = self.m();
+    fn send_client(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, bytes: &[u8]) {
+        let m = &self.shared.metrics.shards[self.index];
         let frames = metrics::count_frames(bytes, |code| m.error(code));
         ShardMetrics::inc(&m.frames_out, frames);
         ShardMetrics::inc(&m.bytes_out, bytes.len() as u64);
-        ctx.send(conn, bytes);
+        match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
+            Some(tls) => {
+                use std::io::Write;
+                // The plaintext buffer is unbounded by default; this cannot fail.
+                let _ = tls.writer().write_all(bytes);
+                self.tls_flush(ctx, conn);
+            }
+            None => {
+                ctx.send(conn, bytes);
+            }
+        }
+    }
+
+    /// Sends whatever TLS records the connection has pending (handshake, alerts, data).
+    fn tls_flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
+        let Some(tls) = self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) else {
+            return;
+        };
+        let mut out = std::mem::take(&mut self.tls_out);
+        out.clear();
+        while tls.wants_write() {
+            if tls.write_tls(&mut out).is_err() {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            ctx.send(conn, &out);
+        }
+        self.tls_out = out;
+    }
+
+    /// Ciphertext from a TLS connection: decrypt it all, then process the plaintext.
+    fn on_tls_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
+        let mut plain = std::mem::take(&mut self.plain);
+        plain.clear();
+        let mut rd = data;
+        let mut failed = None;
+        if let Some(tls) = self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
+            while !rd.is_empty() {
+                match tls.read_tls(&mut rd) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+                match tls.process_new_packets() {
+                    Ok(st) => {
+                        let n = st.plaintext_bytes_to_read();
+                        if n > 0 {
+                            use std::io::Read;
+                            let at = plain.len();
+                            plain.resize(at + n, 0);
+                            if tls.reader().read_exact(&mut plain[at..]).is_err() {
+                                plain.truncate(at);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        // Handshake messages, or the alert that explains a failure.
+        self.tls_flush(ctx, conn);
+        if let Some(e) = failed {
+            debug!(shard = self.index, ?conn, error = %e, "TLS failure; closing");
+            self.conn_lost(ctx, conn, true);
+        } else if !plain.is_empty() {
+            self.on_plaintext(ctx, conn, &plain);
+        }
+        self.plain = plain;
+    }
+
+    /// Plaintext bytes from a client: frames are decoded straight from them when no partial
+    /// frame is pending (no copy); a trailing partial frame is kept in the connection's buffer.
+    fn on_plaintext(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.inbuf.is_empty() {
+            // Fast path: decode straight from the receive buffer.
+            let (used, alive) = self.process(ctx, conn, data);
+            if alive && used < data.len() {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.inbuf.extend_from_slice(&data[used..]);
+                }
+            }
+        } else {
+            let mut buf = std::mem::take(&mut c.inbuf);
+            buf.extend_from_slice(data);
+            let (used, alive) = self.process(ctx, conn, &buf);
+            if alive {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if used < buf.len() {
+                        buf.drain(..used);
+                        c.inbuf = buf;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The connection is gone or must go: a bound session is suspended.
+    fn conn_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, close: bool) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        if let ConnState::Bound(sid) = c.state {
+            if self.attached.get(&sid) == Some(&conn) {
+                let now = self.now(ctx);
+                if let Some(s) = self.table.get_mut(sid) {
+                    s.detach(now, &mut self.scratch);
+                    let key = (s.tenant(), s.agent());
+                    self.flush(ctx, None, key);
+                }
+                self.drop_conn(ctx, conn, close);
+                self.arm(ctx, sid);
+                debug!(
+                    shard = self.index,
+                    session = sid,
+                    "connection lost; session suspended"
+                );
+                return;
+            }
+        }
+        self.drop_conn(ctx, conn, close);
     }
 
     fn publish_gauges(&self) {
         let m = self.m();
         let attached = self.attached.len() as u64;
         ShardMetrics::set(&m.sessions_attached, attached);
-        ShardMetrics::set(&m.sessions_suspended, (self.table.len() as u64).saturating_sub(attached));
+        ShardMetrics::set(
+            &m.sessions_suspended,
+            (self.table.len() as u64).saturating_sub(attached),
+        );
         ShardMetrics::set(&m.connections, self.conns.len() as u64);
         ShardMetrics::set(&m.pod_links, self.links.connected() as u64);
         let ring: u64 = self
@@ -184,10 +326,12 @@ impl ShardHandler {
     /// `pod`.
     fn flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Option<ConnId>, pod: (u32, u32)) {
         if !self.scratch.client.is_empty() {
+            let mut bytes = std::mem::take(&mut self.scratch.client);
             if let Some(c) = conn {
-                self.send_client(ctx, c, &self.scratch.client);
+                self.send_client(ctx, c, &bytes);
             }
-            self.scratch.client.clear();
+            bytes.clear();
+            self.scratch.client = bytes;
         }
         if !self.scratch.pod.is_empty() {
             let bytes = std::mem::take(&mut self.scratch.pod);
@@ -317,6 +461,7 @@ impl ShardHandler {
                     off += used;
                     match self.on_frame(ctx, conn, &f) {
                         Next::Continue => {}
+                        Next::Park => break,
                         Next::Stop => {
                             alive = false;
                             break;
@@ -324,6 +469,7 @@ impl ShardHandler {
                         Next::HandOff(shard) => {
                             let buffered = bytes[rest_from..].to_vec();
                             let accepted_us = self.conns.get(&conn).map_or(0, |c| c.accepted_us);
+                            let tls = self.conns.get_mut(&conn).and_then(|c| c.tls.take());
                             self.drop_conn(ctx, conn, false);
                             debug!(
                                 shard = self.index,
@@ -336,6 +482,7 @@ impl ShardHandler {
                                 ShardMsg::Resume {
                                     buffered,
                                     accepted_at: self.clock.instant_us(accepted_us),
+                                    tls,
                                 },
                             );
                             return (bytes.len(), false);
@@ -457,6 +604,26 @@ impl ShardHandler {
             self.refuse(ctx, conn, ErrorCode::NoAgent);
             return Next::Stop;
         }
+        if let Some(l) = self.links.get_mut(key) {
+            if !l.connected {
+                // The link is still connecting: the CONNECT waits for it, so a pod whose socket
+                // exists but refuses us gives NO_AGENT rather than a session with no agent.
+                l.waiting.push((conn, c.caps));
+                ctx.set_reading(conn, false);
+                return Next::Park;
+            }
+        }
+        self.open_session(ctx, conn, key, c.caps)
+    }
+
+    /// The CONNECT passed every check but capacity and the link is up: open the session.
+    fn open_session(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: ConnId,
+        key: (u32, u32),
+        caps: u8,
+    ) -> Next {
         if !self.shared.reserve_session() {
             self.refuse(ctx, conn, ErrorCode::Overloaded);
             return Next::Stop;
@@ -466,7 +633,6 @@ impl ShardHandler {
             return Next::Stop;
         };
         let peer_s = peer.to_string();
-        let caps = c.caps;
         let s = self
             .table
             .create(|id, token| Session::new(id, key.0, key.1, caps, token, now));
@@ -483,7 +649,9 @@ impl ShardHandler {
         self.flush(ctx, Some(conn), key);
         self.arm(ctx, sid);
         let now_us = self.clock.us(ctx.now());
-        self.m().handshake.observe_us(now_us.saturating_sub(self.conns.get(&conn).map_or(now_us, |c| c.accepted_us)));
+        self.m().handshake.observe_us(
+            now_us.saturating_sub(self.conns.get(&conn).map_or(now_us, |c| c.accepted_us)),
+        );
         debug!(
             shard = self.index,
             session = sid,
@@ -556,10 +724,20 @@ impl ShardHandler {
         let key = (s.tenant(), s.agent());
         let replayed = s.ring().payload_bytes() as u64;
         let now_us = self.clock.us(ctx.now());
-        let (accepted_us, adopted) = self.conns.get(&conn).map_or((now_us, false), |c| (c.accepted_us, c.adopted));
+        let (accepted_us, adopted) = self
+            .conns
+            .get(&conn)
+            .map_or((now_us, false), |c| (c.accepted_us, c.adopted));
         let m = &self.shared.metrics.shards[self.index];
         ShardMetrics::inc(&m.replay_bytes, replayed);
-        ShardMetrics::inc(if adopted { &m.resumes_cross_shard } else { &m.resumes_same_shard }, 1);
+        ShardMetrics::inc(
+            if adopted {
+                &m.resumes_cross_shard
+            } else {
+                &m.resumes_same_shard
+            },
+            1,
+        );
         m.resume.observe_us(now_us.saturating_sub(accepted_us));
         if let Some(cs) = self.conns.get_mut(&conn) {
             cs.state = ConnState::Bound(sid);
@@ -894,10 +1072,13 @@ impl ShardHandler {
     }
 }
 
+#[derive(PartialEq, Eq)]
 enum Next {
     Continue,
     Stop,
     HandOff(usize),
+    /// Stop decoding for now (reading is paused); what follows stays buffered.
+    Park,
 }
 
 impl shards::Handler for ShardHandler {
@@ -908,7 +1089,10 @@ impl shards::Handler for ShardHandler {
         self.wheel.insert(d, Key::Stats);
         self.schedule(ctx, d);
         self.publish_gauges();
-        self.shared.metrics.ready_shards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .ready_shards
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn on_accept(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr) {
@@ -917,6 +1101,17 @@ impl shards::Handler for ShardHandler {
             return;
         }
         let accepted_us = self.clock.us(ctx.now());
+        let tls = match &self.shared.tls {
+            Some(t) => match t.accept() {
+                Ok(c) => Some(Box::new(c)),
+                Err(e) => {
+                    warn!(shard = self.index, error = %e, "cannot start TLS");
+                    ctx.abort(conn);
+                    return;
+                }
+            },
+            None => None,
+        };
         self.pending_handshakes += 1;
         self.conns.insert(
             conn,
@@ -926,6 +1121,7 @@ impl shards::Handler for ShardHandler {
                 peer,
                 accepted_us,
                 adopted: false,
+                tls,
             },
         );
         let d = self.now(ctx) + self.shared.cfg.handshake_ms;
@@ -939,29 +1135,10 @@ impl shards::Handler for ShardHandler {
             return;
         }
         ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if c.inbuf.is_empty() {
-            // Fast path: decode straight from the receive buffer.
-            let (used, alive) = self.process(ctx, conn, data);
-            if alive && used < data.len() {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.inbuf.extend_from_slice(&data[used..]);
-                }
-            }
+        if self.conns.get(&conn).is_some_and(|c| c.tls.is_some()) {
+            self.on_tls_data(ctx, conn, data);
         } else {
-            let mut buf = std::mem::take(&mut c.inbuf);
-            buf.extend_from_slice(data);
-            let (used, alive) = self.process(ctx, conn, &buf);
-            if alive {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    if used < buf.len() {
-                        buf.drain(..used);
-                        c.inbuf = buf;
-                    }
-                }
-            }
+            self.on_plaintext(ctx, conn, data);
         }
     }
 
@@ -976,24 +1153,8 @@ impl shards::Handler for ShardHandler {
             self.link_down(ctx, key);
             return;
         }
-        let Some(c) = self.conns.get(&conn) else {
-            return;
-        };
-        if let ConnState::Bound(sid) = c.state {
-            if self.attached.get(&sid) == Some(&conn) {
-                let now = self.now(ctx);
-                if let Some(s) = self.table.get_mut(sid) {
-                    s.detach(now, &mut self.scratch);
-                    let key = (s.tenant(), s.agent());
-                    self.flush(ctx, None, key);
-                }
-                self.drop_conn(ctx, conn, false);
-                self.arm(ctx, sid);
-                debug!(shard = self.index, session = sid, error = ?err, "connection lost; session suspended");
-                return;
-            }
-        }
-        self.drop_conn(ctx, conn, false);
+        debug!(shard = self.index, ?conn, error = ?err, "connection closed by peer");
+        self.conn_lost(ctx, conn, false);
     }
 
     fn on_connected(
@@ -1007,6 +1168,11 @@ impl shards::Handler for ShardHandler {
         };
         match res {
             Ok(()) => {
+                let waiting = self
+                    .links
+                    .get_mut(key)
+                    .map(|l| std::mem::take(&mut l.waiting))
+                    .unwrap_or_default();
                 if let Some(l) = self.links.get_mut(key) {
                     l.connected = true;
                     l.lost_since = None;
@@ -1021,8 +1187,44 @@ impl shards::Handler for ShardHandler {
                         }
                     }
                 }
+                // CONNECTs that waited for this link now open their sessions.
+                for (c, caps) in waiting {
+                    if !self
+                        .conns
+                        .get(&c)
+                        .is_some_and(|x| x.state == ConnState::Handshake)
+                    {
+                        continue;
+                    }
+                    ctx.set_reading(c, true);
+                    if self.open_session(ctx, c, key, caps) == Next::Continue {
+                        // Frames that came after the CONNECT.
+                        let buf = self
+                            .conns
+                            .get_mut(&c)
+                            .map(|x| std::mem::take(&mut x.inbuf))
+                            .unwrap_or_default();
+                        if !buf.is_empty() {
+                            self.on_plaintext(ctx, c, &buf);
+                        }
+                    }
+                }
             }
             Err(e) => {
+                let waiting = self
+                    .links
+                    .get_mut(key)
+                    .map(|l| std::mem::take(&mut l.waiting))
+                    .unwrap_or_default();
+                for (c, _) in waiting {
+                    if self
+                        .conns
+                        .get(&c)
+                        .is_some_and(|x| x.state == ConnState::Handshake)
+                    {
+                        self.refuse(ctx, c, ErrorCode::NoAgent);
+                    }
+                }
                 warn!(shard = self.index, ?key, error = %e, "pod link connect failed");
                 self.link_down(ctx, key);
             }
@@ -1068,15 +1270,15 @@ impl shards::Handler for ShardHandler {
         msg: ShardMsg,
     ) {
         let ShardMsg::Resume {
-            mut buffered,
+            buffered,
             accepted_at,
+            tls,
         } = msg
         else {
             ctx.abort(conn);
             return;
         };
         let accepted_us = self.clock.us(accepted_at);
-        buffered.extend_from_slice(&unread);
         self.pending_handshakes += 1;
         self.conns.insert(
             conn,
@@ -1086,12 +1288,18 @@ impl shards::Handler for ShardHandler {
                 peer,
                 accepted_us,
                 adopted: true,
+                tls,
             },
         );
         let d = self.now(ctx) + self.shared.cfg.handshake_ms;
         self.wheel.insert(d, Key::Handshake(conn));
         self.schedule(ctx, d);
-        self.on_data(ctx, conn, &buffered);
+        // The plaintext the old shard had decoded (the RESUME and what followed it) first, then
+        // the bytes that arrived while the connection was in transit.
+        self.on_plaintext(ctx, conn, &buffered);
+        if !unread.is_empty() && self.conns.contains_key(&conn) {
+            self.on_data(ctx, conn, &unread);
+        }
     }
 
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ShardMsg>, _now: Instant) {
@@ -1099,7 +1307,10 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_shutdown(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
-        self.shared.metrics.ready_shards.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .ready_shards
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let ids: Vec<u32> = self.table.ids_iter().collect();
         for sid in ids {
             if let Some(s) = self.table.get_mut(sid) {

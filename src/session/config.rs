@@ -54,10 +54,15 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
-    /// Bound on ring payload while a client is attached (or the agent is paused): the agent is
-    /// asked to PAUSE at `ring_bytes`, and only an agent that ignores PAUSE for this much more
-    /// output loses its oldest frames.
+    /// Bound on ring payload while a client is attached (or with the pause policy): the agent
+    /// is asked to PAUSE at `ring_bytes`; output it already had in flight (its write queue and
+    /// the socket buffers) is still kept, up to this bound. Only an agent that ignores PAUSE
+    /// loses its oldest frames, reported as GAP.
     pub fn hard_ring_bytes(&self) -> usize {
-        self.ring_bytes.saturating_mul(2)
+        self.ring_bytes
+            .saturating_add(self.ring_bytes.max(Self::PAUSE_SLACK))
     }
+
+    /// In-flight output an agent may still deliver after PAUSE.
+    pub const PAUSE_SLACK: usize = 4 << 20;
 }
