@@ -83,8 +83,17 @@ struct Args {
     #[arg(long, env = "CLAWTERM_MAX_SESSIONS")]
     max_sessions: Option<usize>,
     /// Connections per shard that may be mid-handshake at once; more are closed at accept.
-    #[arg(long, env = "CLAWTERM_MAX_PENDING_HANDSHAKES", default_value_t = 4096)]
+    /// Bounds the memory of connections that have not authenticated.
+    #[arg(long, env = "CLAWTERM_MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
     max_pending_handshakes: usize,
+    /// New connections per second per source address, per shard (0 = unlimited); beyond it
+    /// RATE_LIMITED.
+    #[arg(long, env = "CLAWTERM_MAX_CONN_RATE_PER_IP", default_value_t = 10000)]
+    max_conn_rate_per_ip: u32,
+    /// Failed authentications (bad token, unknown session) per minute per source address, per
+    /// shard, before the address gets RATE_LIMITED for the rest of the minute (0 = unlimited).
+    #[arg(long, env = "CLAWTERM_MAX_AUTH_FAILURES_PER_IP", default_value_t = 30)]
+    max_auth_failures_per_ip: u32,
     /// Send a KEEPALIVE after this many seconds without sending.
     #[arg(long, env = "CLAWTERM_KEEPALIVE", default_value_t = 30.0)]
     keepalive: f64,
@@ -211,6 +220,8 @@ fn build_config(a: &Args) -> Result<ServerConfig, String> {
         allow_legacy_resume: a.allow_legacy_resume,
         agent_grace_ms: secs("agent-grace", a.agent_grace)?,
         tls,
+        conn_rate_per_ip: a.max_conn_rate_per_ip,
+        max_auth_failures_per_ip: a.max_auth_failures_per_ip,
         admin: match a.admin.as_str() {
             "off" => None,
             addr => Some(addr.parse().map_err(|_| {
@@ -394,6 +405,44 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Reload the tokens file and the TLS certificate when they change on disk (also on SIGHUP).
+    let mut watched: Vec<PathBuf> = Vec::new();
+    if let Auth::Tokens(p) = &cfg.auth {
+        watched.push(p.clone());
+    }
+    if let Some((c, k)) = &cfg.tls {
+        watched.push(c.clone());
+        watched.push(k.clone());
+    }
+    if !watched.is_empty() {
+        let shared = server.shared().clone();
+        let auth = cfg.auth.clone();
+        let res = server::watch::watch(watched, move |path| {
+            if let Auth::Tokens(t) = &auth {
+                if t == path {
+                    match Tokens::load(t) {
+                        Ok(tok) => {
+                            info!(tokens = tok.len(), "tokens file changed; reloaded");
+                            shared.set_tokens(tok);
+                        }
+                        Err(e) => error!(
+                            "tokens file changed but is invalid, keeping the previous one: {e}"
+                        ),
+                    }
+                    return;
+                }
+            }
+            if let Some(t) = &shared.tls {
+                match t.reload() {
+                    Ok(()) => info!(file = %path.display(), "TLS certificate changed; reloaded"),
+                    Err(e) => warn!("TLS files changed but do not load yet, keeping the previous certificate: {e}"),
+                }
+            }
+        });
+        if let Err(e) = res {
+            warn!("cannot watch the tokens/TLS files for changes (SIGHUP still reloads): {e}");
+        }
+    }
     let Some(addr) = server.local_addr() else {
         eprintln!("clawtermd: no listening address");
         return ExitCode::FAILURE;

@@ -33,6 +33,11 @@ pub struct ServerConfig {
     pub agent_grace_ms: u64,
     /// TLS certificate chain and key (PEM); `None` = plaintext (`--insecure-plaintext`).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// New connections per second per source address, per shard (0 = unlimited).
+    pub conn_rate_per_ip: u32,
+    /// Failed authentications per minute per source address, per shard, before that address
+    /// is refused with RATE_LIMITED for the rest of the minute (0 = unlimited).
+    pub max_auth_failures_per_ip: u32,
     /// Admin endpoint (`/metrics`, `/healthz`, `/readyz`); `None` = off.
     pub admin: Option<std::net::SocketAddr>,
 }
@@ -49,11 +54,13 @@ impl Default for ServerConfig {
             io: shards::IoMode::Auto,
             session: SessionConfig::default(),
             max_sessions: None,
-            max_pending_handshakes: 4096,
+            max_pending_handshakes: 1024,
             handshake_ms: 10_000,
             allow_legacy_resume: false,
             agent_grace_ms: 60_000,
             tls: None,
+            conn_rate_per_ip: 10_000,
+            max_auth_failures_per_ip: 30,
             admin: None,
         }
     }

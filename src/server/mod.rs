@@ -8,9 +8,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod shard;
 pub mod tls;
+pub mod watch;
 
 pub use config::{Auth, ServerConfig};
 

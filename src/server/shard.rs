@@ -5,6 +5,7 @@
 //! connection, pod messages to the shard's link for the session's pod. Sessions are entries of
 //! the shard's [`SessionTable`]; no task exists per session or per connection.
 
+use super::limits::Limiter;
 use super::metrics::{self, ShardMetrics};
 use super::Shared;
 use crate::podlink::{self, CloseReason, Msg as PodMsg};
@@ -109,13 +110,23 @@ pub struct ShardHandler {
     plain: Vec<u8>,
     /// TLS records being written (reused).
     tls_out: Vec<u8>,
+    /// Per-source-address limits.
+    limiter: Limiter,
 }
+
+/// Largest payload accepted before the handshake (CONNECT is at most 61 bytes, RESUME 24): a
+/// connection that has not authenticated cannot make the server buffer more than this.
+const HANDSHAKE_MAX_PAYLOAD: usize = 64;
 
 const NO_WAKE: u64 = u64::MAX;
 
 impl ShardHandler {
     pub fn new(index: usize, shared: Arc<Shared>) -> ShardHandler {
         let clock = Clock::new(Instant::now());
+        let limiter = Limiter::new(
+            shared.cfg.conn_rate_per_ip,
+            shared.cfg.max_auth_failures_per_ip,
+        );
         ShardHandler {
             index,
             table: SessionTable::new(IdSpace::new(index, shared.cfg.shards)),
@@ -131,6 +142,15 @@ impl ShardHandler {
             scratch: Scratch::default(),
             plain: Vec::new(),
             tls_out: Vec::new(),
+            limiter,
+        }
+    }
+
+    /// Notes a failed authentication (AUTH_FAILED, NO_SUCH_SESSION) of `conn`'s address.
+    fn auth_failed(&mut self, ctx: &Ctx<'_, ShardMsg>, conn: ConnId) {
+        if let Some(c) = self.conns.get(&conn) {
+            let now = self.clock.ms(ctx.now());
+            self.limiter.auth_failed(c.peer.ip(), now);
         }
     }
 
@@ -443,10 +463,18 @@ impl ShardHandler {
         conn: ConnId,
         bytes: &[u8],
     ) -> (usize, bool) {
-        let max = self.shared.cfg.session.max_payload;
         let mut off = 0;
         let mut alive = true;
         while off < bytes.len() {
+            let max = if self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.state == ConnState::Handshake)
+            {
+                HANDSHAKE_MAX_PAYLOAD
+            } else {
+                self.shared.cfg.session.max_payload
+            };
             match proto::decode(&bytes[off..], max) {
                 Err(e) => {
                     debug!(shard = self.index, ?conn, error = %e, "broken stream");
@@ -596,6 +624,7 @@ impl ShardHandler {
                 agent = c.agent_id,
                 "CONNECT refused: bad token"
             );
+            self.auth_failed(ctx, conn);
             self.refuse(ctx, conn, ErrorCode::AuthFailed);
             return Next::Stop;
         }
@@ -681,6 +710,7 @@ impl ShardHandler {
         }
         let owner = self.table.ids().owner(sid);
         if owner >= self.shared.cfg.shards || sid == 0 {
+            self.auth_failed(ctx, conn);
             self.refuse(ctx, conn, ErrorCode::NoSuchSession);
             return Next::Stop;
         }
@@ -703,6 +733,7 @@ impl ShardHandler {
                 .get(sid)
                 .is_some_and(|s| s.state() != State::Closed);
         if !usable {
+            self.auth_failed(ctx, conn);
             self.refuse(ctx, conn, ErrorCode::NoSuchSession);
             return Next::Stop;
         }
@@ -1037,6 +1068,7 @@ impl ShardHandler {
                 Key::Grace(pod) => self.grace_expired(ctx, pod),
                 Key::Stats => {
                     self.publish_gauges();
+                    self.limiter.sweep(now);
                     self.wheel.insert(now + STATS_EVERY_MS, Key::Stats);
                 }
                 Key::Retry(pod) => {
@@ -1101,6 +1133,14 @@ impl shards::Handler for ShardHandler {
             return;
         }
         let accepted_us = self.clock.us(ctx.now());
+        if !self.limiter.allow_connection(peer.ip(), accepted_us / 1000) {
+            if self.shared.tls.is_some() {
+                ctx.abort(conn); // no frame can be sent before the TLS handshake
+            } else {
+                self.refuse(ctx, conn, ErrorCode::RateLimited);
+            }
+            return;
+        }
         let tls = match &self.shared.tls {
             Some(t) => match t.accept() {
                 Ok(c) => Some(Box::new(c)),

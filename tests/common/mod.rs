@@ -298,6 +298,46 @@ impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        Client::from_stream(stream)
+    }
+
+    /// A connection from a given source address (e.g. 127.0.0.2), for per-address limits.
+    pub fn connect_from(addr: SocketAddr, src: std::net::Ipv4Addr) -> Client {
+        use std::os::fd::FromRawFd;
+        let SocketAddr::V4(dst) = addr else {
+            panic!("IPv4 only")
+        };
+        // SAFETY: plain socket syscalls on a fresh fd that is handed to TcpStream on success
+        // and closed on failure; the sockaddr structs live on the stack for the calls.
+        let stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket");
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_addr.s_addr = u32::from_ne_bytes(src.octets());
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(
+                libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len),
+                0,
+                "bind {src}"
+            );
+            let mut da: libc::sockaddr_in = std::mem::zeroed();
+            da.sin_family = libc::AF_INET as libc::sa_family_t;
+            da.sin_port = dst.port().to_be();
+            da.sin_addr.s_addr = u32::from_ne_bytes(dst.ip().octets());
+            if libc::connect(fd, &da as *const _ as *const libc::sockaddr, len) != 0 {
+                libc::close(fd);
+                panic!(
+                    "connect from {src} to {addr}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            TcpStream::from_raw_fd(fd)
+        };
+        Client::from_stream(stream)
+    }
+
+    fn from_stream(stream: TcpStream) -> Client {
         stream.set_nodelay(true).unwrap();
         stream.set_write_timeout(Some(TIMEOUT)).unwrap();
         Client {
@@ -1006,6 +1046,21 @@ impl ServerProc {
     pub fn terminate(&mut self, t: Duration) -> Option<ExitStatus> {
         sigterm(&self.child);
         wait_timeout(&mut self.child, t)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Whether the process is still running.
