@@ -131,6 +131,9 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// One attacker: called repeatedly with the server address and an iteration number.
+type Attack = fn(SocketAddr, u32);
+
 #[test]
 fn hostile_clients_all_at_once_do_not_hurt_a_live_session() {
     for cfg in [CONFIGS[1], CONFIGS[3]] {
@@ -153,7 +156,7 @@ fn hostile_clients_all_at_once_do_not_hurt_a_live_session() {
         let stop = Arc::new(AtomicBool::new(false));
         let counts: Arc<[AtomicU64; 6]> = Arc::new(Default::default());
         let mut threads = Vec::new();
-        let attackers: Vec<(usize, fn(SocketAddr, u32))> = vec![
+        let attackers: Vec<(usize, Attack)> = vec![
             // Handshake flood: valid sessions opened and dropped.
             (0, |a, _| {
                 let mut c = TcpStream::connect(a).unwrap();
