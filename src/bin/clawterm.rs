@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use clawterm::client::creds::{unix_now, valid_name};
+use clawterm::client::transport::parse_pin;
 use clawterm::client::tty::{self, EscapeCmd, EscapeFilter, RawMode};
-use clawterm::client::{ClientError, Credentials, Event, Session, Store};
+use clawterm::client::{
+    ClientError, Credentials, Event, Options, Session, Store, Target, TlsTrust, Transport,
+};
 
 const DEFAULT_PORT: u16 = 7220;
 
@@ -24,8 +27,13 @@ const DEFAULT_PORT: u16 = 7220;
 ///   ~~  send one '~'
 ///   ~?  this help
 ///
+/// Transport: TLS 1.3 by default, trusting the system's CA roots; --ca FILE trusts the
+/// certificates in FILE instead, --pin SHA256 accepts exactly the server certificate with that
+/// SHA-256; --plaintext uses plain TCP (server run with --insecure-plaintext).
+///
 /// Exit status: 0 normal end or detach, 2 usage, 3 server unreachable, 4 authentication
-/// failed, 5 session expired or unknown, 6 taken over by another device, 1 other errors.
+/// failed, 5 session expired or unknown, 6 taken over by another device, 7 TLS failure
+/// (certificate not trusted, pin mismatch, no TLS 1.3), 1 other errors.
 #[derive(Parser, Debug)]
 #[command(name = "clawterm", version, verbatim_doc_comment)]
 struct Cli {
@@ -59,9 +67,11 @@ enum Cmd {
         /// Name to save the session under (default: its id in hex).
         #[arg(long)]
         name: Option<String>,
-        /// Use plaintext TCP (required for now: TLS is not available yet in the client).
-        #[arg(long)]
+        /// Use plaintext TCP instead of TLS 1.3 (the server must run with --insecure-plaintext).
+        #[arg(long, conflicts_with_all = ["ca", "pin"])]
         plaintext: bool,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Also append every byte received from the agent to FILE.
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
@@ -69,6 +79,9 @@ enum Cmd {
     /// Reattach to a saved session (taking it over from any other device).
     Resume {
         name: String,
+        /// Replace the saved TLS trust (e.g. after the server's certificate changed).
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Also append every byte received from the agent to FILE.
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
@@ -87,6 +100,47 @@ enum Cmd {
     },
     /// Delete a saved session's credentials (the session itself is not ended).
     Forget { name: String },
+}
+
+/// TLS trust options.
+#[derive(clap::Args, Debug)]
+struct TrustArgs {
+    /// Trust the certificates in FILE (PEM: the server's CA, or its self-signed certificate)
+    /// instead of the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Accept exactly the server certificate whose SHA-256 (of the DER) is SHA256 (64 hex
+    /// digits, ':' allowed); the chain is then not checked.
+    #[arg(long, value_name = "SHA256")]
+    pin: Option<String>,
+}
+
+impl TrustArgs {
+    fn given(&self) -> bool {
+        self.ca.is_some() || self.pin.is_some()
+    }
+
+    fn trust(&self) -> Result<TlsTrust, String> {
+        let pin = match &self.pin {
+            Some(p) => Some(
+                parse_pin(p)
+                    .ok_or("--pin must be the 64-hex-digit SHA-256 of the server's certificate")?,
+            ),
+            None => None,
+        };
+        let ca = match &self.ca {
+            // Absolute, so `clawterm resume` works from any directory.
+            Some(p) => {
+                Some(std::fs::canonicalize(p).map_err(|e| format!("--ca {}: {e}", p.display()))?)
+            }
+            None => None,
+        };
+        Ok(TlsTrust {
+            ca,
+            pin,
+            server_name: None,
+        })
+    }
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -150,14 +204,17 @@ fn main() -> ExitCode {
             token_file,
             name,
             plaintext,
+            trust,
             log,
         } => {
-            if !plaintext {
-                return usage(
-                    "TLS is not available in this client yet; pass --plaintext to connect over \
-                     plaintext TCP (the server must run with --insecure-plaintext)",
-                );
-            }
+            let transport = if plaintext {
+                Transport::Plaintext
+            } else {
+                match trust.trust() {
+                    Ok(t) => Transport::Tls(t),
+                    Err(e) => return usage(&e),
+                }
+            };
             let token = match (token, token_file) {
                 (Some(t), _) => match parse_token(&t) {
                     Some(t) => t,
@@ -177,18 +234,37 @@ fn main() -> ExitCode {
                 }
             }
             let ep = normalize_endpoint(&endpoint);
-            let session = match Session::connect(&ep, tenant, agent, token) {
+            let opts = Options {
+                transport,
+                ..Options::default()
+            };
+            let session = match Session::connect_with(&ep, tenant, agent, token, opts) {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
             let name = name.unwrap_or_else(|| format!("{:08x}", session.session_id()));
             interactive(session, name, store, log)
         }
-        Cmd::Resume { name, log } => {
-            let creds = match store.load(&name) {
+        Cmd::Resume { name, trust, log } => {
+            let mut creds = match store.load(&name) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
+            if trust.given() {
+                let t = match trust.trust() {
+                    Ok(t) => t,
+                    Err(e) => return usage(&e),
+                };
+                let addr = match creds.target() {
+                    Ok(t) => t.addr,
+                    Err(e) => return fail(&e),
+                };
+                creds.endpoint = Target {
+                    addr,
+                    transport: Transport::Tls(t),
+                }
+                .to_string();
+            }
             let session = match Session::resume(&creds) {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
@@ -205,15 +281,20 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             println!(
-                "{:<20} {:<24} {:>10} {:>10} {:<8}  LAST SEEN",
-                "NAME", "ENDPOINT", "TENANT", "AGENT", "ID"
+                "{:<20} {:<24} {:<9} {:>10} {:>10} {:<8}  LAST SEEN",
+                "NAME", "ENDPOINT", "TRANSPORT", "TENANT", "AGENT", "ID"
             );
             let now = unix_now();
             for c in list {
+                let (addr, tr) = match c.target() {
+                    Ok(t) => (t.addr, t.transport.describe()),
+                    Err(_) => (c.endpoint.clone(), "?"),
+                };
                 println!(
-                    "{:<20} {:<24} {:>10} {:>10} {:08x}  {}",
+                    "{:<20} {:<24} {:<9} {:>10} {:>10} {:08x}  {}",
                     c.name,
-                    c.endpoint,
+                    addr,
+                    tr,
                     c.tenant,
                     c.agent,
                     c.session_id,
@@ -348,9 +429,13 @@ fn interactive(mut session: Session, name: String, store: Store, log: Option<Pat
         None => None,
     };
     let stdin_tty = tty::is_tty(0);
+    let via = match session.tls_info() {
+        Some((v, c)) => format!("{v}, {c}"),
+        None => "plaintext".to_string(),
+    };
     eprintln!(
-        "clawterm: session {name} (id {:08x}) at {}. Enter ~. detaches, Enter ~X ends it, ~? help; \
-         resume with: clawterm resume {name}",
+        "clawterm: session {name} (id {:08x}) at {} ({via}). Enter ~. detaches, Enter ~X ends it, \
+         ~? help; resume with: clawterm resume {name}",
         session.session_id(),
         session.endpoint()
     );

@@ -11,6 +11,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::transport::{parse_pin, Target, TlsTrust, Transport};
 use super::ClientError;
 
 /// Everything needed to resume a session.
@@ -18,7 +19,9 @@ use super::ClientError;
 pub struct Credentials {
     /// Name it is saved under (not part of the secret).
     pub name: String,
-    /// `HOST:PORT` of the server.
+    /// The server and the transport to reach it, as a [`Target`] in text form: `HOST:PORT`
+    /// (plaintext) or `tls://HOST:PORT[?ca=FILE][&pin=SHA256HEX][&name=SNI]`. In the JSON file
+    /// this is split into `endpoint`, `transport`, `tls_ca`, `tls_pin`, `tls_name`.
     pub endpoint: String,
     pub tenant: u32,
     pub agent: u32,
@@ -196,12 +199,39 @@ fn parse_flat_json(s: &str) -> Option<Vec<(String, JVal)>> {
 }
 
 impl Credentials {
-    /// The JSON text stored in the session file.
+    /// The server address and transport of these credentials.
+    pub fn target(&self) -> Result<Target, ClientError> {
+        Target::parse(&self.endpoint).map_err(ClientError::BadCredentials)
+    }
+
+    /// The JSON text stored in the session file. Version 1 (plaintext, readable by clients
+    /// from before TLS) or 2 (TLS: `transport` "tls", optional `tls_ca`, `tls_pin`,
+    /// `tls_name`), so an older client refuses TLS credentials instead of trying plaintext.
     pub fn to_json(&self) -> String {
+        let (version, addr, transport) = match Target::parse(&self.endpoint) {
+            Ok(Target {
+                addr,
+                transport: Transport::Tls(t),
+            }) => {
+                let mut x = String::from(",\n  \"transport\": \"tls\"");
+                if let Some(ca) = &t.ca {
+                    let _ = write!(x, ",\n  \"tls_ca\": {}", json_str(&ca.to_string_lossy()));
+                }
+                if let Some(pin) = &t.pin {
+                    let _ = write!(x, ",\n  \"tls_pin\": \"{}\"", hex(pin));
+                }
+                if let Some(n) = &t.server_name {
+                    let _ = write!(x, ",\n  \"tls_name\": {}", json_str(n));
+                }
+                (2, addr, x)
+            }
+            Ok(Target { addr, .. }) => (1, addr, ",\n  \"transport\": \"plaintext\"".into()),
+            Err(_) => (1, self.endpoint.clone(), String::new()),
+        };
         format!(
-            "{{\n  \"version\": 1,\n  \"name\": {},\n  \"endpoint\": {},\n  \"tenant\": {},\n  \"agent\": {},\n  \"session_id\": {},\n  \"resume_token\": \"{}\",\n  \"last_seq\": {},\n  \"next_seq\": {},\n  \"last_seen\": {}\n}}\n",
+            "{{\n  \"version\": {version},\n  \"name\": {},\n  \"endpoint\": {}{transport},\n  \"tenant\": {},\n  \"agent\": {},\n  \"session_id\": {},\n  \"resume_token\": \"{}\",\n  \"last_seq\": {},\n  \"next_seq\": {},\n  \"last_seen\": {}\n}}\n",
             json_str(&self.name),
-            json_str(&self.endpoint),
+            json_str(&addr),
             self.tenant,
             self.agent,
             self.session_id,
@@ -232,9 +262,46 @@ impl Credentials {
                 _ => Err(bad(&format!("missing or non-string field {k:?}"))),
             }
         };
-        if num("version")? != 1 {
-            return Err(bad("unsupported credentials version"));
+        if !matches!(num("version")?, 1 | 2) {
+            return Err(bad(
+                "unsupported credentials version (saved by a newer clawterm?)",
+            ));
         }
+        let opt_str = |k: &str| -> Result<Option<String>, ClientError> {
+            match get(k) {
+                None => Ok(None),
+                Some(JVal::Str(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(bad(&format!("non-string field {k:?}"))),
+            }
+        };
+        let addr = strf("endpoint")?;
+        let endpoint = match opt_str("transport")?.as_deref() {
+            None | Some("plaintext") => {
+                // Files from before TLS hold a bare HOST:PORT (plaintext).
+                if addr.contains("://") {
+                    Target::parse(&addr).map_err(ClientError::BadCredentials)?;
+                }
+                addr
+            }
+            Some("tls") => {
+                let pin = match opt_str("tls_pin")? {
+                    None => None,
+                    Some(p) => {
+                        Some(parse_pin(&p).ok_or_else(|| bad("tls_pin must be 64 hex digits"))?)
+                    }
+                };
+                Target {
+                    addr,
+                    transport: Transport::Tls(TlsTrust {
+                        ca: opt_str("tls_ca")?.map(Into::into),
+                        pin,
+                        server_name: opt_str("tls_name")?,
+                    }),
+                }
+                .to_string()
+            }
+            Some(t) => return Err(bad(&format!("unknown transport {t:?}"))),
+        };
         let tok = unhex(&strf("resume_token")?)
             .filter(|t| t.len() == 16)
             .ok_or_else(|| bad("resume_token must be 32 hex digits"))?;
@@ -242,7 +309,7 @@ impl Credentials {
         resume_token.copy_from_slice(&tok);
         Ok(Credentials {
             name: strf("name")?,
-            endpoint: strf("endpoint")?,
+            endpoint,
             tenant: u32f("tenant")?,
             agent: u32f("agent")?,
             session_id: u32f("session_id")?,
@@ -440,6 +507,43 @@ mod tests {
         assert_eq!(Credentials::from_json(&c.to_json()).unwrap(), c);
         assert_eq!(Credentials::import(&c.export()).unwrap(), c);
         assert!(!c.export().contains('\n'));
+    }
+
+    #[test]
+    fn transport_round_trip() {
+        let mut c = sample();
+        assert!(c.to_json().contains("\"transport\": \"plaintext\""));
+        assert!(c.to_json().contains("\"version\": 1"));
+        c.endpoint = Target {
+            addr: "example.org:7220".into(),
+            transport: Transport::Tls(TlsTrust {
+                ca: Some("/etc/ct/ca \"x\".pem".into()),
+                pin: Some([0x3C; 32]),
+                server_name: Some("example.org".into()),
+            }),
+        }
+        .to_string();
+        let j = c.to_json();
+        assert!(j.contains("\"version\": 2"), "{j}");
+        assert!(j.contains("\"endpoint\": \"example.org:7220\""), "{j}");
+        assert!(j.contains("\"transport\": \"tls\""), "{j}");
+        assert!(
+            j.contains(&format!("\"tls_pin\": \"{}\"", "3c".repeat(32))),
+            "{j}"
+        );
+        assert_eq!(Credentials::from_json(&j).unwrap(), c);
+        assert_eq!(Credentials::import(&c.export()).unwrap(), c);
+        c.endpoint = "tls://h:1".into();
+        let back = Credentials::from_json(&c.to_json()).unwrap();
+        assert_eq!(back.target().unwrap().transport, Transport::tls_system());
+        // A file from before TLS.
+        let old = "{\"version\": 1, \"name\": \"a\", \"endpoint\": \"h:1\", \"tenant\": 1, \"agent\": 2, \"session_id\": 3, \"resume_token\": \"00000000000000000000000000000000\", \"last_seq\": 0}";
+        let o = Credentials::from_json(old).unwrap();
+        assert_eq!(o.target().unwrap().transport, Transport::Plaintext);
+        assert!(Credentials::from_json(
+            &old.replace("\"h:1\"", "\"h:1\", \"transport\": \"quic\"")
+        )
+        .is_err());
     }
 
     #[test]

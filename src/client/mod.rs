@@ -2,8 +2,9 @@
 //!
 //! * [`core`]: the sans-IO protocol core (handshake, RELIABLE resend, replay de-duplication,
 //!   ACKs, keepalives).
-//! * [`Session`]: a blocking TCP transport on top, with automatic reconnect
-//!   ([`Backoff`]: exponential, full jitter, 100 ms → 10 s by default).
+//! * [`Session`]: a blocking transport on top (plaintext TCP or TLS 1.3, see [`transport`]),
+//!   with automatic reconnect ([`Backoff`]: exponential, full jitter, 100 ms → 10 s by
+//!   default); every reconnect opens a new TCP connection and a new TLS handshake.
 //! * [`creds`]: saved per-session credentials (0600 files) and the export/import blob.
 //! * [`tty`]: raw-mode terminal helpers for the `clawterm` CLI.
 //!
@@ -23,11 +24,13 @@ pub mod backoff;
 pub mod core;
 pub mod creds;
 mod session;
+pub mod transport;
 pub mod tty;
 
 pub use backoff::Backoff;
 pub use creds::{Credentials, Store};
 pub use session::{Event, Options, Session};
+pub use transport::{Target, TlsTrust, Transport};
 
 use crate::proto::ErrorCode;
 
@@ -36,6 +39,8 @@ use crate::proto::ErrorCode;
 pub enum ClientError {
     #[error("cannot reach the server at {endpoint}: {reason}; check the address and port and that clawtermd is running there")]
     Unreachable { endpoint: String, reason: String },
+    #[error("TLS with {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
     #[error("authentication failed: the server refused the token for this tenant; check --token / --token-file and --tenant")]
     AuthFailed,
     #[error("session expired or unknown; start a new one with `clawterm connect`")]
@@ -90,6 +95,7 @@ impl ClientError {
         !matches!(
             self,
             ClientError::Unreachable { .. }
+                | ClientError::Tls { .. }
                 | ClientError::Io(_)
                 | ClientError::Protocol(_)
                 | ClientError::Server { .. }
@@ -97,13 +103,15 @@ impl ClientError {
     }
 
     /// The `clawterm` exit status for this error: 3 unreachable, 4 auth failed, 5 session
-    /// expired/unknown, 6 taken over, 2 usage, 1 anything else.
+    /// expired/unknown, 6 taken over, 7 TLS failure (certificate not trusted, pin mismatch,
+    /// no TLS 1.3), 2 usage, 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Unreachable { .. } => 3,
             ClientError::AuthFailed => 4,
             ClientError::NoSuchSession => 5,
             ClientError::TakenOver => 6,
+            ClientError::Tls { .. } => 7,
             ClientError::BadCredentials(_) | ClientError::NotSaved(_) => 2,
             _ => 1,
         }

@@ -1,14 +1,18 @@
-//! Blocking TCP transport over [`ClientCore`], with automatic reconnect.
+//! Blocking transport (plaintext TCP or TLS 1.3) over [`ClientCore`], with automatic
+//! reconnect: every attempt opens a new TCP connection and, with TLS, runs a new handshake;
+//! the replay and resend logic above it does not care which.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::backoff::Backoff;
 use super::core::{ClientCore, CoreEvent, Timers};
 use super::creds::{unix_now, Credentials};
+use super::transport::{as_rustls, explain, Conn, Target, TlsSetup, Transport};
 use super::ClientError;
 
 /// What [`Session::recv`] reports.
@@ -47,6 +51,11 @@ pub struct Options {
     pub timers: Timers,
     /// Reconnect by itself after a loss (otherwise the loss is a [`ClientError::Unreachable`]).
     pub auto_reconnect: bool,
+    /// Plaintext or TLS 1.3, for endpoints given as a bare `HOST:PORT`; an endpoint written
+    /// `tls://…` or `tcp://…` (see [`Target`]) says it itself. Default: plaintext, for
+    /// compatibility with servers run with `--insecure-plaintext`; the `clawterm` CLI defaults
+    /// to TLS.
+    pub transport: Transport,
 }
 
 impl Default for Options {
@@ -57,12 +66,13 @@ impl Default for Options {
             backoff: Backoff::default(),
             timers: Timers::default(),
             auto_reconnect: true,
+            transport: Transport::Plaintext,
         }
     }
 }
 
 enum Link {
-    Up(TcpStream),
+    Up(Conn),
     Down { retry_at: Instant, announced: bool },
     Closed,
 }
@@ -71,6 +81,8 @@ enum Link {
 pub struct Session {
     core: ClientCore,
     endpoint: String,
+    transport: Transport,
+    tls: Option<Arc<TlsSetup>>,
     opts: Options,
     backoff: Backoff,
     link: Link,
@@ -85,6 +97,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("endpoint", &self.endpoint)
+            .field("transport", &self.transport)
             .field("core", &self.core)
             .finish_non_exhaustive()
     }
@@ -129,7 +142,7 @@ impl Session {
     ) -> Result<Session, ClientError> {
         let mut core = ClientCore::new(tenant, agent, token);
         core.set_timers(opts.timers);
-        let mut s = Session::with_core(core, endpoint, opts);
+        let mut s = Session::with_core(core, endpoint, opts)?;
         s.establish(false)?;
         Ok(s)
     }
@@ -150,15 +163,30 @@ impl Session {
             creds.next_seq,
         );
         core.set_timers(opts.timers);
-        let mut s = Session::with_core(core, &creds.endpoint, opts);
+        let mut s = Session::with_core(core, &creds.endpoint, opts)?;
         s.establish(true)?;
         Ok(s)
     }
 
-    fn with_core(core: ClientCore, endpoint: &str, opts: Options) -> Session {
-        Session {
-            core,
+    fn with_core(core: ClientCore, endpoint: &str, opts: Options) -> Result<Session, ClientError> {
+        let target = Target::parse(endpoint).map_err(|e| ClientError::Unreachable {
             endpoint: endpoint.to_string(),
+            reason: e,
+        })?;
+        let transport = if endpoint.contains("://") {
+            target.transport
+        } else {
+            opts.transport.clone()
+        };
+        let tls = match &transport {
+            Transport::Plaintext => None,
+            Transport::Tls(trust) => Some(Arc::new(TlsSetup::new(trust, &target.addr)?)),
+        };
+        Ok(Session {
+            core,
+            endpoint: target.addr,
+            transport,
+            tls,
             backoff: opts.backoff.clone(),
             opts,
             link: Link::Closed,
@@ -167,7 +195,7 @@ impl Session {
             fatal: None,
             epoch: Instant::now(),
             last_seen: unix_now(),
-        }
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -176,23 +204,43 @@ impl Session {
 
     /// Opens a connection and runs the handshake (CONNECT or RESUME) to completion.
     fn establish(&mut self, resume: bool) -> Result<usize, ClientError> {
-        let mut stream = tcp_connect(&self.endpoint, self.opts.connect_timeout)?;
-        let _ = stream.set_nodelay(true);
-        let lost = |e: std::io::Error| ClientError::Unreachable {
-            endpoint: String::new(),
-            reason: e.to_string(),
+        let sock = tcp_connect(&self.endpoint, self.opts.connect_timeout)?;
+        let _ = sock.set_nodelay(true);
+        let tls_trust = match &self.transport {
+            Transport::Tls(t) => Some(t.clone()),
+            Transport::Plaintext => None,
+        };
+        let lost = |e: std::io::Error| match (as_rustls(&e), &tls_trust) {
+            (Some(te), Some(trust)) => ClientError::Tls {
+                endpoint: String::new(),
+                reason: explain(te, trust),
+            },
+            _ => ClientError::Unreachable {
+                endpoint: String::new(),
+                reason: e.to_string(),
+            },
         };
         let fix = |e: ClientError, ep: &str| match e {
             ClientError::Unreachable { reason, .. } => ClientError::Unreachable {
                 endpoint: ep.to_string(),
                 reason,
             },
+            ClientError::Tls { reason, .. } => ClientError::Tls {
+                endpoint: ep.to_string(),
+                reason,
+            },
             e => e,
         };
+        let plaintext = self.tls.is_none();
         let r = (|| {
-            stream
-                .set_read_timeout(Some(self.opts.handshake_timeout))
+            sock.set_read_timeout(Some(self.opts.handshake_timeout))
                 .map_err(lost)?;
+            let _ = sock.set_write_timeout(Some(self.opts.handshake_timeout));
+            let deadline = Instant::now() + self.opts.handshake_timeout;
+            let mut stream = match &self.tls {
+                None => Conn::plain(sock),
+                Some(setup) => Conn::tls_handshake(sock, setup, deadline).map_err(lost)?,
+            };
             let now = self.now_ms();
             if resume {
                 self.core.start_resume(now);
@@ -202,9 +250,10 @@ impl Session {
                 self.core.start_connect(nonce, now);
             }
             stream.write_all(&self.core.take_output()).map_err(lost)?;
-            let deadline = Instant::now() + self.opts.handshake_timeout;
+            stream.flush().map_err(lost)?;
             let mut buf = vec![0u8; 64 * 1024];
             let mut resent = 0;
+            let mut first = true;
             while !self.core.is_attached() {
                 if Instant::now() >= deadline {
                     return Err(ClientError::Unreachable {
@@ -216,7 +265,13 @@ impl Session {
                     Ok(0) => {
                         return Err(ClientError::Unreachable {
                             endpoint: String::new(),
-                            reason: "connection closed during the handshake".into(),
+                            reason: if plaintext {
+                                "connection closed during the handshake (if the server uses \
+                                 TLS, connect without --plaintext)"
+                                    .into()
+                            } else {
+                                "connection closed during the handshake".into()
+                            },
                         })
                     }
                     Ok(n) => n,
@@ -227,9 +282,21 @@ impl Session {
                     Err(e) => return Err(lost(e)),
                 };
                 let now = self.now_ms();
-                self.core
-                    .on_bytes(&buf[..n], now)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let tls_record = plaintext && first && matches!(buf[0], 0x15 | 0x16);
+                first = false;
+                self.core.on_bytes(&buf[..n], now).map_err(|e| {
+                    if tls_record {
+                        // A TLS alert or handshake record, not a ClawTerm frame.
+                        ClientError::Tls {
+                            endpoint: String::new(),
+                            reason: "the server speaks TLS and refused plaintext: connect \
+                                     without --plaintext (TLS is the default)"
+                                .into(),
+                        }
+                    } else {
+                        ClientError::Protocol(e.to_string())
+                    }
+                })?;
                 while let Some(ev) = self.core.poll_event() {
                     match ev {
                         CoreEvent::Error { code, message } => {
@@ -249,11 +316,12 @@ impl Session {
                 }
             }
             stream.write_all(&self.core.take_output()).map_err(lost)?;
-            stream.set_nonblocking(true).map_err(lost)?;
-            Ok(resent)
+            stream.flush().map_err(lost)?;
+            stream.sock.set_nonblocking(true).map_err(lost)?;
+            Ok((resent, stream))
         })();
         match r {
-            Ok(resent) => {
+            Ok((resent, stream)) => {
                 self.link = Link::Up(stream);
                 self.wbuf.clear();
                 self.last_seen = unix_now();
@@ -422,7 +490,13 @@ impl Session {
         self.wbuf.extend_from_slice(&self.core.take_output());
         let mut off = 0;
         let mut failure = None;
-        while off < self.wbuf.len() {
+        // TLS records left over from an earlier write go first.
+        match stream.flush_tls() {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return,
+            Err(e) => failure = Some(format!("connection lost: {e}")),
+        }
+        while failure.is_none() && off < self.wbuf.len() {
             match stream.write(&self.wbuf[off..]) {
                 Ok(0) => {
                     failure = Some("connection closed while writing".to_string());
@@ -518,14 +592,16 @@ impl Session {
     /// The socket to wait on (readable ⇒ call [`Session::try_recv`]); `None` while down.
     pub fn poll_fd(&self) -> Option<RawFd> {
         match &self.link {
-            Link::Up(s) => Some(s.as_raw_fd()),
+            Link::Up(s) => Some(s.sock.as_raw_fd()),
             _ => None,
         }
     }
 
     /// Whether output is waiting for the socket to become writable.
     pub fn wants_write(&self) -> bool {
-        !self.wbuf.is_empty() || self.core.has_output()
+        !self.wbuf.is_empty()
+            || self.core.has_output()
+            || matches!(&self.link, Link::Up(c) if c.pending_output())
     }
 
     /// When [`Session::try_recv`] must be called again even if the socket stays quiet (timers,
@@ -549,7 +625,7 @@ impl Session {
     /// Cuts the current connection as if the network dropped it (testing, "reconnect now").
     pub fn drop_connection(&mut self, reason: &str) {
         if let Link::Up(s) = &self.link {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = s.sock.shutdown(std::net::Shutdown::Both);
             self.lost(reason.to_string());
         }
     }
@@ -557,11 +633,11 @@ impl Session {
     fn flush_blocking(&mut self) {
         if let Link::Up(stream) = &mut self.link {
             self.wbuf.extend_from_slice(&self.core.take_output());
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.sock.set_nonblocking(false);
+            let _ = stream.sock.set_write_timeout(Some(Duration::from_secs(2)));
             let _ = stream.write_all(&self.wbuf);
             self.wbuf.clear();
-            let _ = stream.shutdown(std::net::Shutdown::Write);
+            stream.close();
         }
     }
 
@@ -583,9 +659,21 @@ impl Session {
 
     /// The credentials to resume this session (from this or another device).
     pub fn credentials(&self, name: &str) -> Credentials {
+        let mut transport = self.transport.clone();
+        if let (Transport::Tls(t), Some(setup)) = (&mut transport, &self.tls) {
+            // Keep the name the certificate is checked against if the address changed (ROAM).
+            let name = setup.name.to_str();
+            if t.server_name.is_none() && name != super::transport::host_of(&self.endpoint) {
+                t.server_name = Some(name.into_owned());
+            }
+        }
         Credentials {
             name: name.to_string(),
-            endpoint: self.endpoint.clone(),
+            endpoint: Target {
+                addr: self.endpoint.clone(),
+                transport,
+            }
+            .to_string(),
             tenant: self.core.tenant(),
             agent: self.core.agent(),
             session_id: self.core.session_id(),
@@ -600,8 +688,25 @@ impl Session {
         self.core.session_id()
     }
 
+    /// `HOST:PORT` of the server (without the transport).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Plaintext or TLS, and the TLS trust in use.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The negotiated TLS version and cipher suite of the current connection (e.g.
+    /// `("TLSv1_3", "TLS13_AES_256_GCM_SHA384")`); `None` over plaintext or while down.
+    pub fn tls_info(&self) -> Option<(String, String)> {
+        let Link::Up(c) = &self.link else { return None };
+        let t = c.tls.as_ref()?;
+        Some((
+            format!("{:?}", t.protocol_version()?),
+            format!("{:?}", t.negotiated_cipher_suite()?.suite()),
+        ))
     }
 
     /// Client DATA bytes not yet acknowledged by the server.

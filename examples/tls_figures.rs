@@ -1,0 +1,521 @@
+//! TLS figures for docs/SECURITY.md, against real `clawtermd` processes (loopback):
+//!
+//! (a) **Full TLS 1.3 handshakes per second on one shard** (`--shards 1 --cpus 0`): client
+//!     threads pinned to CPU 1, blocking rustls connections, for `--secs` seconds each:
+//!     TCP connect + TLS handshake (then RST), and full session setup (TCP + TLS + CONNECT →
+//!     ACCEPT + DISCONNECT). The server shard's CPU use is reported alongside.
+//! (b) **Echo throughput over TLS as a ratio of plaintext**: two servers (one TLS, one
+//!     plaintext, each one shard on CPU 0), the same load on each: `--echo-sessions`
+//!     `clawterm::client::Session`s, closed loop, one outstanding 32-byte DATA each.
+//! (c) **Server RSS per idle TLS session**: open `--idle` TLS sessions (and, for comparison, as
+//!     many plaintext ones on a plaintext server), VmRSS delta / N from /proc/PID/status.
+//!
+//! ```text
+//! cargo build --release --bins
+//! cargo run --release --example tls_figures -- [--secs 5] [--threads 16]
+//!     [--echo-sessions 200] [--idle 5000]
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use clawterm::client::core::ClientCore;
+use clawterm::client::transport::{client_config, parse_pin};
+use clawterm::client::{Event, Options, Session, TlsTrust, Transport};
+
+const TENANT: u32 = 1;
+const AGENT: u32 = 1;
+const TOKEN: [u8; 32] = [0x42; 32];
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/examples/tls_figures -> target/<profile>
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn pin_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set; affects the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn proc_cpu_s(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // After ")": state is [0]; utime is field 14 of the line = [11], stime [12].
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (t(11) + t(12)) / tck
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One server (TLS or plaintext), one shard on CPU 0, with an echo agent.
+struct Server {
+    proc: Proc,
+    _agent: Proc,
+    addr: SocketAddr,
+    cert: Option<(PathBuf, String)>,
+}
+
+impl Server {
+    fn start(dir: &Path, tls: bool) -> Server {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("sock")).unwrap();
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, format!("{TENANT} {}\n", hex(&TOKEN))).unwrap();
+        let mut agent = Command::new(bin_dir().join("claw-agent"))
+            .arg("-s")
+            .arg(dir.join("sock"))
+            .args(["--tenant", "1", "--agent", "1", "echo"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("claw-agent (cargo build --release --bins)");
+        let mut line = String::new();
+        BufReader::new(agent.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("listening"), "{line}");
+        let agent = Proc(agent);
+        let mut cmd = Command::new(bin_dir().join("clawtermd"));
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--admin",
+            "off",
+            "--no-quic",
+        ])
+        .args([
+            "--shards",
+            "1",
+            "--cpus",
+            "0",
+            "--max-conn-rate-per-ip",
+            "0",
+        ])
+        .args(["--max-pending-handshakes", "100000"])
+        .arg("--tokens")
+        .arg(&tokens)
+        .arg("--socket-dir")
+        .arg(dir.join("sock"))
+        .env("RUST_LOG", "warn,clawterm=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let cert = if tls {
+            let (c, k, fp) = clawterm::server::tls::self_signed(dir).unwrap();
+            cmd.arg("--tls-cert").arg(&c).arg("--tls-key").arg(&k);
+            Some((c, fp))
+        } else {
+            cmd.arg("--insecure-plaintext");
+            None
+        };
+        let mut child = cmd.spawn().expect("clawtermd");
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines() {
+                let Ok(l) = l else { break };
+                if let Some(i) = l.find("listening on tcp ") {
+                    let a = l[i + 17..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(a);
+                }
+            }
+        });
+        let proc = Proc(child);
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no listening line")
+            .parse()
+            .unwrap();
+        Server {
+            proc,
+            _agent: agent,
+            addr,
+            cert,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    fn transport(&self) -> Transport {
+        match &self.cert {
+            Some((_, fp)) => Transport::tls_pin(parse_pin(fp).unwrap()),
+            None => Transport::Plaintext,
+        }
+    }
+}
+
+fn rst_close(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid linger struct on an open socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// One connection: TCP + TLS handshake (+ CONNECT/ACCEPT/DISCONNECT when `full`).
+fn one_handshake(
+    addr: SocketAddr,
+    cfg: &Arc<rustls::ClientConfig>,
+    name: &rustls::pki_types::ServerName<'static>,
+    full: bool,
+) -> Result<(), String> {
+    let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+    rst_close(&sock);
+    let mut tls =
+        rustls::ClientConnection::new(cfg.clone(), name.clone()).map_err(|e| e.to_string())?;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut sock).map_err(|e| e.to_string())?;
+    }
+    if full {
+        let mut core = ClientCore::new(TENANT, AGENT, TOKEN);
+        core.start_connect([1; 16], 0);
+        tls.writer()
+            .write_all(&core.take_output())
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        while !core.is_attached() {
+            while tls.wants_write() {
+                tls.write_tls(&mut sock).map_err(|e| e.to_string())?;
+            }
+            if tls.read_tls(&mut sock).map_err(|e| e.to_string())? == 0 {
+                return Err("closed".into());
+            }
+            tls.process_new_packets().map_err(|e| e.to_string())?;
+            loop {
+                match tls.reader().read(&mut buf) {
+                    Ok(0) => return Err("closed".into()),
+                    Ok(n) => core.on_bytes(&buf[..n], 0).map_err(|e| e.to_string())?,
+                    Err(_) => break,
+                }
+            }
+            if let Some(clawterm::client::core::CoreEvent::Error { code, .. }) = core.poll_event() {
+                return Err(format!("ERROR {code}"));
+            }
+        }
+        core.disconnect(0);
+        tls.writer()
+            .write_all(&core.take_output())
+            .map_err(|e| e.to_string())?;
+        tls.send_close_notify();
+        while tls.wants_write() {
+            tls.write_tls(&mut sock).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn handshake_rate(srv: &Server, threads: usize, secs: f64, full: bool) -> (f64, f64, u64) {
+    let fp = &srv.cert.as_ref().unwrap().1;
+    let trust = TlsTrust {
+        pin: parse_pin(fp),
+        ..TlsTrust::default()
+    };
+    let (cfg, name) = client_config(&trust, &srv.addr.to_string()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let cpu0 = proc_cpu_s(srv.pid());
+    let t0 = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|_| {
+            let (stop, done, failed, cfg, name) = (
+                stop.clone(),
+                done.clone(),
+                failed.clone(),
+                cfg.clone(),
+                name.clone(),
+            );
+            let addr = srv.addr;
+            std::thread::spawn(move || {
+                pin_cpu(1);
+                while !stop.load(Ordering::Relaxed) {
+                    match one_handshake(addr, &cfg, &name, full) {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let n = done.load(Ordering::Relaxed);
+    let el = t0.elapsed().as_secs_f64();
+    let cpu = proc_cpu_s(srv.pid()) - cpu0;
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        let _ = h.join();
+    }
+    (n as f64 / el, cpu / el, failed.load(Ordering::Relaxed))
+}
+
+fn opts(t: Transport) -> Options {
+    Options {
+        transport: t,
+        ..Options::default()
+    }
+}
+
+/// Closed-loop 32-byte echo with `n` sessions over `threads` client threads (CPU 1).
+fn echo_rate(srv: &Server, n: usize, threads: usize, secs: f64) -> (f64, f64) {
+    let ready = Arc::new(std::sync::Barrier::new(threads + 1));
+    let go = Arc::new(std::sync::Barrier::new(threads + 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let per = n / threads + usize::from(t < n % threads);
+            let (ready, go, stop, total) = (ready.clone(), go.clone(), stop.clone(), total.clone());
+            let (addr, tr) = (srv.addr.to_string(), srv.transport());
+            std::thread::spawn(move || {
+                pin_cpu(1);
+                let mut ss: Vec<Session> = (0..per)
+                    .map(|_| {
+                        Session::connect_with(&addr, TENANT, AGENT, TOKEN, opts(tr.clone()))
+                            .unwrap()
+                    })
+                    .collect();
+                ready.wait();
+                go.wait();
+                let payload = [b'x'; 32];
+                let mut got = vec![0usize; per];
+                let mut count = 0u64;
+                for s in &mut ss {
+                    s.send(&payload).unwrap();
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pfds: Vec<libc::pollfd> = ss
+                        .iter()
+                        .map(|s| libc::pollfd {
+                            fd: s.poll_fd().unwrap_or(-1),
+                            events: libc::POLLIN | if s.wants_write() { libc::POLLOUT } else { 0 },
+                            revents: 0,
+                        })
+                        .collect();
+                    // SAFETY: a valid pollfd array.
+                    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 5) };
+                    for (i, s) in ss.iter_mut().enumerate() {
+                        if pfds[i].revents == 0 && !s.wants_write() {
+                            continue;
+                        }
+                        while let Some(ev) = s.try_recv().unwrap() {
+                            if let Event::Data(d) = ev {
+                                got[i] += d.len();
+                                while got[i] >= 32 {
+                                    got[i] -= 32;
+                                    count += 1;
+                                    s.send(&payload).unwrap();
+                                }
+                            }
+                        }
+                    }
+                }
+                total.fetch_add(count, Ordering::Relaxed);
+                for s in ss {
+                    s.end();
+                }
+            })
+        })
+        .collect();
+    ready.wait();
+    let cpu0 = proc_cpu_s(srv.pid());
+    let t0 = Instant::now();
+    go.wait();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let el = t0.elapsed().as_secs_f64();
+    let cpu = proc_cpu_s(srv.pid()) - cpu0;
+    for h in hs {
+        h.join().unwrap();
+    }
+    (total.load(Ordering::Relaxed) as f64 / el, cpu / el)
+}
+
+/// Opens `n` idle sessions; returns (RSS before KiB, after KiB).
+fn idle_rss(srv: &Server, n: usize, threads: usize) -> (u64, u64, Vec<Vec<Session>>) {
+    // Warm up the allocator and the agent link.
+    for _ in 0..20 {
+        Session::connect_with(
+            &srv.addr.to_string(),
+            TENANT,
+            AGENT,
+            TOKEN,
+            opts(srv.transport()),
+        )
+        .unwrap()
+        .end();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = vm_rss_kib(srv.pid());
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let per = n / threads + usize::from(t < n % threads);
+            let (addr, tr) = (srv.addr.to_string(), srv.transport());
+            std::thread::spawn(move || {
+                pin_cpu(1);
+                (0..per)
+                    .map(|_| {
+                        Session::connect_with(&addr, TENANT, AGENT, TOKEN, opts(tr.clone()))
+                            .unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let held: Vec<Vec<Session>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = vm_rss_kib(srv.pid());
+    (before, after, held)
+}
+
+fn arg(args: &[String], name: &str, default: f64) -> f64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let secs = arg(&args, "--secs", 5.0);
+    let threads = arg(&args, "--threads", 16.0) as usize;
+    let echo_sessions = arg(&args, "--echo-sessions", 200.0) as usize;
+    let idle = arg(&args, "--idle", 5000.0) as usize;
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    let base = std::env::temp_dir().join(format!("ct-tls-figures-{}", std::process::id()));
+    println!(
+        "tls_figures: loopback, server 1 shard pinned to CPU 0, client on CPU 1 ({} CPUs online)",
+        unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
+    );
+
+    // (a)
+    {
+        let srv = Server::start(&base.join("a"), true);
+        // A short warm-up so that neither measured phase pays for process start.
+        handshake_rate(&srv, threads, 1.0, false);
+        let (r, cpu, f) = handshake_rate(&srv, threads, secs, false);
+        println!(
+            "(a) TLS 1.3 handshakes (TCP connect + handshake, pinned cert, ECDSA P-256): {r:.0}/s \
+             over {secs} s, {threads} client threads; server shard CPU {:.0}% = {:.0} us/handshake \
+             (one shard saturated: ~{:.0}/s); failures {f}",
+            cpu * 100.0,
+            cpu / r * 1e6,
+            r / cpu.max(1e-9)
+        );
+        let (r2, cpu2, f2) = handshake_rate(&srv, threads, secs, true);
+        println!(
+            "(a) full session setup (TCP + TLS 1.3 + CONNECT/ACCEPT + DISCONNECT): {r2:.0}/s; \
+             server shard CPU {:.0}% = {:.0} us/setup (one shard saturated: ~{:.0}/s); failures {f2}",
+            cpu2 * 100.0,
+            cpu2 / r2 * 1e6,
+            r2 / cpu2.max(1e-9)
+        );
+    }
+    // (b)
+    {
+        let tls = Server::start(&base.join("b-tls"), true);
+        let plain = Server::start(&base.join("b-plain"), false);
+        let ct = threads.clamp(1, 8);
+        let (p, pcpu) = echo_rate(&plain, echo_sessions, ct, secs);
+        let (t, tcpu) = echo_rate(&tls, echo_sessions, ct, secs);
+        println!(
+            "(b) echo, {echo_sessions} sessions closed loop, 32 B, {secs} s each: plaintext \
+             {p:.0} echoes/s (server CPU {:.0}%), TLS {t:.0} echoes/s (server CPU {:.0}%); \
+             TLS/plaintext = {:.2}; per server CPU-second: plaintext {:.0}, TLS {:.0} (ratio {:.2})",
+            pcpu * 100.0,
+            tcpu * 100.0,
+            t / p,
+            p / pcpu.max(1e-9),
+            t / tcpu.max(1e-9),
+            (t / tcpu.max(1e-9)) / (p / pcpu.max(1e-9))
+        );
+    }
+    // (c)
+    {
+        let ct = threads.clamp(1, 8);
+        let tls = Server::start(&base.join("c-tls"), true);
+        let (b, a, held) = idle_rss(&tls, idle, ct);
+        println!(
+            "(c) idle TLS sessions: {idle}; server VmRSS {b} KiB -> {a} KiB; {:.2} KiB/session",
+            (a.saturating_sub(b)) as f64 / idle as f64
+        );
+        drop(held);
+        drop(tls);
+        let plain = Server::start(&base.join("c-plain"), false);
+        let (b2, a2, held) = idle_rss(&plain, idle, ct);
+        println!(
+            "(c) idle plaintext sessions (comparison): {idle}; server VmRSS {b2} KiB -> {a2} KiB; \
+             {:.2} KiB/session",
+            (a2.saturating_sub(b2)) as f64 / idle as f64
+        );
+        drop(held);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
