@@ -1,0 +1,386 @@
+#!/usr/bin/env python3
+"""Benchmark history and dashboard for ClawTerm (standard library only).
+
+  render.py record RUN_DIR --profile P --history bench/history.jsonl [--failed JSON]
+            [--seconds S] [--ios "uring epoll"]
+      Summarises the loadgen JSON files of one bench/run.sh run into one JSON line appended
+      to the history file (and prints it).
+  render.py render --history bench/history.jsonl --out bench/dashboard.html
+      Writes a self-contained HTML dashboard (inline SVG, no network fetches).
+"""
+
+import argparse
+import datetime
+import html
+import json
+import os
+import platform
+import subprocess
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def pick(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def read_first(path):
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
+def host_info():
+    info = {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "somaxconn": (read_first("/proc/sys/net/core/somaxconn") or [None])[0],
+        "tcp_max_syn_backlog": (read_first("/proc/sys/net/ipv4/tcp_max_syn_backlog") or [None])[0],
+        "ip_local_port_range": " ".join(read_first("/proc/sys/net/ipv4/ip_local_port_range") or []),
+        "tcp_tw_reuse": (read_first("/proc/sys/net/ipv4/tcp_tw_reuse") or [None])[0],
+    }
+    try:
+        import resource
+
+        info["nofile_soft_hard"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def git_rev(root):
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("+dirty" if dirty else "") if rev else None
+    except Exception:
+        return None
+
+
+def summarize(kind, d):
+    """The figures of one loadgen result that the history keeps."""
+    if d is None:
+        return {"missing": True}
+    s = {"ok": d.get("ok"), "problems": d.get("problems", [])[:5]}
+    lat = lambda k: {q: pick(d, k, q) for q in ("p50", "p90", "p99", "p999", "max")}
+    if kind == "idle":
+        s.update(sessions=d.get("sessions_established"),
+                 rss_bytes_per_session=d.get("server_rss_bytes_per_session"),
+                 rss_before=d.get("server_rss_before_bytes"), rss_after=d.get("server_rss_after_bytes"),
+                 open_per_s=d.get("open_sessions_per_second"),
+                 handshake_us=lat("handshake_us"))
+        # One shard pinned to one CPU: sessions held per server core.
+        s["sessions_per_core"] = d.get("sessions_alive_at_end")
+    elif kind == "connect":
+        s.update(per_s=d.get("sessions_per_second"), completed=d.get("sessions_completed"),
+                 handshake_us=lat("handshake_us"), server_cpu=d.get("server_cpu_fraction"))
+    elif kind in ("echo", "echo_closed"):
+        s.update(sessions=d.get("sessions_established"), target_rate=d.get("target_rate"),
+                 rate=d.get("achieved_rate"), latency_us=lat("latency_us"),
+                 send_lag_us=lat("send_lag_us"),
+                 server_cpu=d.get("server_cpu_fraction"), client_cpu=d.get("client_cpu_fraction"))
+    elif kind == "resume":
+        s.update(sessions=d.get("resumed"), per_s=d.get("resumes_per_second"),
+                 resumed_us=lat("resume_resumed_us"), first_replay_us=lat("resume_first_replay_us"))
+    elif kind == "resume_cross":
+        s.update(sessions=d.get("resumed"),
+                 same_port_resumed_us=lat("same_port_resumed_us"),
+                 new_port_resumed_us=lat("new_port_resumed_us"),
+                 same_port_first_replay_us=lat("same_port_first_replay_us"),
+                 new_port_first_replay_us=lat("new_port_first_replay_us"),
+                 shard_split=d.get("shard_split", {}).get("new_port"),
+                 predicted_owner_shards=d.get("predicted_owner_shards"))
+    return s
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return None
+    return round(a / b, 3)
+
+
+def record(a):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ios = a.ios.split()
+    res = {}
+    for io in ios:
+        res[io] = {k: summarize(k, load(os.path.join(a.run_dir, f"{io}.{k}.json")))
+                   for k in ("idle", "connect", "echo", "echo_closed", "resume")}
+    res["raw"] = {k: summarize(k, load(os.path.join(a.run_dir, f"raw.{k}.json")))
+                  for k in ("echo", "echo_closed")}
+    rc = load(os.path.join(a.run_dir, "resume_cross.json"))
+    res["resume_cross"] = summarize("resume_cross", rc)
+
+    g = lambda *k: pick(res, *k)
+    ratios = {}
+    if "uring" in res and "epoll" in res:
+        ratios["uring_over_epoll"] = {
+            "echo_closed_rate": ratio(g("uring", "echo_closed", "rate"), g("epoll", "echo_closed", "rate")),
+            "echo_p50": ratio(g("uring", "echo", "latency_us", "p50"), g("epoll", "echo", "latency_us", "p50")),
+            "echo_p99": ratio(g("uring", "echo", "latency_us", "p99"), g("epoll", "echo", "latency_us", "p99")),
+            "connect_rate": ratio(g("uring", "connect", "per_s"), g("epoll", "connect", "per_s")),
+            "rss_per_session": ratio(g("uring", "idle", "rss_bytes_per_session"),
+                                     g("epoll", "idle", "rss_bytes_per_session")),
+            "resume_p50": ratio(g("uring", "resume", "resumed_us", "p50"), g("epoll", "resume", "resumed_us", "p50")),
+        }
+    for io in ios:
+        ratios[f"{io}_over_raw"] = {
+            "echo_closed_rate": ratio(g(io, "echo_closed", "rate"), g("raw", "echo_closed", "rate")),
+            "echo_p50": ratio(g(io, "echo", "latency_us", "p50"), g("raw", "echo", "latency_us", "p50")),
+            "echo_p99": ratio(g(io, "echo", "latency_us", "p99"), g("raw", "echo", "latency_us", "p99")),
+        }
+    failed = json.loads(a.failed) if a.failed else []
+    line = {
+        "ts": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "profile": a.profile,
+        "git": git_rev(root),
+        "host": host_info(),
+        "loadavg_at_start": " ".join((read_first(os.path.join(a.run_dir, "loadavg.start")) or [])[:3]),
+        "seconds": a.seconds,
+        "ok": not failed,
+        "failed": failed,
+        "results": res,
+        "ratios": ratios,
+    }
+    with open(a.history, "a") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
+    print(json.dumps(line, indent=1, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Dashboard
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def fmt(v):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:,.0f}"
+    return f"{int(v):,}"
+
+
+def chart(title, runs, series, unit="", log=False, w=560, h=230):
+    """An inline SVG line chart: one point per run, one line per series."""
+    rows = (len(series) + 3) // 4
+    h = h + 12 * (rows - 1)
+    pad_l, pad_r, pad_t, pad_b = 62, 12, 26, 34 + 12 * rows
+    pts = []
+    for name, fn in series:
+        vals = []
+        for r in runs:
+            try:
+                v = fn(r)
+            except Exception:
+                v = None
+            vals.append(v if isinstance(v, (int, float)) and (v > 0 or not log) else None)
+        pts.append((name, vals))
+    allv = [v for _, vs in pts for v in vs if v is not None]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>']
+    if not allv:
+        out.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle" fill="#888">no data</text></svg>')
+        return "".join(out)
+    import math
+    lo, hi = min(allv), max(allv)
+    if log:
+        lo, hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+        if hi <= lo:
+            hi = lo + 1
+        tr = lambda v: math.log10(v)
+    else:
+        lo = 0 if lo >= 0 else lo
+        hi = hi * 1.1 if hi > 0 else 1
+        tr = lambda v: v
+    n = len(runs)
+    xw = w - pad_l - pad_r
+    yh = h - pad_t - pad_b
+    X = lambda i: pad_l + (xw / 2 if n == 1 else xw * i / (n - 1))
+    Y = lambda v: pad_t + yh - (tr(v) - lo) / ((hi - lo) or 1) * yh
+    out.append(f'<rect x="{pad_l}" y="{pad_t}" width="{xw}" height="{yh}" fill="none" stroke="#ccc"/>')
+    for k in range(5):
+        t = lo + (hi - lo) * k / 4
+        val = 10 ** t if log else t
+        y = pad_t + yh - yh * k / 4
+        out.append(f'<line x1="{pad_l}" x2="{pad_l + xw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{pad_l - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{fmt(val)}{unit}</text>')
+    step = max(1, n // 6)
+    for i, r in enumerate(runs):
+        if i % step == 0 or i == n - 1:
+            out.append(f'<text x="{X(i):.1f}" y="{pad_t + yh + 14}" text-anchor="middle" font-size="9">'
+                       f'{html.escape(r["ts"][5:16].replace("T", " "))}</text>')
+    for si, (name, vals) in enumerate(pts):
+        c = COLORS[si % len(COLORS)]
+        seg = []
+        for i, v in enumerate(vals):
+            if v is None:
+                if len(seg) > 1:
+                    out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{" ".join(seg)}"/>')
+                seg = []
+                continue
+            seg.append(f"{X(i):.1f},{Y(v):.1f}")
+            out.append(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="2.6" fill="{c}">'
+                       f'<title>{html.escape(name)} {html.escape(runs[i]["ts"])}: {fmt(v)}{unit}</title></circle>')
+        if len(seg) > 1:
+            out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{" ".join(seg)}"/>')
+        lx = pad_l + 4 + (si % 4) * 125
+        ly = h - 12 * rows + 6 + (si // 4) * 12
+        out.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{c}"/>'
+                   f'<text x="{lx + 14}" y="{ly - 4}" font-size="10">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def G(*keys):
+    return lambda r: pick(r, *keys)
+
+
+def profile_section(profile, runs):
+    ios = [io for io in ("uring", "epoll") if any(io in r.get("results", {}) for r in runs)]
+    charts = []
+    charts.append(chart("Idle sessions held per server core (1 shard)", runs,
+                        [(io, G("results", io, "idle", "sessions_per_core")) for io in ios]))
+    charts.append(chart("Server RSS per idle session", runs,
+                        [(io, G("results", io, "idle", "rss_bytes_per_session")) for io in ios], unit=" B"))
+    charts.append(chart("Echo throughput, closed loop (round trips/s)", runs,
+                        [(io, G("results", io, "echo_closed", "rate")) for io in ios] +
+                        [("raw TCP echo", G("results", "raw", "echo_closed", "rate"))]))
+    ser = []
+    for name in ios + ["raw"]:
+        for q in ("p50", "p99", "p999"):
+            ser.append((f"{name} {q}", G("results", name, "echo", "latency_us", q)))
+    charts.append(chart("Echo latency at a fixed open-loop rate (µs, log)", runs, ser, log=True))
+    charts.append(chart("New sessions per second (connect + close)", runs,
+                        [(io, G("results", io, "connect", "per_s")) for io in ios]))
+    ser = []
+    for io in ios:
+        ser += [(f"{io} RESUMED p50", G("results", io, "resume", "resumed_us", "p50")),
+                (f"{io} RESUMED p99", G("results", io, "resume", "resumed_us", "p99")),
+                (f"{io} 1st replay p99", G("results", io, "resume", "first_replay_us", "p99"))]
+    charts.append(chart("Resume latency from reconnect (µs, log)", runs, ser, log=True))
+    ser = [("uring/epoll closed-loop rate", G("ratios", "uring_over_epoll", "echo_closed_rate")),
+           ("uring/epoll echo p99", G("ratios", "uring_over_epoll", "echo_p99"))]
+    charts.append(chart("uring / epoll ratios", runs, ser))
+    ser = []
+    for io in ios:
+        ser += [(f"{io}/raw closed-loop rate", G("ratios", f"{io}_over_raw", "echo_closed_rate")),
+                (f"{io}/raw echo p99", G("ratios", f"{io}_over_raw", "echo_p99"))]
+    charts.append(chart("server / raw TCP echo ratios", runs, ser, log=True))
+
+    last = runs[-1]
+    rows = []
+    for io in ios + ["raw"]:
+        r = pick(last, "results", io) or {}
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in [
+            io,
+            fmt(pick(r, "idle", "sessions_per_core")),
+            fmt(pick(r, "idle", "rss_bytes_per_session")),
+            fmt(pick(r, "connect", "per_s")),
+            fmt(pick(r, "echo_closed", "rate")),
+            f'{fmt(pick(r, "echo", "rate"))} / {fmt(pick(r, "echo", "target_rate"))}',
+            " / ".join(fmt(pick(r, "echo", "latency_us", q)) for q in ("p50", "p90", "p99", "p999", "max")),
+            " / ".join(fmt(pick(r, "resume", "resumed_us", q)) for q in ("p50", "p99")),
+            " / ".join(fmt(pick(r, "resume", "first_replay_us", q)) for q in ("p50", "p99")),
+        ]) + "</tr>")
+    rat = pick(last, "ratios") or {}
+    rat_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(kk)}</td><td>{fmt(vv)}</td></tr>"
+                       for k, v in rat.items() for kk, vv in v.items())
+    status = "ok" if last.get("ok") else "FAILED: " + "; ".join(last.get("failed", []))
+    hist_rows = "".join(
+        f'<tr><td>{html.escape(r["ts"])}</td><td>{html.escape(str(r.get("git")))}</td>'
+        f'<td>{"ok" if r.get("ok") else "FAILED: " + html.escape("; ".join(r.get("failed", [])))}</td>'
+        f'<td>{fmt(r.get("seconds"))} s</td><td>{html.escape(str(r.get("loadavg_at_start", "")))}</td>'
+        f'<td style="text-align:left">{html.escape(r.get("note", ""))}</td></tr>'
+        for r in reversed(runs[-20:]))
+    return f"""
+<h2>Profile <code>{html.escape(profile)}</code> — {len(runs)} run(s)</h2>
+<p>Latest: {html.escape(last["ts"])}, git {html.escape(str(last.get("git")))}, {status};
+load average at start {html.escape(str(last.get("loadavg_at_start")))};
+host {html.escape(json.dumps(last.get("host", {})))}</p>
+<table><tr><th>server</th><th>idle sessions / core</th><th>RSS B / idle session</th>
+<th>connects / s</th><th>closed-loop echo / s</th><th>open-loop achieved / target</th>
+<th>echo µs p50 / p90 / p99 / p99.9 / max</th><th>RESUMED µs p50 / p99</th><th>1st replay µs p50 / p99</th></tr>
+{"".join(rows)}</table>
+<div class="charts">{"".join(f'<div>{c}</div>' for c in charts)}</div>
+<details><summary>Ratios of the latest run</summary><table>{rat_rows}</table></details>
+<details><summary>Runs</summary><table><tr><th>time (UTC)</th><th>git</th><th>status</th><th>wall</th><th>load avg at start</th><th>note</th></tr>{hist_rows}</table></details>
+"""
+
+
+def render(a):
+    runs = []
+    try:
+        with open(a.history) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        runs.append(json.loads(line))
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    by = {}
+    for r in runs:
+        by.setdefault(r.get("profile", "?"), []).append(r)
+    sections = "".join(profile_section(p, rs) for p, rs in sorted(by.items(), key=lambda x: x[0] != "full"))
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ClawTerm benchmarks</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
+th {{ background: #f4f4f4; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 8px; }}
+.charts div {{ border: 1px solid #eee; }}
+svg text {{ font-family: system-ui, sans-serif; }}
+</style></head><body>
+<h1>ClawTerm benchmarks</h1>
+<p>Generated {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} from
+<code>bench/history.jsonl</code> by <code>bench/render.py</code>. One shard (<code>clawtermd --shards 1
+--cpus 0</code>), loadgen pinned to CPU 1, loopback, plaintext. Smoke and full profiles use different
+session counts and are charted separately; compare runs within one profile only. How to read this:
+<code>docs/BENCHMARKS.md</code>.</p>
+{sections or "<p>No runs recorded yet: run <code>bash bench/run.sh --profile smoke</code>.</p>"}
+</body></html>
+"""
+    with open(a.out, "w") as f:
+        f.write(doc)
+    print(f"wrote {a.out} ({len(runs)} runs)", file=sys.stderr)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("run_dir")
+    r.add_argument("--profile", required=True)
+    r.add_argument("--history", required=True)
+    r.add_argument("--failed", default="[]")
+    r.add_argument("--seconds", type=int, default=None)
+    r.add_argument("--ios", default="uring epoll")
+    d = sub.add_parser("render")
+    d.add_argument("--history", required=True)
+    d.add_argument("--out", required=True)
+    a = p.parse_args()
+    record(a) if a.cmd == "record" else render(a)
+
+
+if __name__ == "__main__":
+    main()

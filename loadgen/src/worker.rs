@@ -1,0 +1,1279 @@
+//! One worker process: many nonblocking client sockets on one epoll, single-threaded.
+//!
+//! The coordinator (main.rs) starts one or more workers (`loadgen --worker I ...`), each with
+//! its share of the sessions. A worker talks to the coordinator over its stdin/stdout:
+//!
+//! * stdout, one JSON object per line: `{"t":"progress",...}` about once a second,
+//!   `{"t":"opened",...}` when its sessions are up, `{"t":"result",...}` at the end;
+//! * stdin: the line `go` once every worker has reported `opened` (a barrier, so that the
+//!   measured phase starts at the same time in every worker and the coordinator can read the
+//!   server's RSS in between).
+
+use crate::sys::{self, Epoll, Src};
+use crate::Opts;
+use clawterm::proto::{
+    decode, encode_to_vec, Accept, Connect, Decoded, FrameType, Resume, Resumed, CAP_V1, FLAG_GAP,
+    FLAG_REPLAY, MAX_PAYLOAD,
+};
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+pub const PAYLOAD_LEN: usize = 32;
+const STDIN_TOKEN: u64 = u64::MAX;
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+enum St {
+    Free,
+    Connecting,
+    AwaitHello,
+    Up,
+    /// DISCONNECT sent, waiting for the server to close.
+    Closing,
+    /// Dropped on purpose (resume scenario), to be resumed.
+    Dropped,
+    Dead,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Hello {
+    Connect,
+    Resume,
+    /// Raw echo: no protocol.
+    Raw,
+}
+
+struct Conn {
+    fd: i32,
+    st: St,
+    hello: Hello,
+    sid: u32,
+    tx_seq: u32,
+    /// Start of the current connection (connect() call).
+    t0: Instant,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    epollout: bool,
+    token: [u8; 16],
+    /// Highest server DATA SEQ received / acknowledged.
+    hi_data: u32,
+    acked: u32,
+    /// Outstanding echoes: (tag, intended or actual send time).
+    out: VecDeque<(u32, Instant)>,
+    last_tx: Instant,
+    local: Option<SocketAddrV4>,
+    /// Resume: SEQ the client claims to have (RESUME.last_seq) and the echo SEQ expected first
+    /// in the replay; whether the first replayed DATA has arrived.
+    resume_last: u32,
+    echo_seq: u32,
+    echo_tag: u32,
+    /// Tag of the DATA sent just before the drop (its echo may come replayed or live).
+    late_tag: u32,
+    want_replay: bool,
+}
+
+impl Conn {
+    fn new() -> Conn {
+        let now = Instant::now();
+        Conn {
+            fd: -1,
+            st: St::Free,
+            hello: Hello::Connect,
+            sid: 0,
+            tx_seq: 0,
+            t0: now,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            epollout: false,
+            token: [0; 16],
+            hi_data: 0,
+            acked: 0,
+            out: VecDeque::new(),
+            last_tx: now,
+            local: None,
+            resume_last: 0,
+            echo_seq: 0,
+            echo_tag: 0,
+            late_tag: 0,
+            want_replay: false,
+        }
+    }
+}
+
+/// What the worker is doing; decides how received frames are answered.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Mode {
+    Open,
+    Idle,
+    Connect,
+    EchoOpen,
+    EchoClosed,
+    /// Waiting for one echo per session before dropping (resume).
+    Prime,
+    Resume,
+}
+
+pub fn data_payload(tag: u32) -> [u8; PAYLOAD_LEN] {
+    let mut p = [0u8; PAYLOAD_LEN];
+    for c in p.chunks_mut(4) {
+        c.copy_from_slice(&tag.to_be_bytes());
+    }
+    p
+}
+
+fn src_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8)
+}
+
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")
+}
+
+pub fn hist_to_json(h: &Histogram<u64>) -> Value {
+    Value::Array(
+        h.iter_recorded()
+            .map(|v| json!([v.value_iterated_to(), v.count_at_value()]))
+            .collect(),
+    )
+}
+
+struct Worker<'a> {
+    o: &'a Opts,
+    idx: usize,
+    ep: Epoll,
+    dst: SocketAddrV4,
+    raw: bool,
+    conns: Vec<Conn>,
+    free: Vec<usize>,
+    next_src: usize,
+    hs_inflight: usize,
+    mode: Mode,
+    failures: BTreeMap<String, u64>,
+    other: BTreeMap<String, u64>,
+    counts: BTreeMap<&'static str, u64>,
+    hists: BTreeMap<String, Histogram<u64>>,
+    /// Echo measurement window (intended send times).
+    win: Option<(Instant, Instant)>,
+    /// Resume round name ("resume", "same_port", "new_port").
+    round: &'static str,
+    resume_inflight: usize,
+    go: bool,
+    stdin_buf: Vec<u8>,
+    last_progress: Instant,
+    done_counter: u64,
+    scratch: Vec<u8>,
+    fbuf: Vec<u8>,
+    events: Vec<libc::epoll_event>,
+}
+
+fn out_line(v: Value) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+    let _ = o.flush();
+}
+
+impl<'a> Worker<'a> {
+    fn new(o: &'a Opts, idx: usize) -> Result<Worker<'a>, String> {
+        let ep = Epoll::new()?;
+        sys::set_nonblocking(0);
+        ep.ctl(libc::EPOLL_CTL_ADD, 0, STDIN_TOKEN, libc::EPOLLIN as u32);
+        Ok(Worker {
+            o,
+            idx,
+            ep,
+            dst: o.target,
+            raw: o.scenario == "raw-echo",
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_src: idx * 3,
+            hs_inflight: 0,
+            mode: Mode::Open,
+            failures: BTreeMap::new(),
+            other: BTreeMap::new(),
+            counts: BTreeMap::new(),
+            hists: BTreeMap::new(),
+            win: None,
+            round: "resume",
+            resume_inflight: 0,
+            go: false,
+            stdin_buf: Vec::new(),
+            last_progress: Instant::now(),
+            done_counter: 0,
+            scratch: vec![0u8; 64 * 1024],
+            fbuf: Vec::with_capacity(256),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+        })
+    }
+
+    fn count(&mut self, k: &'static str, n: u64) {
+        *self.counts.entry(k).or_insert(0) += n;
+    }
+
+    fn record(&mut self, name: &str, d: Duration) {
+        let us = (d.as_micros() as u64).max(1);
+        self.hists
+            .entry(name.to_string())
+            .or_insert_with(new_hist)
+            .saturating_record(us);
+    }
+
+    fn count_failure(&mut self, what: String) {
+        *self.failures.entry(what).or_insert(0) += 1;
+    }
+
+    fn up_count(&self) -> usize {
+        self.conns.iter().filter(|c| c.st == St::Up).count()
+    }
+
+    fn progress(&mut self) {
+        if self.last_progress.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let failed: u64 = self.failures.values().sum();
+        out_line(json!({
+            "t": "progress",
+            "up": self.up_count(),
+            "failed": failed,
+            "done": self.done_counter,
+        }));
+    }
+
+    // ------------------------------------------------------------------ connections
+
+    fn slot(&mut self) -> usize {
+        if let Some(i) = self.free.pop() {
+            self.conns[i] = Conn::new();
+            i
+        } else {
+            self.conns.push(Conn::new());
+            self.conns.len() - 1
+        }
+    }
+
+    /// Starts a connection in slot `i` (new session, resume, or raw).
+    fn start_conn(&mut self, i: usize, hello: Hello, src: Src) -> bool {
+        let (fd, now) = match sys::start_connect(src, self.dst) {
+            Ok((fd, now, exact)) => {
+                if let Src::Exact(_) = src {
+                    self.count(
+                        if exact {
+                            "same_port_bound"
+                        } else {
+                            "same_port_unavailable"
+                        },
+                        1,
+                    );
+                }
+                (fd, now)
+            }
+            Err(e) => {
+                self.conns[i].st = St::Dead;
+                self.count_failure(format!("handshake: {e}"));
+                return false;
+            }
+        };
+        let c = &mut self.conns[i];
+        c.fd = fd;
+        c.st = St::Connecting;
+        c.hello = hello;
+        c.t0 = Instant::now();
+        c.rbuf.clear();
+        c.wbuf.clear();
+        c.epollout = !now;
+        self.hs_inflight += 1;
+        let evs = libc::EPOLLIN as u32 | if now { 0 } else { libc::EPOLLOUT as u32 };
+        if !self.ep.ctl(libc::EPOLL_CTL_ADD, fd, i as u64, evs) {
+            let e = sys::errno_str();
+            self.fail(i, format!("epoll_ctl: {e}"));
+            return false;
+        }
+        if now {
+            self.connected(i);
+        }
+        true
+    }
+
+    fn start_new(&mut self, hello: Hello) -> usize {
+        let i = self.slot();
+        let src = Src::Ip(src_ip(self.next_src));
+        self.next_src += 1;
+        self.start_conn(i, hello, src);
+        i
+    }
+
+    fn connected(&mut self, i: usize) {
+        self.conns[i].local = sys::local_addr(self.conns[i].fd);
+        match self.conns[i].hello {
+            Hello::Raw => {
+                self.hs_done(i);
+                let c = &mut self.conns[i];
+                c.st = St::Up;
+            }
+            Hello::Connect => self.send_connect(i),
+            Hello::Resume => self.send_resume(i),
+        }
+    }
+
+    fn hs_done(&mut self, i: usize) {
+        self.hs_inflight -= 1;
+        let d = self.conns[i].t0.elapsed();
+        self.record("handshake_us", d);
+        self.count("established", 1);
+        if self.mode == Mode::Connect {
+            self.done_counter += 1;
+        }
+    }
+
+    fn fail(&mut self, i: usize, why: String) {
+        let c = &mut self.conns[i];
+        let phase = match c.st {
+            St::Dead | St::Free | St::Dropped => return,
+            St::Connecting | St::AwaitHello => {
+                self.hs_inflight -= 1;
+                if c.hello == Hello::Resume {
+                    "resume handshake"
+                } else {
+                    "handshake"
+                }
+            }
+            St::Up if c.want_replay => "waiting for replay",
+            St::Up => "established",
+            St::Closing => "closing",
+        };
+        if c.want_replay {
+            c.want_replay = false;
+            self.resume_inflight -= 1;
+        }
+        let c = &mut self.conns[i];
+        c.st = St::Dead;
+        let fd = std::mem::replace(&mut c.fd, -1);
+        c.rbuf = Vec::new();
+        c.wbuf = Vec::new();
+        let lost = c.out.len() as u64;
+        c.out.clear();
+        sys::close(fd);
+        if lost > 0 {
+            self.count("echo_lost_on_failed_sessions", lost);
+        }
+        self.count_failure(format!("{phase}: {why}"));
+    }
+
+    /// Closes a connection that ended normally; the slot becomes reusable.
+    fn release(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        let fd = std::mem::replace(&mut c.fd, -1);
+        c.st = St::Free;
+        sys::close(fd);
+        self.free.push(i);
+    }
+
+    fn frame(&mut self, i: usize, ty: FrameType, payload: &[u8]) {
+        let mut buf = std::mem::take(&mut self.fbuf);
+        buf.clear();
+        let c = &mut self.conns[i];
+        c.tx_seq = c.tx_seq.wrapping_add(1);
+        encode_to_vec(&mut buf, c.sid, c.tx_seq, ty, 0, payload);
+        self.send(i, &buf);
+        self.fbuf = buf;
+    }
+
+    fn send_connect(&mut self, i: usize) {
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        nonce[8..12].copy_from_slice(&(self.idx as u32).to_be_bytes());
+        let mut p = Vec::with_capacity(58);
+        Connect {
+            version: 1,
+            caps: CAP_V1,
+            caps_width: clawterm::proto::payload::CapsWidth::U8,
+            tenant_id: self.o.tenant,
+            agent_id: self.o.agent,
+            token: self.o.token,
+            nonce,
+        }
+        .encode(&mut p);
+        self.conns[i].st = St::AwaitHello;
+        self.conns[i].sid = 0;
+        self.frame(i, FrameType::Connect, &p);
+    }
+
+    fn send_resume(&mut self, i: usize) {
+        let c = &self.conns[i];
+        let mut p = Vec::with_capacity(24);
+        Resume::Full {
+            session_id: c.sid,
+            last_seq: c.resume_last,
+            token: c.token,
+        }
+        .encode(&mut p);
+        self.conns[i].st = St::AwaitHello;
+        self.frame(i, FrameType::Resume, &p);
+    }
+
+    /// Sends one 32-byte DATA (or raw message) whose echo is expected; `at` = intended time.
+    /// With `ack`, a cumulative ACK for the highest server DATA goes first in the same write.
+    fn send_data(&mut self, i: usize, at: Instant, ack: bool) {
+        if self.conns[i].st != St::Up {
+            self.count("sends_skipped_dead_session", 1);
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.fbuf);
+        buf.clear();
+        let raw = self.raw;
+        let c = &mut self.conns[i];
+        if ack && !raw && c.hi_data != c.acked {
+            c.tx_seq = c.tx_seq.wrapping_add(1);
+            encode_to_vec(
+                &mut buf,
+                c.sid,
+                c.tx_seq,
+                FrameType::Ack,
+                0,
+                &c.hi_data.to_be_bytes(),
+            );
+            c.acked = c.hi_data;
+        }
+        c.tx_seq = c.tx_seq.wrapping_add(1);
+        let tag = c.tx_seq;
+        if raw {
+            buf.extend_from_slice(&data_payload(tag));
+        } else {
+            encode_to_vec(
+                &mut buf,
+                c.sid,
+                c.tx_seq,
+                FrameType::Data,
+                0,
+                &data_payload(tag),
+            );
+        }
+        c.out.push_back((tag, at));
+        c.last_tx = Instant::now();
+        self.send(i, &buf);
+        self.fbuf = buf;
+        self.count("sent", 1);
+    }
+
+    fn send_ack(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if c.hi_data == c.acked || c.st != St::Up {
+            return;
+        }
+        c.acked = c.hi_data;
+        let s = c.hi_data;
+        self.frame(i, FrameType::Ack, &s.to_be_bytes());
+    }
+
+    fn send(&mut self, i: usize, bytes: &[u8]) {
+        let c = &mut self.conns[i];
+        if c.fd < 0 {
+            return;
+        }
+        let mut from = 0;
+        if c.wbuf.is_empty() {
+            // SAFETY: writing from a valid slice to our own fd.
+            let n =
+                unsafe { libc::write(c.fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
+            if n < 0 {
+                if sys::errno() != libc::EAGAIN {
+                    let s = sys::errno_str();
+                    self.fail(i, format!("write: {s}"));
+                    return;
+                }
+            } else {
+                from = n as usize;
+            }
+            if from == bytes.len() {
+                return;
+            }
+        }
+        let c = &mut self.conns[i];
+        c.wbuf.extend_from_slice(&bytes[from..]);
+        if !c.epollout {
+            c.epollout = true;
+            let fd = c.fd;
+            self.ep.ctl(
+                libc::EPOLL_CTL_MOD,
+                fd,
+                i as u64,
+                (libc::EPOLLIN | libc::EPOLLOUT) as u32,
+            );
+        }
+    }
+
+    fn flush(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        while !c.wbuf.is_empty() {
+            // SAFETY: as in `send`.
+            let n =
+                unsafe { libc::write(c.fd, c.wbuf.as_ptr() as *const libc::c_void, c.wbuf.len()) };
+            if n < 0 {
+                if sys::errno() == libc::EAGAIN {
+                    return;
+                }
+                let s = sys::errno_str();
+                self.fail(i, format!("write: {s}"));
+                return;
+            }
+            c.wbuf.drain(..n as usize);
+        }
+        c.epollout = false;
+        let fd = c.fd;
+        self.ep
+            .ctl(libc::EPOLL_CTL_MOD, fd, i as u64, libc::EPOLLIN as u32);
+    }
+
+    // ------------------------------------------------------------------ event loop
+
+    fn poll(&mut self, timeout: Duration) {
+        let mut evs = std::mem::take(&mut self.events);
+        let n = self.ep.wait(&mut evs, timeout);
+        for ev in evs.iter().take(n) {
+            let (tok, flags) = (ev.u64, ev.events);
+            if tok == STDIN_TOKEN {
+                self.read_stdin();
+                continue;
+            }
+            let i = tok as usize;
+            let st = self.conns[i].st;
+            if matches!(st, St::Dead | St::Free | St::Dropped) {
+                continue;
+            }
+            if st == St::Connecting {
+                let err = sys::so_error(self.conns[i].fd);
+                if err != 0 {
+                    let e = std::io::Error::from_raw_os_error(err);
+                    self.fail(i, format!("connect: {e}"));
+                } else if flags & libc::EPOLLOUT as u32 != 0 {
+                    let c = &mut self.conns[i];
+                    c.epollout = false;
+                    let fd = c.fd;
+                    self.ep
+                        .ctl(libc::EPOLL_CTL_MOD, fd, i as u64, libc::EPOLLIN as u32);
+                    self.connected(i);
+                }
+                continue;
+            }
+            if flags & libc::EPOLLOUT as u32 != 0 {
+                self.flush(i);
+            }
+            if flags & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+                self.read_ready(i);
+            }
+        }
+        self.events = evs;
+        self.progress();
+    }
+
+    fn read_stdin(&mut self) {
+        let mut b = [0u8; 256];
+        loop {
+            // SAFETY: reading into a local buffer from fd 0.
+            let n = unsafe { libc::read(0, b.as_mut_ptr() as *mut libc::c_void, b.len()) };
+            if n <= 0 {
+                if n == 0 {
+                    // The coordinator went away: stop waiting for it.
+                    self.ep.ctl(libc::EPOLL_CTL_DEL, 0, STDIN_TOKEN, 0);
+                    self.go = true;
+                }
+                return;
+            }
+            self.stdin_buf.extend_from_slice(&b[..n as usize]);
+            if self.stdin_buf.windows(2).any(|w| w == b"go") {
+                self.go = true;
+            }
+        }
+    }
+
+    fn read_ready(&mut self, i: usize) {
+        loop {
+            let st = self.conns[i].st;
+            if matches!(st, St::Dead | St::Free | St::Dropped) {
+                return;
+            }
+            let fd = self.conns[i].fd;
+            // SAFETY: reading into our own scratch buffer.
+            let n = unsafe {
+                libc::read(
+                    fd,
+                    self.scratch.as_mut_ptr() as *mut libc::c_void,
+                    self.scratch.len(),
+                )
+            };
+            if n == 0 {
+                if st == St::Closing {
+                    self.count("closed_cleanly", 1);
+                    self.release(i);
+                } else {
+                    self.fail(i, "server closed the connection (EOF)".into());
+                }
+                return;
+            }
+            if n < 0 {
+                let e = sys::errno();
+                if e != libc::EAGAIN {
+                    if st == St::Closing && e == libc::ECONNRESET {
+                        self.count("closed_with_reset", 1);
+                        self.release(i);
+                    } else {
+                        let s = sys::errno_str();
+                        self.fail(i, format!("read: {s}"));
+                    }
+                }
+                return;
+            }
+            let n = n as usize;
+            if self.raw {
+                self.raw_bytes(i, n);
+            } else {
+                self.conns[i].rbuf.extend_from_slice(&self.scratch[..n]);
+                self.frames(i);
+            }
+            if n < self.scratch.len() {
+                break;
+            }
+        }
+        if self.mode == Mode::EchoOpen || self.mode == Mode::Resume {
+            self.send_ack(i);
+        }
+    }
+
+    fn raw_bytes(&mut self, i: usize, n: usize) {
+        let now = Instant::now();
+        let mut rb = std::mem::take(&mut self.conns[i].rbuf);
+        rb.extend_from_slice(&self.scratch[..n]);
+        let mut off = 0;
+        while rb.len() - off >= PAYLOAD_LEN {
+            let chunk: [u8; PAYLOAD_LEN] = rb[off..off + PAYLOAD_LEN].try_into().unwrap();
+            off += PAYLOAD_LEN;
+            let tag = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            self.echo(i, tag, chunk == data_payload(tag), now);
+        }
+        rb.drain(..off);
+        if self.conns[i].st != St::Dead {
+            self.conns[i].rbuf = rb;
+        }
+    }
+
+    fn frames(&mut self, i: usize) {
+        let mut off = 0;
+        let rb = std::mem::take(&mut self.conns[i].rbuf);
+        loop {
+            match decode(&rb[off..], MAX_PAYLOAD) {
+                Ok(Decoded::NeedMore(_)) => break,
+                Err(e) => {
+                    self.fail(i, format!("undecodable bytes from the server: {e}"));
+                    return;
+                }
+                Ok(Decoded::Frame(f, used)) => {
+                    off += used;
+                    self.on_frame(i, f.ty, f.seq, f.flags, f.payload);
+                    if matches!(self.conns[i].st, St::Dead | St::Free) {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut rb = rb;
+        rb.drain(..off);
+        self.conns[i].rbuf = rb;
+    }
+
+    fn on_frame(&mut self, i: usize, ty: FrameType, seq: u32, flags: u8, p: &[u8]) {
+        let now = Instant::now();
+        let st = self.conns[i].st;
+        if st == St::Closing {
+            return;
+        }
+        match ty {
+            FrameType::Accept if st == St::AwaitHello && self.conns[i].hello == Hello::Connect => {
+                let Ok(a) = Accept::parse(p) else {
+                    return self.fail(i, "short ACCEPT".into());
+                };
+                let c = &mut self.conns[i];
+                c.st = St::Up;
+                c.sid = a.session_id;
+                c.token = a.resume_token.unwrap_or([0; 16]);
+                c.hi_data = 0;
+                c.acked = 0;
+                self.hs_done(i);
+                if self.mode == Mode::Connect {
+                    self.frame(i, FrameType::Disconnect, &[]);
+                    if self.conns[i].st == St::Up {
+                        self.conns[i].st = St::Closing;
+                    }
+                }
+            }
+            FrameType::Resumed if st == St::AwaitHello && self.conns[i].hello == Hello::Resume => {
+                let Ok(r) = Resumed::parse(p) else {
+                    return self.fail(i, "RESUMED payload malformed".into());
+                };
+                self.hs_inflight -= 1;
+                let d = self.conns[i].t0.elapsed();
+                let name = format!("{}_resumed_us", self.round);
+                self.record(&name, d);
+                self.count("resumed", 1);
+                if flags & FLAG_GAP != 0 {
+                    self.count("resumed_with_gap", 1);
+                    self.count_failure("resume: RESUMED carried GAP".into());
+                }
+                let c = &mut self.conns[i];
+                c.st = St::Up;
+                if r.session_id != c.sid {
+                    return self.fail(i, "RESUMED for another session id".into());
+                }
+                if r.first_replay_seq == 0 {
+                    c.want_replay = false;
+                    self.resume_inflight -= 1;
+                    self.count_failure("resume: RESUMED announced no replay".into());
+                } else if r.first_replay_seq != c.echo_seq {
+                    let (a, b) = (r.first_replay_seq, c.echo_seq);
+                    self.count_failure(format!(
+                        "resume: first_replay_seq {a} != SEQ of the unacknowledged echo {b}"
+                    ));
+                    let _ = b;
+                }
+            }
+            FrameType::Data => {
+                let c = &mut self.conns[i];
+                if clawterm::proto::seq::gt(seq, c.hi_data) || c.hi_data == 0 {
+                    c.hi_data = seq;
+                }
+                if flags & FLAG_REPLAY != 0 {
+                    if c.want_replay {
+                        c.want_replay = false;
+                        self.resume_inflight -= 1;
+                        let d = c.t0.elapsed();
+                        let ok = p == data_payload(c.echo_tag) && seq == c.echo_seq;
+                        let name = format!("{}_first_replay_us", self.round);
+                        self.record(&name, d);
+                        self.count("replayed", 1);
+                        self.done_counter += 1;
+                        if !ok {
+                            self.count_failure(
+                                "resume: first replayed DATA is not the unacknowledged echo".into(),
+                            );
+                        }
+                    } else {
+                        if c.late_tag != 0 && p == data_payload(c.late_tag) {
+                            c.late_tag = 0;
+                            self.count("predrop_echo_replayed", 1);
+                        }
+                        self.count("replayed_extra_frames", 1);
+                    }
+                    return;
+                }
+                let tag = if p.len() >= 4 {
+                    u32::from_be_bytes([p[0], p[1], p[2], p[3]])
+                } else {
+                    0
+                };
+                let ok = p.len() == PAYLOAD_LEN && p == data_payload(tag);
+                if self.conns[i].late_tag != 0 && self.conns[i].late_tag == tag && ok {
+                    // The echo of the DATA sent just before the drop, arriving live.
+                    self.conns[i].late_tag = 0;
+                    self.count("predrop_echo_live", 1);
+                    return;
+                }
+                if self.mode == Mode::Prime && self.conns[i].out.front().map(|x| x.0) == Some(tag) {
+                    self.conns[i].echo_seq = seq;
+                    self.conns[i].echo_tag = tag;
+                }
+                self.echo(i, tag, ok, now);
+            }
+            FrameType::Keepalive => *self.other.entry("KEEPALIVE".into()).or_insert(0) += 1,
+            FrameType::Ack => *self.other.entry("ACK".into()).or_insert(0) += 1,
+            FrameType::Error => {
+                let code = if p.len() >= 2 {
+                    u16::from_be_bytes([p[0], p[1]])
+                } else {
+                    0
+                };
+                let msg = String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned();
+                self.fail(i, format!("ERROR frame code {code} `{msg}`"));
+            }
+            FrameType::Disconnect => self.fail(i, "DISCONNECT from the server".into()),
+            t => {
+                *self
+                    .other
+                    .entry(format!("{} (in state {st:?})", t.name()))
+                    .or_insert(0) += 1
+            }
+        }
+    }
+
+    /// An echoed message with `tag` arrived on `i`.
+    fn echo(&mut self, i: usize, tag: u32, ok: bool, now: Instant) {
+        let front = self.conns[i].out.front().copied();
+        let Some((want, at)) = front else {
+            self.count("unsolicited_data", 1);
+            return;
+        };
+        if want != tag || !ok {
+            self.count("mismatched_echoes", 1);
+            // Resynchronise on the tag if it is further down the queue.
+            if let Some(pos) = self.conns[i].out.iter().position(|x| x.0 == tag) {
+                self.conns[i].out.drain(..pos);
+            } else {
+                return;
+            }
+        }
+        let (_, at) = self.conns[i].out.pop_front().unwrap_or((tag, at));
+        self.count("received", 1);
+        if let Some((a, b)) = self.win {
+            if at >= a && at < b {
+                self.count("received_in_window", 1);
+                self.done_counter += 1;
+                self.record("latency_us", now.saturating_duration_since(at));
+            }
+        }
+        if self.mode == Mode::EchoClosed && self.win.is_some() {
+            self.send_data(i, now, true);
+        }
+    }
+
+    fn pump_until(&mut self, limit: Duration, done: impl Fn(&Worker) -> bool) -> bool {
+        let end = Instant::now() + limit;
+        loop {
+            if done(self) {
+                return true;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.poll(left.min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Opens `n` sessions (or raw connections), `inflight` handshakes at a time.
+    fn open(&mut self, n: usize) -> Result<f64, String> {
+        let t = Instant::now();
+        let limit = Duration::from_secs(60 + n as u64 / 100);
+        let hello = if self.raw { Hello::Raw } else { Hello::Connect };
+        let mut started = 0;
+        loop {
+            while started < n && self.hs_inflight < self.o.inflight {
+                self.start_new(hello);
+                started += 1;
+            }
+            if started == n && self.hs_inflight == 0 {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+            if t.elapsed() > limit {
+                return Err(format!(
+                    "gave up after {:.1} s: {started} of {n} started, {} handshakes still pending",
+                    t.elapsed().as_secs_f64(),
+                    self.hs_inflight
+                ));
+            }
+            self.done_counter = self.up_count() as u64;
+            self.poll(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_go(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        while !self.go {
+            if t.elapsed() > Duration::from_secs(900) {
+                return Err("no `go` from the coordinator within 900 s".into());
+            }
+            self.poll(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn up_list(&self) -> Vec<usize> {
+        (0..self.conns.len())
+            .filter(|&i| self.conns[i].st == St::Up)
+            .collect()
+    }
+
+    /// Sends DISCONNECT on every live session and closes (FIN). Bounded: no waiting.
+    fn disconnect_all(&mut self) {
+        for i in 0..self.conns.len() {
+            if self.conns[i].st == St::Up {
+                if !self.raw {
+                    self.frame(i, FrameType::Disconnect, &[]);
+                }
+                if self.conns[i].fd >= 0 {
+                    let c = &mut self.conns[i];
+                    let fd = std::mem::replace(&mut c.fd, -1);
+                    c.st = St::Free;
+                    sys::close(fd);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ scenarios
+
+    fn opened(&mut self, open_s: f64) {
+        out_line(json!({
+            "t": "opened",
+            "established": self.up_count(),
+            "failed": self.failures.values().sum::<u64>(),
+            "open_seconds": open_s,
+        }));
+    }
+
+    fn idle(&mut self) -> Result<(), String> {
+        let open_s = self.open(self.o.sessions)?;
+        self.opened(open_s);
+        self.wait_go()?;
+        self.mode = Mode::Idle;
+        let t = Instant::now();
+        let end = t + Duration::from_secs_f64(self.o.duration);
+        let ka = Duration::from_secs_f64(self.o.keepalive);
+        let mut cursor = 0;
+        while Instant::now() < end {
+            self.done_counter = self.up_count() as u64;
+            // At most 2,000 keepalives per turn, round robin.
+            let now = Instant::now();
+            let mut sent = 0;
+            for _ in 0..self.conns.len().min(20_000) {
+                if self.conns.is_empty() {
+                    break;
+                }
+                cursor = (cursor + 1) % self.conns.len();
+                let c = &self.conns[cursor];
+                if c.st == St::Up && now.duration_since(c.last_tx) >= ka {
+                    self.conns[cursor].last_tx = now;
+                    self.frame(cursor, FrameType::Keepalive, &[]);
+                    self.count("keepalives_sent", 1);
+                    sent += 1;
+                    if sent >= 2000 {
+                        break;
+                    }
+                }
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            self.poll(left.min(Duration::from_millis(50)));
+        }
+        self.count("hold_ms", t.elapsed().as_millis() as u64);
+        let alive = self.up_count() as u64;
+        self.count("alive_at_end", alive);
+        self.disconnect_all();
+        Ok(())
+    }
+
+    fn connect(&mut self) -> Result<(), String> {
+        self.opened(0.0);
+        self.wait_go()?;
+        self.mode = Mode::Connect;
+        let t = Instant::now();
+        let end = t + Duration::from_secs_f64(self.o.duration);
+        let mut last_sweep = Instant::now();
+        loop {
+            let now = Instant::now();
+            let running = now < end;
+            let mut busy = self.conns.len() - self.free.len();
+            busy -= self
+                .conns
+                .iter()
+                .filter(|c| c.st == St::Dead)
+                .count()
+                .min(busy);
+            if running {
+                while busy < self.o.inflight {
+                    self.start_new(Hello::Connect);
+                    busy += 1;
+                }
+            } else if self.hs_inflight == 0
+                && !self
+                    .conns
+                    .iter()
+                    .any(|c| c.st == St::Closing || c.st == St::Up)
+            {
+                break;
+            }
+            if now > end + Duration::from_secs(10) {
+                break;
+            }
+            if last_sweep.elapsed() > Duration::from_secs(1) {
+                last_sweep = Instant::now();
+                // Reclaim dead slots; flag connections the server did not close in 5 s.
+                for i in 0..self.conns.len() {
+                    match self.conns[i].st {
+                        St::Dead => {
+                            self.conns[i].st = St::Free;
+                            self.free.push(i);
+                        }
+                        St::Closing | St::AwaitHello | St::Connecting
+                            if self.conns[i].t0.elapsed() > Duration::from_secs(10) =>
+                        {
+                            self.fail(i, "no progress for 10 s".into());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            self.poll(Duration::from_millis(5));
+        }
+        self.count("measured_ms", t.elapsed().min(end - t).as_millis() as u64);
+        for i in 0..self.conns.len() {
+            if matches!(
+                self.conns[i].st,
+                St::Closing | St::AwaitHello | St::Connecting | St::Up
+            ) {
+                self.fail(i, "still open at the end of the drain".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn echo_scenario(&mut self) -> Result<(), String> {
+        let open_s = self.open(self.o.sessions)?;
+        self.opened(open_s);
+        self.wait_go()?;
+        let ups = self.up_list();
+        if ups.is_empty() {
+            return Err("no session is up".into());
+        }
+        let t0 = Instant::now();
+        let warm = Duration::from_secs_f64(self.o.warmup);
+        let dur = Duration::from_secs_f64(self.o.duration);
+        let (wa, wb) = (t0 + warm, t0 + warm + dur);
+        self.win = Some((wa, wb));
+        let cpu0 = sys::self_cpu_s();
+        if self.o.rate <= 0.0 {
+            self.mode = Mode::EchoClosed;
+            for &i in &ups {
+                self.send_data(i, Instant::now(), true);
+            }
+            while Instant::now() < wb {
+                self.poll(Duration::from_millis(5));
+            }
+            self.win = Some((wa, wb));
+            self.mode = Mode::EchoOpen; // stop sending follow-ups; drain below
+        } else {
+            self.mode = Mode::EchoOpen;
+            let interval = 1.0 / self.o.rate;
+            let mut m: u64 = 0;
+            loop {
+                let now = Instant::now();
+                let mut due = t0 + Duration::from_secs_f64(m as f64 * interval);
+                let mut burst = 0;
+                while due <= now && due < wb && burst < 10_000 {
+                    // How far behind its schedule the sender is (client-side starvation).
+                    self.record("send_lag_us", now.saturating_duration_since(due));
+                    let i = ups[(m as usize) % ups.len()];
+                    self.send_data(i, due, false);
+                    m += 1;
+                    burst += 1;
+                    due = t0 + Duration::from_secs_f64(m as f64 * interval);
+                }
+                if due >= wb && now >= wb {
+                    break;
+                }
+                let wait = due
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(5));
+                self.poll(wait);
+            }
+            self.count("scheduled", m);
+        }
+        let cpu1 = sys::self_cpu_s();
+        self.count("client_cpu_ms", ((cpu1 - cpu0) * 1000.0) as u64);
+        self.count("client_window_ms", t0.elapsed().as_millis() as u64);
+        self.count("measured_ms", dur.as_millis() as u64);
+        // Drain: wait for the last echoes (late ones are latency, not losses) until all are
+        // back, or nothing arrived for 3 s, or 60 s in all.
+        let drain = Instant::now();
+        let mut last_n = self.counts.get("received").copied().unwrap_or(0);
+        let mut last_t = Instant::now();
+        while drain.elapsed() < Duration::from_secs(60)
+            && last_t.elapsed() < Duration::from_secs(3)
+            && !self.conns.iter().all(|c| c.out.is_empty())
+        {
+            self.poll(Duration::from_millis(20));
+            let n = self.counts.get("received").copied().unwrap_or(0);
+            if n != last_n {
+                last_n = n;
+                last_t = Instant::now();
+            }
+        }
+        self.count("drain_ms", drain.elapsed().as_millis() as u64);
+        let (a, b) = (wa, wb);
+        let mut lost = 0;
+        for c in &self.conns {
+            lost += c.out.iter().filter(|x| x.1 >= a && x.1 < b).count() as u64;
+        }
+        self.count("lost_in_window", lost);
+        let alive = self.up_count() as u64;
+        self.count("alive_at_end", alive);
+        self.disconnect_all();
+        Ok(())
+    }
+
+    /// Resume: one round (`resume`, `--reconnect`), or two (`resume-cross`: same port, then
+    /// new port).
+    fn resume_scenario(&mut self) -> Result<(), String> {
+        let open_s = self.open(self.o.sessions)?;
+        self.opened(open_s);
+        self.wait_go()?;
+        let rounds: Vec<(&'static str, bool)> = if self.o.scenario == "resume-cross" {
+            vec![("same_port", true), ("new_port", false)]
+        } else if self.o.same_port {
+            vec![("resume", true)]
+        } else {
+            vec![("resume", false)]
+        };
+        for (name, same) in rounds {
+            self.round = name;
+            self.resume_round(same)?;
+        }
+        // Predicted owner shard of each session (id & (S-1)).
+        let s = self.o.shards_hint.max(1);
+        let mut owners = vec![0u64; s as usize];
+        for c in &self.conns {
+            if c.st == St::Up {
+                owners[(c.sid & (s - 1)) as usize] += 1;
+            }
+        }
+        for (k, n) in owners.iter().enumerate() {
+            let key: &'static str = Box::leak(format!("owner_shard_{k}").into_boxed_str());
+            self.count(key, *n);
+        }
+        let alive = self.up_count() as u64;
+        self.count("alive_at_end", alive);
+        self.disconnect_all();
+        Ok(())
+    }
+
+    fn resume_round(&mut self, same_port: bool) -> Result<(), String> {
+        // 1. Unacknowledged output: one DATA per session, wait for its echo, do not ACK it.
+        self.mode = Mode::Prime;
+        let ups = self.up_list();
+        for &i in &ups {
+            self.send_ack(i);
+            self.send_data(i, Instant::now(), false);
+        }
+        self.pump_until(Duration::from_secs(60), |w| {
+            w.conns.iter().all(|c| c.st != St::Up || c.out.is_empty())
+        });
+        // 2. One more DATA "just before dropping", then an abrupt close (RST).
+        let mut dropped = Vec::new();
+        for &i in &ups {
+            if self.conns[i].st != St::Up {
+                continue;
+            }
+            if !self.conns[i].out.is_empty() || self.conns[i].echo_seq == 0 {
+                self.fail(
+                    i,
+                    "resume: the priming echo did not come back in 60 s".into(),
+                );
+                continue;
+            }
+            self.send_data(i, Instant::now(), false);
+            let c = &mut self.conns[i];
+            c.late_tag = c.out.back().map(|x| x.0).unwrap_or(0);
+            c.out.clear();
+            c.resume_last = c.echo_seq.wrapping_sub(1);
+            let fd = std::mem::replace(&mut c.fd, -1);
+            c.st = St::Dropped;
+            sys::close_abort(fd);
+            dropped.push(i);
+        }
+        self.count("dropped", dropped.len() as u64);
+        // Let the server see the resets.
+        self.pump_until(Duration::from_millis(300), |_| false);
+        // 3. RESUME every session from a new connection, `inflight` at a time.
+        self.mode = Mode::Resume;
+        let t = Instant::now();
+        let mut next = 0;
+        let limit = Duration::from_secs(60 + dropped.len() as u64 / 100);
+        loop {
+            while next < dropped.len() && self.resume_inflight < self.o.inflight {
+                let i = dropped[next];
+                next += 1;
+                let c = &mut self.conns[i];
+                c.want_replay = true;
+                c.hi_data = c.resume_last;
+                c.acked = c.resume_last;
+                self.resume_inflight += 1;
+                let src = match (same_port, c.local) {
+                    (true, Some(a)) => Src::Exact(a),
+                    _ => {
+                        self.next_src += 1;
+                        Src::Ip(src_ip(self.next_src))
+                    }
+                };
+                if !self.start_conn(i, Hello::Resume, src) {
+                    // start_conn marked it dead without going through fail().
+                    self.conns[i].want_replay = false;
+                    self.resume_inflight -= 1;
+                }
+            }
+            if next == dropped.len() && self.resume_inflight == 0 {
+                break;
+            }
+            if t.elapsed() > limit {
+                self.count_failure(format!(
+                    "resume: gave up after {:.0} s with {} resumes pending",
+                    limit.as_secs_f64(),
+                    self.resume_inflight
+                ));
+                break;
+            }
+            self.poll(Duration::from_millis(10));
+        }
+        let key: &'static str = if self.round == "new_port" {
+            "new_port_round_ms"
+        } else {
+            "round_ms"
+        };
+        self.count(key, t.elapsed().as_millis() as u64);
+        self.mode = Mode::Open;
+        Ok(())
+    }
+
+    fn result(&self, err: Option<String>) -> Value {
+        let mut hists = Map::new();
+        for (k, h) in &self.hists {
+            hists.insert(k.clone(), hist_to_json(h));
+        }
+        json!({
+            "t": "result",
+            "worker": self.idx,
+            "error": err,
+            "counts": self.counts,
+            "failures": self.failures,
+            "other_frames": self.other,
+            "hists": hists,
+        })
+    }
+}
+
+/// Entry point of `loadgen --worker I ...`.
+pub fn run(o: &Opts, idx: usize) -> i32 {
+    let nofile = sys::raise_nofile();
+    if (o.sessions as u64) + 64 > nofile {
+        out_line(json!({"t": "result", "worker": idx, "error":
+            format!("this worker needs {} file descriptors, the limit is {nofile}: use more --workers", o.sessions + 64),
+            "counts": {}, "failures": {}, "other_frames": {}, "hists": {}}));
+        return 1;
+    }
+    let mut w = match Worker::new(o, idx) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("loadgen worker {idx}: {e}");
+            return 1;
+        }
+    };
+    let r = match o.scenario.as_str() {
+        "idle" => w.idle(),
+        "connect" => w.connect(),
+        "echo" | "raw-echo" => w.echo_scenario(),
+        "resume" | "resume-cross" => w.resume_scenario(),
+        s => Err(format!("unknown scenario {s}")),
+    };
+    let err = r.err();
+    out_line(w.result(err.clone()));
+    drop(w);
+    i32::from(err.is_some())
+}
