@@ -1,0 +1,107 @@
+# syntax=docker/dockerfile:1
+#
+# clawterm container images.
+#
+#   docker build -t clawterm:0.1.0 .                              # clawtermd (the default, last stage)
+#   docker build --target agent -t clawterm-agent:0.1.0 .         # claw-agent + bash, for the example agent
+#
+# Optional build args for the OCI labels: VERSION, REVISION (git commit), CREATED (RFC 3339),
+# SOURCE (repository URL), e.g. --build-arg REVISION="$(git rev-parse HEAD)".
+#
+# Stages:
+#   builder    rust:1-bookworm; builds clawtermd, claw-agent and clawterm in release.
+#   agent      debian:bookworm-slim + bash + claw-agent: `shell` mode needs a real shell.
+#   clawtermd  gcr.io/distroless/cc-debian12:nonroot (glibc + libgcc, no shell), UID/GID 65532.
+#
+# The binaries link only against glibc and libgcc_s (checked by scripts/validate-deploy.sh), which
+# is exactly what distroless/cc provides, so no musl/static build is needed.
+#
+# No Docker engine runs in this project's CI: scripts/validate-deploy.sh lints this file with
+# hadolint and runs the same `cargo build` command outside Docker. Keep the build command below and
+# the one in that script identical (the script checks that they are).
+
+ARG RUST_IMAGE=rust:1-bookworm
+ARG AGENT_BASE_IMAGE=debian:bookworm-slim
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+# ---------------------------------------------------------------------------------------------
+FROM ${RUST_IMAGE} AS builder
+WORKDIR /src
+ENV CARGO_TERM_COLOR=never \
+    CARGO_INCREMENTAL=0
+
+# 1. Dependencies only: the workspace manifests and the lock file, with stub sources for every
+#    target the manifests name. This layer (downloaded and compiled crates) is rebuilt only when a
+#    Cargo.toml or Cargo.lock changes, not on every source edit.
+COPY Cargo.toml Cargo.lock ./
+COPY shards/Cargo.toml shards/Cargo.toml
+COPY loadgen/Cargo.toml loadgen/Cargo.toml
+RUN mkdir -p src/bin shards/src loadgen/src benches \
+    && touch src/lib.rs shards/src/lib.rs \
+    && for f in src/bin/clawtermd.rs src/bin/claw-agent.rs src/bin/clawterm.rs loadgen/src/main.rs \
+                benches/codec.rs benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
+    && cargo fetch --locked \
+    && cargo build --release --locked -p clawterm --bins \
+    && rm -rf src shards/src loadgen/src benches \
+              target/release/.fingerprint/claw* target/release/.fingerprint/shards-* \
+              target/release/deps/*claw* target/release/deps/*shards*
+
+# 2. The real sources (see .dockerignore for what is left out), then the real build.
+COPY shards shards
+COPY loadgen loadgen
+COPY benches benches
+COPY src src
+RUN cargo build --release --locked -p clawterm --bins \
+    && mkdir -p /out \
+    && for b in clawtermd claw-agent clawterm; do \
+         objcopy --strip-debug "target/release/$b" "/out/$b"; \
+       done \
+    && /out/clawtermd --version
+
+# ---------------------------------------------------------------------------------------------
+# The example agent pod: claw-agent's `shell` mode runs a login shell per session, so this image
+# has bash (Debian slim ships it). Runs as UID/GID 65532 like clawtermd, so the daemon may connect
+# to the agent's socket (created with the default umask: owner-writable only).
+FROM ${AGENT_BASE_IMAGE} AS agent
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+ARG SOURCE=""
+LABEL org.opencontainers.image.title="claw-agent" \
+      org.opencontainers.image.description="ClawTerm reference agent pod (echo, shell, exec modes) with bash" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="${SOURCE}"
+RUN groupadd --gid 65532 agent \
+    && useradd --uid 65532 --gid 65532 --home-dir /home/agent --create-home --shell /bin/bash agent
+COPY --from=builder /out/claw-agent /out/clawterm /usr/local/bin/
+ENV SHELL=/bin/bash
+USER 65532:65532
+WORKDIR /home/agent
+ENTRYPOINT ["/usr/local/bin/claw-agent"]
+CMD ["-s", "/run/claw/sockets", "--tenant", "1", "--agent", "1", "shell"]
+
+# ---------------------------------------------------------------------------------------------
+# clawtermd (default target). distroless :nonroot runs as UID/GID 65532 ("nonroot"); the hostPath
+# socket directory must be writable/searchable by that UID or GID (docs/DEPLOYMENT.md, "Node
+# prerequisites"). No shell in this image: use `clawtermd --check-config` to test a config.
+FROM ${RUNTIME_IMAGE} AS clawtermd
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+ARG SOURCE=""
+LABEL org.opencontainers.image.title="clawtermd" \
+      org.opencontainers.image.description="ClawTerm session server: interactive agent sessions that survive network drops, device switches and reconnects" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="${SOURCE}"
+COPY --from=builder /out/clawtermd /out/claw-agent /out/clawterm /usr/local/bin/
+USER 65532:65532
+# 7220/tcp: ClawTerm clients; 7221/udp: QUIC (reserved: not served by this build yet);
+# 9720/tcp: admin (/metrics, /healthz, /readyz) when CLAWTERM_ADMIN=0.0.0.0:9720.
+EXPOSE 7220/tcp 7221/udp 9720/tcp
+ENTRYPOINT ["/usr/local/bin/clawtermd"]
