@@ -678,3 +678,82 @@ fn two_hundred_sessions_use_at_most_one_link_per_shard() {
         );
     });
 }
+
+// Pod HELLO version (POD-LINK.md §1) -------------------------------------------------------------
+
+/// A pod whose HELLO carries a version other than 1 is not spoken to: the daemon breaks the
+/// link (the pod reads EOF) and logs a warning naming the version.
+#[test]
+fn pod_hello_with_another_version_breaks_the_link() {
+    use clawterm::podlink::{self, Msg};
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    for_configs(&CONFIGS, |io, shards| {
+        let dir = TempDir::new("hello-v2");
+        let listener = UnixListener::bind(dir.sock().join(format!("{TENANT}_{AGENT}")))
+            .expect("bind the fake pod's socket");
+        listener.set_nonblocking(true).unwrap();
+        let srv = Server::start(io, shards, &dir.sock(), &[]);
+        // A CONNECT makes the client's shard open a link to the pod.
+        let mut c = srv.client();
+        c.send_connect(TENANT, AGENT);
+        let deadline = Instant::now() + TIMEOUT;
+        let mut link = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the daemon never connected to the pod; log:\n{}",
+                        srv.log_tail(20)
+                    );
+                    std::thread::sleep(ms(2));
+                }
+                Err(e) => panic!("fake pod accept: {e}"),
+            }
+        };
+        link.set_nonblocking(false).unwrap();
+        let mut hello = Vec::new();
+        podlink::encode(
+            &mut hello,
+            0,
+            &Msg::Hello {
+                version: 2,
+                name: "pod from the future",
+            },
+        );
+        link.write_all(&hello).expect("send HELLO v2");
+        // The daemon's HELLO (and perhaps an OPEN), then EOF.
+        link.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match link.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+                Err(e) => panic!(
+                    "the daemon kept the link to a version-2 pod open ({e}); log:\n{}",
+                    srv.log_tail(20)
+                ),
+            }
+        }
+        match podlink::decode(&got) {
+            Ok(podlink::Decoded::Msg {
+                msg: Msg::Hello { version: 1, .. },
+                ..
+            }) => {}
+            other => panic!("the daemon's first message was not HELLO v1: {other:?}"),
+        }
+        assert!(
+            wait_until(TIMEOUT, || srv
+                .log()
+                .iter()
+                .any(|l| l.contains("WARN") && l.contains("unsupported version 2"))),
+            "no warning naming version 2; log:\n{}",
+            srv.log_tail(20)
+        );
+        drop(c);
+    });
+}

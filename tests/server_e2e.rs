@@ -1027,3 +1027,147 @@ fn agent_exit_delivers_output_then_disconnect() {
         assert_eq!(c.try_resume(sid, r.seq, &token), Err(E_NO_SUCH_SESSION));
     });
 }
+
+// Handshake refusals decided from the header (docs §7.7) ---------------------------------------
+
+/// §2, §2.1, §2.3, §4: before the handshake the answer depends on the frame, not on a buffer
+/// size: a CONNECT of the wrong length is BAD_CONNECT (UNSUPPORTED_VERSION when its version is
+/// not 1, which is checked first), a RESUME of the wrong length and any other type are
+/// PROTOCOL_VIOLATION, and only LEN over --max-payload is TOO_LARGE. Each answer comes from the
+/// header (plus, for CONNECT, the version byte): the rest of the payload is never waited for.
+#[test]
+fn handshake_refusals_follow_the_contract_whatever_the_size() {
+    for_each_config(|cfg| {
+        let env = Env::start(cfg, &["--max-payload", "1024"]);
+        let mut live = env.session();
+        live.echo(b"before");
+
+        // (what, header fields, payload, expected code)
+        let mut connect_v1 = vec![0u8; 200];
+        connect_v1[0] = 1;
+        let mut connect_v2 = vec![0u8; 200];
+        connect_v2[0] = 2;
+        let cases: [(&str, u8, Vec<u8>, u16); 5] = [
+            (
+                "200-byte CONNECT, version 1",
+                CONNECT,
+                connect_v1,
+                E_BAD_CONNECT,
+            ),
+            (
+                "200-byte CONNECT, version 2",
+                CONNECT,
+                connect_v2,
+                E_UNSUPPORTED_VERSION,
+            ),
+            (
+                "100-byte RESUME",
+                RESUME,
+                vec![0x11; 100],
+                E_PROTOCOL_VIOLATION,
+            ),
+            (
+                "1000-byte DATA",
+                DATA,
+                vec![0x22; 1000],
+                E_PROTOCOL_VIOLATION,
+            ),
+            ("empty CONNECT", CONNECT, Vec::new(), E_BAD_CONNECT),
+        ];
+        for (what, typ, payload, code) in &cases {
+            // The whole frame.
+            let mut c = env.client();
+            c.send_raw(&encode(0, 1, *typ, 0, payload));
+            let f = c.recv_frame();
+            assert!(
+                f.typ == ERROR && f.error_code() == *code,
+                "{what}: expected ERROR {code}, got {f:?}"
+            );
+            assert_eq!((f.sid, f.seq), (0, 0), "{what}: {f:?}");
+            c.expect_closed();
+            // Only the header and the first payload byte: the same answer, without the server
+            // waiting for (or buffering) the rest of the payload.
+            let mut c = env.client();
+            let mut partial = header(0, 1, *typ, 0, payload.len() as u16);
+            partial.extend(payload.iter().take(1));
+            c.send_raw(&partial);
+            let f = c.recv_frame();
+            assert!(
+                f.typ == ERROR && f.error_code() == *code,
+                "{what} (header + 1 byte): expected ERROR {code}, got {f:?}"
+            );
+            c.expect_closed();
+        }
+
+        // A wrong-length CONNECT's version byte is waited for: nothing is answered before it.
+        let mut c = env.client();
+        c.send_raw(&header(0, 1, CONNECT, 0, 200));
+        c.expect_silence(ms(300));
+        c.send_raw(&[2]);
+        c.expect_error(E_UNSUPPORTED_VERSION);
+
+        // LEN over --max-payload is TOO_LARGE, whatever the type, from the header alone.
+        for typ in [DATA, CONNECT, RESUME, KEEPALIVE] {
+            let mut c = env.client();
+            c.send_raw(&header(0, 1, typ, 0, 1025));
+            let f = c.recv_frame();
+            assert!(
+                f.typ == ERROR && f.error_code() == E_TOO_LARGE,
+                "LEN 1025 {}: expected TOO_LARGE, got {f:?}",
+                type_name(typ)
+            );
+            c.expect_closed();
+        }
+
+        // Well-formed handshakes still work, and the live session was never disturbed.
+        live.echo(b"after");
+        let mut c = env.session();
+        c.echo(b"new");
+    });
+}
+
+/// §6: the limit on connections mid-handshake (`--max-pending-handshakes`) is a connection
+/// limit, answered with OVERLOADED on a plaintext port; a slot frees when a pending connection
+/// completes its handshake or goes.
+#[test]
+fn pending_handshake_limit_answers_overloaded() {
+    // One shard, so every connection lands on the shard whose limit is being filled.
+    for cfg in CONFIGS.iter().copied().filter(|c| c.shards == 1) {
+        let env = Env::start(cfg, &["--max-pending-handshakes", "2"]);
+        let mut live = env.session();
+        live.echo(b"attached sessions do not count");
+        // p1 and p2 (accepted first: the listen queue is FIFO) hold the two slots; p2 has sent
+        // part of a header.
+        let mut p1 = env.client();
+        let mut p2 = env.client();
+        p2.send_raw(&header(0, 1, CONNECT, 0, 58)[..5]);
+        let mut c = env.client();
+        let f = c.recv_frame();
+        assert!(
+            f.typ == ERROR && f.error_code() == E_OVERLOADED,
+            "[{cfg:?}] third pending handshake: expected OVERLOADED, got {f:?}"
+        );
+        c.expect_closed();
+        // p1 completes its CONNECT: its slot frees.
+        p1.connect_session(TENANT, AGENT, &TOKEN);
+        p1.echo(b"p1 attached");
+        let mut c = env.client();
+        c.connect_session(TENANT, AGENT, &TOKEN);
+        c.echo(b"slot freed");
+        // Both slots taken again (p2 and a), then p2 goes: its slot frees too.
+        let a = env.client();
+        let mut c = env.client();
+        assert_eq!(
+            c.try_connect_session(TENANT, AGENT, &TOKEN),
+            Err(E_OVERLOADED),
+            "[{cfg:?}] with p2 and a pending"
+        );
+        drop(p2);
+        std::thread::sleep(ms(200));
+        let mut b = env.client();
+        b.connect_session(TENANT, AGENT, &TOKEN);
+        b.echo(b"p2's slot freed");
+        live.echo(b"still fine");
+        drop(a);
+    }
+}

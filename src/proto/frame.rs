@@ -132,6 +132,14 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header at the front of `buf`, once its [`HEADER_LEN`] bytes are there (`None`
+    /// before). Does not check FLAG or the CRC: for decisions that must be taken before the
+    /// payload is buffered.
+    #[inline]
+    pub fn peek(buf: &[u8]) -> Option<Header> {
+        (buf.len() >= HEADER_LEN).then(|| Header::parse(buf))
+    }
+
     /// Parses the header from at least [`HEADER_LEN`] bytes. Does not check FLAG.
     #[inline]
     fn parse(b: &[u8]) -> Header {

@@ -4,10 +4,13 @@
 //!   into the caller's buffer.
 //! * [`payload`]: typed payloads (CONNECT, ACCEPT, RESUME, RESUMED, ACK, RESIZE, ROAM, ERROR).
 //! * [`seq`]: RFC 1982 serial-number arithmetic for SEQ comparisons.
+//! * [`handshake`]: what to answer a not-yet-authenticated connection from a frame's header,
+//!   before its payload is buffered.
 //!
 //! Everything here is plain data and functions: no sockets, no clock.
 
 pub mod frame;
+pub mod handshake;
 pub mod payload;
 pub mod seq;
 

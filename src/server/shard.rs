@@ -11,8 +11,8 @@ use super::Shared;
 use crate::podlink::{self, CloseReason, Msg as PodMsg};
 use crate::pods::links::{self as pods, Links};
 use crate::proto::{
-    self, payload::ErrorFrame, Connect, Decoded, ErrorCode, Frame, FrameType, Resume, CAP_RELIABLE,
-    CAP_ROAM,
+    self, handshake::Early, payload::ErrorFrame, Connect, Decoded, ErrorCode, Frame, FrameType,
+    Resume, CAP_RELIABLE, CAP_ROAM,
 };
 use crate::session::table::IdMap;
 use crate::session::{Clock, Flow, IdSpace, ResumeFrom, Session, SessionTable, Sink, State};
@@ -113,10 +113,6 @@ pub struct ShardHandler {
     /// Per-source-address limits.
     limiter: Limiter,
 }
-
-/// Largest payload accepted before the handshake (CONNECT is at most 61 bytes, RESUME 24): a
-/// connection that has not authenticated cannot make the server buffer more than this.
-const HANDSHAKE_MAX_PAYLOAD: usize = 64;
 
 const NO_WAKE: u64 = u64::MAX;
 
@@ -465,16 +461,27 @@ impl ShardHandler {
     ) -> (usize, bool) {
         let mut off = 0;
         let mut alive = true;
+        let max = self.shared.cfg.session.max_payload;
         while off < bytes.len() {
-            let max = if self
+            if self
                 .conns
                 .get(&conn)
                 .is_some_and(|c| c.state == ConnState::Handshake)
             {
-                HANDSHAKE_MAX_PAYLOAD
-            } else {
-                self.shared.cfg.session.max_payload
-            };
+                // Before the handshake, anything but a CONNECT or RESUME of an acceptable size
+                // is answered from its header: an unauthenticated peer cannot make the server
+                // buffer more than one CONNECT.
+                match proto::handshake::check(&bytes[off..], max) {
+                    Early::Decode => {}
+                    Early::NeedMore(_) => break,
+                    Early::Refuse(code) => {
+                        debug!(shard = self.index, ?conn, %code, "handshake frame refused from its header");
+                        self.refuse(ctx, conn, code);
+                        alive = false;
+                        break;
+                    }
+                }
+            }
             match proto::decode(&bytes[off..], max) {
                 Err(e) => {
                     debug!(shard = self.index, ?conn, error = %e, "broken stream");
@@ -852,6 +859,17 @@ impl ShardHandler {
         };
         if !l.hello_seen {
             if let PodMsg::Hello { version, name } = msg {
+                if version != podlink::codec::VERSION {
+                    warn!(
+                        shard = self.index,
+                        ?key,
+                        version,
+                        name,
+                        "pod HELLO has unsupported version {version} (this server speaks {}); breaking the link",
+                        podlink::codec::VERSION
+                    );
+                    return false;
+                }
                 l.hello_seen = true;
                 debug!(shard = self.index, ?key, version, name, "pod HELLO");
                 return true;
@@ -1129,7 +1147,14 @@ impl shards::Handler for ShardHandler {
 
     fn on_accept(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr) {
         if self.pending_handshakes >= self.shared.cfg.max_pending_handshakes {
-            ctx.abort(conn);
+            // §6: a connection limit is OVERLOADED. Nothing can be sent before a TLS handshake,
+            // so a TLS connection is only aborted.
+            debug!(shard = self.index, ?conn, %peer, "too many pending handshakes; refused");
+            if self.shared.tls.is_some() {
+                ctx.abort(conn);
+            } else {
+                self.refuse(ctx, conn, ErrorCode::Overloaded);
+            }
             return;
         }
         let accepted_us = self.clock.us(ctx.now());
