@@ -852,3 +852,79 @@ fn exec_close_and_link_loss_kill_the_process_group() {
         wait_dead(p);
     }
 }
+
+/// VmRSS of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status")
+}
+
+/// A program that never reads its stdin, flooded with 64 MiB of input: the agent keeps
+/// reading the link (every write completes and another session on it keeps echoing), queues
+/// at most 1 MiB for the stuck program and discards the rest, tells that session once, and its
+/// memory stays bounded (the old unbounded queue grew by the whole 64 MiB).
+#[test]
+fn exec_input_for_a_program_that_never_reads_is_bounded() {
+    let a = AgentProc::start(
+        &temp_dir("noread"),
+        &[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "read -r m; if [ \"$m\" = stuck ]; then exec sleep 120; else exec cat; fi",
+        ],
+    );
+    let mut l = Link::connect(&a.path);
+    // A hang (the agent no longer reading the link) becomes a failure, not a stall.
+    l.stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    l.open(1);
+    l.send(1, &Msg::Data(b"stuck\n"));
+    l.open(2);
+    l.send(2, &Msg::Data(b"echo\nping-0\n"));
+    assert_eq!(l.recv_data_bytes(2, 7), b"ping-0\n");
+    let rss0 = rss_kib(a.child.id());
+    let mut peak = rss0;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut notices = Vec::new();
+    let t0 = Instant::now();
+    for i in 1..=16 {
+        for _ in 0..64 {
+            l.send(1, &Msg::Data(&chunk)); // 4 MiB per round
+        }
+        let ping = format!("ping-{i}\n");
+        l.send(2, &Msg::Data(ping.as_bytes()));
+        let mut echoed = Vec::new();
+        while echoed.len() < ping.len() {
+            match l.recv() {
+                Some((2, Got::Data(d))) => echoed.extend_from_slice(&d),
+                Some((1, Got::Data(d))) => notices.extend_from_slice(&d),
+                other => panic!("round {i}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(echoed, ping.as_bytes(), "round {i}");
+        peak = peak.max(rss_kib(a.child.id()));
+    }
+    let took = t0.elapsed();
+    let notices = String::from_utf8_lossy(&notices).into_owned();
+    println!(
+        "64 MiB to a program that never reads, in {took:?}: claw-agent VmRSS {rss0} KiB before, peak {peak} KiB; told: {notices:?}"
+    );
+    assert_eq!(
+        notices.matches("not reading its input").count(),
+        1,
+        "the stuck session is told once: {notices:?}"
+    );
+    assert!(
+        peak < rss0 + 16 * 1024,
+        "claw-agent grew from {rss0} KiB to {peak} KiB for 64 MiB of unread input"
+    );
+    // Closing the stuck session ends it; the other one still works.
+    l.send(1, &Msg::Close(CloseReason::Normal));
+    l.send(2, &Msg::Data(b"after\n"));
+    assert_eq!(l.recv_data_bytes(2, 6), b"after\n");
+}

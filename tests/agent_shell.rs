@@ -767,3 +767,61 @@ fn ended_sessions_leave_no_descriptors_or_threads_behind() {
         settle(base);
     }
 }
+
+/// VmRSS of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc status")
+}
+
+/// A foreground program that never reads the terminal, flooded with 32 MiB of input: the
+/// terminal takes a few KiB, the agent queues at most 1 MiB more and discards the rest
+/// (telling the session once), keeps reading the link (another session stays responsive) and
+/// its memory stays bounded.
+#[test]
+fn input_for_a_program_that_never_reads_the_terminal_is_bounded() {
+    let a = AgentProc::start("noread");
+    let pid = a.child.id();
+    let mut d = Daemon::connect(&a.path);
+    // A hang (the agent no longer reading the link) becomes a failure, not a stall.
+    d.stream
+        .set_write_timeout(Some(TIMEOUT))
+        .expect("set a write timeout");
+    d.open(1);
+    d.open(2);
+    d.shell_pid(1);
+    d.shell_pid(2);
+    d.input(1, "sleep 120\n");
+    d.pump(Duration::from_millis(300));
+    let rss0 = rss_kib(pid);
+    let mut peak = rss0;
+    let line = format!("#{}\n", "x".repeat(63));
+    let chunk = line.repeat(1024); // 64 KiB
+    for round in 1..=16 {
+        for _ in 0..32 {
+            d.input(1, &chunk); // 2 MiB per round
+            d.dispatch();
+        }
+        d.run(
+            2,
+            &format!("echo r{round}-$((6+6))"),
+            &format!("r{round}-12"),
+        );
+        peak = peak.max(rss_kib(pid));
+    }
+    d.pump(Duration::from_millis(200));
+    let told = d.text(1, 0).matches("not reading its input").count();
+    println!("32 MiB to a program that never reads its terminal: claw-agent VmRSS {rss0} KiB before, peak {peak} KiB; told {told} time(s)");
+    assert_eq!(told, 1, "the stuck session is told once");
+    assert!(
+        peak < rss0 + 16 * 1024,
+        "claw-agent grew from {rss0} KiB to {peak} KiB for 32 MiB of unread input"
+    );
+    // Closing the stuck session ends it; the other one still works.
+    d.send(1, &Msg::Close(CloseReason::ClientDisconnect));
+    d.run(2, "echo still-$((7+7))", "still-14");
+}
