@@ -8,10 +8,12 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 
 use crate::reactor::{f, Core, Envelope};
+use crate::udp::UdpRx;
 use crate::{sys, Config, Ctx, Handler};
 
 const TOK_WAKE: u64 = 1 << 62;
 const TOK_LISTEN: u64 = 1 << 63;
+const TOK_UDP: u64 = 1 << 61;
 
 fn conn_token(idx: u32, gen: u32) -> u64 {
     ((gen as u64 & 0x3fff_ffff) << 32) | idx as u64
@@ -23,6 +25,8 @@ pub(crate) struct EpollShard {
     wake_fd: RawFd,
     scratch: Vec<u8>,
     events: Vec<libc::epoll_event>,
+    /// Datagram receive buffers (only with a UDP socket).
+    udp: Option<UdpRx>,
 }
 
 fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
@@ -32,7 +36,12 @@ fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Res
 }
 
 impl EpollShard {
-    pub fn new(cfg: &Config, listener: Option<OwnedFd>, wake_fd: RawFd) -> io::Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        listener: Option<OwnedFd>,
+        wake_fd: RawFd,
+        udp_fd: Option<RawFd>,
+    ) -> io::Result<Self> {
         // SAFETY: plain syscall; the result is checked and immediately owned.
         let ep = unsafe { sys::owned(sys::cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
         ctl(
@@ -52,12 +61,23 @@ impl EpollShard {
                 TOK_LISTEN,
             )?;
         }
+        if let Some(u) = udp_fd {
+            // Level-triggered: a batch left unread (budget spent) is reported again.
+            ctl(
+                ep.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                u,
+                libc::EPOLLIN as u32,
+                TOK_UDP,
+            )?;
+        }
         Ok(EpollShard {
             ep,
             listener,
             wake_fd,
             scratch: vec![0u8; cfg.buf_size],
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            udp: udp_fd.map(|_| UdpRx::new()),
         })
     }
 
@@ -118,6 +138,10 @@ impl EpollShard {
                     core.drain_mailbox(rx, h);
                 } else if data == TOK_LISTEN {
                     self.accept(core, h);
+                } else if data == TOK_UDP {
+                    if let Some(u) = self.udp.as_mut() {
+                        u.drain(core, h);
+                    }
                 } else {
                     self.conn_event(core, h, data as u32, (data >> 32) as u32, bits);
                 }

@@ -38,7 +38,10 @@ pub mod timer;
 mod epoll;
 mod reactor;
 mod sys;
+mod udp;
 mod uring;
+
+pub use udp::BpfInsn;
 
 use reactor::{Core, Envelope, Shared};
 
@@ -115,6 +118,15 @@ pub struct Config {
     pub high_watermark: usize,
     /// `on_writable` fires when a backpressured queue drains below this.
     pub low_watermark: usize,
+    /// UDP socket, one SO_REUSEPORT socket per shard on the same port (port 0 = pick one).
+    /// Datagrams arrive in [`Handler::on_datagram`]; [`Ctx::send_datagram`] sends.
+    pub udp: Option<SocketAddr>,
+    /// A classic BPF program attached to the UDP reuseport group: it runs on each datagram
+    /// (offset 0 = the UDP payload) and returns the index of the shard that gets it; an index
+    /// that is out of range falls back to the kernel's 4-tuple hash. If attaching fails the
+    /// runtime starts anyway without it (logged), so handlers must cope with datagrams that
+    /// reach the wrong shard.
+    pub udp_steering: Option<Vec<BpfInsn>>,
 }
 
 impl Default for Config {
@@ -129,6 +141,8 @@ impl Default for Config {
             bufs_per_shard: 256,
             high_watermark: 1024 * 1024,
             low_watermark: 256 * 1024,
+            udp: None,
+            udp_steering: None,
         }
     }
 }
@@ -259,6 +273,9 @@ pub trait Handler: 'static {
     );
     /// The deadline set with `ctx.wake_at` passed.
     fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _now: Instant) {}
+    /// A datagram arrived on this shard's UDP socket ([`Config::udp`]). The bytes are
+    /// borrowed from a per-shard buffer that is reused when this returns.
+    fn on_datagram(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _from: SocketAddr, _data: &[u8]) {}
     /// Stop requested. Afterwards the runtime stops accepting, flushes queued output
     /// (bounded ~2 s), closes everything and ends the thread.
     fn on_shutdown(&mut self, _ctx: &mut Ctx<'_, Self::Msg>) {}
@@ -344,6 +361,33 @@ impl<M: Send + 'static> Ctx<'_, M> {
     pub fn conn_count(&self) -> usize {
         self.core.live
     }
+    /// Sends one datagram from this shard's UDP socket without blocking. A full socket
+    /// buffer drops it (`Err(WouldBlock)`, also counted in [`Ctx::udp_dropped`]); without a
+    /// UDP socket this is `Err(NotConnected)`.
+    pub fn send_datagram(&mut self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
+        let Some(fd) = self.core.udp.as_ref() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "this runtime has no UDP socket",
+            ));
+        };
+        let r = udp::send_to(std::os::fd::AsRawFd::as_raw_fd(fd), &to, data);
+        if r.is_err() {
+            self.core.udp_dropped += 1;
+        }
+        r
+    }
+    /// Datagrams this shard dropped: truncated on receive, or not sent (buffer full, error).
+    pub fn udp_dropped(&self) -> u64 {
+        self.core.udp_dropped
+    }
+    /// The UDP socket's bound address (port 0 resolved), if there is one.
+    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+        self.core
+            .udp
+            .as_ref()
+            .and_then(|fd| sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(fd)).ok())
+    }
 }
 
 /// Clonable, `Send` handle to post messages to shards or stop the runtime from any thread.
@@ -379,6 +423,8 @@ pub struct Runtime<M: Send + 'static> {
     threads: Vec<JoinHandle<io::Result<()>>>,
     backend: Backend,
     local_addr: Option<SocketAddr>,
+    udp_local_addr: Option<SocketAddr>,
+    udp_steered: bool,
 }
 
 impl<M: Send + 'static> Runtime<M> {
@@ -429,6 +475,33 @@ impl<M: Send + 'static> Runtime<M> {
         } else {
             listeners.resize_with(cfg.shards, || None);
         }
+        let mut udp_socks = Vec::new();
+        let mut udp_local_addr = None;
+        let mut udp_steered = false;
+        if let Some(addr) = cfg.udp {
+            let mut bind_addr = addr;
+            for _ in 0..cfg.shards {
+                let fd = udp::udp_socket(&bind_addr)?;
+                if udp_local_addr.is_none() {
+                    let a = sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+                    bind_addr = a;
+                    udp_local_addr = Some(a);
+                }
+                udp_socks.push(Some(fd));
+            }
+            if let (Some(prog), Some(Some(first))) = (&cfg.udp_steering, udp_socks.first()) {
+                // The group's sockets joined in shard order, so index i is shard i's socket.
+                match udp::attach_reuseport_cbpf(std::os::fd::AsRawFd::as_raw_fd(first), prog) {
+                    Ok(()) => udp_steered = true,
+                    Err(e) => tracing::warn!(
+                        "cannot attach the UDP steering program ({e}); datagrams are spread \
+                         by the kernel's hash and must be forwarded between shards"
+                    ),
+                }
+            }
+        } else {
+            udp_socks.resize_with(cfg.shards, || None);
+        }
 
         let mut senders = Vec::with_capacity(cfg.shards);
         let mut receivers = Vec::with_capacity(cfg.shards);
@@ -445,7 +518,12 @@ impl<M: Send + 'static> Runtime<M> {
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<io::Result<()>>();
 
         let mut threads = Vec::with_capacity(cfg.shards);
-        for (i, (rx, listener)) in receivers.into_iter().zip(listeners).enumerate() {
+        for (i, ((rx, listener), udp_sock)) in receivers
+            .into_iter()
+            .zip(listeners)
+            .zip(udp_socks)
+            .enumerate()
+        {
             let shared2 = shared.clone();
             let factory = factory.clone();
             let cfg2 = cfg.clone();
@@ -454,7 +532,9 @@ impl<M: Send + 'static> Runtime<M> {
                 .name(format!("shard-{i}"))
                 .spawn(move || {
                     let _guard = reactor::PanicGuard(shared2.clone());
-                    shard_main(i, backend, cfg2, shared2, rx, listener, factory, ready)
+                    shard_main(
+                        i, backend, cfg2, shared2, rx, listener, udp_sock, factory, ready,
+                    )
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -486,6 +566,8 @@ impl<M: Send + 'static> Runtime<M> {
             threads,
             backend,
             local_addr,
+            udp_local_addr,
+            udp_steered,
         };
         if let Some(e) = first_err {
             rt.shutdown();
@@ -503,6 +585,16 @@ impl<M: Send + 'static> Runtime<M> {
     /// Actual bound listen address (port 0 resolved).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// Actual bound UDP address (port 0 resolved).
+    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+        self.udp_local_addr
+    }
+
+    /// Whether the UDP steering program ([`Config::udp_steering`]) is attached.
+    pub fn udp_steered(&self) -> bool {
+        self.udp_steered
     }
 
     pub fn remote(&self) -> Remote<M> {
@@ -562,6 +654,7 @@ fn shard_main<H, F>(
     shared: Arc<Shared<H::Msg>>,
     rx: crossbeam_channel::Receiver<Envelope<H::Msg>>,
     listener: Option<std::os::fd::OwnedFd>,
+    udp_sock: Option<std::os::fd::OwnedFd>,
     factory: Arc<F>,
     ready: crossbeam_channel::Sender<io::Result<()>>,
 ) -> io::Result<()>
@@ -577,9 +670,11 @@ where
     // On unwind the core (conn slots, output queues that in-flight sends may reference) is
     // leaked on purpose; see uring.rs.
     let mut core = std::mem::ManuallyDrop::new(Core::new(i, cfg.shards, backend, &cfg, shared));
+    core.udp = udp_sock;
     match backend {
         Backend::Uring => {
-            let mut be = match uring::UringShard::new(&cfg, listener, core.wake_fd()) {
+            let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+            let mut be = match uring::UringShard::new(&cfg, listener, core.wake_fd(), udp_fd) {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -598,7 +693,8 @@ where
             r
         }
         Backend::Epoll => {
-            let mut be = match epoll::EpollShard::new(&cfg, listener, core.wake_fd()) {
+            let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+            let mut be = match epoll::EpollShard::new(&cfg, listener, core.wake_fd(), udp_fd) {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = ready.send(Err(e));

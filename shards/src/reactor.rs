@@ -281,6 +281,10 @@ pub(crate) struct Core<M> {
     pub stopping: bool,
     pub stop_deadline: Option<Instant>,
     pub aborted_all: bool,
+    /// This shard's UDP socket (`Config::udp`).
+    pub udp: Option<OwnedFd>,
+    /// Datagrams dropped (truncated on receive, or not sent).
+    pub udp_dropped: u64,
 }
 
 impl<M: Send + 'static> Core<M> {
@@ -311,6 +315,8 @@ impl<M: Send + 'static> Core<M> {
             stopping: false,
             stop_deadline: None,
             aborted_all: false,
+            udp: None,
+            udp_dropped: 0,
         }
     }
 

@@ -108,7 +108,7 @@ pub(crate) fn sockaddr_to(st: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn setsockopt_int(
+pub(crate) fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,

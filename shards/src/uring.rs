@@ -24,6 +24,7 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
 use crate::reactor::{f, Core, Envelope};
+use crate::udp::UdpRx;
 use crate::{sys, Config, Ctx, Handler};
 
 const BGID: u16 = 0;
@@ -33,6 +34,7 @@ const K_SEND: u64 = 2;
 const K_ACCEPT: u64 = 3;
 const K_WAKE: u64 = 4;
 const K_CANCEL: u64 = 5;
+const K_UDP: u64 = 6;
 
 fn ud(kind: u64, idx: u32, gen: u32) -> u64 {
     (kind << 56) | ((gen as u64 & 0xff_ffff) << 32) | idx as u64
@@ -171,7 +173,20 @@ fn build_ring(entries: u32, cq: u32) -> io::Result<IoUring> {
     Err(last.unwrap())
 }
 
+/// Probes on a short-lived thread of its own: tearing a ring down queues task work for the
+/// thread that created it, which interrupts that thread's next blocking system call that has a
+/// timeout (an `EINTR` with no signal; seen with `recv_from` after the probe). The probe's
+/// thread takes that with it when it exits, so callers never see it.
 pub(crate) fn probe() -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("uring-probe".into())
+        .spawn(probe_here)
+        .map_err(|e| format!("cannot start the io_uring probe thread: {e}"))?
+        .join()
+        .unwrap_or_else(|_| Err("the io_uring probe panicked".into()))
+}
+
+fn probe_here() -> Result<(), String> {
     let ring = IoUring::new(8).map_err(|e| {
         format!(
             "io_uring_setup failed: {e} (kernel without io_uring, kernel.io_uring_disabled \
@@ -274,13 +289,25 @@ pub(crate) struct UringShard {
     /// Non-conn ops in flight (accept, wake read).
     misc_ops: u32,
     cqes: Vec<(u64, i32, u32)>,
+    /// The shard's UDP socket (owned by `Core`) and its receive side.
+    udp_fd: Option<RawFd>,
+    udp: Option<UdpRx>,
+    /// A multishot poll for the UDP socket is armed.
+    udp_armed: bool,
+    /// The last drain spent its budget: more datagrams may be waiting.
+    udp_more: bool,
     fatal: Option<io::Error>,
     /// Ops may still be in flight at drop: leak buffers rather than free them.
     leak: bool,
 }
 
 impl UringShard {
-    pub fn new(cfg: &Config, listener: Option<OwnedFd>, wake_fd: RawFd) -> io::Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        listener: Option<OwnedFd>,
+        wake_fd: RawFd,
+        udp_fd: Option<RawFd>,
+    ) -> io::Result<Self> {
         let ring = ManuallyDrop::new(build_ring(1024, 16384)?);
         let mut bufs = ManuallyDrop::new(BufRing::new(cfg.bufs_per_shard, cfg.buf_size)?);
         // SAFETY: `bufs` lives in the same struct as `ring`; Drop drops the ring first and
@@ -309,6 +336,10 @@ impl UringShard {
             wake_buf: Box::into_raw(Box::new(0u64)),
             misc_ops: 0,
             cqes: Vec::with_capacity(1024),
+            udp_fd,
+            udp: udp_fd.map(|_| UdpRx::new()),
+            udp_armed: false,
+            udp_more: false,
             fatal: None,
             leak: false,
         })
@@ -399,6 +430,25 @@ impl UringShard {
                     }
                 }
             }
+            if !core.stopping && !self.udp_armed {
+                if let Some(fd) = self.udp_fd {
+                    let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+                        .multi(true)
+                        .build()
+                        .user_data(K_UDP << 56);
+                    // SAFETY: references only the UDP fd, owned by `Core`, which outlives
+                    // this backend (the ring is dropped first).
+                    unsafe { self.push(e) };
+                    self.udp_armed = true;
+                    self.misc_ops += 1;
+                }
+            }
+            if self.udp_more && !core.stopping {
+                if let Some(u) = self.udp.as_mut() {
+                    self.udp_more = u.drain(core, h);
+                }
+                core.settle(h, |c, idx| self.drive(c, idx));
+            }
             if core.stopping && core.live == 0 {
                 if self.misc_ops == 0 {
                     break;
@@ -411,6 +461,9 @@ impl UringShard {
                         }
                         if self.accept_armed {
                             self.cancel(ud(K_ACCEPT, 0, 0));
+                        }
+                        if self.udp_armed {
+                            self.cancel(K_UDP << 56);
                         }
                     }
                     Some(t) if core.now >= t => {
@@ -433,6 +486,10 @@ impl UringShard {
                 .flatten()
             {
                 deadline = Some(deadline.map_or(t, |d| d.min(t)));
+            }
+            if self.udp_more {
+                // Datagrams are waiting: poll the ring without sleeping.
+                deadline = Some(core.now);
             }
             self.wait(deadline)?;
             core.now = Instant::now();
@@ -516,6 +573,23 @@ impl UringShard {
                         // e.g. EMFILE: back off a little instead of spinning.
                         self.accept_retry_at = Some(core.now + Duration::from_millis(50));
                     }
+                }
+            }
+            K_UDP => {
+                if !cqueue::more(flags) {
+                    self.misc_ops -= 1;
+                    self.udp_armed = false;
+                }
+                if res > 0 && !core.stopping {
+                    if let Some(u) = self.udp.as_mut() {
+                        self.udp_more = u.drain(core, h);
+                    }
+                } else if res < 0 && res != -libc::ECANCELED {
+                    tracing::warn!(
+                        shard = core.shard,
+                        "udp poll failed: {}",
+                        io::Error::from_raw_os_error(-res)
+                    );
                 }
             }
             K_RECV => self.recv_done(core, h, u as u32, res, flags),
