@@ -493,6 +493,7 @@ fn takeover_tells_the_old_connection_and_keeps_the_session() {
     let (mut s, mut old) = new_session(0, &cfg);
     s.on_agent_data(b"one", 1, &cfg, &mut old);
     old.frames();
+    assert_eq!(old.pods(), vec![Pod::Open]);
     let mut new = Rec::default();
     s.take_over(2, &mut old);
     let f = old.frames();
@@ -507,12 +508,23 @@ fn takeover_tells_the_old_connection_and_keeps_the_session() {
         Flow::Continue
     );
     let f = new.frames();
+    assert_eq!(f[0].ty, FrameType::Resumed, "{f:?}");
     assert_eq!(data_seqs(&f), vec![2]);
     assert_eq!(s.state(), State::Attached);
-    assert!(
-        !old.pods().contains(&Pod::Detached),
-        "a takeover is not a detach for the agent"
+    // §7.10: the session never stopped being attached, so the agent hears nothing of it:
+    // neither DETACHED at the takeover nor ATTACHED at the resume that follows.
+    assert_eq!(old.pods(), vec![], "pod messages at the takeover");
+    assert_eq!(
+        new.pods(),
+        vec![],
+        "pod messages at the resume after a takeover"
     );
+    // A resume after a real loss still tells the agent both.
+    s.detach(3, &mut new);
+    assert_eq!(new.pods(), vec![Pod::Detached]);
+    let mut third = Rec::default();
+    s.resume(ResumeFrom::LastSeq(2), 4, &cfg, &mut third);
+    assert_eq!(third.pods(), vec![Pod::Attached]);
 }
 
 #[test]
@@ -686,18 +698,74 @@ fn ids_are_unique_nonzero_and_encode_the_shard() {
             assert_eq!(t.len(), 5_000);
         }
     }
-    // Ids from a tiny random space still never collide: the table retries.
-    let space = IdSpace::new(0, 1);
-    let mut t = SessionTable::with_rng(space, StdRng::seed_from_u64(1));
-    let ids: Vec<u32> = (0..1000)
-        .map(|_| t.create(|id, tok| Session::new(id, 1, 1, 0, tok, 0)).id())
-        .collect();
-    for id in &ids[..500] {
-        t.remove(*id);
+}
+
+/// A random source that repeats each value of a tiny range several times, counting its draws:
+/// forces the id-collision (and zero-id) retries that 32 random bits practically never hit.
+struct Repeating {
+    next: u32,
+    range: u32,
+    repeat: u32,
+    draws: std::rc::Rc<std::cell::Cell<u32>>,
+}
+
+impl rand::RngCore for Repeating {
+    fn next_u32(&mut self) -> u32 {
+        self.draws.set(self.draws.get() + 1);
+        let v = (self.next / self.repeat) % self.range;
+        self.next += 1;
+        v
     }
-    for _ in 0..500 {
-        let id = t.create(|id, tok| Session::new(id, 1, 1, 0, tok, 0)).id();
-        assert!(!ids[500..].contains(&id));
+    fn next_u64(&mut self) -> u64 {
+        self.next_u32() as u64
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        dest.fill(0x5A);
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+#[test]
+fn ids_stay_unique_when_the_random_source_repeats_itself() {
+    for (shard, shards) in [(0usize, 1usize), (3, 4)] {
+        let space = IdSpace::new(shard, shards);
+        let draws = std::rc::Rc::new(std::cell::Cell::new(0));
+        // Values 0..6, each drawn three times in a row: 0 0 0 1 1 1 2 2 2 …
+        let rng = Repeating {
+            next: 0,
+            range: 6,
+            repeat: 3,
+            draws: draws.clone(),
+        };
+        let mut t = SessionTable::with_rng(space, rng);
+        let create = |t: &mut SessionTable<Repeating>| {
+            t.create(|id, tok| Session::new(id, 1, 1, 0, tok, 0)).id()
+        };
+        // With one shard, random 0 gives id 0, which is never issued: ids 1..=5 remain.
+        let usable = if shards == 1 { 5 } else { 6 };
+        let mut ids: Vec<u32> = (0..usable).map(|_| create(&mut t)).collect();
+        let distinct: HashSet<u32> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), usable, "duplicate ids: {ids:?}");
+        for &id in &ids {
+            assert_ne!(id, 0);
+            assert_eq!(space.owner(id), shard, "{id:#x}");
+        }
+        // Every value came up three times: far more draws than ids, i.e. the retry ran.
+        assert!(
+            draws.get() >= 2 * usable as u32,
+            "{} draws for {usable} ids: the collision retry never ran",
+            draws.get()
+        );
+        // The space is full; a freed id is the only one left and is found again.
+        let freed = ids.remove(2);
+        t.remove(freed);
+        let again = create(&mut t);
+        assert_eq!(again, freed, "the only free id");
+        assert!(!ids.contains(&again));
+        assert_eq!(t.len(), usable);
     }
 }
 

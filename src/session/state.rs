@@ -477,13 +477,16 @@ impl Session {
 
     /// Another connection resumed this session: tell the current one (`old` is its sink) with
     /// ERROR TAKEN_OVER. The caller closes that connection, then calls [`Session::resume`].
+    ///
+    /// The session stays ATTACHED throughout (it only changes connection), so the agent is told
+    /// nothing: neither DETACHED here nor ATTACHED by the resume that follows (PROTOCOL.md
+    /// §7.10).
     pub fn take_over(&mut self, now: u64, old: &mut impl Sink) {
         if self.state == State::Attached {
             let code = ErrorCode::TakenOver;
             self.send(FrameType::Error, 0, now, old, |o| {
                 ErrorFrame::encode_parts(code, code.message(), o)
             });
-            self.state = State::Suspended;
             self.conn_dropped = 0;
             self.flags &= !ACK_PENDING;
         }
@@ -491,7 +494,8 @@ impl Session {
 
     /// Resumes the session on a new connection: RESUMED first, then the replay, then (if the
     /// agent has closed meanwhile) DISCONNECT. The caller has already checked the credential and
-    /// handled any take-over.
+    /// handled any take-over. The agent is told ATTACHED only when the session was SUSPENDED
+    /// (after a take-over it never stopped being attached).
     pub fn resume(
         &mut self,
         from: ResumeFrom,

@@ -62,22 +62,30 @@ impl Hasher for IdHasher {
 const PAGE: usize = 512;
 
 /// The table of one shard's sessions.
-pub struct SessionTable {
+///
+/// `R` is the source of session ids and resume tokens: [`SessionTable::new`] uses [`StdRng`]
+/// (ChaCha) seeded from the operating system, the only choice for a server. Tests inject a
+/// seeded one, or one that repeats values on purpose to exercise the id-collision retry. The
+/// type parameter is resolved at compile time: the production path costs nothing for it.
+pub struct SessionTable<R = StdRng> {
     pages: Vec<Vec<Option<Session>>>,
     free: Vec<u32>,
     index: HashMap<u32, u32, BuildHasherDefault<IdHasher>>,
     ids: IdSpace,
-    rng: StdRng,
+    rng: R,
 }
 
-impl SessionTable {
+impl SessionTable<StdRng> {
     /// An empty table for `ids`, with its CSPRNG seeded from the operating system.
-    pub fn new(ids: IdSpace) -> SessionTable {
+    pub fn new(ids: IdSpace) -> SessionTable<StdRng> {
         SessionTable::with_rng(ids, StdRng::from_entropy())
     }
+}
 
-    /// An empty table using `rng` (tests use a seeded one).
-    pub fn with_rng(ids: IdSpace, rng: StdRng) -> SessionTable {
+impl<R: RngCore> SessionTable<R> {
+    /// An empty table drawing ids and resume tokens from `rng` (tests use a seeded one, or a
+    /// scripted one; a server must use a CSPRNG, as [`SessionTable::new`] does).
+    pub fn with_rng(ids: IdSpace, rng: R) -> SessionTable<R> {
         SessionTable {
             pages: Vec::new(),
             free: Vec::new(),
