@@ -38,8 +38,12 @@ pub fn restore_terminal() {
 impl RawMode {
     /// Raw mode on `fd` (usually 0). Installs a panic hook that restores the terminal first.
     pub fn enable(fd: RawFd) -> std::io::Result<RawMode> {
-        // SAFETY: termios is plain data; tcgetattr fills it.
+        // SAFETY: termios is a C struct of integers and arrays of integers, for which all-zero
+        // bytes are a valid value.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `&mut t` is a valid, exclusive pointer to a termios that lives across the
+        // call; tcgetattr only writes that struct, and a bad or non-terminal `fd` is reported
+        // as -1/errno (EBADF, ENOTTY), not undefined behaviour.
         if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -50,8 +54,11 @@ impl RawMode {
             prev(info);
         }));
         let mut raw = t;
-        // SAFETY: cfmakeraw edits the struct in place.
+        // SAFETY: cfmakeraw only edits the termios behind the valid, exclusive pointer.
         unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: `&raw` points to an initialised termios (read by tcgetattr, then edited by
+        // cfmakeraw) that outlives the call; tcsetattr only reads it, and TCSAFLUSH is a valid
+        // action. Failure is reported as -1/errno.
         if unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &raw) } != 0 {
             let e = std::io::Error::last_os_error();
             restore_terminal();
@@ -69,8 +76,11 @@ impl Drop for RawMode {
 
 /// `(cols, rows)` of the terminal on `fd`.
 pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
-    // SAFETY: winsize is plain data filled by the ioctl.
+    // SAFETY: winsize is four u16 fields; all-zero bytes are a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ takes exactly a `struct winsize *`, and `&mut ws` is a valid,
+    // exclusive pointer to one that lives across the call; the kernel writes only that struct.
+    // A bad or non-terminal `fd` is reported as -1/errno.
     if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } != 0 || ws.ws_col == 0 {
         return None;
     }

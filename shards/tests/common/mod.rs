@@ -7,14 +7,24 @@ use std::time::Duration;
 
 use shards::{probe_uring, Config, IoMode};
 
-/// Backends to run a test against. io_uring is skipped (with a message) when unavailable.
+/// Backends to run a test against. io_uring is skipped (with a message) when unavailable,
+/// unless `CLAWTERM_REQUIRE_URING=1` is set (CI, and any machine known to have io_uring): then
+/// an unavailable io_uring fails the test instead of silently testing only epoll.
 pub fn modes() -> Vec<IoMode> {
     let mut v = vec![IoMode::Epoll];
     match probe_uring() {
         Ok(()) => v.push(IoMode::Uring),
+        Err(reason) if uring_required() => panic!(
+            "CLAWTERM_REQUIRE_URING=1 but io_uring is unavailable: probe_uring failed: {reason}"
+        ),
         Err(reason) => eprintln!("SKIPPING io_uring variant: probe_uring failed: {reason}"),
     }
     v
+}
+
+/// Whether the environment demands the io_uring variants (`CLAWTERM_REQUIRE_URING=1`).
+pub fn uring_required() -> bool {
+    std::env::var("CLAWTERM_REQUIRE_URING").is_ok_and(|v| v == "1")
 }
 
 pub fn config(mode: IoMode, shards: usize) -> Config {
