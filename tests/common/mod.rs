@@ -1044,7 +1044,15 @@ impl ServerProc {
 
     /// SIGTERM and wait up to `t` for the exit.
     pub fn terminate(&mut self, t: Duration) -> Option<ExitStatus> {
-        sigterm(&self.child);
+        self.signal_and_wait(libc::SIGTERM, t)
+    }
+
+    /// Sends `sig` and waits up to `t` for the exit.
+    pub fn signal_and_wait(&mut self, sig: libc::c_int, t: Duration) -> Option<ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
         wait_timeout(&mut self.child, t)
     }
 
