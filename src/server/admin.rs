@@ -1,21 +1,51 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
 //!
-//! A tiny HTTP/1.1 server on its own thread, outside the shards: one request per connection,
-//! bounded request size and read time, so a misbehaving scraper cannot affect sessions.
+//! A tiny HTTP/1.1 server outside the shards, so a misbehaving scraper cannot affect sessions:
+//! one thread accepts, and each connection gets a short-lived thread of its own (at most
+//! [`MAX_CONNS`] at once; beyond that a connection gets `503` at once), so a slow client never
+//! delays the kubelet's probes on another connection. One request per connection; the request
+//! head must arrive within [`HEAD_DEADLINE`] in total (not per read: trickling bytes does not
+//! extend it) and be at most 8 KiB. `GET` and `HEAD` (headers only) are answered.
 
 use super::metrics::Metrics;
 use crate::pods::Registry;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Connections served at once; more are answered `503` without reading their request.
+pub const MAX_CONNS: usize = 32;
+/// Time a client has to send its whole request head.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(1);
+/// Time a client has to take the response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head read.
+const MAX_HEAD: usize = 8192;
 
 /// A running admin endpoint.
 pub struct Admin {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct State {
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    /// Connections being served.
+    active: AtomicUsize,
+}
+
+/// Decrements the active-connection count when a connection thread ends (also on a panic).
+struct Slot(Arc<State>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Admin {
@@ -31,26 +61,14 @@ impl Admin {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let state = Arc::new(State {
+            metrics,
+            registry,
+            active: AtomicUsize::new(0),
+        });
         let thread = std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || {
-                while !stop2.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            if let Err(e) = serve(s, &metrics, &registry) {
-                                tracing::debug!("admin request failed: {e}");
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        Err(e) => {
-                            tracing::warn!("admin accept failed: {e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || accept_loop(&listener, &stop2, &state))?;
         Ok(Admin {
             addr,
             stop,
@@ -72,63 +90,258 @@ impl Drop for Admin {
     }
 }
 
+/// Waits up to `ms` for the listener to be readable (so `stop` is seen within that time).
+fn wait_readable(listener: &TcpListener, ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd that lives for the call; the fd is owned by `listener`.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
+fn accept_loop(listener: &TcpListener, stop: &AtomicBool, state: &Arc<State>) {
+    while !stop.load(Ordering::Relaxed) {
+        wait_readable(listener, 200);
+        loop {
+            let s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::warn!("admin endpoint: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            };
+            if state.active.fetch_add(1, Ordering::Relaxed) >= MAX_CONNS {
+                state.active.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!("admin endpoint: {MAX_CONNS} connections busy; refusing one");
+                let mut s = s;
+                let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = respond(&mut s, false, "503 Service Unavailable", "busy\n");
+                continue;
+            }
+            let slot = Slot(state.clone());
+            let spawned = std::thread::Builder::new()
+                .name("admin-conn".into())
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let st = &slot.0;
+                    if let Err(e) = serve(s, &st.metrics, &st.registry) {
+                        tracing::debug!("admin request failed: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                // The closure (and its slot) was dropped: the count is already released.
+                tracing::warn!("admin endpoint: cannot start a connection thread: {e}");
+            }
+        }
+    }
+}
+
+/// Reads one request head (bounded in size and total time) and answers it.
 fn serve(mut s: TcpStream, metrics: &Metrics, registry: &Registry) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = Vec::with_capacity(1024);
+    s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let deadline = Instant::now() + HEAD_DEADLINE;
+    let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        let n = s.read(&mut chunk)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return respond(&mut s, false, "408 Request Timeout", "request too slow\n");
+        }
+        s.set_read_timeout(Some(left))?;
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return respond(&mut s, false, "408 Request Timeout", "request too slow\n");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > 8192 {
+        if buf.len() > MAX_HEAD {
             return respond(
                 &mut s,
+                false,
                 "431 Request Header Fields Too Large",
-                "text/plain",
                 "request too large\n",
             );
         }
     }
-    let line = String::from_utf8_lossy(&buf);
-    let mut parts = line.lines().next().unwrap_or("").split_whitespace();
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" && method != "HEAD" {
-        return respond(&mut s, "405 Method Not Allowed", "text/plain", "use GET\n");
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return respond(&mut s, false, "405 Method Not Allowed", "use GET or HEAD\n");
     }
     match path.split('?').next().unwrap_or("") {
-        "/metrics" => respond(
+        "/metrics" => respond_typed(
             &mut s,
+            head_only,
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
             &metrics.render(registry.len()),
         ),
-        "/healthz" => respond(&mut s, "200 OK", "text/plain", "ok\n"),
-        "/readyz" if metrics.ready() => respond(&mut s, "200 OK", "text/plain", "ready\n"),
+        "/healthz" => match metrics.health() {
+            Ok(()) => respond(&mut s, head_only, "200 OK", "ok\n"),
+            Err(why) => respond(
+                &mut s,
+                head_only,
+                "503 Service Unavailable",
+                &format!("{why}\n"),
+            ),
+        },
+        "/readyz" if metrics.ready() => respond(&mut s, head_only, "200 OK", "ready\n"),
         "/readyz" => respond(
             &mut s,
+            head_only,
             "503 Service Unavailable",
-            "text/plain",
-            "shards starting\n",
+            "not every shard is serving\n",
         ),
         _ => respond(
             &mut s,
+            head_only,
             "404 Not Found",
-            "text/plain",
             "try /metrics, /healthz or /readyz\n",
         ),
     }
 }
 
-fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+fn respond(s: &mut TcpStream, head_only: bool, status: &str, body: &str) -> std::io::Result<()> {
+    respond_typed(s, head_only, status, "text/plain; charset=utf-8", body)
+}
+
+/// Writes the response; for HEAD only the header (with the length the body would have).
+fn respond_typed(
+    s: &mut TcpStream,
+    head_only: bool,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
+        body.len(),
+        if status.starts_with("405") {
+            "Allow: GET, HEAD\r\n"
+        } else {
+            ""
+        }
     );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())?;
+    if !head_only {
+        out.push_str(body);
+    }
+    s.write_all(out.as_bytes())?;
     s.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn request(addr: SocketAddr, req: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn head_has_no_body_and_healthz_follows_shard_liveness() {
+        let dir = Dir(std::env::temp_dir().join(format!("clawterm-admin-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let metrics = Arc::new(Metrics::new(2));
+        let registry = Registry::start_without_callback(&dir.0).unwrap();
+        let admin = Admin::start(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics.clone(),
+            registry.clone(),
+        )
+        .unwrap();
+        let a = admin.local_addr();
+
+        let get = request(a, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(get.starts_with("HTTP/1.1 200 OK\r\n"), "{get}");
+        assert!(get.ends_with("\r\n\r\nok\n"), "{get}");
+        let head = request(a, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "HEAD answered with a body: {head}"
+        );
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(len > 100, "{head}");
+        let post = request(a, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        assert!(post.contains("Allow: GET, HEAD\r\n"), "{post}");
+
+        // A shard thread that dies (here: panics) makes /healthz fail.
+        let m2 = metrics.clone();
+        let _ = std::thread::spawn(move || {
+            m2.watch_shard_thread();
+            panic!("shard bug");
+        })
+        .join();
+        let sick = request(a, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(sick.starts_with("HTTP/1.1 503 "), "{sick}");
+        assert!(
+            sick.contains("1 of 2 shards stopped unexpectedly"),
+            "{sick}"
+        );
+        let sick_head = request(a, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(sick_head.starts_with("HTTP/1.1 503 "), "{sick_head}");
+        assert!(sick_head.ends_with("\r\n\r\n"), "{sick_head}");
+        drop(admin);
+        registry.stop();
+    }
+
+    #[test]
+    fn a_silent_client_gets_408_within_the_deadline() {
+        let dir =
+            Dir(std::env::temp_dir().join(format!("clawterm-admin408-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let registry = Registry::start_without_callback(&dir.0).unwrap();
+        let admin = Admin::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Metrics::new(1)),
+            registry.clone(),
+        )
+        .unwrap();
+        let mut s = TcpStream::connect(admin.local_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metr").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+        drop(admin);
+        registry.stop();
+    }
 }

@@ -1,12 +1,18 @@
 //! Node metrics in Prometheus text format.
 //!
 //! Each shard owns one [`ShardMetrics`] and is its only writer (relaxed atomics: no contention,
-//! no lock on the data path); the admin endpoint reads them all when scraped. Gauges that would
-//! cost a walk over the sessions (ring bytes) are refreshed by each shard once a second.
+//! no lock on the data path); the admin endpoint reads them all when scraped. The session,
+//! connection, pod-link and ring-bytes gauges are refreshed by each shard once a second.
+//!
+//! Liveness: each shard thread registers with [`Metrics::watch_shard_thread`]; when the thread
+//! ends for any reason (a panic included) it is counted, and [`Metrics::health`] fails unless
+//! the operator asked the server to stop.
 
 use crate::proto::ErrorCode;
+use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const BUCKETS: [f64; 14] = [
@@ -76,6 +82,24 @@ pub struct Metrics {
     /// Shards that have started serving.
     pub ready_shards: AtomicUsize,
     pub backend: std::sync::OnceLock<String>,
+    /// Shard threads that have ended, however they ended (see [`Metrics::watch_shard_thread`]).
+    pub shards_ended: AtomicUsize,
+    /// Set when a stop was requested (SIGTERM): shards ending then is expected.
+    pub stopping: AtomicBool,
+}
+
+/// Counts its shard thread in [`Metrics::shards_ended`] when the thread's locals are destroyed,
+/// which happens when the thread ends: after a normal return, an error, or a panic's unwinding.
+struct ShardThreadGuard(Arc<Metrics>);
+
+impl Drop for ShardThreadGuard {
+    fn drop(&mut self) {
+        self.0.shards_ended.fetch_add(1, Relaxed);
+    }
+}
+
+thread_local! {
+    static SHARD_THREAD: RefCell<Option<ShardThreadGuard>> = const { RefCell::new(None) };
 }
 
 impl Metrics {
@@ -84,7 +108,29 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             ready_shards: AtomicUsize::new(0),
             backend: std::sync::OnceLock::new(),
+            shards_ended: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// Called on a shard's own thread when it starts: the thread is counted in
+    /// `shards_ended` when it ends, however it ends (return, error or panic).
+    pub fn watch_shard_thread(self: &Arc<Self>) {
+        let guard = ShardThreadGuard(self.clone());
+        SHARD_THREAD.with(|g| *g.borrow_mut() = Some(guard));
+    }
+
+    /// Liveness: `Err(why)` once a shard thread has ended while no stop was requested (the
+    /// node can no longer serve that shard's sessions; the process should be restarted).
+    pub fn health(&self) -> Result<(), String> {
+        let ended = self.shards_ended.load(Relaxed);
+        if ended == 0 || self.stopping.load(Relaxed) {
+            return Ok(());
+        }
+        Err(format!(
+            "{ended} of {} shards stopped unexpectedly",
+            self.shards.len()
+        ))
     }
 
     /// Ready once every shard is serving.
@@ -107,7 +153,7 @@ impl Metrics {
         };
         let _ = writeln!(
             o,
-            "# HELP clawterm_sessions Sessions by state and shard.\n# TYPE clawterm_sessions gauge"
+            "# HELP clawterm_sessions Sessions by state and shard (refreshed every second).\n# TYPE clawterm_sessions gauge"
         );
         for (i, s) in self.shards.iter().enumerate() {
             let _ = writeln!(
@@ -124,7 +170,7 @@ impl Metrics {
         per_shard(
             &mut o,
             "clawterm_connections",
-            "Open client connections (handshaking or bound).",
+            "Open client connections, handshaking or bound (refreshed every second).",
             "gauge",
             &|s| s.connections.load(Relaxed),
         );
@@ -182,14 +228,14 @@ impl Metrics {
         per_shard(
             &mut o,
             "clawterm_ring_bytes",
-            "Unacknowledged payload bytes held in replay rings (refreshed each second).",
+            "Unacknowledged payload bytes held in replay rings (refreshed every second).",
             "gauge",
             &|s| s.ring_bytes.load(Relaxed),
         );
         per_shard(
             &mut o,
             "clawterm_pod_links",
-            "Open links to agent pods.",
+            "Open links to agent pods (refreshed every second).",
             "gauge",
             &|s| s.pod_links.load(Relaxed),
         );
@@ -257,6 +303,28 @@ pub fn count_frames(mut buf: &[u8], mut on_error: impl FnMut(u16)) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_fails_when_a_shard_thread_ends_however_it_ends() {
+        let m = Arc::new(Metrics::new(3));
+        assert_eq!(m.health(), Ok(()));
+        let m2 = m.clone();
+        let panicked = std::thread::spawn(move || {
+            m2.watch_shard_thread();
+            panic!("shard bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(m.health(), Err("1 of 3 shards stopped unexpectedly".into()));
+        let m3 = m.clone();
+        std::thread::spawn(move || m3.watch_shard_thread())
+            .join()
+            .unwrap();
+        assert_eq!(m.health(), Err("2 of 3 shards stopped unexpectedly".into()));
+        // Shards ending after a requested stop are expected.
+        m.stopping.store(true, Relaxed);
+        assert_eq!(m.health(), Ok(()));
+    }
 
     #[test]
     fn counts_frames_and_errors() {

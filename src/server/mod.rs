@@ -125,7 +125,11 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         tls,
     });
     let s2 = shared.clone();
-    let runtime = shards::Runtime::start(rt_cfg, move |i| shard::ShardHandler::new(i, s2.clone()))?;
+    let runtime = shards::Runtime::start(rt_cfg, move |i| {
+        // On the shard's thread: liveness (`/healthz`) notices when the thread ends.
+        s2.metrics.watch_shard_thread();
+        shard::ShardHandler::new(i, s2.clone())
+    })?;
     // Pod events reach every shard through its mailbox (links are per shard).
     let remote = runtime.remote();
     shared.registry.set_on_event(Box::new(move |ev| {
@@ -172,6 +176,10 @@ impl Server {
         self.runtime.remote()
     }
     pub fn shutdown(&self) {
+        self.shared
+            .metrics
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.registry.stop();
         self.runtime.shutdown();
     }
