@@ -311,6 +311,17 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// VmHWM (peak resident set size since the process started) in KiB.
+pub fn hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Samples a process's VmRSS every 10 ms on a thread until dropped/finished.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
@@ -451,6 +462,30 @@ impl Client {
             token: [0; 16],
             last_seq: 0,
         }
+    }
+
+    /// A second handle on the connection (e.g. for a writer thread; the two must not both
+    /// write).
+    pub fn try_clone_stream(&self) -> TcpStream {
+        self.stream.try_clone().expect("clone the client's socket")
+    }
+
+    /// Sets SO_SNDBUF (the kernel then stops auto-tuning it), so a writer blocks soon after
+    /// the server stops reading.
+    pub fn set_send_buffer(&self, bytes: usize) {
+        use std::os::fd::AsRawFd;
+        let v = bytes as libc::c_int;
+        // SAFETY: setsockopt on our own socket with a valid pointer to a c_int and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
     }
 
     pub fn local_addr(&self) -> SocketAddr {
