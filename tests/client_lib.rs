@@ -275,6 +275,81 @@ fn detach_then_resume_shows_only_new_output() {
     assert_eq!(d, b"second");
 }
 
+/// Calls `try_recv` every 5 ms for `d`; returns the longest call and the events seen.
+fn spin(s: &mut Session, d: Duration) -> (Duration, Vec<Event>) {
+    let end = Instant::now() + d;
+    let mut longest = Duration::ZERO;
+    let mut evs = Vec::new();
+    while Instant::now() < end {
+        let t = Instant::now();
+        match s.try_recv() {
+            Ok(Some(e)) => evs.push(e),
+            Ok(None) => {}
+            Err(e) => panic!("session failed: {e}"),
+        }
+        longest = longest.max(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (longest, evs)
+}
+
+/// While the server cannot be reached, `try_recv` does not block: a reconnect's connect runs
+/// on a helper thread and its handshake is driven without blocking. Default timeouts (connect
+/// 5 s, handshake 10 s), fast backoff. Two black holes behind the proxy: (1) connections
+/// accepted and never answered (RESUME waits for the handshake timeout), (2) no more accepts
+/// and a full accept queue (TCP connects hang for the connect timeout). Each call returns in
+/// well under a second (a blocking attempt takes 5-10 s), input is still taken, and after the
+/// network is back the session resumes and delivers it.
+#[test]
+fn try_recv_never_blocks_while_the_server_is_unreachable() {
+    let env = Env::start(&["echo"]);
+    let proxy = Proxy::start_with_backlog(env.addr, 0);
+    let opts = Options {
+        backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(300)),
+        ..Options::default()
+    };
+    assert_eq!(opts.connect_timeout, Duration::from_secs(5));
+    assert_eq!(opts.handshake_timeout, Duration::from_secs(10));
+    let mut s = Session::connect_with(&proxy.endpoint(), TENANT, AGENT, TOKEN, opts).unwrap();
+    s.send(b"one").unwrap();
+    collect_until(&mut s, Duration::from_secs(5), |d| d == b"one");
+
+    // 1. Accepted, never answered.
+    let before = proxy.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    proxy.black_hole();
+    let (longest1, evs1) = spin(&mut s, Duration::from_secs(2));
+    let reached = proxy.accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+    s.send(b"two").unwrap();
+    // 2. Nothing accepted, connects hang.
+    proxy.restore();
+    proxy.stall();
+    let _queued = proxy.fill_queue();
+    let (longest2, evs2) = spin(&mut s, Duration::from_secs(2));
+    s.send(b"three").unwrap();
+    println!(
+        "longest try_recv: {longest1:?} (accepted, unanswered: {reached} connections), {longest2:?} (connects hanging)"
+    );
+    assert!(
+        evs1.iter().any(|e| matches!(e, Event::Reconnecting { .. })),
+        "no reconnect attempt: {evs1:?}"
+    );
+    assert!(reached >= 1, "no attempt reached the black hole");
+    assert!(
+        evs2.iter().any(|e| matches!(e, Event::Reconnecting { .. })),
+        "no reconnect attempt: {evs2:?}"
+    );
+    assert!(!s.is_connected());
+    assert!(
+        longest1 < Duration::from_millis(500) && longest2 < Duration::from_millis(500),
+        "try_recv blocked for {longest1:?} / {longest2:?}"
+    );
+    // Back: the input typed while down arrives, once, in order.
+    drop(_queued);
+    proxy.restore();
+    let (d, _) = collect_until(&mut s, Duration::from_secs(30), |d| d.len() >= 8);
+    assert_eq!(d, b"twothree");
+}
+
 #[test]
 fn backoff_bounds() {
     let base = Duration::from_millis(100);

@@ -14,7 +14,8 @@ use clawterm::client::creds::{unix_now, valid_name};
 use clawterm::client::transport::parse_pin;
 use clawterm::client::tty::{self, EscapeCmd, EscapeFilter, RawMode};
 use clawterm::client::{
-    ClientError, Credentials, Event, Options, Session, Store, Target, TlsTrust, Transport,
+    ClientError, Credentials, Event, LocalState, Options, Session, StateRecord, Store, Target,
+    TlsTrust, Transport,
 };
 
 const DEFAULT_PORT: u16 = 7220;
@@ -281,8 +282,8 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             println!(
-                "{:<20} {:<24} {:<9} {:>10} {:>10} {:<8}  LAST SEEN",
-                "NAME", "ENDPOINT", "TRANSPORT", "TENANT", "AGENT", "ID"
+                "{:<20} {:<24} {:<9} {:>10} {:>10} {:<8}  {:<26} LAST SEEN",
+                "NAME", "ENDPOINT", "TRANSPORT", "TENANT", "AGENT", "ID", "STATE (LAST KNOWN)"
             );
             let now = unix_now();
             for c in list {
@@ -290,14 +291,19 @@ fn main() -> ExitCode {
                     Ok(t) => (t.addr, t.transport.describe()),
                     Err(_) => (c.endpoint.clone(), "?"),
                 };
+                let state = match store.load_state(&c.name) {
+                    Some(r) => format!("{} {}", r.describe(), ago(now, r.since)),
+                    None => "-".to_string(),
+                };
                 println!(
-                    "{:<20} {:<24} {:<9} {:>10} {:>10} {:08x}  {}",
+                    "{:<20} {:<24} {:<9} {:>10} {:>10} {:08x}  {:<26} {}",
                     c.name,
                     addr,
                     tr,
                     c.tenant,
                     c.agent,
                     c.session_id,
+                    state,
                     ago(now, c.last_seen)
                 );
             }
@@ -320,6 +326,7 @@ fn main() -> ExitCode {
             }
             match store.save(&c) {
                 Ok(p) => {
+                    let _ = store.save_state(&c.name, &StateRecord::now(LocalState::Imported));
                     eprintln!(
                         "clawterm: saved session {} ({}); resume it with: clawterm resume {}",
                         c.name,
@@ -414,6 +421,10 @@ fn interactive(mut session: Session, name: String, store: Store, log: Option<Pat
     if let Err(e) = save(&session) {
         eprintln!("clawterm: warning: session credentials not saved: {e}");
     }
+    let set_state = |st: LocalState| {
+        let _ = store.save_state(&name, &StateRecord::now(st));
+    };
+    set_state(LocalState::Attached);
     let mut log = match log {
         Some(p) => match std::fs::OpenOptions::new()
             .create(true)
@@ -450,12 +461,20 @@ fn interactive(mut session: Session, name: String, store: Store, log: Option<Pat
     } else {
         None
     };
-    let code = run_loop(&mut session, &name, &store, &mut log, raw.is_some(), &save);
+    let code = run_loop(
+        &mut session,
+        &name,
+        &mut log,
+        raw.is_some(),
+        &save,
+        &set_state,
+    );
     drop(raw);
     match code {
         Outcome::Detached => {
             let c = session.credentials(&name);
             let _ = store.save(&c);
+            set_state(LocalState::Detached);
             session.detach();
             eprintln!("clawterm: detached; the session keeps running. Resume with: clawterm resume {name}");
             ExitCode::SUCCESS
@@ -473,6 +492,7 @@ fn interactive(mut session: Session, name: String, store: Store, log: Option<Pat
         }
         Outcome::Signal(sig) => {
             let _ = save(&session);
+            set_state(LocalState::Detached);
             drop(session);
             eprintln!("clawterm: stopped by signal {sig}; the session keeps running. Resume with: clawterm resume {name}");
             ExitCode::from(128u8.wrapping_add(sig as u8))
@@ -480,8 +500,11 @@ fn interactive(mut session: Session, name: String, store: Store, log: Option<Pat
         Outcome::Error(e) => {
             if e == ClientError::NoSuchSession {
                 let _ = store.remove(&name);
-            } else if e != ClientError::TakenOver {
+            } else if e == ClientError::TakenOver {
+                set_state(LocalState::TakenOver);
+            } else {
                 let _ = save(&session);
+                set_state(LocalState::Detached);
             }
             fail(&e)
         }
@@ -499,10 +522,10 @@ enum Outcome {
 fn run_loop(
     session: &mut Session,
     name: &str,
-    _store: &Store,
     log: &mut Option<File>,
     raw: bool,
     save: &dyn Fn(&Session) -> Result<PathBuf, ClientError>,
+    set_state: &dyn Fn(LocalState),
 ) -> Outcome {
     let sigfd = match tty::signal_pipe(&[libc::SIGWINCH, libc::SIGTERM, libc::SIGHUP, libc::SIGINT])
     {
@@ -544,8 +567,13 @@ fn run_loop(
                         say(raw, "clawterm: some output was lost while disconnected (the server's replay buffer overflowed)");
                     }
                     Event::Disconnected {
-                        reason, retry_in, ..
+                        reason,
+                        retry_in,
+                        attempt,
                     } => {
+                        if attempt == 0 {
+                            set_state(LocalState::Reconnecting);
+                        }
                         retry = Some((Instant::now() + retry_in, reason));
                     }
                     Event::Reconnecting { .. } => {
@@ -560,6 +588,7 @@ fn run_loop(
                         retry = None;
                         status.clear();
                         let _ = save(session);
+                        set_state(LocalState::Attached);
                     }
                     Event::Ended => {
                         let _ = stdout.flush();

@@ -341,6 +341,114 @@ impl Credentials {
     }
 }
 
+/// What this device last knew about a saved session: written by the `clawterm` process using
+/// it (next to the credentials, in `NAME.state`) and shown by `clawterm list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalState {
+    /// A `clawterm` process of this device has it attached.
+    Attached,
+    /// A `clawterm` process of this device has it, but the connection is down: reconnecting.
+    Reconnecting,
+    /// Detached on purpose (`~.`), or its `clawterm` stopped (signal, error): the session runs
+    /// on the server; `clawterm resume NAME` reattaches.
+    Detached,
+    /// Another device resumed it (this device's `clawterm` exited with status 6).
+    TakenOver,
+    /// Saved by `clawterm import`; not used on this device yet.
+    Imported,
+}
+
+impl LocalState {
+    /// The word stored in the state file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalState::Attached => "attached",
+            LocalState::Reconnecting => "reconnecting",
+            LocalState::Detached => "detached",
+            LocalState::TakenOver => "taken-over",
+            LocalState::Imported => "imported",
+        }
+    }
+
+    fn parse(s: &str) -> Option<LocalState> {
+        Some(match s {
+            "attached" => LocalState::Attached,
+            "reconnecting" => LocalState::Reconnecting,
+            "detached" => LocalState::Detached,
+            "taken-over" => LocalState::TakenOver,
+            "imported" => LocalState::Imported,
+            _ => return None,
+        })
+    }
+}
+
+/// A [`LocalState`], which process recorded it, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateRecord {
+    pub state: LocalState,
+    /// The `clawterm` process that wrote it.
+    pub pid: u32,
+    /// Unix time (s) it was written.
+    pub since: u64,
+}
+
+impl StateRecord {
+    /// A record written now by this process.
+    pub fn now(state: LocalState) -> StateRecord {
+        StateRecord {
+            state,
+            pid: std::process::id(),
+            since: unix_now(),
+        }
+    }
+
+    /// Whether the process that wrote it still runs (and is a `clawterm`, where /proc says).
+    pub fn writer_alive(&self) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return false;
+        };
+        if pid <= 0 {
+            return false;
+        }
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let exists = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !exists {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            Ok(comm) => comm.trim_end().starts_with("clawterm"),
+            Err(_) => true,
+        }
+    }
+
+    /// How `clawterm list` shows it: e.g. `attached here (pid 123)`, `taken over`.
+    pub fn describe(&self) -> String {
+        let alive = || self.writer_alive();
+        match self.state {
+            LocalState::Attached if alive() => format!("attached here (pid {})", self.pid),
+            LocalState::Reconnecting if alive() => format!("reconnecting (pid {})", self.pid),
+            // The process died without saying (e.g. SIGKILL): the server suspended it.
+            LocalState::Attached | LocalState::Reconnecting => "detached (clawterm gone)".into(),
+            LocalState::Detached => "detached".into(),
+            LocalState::TakenOver => "taken over".into(),
+            LocalState::Imported => "imported".into(),
+        }
+    }
+
+    fn to_line(self) -> String {
+        format!("{} {} {}\n", self.state.as_str(), self.pid, self.since)
+    }
+
+    fn parse(s: &str) -> Option<StateRecord> {
+        let mut w = s.split_whitespace();
+        let state = LocalState::parse(w.next()?)?;
+        let pid = w.next()?.parse().ok()?;
+        let since = w.next()?.parse().ok()?;
+        Some(StateRecord { state, pid, since })
+    }
+}
+
 /// Whether `name` is usable as a session name (file-name safe).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -447,11 +555,51 @@ impl Store {
         Ok(c)
     }
 
-    /// Removes `NAME.json` (no error if absent).
+    fn state_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.state"))
+    }
+
+    /// Records what this device knows about `name` now (`NAME.state`, 0600, atomic). Only for
+    /// saved sessions: nothing is written if `NAME.json` is absent.
+    pub fn save_state(&self, name: &str, rec: &StateRecord) -> Result<(), ClientError> {
+        if !valid_name(name) || !self.path_of(name).exists() {
+            return Ok(());
+        }
+        let path = self.state_path(name);
+        let tmp = self
+            .dir
+            .join(format!(".{name}.state.{}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(rec.to_line().as_bytes())?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.io_err("cannot write", &path, e)
+        })
+    }
+
+    /// The last [`StateRecord`] of `name`, if any (none for sessions saved by an older
+    /// clawterm).
+    pub fn load_state(&self, name: &str) -> Option<StateRecord> {
+        if !valid_name(name) {
+            return None;
+        }
+        StateRecord::parse(&std::fs::read_to_string(self.state_path(name)).ok()?)
+    }
+
+    /// Removes `NAME.json` and its state (no error if absent).
     pub fn remove(&self, name: &str) -> Result<(), ClientError> {
         if !valid_name(name) {
             return Ok(());
         }
+        let _ = std::fs::remove_file(self.state_path(name));
         let p = self.path_of(name);
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(()),
@@ -544,6 +692,56 @@ mod tests {
             &old.replace("\"h:1\"", "\"h:1\", \"transport\": \"quic\"")
         )
         .is_err());
+    }
+
+    #[test]
+    fn state_records() {
+        let dir = std::env::temp_dir().join(format!("ct-state-{}", std::process::id()));
+        let store = Store::at(&dir);
+        let mut c = sample();
+        c.name = "s1".into();
+        let rec = StateRecord::now(LocalState::Attached);
+        // Not saved: no state written.
+        store.save_state("s1", &rec).unwrap();
+        assert_eq!(store.load_state("s1"), None);
+        store.save(&c).unwrap();
+        store.save_state("s1", &rec).unwrap();
+        assert_eq!(store.load_state("s1"), Some(rec));
+        // This test process is alive but is not a clawterm.
+        assert!(!rec.writer_alive() || rec.describe().starts_with("attached here"));
+        for st in [
+            LocalState::Reconnecting,
+            LocalState::Detached,
+            LocalState::TakenOver,
+            LocalState::Imported,
+        ] {
+            let r = StateRecord {
+                state: st,
+                pid: 1,
+                since: 5,
+            };
+            store.save_state("s1", &r).unwrap();
+            assert_eq!(store.load_state("s1"), Some(r));
+        }
+        let gone = StateRecord {
+            state: LocalState::Attached,
+            pid: u32::MAX,
+            since: 1,
+        };
+        assert_eq!(gone.describe(), "detached (clawterm gone)");
+        assert_eq!(
+            StateRecord {
+                state: LocalState::TakenOver,
+                ..gone
+            }
+            .describe(),
+            "taken over"
+        );
+        assert_eq!(StateRecord::parse("bogus 1 2"), None);
+        store.remove("s1").unwrap();
+        assert_eq!(store.load_state("s1"), None);
+        assert!(store.list().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

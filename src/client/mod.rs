@@ -28,7 +28,7 @@ pub mod transport;
 pub mod tty;
 
 pub use backoff::Backoff;
-pub use creds::{Credentials, Store};
+pub use creds::{Credentials, LocalState, StateRecord, Store};
 pub use session::{Event, Options, Session};
 pub use transport::{Target, TlsTrust, Transport};
 

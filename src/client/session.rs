@@ -1,12 +1,20 @@
-//! Blocking transport (plaintext TCP or TLS 1.3) over [`ClientCore`], with automatic
-//! reconnect: every attempt opens a new TCP connection and, with TLS, runs a new handshake;
-//! the replay and resend logic above it does not care which.
+//! Transport (plaintext TCP or TLS 1.3) over [`ClientCore`], with automatic reconnect: every
+//! attempt opens a new TCP connection and, with TLS, runs a new handshake; the replay and
+//! resend logic above it does not care which.
+//!
+//! [`Session::connect`] and [`Session::resume`] block until the session is attached (or
+//! refused). After that nothing blocks: a reconnect attempt resolves the name, connects and
+//! runs the TLS handshake on a helper thread, which hands the connection back (and wakes
+//! [`Session::poll_fd`]); the RESUME/RESUMED exchange then runs non-blocking on the caller's
+//! thread, driven by [`Session::try_recv`]. So an event loop keeps handling keys, signals and
+//! window changes while the server is unreachable.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::backoff::Backoff;
@@ -29,7 +37,8 @@ pub enum Event {
         retry_in: Duration,
         attempt: u32,
     },
-    /// A reconnect attempt starts now (the next `recv` may block up to the connect timeout).
+    /// A reconnect attempt starts now. It runs in the background: `try_recv` does not block
+    /// meanwhile, and the outcome is a later `Reconnected` or `Disconnected`.
     Reconnecting { attempt: u32 },
     /// Attached again; queued input was resent.
     Reconnected { resent: usize },
@@ -73,8 +82,100 @@ impl Default for Options {
 
 enum Link {
     Up(Conn),
-    Down { retry_at: Instant, announced: bool },
+    Down {
+        retry_at: Instant,
+        announced: bool,
+    },
+    /// A reconnect attempt's TCP connect (and TLS handshake) runs on a helper thread.
+    Connecting(Connecting),
+    /// Connected; CONNECT or RESUME sent, the answer is read without blocking.
+    Handshaking(Handshake),
     Closed,
+}
+
+/// A connection being opened on a helper thread.
+struct Connecting {
+    result: mpsc::Receiver<Result<Conn, ClientError>>,
+    /// Becomes readable (EOF) when the helper is done: what [`Session::poll_fd`] gives while
+    /// connecting.
+    wake: UnixStream,
+    /// The helper's own timeouts end it before this; a safety net only.
+    deadline: Instant,
+}
+
+/// The ClawTerm handshake on a connected, non-blocking socket.
+struct Handshake {
+    conn: Conn,
+    deadline: Instant,
+    /// Nothing received yet (a plaintext client seeing a TLS record first says so).
+    first: bool,
+}
+
+/// What a connection attempt needs, owned, so that it can run on a helper thread.
+#[derive(Clone)]
+struct Dialer {
+    endpoint: String,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    tls: Option<Arc<TlsSetup>>,
+    trust: Option<super::transport::TlsTrust>,
+}
+
+impl Dialer {
+    /// The error for an I/O failure on a connection (a TLS failure says what to do).
+    fn io_error(&self, e: &std::io::Error) -> ClientError {
+        match (as_rustls(e), &self.trust) {
+            (Some(te), Some(trust)) => ClientError::Tls {
+                endpoint: self.endpoint.clone(),
+                reason: explain(te, trust),
+            },
+            _ => ClientError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// Resolves, connects and (with TLS) runs the TLS handshake, blocking: each step bounded
+    /// by the connect or handshake timeout. Returns a blocking socket.
+    fn dial(&self) -> Result<Conn, ClientError> {
+        let sock = tcp_connect(&self.endpoint, self.connect_timeout)?;
+        let _ = sock.set_nodelay(true);
+        let Some(setup) = &self.tls else {
+            return Ok(Conn::plain(sock));
+        };
+        sock.set_read_timeout(Some(self.handshake_timeout))
+            .map_err(|e| self.io_error(&e))?;
+        let _ = sock.set_write_timeout(Some(self.handshake_timeout));
+        let deadline = Instant::now() + self.handshake_timeout;
+        Conn::tls_handshake(sock, setup, deadline).map_err(|e| self.io_error(&e))
+    }
+
+    /// Starts [`Dialer::dial`] on a helper thread.
+    fn dial_in_background(&self) -> Result<Connecting, ClientError> {
+        let io = |e: std::io::Error| ClientError::Io(format!("cannot start a reconnect: {e}"));
+        let (wake, wake_tx) = UnixStream::pair().map_err(io)?;
+        let (tx, rx) = mpsc::channel();
+        let dialer = self.clone();
+        std::thread::Builder::new()
+            .name("clawterm-connect".into())
+            .spawn(move || {
+                let r = dialer.dial();
+                // The session may have given up on us (detached, dropped): then the connection
+                // is simply closed.
+                let _ = tx.send(r);
+                drop(wake_tx); // wakes the session's poll
+            })
+            .map_err(io)?;
+        // The thread's own bounds: resolution (not bounded by us), connect per address,
+        // TLS handshake. A resolver hanging longer than this counts as a failed attempt.
+        let bound = self.connect_timeout * 4 + self.handshake_timeout + Duration::from_secs(5);
+        Ok(Connecting {
+            result: rx,
+            wake,
+            deadline: Instant::now() + bound,
+        })
+    }
 }
 
 /// A client session: one ClawTerm session over any number of TCP connections.
@@ -202,136 +303,173 @@ impl Session {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Opens a connection and runs the handshake (CONNECT or RESUME) to completion.
+    fn dialer(&self) -> Dialer {
+        Dialer {
+            endpoint: self.endpoint.clone(),
+            connect_timeout: self.opts.connect_timeout,
+            handshake_timeout: self.opts.handshake_timeout,
+            tls: self.tls.clone(),
+            trust: match &self.transport {
+                Transport::Tls(t) => Some(t.clone()),
+                Transport::Plaintext => None,
+            },
+        }
+    }
+
+    /// Opens a connection and runs the handshake (CONNECT or RESUME) to completion, blocking
+    /// (the first connection of [`Session::connect`] and [`Session::resume`]).
     fn establish(&mut self, resume: bool) -> Result<usize, ClientError> {
-        let sock = tcp_connect(&self.endpoint, self.opts.connect_timeout)?;
-        let _ = sock.set_nodelay(true);
-        let tls_trust = match &self.transport {
-            Transport::Tls(t) => Some(t.clone()),
-            Transport::Plaintext => None,
-        };
-        let lost = |e: std::io::Error| match (as_rustls(&e), &tls_trust) {
-            (Some(te), Some(trust)) => ClientError::Tls {
-                endpoint: String::new(),
-                reason: explain(te, trust),
-            },
-            _ => ClientError::Unreachable {
-                endpoint: String::new(),
-                reason: e.to_string(),
-            },
-        };
-        let fix = |e: ClientError, ep: &str| match e {
-            ClientError::Unreachable { reason, .. } => ClientError::Unreachable {
-                endpoint: ep.to_string(),
-                reason,
-            },
-            ClientError::Tls { reason, .. } => ClientError::Tls {
-                endpoint: ep.to_string(),
-                reason,
-            },
-            e => e,
-        };
-        let plaintext = self.tls.is_none();
         let r = (|| {
-            sock.set_read_timeout(Some(self.opts.handshake_timeout))
-                .map_err(lost)?;
-            let _ = sock.set_write_timeout(Some(self.opts.handshake_timeout));
-            let deadline = Instant::now() + self.opts.handshake_timeout;
-            let mut stream = match &self.tls {
-                None => Conn::plain(sock),
-                Some(setup) => Conn::tls_handshake(sock, setup, deadline).map_err(lost)?,
-            };
-            let now = self.now_ms();
-            if resume {
-                self.core.start_resume(now);
-            } else {
-                let mut nonce = [0u8; 16];
-                let _ = getrandom::getrandom(&mut nonce);
-                self.core.start_connect(nonce, now);
-            }
-            stream.write_all(&self.core.take_output()).map_err(lost)?;
-            stream.flush().map_err(lost)?;
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut resent = 0;
-            let mut first = true;
-            while !self.core.is_attached() {
-                if Instant::now() >= deadline {
-                    return Err(ClientError::Unreachable {
-                        endpoint: String::new(),
-                        reason: "no answer to the handshake".into(),
-                    });
+            let conn = self.dialer().dial()?;
+            let mut hs = self.start_handshake(conn, resume)?;
+            loop {
+                if let Some(resent) = self.handshake_step(&mut hs)? {
+                    return Ok((resent, hs.conn));
                 }
-                let n = match stream.read(&mut buf) {
-                    Ok(0) => {
-                        return Err(ClientError::Unreachable {
-                            endpoint: String::new(),
-                            reason: if plaintext {
-                                "connection closed during the handshake (if the server uses \
-                                 TLS, connect without --plaintext)"
-                                    .into()
-                            } else {
-                                "connection closed during the handshake".into()
-                            },
-                        })
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        continue
-                    }
-                    Err(e) => return Err(lost(e)),
+                let mut pfd = libc::pollfd {
+                    fd: hs.conn.sock.as_raw_fd(),
+                    events: libc::POLLIN
+                        | if !self.wbuf.is_empty() || hs.conn.pending_output() {
+                            libc::POLLOUT
+                        } else {
+                            0
+                        },
+                    revents: 0,
                 };
-                let now = self.now_ms();
-                let tls_record = plaintext && first && matches!(buf[0], 0x15 | 0x16);
-                first = false;
-                self.core.on_bytes(&buf[..n], now).map_err(|e| {
-                    if tls_record {
-                        // A TLS alert or handshake record, not a ClawTerm frame.
-                        ClientError::Tls {
-                            endpoint: String::new(),
-                            reason: "the server speaks TLS and refused plaintext: connect \
-                                     without --plaintext (TLS is the default)"
-                                .into(),
-                        }
-                    } else {
-                        ClientError::Protocol(e.to_string())
-                    }
-                })?;
-                while let Some(ev) = self.core.poll_event() {
-                    match ev {
-                        CoreEvent::Error { code, message } => {
-                            return Err(ClientError::from_code(
-                                code,
-                                message,
-                                self.core.tenant(),
-                                self.core.agent(),
-                            ))
-                        }
-                        CoreEvent::Resumed { resent: r, .. } => resent = r,
-                        other => self.push_core_event(other),
-                    }
-                }
-                if self.core.is_closed() {
-                    return Err(ClientError::Closed);
-                }
+                let left = hs.deadline.saturating_duration_since(Instant::now());
+                let ms = left.as_millis().min(i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
             }
-            stream.write_all(&self.core.take_output()).map_err(lost)?;
-            stream.flush().map_err(lost)?;
-            stream.sock.set_nonblocking(true).map_err(lost)?;
-            Ok((resent, stream))
         })();
         match r {
-            Ok((resent, stream)) => {
-                self.link = Link::Up(stream);
-                self.wbuf.clear();
-                self.last_seen = unix_now();
+            Ok((resent, conn)) => {
+                self.attached(conn);
                 Ok(resent)
             }
             Err(e) => {
                 self.core.connection_lost();
-                Err(fix(e, &self.endpoint))
+                self.wbuf.clear();
+                Err(e)
             }
         }
+    }
+
+    /// The handshake is done: the connection carries the session from now on.
+    fn attached(&mut self, conn: Conn) {
+        self.link = Link::Up(conn);
+        self.last_seen = unix_now();
+        self.flush();
+    }
+
+    /// Sends CONNECT or RESUME on a fresh connection (made non-blocking).
+    fn start_handshake(&mut self, conn: Conn, resume: bool) -> Result<Handshake, ClientError> {
+        conn.sock
+            .set_nonblocking(true)
+            .map_err(|e| self.dialer().io_error(&e))?;
+        let now = self.now_ms();
+        if resume {
+            self.core.start_resume(now);
+        } else {
+            let mut nonce = [0u8; 16];
+            let _ = getrandom::getrandom(&mut nonce);
+            self.core.start_connect(nonce, now);
+        }
+        self.wbuf.clear();
+        Ok(Handshake {
+            conn,
+            deadline: Instant::now() + self.opts.handshake_timeout,
+            first: true,
+        })
+    }
+
+    /// Advances the handshake without blocking: writes what is due, reads what has come.
+    /// `Some(resent)` once attached (frames resent after RESUMED); `None`: not yet.
+    fn handshake_step(&mut self, hs: &mut Handshake) -> Result<Option<usize>, ClientError> {
+        let dialer = self.dialer();
+        let endpoint = self.endpoint.clone();
+        let unreachable = |reason: &str| ClientError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: reason.to_string(),
+        };
+        let plaintext = self.tls.is_none();
+        // Write.
+        self.wbuf.extend_from_slice(&self.core.take_output());
+        match hs.conn.flush_tls() {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(dialer.io_error(&e)),
+        }
+        let mut off = 0;
+        while off < self.wbuf.len() {
+            match hs.conn.write(&self.wbuf[off..]) {
+                Ok(0) => return Err(unreachable("connection closed during the handshake")),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(dialer.io_error(&e)),
+            }
+        }
+        self.wbuf.drain(..off);
+        // Read.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut resent = 0;
+        while !self.core.is_attached() {
+            let n = match hs.conn.read(&mut buf) {
+                Ok(0) => {
+                    return Err(unreachable(if plaintext {
+                        "connection closed during the handshake (if the server uses TLS, \
+                         connect without --plaintext)"
+                    } else {
+                        "connection closed during the handshake"
+                    }))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(e) => return Err(dialer.io_error(&e)),
+            };
+            let now = self.now_ms();
+            let tls_record = plaintext && hs.first && matches!(buf[0], 0x15 | 0x16);
+            hs.first = false;
+            self.core.on_bytes(&buf[..n], now).map_err(|e| {
+                if tls_record {
+                    // A TLS alert or handshake record, not a ClawTerm frame.
+                    ClientError::Tls {
+                        endpoint: self.endpoint.clone(),
+                        reason: "the server speaks TLS and refused plaintext: connect \
+                                 without --plaintext (TLS is the default)"
+                            .into(),
+                    }
+                } else {
+                    ClientError::Protocol(e.to_string())
+                }
+            })?;
+            while let Some(ev) = self.core.poll_event() {
+                match ev {
+                    CoreEvent::Error { code, message } => {
+                        return Err(ClientError::from_code(
+                            code,
+                            message,
+                            self.core.tenant(),
+                            self.core.agent(),
+                        ))
+                    }
+                    CoreEvent::Resumed { resent: r, .. } => resent = r,
+                    other => self.push_core_event(other),
+                }
+            }
+            if self.core.is_closed() {
+                return Err(ClientError::Closed);
+            }
+        }
+        if self.core.is_attached() {
+            return Ok(Some(resent));
+        }
+        if Instant::now() >= hs.deadline {
+            return Err(unreachable("no answer to the handshake"));
+        }
+        Ok(None)
     }
 
     fn push_core_event(&mut self, ev: CoreEvent) {
@@ -398,8 +536,8 @@ impl Session {
         });
     }
 
-    /// Reads what is available, runs timers, reconnects when due, flushes output. Never blocks
-    /// except during a reconnect attempt (bounded by the connect and handshake timeouts).
+    /// Reads what is available, runs timers, reconnects when due, flushes output. Never
+    /// blocks (a reconnect's connect runs on a helper thread, its handshake non-blocking).
     fn drive(&mut self) {
         match &mut self.link {
             Link::Closed => {}
@@ -416,7 +554,51 @@ impl Session {
                     self.events.push_back(Event::Reconnecting { attempt });
                     return;
                 }
-                self.reconnect();
+                match self.dialer().dial_in_background() {
+                    Ok(c) => self.link = Link::Connecting(c),
+                    Err(e) => self.attempt_failed(e),
+                }
+            }
+            Link::Connecting(c) => {
+                let got = match c.result.try_recv() {
+                    Ok(r) => r,
+                    Err(mpsc::TryRecvError::Empty) if Instant::now() < c.deadline => return,
+                    Err(mpsc::TryRecvError::Empty) => Err(ClientError::Unreachable {
+                        endpoint: self.endpoint.clone(),
+                        reason: "connecting took too long (name resolution?)".into(),
+                    }),
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        Err(ClientError::Io("the reconnect helper thread failed".into()))
+                    }
+                };
+                match got.and_then(|conn| self.start_handshake(conn, true)) {
+                    Ok(hs) => {
+                        self.link = Link::Handshaking(hs);
+                        self.drive();
+                    }
+                    Err(e) => self.attempt_failed(e),
+                }
+            }
+            Link::Handshaking(_) => {
+                let Link::Handshaking(mut hs) = std::mem::replace(&mut self.link, Link::Closed)
+                else {
+                    return;
+                };
+                // Before the replayed output that arrives with RESUMED.
+                let mark = self.events.len();
+                match self.handshake_step(&mut hs) {
+                    Ok(None) => self.link = Link::Handshaking(hs),
+                    Ok(Some(resent)) => {
+                        self.backoff.reset();
+                        self.events.insert(mark, Event::Reconnected { resent });
+                        self.attached(hs.conn);
+                    }
+                    Err(e) => {
+                        self.core.connection_lost();
+                        self.wbuf.clear();
+                        self.attempt_failed(e);
+                    }
+                }
             }
             Link::Up(stream) => {
                 let mut buf = [0u8; 64 * 1024];
@@ -466,19 +648,14 @@ impl Session {
         }
     }
 
-    fn reconnect(&mut self) {
-        let mark = self.events.len();
-        match self.establish(true) {
-            Ok(resent) => {
-                self.backoff.reset();
-                // Before the replayed output that arrived with RESUMED.
-                self.events.insert(mark, Event::Reconnected { resent });
-            }
-            Err(e) if e.is_fatal() => {
-                self.link = Link::Closed;
-                self.fatal = Some(e);
-            }
-            Err(e) => self.lost(e.to_string()),
+    /// A reconnect attempt failed: end for good if retrying cannot help, else schedule the
+    /// next one.
+    fn attempt_failed(&mut self, e: ClientError) {
+        if e.is_fatal() {
+            self.link = Link::Closed;
+            self.fatal = Some(e);
+        } else {
+            self.lost(e.to_string());
         }
     }
 
@@ -543,8 +720,8 @@ impl Session {
         Ok(())
     }
 
-    /// The next event without blocking (except for a due reconnect attempt): `Ok(None)` when
-    /// there is nothing yet. Fatal conditions (taken over, session expired, …) are errors.
+    /// The next event without blocking (reconnect attempts included): `Ok(None)` when there
+    /// is nothing yet. Fatal conditions (taken over, session expired, …) are errors.
     pub fn try_recv(&mut self) -> Result<Option<Event>, ClientError> {
         if let Some(e) = self.events.pop_front() {
             return Ok(Some(e));
@@ -589,19 +766,26 @@ impl Session {
         }
     }
 
-    /// The socket to wait on (readable ⇒ call [`Session::try_recv`]); `None` while down.
+    /// The descriptor to wait on (readable ⇒ call [`Session::try_recv`]): the socket, or
+    /// while a reconnect's connect runs in the background, a descriptor that becomes readable
+    /// when it is done. `None` while waiting to retry (see [`Session::next_deadline`]) or
+    /// closed.
     pub fn poll_fd(&self) -> Option<RawFd> {
         match &self.link {
             Link::Up(s) => Some(s.sock.as_raw_fd()),
+            Link::Handshaking(h) => Some(h.conn.sock.as_raw_fd()),
+            Link::Connecting(c) => Some(c.wake.as_raw_fd()),
             _ => None,
         }
     }
 
     /// Whether output is waiting for the socket to become writable.
     pub fn wants_write(&self) -> bool {
-        !self.wbuf.is_empty()
-            || self.core.has_output()
-            || matches!(&self.link, Link::Up(c) if c.pending_output())
+        match &self.link {
+            Link::Up(c) => !self.wbuf.is_empty() || self.core.has_output() || c.pending_output(),
+            Link::Handshaking(h) => !self.wbuf.is_empty() || h.conn.pending_output(),
+            _ => false,
+        }
     }
 
     /// When [`Session::try_recv`] must be called again even if the socket stays quiet (timers,
@@ -613,6 +797,8 @@ impl Session {
                 .next_timer()
                 .map(|ms| self.epoch + Duration::from_millis(ms)),
             Link::Down { retry_at, .. } => Some(*retry_at),
+            Link::Connecting(c) => Some(c.deadline),
+            Link::Handshaking(h) => Some(h.deadline),
             Link::Closed => None,
         }
     }
@@ -624,9 +810,13 @@ impl Session {
 
     /// Cuts the current connection as if the network dropped it (testing, "reconnect now").
     pub fn drop_connection(&mut self, reason: &str) {
-        if let Link::Up(s) = &self.link {
-            let _ = s.sock.shutdown(std::net::Shutdown::Both);
-            self.lost(reason.to_string());
+        match &self.link {
+            Link::Up(c) | Link::Handshaking(Handshake { conn: c, .. }) => {
+                let _ = c.sock.shutdown(std::net::Shutdown::Both);
+                self.lost(reason.to_string());
+            }
+            Link::Connecting(_) => self.lost(reason.to_string()),
+            Link::Down { .. } | Link::Closed => {}
         }
     }
 

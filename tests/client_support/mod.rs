@@ -160,42 +160,109 @@ pub fn start_agent(sock: &Path, agent: u32, mode: &[&str]) -> Proc {
     p
 }
 
-/// A TCP proxy that can be cut (every connection reset; new ones accepted and closed at once)
-/// and restored.
+/// A TCP proxy that can be cut (every connection reset; new ones accepted and closed at once),
+/// turned into a black hole (every connection reset; new ones accepted and then never
+/// answered), stalled (every connection reset; no more accepts, so once its accept queue is
+/// full new connects hang), and restored.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub cut: Arc<AtomicBool>,
+    pub blackhole: Arc<AtomicBool>,
+    pub stalled: Arc<AtomicBool>,
     pub conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Connections accepted since the start (forwarded or not).
+    pub accepted: Arc<AtomicU32>,
+}
+
+/// A loopback listener with the given accept-queue length (`listen(fd, backlog)`).
+pub fn listener_with_backlog(backlog: i32) -> TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket/bind/listen on a descriptor we own; the sockaddr_in is fully initialized
+    // and passed with its size; the descriptor is then owned by the TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut a: libc::sockaddr_in = std::mem::zeroed();
+        a.sin_family = libc::AF_INET as libc::sa_family_t;
+        a.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let r = libc::bind(
+            fd,
+            (&a as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::listen(fd, backlog), 0, "listen");
+        TcpListener::from_raw_fd(fd)
+    }
 }
 
 impl Proxy {
     pub fn start(target: SocketAddr) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Proxy::start_with_backlog(target, 128)
+    }
+
+    /// A proxy whose listener has an accept queue of `backlog` (0: one connection), so that
+    /// [`Proxy::stall`] plus [`Proxy::fill_queue`] make new connects hang.
+    pub fn start_with_backlog(target: SocketAddr, backlog: i32) -> Proxy {
+        let l = listener_with_backlog(backlog);
+        l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU32::new(0));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (c2, n2) = (cut.clone(), conns.clone());
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(client) = s else { continue };
-                let mut g = n2.lock().unwrap();
-                if c2.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
+        let (c2, b2, s2, n2, a2) = (
+            cut.clone(),
+            blackhole.clone(),
+            stalled.clone(),
+            conns.clone(),
+            accepted.clone(),
+        );
+        std::thread::spawn(move || loop {
+            if s2.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            let client = match l.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                g.push(client.try_clone().unwrap());
-                g.push(server.try_clone().unwrap());
-                drop(g);
-                pump(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pump(server, client);
+                Err(_) => continue,
+            };
+            let _ = client.set_nonblocking(false);
+            a2.fetch_add(1, Ordering::SeqCst);
+            let mut g = n2.lock().unwrap();
+            if b2.load(Ordering::SeqCst) {
+                // Held open, never read or answered (closed by the next cut or restore).
+                g.push(client);
+                continue;
             }
+            if c2.load(Ordering::SeqCst) {
+                let _ = client.shutdown(Shutdown::Both);
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            g.push(client.try_clone().unwrap());
+            g.push(server.try_clone().unwrap());
+            drop(g);
+            pump(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pump(server, client);
         });
-        Proxy { addr, cut, conns }
+        Proxy {
+            addr,
+            cut,
+            blackhole,
+            stalled,
+            conns,
+            accepted,
+        }
     }
 
     pub fn cut(&self) {
@@ -206,9 +273,48 @@ impl Proxy {
         }
     }
 
+    /// Like [`Proxy::cut`], but new connections are accepted and then never answered (the
+    /// server looks alive at the TCP level and silent above it).
+    pub fn black_hole(&self) {
+        let mut g = self.conns.lock().unwrap();
+        self.blackhole.store(true, Ordering::SeqCst);
+        for s in g.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Resets every connection and stops accepting: with the accept queue full (see
+    /// [`Proxy::fill_queue`]) new connects hang, as with a host that drops everything.
+    pub fn stall(&self) {
+        let mut g = self.conns.lock().unwrap();
+        self.stalled.store(true, Ordering::SeqCst);
+        for s in g.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Connects until a connect hangs (300 ms): the stalled proxy's accept queue is full.
+    /// Returns the connections that got in (close them to free the queue).
+    pub fn fill_queue(&self) -> Vec<TcpStream> {
+        let mut v = Vec::new();
+        for _ in 0..16 {
+            match TcpStream::connect_timeout(&self.addr, Duration::from_millis(300)) {
+                Ok(s) => v.push(s),
+                Err(_) => return v,
+            }
+        }
+        panic!("the stalled proxy's accept queue never filled (is it stalled?)");
+    }
+
     pub fn restore(&self) {
-        let _g = self.conns.lock().unwrap();
+        let mut g = self.conns.lock().unwrap();
         self.cut.store(false, Ordering::SeqCst);
+        self.stalled.store(false, Ordering::SeqCst);
+        if self.blackhole.swap(false, Ordering::SeqCst) {
+            for s in g.drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
     }
 
     pub fn endpoint(&self) -> String {
