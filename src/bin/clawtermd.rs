@@ -272,6 +272,7 @@ fn build_config(a: &Args) -> Result<ServerConfig, Bad> {
         allow_legacy_resume: a.allow_legacy_resume,
         agent_grace_ms: secs("agent-grace", a.agent_grace)?,
         tls,
+        quic_port: (!a.no_quic).then_some(a.quic_port),
         conn_rate_per_ip: a.max_conn_rate_per_ip,
         max_auth_failures_per_ip: a.max_auth_failures_per_ip,
         admin: match a.admin.as_str() {
@@ -593,12 +594,6 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    if !args.no_quic {
-        warn!(
-            port = args.quic_port,
-            "QUIC is not available in this build yet; UDP port not bound"
-        );
-    }
     let server = match server::start(cfg.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -648,8 +643,13 @@ fn main() -> ExitCode {
         eprintln!("clawtermd: no listening address");
         return ExitCode::FAILURE;
     };
+    let quic = match server.quic_addr() {
+        Some(q) if server.quic_steered() => format!(" and quic {q} (steered by connection id)"),
+        Some(q) => format!(" and quic {q} (forwarded between shards)"),
+        None => String::new(),
+    };
     info!(
-        "clawtermd {} listening on tcp {} ({}), {} shards, {} I/O, agents in {}",
+        "clawtermd {} listening on tcp {} ({}){}, {} shards, {} I/O, agents in {}",
         env!("CARGO_PKG_VERSION"),
         addr,
         if cfg.tls.is_some() {
@@ -657,6 +657,7 @@ fn main() -> ExitCode {
         } else {
             "plaintext"
         },
+        quic,
         cfg.shards,
         server.backend(),
         cfg.socket_dir.display()

@@ -23,6 +23,7 @@
 pub mod backoff;
 pub mod core;
 pub mod creds;
+pub mod quic;
 mod session;
 pub mod transport;
 pub mod tty;

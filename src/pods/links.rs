@@ -14,8 +14,8 @@ pub fn socket_path(dir: &Path, tenant: u32, agent: u32) -> PathBuf {
     dir.join(format!("{tenant}_{agent}"))
 }
 
-/// A shard's link to one pod.
-pub struct Link {
+/// A shard's link to one pod. `C` identifies the shard's client connections.
+pub struct Link<C> {
     pub key: (u32, u32),
     pub conn: ConnId,
     /// The connect completed: bytes can be sent.
@@ -29,20 +29,20 @@ pub struct Link {
     /// Sessions of this shard on this link.
     pub sessions: HashSet<u32>,
     /// Client connections whose reading is paused until this link's output queue drains.
-    pub paused_readers: Vec<ConnId>,
+    pub paused_readers: Vec<C>,
     /// Since when the pod is lost (link EOF or socket gone): sessions wait for it, their
     /// input held in `pending`, until `--agent-grace` runs out.
     pub lost_since: Option<u64>,
     /// Next delay before retrying a refused reconnect while the pod's socket is registered.
     pub retry_ms: u64,
     /// CONNECTs (connection, client caps) waiting for the link's first connect to complete.
-    pub waiting: Vec<(ConnId, u8)>,
+    pub waiting: Vec<(C, u8)>,
     /// Bytes at the head of `pending` that belong to the current connect attempt (HELLO and
     /// REOPENs): dropped if that attempt fails, so the next one does not repeat them.
     pub prefix_len: usize,
 }
 
-impl Link {
+impl<C> Link<C> {
     /// First delay before retrying a refused connect (doubling up to [`Link::MAX_RETRY_MS`]).
     pub const FIRST_RETRY_MS: u64 = 50;
     pub const MAX_RETRY_MS: u64 = 2_000;
@@ -61,18 +61,26 @@ impl Link {
 }
 
 /// A shard's links, by pod and by connection.
-#[derive(Default)]
-pub struct Links {
-    by_key: HashMap<(u32, u32), Link>,
+pub struct Links<C> {
+    by_key: HashMap<(u32, u32), Link<C>>,
     by_conn: HashMap<ConnId, (u32, u32)>,
 }
 
-impl Links {
-    pub fn get(&self, key: (u32, u32)) -> Option<&Link> {
+impl<C> Default for Links<C> {
+    fn default() -> Self {
+        Links {
+            by_key: HashMap::new(),
+            by_conn: HashMap::new(),
+        }
+    }
+}
+
+impl<C> Links<C> {
+    pub fn get(&self, key: (u32, u32)) -> Option<&Link<C>> {
         self.by_key.get(&key)
     }
 
-    pub fn get_mut(&mut self, key: (u32, u32)) -> Option<&mut Link> {
+    pub fn get_mut(&mut self, key: (u32, u32)) -> Option<&mut Link<C>> {
         self.by_key.get_mut(&key)
     }
 
@@ -94,7 +102,7 @@ impl Links {
     }
 
     /// Registers a new link whose connect is in progress; HELLO is queued first.
-    pub fn insert(&mut self, key: (u32, u32), conn: ConnId, name: &str) -> &mut Link {
+    pub fn insert(&mut self, key: (u32, u32), conn: ConnId, name: &str) -> &mut Link<C> {
         let mut pending = Vec::new();
         podlink::encode(
             &mut pending,
@@ -116,7 +124,7 @@ impl Links {
             sessions: HashSet::new(),
             paused_readers: Vec::new(),
             lost_since: None,
-            retry_ms: Link::FIRST_RETRY_MS,
+            retry_ms: Link::<C>::FIRST_RETRY_MS,
             waiting: Vec::new(),
             prefix_len,
         })
@@ -152,7 +160,7 @@ impl Links {
         }
     }
 
-    pub fn remove(&mut self, key: (u32, u32)) -> Option<Link> {
+    pub fn remove(&mut self, key: (u32, u32)) -> Option<Link<C>> {
         let link = self.by_key.remove(&key)?;
         self.by_conn.remove(&link.conn);
         Some(link)

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub max_auth_failures_per_ip: u32,
     /// Admin endpoint (`/metrics`, `/healthz`, `/readyz`); `None` = off.
     pub admin: Option<std::net::SocketAddr>,
+    /// UDP port for QUIC (0 = pick one); `None` = QUIC off. QUIC needs TLS (`tls`).
+    pub quic_port: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +64,7 @@ impl Default for ServerConfig {
             conn_rate_per_ip: 10_000,
             max_auth_failures_per_ip: 30,
             admin: None,
+            quic_port: None,
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct ShardMetrics {
     pub replay_bytes: AtomicU64,
     pub ring_bytes: AtomicU64,
     pub pod_links: AtomicU64,
+    /// QUIC connections on this shard (gauge).
+    pub quic_connections: AtomicU64,
+    /// QUIC datagrams that reached this shard but belonged to another (no steering program).
+    pub quic_forwarded: AtomicU64,
     pub handshake: Histogram,
     pub resume: Histogram,
 }
@@ -238,6 +242,19 @@ impl Metrics {
             "Open links to agent pods (refreshed every second).",
             "gauge",
             &|s| s.pod_links.load(Relaxed),
+        );
+        per_shard(
+            &mut o,
+            "clawterm_quic_connections",
+            "QUIC connections (refreshed every second); each carries one stream per session.",
+            "gauge",
+            &|s| s.quic_connections.load(Relaxed),
+        );
+        let _ = writeln!(o, "# HELP clawterm_quic_forwarded_total QUIC datagrams the kernel delivered to the wrong shard, forwarded to their connection's shard (0 while the steering program is attached).\n# TYPE clawterm_quic_forwarded_total counter");
+        let _ = writeln!(
+            o,
+            "clawterm_quic_forwarded_total {}",
+            sum(&|s| s.quic_forwarded.load(Relaxed))
         );
         let _ = writeln!(o, "# HELP clawterm_pods Agent pod sockets registered on the node.\n# TYPE clawterm_pods gauge\nclawterm_pods {pod_sockets}");
         for (name, help, pick) in [

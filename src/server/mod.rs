@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod limits;
 pub mod metrics;
+pub mod quic;
 pub mod shard;
 pub mod tls;
 pub mod watch;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub metrics: Arc<metrics::Metrics>,
     /// TLS 1.3 on the TCP port (None with `--insecure-plaintext`).
     pub tls: Option<tls::Tls>,
+    /// QUIC on the UDP port (None when off; it needs TLS).
+    pub quic: Option<Arc<quic::QuicShared>>,
 }
 
 impl Shared {
@@ -94,12 +97,31 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
         })?)),
     };
+    let quic_port = match (cfg.quic_port, &cfg.tls) {
+        (Some(p), Some(_)) => Some(p),
+        (Some(_), None) => {
+            tracing::warn!(
+                "QUIC needs TLS (--tls-cert/--tls-key); plaintext TCP only, UDP port not bound"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let rt_cfg = shards::Config {
         shards: cfg.shards,
         cpus: cfg.cpus.clone(),
         io: cfg.io,
         listen: Some(SocketAddr::new(cfg.bind, cfg.port)),
+        udp: quic_port.map(|p| SocketAddr::new(cfg.bind, p)),
+        udp_steering: quic_port.map(|_| quic::steering_program(cfg.shards)),
         ..shards::Config::default()
+    };
+    let quic = match quic_port {
+        Some(_) => Some(Arc::new(
+            quic::QuicShared::new(cfg.shards, cfg.session.idle_ms)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        )),
+        None => None,
     };
     let cfg_shards = cfg.shards;
     let tls = match &cfg.tls {
@@ -123,6 +145,7 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         registry,
         metrics: Arc::new(metrics::Metrics::new(cfg_shards)),
         tls,
+        quic,
     });
     let s2 = shared.clone();
     let runtime = shards::Runtime::start(rt_cfg, move |i| {
@@ -160,6 +183,15 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
 impl Server {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.runtime.local_addr()
+    }
+    /// The QUIC (UDP) address, when QUIC is on.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.runtime.udp_local_addr()
+    }
+    /// Whether QUIC datagrams are steered to their connection's shard by the kernel (the
+    /// reuseport BPF program attached); otherwise shards forward them.
+    pub fn quic_steered(&self) -> bool {
+        self.runtime.udp_steered()
     }
     pub fn backend(&self) -> shards::Backend {
         self.runtime.backend()

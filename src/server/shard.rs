@@ -7,6 +7,7 @@
 
 use super::limits::Limiter;
 use super::metrics::{self, ShardMetrics};
+use super::quic::{QEvent, QuicShard, StreamKey};
 use super::Shared;
 use crate::podlink::{self, CloseReason, Msg as PodMsg};
 use crate::pods::links::{self as pods, Links};
@@ -38,6 +39,42 @@ pub enum ShardMsg {
     PodAdded(u32, u32),
     /// The pod registry saw a pod socket disappear.
     PodRemoved(u32, u32),
+    /// A QUIC datagram that arrived on the wrong shard (no steering program): its connection
+    /// id names this one.
+    Datagram { from: SocketAddr, bytes: Vec<u8> },
+    /// A RESUME on a QUIC stream of shard `from` for a session of this shard: the stream stays
+    /// where its connection is and its bytes are relayed (QUIC connections cannot move).
+    RelayOpen {
+        from: usize,
+        key: StreamKey,
+        peer: SocketAddr,
+        /// The RESUME frame and what followed it.
+        buffered: Vec<u8>,
+        accepted_at: Instant,
+    },
+    /// More bytes from a relayed stream.
+    RelayIn {
+        from: usize,
+        key: StreamKey,
+        bytes: Vec<u8>,
+    },
+    /// A relayed stream ended on the shard that holds it.
+    RelayGone { from: usize, key: StreamKey },
+    /// Bytes for the client of a relayed stream.
+    RelayOut { key: StreamKey, bytes: Vec<u8> },
+    /// Close (flushing) or abort a relayed stream.
+    RelayClose { key: StreamKey, abort: bool },
+    /// Pause or resume reading a relayed stream.
+    RelayReading { key: StreamKey, on: bool },
+}
+
+/// A client connection: a TCP connection of the runtime, a QUIC stream of this shard, or a
+/// QUIC stream that another shard holds and relays.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Client {
+    Tcp(ConnId),
+    Quic(StreamKey),
+    Relay { shard: u16, key: StreamKey },
 }
 
 /// Where a session's effects are collected before they are sent.
@@ -80,7 +117,9 @@ struct Conn {
 #[derive(Copy, Clone, Debug)]
 enum Key {
     Session(u32),
-    Handshake(ConnId),
+    Handshake(Client),
+    /// A QUIC connection's timer (quinn handle, our generation).
+    Quic(u32, u32),
     /// The agent grace period of a lost pod.
     Grace((u32, u32)),
     /// Retry connecting to a lost pod whose socket is still registered.
@@ -97,10 +136,10 @@ pub struct ShardHandler {
     shared: Arc<Shared>,
     clock: Clock,
     table: SessionTable,
-    conns: IdMap<ConnId, Conn>,
+    conns: IdMap<Client, Conn>,
     /// The connection each attached session is bound to.
-    attached: IdMap<u32, ConnId>,
-    links: Links,
+    attached: IdMap<u32, Client>,
+    links: Links<Client>,
     wheel: Wheel<Key>,
     fired: Vec<(u64, Key)>,
     next_wake: u64,
@@ -112,6 +151,12 @@ pub struct ShardHandler {
     tls_out: Vec<u8>,
     /// Per-source-address limits.
     limiter: Limiter,
+    /// The QUIC endpoint of this shard (None without QUIC).
+    quic: Option<QuicShard>,
+    /// QUIC events being handled (reused).
+    qevents: Vec<QEvent>,
+    /// Streams of this shard relayed to the shard that owns their session.
+    relays: IdMap<StreamKey, usize>,
 }
 
 const NO_WAKE: u64 = u64::MAX;
@@ -119,6 +164,10 @@ const NO_WAKE: u64 = u64::MAX;
 impl ShardHandler {
     pub fn new(index: usize, shared: Arc<Shared>) -> ShardHandler {
         let clock = Clock::new(Instant::now());
+        let quic = shared
+            .quic
+            .as_ref()
+            .map(|q| QuicShard::new(index, q.clone()));
         let limiter = Limiter::new(
             shared.cfg.conn_rate_per_ip,
             shared.cfg.max_auth_failures_per_ip,
@@ -139,14 +188,82 @@ impl ShardHandler {
             plain: Vec::new(),
             tls_out: Vec::new(),
             limiter,
+            quic,
+            qevents: Vec::new(),
+            relays: IdMap::default(),
         }
     }
 
     /// Notes a failed authentication (AUTH_FAILED, NO_SUCH_SESSION) of `conn`'s address.
-    fn auth_failed(&mut self, ctx: &Ctx<'_, ShardMsg>, conn: ConnId) {
+    fn auth_failed(&mut self, ctx: &Ctx<'_, ShardMsg>, conn: Client) {
         if let Some(c) = self.conns.get(&conn) {
             let now = self.clock.ms(ctx.now());
             self.limiter.auth_failed(c.peer.ip(), now);
+        }
+    }
+
+    /// Queues bytes (already encrypted on TLS) on a client connection.
+    fn io_send(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, bytes: &[u8]) {
+        match conn {
+            Client::Tcp(id) => {
+                ctx.send(id, bytes);
+            }
+            Client::Quic(k) => {
+                if let Some(q) = self.quic.as_mut() {
+                    q.send(k, bytes);
+                }
+            }
+            Client::Relay { shard, key } => ctx.send_to_shard(
+                shard as usize,
+                ShardMsg::RelayOut {
+                    key,
+                    bytes: bytes.to_vec(),
+                },
+            ),
+        }
+    }
+
+    /// Closes a client connection after flushing what is queued.
+    fn io_close(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+        match conn {
+            Client::Tcp(id) => ctx.close(id),
+            Client::Quic(k) => {
+                if let Some(q) = self.quic.as_mut() {
+                    q.close(k);
+                }
+            }
+            Client::Relay { shard, key } => {
+                ctx.send_to_shard(shard as usize, ShardMsg::RelayClose { key, abort: false })
+            }
+        }
+    }
+
+    /// Closes a client connection now, dropping what is queued.
+    fn io_abort(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+        match conn {
+            Client::Tcp(id) => ctx.abort(id),
+            Client::Quic(k) => {
+                if let Some(q) = self.quic.as_mut() {
+                    q.abort(k);
+                }
+            }
+            Client::Relay { shard, key } => {
+                ctx.send_to_shard(shard as usize, ShardMsg::RelayClose { key, abort: true })
+            }
+        }
+    }
+
+    fn io_set_reading(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, on: bool) {
+        match conn {
+            Client::Tcp(id) => ctx.set_reading(id, on),
+            Client::Quic(k) => {
+                if let Some(q) = self.quic.as_mut() {
+                    q.set_reading(k, on);
+                }
+            }
+            Client::Relay { shard, key } => {
+                ctx.send_to_shard(shard as usize, ShardMsg::RelayReading { key, on })
+            }
         }
     }
 
@@ -155,7 +272,7 @@ impl ShardHandler {
     }
 
     /// Sends client bytes, counting frames, bytes and ERROR codes.
-    fn send_client(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, bytes: &[u8]) {
+    fn send_client(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, bytes: &[u8]) {
         let m = &self.shared.metrics.shards[self.index];
         let frames = metrics::count_frames(bytes, |code| m.error(code));
         ShardMetrics::inc(&m.frames_out, frames);
@@ -167,14 +284,12 @@ impl ShardHandler {
                 let _ = tls.writer().write_all(bytes);
                 self.tls_flush(ctx, conn);
             }
-            None => {
-                ctx.send(conn, bytes);
-            }
+            None => self.io_send(ctx, conn, bytes),
         }
     }
 
     /// Sends whatever TLS records the connection has pending (handshake, alerts, data).
-    fn tls_flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
+    fn tls_flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
         let Some(tls) = self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) else {
             return;
         };
@@ -186,13 +301,13 @@ impl ShardHandler {
             }
         }
         if !out.is_empty() {
-            ctx.send(conn, &out);
+            self.io_send(ctx, conn, &out);
         }
         self.tls_out = out;
     }
 
     /// Ciphertext from a TLS connection: decrypt it all, then process the plaintext.
-    fn on_tls_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
+    fn on_tls_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, data: &[u8]) {
         let mut plain = std::mem::take(&mut self.plain);
         plain.clear();
         let mut rd = data;
@@ -239,7 +354,7 @@ impl ShardHandler {
 
     /// Plaintext bytes from a client: frames are decoded straight from them when no partial
     /// frame is pending (no copy); a trailing partial frame is kept in the connection's buffer.
-    fn on_plaintext(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
+    fn on_plaintext(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, data: &[u8]) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -267,7 +382,7 @@ impl ShardHandler {
     }
 
     /// The connection is gone or must go: a bound session is suspended.
-    fn conn_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, close: bool) {
+    fn conn_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, close: bool) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -302,6 +417,9 @@ impl ShardHandler {
         );
         ShardMetrics::set(&m.connections, self.conns.len() as u64);
         ShardMetrics::set(&m.pod_links, self.links.connected() as u64);
+        if let Some(q) = self.quic.as_ref() {
+            ShardMetrics::set(&m.quic_connections, q.counts().connections);
+        }
         let ring: u64 = self
             .table
             .ids_iter()
@@ -340,7 +458,7 @@ impl ShardHandler {
 
     /// Sends what the scratch sink collected: client bytes to `conn`, pod bytes to the link of
     /// `pod`.
-    fn flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Option<ConnId>, pod: (u32, u32)) {
+    fn flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Option<Client>, pod: (u32, u32)) {
         if !self.scratch.client.is_empty() {
             let mut bytes = std::mem::take(&mut self.scratch.client);
             if let Some(c) = conn {
@@ -388,7 +506,7 @@ impl ShardHandler {
     }
 
     /// Refuses a connection that has no session: ERROR with SESSION_ID 0 and SEQ 0, then close.
-    fn refuse(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, code: ErrorCode) {
+    fn refuse(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, code: ErrorCode) {
         let mut out = Vec::with_capacity(64);
         proto::frame::encode_with(&mut out, 0, 0, FrameType::Error, 0, |o| {
             ErrorFrame::encode_parts(code, code.message(), o)
@@ -399,7 +517,7 @@ impl ShardHandler {
     }
 
     /// Forgets a connection (and closes it, flushing, when `close`).
-    fn drop_conn(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, close: bool) {
+    fn drop_conn(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, close: bool) {
         if let Some(c) = self.conns.remove(&conn) {
             match c.state {
                 ConnState::Handshake => self.pending_handshakes -= 1,
@@ -411,7 +529,7 @@ impl ShardHandler {
             }
         }
         if close {
-            ctx.close(conn);
+            self.io_close(ctx, conn);
         }
     }
 
@@ -420,7 +538,7 @@ impl ShardHandler {
         &mut self,
         ctx: &mut Ctx<'_, ShardMsg>,
         sid: u32,
-        conn: Option<ConnId>,
+        conn: Option<Client>,
         flow: Flow,
     ) {
         match flow {
@@ -456,7 +574,7 @@ impl ShardHandler {
     fn process(
         &mut self,
         ctx: &mut Ctx<'_, ShardMsg>,
-        conn: ConnId,
+        conn: Client,
         bytes: &[u8],
     ) -> (usize, bool) {
         let mut off = 0;
@@ -503,23 +621,7 @@ impl ShardHandler {
                         }
                         Next::HandOff(shard) => {
                             let buffered = bytes[rest_from..].to_vec();
-                            let accepted_us = self.conns.get(&conn).map_or(0, |c| c.accepted_us);
-                            let tls = self.conns.get_mut(&conn).and_then(|c| c.tls.take());
-                            self.drop_conn(ctx, conn, false);
-                            debug!(
-                                shard = self.index,
-                                to = shard,
-                                "resume handed off to the owning shard"
-                            );
-                            ctx.hand_off(
-                                conn,
-                                shard,
-                                ShardMsg::Resume {
-                                    buffered,
-                                    accepted_at: self.clock.instant_us(accepted_us),
-                                    tls,
-                                },
-                            );
+                            self.hand_over(ctx, conn, shard, buffered);
                             return (bytes.len(), false);
                         }
                     }
@@ -545,9 +647,64 @@ impl ShardHandler {
         (off, alive)
     }
 
+    /// A RESUME for a session of shard `owner`: a TCP connection moves there (with its TLS
+    /// state); a QUIC stream cannot move with its connection, so its bytes are relayed to the
+    /// owner from here. `buffered` is the RESUME frame and whatever followed it.
+    fn hand_over(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: Client,
+        owner: usize,
+        buffered: Vec<u8>,
+    ) {
+        let accepted_us = self.conns.get(&conn).map_or(0, |c| c.accepted_us);
+        let peer = self.conns.get(&conn).map(|c| c.peer);
+        let tls = self.conns.get_mut(&conn).and_then(|c| c.tls.take());
+        self.drop_conn(ctx, conn, false);
+        let accepted_at = self.clock.instant_us(accepted_us);
+        match (conn, peer) {
+            (Client::Tcp(id), _) => {
+                debug!(
+                    shard = self.index,
+                    to = owner,
+                    "resume handed off to the owning shard"
+                );
+                ctx.hand_off(
+                    id,
+                    owner,
+                    ShardMsg::Resume {
+                        buffered,
+                        accepted_at,
+                        tls,
+                    },
+                );
+            }
+            (Client::Quic(key), Some(peer)) => {
+                debug!(
+                    shard = self.index,
+                    to = owner,
+                    "QUIC resume relayed to the owning shard"
+                );
+                self.relays.insert(key, owner);
+                ctx.send_to_shard(
+                    owner,
+                    ShardMsg::RelayOpen {
+                        from: self.index,
+                        key,
+                        peer,
+                        buffered,
+                        accepted_at,
+                    },
+                );
+            }
+            // A relayed stream always lands on its session's owner; anything else is refused.
+            (c, _) => self.io_abort(ctx, c),
+        }
+    }
+
     /// The stream is broken (bad flag or CRC, oversize LEN): ERROR, close; a bound session is
     /// suspended with its ring intact.
-    fn broken(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, code: ErrorCode) {
+    fn broken(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, code: ErrorCode) {
         match self.conns.get(&conn).map(|c| c.state) {
             Some(ConnState::Bound(sid)) => {
                 let now = self.now(ctx);
@@ -563,7 +720,7 @@ impl ShardHandler {
         }
     }
 
-    fn on_frame(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, f: &Frame<'_>) -> Next {
+    fn on_frame(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
         let Some(state) = self.conns.get(&conn).map(|c| c.state) else {
             return Next::Stop;
         };
@@ -595,11 +752,15 @@ impl ShardHandler {
                         self.flush(ctx, None, key);
                         // A pod that reads slower than this client writes: stop reading the
                         // client until the link drains, so the link's queue stays bounded.
+                        let mut pause = false;
                         if let Some(l) = self.links.get_mut(key) {
                             if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
-                                ctx.set_reading(conn, false);
                                 l.paused_readers.push(conn);
+                                pause = true;
                             }
+                        }
+                        if pause {
+                            self.io_set_reading(ctx, conn, false);
                         }
                     }
                     return Next::Continue;
@@ -611,7 +772,7 @@ impl ShardHandler {
         }
     }
 
-    fn on_connect(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, f: &Frame<'_>) -> Next {
+    fn on_connect(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
         if f.session_id != 0 {
             self.refuse(ctx, conn, ErrorCode::ProtocolViolation);
             return Next::Stop;
@@ -645,7 +806,7 @@ impl ShardHandler {
                 // The link is still connecting: the CONNECT waits for it, so a pod whose socket
                 // exists but refuses us gives NO_AGENT rather than a session with no agent.
                 l.waiting.push((conn, c.caps));
-                ctx.set_reading(conn, false);
+                self.io_set_reading(ctx, conn, false);
                 return Next::Park;
             }
         }
@@ -656,7 +817,7 @@ impl ShardHandler {
     fn open_session(
         &mut self,
         ctx: &mut Ctx<'_, ShardMsg>,
-        conn: ConnId,
+        conn: Client,
         key: (u32, u32),
         caps: u8,
     ) -> Next {
@@ -698,7 +859,7 @@ impl ShardHandler {
         Next::Continue
     }
 
-    fn on_resume(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, f: &Frame<'_>) -> Next {
+    fn on_resume(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
         let r = match Resume::parse(f.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -953,7 +1114,7 @@ impl ShardHandler {
         let now = self.now(ctx);
         if let Some(l) = self.links.get_mut(key) {
             let d = now + l.retry_ms;
-            l.retry_ms = (l.retry_ms * 2).min(pods::Link::MAX_RETRY_MS);
+            l.retry_ms = (l.retry_ms * 2).min(pods::Link::<Client>::MAX_RETRY_MS);
             self.wheel.insert(d, Key::Retry(key));
             self.schedule(ctx, d);
         }
@@ -1080,10 +1241,15 @@ impl ShardHandler {
                     {
                         debug!(shard = self.index, ?conn, "handshake timeout");
                         self.drop_conn(ctx, conn, false);
-                        ctx.abort(conn);
+                        self.io_abort(ctx, conn);
                     }
                 }
                 Key::Grace(pod) => self.grace_expired(ctx, pod),
+                Key::Quic(ch, gen) => {
+                    if let Some(q) = self.quic.as_mut() {
+                        q.on_timeout(ch, gen, ctx.now());
+                    }
+                }
                 Key::Stats => {
                     self.publish_gauges();
                     self.limiter.sweep(now);
@@ -1131,6 +1297,170 @@ enum Next {
     Park,
 }
 
+impl ShardHandler {
+    /// A new client connection (an accepted TCP connection, a QUIC stream, or a relayed
+    /// stream): it starts in the handshake state with its deadline filed.
+    fn client_opened(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: Client,
+        peer: SocketAddr,
+        tls: Option<Box<rustls::ServerConnection>>,
+        accepted_us: u64,
+        adopted: bool,
+    ) {
+        self.pending_handshakes += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                state: ConnState::Handshake,
+                inbuf: Vec::new(),
+                peer,
+                accepted_us,
+                adopted,
+                tls,
+            },
+        );
+        let d = self.now(ctx) + self.shared.cfg.handshake_ms;
+        self.wheel.insert(d, Key::Handshake(conn));
+        self.schedule(ctx, d);
+    }
+
+    /// Whether another connection may start its handshake; refuses it (OVERLOADED where a
+    /// frame can be sent) when not.
+    fn admit(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, can_send: bool) -> bool {
+        if self.pending_handshakes < self.shared.cfg.max_pending_handshakes {
+            return true;
+        }
+        // §6: a connection limit is OVERLOADED. Nothing can be sent before a TLS handshake,
+        // so such a connection is only aborted.
+        debug!(
+            shard = self.index,
+            ?conn,
+            "too many pending handshakes; refused"
+        );
+        if can_send {
+            self.refuse(ctx, conn, ErrorCode::Overloaded);
+        } else {
+            self.io_abort(ctx, conn);
+        }
+        false
+    }
+
+    /// Client bytes, TLS or not.
+    fn on_client_bytes(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, data: &[u8]) {
+        ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
+        if self.conns.get(&conn).is_some_and(|c| c.tls.is_some()) {
+            self.on_tls_data(ctx, conn, data);
+        } else {
+            self.on_plaintext(ctx, conn, data);
+        }
+    }
+
+    /// Reading resumes on the clients a link had paused.
+    fn resume_readers(&mut self, ctx: &mut Ctx<'_, ShardMsg>, readers: Vec<Client>) {
+        for c in readers {
+            if self.conns.contains_key(&c) {
+                self.io_set_reading(ctx, c, true);
+            }
+        }
+    }
+
+    /// A datagram for this shard's QUIC endpoint.
+    fn quic_datagram(&mut self, ctx: &mut Ctx<'_, ShardMsg>, from: SocketAddr, data: &[u8]) {
+        let (Some(q), Some(tls)) = (self.quic.as_mut(), self.shared.tls.as_ref()) else {
+            return;
+        };
+        let now = ctx.now();
+        let now_ms = self.clock.ms(now);
+        let limiter = &mut self.limiter;
+        let tls = tls.current();
+        q.handle_datagram(
+            now,
+            from,
+            data,
+            &tls,
+            |peer| limiter.allow_connection(peer.ip(), now_ms),
+            &mut |to, bytes| {
+                let _ = ctx.send_datagram(to, bytes);
+            },
+        );
+    }
+
+    /// Handles what the QUIC endpoint reported, then sends what it has to send and files its
+    /// timers. Called at the end of every callback that may have touched a QUIC stream.
+    fn quic_settle(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+        loop {
+            let Some(q) = self.quic.as_mut() else { return };
+            if !q.has_work() {
+                return;
+            }
+            let mut events = std::mem::take(&mut self.qevents);
+            q.take_events(&mut events);
+            for ev in events.drain(..) {
+                self.on_quic_event(ctx, ev);
+            }
+            self.qevents = events;
+            let Some(q) = self.quic.as_mut() else { return };
+            let mut timers = Vec::new();
+            q.flush(
+                ctx.now(),
+                &mut |to, bytes| {
+                    let _ = ctx.send_datagram(to, bytes);
+                },
+                &mut |ch, gen, at| timers.push((ch, gen, at)),
+            );
+            for (ch, gen, at) in timers {
+                // Round up: the wheel has 1 ms slots and firing early only re-files.
+                let d = self.clock.ms(at) + 1;
+                self.wheel.insert(d, Key::Quic(ch, gen));
+                self.schedule(ctx, d);
+            }
+        }
+    }
+
+    fn on_quic_event(&mut self, ctx: &mut Ctx<'_, ShardMsg>, ev: QEvent) {
+        match ev {
+            QEvent::Opened(key, peer) => {
+                let conn = Client::Quic(key);
+                if self.admit(ctx, conn, true) {
+                    let now_us = self.clock.us(ctx.now());
+                    self.client_opened(ctx, conn, peer, None, now_us, false);
+                }
+            }
+            QEvent::Data(key, bytes) => {
+                if let Some(&owner) = self.relays.get(&key) {
+                    ctx.send_to_shard(
+                        owner,
+                        ShardMsg::RelayIn {
+                            from: self.index,
+                            key,
+                            bytes: bytes.to_vec(),
+                        },
+                    );
+                } else {
+                    self.on_client_bytes(ctx, Client::Quic(key), &bytes);
+                }
+            }
+            QEvent::Closed(key) => {
+                if let Some(owner) = self.relays.remove(&key) {
+                    ctx.send_to_shard(
+                        owner,
+                        ShardMsg::RelayGone {
+                            from: self.index,
+                            key,
+                        },
+                    );
+                } else {
+                    debug!(shard = self.index, ?key, "QUIC stream closed by the client");
+                    self.conn_lost(ctx, Client::Quic(key), false);
+                }
+            }
+            QEvent::Writable(_) => {}
+        }
+    }
+}
+
 impl shards::Handler for ShardHandler {
     type Msg = ShardMsg;
 
@@ -1146,15 +1476,8 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_accept(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr) {
-        if self.pending_handshakes >= self.shared.cfg.max_pending_handshakes {
-            // §6: a connection limit is OVERLOADED. Nothing can be sent before a TLS handshake,
-            // so a TLS connection is only aborted.
-            debug!(shard = self.index, ?conn, %peer, "too many pending handshakes; refused");
-            if self.shared.tls.is_some() {
-                ctx.abort(conn);
-            } else {
-                self.refuse(ctx, conn, ErrorCode::Overloaded);
-            }
+        let client = Client::Tcp(conn);
+        if !self.admit(ctx, client, self.shared.tls.is_none()) {
             return;
         }
         let accepted_us = self.clock.us(ctx.now());
@@ -1162,7 +1485,7 @@ impl shards::Handler for ShardHandler {
             if self.shared.tls.is_some() {
                 ctx.abort(conn); // no frame can be sent before the TLS handshake
             } else {
-                self.refuse(ctx, conn, ErrorCode::RateLimited);
+                self.refuse(ctx, client, ErrorCode::RateLimited);
             }
             return;
         }
@@ -1177,34 +1500,36 @@ impl shards::Handler for ShardHandler {
             },
             None => None,
         };
-        self.pending_handshakes += 1;
-        self.conns.insert(
-            conn,
-            Conn {
-                state: ConnState::Handshake,
-                inbuf: Vec::new(),
-                peer,
-                accepted_us,
-                adopted: false,
-                tls,
-            },
-        );
-        let d = self.now(ctx) + self.shared.cfg.handshake_ms;
-        self.wheel.insert(d, Key::Handshake(conn));
-        self.schedule(ctx, d);
+        self.client_opened(ctx, client, peer, tls, accepted_us, false);
+        self.quic_settle(ctx);
     }
 
     fn on_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
         if let Some(key) = self.links.key_of(conn) {
             self.on_link_data(ctx, conn, key, data);
+        } else {
+            self.on_client_bytes(ctx, Client::Tcp(conn), data);
+        }
+        self.quic_settle(ctx);
+    }
+
+    fn on_datagram(&mut self, ctx: &mut Ctx<'_, ShardMsg>, from: SocketAddr, data: &[u8]) {
+        let Some(q) = self.quic.as_ref() else { return };
+        if let Some(owner) = q.foreign_shard(data) {
+            // No steering program: the kernel hashed this datagram here, but its connection
+            // id names another shard.
+            ShardMetrics::inc(&self.m().quic_forwarded, 1);
+            ctx.send_to_shard(
+                owner,
+                ShardMsg::Datagram {
+                    from,
+                    bytes: data.to_vec(),
+                },
+            );
             return;
         }
-        ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
-        if self.conns.get(&conn).is_some_and(|c| c.tls.is_some()) {
-            self.on_tls_data(ctx, conn, data);
-        } else {
-            self.on_plaintext(ctx, conn, data);
-        }
+        self.quic_datagram(ctx, from, data);
+        self.quic_settle(ctx);
     }
 
     fn on_closed(
@@ -1216,10 +1541,11 @@ impl shards::Handler for ShardHandler {
         if let Some(key) = self.links.key_of(conn) {
             debug!(shard = self.index, ?key, error = ?err, "pod link closed");
             self.link_down(ctx, key);
-            return;
+        } else {
+            debug!(shard = self.index, ?conn, error = ?err, "connection closed by peer");
+            self.conn_lost(ctx, Client::Tcp(conn), false);
         }
-        debug!(shard = self.index, ?conn, error = ?err, "connection closed by peer");
-        self.conn_lost(ctx, conn, false);
+        self.quic_settle(ctx);
     }
 
     fn on_connected(
@@ -1238,20 +1564,18 @@ impl shards::Handler for ShardHandler {
                     .get_mut(key)
                     .map(|l| std::mem::take(&mut l.waiting))
                     .unwrap_or_default();
+                let mut readers = Vec::new();
                 if let Some(l) = self.links.get_mut(key) {
                     l.connected = true;
                     l.lost_since = None;
-                    l.retry_ms = pods::Link::FIRST_RETRY_MS;
+                    l.retry_ms = pods::Link::<Client>::FIRST_RETRY_MS;
                     let pending = std::mem::take(&mut l.pending);
                     ctx.send(conn, &pending);
                     if !ctx.is_backpressured(conn) {
-                        for c in l.paused_readers.drain(..) {
-                            if self.conns.contains_key(&c) {
-                                ctx.set_reading(c, true);
-                            }
-                        }
+                        readers = std::mem::take(&mut l.paused_readers);
                     }
                 }
+                self.resume_readers(ctx, readers);
                 // CONNECTs that waited for this link now open their sessions.
                 for (c, caps) in waiting {
                     if !self
@@ -1261,7 +1585,7 @@ impl shards::Handler for ShardHandler {
                     {
                         continue;
                     }
-                    ctx.set_reading(c, true);
+                    self.io_set_reading(ctx, c, true);
                     if self.open_session(ctx, c, key, caps) == Next::Continue {
                         // Frames that came after the CONNECT.
                         let buf = self
@@ -1294,19 +1618,20 @@ impl shards::Handler for ShardHandler {
                 self.link_down(ctx, key);
             }
         }
+        self.quic_settle(ctx);
     }
 
     fn on_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
         let Some(key) = self.links.key_of(conn) else {
             return;
         };
-        if let Some(l) = self.links.get_mut(key) {
-            for c in l.paused_readers.drain(..) {
-                if self.conns.contains_key(&c) {
-                    ctx.set_reading(c, true);
-                }
-            }
-        }
+        let readers = self
+            .links
+            .get_mut(key)
+            .map(|l| std::mem::take(&mut l.paused_readers))
+            .unwrap_or_default();
+        self.resume_readers(ctx, readers);
+        self.quic_settle(ctx);
     }
 
     fn on_message(&mut self, ctx: &mut Ctx<'_, ShardMsg>, msg: ShardMsg) {
@@ -1323,7 +1648,67 @@ impl shards::Handler for ShardHandler {
                 }
             }
             ShardMsg::Resume { .. } => {}
+            ShardMsg::Datagram { from, bytes } => self.quic_datagram(ctx, from, &bytes),
+            ShardMsg::RelayOpen {
+                from,
+                key,
+                peer,
+                buffered,
+                accepted_at,
+            } => {
+                let conn = Client::Relay {
+                    shard: from as u16,
+                    key,
+                };
+                if self.admit(ctx, conn, true) {
+                    let accepted_us = self.clock.us(accepted_at);
+                    self.client_opened(ctx, conn, peer, None, accepted_us, true);
+                    self.on_plaintext(ctx, conn, &buffered);
+                }
+            }
+            ShardMsg::RelayIn { from, key, bytes } => {
+                let conn = Client::Relay {
+                    shard: from as u16,
+                    key,
+                };
+                if self.conns.contains_key(&conn) {
+                    self.on_client_bytes(ctx, conn, &bytes);
+                }
+            }
+            ShardMsg::RelayGone { from, key } => {
+                let conn = Client::Relay {
+                    shard: from as u16,
+                    key,
+                };
+                self.conn_lost(ctx, conn, false);
+            }
+            ShardMsg::RelayOut { key, bytes } => {
+                if self.relays.contains_key(&key) {
+                    if let Some(q) = self.quic.as_mut() {
+                        q.send(key, &bytes);
+                    }
+                }
+            }
+            ShardMsg::RelayClose { key, abort } => {
+                if self.relays.remove(&key).is_some() {
+                    if let Some(q) = self.quic.as_mut() {
+                        if abort {
+                            q.abort(key);
+                        } else {
+                            q.close(key);
+                        }
+                    }
+                }
+            }
+            ShardMsg::RelayReading { key, on } => {
+                if self.relays.contains_key(&key) {
+                    if let Some(q) = self.quic.as_mut() {
+                        q.set_reading(key, on);
+                    }
+                }
+            }
         }
+        self.quic_settle(ctx);
     }
 
     fn on_adopt(
@@ -1343,32 +1728,21 @@ impl shards::Handler for ShardHandler {
             ctx.abort(conn);
             return;
         };
+        let client = Client::Tcp(conn);
         let accepted_us = self.clock.us(accepted_at);
-        self.pending_handshakes += 1;
-        self.conns.insert(
-            conn,
-            Conn {
-                state: ConnState::Handshake,
-                inbuf: Vec::new(),
-                peer,
-                accepted_us,
-                adopted: true,
-                tls,
-            },
-        );
-        let d = self.now(ctx) + self.shared.cfg.handshake_ms;
-        self.wheel.insert(d, Key::Handshake(conn));
-        self.schedule(ctx, d);
+        self.client_opened(ctx, client, peer, tls, accepted_us, true);
         // The plaintext the old shard had decoded (the RESUME and what followed it) first, then
         // the bytes that arrived while the connection was in transit.
-        self.on_plaintext(ctx, conn, &buffered);
-        if !unread.is_empty() && self.conns.contains_key(&conn) {
+        self.on_plaintext(ctx, client, &buffered);
+        if !unread.is_empty() && self.conns.contains_key(&client) {
             self.on_data(ctx, conn, &unread);
         }
+        self.quic_settle(ctx);
     }
 
     fn on_tick(&mut self, ctx: &mut Ctx<'_, ShardMsg>, _now: Instant) {
         self.on_timers(ctx);
+        self.quic_settle(ctx);
     }
 
     fn on_shutdown(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
@@ -1385,7 +1759,7 @@ impl shards::Handler for ShardHandler {
             }
             self.remove_session(sid);
         }
-        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        let conns: Vec<Client> = self.conns.keys().copied().collect();
         for c in conns {
             self.drop_conn(ctx, c, true);
         }
@@ -1394,6 +1768,10 @@ impl shards::Handler for ShardHandler {
                 ctx.close(l.conn);
             }
         }
+        if let Some(q) = self.quic.as_mut() {
+            q.close_all(ctx.now());
+        }
+        self.quic_settle(ctx);
         info!(shard = self.index, "shard stopped");
     }
 }

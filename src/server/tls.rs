@@ -70,6 +70,11 @@ impl Tls {
         Ok(())
     }
 
+    /// The configuration in force (QUIC builds its own from it, ALPN added).
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current.load_full()
+    }
+
     /// A server-side TLS connection with the configuration in force.
     pub fn accept(&self) -> Result<rustls::ServerConnection, rustls::Error> {
         rustls::ServerConnection::new(self.current.load_full())

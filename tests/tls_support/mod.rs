@@ -70,12 +70,28 @@ pub struct TlsEnv {
     /// SHA-256 (hex) of the server's certificate.
     pub fingerprint: String,
     pub sock: PathBuf,
+    /// The QUIC address, when the server was started with QUIC.
+    pub quic: Option<SocketAddr>,
     pub dir: TempDir,
 }
 
 impl TlsEnv {
     /// `agents`: (agent id, claw-agent mode arguments). `rust_log`: the server's RUST_LOG.
     pub fn start(agents: &[(u32, &[&str])], shards: u32, rust_log: &str) -> TlsEnv {
+        TlsEnv::start_with(agents, shards, rust_log, &["--no-quic"])
+    }
+
+    /// Like [`TlsEnv::start`], with QUIC on an ephemeral UDP port.
+    pub fn start_quic(agents: &[(u32, &[&str])], shards: u32, rust_log: &str) -> TlsEnv {
+        TlsEnv::start_with(agents, shards, rust_log, &["--quic-port", "0"])
+    }
+
+    pub fn start_with(
+        agents: &[(u32, &[&str])],
+        shards: u32,
+        rust_log: &str,
+        extra: &[&str],
+    ) -> TlsEnv {
         let dir = TempDir::new("env");
         let sock = dir.0.join("sock");
         std::fs::create_dir_all(&sock).unwrap();
@@ -98,13 +114,13 @@ impl TlsEnv {
             .arg(&tokens)
             .arg("--socket-dir")
             .arg(&sock)
-            .args([
-                "--shards",
-                &shards.to_string(),
-                "--admin",
-                "off",
-                "--no-quic",
-            ])
+            .args(["--shards", &shards.to_string()])
+            .args(extra)
+            .args(if extra.contains(&"--admin") {
+                &[][..]
+            } else {
+                &["--admin", "off"][..]
+            })
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -129,13 +145,20 @@ impl TlsEnv {
                         .next()
                         .unwrap_or("")
                         .to_string();
-                    let _ = tx.send((a, line.contains("(TLS 1.3)")));
+                    let quic = line.find(" and quic ").map(|j| {
+                        line[j + 10..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    });
+                    let _ = tx.send((a, line.contains("(TLS 1.3)"), quic));
                 }
                 log2.lock().unwrap().push(line);
             }
         });
         let server = Proc(child);
-        let (addr, tls) = rx
+        let (addr, tls, quic) = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("clawtermd did not report its address");
         assert!(tls, "the server did not say it serves TLS 1.3");
@@ -148,12 +171,46 @@ impl TlsEnv {
             key,
             fingerprint,
             sock,
+            quic: quic.map(|q| q.trim_end_matches(',').parse().expect("QUIC address")),
             dir,
         }
     }
 
     pub fn endpoint(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The admin endpoint's address, from the server's log (started with `--admin`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.log.lock().unwrap().iter().find_map(|l| {
+            let i = l.find("admin endpoint on http://")?;
+            l[i + 25..].split_whitespace().next()?.parse().ok()
+        })
+    }
+
+    /// `/metrics` from the admin endpoint: (name with labels, value) per sample line.
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let addr = self.admin_addr().expect("started with --admin");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Sum of the samples of metric `name` (all label sets).
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
+            .map(|(_, v)| v)
+            .sum()
     }
 
     pub fn log_contains(&self, s: &str) -> bool {
