@@ -9,11 +9,13 @@
 //!     `clawterm::client::Session`s, closed loop, one outstanding 32-byte DATA each.
 //! (c) **Server RSS per idle TLS session**: open `--idle` TLS sessions (and, for comparison, as
 //!     many plaintext ones on a plaintext server), VmRSS delta / N from /proc/PID/status.
+//! (d) **Server RSS per idle QUIC session**: `--idle-quic` QUIC connections, one session
+//!     stream each (CONNECT → ACCEPT), against a TLS server with QUIC on; VmRSS delta / N.
 //!
 //! ```text
 //! cargo build --release --bins
 //! cargo run --release --example tls_figures -- [--secs 5] [--threads 16]
-//!     [--echo-sessions 200] [--idle 5000]
+//!     [--echo-sessions 200] [--idle 5000] [--idle-quic 2000]
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -26,6 +28,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use clawterm::client::core::ClientCore;
+use clawterm::client::quic::QuicStream;
 use clawterm::client::transport::{client_config, parse_pin};
 use clawterm::client::{Event, Options, Session, TlsTrust, Transport};
 
@@ -93,11 +96,16 @@ struct Server {
     proc: Proc,
     _agent: Proc,
     addr: SocketAddr,
+    quic: Option<SocketAddr>,
     cert: Option<(PathBuf, String)>,
 }
 
 impl Server {
     fn start(dir: &Path, tls: bool) -> Server {
+        Server::start_with(dir, tls, false)
+    }
+
+    fn start_with(dir: &Path, tls: bool, quic: bool) -> Server {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("sock")).unwrap();
         let tokens = dir.join("tokens");
@@ -118,32 +126,29 @@ impl Server {
         assert!(line.contains("listening"), "{line}");
         let agent = Proc(agent);
         let mut cmd = Command::new(bin_dir().join("clawtermd"));
-        cmd.args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--admin",
-            "off",
-            "--no-quic",
-        ])
-        .args([
-            "--shards",
-            "1",
-            "--cpus",
-            "0",
-            "--max-conn-rate-per-ip",
-            "0",
-        ])
-        .args(["--max-pending-handshakes", "100000"])
-        .arg("--tokens")
-        .arg(&tokens)
-        .arg("--socket-dir")
-        .arg(dir.join("sock"))
-        .env("RUST_LOG", "warn,clawterm=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["--bind", "127.0.0.1", "--port", "0", "--admin", "off"])
+            .args(if quic {
+                ["--quic-port", "0"]
+            } else {
+                ["--no-quic", "--no-quic"]
+            })
+            .args([
+                "--shards",
+                "1",
+                "--cpus",
+                "0",
+                "--max-conn-rate-per-ip",
+                "0",
+            ])
+            .args(["--max-pending-handshakes", "100000"])
+            .arg("--tokens")
+            .arg(&tokens)
+            .arg("--socket-dir")
+            .arg(dir.join("sock"))
+            .env("RUST_LOG", "warn,clawterm=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let cert = if tls {
             let (c, k, fp) = clawterm::server::tls::self_signed(dir).unwrap();
             cmd.arg("--tls-cert").arg(&c).arg("--tls-key").arg(&k);
@@ -164,20 +169,26 @@ impl Server {
                         .next()
                         .unwrap_or("")
                         .to_string();
-                    let _ = tx.send(a);
+                    let q = l.find(" and quic ").map(|j| {
+                        l[j + 10..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    });
+                    let _ = tx.send((a, q));
                 }
             }
         });
         let proc = Proc(child);
-        let addr = rx
+        let (addr, quic) = rx
             .recv_timeout(Duration::from_secs(10))
-            .expect("no listening line")
-            .parse()
-            .unwrap();
+            .expect("no listening line");
         Server {
             proc,
             _agent: agent,
-            addr,
+            addr: addr.parse().unwrap(),
+            quic: quic.map(|q| q.parse().expect("QUIC address")),
             cert,
         }
     }
@@ -428,6 +439,51 @@ fn idle_rss(srv: &Server, n: usize, threads: usize) -> (u64, u64, Vec<Vec<Sessio
     (before, after, held)
 }
 
+/// Opens `n` idle QUIC sessions (one connection and stream each, CONNECT → ACCEPT); returns
+/// (RSS before KiB, after KiB) and the streams (kept open while RSS is read).
+fn idle_quic_rss(srv: &Server, n: usize) -> (u64, u64, Vec<QuicStream>) {
+    let quic = srv.quic.expect("QUIC on");
+    let (c, _) = &srv.cert.clone().expect("TLS");
+    let trust = TlsTrust {
+        ca: Some(c.clone()),
+        ..TlsTrust::default()
+    };
+    let (cfg, _) = client_config(&trust, "localhost:7221").unwrap();
+    let open = |cfg: &std::sync::Arc<rustls::ClientConfig>| {
+        let mut s = QuicStream::connect(
+            quic,
+            "localhost",
+            cfg.clone(),
+            None,
+            None,
+            Duration::from_secs(10),
+        )
+        .expect("QUIC handshake");
+        s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut core = ClientCore::new(TENANT, AGENT, TOKEN);
+        core.start_connect([2; 16], 0);
+        s.write_all(&core.take_output()).unwrap();
+        s.flush().unwrap();
+        let mut buf = [0u8; 4096];
+        while !core.is_attached() {
+            let n = s.read(&mut buf).expect("ACCEPT over QUIC");
+            assert!(n > 0, "stream ended before ACCEPT");
+            core.on_bytes(&buf[..n], 0).expect("valid frames");
+        }
+        s
+    };
+    for _ in 0..20 {
+        let mut s = open(&cfg);
+        s.close();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = vm_rss_kib(srv.pid());
+    let held: Vec<QuicStream> = (0..n).map(|_| open(&cfg)).collect();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = vm_rss_kib(srv.pid());
+    (before, after, held)
+}
+
 fn arg(args: &[String], name: &str, default: f64) -> f64 {
     args.iter()
         .position(|a| a == name)
@@ -442,6 +498,7 @@ fn main() {
     let threads = arg(&args, "--threads", 16.0) as usize;
     let echo_sessions = arg(&args, "--echo-sessions", 200.0) as usize;
     let idle = arg(&args, "--idle", 5000.0) as usize;
+    let idle_quic = arg(&args, "--idle-quic", 2000.0) as usize;
     // SAFETY: plain getrlimit/setrlimit on this process.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
@@ -514,6 +571,19 @@ fn main() {
             "(c) idle plaintext sessions (comparison): {idle}; server VmRSS {b2} KiB -> {a2} KiB; \
              {:.2} KiB/session",
             (a2.saturating_sub(b2)) as f64 / idle as f64
+        );
+        drop(held);
+    }
+    // (d)
+    {
+        let srv = Server::start_with(&base.join("d-quic"), true, true);
+        // The client side runs on CPU 1 (after the server started: children inherit it).
+        pin_cpu(1);
+        let (b, a, held) = idle_quic_rss(&srv, idle_quic);
+        println!(
+            "(d) idle QUIC sessions: {idle_quic} connections, one session stream each; server \
+             VmRSS {b} KiB -> {a} KiB; {:.2} KiB/session",
+            (a.saturating_sub(b)) as f64 / idle_quic as f64
         );
         drop(held);
     }
