@@ -604,6 +604,8 @@ fn run_loop(
         }
         let _ = stdout.flush();
         if let Some((at, reason)) = &retry {
+            // The session's own deadline: typing may have moved the retry earlier.
+            let at = session.next_deadline().map_or(*at, |d| d.min(*at));
             let left = at.saturating_duration_since(Instant::now());
             status.show(&format!(
                 "clawterm: connection lost ({reason}); retrying in {} s; input is queued (~. detaches)",
@@ -693,6 +695,9 @@ fn run_loop(
                         if let Err(e) = session.send(&bytes) {
                             return Outcome::Error(e);
                         }
+                        // Someone is typing while the connection is down: try again soon
+                        // rather than at the end of a long backoff wait.
+                        session.retry_now();
                     }
                     match cmd {
                         Some(EscapeCmd::Detach) => return Outcome::Detached,

@@ -3,7 +3,7 @@
 //! * [`core`]: the sans-IO protocol core (handshake, RELIABLE resend, replay de-duplication,
 //!   ACKs, keepalives).
 //! * [`Session`]: a blocking transport on top (plaintext TCP or TLS 1.3, see [`transport`]),
-//!   with automatic reconnect ([`Backoff`]: exponential, full jitter, 100 ms → 10 s by
+//!   with automatic reconnect ([`Backoff`]: exponential, full jitter, 100 ms → 3 s by
 //!   default); every reconnect opens a new TCP connection and a new TLS handshake.
 //! * [`creds`]: saved per-session credentials (0600 files) and the export/import blob.
 //! * [`tty`]: raw-mode terminal helpers for the `clawterm` CLI.

@@ -186,6 +186,8 @@ pub struct Session {
     tls: Option<Arc<TlsSetup>>,
     opts: Options,
     backoff: Backoff,
+    /// When the last reconnect attempt started ([`Session::retry_now`] waits a second after).
+    last_attempt: Option<Instant>,
     link: Link,
     wbuf: Vec<u8>,
     events: VecDeque<Event>,
@@ -289,6 +291,7 @@ impl Session {
             transport,
             tls,
             backoff: opts.backoff.clone(),
+            last_attempt: None,
             opts,
             link: Link::Closed,
             wbuf: Vec::new(),
@@ -554,6 +557,7 @@ impl Session {
                     self.events.push_back(Event::Reconnecting { attempt });
                     return;
                 }
+                self.last_attempt = Some(Instant::now());
                 match self.dialer().dial_in_background() {
                     Ok(c) => self.link = Link::Connecting(c),
                     Err(e) => self.attempt_failed(e),
@@ -709,6 +713,20 @@ impl Session {
         self.core.send_data(data, now);
         self.flush();
         Ok(())
+    }
+
+    /// While waiting to retry, tries again now instead (say, because the user typed: the
+    /// network may well be back). Not sooner than a second after the last attempt started, so
+    /// calling it often cannot turn the backoff into a tight loop; otherwise a no-op.
+    pub fn retry_now(&mut self) {
+        const MIN_GAP: Duration = Duration::from_secs(1);
+        let now = Instant::now();
+        if let Link::Down { retry_at, .. } = &mut self.link {
+            let earliest = self.last_attempt.map_or(now, |t| t + MIN_GAP).max(now);
+            if *retry_at > earliest {
+                *retry_at = earliest;
+            }
+        }
     }
 
     /// Tells the agent the terminal size (remembered while down).
