@@ -324,6 +324,61 @@ fn tty_cut_while_printing_shows_every_line_once() {
     );
 }
 
+/// The status line makes room for itself: the bottom row it is drawn on usually holds the
+/// cursor's line (here a prompt with a half-typed command), which must stay visible during the
+/// outage and after it, and typing then goes on where it was.
+#[test]
+fn tty_status_line_keeps_the_line_under_it() {
+    require_tmux();
+    let env = Env::start(&["shell", "--shell", "/bin/sh"]);
+    let state = env.dir.0.join("state");
+    let proxy = Proxy::start(env.addr);
+    let t = Tmux::new();
+    let log = env.dir.0.join("keep.log");
+    start_client(&t, &proxy.endpoint(), AGENT, &state, &log);
+    t.wait_for("the prompt", Duration::from_secs(10), |s| {
+        s.lines().any(|l| matches!(l.trim_end(), "$" | "#"))
+    });
+    // Fill the screen so the prompt sits on the bottom row, then type without Enter.
+    t.keys("ct", &["seq 1 60", "Enter"]);
+    t.wait_for("the numbers", Duration::from_secs(10), |s| {
+        s.contains("\n60\n")
+    });
+    t.keys("ct", &["echo KEEP-ME-$((70+7))"]);
+    let s = t.wait_for("the typed command", Duration::from_secs(10), |s| {
+        s.lines()
+            .last()
+            .is_some_and(|l| l.contains("echo KEEP-ME-"))
+    });
+    assert_eq!(s.lines().count(), 30, "the pane is full: {s}");
+    proxy.cut();
+    let s = t.wait_for("the status line", Duration::from_secs(10), |s| {
+        s.contains("connection lost")
+    });
+    let lines: Vec<&str> = s.lines().collect();
+    assert!(
+        lines.last().is_some_and(|l| l.contains("connection lost")),
+        "the status line is on the bottom row:\n{s}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("echo KEEP-ME-")),
+        "the line the status line was drawn over is gone:\n{s}"
+    );
+    proxy.restore();
+    let s = t.wait_for("the status line to go away", Duration::from_secs(30), |s| {
+        !s.contains("connection lost")
+    });
+    assert!(s.contains("echo KEEP-ME-"), "{s}");
+    // Typing continues on that line: Enter runs the half-typed command.
+    t.keys("ct", &["Enter"]);
+    t.wait_for("the command's output", Duration::from_secs(10), |s| {
+        s.contains("KEEP-ME-77")
+    });
+    t.keys("ct", &["Enter", "~X"]);
+    let s = t.wait_for("the end", Duration::from_secs(10), |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+}
+
 /// `~.` while the server is unreachable detaches at once, even in the middle of a reconnect
 /// attempt that would take 10 s (the proxy accepts connections and never answers).
 #[test]

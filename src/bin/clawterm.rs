@@ -376,6 +376,12 @@ impl StatusLine {
         if self.tty {
             let (cols, rows) = tty::window_size(2).unwrap_or((80, 24));
             let t: String = text.chars().take(cols.saturating_sub(1) as usize).collect();
+            if !self.shown {
+                // Make room instead of drawing over the bottom row (the cursor's row, most of
+                // the time: a prompt, a half-printed line): a line feed on the bottom row
+                // scrolls the screen up by one, then the cursor follows its text up a row.
+                let _ = write!(err, "\x1b7\x1b[{rows};1H\n\x1b8\x1b[A");
+            }
             let _ = write!(err, "\x1b7\x1b[{rows};1H\x1b[2K\x1b[7m{t}\x1b[0m\x1b8");
         } else {
             let _ = writeln!(err, "{text}");
