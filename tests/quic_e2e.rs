@@ -350,3 +350,139 @@ fn garbage_datagrams_do_not_disturb_a_live_session() {
     c.echo(b"after the junk");
     assert!(c.s.lost().is_none());
 }
+
+/// The client library over QUIC: a `quic://` endpoint, echo, a dropped connection that the
+/// session reconnects over QUIC by itself (RESUME steered to the owning shard) with nothing
+/// lost or doubled, and credentials that say `quic://`.
+#[test]
+fn client_session_over_quic_reconnects_by_itself() {
+    use clawterm::client::{Event, Options, Session};
+    let env = TlsEnv::start_quic(&[(1, ECHO)], 2, "clawterm=debug");
+    let quic = env.quic.unwrap();
+    let endpoint = format!(
+        "quic://127.0.0.1:{}?ca={}&name=localhost",
+        quic.port(),
+        env.cert.display()
+    );
+    let mut s = Session::connect_with(&endpoint, TENANT, 1, TOKEN, Options::default())
+        .expect("session over QUIC");
+    assert_eq!(
+        s.tls_info().map(|t| t.0),
+        Some("QUIC (TLS 1.3)".to_string())
+    );
+    let mut got = Vec::new();
+    let mut expect = Vec::new();
+    let mut reconnected = 0;
+    for round in 0..4 {
+        for i in 0..50 {
+            let line = format!("round {round} line {i}\n");
+            expect.extend_from_slice(line.as_bytes());
+            s.send(line.as_bytes()).unwrap();
+        }
+        if round < 3 {
+            // The network "drops": the session reconnects over QUIC and resumes.
+            s.drop_connection("test cut");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < expect.len() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {} of {} bytes",
+                got.len(),
+                expect.len()
+            );
+            match s.recv(Duration::from_millis(200)).expect("session alive") {
+                Some(Event::Data(d)) => got.extend_from_slice(&d),
+                Some(Event::Reconnected { .. }) => reconnected += 1,
+                Some(Event::Gap) => panic!("nothing may be lost"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(got, expect, "every byte once, in order");
+    assert_eq!(reconnected, 3);
+    let creds = s.credentials("q");
+    assert!(creds.endpoint.starts_with("quic://"), "{}", creds.endpoint);
+    // The resumes were steered to the owning shard: none relayed.
+    assert_eq!(
+        env.count_in_log("QUIC resume relayed to the owning shard"),
+        0,
+        "a steered QUIC RESUME lands on the owner"
+    );
+    s.end();
+}
+
+/// The CLI over QUIC: `clawterm connect --quic --ca CERT` echoes, saves `"transport": "quic"`,
+/// and the saved session resumes over QUIC, then over TLS/TCP with `resume --tcp`.
+#[test]
+fn cli_connect_and_resume_over_quic() {
+    use std::process::{Command, Stdio};
+    let env = TlsEnv::start_quic(&[(1, ECHO)], 2, "info");
+    let quic = env.quic.unwrap();
+    let state = tls_support::TempDir::new("qstate");
+    let log = state.0.join("out.log");
+    let cli = |args: &[&str], input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_clawterm"))
+            .args(args)
+            .env("CLAWTERM_STATE_DIR", &state.0)
+            .env_remove("CLAWTERM_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        (child, stdin)
+    };
+    let wait_echo = |what: &[u8]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read(&log).is_ok_and(|d| tls_support::contains(&d, what)) {
+            assert!(
+                Instant::now() < deadline,
+                "no echo of {:?}",
+                String::from_utf8_lossy(what)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let stop = |child: std::process::Child, stdin| {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let host = format!("localhost:{}", quic.port());
+    let tok = tls_support::hex(&TOKEN);
+    let cert = env.cert.to_str().unwrap().to_string();
+    let logs = log.to_str().unwrap().to_string();
+    let (child, stdin) = cli(
+        &[
+            "connect", &host, "--quic", "--ca", &cert, "--tenant", "7", "--agent", "1", "--token",
+            &tok, "--name", "q1", "--log", &logs,
+        ],
+        "over-quic\n",
+    );
+    wait_echo(b"over-quic\n");
+    let err = stop(child, stdin);
+    assert!(err.contains("QUIC"), "the client says it uses QUIC: {err}");
+    let json = std::fs::read_to_string(state.0.join("sessions/q1.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["transport"], "quic", "{json}");
+    // Resume over QUIC (saved transport).
+    let (child, stdin) = cli(&["resume", "q1", "--log", &logs], "again-quic\n");
+    wait_echo(b"again-quic\n");
+    stop(child, stdin);
+    // The same session over TLS on TCP: the port moves to the TCP one given here.
+    let json = std::fs::read_to_string(state.0.join("sessions/q1.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["endpoint"] = serde_json::Value::String(format!("localhost:{}", env.addr.port()));
+    std::fs::write(state.0.join("sessions/q1.json"), v.to_string()).unwrap();
+    let (child, stdin) = cli(&["resume", "q1", "--tcp", "--log", &logs], "then-tls\n");
+    wait_echo(b"then-tls\n");
+    let err = stop(child, stdin);
+    assert!(err.contains("TLSv1_3"), "{err}");
+    let d = std::fs::read(&log).unwrap();
+    assert_eq!(tls_support::count(&d, b"over-quic\n"), 1);
+    assert_eq!(tls_support::count(&d, b"again-quic\n"), 1);
+}

@@ -19,6 +19,7 @@ use clawterm::client::{
 };
 
 const DEFAULT_PORT: u16 = 7220;
+const DEFAULT_QUIC_PORT: u16 = 7221;
 
 /// The ClawTerm client: terminal sessions that survive network loss.
 ///
@@ -30,7 +31,9 @@ const DEFAULT_PORT: u16 = 7220;
 ///
 /// Transport: TLS 1.3 by default, trusting the system's CA roots; --ca FILE trusts the
 /// certificates in FILE instead, --pin SHA256 accepts exactly the server certificate with that
-/// SHA-256; --plaintext uses plain TCP (server run with --insecure-plaintext).
+/// SHA-256; --plaintext uses plain TCP (server run with --insecure-plaintext); --quic uses QUIC
+/// (UDP, default port 7221): the connection then survives changes of this machine's address
+/// without even a reconnect.
 ///
 /// Exit status: 0 normal end or detach, 2 usage, 3 server unreachable, 4 authentication
 /// failed, 5 session expired or unknown, 6 taken over by another device, 7 TLS failure
@@ -46,7 +49,7 @@ struct Cli {
 enum Cmd {
     /// Open a new interactive session and save its credentials under NAME.
     Connect {
-        /// Server address, HOST[:PORT] (default port 7220).
+        /// Server address, HOST[:PORT] (default port 7220; 7221 with --quic).
         endpoint: String,
         /// Tenant id.
         #[arg(long, value_name = "T")]
@@ -69,8 +72,12 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
         /// Use plaintext TCP instead of TLS 1.3 (the server must run with --insecure-plaintext).
-        #[arg(long, conflicts_with_all = ["ca", "pin"])]
+        #[arg(long, conflicts_with_all = ["ca", "pin", "quic"])]
         plaintext: bool,
+        /// Use QUIC (UDP; TLS 1.3 inside) instead of TCP: the connection survives this
+        /// machine changing address or network (connection migration).
+        #[arg(long)]
+        quic: bool,
         #[command(flatten)]
         trust: TrustArgs,
         /// Also append every byte received from the agent to FILE.
@@ -80,6 +87,12 @@ enum Cmd {
     /// Reattach to a saved session (taking it over from any other device).
     Resume {
         name: String,
+        /// Switch the saved session to QUIC (same trust), e.g. for a roaming device.
+        #[arg(long, conflicts_with = "tcp")]
+        quic: bool,
+        /// Switch the saved session to TLS over TCP.
+        #[arg(long)]
+        tcp: bool,
         /// Replace the saved TLS trust (e.g. after the server's certificate changed).
         #[command(flatten)]
         trust: TrustArgs,
@@ -154,7 +167,7 @@ fn fail(e: &ClientError) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
-fn normalize_endpoint(ep: &str) -> String {
+fn normalize_endpoint(ep: &str, port: u16) -> String {
     if ep.parse::<std::net::SocketAddr>().is_ok() {
         return ep.to_string();
     }
@@ -164,9 +177,9 @@ fn normalize_endpoint(ep: &str) -> String {
         }
     }
     if ep.contains(':') && !ep.starts_with('[') {
-        return format!("[{ep}]:{DEFAULT_PORT}");
+        return format!("[{ep}]:{port}");
     }
-    format!("{ep}:{DEFAULT_PORT}")
+    format!("{ep}:{port}")
 }
 
 fn parse_token(s: &str) -> Option<[u8; 32]> {
@@ -205,6 +218,7 @@ fn main() -> ExitCode {
             token_file,
             name,
             plaintext,
+            quic,
             trust,
             log,
         } => {
@@ -212,6 +226,7 @@ fn main() -> ExitCode {
                 Transport::Plaintext
             } else {
                 match trust.trust() {
+                    Ok(t) if quic => Transport::Quic(t),
                     Ok(t) => Transport::Tls(t),
                     Err(e) => return usage(&e),
                 }
@@ -234,7 +249,14 @@ fn main() -> ExitCode {
                     return usage("--name: use letters, digits, '-', '_', '.', '@' (max 64)");
                 }
             }
-            let ep = normalize_endpoint(&endpoint);
+            let ep = normalize_endpoint(
+                &endpoint,
+                if quic {
+                    DEFAULT_QUIC_PORT
+                } else {
+                    DEFAULT_PORT
+                },
+            );
             let opts = Options {
                 transport,
                 ..Options::default()
@@ -246,23 +268,50 @@ fn main() -> ExitCode {
             let name = name.unwrap_or_else(|| format!("{:08x}", session.session_id()));
             interactive(session, name, store, log)
         }
-        Cmd::Resume { name, trust, log } => {
+        Cmd::Resume {
+            name,
+            quic,
+            tcp,
+            trust,
+            log,
+        } => {
             let mut creds = match store.load(&name) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            if trust.given() {
-                let t = match trust.trust() {
+            if trust.given() || quic || tcp {
+                let saved = match creds.target() {
                     Ok(t) => t,
-                    Err(e) => return usage(&e),
-                };
-                let addr = match creds.target() {
-                    Ok(t) => t.addr,
                     Err(e) => return fail(&e),
+                };
+                let t = if trust.given() {
+                    match trust.trust() {
+                        Ok(t) => t,
+                        Err(e) => return usage(&e),
+                    }
+                } else {
+                    // A plaintext session moving to QUIC/TLS trusts the system roots, as
+                    // `connect` does without --ca/--pin.
+                    saved.transport.trust().cloned().unwrap_or_default()
+                };
+                let quic = quic || (!tcp && matches!(saved.transport, Transport::Quic(_)));
+                // The port changes with the protocol when it was the default one.
+                let addr = match (quic, saved.addr.rsplit_once(':')) {
+                    (true, Some((h, p))) if p == DEFAULT_PORT.to_string() => {
+                        format!("{h}:{DEFAULT_QUIC_PORT}")
+                    }
+                    (false, Some((h, p))) if p == DEFAULT_QUIC_PORT.to_string() => {
+                        format!("{h}:{DEFAULT_PORT}")
+                    }
+                    _ => saved.addr,
                 };
                 creds.endpoint = Target {
                     addr,
-                    transport: Transport::Tls(t),
+                    transport: if quic {
+                        Transport::Quic(t)
+                    } else {
+                        Transport::Tls(t)
+                    },
                 }
                 .to_string();
             }

@@ -205,15 +205,21 @@ impl Credentials {
     }
 
     /// The JSON text stored in the session file. Version 1 (plaintext, readable by clients
-    /// from before TLS) or 2 (TLS: `transport` "tls", optional `tls_ca`, `tls_pin`,
-    /// `tls_name`), so an older client refuses TLS credentials instead of trying plaintext.
+    /// from before TLS) or 2 (TLS or QUIC: `transport` "tls" or "quic", optional `tls_ca`,
+    /// `tls_pin`, `tls_name`), so an older client refuses TLS credentials instead of trying
+    /// plaintext.
     pub fn to_json(&self) -> String {
         let (version, addr, transport) = match Target::parse(&self.endpoint) {
             Ok(Target {
                 addr,
-                transport: Transport::Tls(t),
+                transport: transport @ (Transport::Tls(_) | Transport::Quic(_)),
             }) => {
-                let mut x = String::from(",\n  \"transport\": \"tls\"");
+                let (name, t) = match &transport {
+                    Transport::Quic(t) => ("quic", t.clone()),
+                    Transport::Tls(t) => ("tls", t.clone()),
+                    Transport::Plaintext => ("plaintext", TlsTrust::default()),
+                };
+                let mut x = format!(",\n  \"transport\": \"{name}\"");
                 if let Some(ca) = &t.ca {
                     let _ = write!(x, ",\n  \"tls_ca\": {}", json_str(&ca.to_string_lossy()));
                 }
@@ -283,20 +289,25 @@ impl Credentials {
                 }
                 addr
             }
-            Some("tls") => {
+            Some(kind @ ("tls" | "quic")) => {
                 let pin = match opt_str("tls_pin")? {
                     None => None,
                     Some(p) => {
                         Some(parse_pin(&p).ok_or_else(|| bad("tls_pin must be 64 hex digits"))?)
                     }
                 };
+                let trust = TlsTrust {
+                    ca: opt_str("tls_ca")?.map(Into::into),
+                    pin,
+                    server_name: opt_str("tls_name")?,
+                };
                 Target {
                     addr,
-                    transport: Transport::Tls(TlsTrust {
-                        ca: opt_str("tls_ca")?.map(Into::into),
-                        pin,
-                        server_name: opt_str("tls_name")?,
-                    }),
+                    transport: if kind == "quic" {
+                        Transport::Quic(trust)
+                    } else {
+                        Transport::Tls(trust)
+                    },
                 }
                 .to_string()
             }
@@ -689,9 +700,16 @@ mod tests {
         let o = Credentials::from_json(old).unwrap();
         assert_eq!(o.target().unwrap().transport, Transport::Plaintext);
         assert!(Credentials::from_json(
-            &old.replace("\"h:1\"", "\"h:1\", \"transport\": \"quic\"")
+            &old.replace("\"h:1\"", "\"h:1\", \"transport\": \"carrier-pigeon\"")
         )
         .is_err());
+        // QUIC keeps its trust the same way and reads back as QUIC.
+        c.endpoint = "quic://example.org:7221?pin=".to_string() + &"3c".repeat(32);
+        let j = c.to_json();
+        assert!(j.contains("\"transport\": \"quic\""), "{j}");
+        let back = Credentials::from_json(&j).unwrap();
+        assert_eq!(back, c);
+        assert!(matches!(back.target().unwrap().transport, Transport::Quic(_)));
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct QuicStream {
     /// Why the connection ended, once it has.
     lost: Option<String>,
     read_timeout: Option<Duration>,
+    /// The connection's next timer, as of the last time it was driven.
+    timer: Option<Instant>,
     txbuf: Vec<u8>,
     rxbuf: Vec<u8>,
 }
@@ -119,6 +121,7 @@ impl QuicStream {
             stopped: false,
             lost: None,
             read_timeout: None,
+            timer: None,
             txbuf: Vec::with_capacity(2048),
             rxbuf: vec![0u8; 65536],
         };
@@ -160,9 +163,10 @@ impl QuicStream {
         self.conn.remote_address()
     }
 
-    /// When [`QuicStream::drive`] must run at the latest (QUIC timers).
-    pub fn next_timeout(&mut self) -> Option<Instant> {
-        self.conn.poll_timeout()
+    /// When [`QuicStream::drive`] must run at the latest (QUIC timers), as of the last time
+    /// the connection was driven or written to.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.timer
     }
 
     /// Output waiting for flow control.
@@ -278,6 +282,7 @@ impl QuicStream {
             let _ = self.sock.send_to(&buf[..t.size], t.destination);
         }
         self.txbuf = buf;
+        self.timer = self.conn.poll_timeout();
     }
 
     /// Waits until the socket is readable, a QUIC timer is due or `until`, then drives.

@@ -119,6 +119,10 @@ struct Dialer {
     handshake_timeout: Duration,
     tls: Option<Arc<TlsSetup>>,
     trust: Option<super::transport::TlsTrust>,
+    /// QUIC instead of TCP (with `tls`).
+    quic: bool,
+    /// The session a QUIC reconnect resumes (steers it to the owning shard).
+    steer: Option<u32>,
 }
 
 impl Dialer {
@@ -139,6 +143,9 @@ impl Dialer {
     /// Resolves, connects and (with TLS) runs the TLS handshake, blocking: each step bounded
     /// by the connect or handshake timeout. Returns a blocking socket.
     fn dial(&self) -> Result<Conn, ClientError> {
+        if self.quic {
+            return self.dial_quic();
+        }
         let sock = tcp_connect(&self.endpoint, self.connect_timeout)?;
         let _ = sock.set_nodelay(true);
         let Some(setup) = &self.tls else {
@@ -149,6 +156,39 @@ impl Dialer {
         let _ = sock.set_write_timeout(Some(self.handshake_timeout));
         let deadline = Instant::now() + self.handshake_timeout;
         Conn::tls_handshake(sock, setup, deadline).map_err(|e| self.io_error(&e))
+    }
+
+    /// QUIC: resolve, then a QUIC handshake with each address in turn, bounded by the connect
+    /// plus handshake timeouts.
+    fn dial_quic(&self) -> Result<Conn, ClientError> {
+        let Some(setup) = &self.tls else {
+            return Err(ClientError::Io("QUIC needs TLS settings".into()));
+        };
+        let unreachable = |reason: String| ClientError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            reason,
+        };
+        let addrs: Vec<SocketAddr> = self
+            .endpoint
+            .to_socket_addrs()
+            .map_err(|e| unreachable(format!("cannot resolve: {e}")))?
+            .collect();
+        let mut last = String::from("no address");
+        for a in addrs {
+            match Conn::quic(
+                a,
+                setup,
+                self.steer,
+                self.connect_timeout + self.handshake_timeout,
+            ) {
+                Ok(c) => return Ok(c),
+                Err(e) => match as_rustls(&e) {
+                    Some(_) => return Err(self.io_error(&e)),
+                    None => last = format!("QUIC: {e}"),
+                },
+            }
+        }
+        Err(unreachable(last))
     }
 
     /// Starts [`Dialer::dial`] on a helper thread.
@@ -281,9 +321,9 @@ impl Session {
         } else {
             opts.transport.clone()
         };
-        let tls = match &transport {
-            Transport::Plaintext => None,
-            Transport::Tls(trust) => Some(Arc::new(TlsSetup::new(trust, &target.addr)?)),
+        let tls = match transport.trust() {
+            None => None,
+            Some(trust) => Some(Arc::new(TlsSetup::new(trust, &target.addr)?)),
         };
         Ok(Session {
             core,
@@ -312,10 +352,9 @@ impl Session {
             connect_timeout: self.opts.connect_timeout,
             handshake_timeout: self.opts.handshake_timeout,
             tls: self.tls.clone(),
-            trust: match &self.transport {
-                Transport::Tls(t) => Some(t.clone()),
-                Transport::Plaintext => None,
-            },
+            trust: self.transport.trust().cloned(),
+            quic: matches!(self.transport, Transport::Quic(_)),
+            steer: (self.core.session_id() != 0).then(|| self.core.session_id()),
         }
     }
 
@@ -330,16 +369,22 @@ impl Session {
                     return Ok((resent, hs.conn));
                 }
                 let mut pfd = libc::pollfd {
-                    fd: hs.conn.sock.as_raw_fd(),
+                    fd: hs.conn.fd(),
                     events: libc::POLLIN
-                        | if !self.wbuf.is_empty() || hs.conn.pending_output() {
+                        | if hs.conn.polls_for_write()
+                            && (!self.wbuf.is_empty() || hs.conn.pending_output())
+                        {
                             libc::POLLOUT
                         } else {
                             0
                         },
                     revents: 0,
                 };
-                let left = hs.deadline.saturating_duration_since(Instant::now());
+                let until = hs
+                    .conn
+                    .next_timeout()
+                    .map_or(hs.deadline, |t| t.min(hs.deadline));
+                let left = until.saturating_duration_since(Instant::now());
                 let ms = left.as_millis().min(i32::MAX as u128) as i32;
                 // SAFETY: one valid pollfd for the duration of the call.
                 unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
@@ -366,9 +411,8 @@ impl Session {
     }
 
     /// Sends CONNECT or RESUME on a fresh connection (made non-blocking).
-    fn start_handshake(&mut self, conn: Conn, resume: bool) -> Result<Handshake, ClientError> {
-        conn.sock
-            .set_nonblocking(true)
+    fn start_handshake(&mut self, mut conn: Conn, resume: bool) -> Result<Handshake, ClientError> {
+        conn.set_nonblocking(true)
             .map_err(|e| self.dialer().io_error(&e))?;
         let now = self.now_ms();
         if resume {
@@ -790,8 +834,8 @@ impl Session {
     /// closed.
     pub fn poll_fd(&self) -> Option<RawFd> {
         match &self.link {
-            Link::Up(s) => Some(s.sock.as_raw_fd()),
-            Link::Handshaking(h) => Some(h.conn.sock.as_raw_fd()),
+            Link::Up(s) => Some(s.fd()),
+            Link::Handshaking(h) => Some(h.conn.fd()),
             Link::Connecting(c) => Some(c.wake.as_raw_fd()),
             _ => None,
         }
@@ -800,8 +844,13 @@ impl Session {
     /// Whether output is waiting for the socket to become writable.
     pub fn wants_write(&self) -> bool {
         match &self.link {
-            Link::Up(c) => !self.wbuf.is_empty() || self.core.has_output() || c.pending_output(),
-            Link::Handshaking(h) => !self.wbuf.is_empty() || h.conn.pending_output(),
+            Link::Up(c) => {
+                c.polls_for_write()
+                    && (!self.wbuf.is_empty() || self.core.has_output() || c.pending_output())
+            }
+            Link::Handshaking(h) => {
+                h.conn.polls_for_write() && (!self.wbuf.is_empty() || h.conn.pending_output())
+            }
             _ => false,
         }
     }
@@ -809,14 +858,20 @@ impl Session {
     /// When [`Session::try_recv`] must be called again even if the socket stays quiet (timers,
     /// reconnect). `None`: no timer (closed).
     pub fn next_deadline(&self) -> Option<Instant> {
+        let quic_timer = |c: &Conn, t: Option<Instant>| match (c.next_timeout(), t) {
+            (Some(q), Some(t)) => Some(q.min(t)),
+            (q, t) => q.or(t),
+        };
         match &self.link {
-            Link::Up(_) => self
-                .core
-                .next_timer()
-                .map(|ms| self.epoch + Duration::from_millis(ms)),
+            Link::Up(c) => quic_timer(
+                c,
+                self.core
+                    .next_timer()
+                    .map(|ms| self.epoch + Duration::from_millis(ms)),
+            ),
             Link::Down { retry_at, .. } => Some(*retry_at),
             Link::Connecting(c) => Some(c.deadline),
-            Link::Handshaking(h) => Some(h.deadline),
+            Link::Handshaking(h) => quic_timer(&h.conn, Some(h.deadline)),
             Link::Closed => None,
         }
     }
@@ -828,9 +883,9 @@ impl Session {
 
     /// Cuts the current connection as if the network dropped it (testing, "reconnect now").
     pub fn drop_connection(&mut self, reason: &str) {
-        match &self.link {
+        match &mut self.link {
             Link::Up(c) | Link::Handshaking(Handshake { conn: c, .. }) => {
-                let _ = c.sock.shutdown(std::net::Shutdown::Both);
+                c.abort();
                 self.lost(reason.to_string());
             }
             Link::Connecting(_) => self.lost(reason.to_string()),
@@ -841,11 +896,8 @@ impl Session {
     fn flush_blocking(&mut self) {
         if let Link::Up(stream) = &mut self.link {
             self.wbuf.extend_from_slice(&self.core.take_output());
-            let _ = stream.sock.set_nonblocking(false);
-            let _ = stream.sock.set_write_timeout(Some(Duration::from_secs(2)));
-            let _ = stream.write_all(&self.wbuf);
+            stream.finish(&self.wbuf, Duration::from_secs(2));
             self.wbuf.clear();
-            stream.close();
         }
     }
 
@@ -910,11 +962,7 @@ impl Session {
     /// `("TLSv1_3", "TLS13_AES_256_GCM_SHA384")`); `None` over plaintext or while down.
     pub fn tls_info(&self) -> Option<(String, String)> {
         let Link::Up(c) = &self.link else { return None };
-        let t = c.tls.as_ref()?;
-        Some((
-            format!("{:?}", t.protocol_version()?),
-            format!("{:?}", t.negotiated_cipher_suite()?.suite()),
-        ))
+        c.tls_info()
     }
 
     /// Client DATA bytes not yet acknowledged by the server.

@@ -13,9 +13,11 @@
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -24,6 +26,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 use super::creds::{hex, unhex};
+use super::quic::QuicStream;
 use super::ClientError;
 
 /// What the client trusts for TLS.
@@ -48,6 +51,9 @@ pub enum Transport {
     Plaintext,
     /// TLS 1.3 only.
     Tls(TlsTrust),
+    /// QUIC (UDP, TLS 1.3 inside): one stream per session; the connection survives changes of
+    /// the client's address (connection migration).
+    Quic(TlsTrust),
 }
 
 impl Transport {
@@ -72,17 +78,37 @@ impl Transport {
         })
     }
 
+    /// Whether the transport is encrypted (TLS 1.3 over TCP, or QUIC).
     pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::Tls(_))
+        matches!(self, Transport::Tls(_) | Transport::Quic(_))
     }
 
-    /// A short description for listings: `plaintext`, `tls`, `tls+ca`, `tls+pin`.
+    /// The TLS trust, for TLS and QUIC.
+    pub fn trust(&self) -> Option<&TlsTrust> {
+        match self {
+            Transport::Plaintext => None,
+            Transport::Tls(t) | Transport::Quic(t) => Some(t),
+        }
+    }
+
+    /// The same trust over QUIC (plaintext stays plaintext: QUIC needs TLS).
+    pub fn over_quic(self) -> Transport {
+        match self {
+            Transport::Tls(t) => Transport::Quic(t),
+            other => other,
+        }
+    }
+
+    /// A short description for listings: `plaintext`, `tls`, `tls+ca`, `tls+pin`, `quic`, …
     pub fn describe(&self) -> &'static str {
         match self {
             Transport::Plaintext => "plaintext",
             Transport::Tls(t) if t.pin.is_some() => "tls+pin",
             Transport::Tls(t) if t.ca.is_some() => "tls+ca",
             Transport::Tls(_) => "tls",
+            Transport::Quic(t) if t.pin.is_some() => "quic+pin",
+            Transport::Quic(t) if t.ca.is_some() => "quic+ca",
+            Transport::Quic(_) => "quic",
         }
     }
 }
@@ -148,10 +174,16 @@ impl Target {
                 transport: Transport::Plaintext,
             });
         }
-        let Some(rest) = s.strip_prefix("tls://") else {
+        let (quic, rest) = match (s.strip_prefix("tls://"), s.strip_prefix("quic://")) {
+            (Some(r), _) => (false, Some(r)),
+            (_, Some(r)) => (true, Some(r)),
+            _ => (false, None),
+        };
+        let Some(rest) = rest else {
             if s.contains("://") {
                 return Err(format!(
-                    "unknown scheme in {s:?}: use HOST:PORT, tcp://HOST:PORT or tls://HOST:PORT"
+                    "unknown scheme in {s:?}: use HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT \
+                     or quic://HOST:PORT"
                 ));
             }
             return Ok(Target {
@@ -177,7 +209,11 @@ impl Target {
         }
         Ok(Target {
             addr: addr.to_string(),
-            transport: Transport::Tls(t),
+            transport: if quic {
+                Transport::Quic(t)
+            } else {
+                Transport::Tls(t)
+            },
         })
     }
 }
@@ -186,8 +222,13 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.transport {
             Transport::Plaintext => f.write_str(&self.addr),
-            Transport::Tls(t) => {
-                write!(f, "tls://{}", self.addr)?;
+            Transport::Tls(t) | Transport::Quic(t) => {
+                let scheme = if matches!(self.transport, Transport::Quic(_)) {
+                    "quic"
+                } else {
+                    "tls"
+                };
+                write!(f, "{scheme}://{}", self.addr)?;
                 let mut sep = '?';
                 if let Some(ca) = &t.ca {
                     write!(f, "{sep}ca={}", pct_encode(&ca.to_string_lossy()))?;
@@ -448,10 +489,14 @@ pub(crate) fn explain(e: &rustls::Error, trust: &TlsTrust) -> String {
 // ---------------------------------------------------------------------------------------------
 // The connection
 
-/// One connection: a TCP stream, with TLS over it when the transport says so.
-pub(crate) struct Conn {
-    pub sock: TcpStream,
-    pub tls: Option<Box<rustls::ClientConnection>>,
+/// One connection: a TCP stream, with TLS over it when the transport says so, or a QUIC
+/// stream.
+pub(crate) enum Conn {
+    Tcp {
+        sock: TcpStream,
+        tls: Option<Box<rustls::ClientConnection>>,
+    },
+    Quic(Box<QuicStream>),
 }
 
 fn rustls_io(e: rustls::Error) -> io::Error {
@@ -465,7 +510,7 @@ pub(crate) fn as_rustls(e: &io::Error) -> Option<&rustls::Error> {
 
 impl Conn {
     pub fn plain(sock: TcpStream) -> Conn {
-        Conn { sock, tls: None }
+        Conn::Tcp { sock, tls: None }
     }
 
     /// Runs the TLS handshake to completion on a blocking socket (bounded by its read
@@ -509,46 +554,171 @@ impl Conn {
                 }
             }
         }
-        Ok(Conn {
+        Ok(Conn::Tcp {
             sock,
             tls: Some(Box::new(tls)),
         })
     }
 
-    /// Sends the TLS records rustls holds. `WouldBlock` when the socket is full.
+    /// A QUIC connection with its session stream (handshake done), to `addr`. `steer`: the
+    /// session this connection will resume, so the server's steering lands it on the shard
+    /// that owns it.
+    pub fn quic(
+        addr: SocketAddr,
+        setup: &TlsSetup,
+        steer: Option<u32>,
+        timeout: Duration,
+    ) -> io::Result<Conn> {
+        let name = setup.name.to_str().into_owned();
+        let q = QuicStream::connect(addr, &name, setup.config.clone(), steer, None, timeout)?;
+        Ok(Conn::Quic(Box::new(q)))
+    }
+
+    /// The descriptor to poll for readability.
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Conn::Tcp { sock, .. } => sock.as_raw_fd(),
+            Conn::Quic(q) => q.fd(),
+        }
+    }
+
+    /// Non-blocking mode for reads and writes (QUIC is always driven without blocking; its
+    /// blocking reads wait on the socket themselves).
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
+        match self {
+            Conn::Tcp { sock, .. } => sock.set_nonblocking(on),
+            Conn::Quic(_) => Ok(()),
+        }
+    }
+
+    /// When the connection needs attention even if its descriptor stays quiet (QUIC's loss
+    /// recovery, acknowledgements and keepalives).
+    pub fn next_timeout(&self) -> Option<std::time::Instant> {
+        match self {
+            Conn::Tcp { .. } => None,
+            Conn::Quic(q) => q.next_timeout(),
+        }
+    }
+
+    /// The negotiated protocol and cipher suite, for display.
+    pub fn tls_info(&self) -> Option<(String, String)> {
+        match self {
+            Conn::Tcp { tls: Some(t), .. } => Some((
+                format!("{:?}", t.protocol_version()?),
+                format!("{:?}", t.negotiated_cipher_suite()?.suite()),
+            )),
+            Conn::Tcp { tls: None, .. } => None,
+            Conn::Quic(_) => Some(("QUIC (TLS 1.3)".into(), String::new())),
+        }
+    }
+
+    /// Sends the TLS records rustls holds (QUIC: what the connection has to send).
+    /// `WouldBlock` when the socket is full.
     pub fn flush_tls(&mut self) -> io::Result<()> {
-        if let Some(tls) = &mut self.tls {
-            while tls.wants_write() {
-                match tls.write_tls(&mut self.sock) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+        match self {
+            Conn::Tcp {
+                sock,
+                tls: Some(tls),
+            } => {
+                while tls.wants_write() {
+                    match tls.write_tls(sock) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Conn::Tcp { tls: None, .. } => Ok(()),
+            Conn::Quic(q) => q.drive(),
+        }
+    }
+
+    /// Whether TLS records wait for the socket to become writable. Never for QUIC: a UDP
+    /// socket is always writable, and what QUIC holds back waits for the peer (acknowledgements
+    /// and flow-control credit arrive as readable datagrams), so polling for writability would
+    /// only spin.
+    pub fn pending_output(&self) -> bool {
+        match self {
+            Conn::Tcp { tls, .. } => tls.as_ref().is_some_and(|t| t.wants_write()),
+            Conn::Quic(_) => false,
+        }
+    }
+
+    /// Whether waiting for writability can help output that is left over (TCP: yes).
+    pub fn polls_for_write(&self) -> bool {
+        matches!(self, Conn::Tcp { .. })
+    }
+
+    /// Cuts the connection now (testing, "reconnect now").
+    pub fn abort(&mut self) {
+        match self {
+            Conn::Tcp { sock, .. } => {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Quic(q) => q.close(),
+        }
+    }
+
+    /// Writes everything, blocking up to `timeout`, then closes in order: close_notify (TLS)
+    /// and the write side shut down; QUIC: stream finished, connection closed.
+    pub fn finish(&mut self, bytes: &[u8], timeout: Duration) {
+        match self {
+            Conn::Tcp { sock, .. } => {
+                let _ = sock.set_nonblocking(false);
+                let _ = sock.set_write_timeout(Some(timeout));
+            }
+            Conn::Quic(_) => {}
+        }
+        let _ = self.write_all(bytes);
+        let _ = self.flush();
+        if let Conn::Quic(q) = self {
+            // Let the stream's last bytes be acknowledged before closing.
+            let deadline = std::time::Instant::now() + timeout;
+            while q.pending_output() > 0 && std::time::Instant::now() < deadline {
+                if q.wait(deadline.min(std::time::Instant::now() + Duration::from_millis(50)))
+                    .is_err()
+                {
+                    break;
                 }
             }
         }
-        Ok(())
+        self.close();
     }
 
-    /// Whether TLS records are waiting for the socket.
-    pub fn pending_output(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.wants_write())
-    }
-
-    /// Orderly close: close_notify (TLS), then shut the write side.
+    /// Orderly close: close_notify (TLS), then shut the write side; QUIC: finish and close.
     pub fn close(&mut self) {
-        if let Some(tls) = &mut self.tls {
-            tls.send_close_notify();
-            let _ = self.flush_tls();
+        match self {
+            Conn::Tcp { sock, tls } => {
+                if let Some(t) = tls {
+                    t.send_close_notify();
+                    while t.wants_write() {
+                        match t.write_tls(sock) {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
+                    }
+                }
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+            }
+            Conn::Quic(q) => q.close(),
         }
-        let _ = self.sock.shutdown(std::net::Shutdown::Write);
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(tls) = &mut self.tls else {
-            return self.sock.read(buf);
+        let (sock, tls) = match self {
+            Conn::Quic(q) => {
+                q.drive()?;
+                return q.try_read(buf);
+            }
+            Conn::Tcp { sock, tls: None } => return sock.read(buf),
+            Conn::Tcp {
+                sock,
+                tls: Some(tls),
+            } => (sock, tls),
         };
         loop {
             match tls.reader().read(buf) {
@@ -556,7 +726,7 @@ impl Read for Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            match tls.read_tls(&mut self.sock) {
+            match tls.read_tls(sock) {
                 Ok(0) => return Ok(0),
                 Ok(_) => {}
                 Err(e) => return Err(e),
@@ -564,7 +734,7 @@ impl Read for Conn {
             let processed = tls.process_new_packets();
             // Alerts, key updates: best effort, the next flush retries.
             while tls.wants_write() {
-                match tls.write_tls(&mut self.sock) {
+                match tls.write_tls(sock) {
                     Ok(n) if n > 0 => {}
                     _ => break,
                 }
@@ -576,27 +746,33 @@ impl Read for Conn {
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.tls.is_none() {
-            return self.sock.write(buf);
+        match self {
+            Conn::Quic(q) => q.try_write(buf),
+            Conn::Tcp { sock, tls: None } => sock.write(buf),
+            Conn::Tcp { tls: Some(_), .. } => {
+                self.flush_tls()?;
+                let n = match self {
+                    Conn::Tcp { tls: Some(t), .. } => t.writer().write(buf).unwrap_or(0),
+                    _ => 0,
+                };
+                match self.flush_tls() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if n == 0 && !buf.is_empty() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            }
         }
-        self.flush_tls()?;
-        let n = self
-            .tls
-            .as_mut()
-            .map_or(0, |t| t.writer().write(buf).unwrap_or(0));
-        match self.flush_tls() {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-        if n == 0 && !buf.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.flush_tls()
+        match self {
+            Conn::Quic(q) => q.flush(),
+            _ => self.flush_tls(),
+        }
     }
 }
 
@@ -631,6 +807,17 @@ mod tests {
         assert!(Target::parse("http://h:1").is_err());
         assert!(Target::parse("tls://h:1?pin=12").is_err());
         assert!(Target::parse("tls://h:1?bogus=1").is_err());
+        // QUIC: the same trust options under its own scheme.
+        let q = Target {
+            addr: t.addr.clone(),
+            transport: t.transport.clone().over_quic(),
+        };
+        let qs = q.to_string();
+        assert!(qs.starts_with("quic://[::1]:7220?ca="), "{qs}");
+        assert_eq!(Target::parse(&qs).unwrap(), q);
+        assert_eq!(q.transport.describe(), "quic+pin");
+        assert!(q.transport.is_tls());
+        assert_eq!(Transport::Plaintext.over_quic(), Transport::Plaintext);
     }
 
     #[test]
