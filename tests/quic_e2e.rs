@@ -486,3 +486,76 @@ fn cli_connect_and_resume_over_quic() {
     assert_eq!(tls_support::count(&d, b"over-quic\n"), 1);
     assert_eq!(tls_support::count(&d, b"again-quic\n"), 1);
 }
+
+/// Memory for QUIC connections that never carry a session is bounded: at most
+/// `--max-pending-handshakes` connections without a stream per shard (more are refused), and
+/// each is closed after `--handshake-timeout` without one, even if the client keeps it alive.
+#[test]
+fn connections_without_a_session_are_bounded_and_closed() {
+    let env = TlsEnv::start_with(
+        &[(1, ECHO)],
+        1,
+        "info",
+        &[
+            "--quic-port",
+            "0",
+            "--max-pending-handshakes",
+            "4",
+            "--handshake-timeout",
+            "1",
+        ],
+    );
+    let quic = env.quic.unwrap();
+    let open = || {
+        QuicStream::connect(
+            quic,
+            "localhost",
+            tls_config(&env),
+            None,
+            None,
+            Duration::from_secs(3),
+        )
+    };
+    // Four empty connections are accepted; a fifth is refused while they exist.
+    let mut idle: Vec<QuicStream> = (0..4).map(|_| open().expect("within the limit")).collect();
+    // The limit is recounted once a second; give it a moment to see all four.
+    std::thread::sleep(Duration::from_millis(1200));
+    let fifth = open();
+    assert!(
+        fifth.is_err(),
+        "a fifth stream-less connection was accepted"
+    );
+    // Within the handshake timeout (+ the once-a-second sweep) the server closes them all,
+    // although the clients keep their connections alive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while idle.iter().any(|q| q.lost().is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "empty connections were not closed"
+        );
+        for q in idle.iter_mut() {
+            let _ = q.drive();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then (once the next sweep has recounted) a real session connects fine.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut s = loop {
+        match open() {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "refused after the sweep: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut c = QClient {
+        s,
+        sid: 0,
+        seq: 0,
+        buf: Vec::new(),
+        token: [0; 16],
+        last_seq: 0,
+    };
+    assert_eq!(c.connect_session(&TOKEN).typ, ACCEPT);
+    c.echo(b"after the empty ones");
+}

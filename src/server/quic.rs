@@ -252,6 +252,9 @@ struct QConn {
     dirty: bool,
     /// The deadline filed with the handler (to avoid re-filing the same one).
     timer: Option<Instant>,
+    /// Since when the connection carries no stream (it is then a handshake in progress, as
+    /// far as limits go); `None` while it has one. Kept by [`QuicShard::sweep`].
+    idle_since: Option<Instant>,
 }
 
 /// Counters the shard publishes.
@@ -273,10 +276,16 @@ pub struct QuicShard {
     buf: Vec<u8>,
     /// The TLS configuration the current server config was built from.
     tls_seen: Option<Arc<rustls::ServerConfig>>,
+    /// Connections carrying no stream (as of the last sweep, plus those accepted since).
+    streamless: usize,
+    /// At most this many may exist: beyond, new connections are refused.
+    max_streamless: usize,
 }
 
 impl QuicShard {
-    pub fn new(shard: usize, shared: Arc<QuicShared>) -> QuicShard {
+    /// `max_streamless`: connections that carry no session stream (handshakes, in effect)
+    /// allowed at once on this shard.
+    pub fn new(shard: usize, shared: Arc<QuicShared>, max_streamless: usize) -> QuicShard {
         let endpoint = Endpoint::new(Arc::new(shared.endpoint_config(shard)), None, false, None);
         QuicShard {
             shard,
@@ -288,6 +297,8 @@ impl QuicShard {
             events: Vec::new(),
             buf: Vec::with_capacity(2048),
             tls_seen: None,
+            streamless: 0,
+            max_streamless: max_streamless.max(1),
         }
     }
 
@@ -349,7 +360,7 @@ impl QuicShard {
                 }
             }
             Some(DatagramEvent::NewConnection(incoming)) => {
-                if !allow(incoming.remote_address()) {
+                if self.streamless >= self.max_streamless || !allow(incoming.remote_address()) {
                     let t = self.endpoint.refuse(incoming, &mut buf);
                     send(t.destination, &buf[..t.size]);
                 } else {
@@ -365,8 +376,10 @@ impl QuicShard {
                                     streams: HashMap::new(),
                                     dirty: false,
                                     timer: None,
+                                    idle_since: Some(now),
                                 },
                             );
+                            self.streamless += 1;
                             self.mark(ch.0);
                             self.process(ch.0);
                         }
@@ -693,6 +706,45 @@ impl QuicShard {
             }
         }
         self.buf = buf;
+    }
+
+    /// Closes connections that have carried no stream for `timeout` (a client that completes
+    /// the QUIC handshake and then sends nothing, or keeps an empty connection alive with
+    /// pings, would otherwise hold its state for good) and recounts the stream-less ones.
+    /// Called about once a second.
+    pub fn sweep(&mut self, now: Instant, timeout: Duration) {
+        let mut streamless = 0;
+        let mut expired = Vec::new();
+        for (&ch, c) in self.conns.iter_mut() {
+            if !c.streams.is_empty() {
+                c.idle_since = None;
+                continue;
+            }
+            if c.conn.is_closed() {
+                continue; // draining: its state goes within a few round trips
+            }
+            let since = *c.idle_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= timeout {
+                expired.push(ch);
+            } else {
+                streamless += 1;
+            }
+        }
+        self.streamless = streamless;
+        for ch in expired {
+            if let Some(c) = self.conns.get_mut(&ch) {
+                debug!(
+                    shard = self.shard,
+                    ch, "QUIC connection without a session; closed"
+                );
+                c.conn.close(
+                    now,
+                    VarInt::from_u32(CODE_CLOSED),
+                    Bytes::from_static(b"no session"),
+                );
+            }
+            self.mark(ch);
+        }
     }
 
     pub fn has_work(&self) -> bool {

@@ -21,7 +21,7 @@ use shards::timer::Wheel;
 use shards::{ConnId, Ctx};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// Messages between shards.
@@ -167,7 +167,7 @@ impl ShardHandler {
         let quic = shared
             .quic
             .as_ref()
-            .map(|q| QuicShard::new(index, q.clone()));
+            .map(|q| QuicShard::new(index, q.clone(), shared.cfg.max_pending_handshakes));
         let limiter = Limiter::new(
             shared.cfg.conn_rate_per_ip,
             shared.cfg.max_auth_failures_per_ip,
@@ -1251,6 +1251,10 @@ impl ShardHandler {
                     }
                 }
                 Key::Stats => {
+                    if let Some(q) = self.quic.as_mut() {
+                        let timeout = Duration::from_millis(self.shared.cfg.handshake_ms);
+                        q.sweep(ctx.now(), timeout);
+                    }
                     self.publish_gauges();
                     self.limiter.sweep(now);
                     self.wheel.insert(now + STATS_EVERY_MS, Key::Stats);
