@@ -202,21 +202,43 @@ impl MiniClient {
 
 impl Demo {
     /// Prints how to use the demo server, then runs the scripted walkthrough on a thread.
-    pub fn run_walkthrough(&self, addr: SocketAddr) {
+    /// Prints how to use the demo server (TCP at `addr`, QUIC at `quic` when on) and runs
+    /// the scripted client in the background.
+    pub fn run_walkthrough(&self, addr: SocketAddr, quic: Option<SocketAddr>) {
         println!();
+        let token = to_hex(&self.token);
         match &self.tls {
             Some((cert, fp)) => {
                 println!("  clawtermd demo is running on {addr} (TLS 1.3, loopback only)");
+                if let Some(q) = quic {
+                    println!("  and on QUIC at udp {q}");
+                }
                 println!(
                     "  self-signed certificate: {} (SHA-256 {fp})",
                     cert.display()
                 );
                 println!("  clients trust it with --ca {}", cert.display());
+                println!("  built-in echo agent: tenant {DEMO_TENANT}, agent {DEMO_AGENT}");
+                println!("  dev token: {token}");
+                println!("  try it from another terminal:");
+                println!(
+                    "    cargo run --release --bin clawterm -- connect {addr} --ca {} \\\n      --tenant {DEMO_TENANT} --agent {DEMO_AGENT} --token {token}",
+                    cert.display()
+                );
+                if let Some(q) = quic {
+                    println!("    (over QUIC: connect {q} --quic with the same options)");
+                }
             }
-            None => println!("  clawtermd demo is running on {addr} (plaintext, loopback only)"),
+            None => {
+                println!("  clawtermd demo is running on {addr} (plaintext, loopback only)");
+                println!("  built-in echo agent: tenant {DEMO_TENANT}, agent {DEMO_AGENT}");
+                println!("  dev token: {token}");
+                println!("  try it from another terminal:");
+                println!(
+                    "    cargo run --release --bin clawterm -- connect {addr} --plaintext \\\n      --tenant {DEMO_TENANT} --agent {DEMO_AGENT} --token {token}"
+                );
+            }
         }
-        println!("  built-in echo agent: tenant {DEMO_TENANT}, agent {DEMO_AGENT}");
-        println!("  dev token: {}", to_hex(&self.token));
         println!("  press Ctrl-C to stop");
         println!();
         let token = self.token;

@@ -666,7 +666,7 @@ fn main() -> ExitCode {
         info!("admin endpoint on http://{a} (/metrics, /healthz, /readyz)");
     }
     if let Some(d) = &demo {
-        d.run_walkthrough(addr);
+        d.run_walkthrough(addr, server.quic_addr());
     }
     // Wait for a signal; between signals, check that every shard is still running: a shard
     // that ended on its own (a panic, a fatal I/O error) takes its sessions with it, and only
