@@ -4,7 +4,7 @@
 //! loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] [--json FILE]
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
-//!     [--shards-hint S]
+//!     [--shards-hint S] [--ack-delay MS] [--spin-us US]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
 //! ```
 //!
@@ -38,7 +38,7 @@ const MAX_PER_WORKER: usize = 18_000;
 const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] \
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
-[--shards-hint S]
+[--shards-hint S] [--ack-delay MS] [--spin-us US]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]";
 
@@ -64,6 +64,11 @@ pub struct Opts {
     pub shards_hint: u32,
     pub worker: Option<usize>,
     pub bind: String,
+    /// Echo: delay before a standalone cumulative ACK (ms); 0 = one ACK per read batch, as
+    /// the clawterm client does.
+    pub ack_delay_ms: f64,
+    /// Open-loop echo: poll without sleeping when the next send is due within this (µs).
+    pub spin_us: u64,
 }
 
 fn parse_args(args: &[String]) -> Result<Opts, String> {
@@ -105,6 +110,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         shards_hint: 1,
         worker: None,
         bind: "127.0.0.1:0".into(),
+        ack_delay_ms: 0.0,
+        spin_us: 200,
     };
     let mut have_target = false;
     while let Some(a) = it.next() {
@@ -165,6 +172,17 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 o.shards_hint = s;
             }
             "--worker" => o.worker = Some(num(&val()?)?),
+            "--ack-delay" => {
+                let v = val()?;
+                o.ack_delay_ms = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && (0.0..=10_000.0).contains(r))
+                    .ok_or(format!(
+                        "--ack-delay: `{v}` is not a number of ms in [0, 10000]"
+                    ))?;
+            }
+            "--spin-us" => o.spin_us = num(&val()?)?,
             "--bind" => o.bind = val()?,
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -328,6 +346,10 @@ fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64) -> Vec<String> 
         o.shards_hint.to_string(),
         "--worker".into(),
         idx.to_string(),
+        "--ack-delay".into(),
+        o.ack_delay_ms.to_string(),
+        "--spin-us".into(),
+        o.spin_us.to_string(),
     ];
     if let Some(t) = &o.token_hex {
         a.push("--token".into());
@@ -614,6 +636,7 @@ fn coordinate(o: &Opts) -> i32 {
             "workers": workers, "inflight": o.inflight, "warmup_s": o.warmup,
             "keepalive_s": o.keepalive, "reconnect": if o.same_port {"same-port"} else {"new-port"},
             "shards_hint": o.shards_hint, "payload_bytes": worker::PAYLOAD_LEN,
+            "ack_delay_ms": o.ack_delay_ms, "spin_us": o.spin_us,
             "tenant": o.tenant, "agent": o.agent,
         }),
     );

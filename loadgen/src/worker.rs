@@ -73,6 +73,8 @@ struct Conn {
     /// Tag of the DATA sent just before the drop (its echo may come replayed or live).
     late_tag: u32,
     want_replay: bool,
+    /// A delayed ACK for this connection is in `Worker::ack_q`.
+    ack_queued: bool,
 }
 
 impl Conn {
@@ -99,6 +101,7 @@ impl Conn {
             echo_tag: 0,
             late_tag: 0,
             want_replay: false,
+            ack_queued: false,
         }
     }
 }
@@ -167,6 +170,19 @@ struct Worker<'a> {
     scratch: Vec<u8>,
     fbuf: Vec<u8>,
     events: Vec<libc::epoll_event>,
+    // Per-message counters and histograms as plain fields (no map lookup or allocation per
+    // message); merged into `counts`/`hists` by `result`.
+    n_sent: u64,
+    n_received: u64,
+    n_in_window: u64,
+    h_latency: Histogram<u64>,
+    h_lag: Histogram<u64>,
+    /// Delayed ACKs: (due, connection), in due order (`--ack-delay`).
+    ack_q: VecDeque<(Instant, usize)>,
+    ack_delay: Duration,
+    /// The open-loop sender spins (polls without sleeping) when its next message is due
+    /// sooner than this (`--spin-us`).
+    spin: Duration,
 }
 
 fn out_line(v: Value) {
@@ -205,6 +221,14 @@ impl<'a> Worker<'a> {
             scratch: vec![0u8; 64 * 1024],
             fbuf: Vec::with_capacity(256),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            n_sent: 0,
+            n_received: 0,
+            n_in_window: 0,
+            h_latency: new_hist(),
+            h_lag: new_hist(),
+            ack_q: VecDeque::new(),
+            ack_delay: Duration::from_secs_f64(o.ack_delay_ms / 1000.0),
+            spin: Duration::from_micros(o.spin_us),
         })
     }
 
@@ -455,7 +479,7 @@ impl<'a> Worker<'a> {
         c.last_tx = Instant::now();
         self.send(i, &buf);
         self.fbuf = buf;
-        self.count("sent", 1);
+        self.n_sent += 1;
     }
 
     fn send_ack(&mut self, i: usize) {
@@ -637,7 +661,28 @@ impl<'a> Worker<'a> {
                 break;
             }
         }
-        if self.mode == Mode::EchoOpen || self.mode == Mode::Resume {
+        if self.mode == Mode::Resume || (self.mode == Mode::EchoOpen && self.ack_delay.is_zero()) {
+            self.send_ack(i);
+        } else if self.mode == Mode::EchoOpen {
+            // Delayed ACK: piggybacked on this session's next DATA if one goes out within
+            // `--ack-delay`, sent on its own otherwise.
+            let c = &mut self.conns[i];
+            if !c.ack_queued && c.hi_data != c.acked && c.st == St::Up {
+                c.ack_queued = true;
+                self.ack_q.push_back((Instant::now() + self.ack_delay, i));
+            }
+        }
+    }
+
+    /// Sends the delayed ACKs that are due (all of them with `all`).
+    fn flush_due_acks(&mut self, all: bool) {
+        let now = Instant::now();
+        while let Some(&(due, i)) = self.ack_q.front() {
+            if !all && due > now {
+                break;
+            }
+            self.ack_q.pop_front();
+            self.conns[i].ack_queued = false;
             self.send_ack(i);
         }
     }
@@ -823,12 +868,13 @@ impl<'a> Worker<'a> {
             }
         }
         let (_, at) = self.conns[i].out.pop_front().unwrap_or((tag, at));
-        self.count("received", 1);
+        self.n_received += 1;
         if let Some((a, b)) = self.win {
             if at >= a && at < b {
-                self.count("received_in_window", 1);
+                self.n_in_window += 1;
                 self.done_counter += 1;
-                self.record("latency_us", now.saturating_duration_since(at));
+                let us = (now.saturating_duration_since(at).as_micros() as u64).max(1);
+                self.h_latency.saturating_record(us);
             }
         }
         if self.mode == Mode::EchoClosed && self.win.is_some() {
@@ -1060,9 +1106,11 @@ impl<'a> Worker<'a> {
                 let mut burst = 0;
                 while due <= now && due < wb && burst < 10_000 {
                     // How far behind its schedule the sender is (client-side starvation).
-                    self.record("send_lag_us", now.saturating_duration_since(due));
+                    let lag = (now.saturating_duration_since(due).as_micros() as u64).max(1);
+                    self.h_lag.saturating_record(lag);
                     let i = ups[(m as usize) % ups.len()];
-                    self.send_data(i, due, false);
+                    // With a delayed ACK pending, it rides along in the same write.
+                    self.send_data(i, due, true);
                     m += 1;
                     burst += 1;
                     due = t0 + Duration::from_secs_f64(m as f64 * interval);
@@ -1070,10 +1118,15 @@ impl<'a> Worker<'a> {
                 if due >= wb && now >= wb {
                     break;
                 }
-                let wait = due
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(5));
-                self.poll(wait);
+                self.flush_due_acks(false);
+                // Sleeping costs a timer and a wake-up (tens of µs on a VM) and wakes late by
+                // the timer slack: when the next message is due soon, poll without sleeping.
+                let wait = due.saturating_duration_since(Instant::now());
+                if wait <= self.spin {
+                    self.poll(Duration::ZERO);
+                } else {
+                    self.poll((wait - self.spin / 2).min(Duration::from_millis(5)));
+                }
             }
             self.count("scheduled", m);
         }
@@ -1084,14 +1137,15 @@ impl<'a> Worker<'a> {
         // Drain: wait for the last echoes (late ones are latency, not losses) until all are
         // back, or nothing arrived for 3 s, or 60 s in all.
         let drain = Instant::now();
-        let mut last_n = self.counts.get("received").copied().unwrap_or(0);
+        let mut last_n = self.n_received;
         let mut last_t = Instant::now();
         while drain.elapsed() < Duration::from_secs(60)
             && last_t.elapsed() < Duration::from_secs(3)
             && !self.conns.iter().all(|c| c.out.is_empty())
         {
             self.poll(Duration::from_millis(20));
-            let n = self.counts.get("received").copied().unwrap_or(0);
+            self.flush_due_acks(true);
+            let n = self.n_received;
             if n != last_n {
                 last_n = n;
                 last_t = Instant::now();
@@ -1237,11 +1291,29 @@ impl<'a> Worker<'a> {
         for (k, h) in &self.hists {
             hists.insert(k.clone(), hist_to_json(h));
         }
+        for (k, h) in [
+            ("latency_us", &self.h_latency),
+            ("send_lag_us", &self.h_lag),
+        ] {
+            if !h.is_empty() {
+                hists.insert(k.to_string(), hist_to_json(h));
+            }
+        }
+        let mut counts = self.counts.clone();
+        for (k, n) in [
+            ("sent", self.n_sent),
+            ("received", self.n_received),
+            ("received_in_window", self.n_in_window),
+        ] {
+            if n > 0 {
+                *counts.entry(k).or_insert(0) += n;
+            }
+        }
         json!({
             "t": "result",
             "worker": self.idx,
             "error": err,
-            "counts": self.counts,
+            "counts": counts,
             "failures": self.failures,
             "other_frames": self.other,
             "hists": hists,
@@ -1258,6 +1330,9 @@ pub fn run(o: &Opts, idx: usize) -> i32 {
             "counts": {}, "failures": {}, "other_frames": {}, "hists": {}}));
         return 1;
     }
+    // Timed waits end within a microsecond of their deadline, not the default 50 µs slack.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     let mut w = match Worker::new(o, idx) {
         Ok(w) => w,
         Err(e) => {
