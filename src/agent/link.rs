@@ -39,6 +39,13 @@ struct Sess {
 struct State {
     link_open: bool,
     sessions: HashMap<SessionId, Sess>,
+    /// The link thread (this id) is dispatching what one read returned: its output is
+    /// collected in `batch` and goes out as one write when the dispatch ends (see
+    /// [`Shared::end_batch`]). Other threads' output goes to the writer thread as before,
+    /// after whatever the batch holds.
+    batching: Option<std::thread::ThreadId>,
+    /// Output collected while `batching`, in call order.
+    batch: Vec<u8>,
 }
 
 struct Shared {
@@ -47,7 +54,14 @@ struct Shared {
     tx: Sender<WriterCmd>,
     /// Bytes handed to the writer thread and not yet written to the socket.
     queued: std::sync::atomic::AtomicUsize,
+    /// The socket, for the link thread's own non-blocking writes of a batch when the writer
+    /// thread has nothing queued.
+    sock: UnixStream,
 }
+
+/// A batch this large goes to the writer thread at once instead of waiting for the end of the
+/// dispatch.
+const BATCH_LIMIT: usize = 64 * 1024;
 
 /// Producers block once this much output waits for the socket: a PAUSE from the daemon then
 /// finds little in flight, and a fast producer cannot queue unbounded memory.
@@ -59,6 +73,67 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queues `bytes` for the socket after everything queued before: into the current batch
+    /// while the link thread is dispatching, to the writer thread otherwise. Called with the
+    /// state locked, so the order of calls is the order on the socket.
+    fn enqueue(&self, st: &mut State, bytes: Vec<u8>) -> Result<(), ()> {
+        if st.batching.is_some() && st.batching == Some(std::thread::current().id()) {
+            if st.batch.is_empty() {
+                st.batch = bytes;
+            } else {
+                st.batch.extend_from_slice(&bytes);
+            }
+            if st.batch.len() >= BATCH_LIMIT {
+                return self.batch_to_writer(st);
+            }
+            return Ok(());
+        }
+        self.batch_to_writer(st)?;
+        self.to_writer(bytes)
+    }
+
+    fn to_writer(&self, bytes: Vec<u8>) -> Result<(), ()> {
+        self.queued
+            .fetch_add(bytes.len(), std::sync::atomic::Ordering::Relaxed);
+        self.tx.send(WriterCmd::Bytes(bytes)).map_err(|_| ())
+    }
+
+    /// Hands the current batch to the writer thread (state locked).
+    fn batch_to_writer(&self, st: &mut State) -> Result<(), ()> {
+        if st.batch.is_empty() {
+            return Ok(());
+        }
+        let b = std::mem::take(&mut st.batch);
+        self.to_writer(b)
+    }
+
+    /// The link thread starts dispatching one read's worth of messages.
+    fn begin_batch(&self) {
+        self.lock().batching = Some(std::thread::current().id());
+    }
+
+    /// The dispatch ended: the batch goes out. When the writer thread has nothing queued (so
+    /// nothing can be ahead of the batch), the link thread writes it itself without blocking,
+    /// which saves waking the writer thread; what the socket does not take goes to the writer.
+    fn end_batch(&self) {
+        let mut st = self.lock();
+        st.batching = None;
+        if st.batch.is_empty() {
+            return;
+        }
+        let mut b = std::mem::take(&mut st.batch);
+        if self.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            let n = send_nonblocking(&self.sock, &b);
+            if n == b.len() {
+                b.clear();
+                st.batch = b; // keep the allocation for the next batch
+                return;
+            }
+            b.drain(..n);
+        }
+        let _ = self.to_writer(b);
+    }
+
     fn mark_link_closed(&self) {
         let mut st = self.lock();
         st.link_open = false;
@@ -66,6 +141,34 @@ impl Shared {
         drop(st);
         self.cond.notify_all();
     }
+}
+
+/// Writes what the socket takes now (MSG_DONTWAIT: never blocks, whatever the socket's mode);
+/// returns how many bytes were written (0 on any error: the writer thread, which gets the rest,
+/// then sees the error and closes the link).
+fn send_nonblocking(sock: &UnixStream, bytes: &[u8]) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut off = 0;
+    while off < bytes.len() {
+        // SAFETY: `bytes[off..]` is a live, initialised slice of the given length; the fd
+        // belongs to `sock`, which outlives the call.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                bytes[off..].as_ptr().cast(),
+                bytes.len() - off,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n > 0 {
+            off += n as usize;
+        } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            break;
+        }
+    }
+    off
 }
 
 fn not_connected() -> io::Error {
@@ -108,6 +211,11 @@ impl Outbox {
         }
         // Back-pressure: wait while the socket is behind (the writer notifies as it drains).
         use std::sync::atomic::Ordering::Relaxed;
+        if !closing && self.shared.queued.load(Relaxed) > QUEUE_LIMIT {
+            // What this dispatch collected must reach the writer first, or the wait below
+            // could outlast it.
+            let _ = self.shared.batch_to_writer(&mut st);
+        }
         while !closing && self.shared.queued.load(Relaxed) > QUEUE_LIMIT && st.link_open {
             st = self
                 .shared
@@ -132,10 +240,9 @@ impl Outbox {
         if closing {
             st.sessions.remove(&s);
         }
-        self.shared.queued.fetch_add(buf.len(), Relaxed);
-        // Sent under the lock so that order matches the order of calls and a CLOSE can't
+        // Queued under the lock so that order matches the order of calls and a CLOSE can't
         // overtake DATA sent before it.
-        let r = self.shared.tx.send(WriterCmd::Bytes(buf));
+        let r = self.shared.enqueue(&mut st, buf);
         drop(st);
         if closing {
             self.shared.cond.notify_all();
@@ -147,6 +254,20 @@ impl Outbox {
     /// empty slice sends one empty DATA). Held, not sent, while the daemon has the session
     /// paused; flushed on CONTINUE.
     pub fn data(&self, s: SessionId, bytes: &[u8]) -> io::Result<()> {
+        if !bytes.is_empty() && bytes.len() <= MAX_BODY {
+            // Fast path (the link thread answering during a dispatch): encoded straight into
+            // the batch, no allocation of its own.
+            let mut st = self.shared.lock();
+            let sendable = st.link_open
+                && st.batching.is_some()
+                && st.batching == Some(std::thread::current().id())
+                && st.batch.len() < BATCH_LIMIT
+                && st.sessions.get(&s).is_some_and(|x| !x.paused && !x.closing);
+            if sendable {
+                encode(&mut st.batch, s, &Msg::Data(bytes));
+                return Ok(());
+            }
+        }
         let mut buf = Vec::with_capacity(bytes.len() + 9 * (1 + bytes.len() / MAX_BODY));
         if bytes.is_empty() {
             encode(&mut buf, s, &Msg::Data(bytes));
@@ -276,10 +397,13 @@ pub(crate) fn serve_link_with<A: Agent>(
         state: Mutex::new(State {
             link_open: true,
             sessions: HashMap::new(),
+            batching: None,
+            batch: Vec::new(),
         }),
         cond: Condvar::new(),
         tx,
         queued: std::sync::atomic::AtomicUsize::new(0),
+        sock: stream.try_clone()?,
     });
     let out = Outbox {
         shared: Arc::clone(&shared),
@@ -299,10 +423,17 @@ pub(crate) fn serve_link_with<A: Agent>(
             name: AGENT_NAME,
         },
     );
-    let _ = shared.tx.send(WriterCmd::Bytes(hello));
+    // Counted in `queued` like all output, so no batch can overtake it.
+    let _ = shared.to_writer(hello);
 
     let mut agent = None;
     let end = read_loop(&stream, make, &mut agent, &out);
+    {
+        // A dispatch cut short by a protocol error: what it collected still goes out first.
+        let mut st = shared.lock();
+        st.batching = None;
+        let _ = shared.batch_to_writer(&mut st);
+    }
 
     shared.mark_link_closed();
     let _ = shared.tx.send(WriterCmd::Stop);
@@ -345,9 +476,11 @@ fn read_loop<A: Agent>(
         return End::Io(e);
     }
     loop {
-        // Decode every whole message in the buffer.
+        // Decode every whole message in the buffer; what the agent sends meanwhile goes out
+        // as one write at the end.
         let mut at = 0usize;
         let mut want = READ_CHUNK;
+        out.shared.begin_batch();
         loop {
             match decode(&buf[at..filled]) {
                 Ok(Decoded::NeedMore(n)) => {
@@ -392,6 +525,7 @@ fn read_loop<A: Agent>(
                 Err(e) => return End::Protocol(e.to_string()),
             }
         }
+        out.shared.end_batch();
         // Keep the unread tail at the front, then read more.
         buf.copy_within(at..filled, 0);
         filled -= at;
@@ -492,11 +626,12 @@ fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
                 };
                 x.paused = false;
                 let closing = x.closing;
-                for m in std::mem::take(&mut x.held) {
-                    let _ = shared.tx.send(WriterCmd::Bytes(m));
-                }
+                let held = std::mem::take(&mut x.held);
                 if closing {
                     st.sessions.remove(&s);
+                }
+                for m in held {
+                    let _ = shared.enqueue(&mut st, m);
                 }
                 !closing
             };
@@ -521,5 +656,209 @@ fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
                 "unknown pod-link message; ignored"
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The link thread's batching (one write per dispatch, written by the link thread itself
+    //! when the writer thread is idle): order, early flush of a large batch, back-pressure
+    //! without dead-lock, and other threads' output kept in order with the batch.
+    use super::*;
+    use crate::podlink::Open;
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+
+    const T: Duration = Duration::from_secs(20);
+
+    /// Echoes DATA; a DATA `close` closes its session after echoing; a DATA `spawn` makes a
+    /// thread send `from-thread` for the session while the link thread keeps dispatching.
+    struct Echo {
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Agent for Echo {
+        fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
+            out.data(s, bytes).unwrap();
+            if bytes == b"close" {
+                out.close(s, CloseReason::Normal).unwrap();
+            }
+            if bytes == b"spawn" {
+                let o = out.clone();
+                self.threads.push(std::thread::spawn(move || {
+                    o.data(s, b"from-thread").unwrap();
+                }));
+            }
+        }
+        fn link_closed(&mut self, _out: &Outbox) {
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    struct Daemon {
+        s: UnixStream,
+        buf: Vec<u8>,
+    }
+
+    impl Daemon {
+        fn start() -> (Daemon, std::thread::JoinHandle<io::Result<()>>) {
+            let (a, b) = UnixStream::pair().unwrap();
+            let h = std::thread::spawn(move || {
+                serve_link(
+                    b,
+                    Echo {
+                        threads: Vec::new(),
+                    },
+                )
+            });
+            a.set_read_timeout(Some(T)).unwrap();
+            let mut d = Daemon {
+                s: a,
+                buf: Vec::new(),
+            };
+            let mut v = Vec::new();
+            encode(
+                &mut v,
+                0,
+                &Msg::Hello {
+                    version: VERSION,
+                    name: "test",
+                },
+            );
+            d.s.write_all(&v).unwrap();
+            assert!(matches!(d.recv(), (0, 0x01, _)), "HELLO first");
+            (d, h)
+        }
+
+        fn open(&mut self, sids: impl IntoIterator<Item = u32>) {
+            let mut v = Vec::new();
+            for sid in sids {
+                encode(
+                    &mut v,
+                    sid,
+                    &Msg::Open(Open {
+                        tenant: 1,
+                        agent: 1,
+                        client_caps: 1,
+                        peer: "127.0.0.1:1",
+                    }),
+                );
+            }
+            self.s.write_all(&v).unwrap();
+        }
+
+        /// (session, message type, DATA body or empty).
+        fn recv(&mut self) -> (u32, u8, Vec<u8>) {
+            loop {
+                match decode(&self.buf).unwrap() {
+                    Decoded::Msg {
+                        session_id,
+                        msg,
+                        used,
+                    } => {
+                        let body = match msg {
+                            Msg::Data(b) => b.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let ty = msg.ty().code();
+                        self.buf.drain(..used);
+                        return (session_id, ty, body);
+                    }
+                    Decoded::NeedMore(_) => {
+                        let mut chunk = [0u8; 65536];
+                        let n = self.s.read(&mut chunk).expect("read from the agent");
+                        assert!(n > 0, "agent closed the link");
+                        self.buf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_dispatch_answers_in_order_with_close_after_its_data() {
+        let (mut d, h) = Daemon::start();
+        d.open(1..=50);
+        let mut v = Vec::new();
+        for k in 0..500u32 {
+            let sid = 1 + k % 50;
+            encode(&mut v, sid, &Msg::Data(format!("m{k}").as_bytes()));
+        }
+        encode(&mut v, 7, &Msg::Data(b"close"));
+        encode(&mut v, 7, &Msg::Data(b"after-close"));
+        d.s.write_all(&v).unwrap();
+        for k in 0..500u32 {
+            assert_eq!(
+                d.recv(),
+                (1 + k % 50, 0x10, format!("m{k}").into_bytes()),
+                "echo {k}"
+            );
+        }
+        assert_eq!(d.recv(), (7, 0x10, b"close".to_vec()));
+        assert_eq!(d.recv().1, 0x30, "CLOSE right after the DATA before it");
+        // Nothing is sent for a closed session: the next thing is this echo.
+        v.clear();
+        encode(&mut v, 8, &Msg::Data(b"probe"));
+        d.s.write_all(&v).unwrap();
+        assert_eq!(d.recv(), (8, 0x10, b"probe".to_vec()));
+        drop(d);
+        h.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn large_batches_and_a_daemon_that_does_not_read_neither_lose_nor_dead_lock() {
+        let (mut d, h) = Daemon::start();
+        d.open([1, 2]);
+        // 8 MiB of DATA in 8 KiB messages, written by a thread while this one does not read:
+        // the agent's output passes both the batch limit and the writer's queue limit.
+        let mut w = d.s.try_clone().unwrap();
+        let body = vec![0xA5u8; 8192];
+        let writer = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            for k in 0..1024u32 {
+                v.clear();
+                let mut b = body.clone();
+                b[..4].copy_from_slice(&k.to_be_bytes());
+                encode(&mut v, 1 + k % 2, &Msg::Data(&b));
+                w.write_all(&v).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for k in 0..1024u32 {
+                let (sid, ty, b) = d.recv();
+                assert_eq!((sid, ty, b.len()), (1 + k % 2, 0x10, 8192), "echo {k}");
+                assert_eq!(b[..4], k.to_be_bytes(), "echo {k} in order");
+            }
+            tx.send(()).unwrap();
+            d
+        });
+        rx.recv_timeout(T)
+            .expect("every echo arrives (no dead-lock)");
+        writer.join().unwrap();
+        drop(reader.join().unwrap());
+        h.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn another_threads_output_stays_in_order_with_the_batch() {
+        let (mut d, h) = Daemon::start();
+        d.open([1]);
+        let mut v = Vec::new();
+        encode(&mut v, 1, &Msg::Data(b"spawn"));
+        d.s.write_all(&v).unwrap();
+        assert_eq!(d.recv(), (1, 0x10, b"spawn".to_vec()));
+        assert_eq!(d.recv(), (1, 0x10, b"from-thread".to_vec()));
+        for k in 0..200u32 {
+            v.clear();
+            encode(&mut v, 1, &Msg::Data(format!("x{k}").as_bytes()));
+            d.s.write_all(&v).unwrap();
+            assert_eq!(d.recv(), (1, 0x10, format!("x{k}").into_bytes()));
+        }
+        drop(d);
+        h.join().unwrap().unwrap();
     }
 }
