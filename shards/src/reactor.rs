@@ -88,6 +88,12 @@ pub(crate) struct Conn {
 }
 
 const CHUNK_MAX: usize = 64 * 1024;
+/// Output queues kept for reuse per shard once emptied (see [`Core::recycle`]): a queue costs
+/// three allocations (the box, its chunk index and a chunk), and a busy shard empties and
+/// refills one per connection per round trip.
+const POOL_QUEUES: usize = 1024;
+/// A pooled queue keeps one empty chunk of at most this capacity.
+const POOL_CHUNK_MAX: usize = 1024;
 
 /// Ordered output queue. The front chunk is never modified while a send referencing it is
 /// in flight (`locked`), so the kernel may read it in place.
@@ -95,6 +101,8 @@ pub(crate) struct OutQueue {
     chunks: VecDeque<Vec<u8>>,
     off: usize,
     len: usize,
+    /// An empty chunk to use before allocating one.
+    spare: Vec<u8>,
 }
 
 impl OutQueue {
@@ -103,7 +111,25 @@ impl OutQueue {
             chunks: VecDeque::new(),
             off: 0,
             len: 0,
+            spare: Vec::new(),
         }
+    }
+
+    /// Empties the queue for reuse, keeping its chunk index and one small chunk; `false` when
+    /// it holds nothing worth keeping.
+    fn reset(&mut self) -> bool {
+        self.off = 0;
+        self.len = 0;
+        while let Some(mut c) = self.chunks.pop_front() {
+            if c.capacity() <= POOL_CHUNK_MAX && c.capacity() > self.spare.capacity() {
+                c.clear();
+                self.spare = c;
+            }
+        }
+        if self.spare.capacity() > POOL_CHUNK_MAX {
+            self.spare = Vec::new();
+        }
+        self.chunks.capacity() <= 16
     }
 
     fn push(&mut self, data: &[u8], front_locked: bool) {
@@ -118,7 +144,11 @@ impl OutQueue {
         if can_append {
             self.chunks.back_mut().unwrap().extend_from_slice(data);
         } else {
-            let mut v = Vec::with_capacity(data.len().max(256));
+            let mut v = if self.spare.capacity() >= data.len() {
+                std::mem::take(&mut self.spare)
+            } else {
+                Vec::with_capacity(data.len().max(256))
+            };
             v.extend_from_slice(data);
             self.chunks.push_back(v);
         }
@@ -143,7 +173,12 @@ impl OutQueue {
             let front_left = self.chunks[0].len() - self.off;
             if n >= front_left {
                 n -= front_left;
-                self.chunks.pop_front();
+                if let Some(mut c) = self.chunks.pop_front() {
+                    if c.capacity() <= POOL_CHUNK_MAX && self.spare.capacity() == 0 {
+                        c.clear();
+                        self.spare = c;
+                    }
+                }
                 self.off = 0;
             } else {
                 self.off += n;
@@ -285,6 +320,10 @@ pub(crate) struct Core<M> {
     pub udp: Option<OwnedFd>,
     /// Datagrams dropped (truncated on receive, or not sent).
     pub udp_dropped: u64,
+    /// Emptied output queues kept for reuse (at most `POOL_QUEUES`). Boxed because a conn
+    /// holds its queue as a `Box`: reusing the box is the point.
+    #[allow(clippy::vec_box)]
+    pool: Vec<Box<OutQueue>>,
 }
 
 impl<M: Send + 'static> Core<M> {
@@ -317,6 +356,14 @@ impl<M: Send + 'static> Core<M> {
             aborted_all: false,
             udp: None,
             udp_dropped: 0,
+            pool: Vec::new(),
+        }
+    }
+
+    /// Keeps an emptied output queue for the next connection that queues output.
+    fn recycle(&mut self, mut q: Box<OutQueue>) {
+        if self.pool.len() < POOL_QUEUES && q.reset() {
+            self.pool.push(q);
         }
     }
 
@@ -358,12 +405,15 @@ impl<M: Send + 'static> Core<M> {
         if c.flags & f::HANDOFF != 0 {
             self.handoffs.remove(&idx);
         }
-        c.out = None;
+        let out = c.out.take();
         c.flags = 0;
         c.fd = -1;
         c.gen = c.gen.wrapping_add(1);
         self.free.push(idx);
         self.live -= 1;
+        if let Some(q) = out {
+            self.recycle(q);
+        }
     }
 
     pub fn id(&self, idx: u32) -> ConnId {
@@ -392,7 +442,12 @@ impl<M: Send + 'static> Core<M> {
     fn queue(&mut self, idx: u32, bytes: &[u8]) -> usize {
         let c = &mut self.conns[idx as usize];
         let locked = c.flags & f::SEND != 0;
-        let q = c.out.get_or_insert_with(|| Box::new(OutQueue::new()));
+        if c.out.is_none() {
+            c.out = Some(self.pool.pop().unwrap_or_else(|| Box::new(OutQueue::new())));
+        }
+        let Some(q) = c.out.as_mut() else {
+            return 0;
+        };
         q.push(bytes, locked);
         q.len()
     }
@@ -404,8 +459,11 @@ impl<M: Send + 'static> Core<M> {
         q.consume(n);
         let left = q.len();
         if left == 0 {
-            c.out = None;
+            if let Some(q) = c.out.take() {
+                self.recycle(q);
+            }
         }
+        let c = &mut self.conns[idx as usize];
         if c.flags & f::BP != 0 && left < self.low.max(1) {
             c.flags &= !f::BP;
             if c.flags & f::DEAD == 0 {
@@ -783,5 +841,29 @@ mod tests {
         q.consume(2);
         assert_eq!(q.front(), b"ghijkl");
         assert_eq!(q.into_vec(), b"ghijkl");
+    }
+
+    #[test]
+    fn recycled_queue_starts_empty_and_keeps_order() {
+        let mut q = OutQueue::new();
+        q.push(b"old bytes", false);
+        q.push(b"more", true);
+        q.consume(4);
+        assert!(q.reset(), "a small queue is worth pooling");
+        assert_eq!(q.len(), 0);
+        assert_eq!(q.front(), b"");
+        q.push(b"new", false);
+        q.push(b"er", true);
+        assert_eq!(q.len(), 5);
+        assert_eq!(q.front(), b"new");
+        q.consume(3);
+        assert_eq!(q.front(), b"er");
+        q.consume(2);
+        assert_eq!(q.len(), 0);
+        // A big chunk is not kept.
+        q.push(&vec![7u8; 4 * POOL_CHUNK_MAX], false);
+        q.consume(4 * POOL_CHUNK_MAX);
+        assert!(q.reset());
+        assert!(q.spare.capacity() <= POOL_CHUNK_MAX);
     }
 }

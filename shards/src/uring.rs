@@ -7,7 +7,10 @@
 //! * A conn slot (and its fd and output queue) is never freed, reused or closed while
 //!   `Conn::ops > 0`, i.e. while a recv or send SQE referencing it is in flight.
 //! * The front chunk of an output queue is never modified or freed while a send is in flight
-//!   (`OutQueue::push(.., locked)`), so the pointer given to `opcode::Send` stays valid.
+//!   (`OutQueue::push(.., locked)`), so the pointer given to `opcode::Send` stays valid. A
+//!   queue goes back to the shard's pool (`Core::recycle`) only once a completed send has
+//!   emptied it or its slot is freed (`ops == 0`): no in-flight send references a pooled
+//!   queue.
 //! * The provided-buffer ring and buffer memory are `mmap`ed once, registered with the ring
 //!   and unmapped only after the ring is gone and no op is in flight (leaked otherwise).
 //! * The eventfd read buffer is a heap allocation freed only after the ring is gone (leaked

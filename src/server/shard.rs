@@ -157,7 +157,12 @@ pub struct ShardHandler {
     qevents: Vec<QEvent>,
     /// Streams of this shard relayed to the shard that owns their session.
     relays: IdMap<StreamKey, usize>,
+    /// The pod whose messages from the client batch being processed wait in the scratch sink.
+    pod_batch: Option<(u32, u32)>,
 }
+
+/// Client → pod bytes of one batch of input sent to the link early past this size.
+const POD_BATCH_MAX: usize = 64 * 1024;
 
 const NO_WAKE: u64 = u64::MAX;
 
@@ -191,6 +196,7 @@ impl ShardHandler {
             quic,
             qevents: Vec::new(),
             relays: IdMap::default(),
+            pod_batch: None,
         }
     }
 
@@ -475,6 +481,21 @@ impl ShardHandler {
         }
     }
 
+    /// A pod that reads slower than this client writes: stop reading the client until the
+    /// link drains, so the link's queue stays bounded.
+    fn pause_if_pod_slow(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, key: (u32, u32)) {
+        let mut pause = false;
+        if let Some(l) = self.links.get_mut(key) {
+            if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
+                l.paused_readers.push(conn);
+                pause = true;
+            }
+        }
+        if pause {
+            self.io_set_reading(ctx, conn, false);
+        }
+    }
+
     fn link_send(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32), bytes: &[u8]) {
         match self.links.get_mut(key) {
             Some(l) if l.connected => {
@@ -579,6 +600,7 @@ impl ShardHandler {
     ) -> (usize, bool) {
         let mut off = 0;
         let mut alive = true;
+        let mut frames_in = 0u64;
         let max = self.shared.cfg.session.max_payload;
         while off < bytes.len() {
             if self
@@ -609,7 +631,7 @@ impl ShardHandler {
                 }
                 Ok(Decoded::NeedMore(_)) => break,
                 Ok(Decoded::Frame(f, used)) => {
-                    ShardMetrics::inc(&self.m().frames_in, 1);
+                    frames_in += 1;
                     let rest_from = off;
                     off += used;
                     match self.on_frame(ctx, conn, &f) {
@@ -620,12 +642,23 @@ impl ShardHandler {
                             break;
                         }
                         Next::HandOff(shard) => {
+                            ShardMetrics::inc(&self.m().frames_in, frames_in);
                             let buffered = bytes[rest_from..].to_vec();
                             self.hand_over(ctx, conn, shard, buffered);
                             return (bytes.len(), false);
                         }
                     }
                 }
+            }
+        }
+        ShardMetrics::inc(&self.m().frames_in, frames_in);
+        // Pod messages from this batch's frames go out together, in order.
+        if let Some(key) = self.pod_batch.take() {
+            if !self.scratch.pod.is_empty() {
+                self.flush(ctx, None, key);
+            }
+            if alive {
+                self.pause_if_pod_slow(ctx, conn, key);
             }
         }
         // One coalesced ACK per batch of input for RELIABLE clients.
@@ -746,25 +779,18 @@ impl ShardHandler {
                 let flow = s.on_client_frame(f, now, cfg, &mut self.scratch);
                 let key = (s.tenant(), s.agent());
                 if flow == Flow::Continue {
-                    // Client → pod bytes are flushed per frame so DATA boundaries and order
-                    // are kept; the client side is flushed once per batch.
+                    // Client → pod messages (each keeps its DATA boundary) collect in the
+                    // scratch sink and go to the link once per batch of input (`process`), in
+                    // order; a large batch goes early.
                     if !self.scratch.pod.is_empty() {
-                        self.flush(ctx, None, key);
-                        // A pod that reads slower than this client writes: stop reading the
-                        // client until the link drains, so the link's queue stays bounded.
-                        let mut pause = false;
-                        if let Some(l) = self.links.get_mut(key) {
-                            if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
-                                l.paused_readers.push(conn);
-                                pause = true;
-                            }
-                        }
-                        if pause {
-                            self.io_set_reading(ctx, conn, false);
+                        self.pod_batch = Some(key);
+                        if self.scratch.pod.len() >= POD_BATCH_MAX {
+                            self.flush(ctx, None, key);
                         }
                     }
                     return Next::Continue;
                 }
+                self.pod_batch = None;
                 self.flush(ctx, Some(conn), key);
                 self.apply_flow(ctx, sid, Some(conn), flow);
                 Next::Stop
@@ -973,6 +999,7 @@ impl ShardHandler {
         };
         let mut off = 0;
         let mut broken = false;
+        let mut hello_seen = self.links.get(key).is_some_and(|l| l.hello_seen);
         while off < bytes.len() {
             match podlink::decode(&bytes[off..]) {
                 Err(e) => {
@@ -987,7 +1014,7 @@ impl ShardHandler {
                     used,
                 }) => {
                     off += used;
-                    if !self.on_pod_msg(ctx, key, session_id, msg) {
+                    if !self.on_pod_msg(ctx, key, session_id, msg, &mut hello_seen) {
                         broken = true;
                         break;
                     }
@@ -1014,11 +1041,12 @@ impl ShardHandler {
         key: (u32, u32),
         sid: u32,
         msg: PodMsg<'_>,
+        hello_seen: &mut bool,
     ) -> bool {
-        let Some(l) = self.links.get_mut(key) else {
-            return false;
-        };
-        if !l.hello_seen {
+        if !*hello_seen {
+            let Some(l) = self.links.get_mut(key) else {
+                return false;
+            };
             if let PodMsg::Hello { version, name } = msg {
                 if version != podlink::codec::VERSION {
                     warn!(
@@ -1032,6 +1060,7 @@ impl ShardHandler {
                     return false;
                 }
                 l.hello_seen = true;
+                *hello_seen = true;
                 debug!(shard = self.index, ?key, version, name, "pod HELLO");
                 return true;
             }
@@ -1509,10 +1538,12 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
-        if let Some(key) = self.links.key_of(conn) {
-            self.on_link_data(ctx, conn, key, data);
-        } else {
+        // Client connections first (the common case; a cheap lookup): a connection is never
+        // both a client and a pod link.
+        if self.conns.contains_key(&Client::Tcp(conn)) {
             self.on_client_bytes(ctx, Client::Tcp(conn), data);
+        } else if let Some(key) = self.links.key_of(conn) {
+            self.on_link_data(ctx, conn, key, data);
         }
         self.quic_settle(ctx);
     }

@@ -7,11 +7,53 @@
 //! are `seq u32 | len u32 | payload` and may straddle chunk boundaries.
 
 use crate::proto::seq;
+use std::cell::RefCell;
 use std::collections::VecDeque;
 
 const REC_HDR: usize = 8;
 const FIRST_CHUNK: usize = 512;
 const MAX_CHUNK: usize = 16 * 1024;
+
+/// Storage of emptied rings (a chunk index holding one `FIRST_CHUNK` chunk), kept per thread
+/// for the next ring that fills: an interactive session's ring goes from empty to one record
+/// and back on every round trip, which would otherwise cost two allocations and two frees
+/// each time. Bounded, so at most `SPARE_MAX × ~600` bytes per thread stay allocated; the
+/// rings themselves still hold nothing while empty.
+const SPARE_MAX: usize = 1024;
+
+thread_local! {
+    static SPARE: RefCell<Vec<VecDeque<Box<[u8]>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Storage for a ring's first chunk: a pooled one, or a fresh allocation.
+fn take_storage() -> VecDeque<Box<[u8]>> {
+    let pooled = SPARE
+        .try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+        .ok()
+        .flatten();
+    pooled.unwrap_or_else(|| {
+        let mut d = VecDeque::with_capacity(4);
+        d.push_back(vec![0u8; FIRST_CHUNK].into_boxed_slice());
+        d
+    })
+}
+
+/// Gives an emptied ring's storage back to the pool (or frees it). Only a first-size chunk is
+/// kept; its stale bytes are never read (a ring reads only what it wrote).
+fn give_storage(mut d: VecDeque<Box<[u8]>>) {
+    d.retain(|c| c.len() == FIRST_CHUNK);
+    d.truncate(1);
+    if d.len() != 1 || d.capacity() > 8 {
+        return;
+    }
+    let _ = SPARE.try_with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if p.len() < SPARE_MAX {
+                p.push(d);
+            }
+        }
+    });
+}
 
 /// What [`ReplayRing::push`] had to drop to stay within its cap.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -109,11 +151,13 @@ impl ReplayRing {
                 None => 0,
             };
             if room == 0 {
-                let size = match self.chunks.back() {
-                    Some(c) => (c.len() * 2).min(MAX_CHUNK),
-                    None => FIRST_CHUNK,
-                };
-                self.chunks.push_back(vec![0u8; size].into_boxed_slice());
+                match self.chunks.back() {
+                    Some(c) => {
+                        let size = (c.len() * 2).min(MAX_CHUNK);
+                        self.chunks.push_back(vec![0u8; size].into_boxed_slice());
+                    }
+                    None => self.chunks = take_storage(),
+                }
                 self.tail = 0;
                 continue;
             }
@@ -188,7 +232,7 @@ impl ReplayRing {
         self.payload -= len as u32;
         if self.frames == 0 {
             // Give all memory back: an idle session holds no ring chunks.
-            self.chunks = VecDeque::new();
+            give_storage(std::mem::take(&mut self.chunks));
             self.head = 0;
             self.tail = 0;
         } else {
@@ -355,6 +399,30 @@ mod tests {
             }
         );
         assert_eq!(r.len(), 8);
+    }
+
+    #[test]
+    fn reused_storage_holds_only_what_was_written() {
+        // A ring that empties gives its first chunk to the thread's pool; the next ring to
+        // fill takes it, stale bytes and all, and must show only its own records.
+        let mut a = ReplayRing::new();
+        a.push(1, &[0xEE; 400], 1000);
+        assert_eq!(a.pop_front(), Some((1, 400)));
+        assert_eq!(a.heap_bytes(), 0);
+        let mut b = ReplayRing::new();
+        b.push(9, b"ab", 1000);
+        b.push(10, b"", 1000);
+        b.push(11, b"cde", 1000);
+        assert_eq!(
+            contents(&b),
+            vec![(9, b"ab".to_vec()), (10, vec![]), (11, b"cde".to_vec())]
+        );
+        for k in 12..200u32 {
+            b.push(k, &[k as u8; 7], 1 << 20);
+        }
+        assert_eq!(b.remove_through(199), 191);
+        assert!(b.is_empty());
+        assert_eq!(b.heap_bytes(), 0);
     }
 
     #[test]

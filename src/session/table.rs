@@ -57,6 +57,23 @@ impl Hasher for IdHasher {
         // Combines with what was written before, so multi-field keys hash every field.
         self.0 = (self.0.rotate_left(26) ^ v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
+    // Whole integers in one step rather than byte by byte through `write` (enum keys hash
+    // their discriminant as an isize): same mixing, a fraction of the instructions.
+    fn write_u8(&mut self, v: u8) {
+        self.write_u32(v as u32);
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u32(v as u32);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(26) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write_isize(&mut self, v: isize) {
+        self.write_u64(v as u64);
+    }
 }
 
 const PAGE: usize = 512;
