@@ -16,12 +16,16 @@
 
 use clawterm::proto::{self, Decoded, FrameType};
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::os::fd::FromRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use harness::{agent_command, bin, clawtermd, raise_nofile, tcp_addr, Proc};
 
 const TENANT: u32 = 7;
 const SESSIONS: usize = 10_000;
@@ -29,101 +33,23 @@ const PODS: u32 = 4;
 const SHARDS: usize = 2;
 const TRIES: u32 = 20;
 
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/release/examples/pod_figures -> target/release
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    if !p.exists() {
-        eprintln!(
-            "{} not found: run `cargo build --release --bins` first",
-            p.display()
-        );
-        std::process::exit(2);
-    }
-    p
-}
-
-fn raise_nofile() -> u64 {
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur = r.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur
-    }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_server(sock: &Path) -> (Proc, SocketAddr) {
-    let mut child = Command::new(bin("clawtermd"))
-        .args(["--bind", "127.0.0.1", "--port", "0"])
+    let mut cmd = clawtermd();
+    cmd.args(["--bind", "127.0.0.1", "--port", "0"])
         .args(["--insecure-plaintext", "--insecure-no-auth"])
         .arg("--socket-dir")
         .arg(sock)
         .args(["--shards", &SHARDS.to_string(), "--io", "uring"])
         .args(["--admin", "off", "--no-quic", "--agent-grace", "5"])
-        .env("RUST_LOG", "warn,clawtermd=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn clawtermd");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on tcp ") {
-                let a = line[i + 17..].split_whitespace().next().unwrap_or("");
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("clawtermd did not start")
-        .parse()
-        .unwrap();
-    (Proc(child), addr)
+        .env("RUST_LOG", "warn,clawtermd=info");
+    let (child, _, line) = harness::start_server(&mut cmd, "clawtermd");
+    (Proc(child), tcp_addr(&line).expect("clawtermd's address"))
 }
 
+/// `claw-agent ... echo`, not waited for (the figures watch for its socket).
 fn start_agent(sock: &Path, agent: u32) -> Proc {
-    let child = Command::new(bin("claw-agent"))
-        .arg("-s")
-        .arg(sock)
-        .args([
-            "--tenant",
-            &TENANT.to_string(),
-            "--agent",
-            &agent.to_string(),
-        ])
-        .arg("echo")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
+    let child = agent_command(sock, TENANT, agent, &["echo"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("spawn claw-agent");
     Proc(child)
@@ -131,29 +57,7 @@ fn start_agent(sock: &Path, agent: u32) -> Proc {
 
 /// A TCP connection from `src` (port chosen by the kernel) to `dst`.
 fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let sin = |a: SocketAddrV4| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*a.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let s = sin(SocketAddrV4::new(src, 0));
-        let r = libc::bind(fd, &s as *const _ as *const libc::sockaddr, len);
-        assert_eq!(r, 0, "bind {src}: {}", std::io::Error::last_os_error());
-        let SocketAddr::V4(d) = dst else {
-            panic!("IPv4 only")
-        };
-        let d = sin(d);
-        let r = libc::connect(fd, &d as *const _ as *const libc::sockaddr, len);
-        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
-        TcpStream::from_raw_fd(fd)
-    }
+    harness::connect_from(src, dst).unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"))
 }
 
 fn connect_frame(agent: u32) -> Vec<u8> {
@@ -354,7 +258,7 @@ fn main() {
     let nofile = raise_nofile();
     println!(
         "RLIMIT_NOFILE {nofile}; binaries from {}",
-        bin_dir().display()
+        bin("clawtermd").parent().unwrap().display()
     );
     let dir = std::env::temp_dir().join(format!("pod-figures-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -36,6 +36,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use harness::{proc_cpu_s, raise_nofile};
+
 const TENANT: u32 = 1;
 const AGENT: u32 = 1;
 const PAYLOAD_LEN: usize = 32;
@@ -130,27 +135,6 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a plain struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return r.rlim_max as u64;
-            }
-        }
-        r.rlim_cur as u64
-    }
-}
-
 fn get_affinity() -> Option<libc::cpu_set_t> {
     // SAFETY: cpu_set_t is plain data; the kernel writes at most its size.
     unsafe {
@@ -162,15 +146,7 @@ fn get_affinity() -> Option<libc::cpu_set_t> {
 
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> Result<(), String> {
-    // SAFETY: as above; sched_setaffinity(0, ..) affects the calling thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(errno_str());
-        }
-    }
-    Ok(())
+    harness::pin_thread(cpu)
 }
 
 fn online_cpus() -> usize {
@@ -181,21 +157,7 @@ fn online_cpus() -> usize {
 
 /// VmRSS of `pid` in bytes.
 fn vm_rss(pid: u32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// utime + stime of `pid`, in seconds.
-fn proc_cpu_s(pid: u32) -> Option<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some(ticks as f64 / hz)
+    Some(harness::rss_kib(pid)? * 1024)
 }
 
 /// CPU seconds used by the calling thread.
@@ -436,9 +398,7 @@ impl Env {
 }
 
 fn parse_listen_port(line: &str) -> Option<u16> {
-    let rest = &line[line.find("listening on tcp ")? + "listening on tcp ".len()..];
-    let addr = rest.split_whitespace().next()?;
-    addr.rsplit(':').next()?.parse().ok()
+    harness::tcp_addr(line).map(|a| a.port())
 }
 
 // ------------------------------------------------------------------------------------------

@@ -20,169 +20,21 @@
 //! Linux only (PTYs via the agent SDK's helpers).
 
 use std::io::Read;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clawterm::agent::pty;
 
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use harness::{bin, plaintext_clawtermd, start_agent, start_server, tcp_addr, Proc, Proxy};
+
 const TENANT: u32 = 7;
 const AGENT: u32 = 1;
 const TOKEN_HEX: &str = "abababababababababababababababababababababababababababababababab";
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/release/examples/reconnect_figure -> target/release
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the example lives in target/PROFILE/examples")
-        .to_path_buf();
-    let p = dir.join(name);
-    if !p.exists() {
-        eprintln!(
-            "{} not found: run `cargo build --release --bins` first",
-            p.display()
-        );
-        std::process::exit(2);
-    }
-    p
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) of our own child; no memory involved.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The proxy
-
-struct Proxy {
-    addr: SocketAddr,
-    /// Cut: new connections are closed at once.
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    /// When the first connection after the last restore was accepted.
-    first_accept: Arc<Mutex<Option<Instant>>>,
-    armed: Arc<AtomicBool>,
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        use std::io::Write;
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = from.shutdown(Shutdown::Both);
-        let _ = to.shutdown(Shutdown::Both);
-    });
-}
-
-impl Proxy {
-    fn start(target: SocketAddr) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
-        l.set_nonblocking(true).expect("non-blocking listener");
-        let addr = l.local_addr().expect("proxy address");
-        let p = Proxy {
-            addr,
-            cut: Arc::new(AtomicBool::new(false)),
-            conns: Arc::new(Mutex::new(Vec::new())),
-            first_accept: Arc::new(Mutex::new(None)),
-            armed: Arc::new(AtomicBool::new(false)),
-        };
-        let (cut, conns, first, armed) = (
-            p.cut.clone(),
-            p.conns.clone(),
-            p.first_accept.clone(),
-            p.armed.clone(),
-        );
-        std::thread::spawn(move || loop {
-            let client = match l.accept() {
-                Ok((c, _)) => c,
-                Err(_) => {
-                    std::thread::sleep(Duration::from_micros(200));
-                    continue;
-                }
-            };
-            let now = Instant::now();
-            let _ = client.set_nonblocking(false);
-            let mut g = conns.lock().unwrap_or_else(|e| e.into_inner());
-            if cut.load(Ordering::SeqCst) {
-                let _ = client.shutdown(Shutdown::Both);
-                continue;
-            }
-            if armed.swap(false, Ordering::SeqCst) {
-                *first.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
-            }
-            let Ok(server) = TcpStream::connect(target) else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            if let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) {
-                g.push(c);
-                g.push(s);
-            }
-            drop(g);
-            if let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) {
-                pump(c, s);
-                pump(server, client);
-            }
-        });
-        p
-    }
-
-    fn reset_all(&self) {
-        for s in self
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Starts an outage.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.reset_all();
-    }
-
-    fn restore(&self) {
-        *self.first_accept.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.armed.store(true, Ordering::SeqCst);
-        self.cut.store(false, Ordering::SeqCst);
-    }
-
-    fn first_accept(&self) -> Option<Instant> {
-        *self.first_accept.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -234,63 +86,25 @@ fn main() {
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, format!("{TENANT} {TOKEN_HEX}\n")).expect("write tokens");
 
-    let _agent = Proc(
-        Command::new(bin("claw-agent"))
-            .arg("-s")
-            .arg(&sock)
-            .args([
-                "--tenant",
-                &TENANT.to_string(),
-                "--agent",
-                &AGENT.to_string(),
-            ])
-            .args(["exec", "--", "sh", "-c"])
-            .arg("while :; do echo '################'; sleep 0.01; done")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start claw-agent"),
+    let _agent = start_agent(
+        &sock,
+        TENANT,
+        AGENT,
+        &[
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "while :; do echo '################'; sleep 0.01; done",
+        ],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.join(format!("{TENANT}_{AGENT}")).exists() {
-        assert!(Instant::now() < deadline, "claw-agent never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let mut server = Command::new(bin("clawtermd"))
-        .args(["--bind", "127.0.0.1", "--port", "0", "--insecure-plaintext"])
-        .arg("--tokens")
-        .arg(&tokens)
-        .arg("--socket-dir")
-        .arg(&sock)
+    let mut server = plaintext_clawtermd(&tokens, &sock);
+    server
         .args(["--shards", "2", "--admin", "off", "--no-quic"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start clawtermd");
-    let stderr = server.stderr.take().expect("clawtermd stderr");
+        .env("RUST_LOG", "info");
+    let (server, _, line) = start_server(&mut server, "clawtermd");
     let _server = Proc(server);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(i) = line.find("listening on tcp ") {
-                let a = line[i + 17..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let _ = tx.send(a);
-            }
-        }
-    });
-    let server_addr: SocketAddr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("clawtermd did not report its address")
-        .parse()
-        .expect("clawtermd's address");
+    let server_addr: SocketAddr = tcp_addr(&line).expect("clawtermd's address");
     let proxy = Proxy::start(server_addr);
 
     // clawterm in a PTY; a thread reads the screen and timestamps what arrives.

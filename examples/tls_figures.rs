@@ -18,13 +18,12 @@
 //!     [--echo-sessions 200] [--idle 5000] [--idle-quic 2000]
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawterm::client::core::ClientCore;
@@ -32,63 +31,27 @@ use clawterm::client::quic::QuicStream;
 use clawterm::client::transport::{client_config, parse_pin};
 use clawterm::client::{Event, Options, Session, TlsTrust, Transport};
 
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use harness::{
+    clawtermd, hex, pin_thread, quic_addr, rss_kib, start_agent, start_server, tcp_addr, Proc,
+};
+
 const TENANT: u32 = 1;
 const AGENT: u32 = 1;
 const TOKEN: [u8; 32] = [0x42; 32];
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/examples/tls_figures -> target/<profile>
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 fn pin_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set; affects the calling thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    let _ = pin_thread(cpu);
 }
 
 fn proc_cpu_s(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // After ")": state is [0]; utime is field 14 of the line = [11], stime [12].
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (t(11) + t(12)) / tck
+    harness::proc_cpu_s(pid).unwrap_or(0.0)
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    rss_kib(pid).unwrap_or(0)
 }
 
 /// One server (TLS or plaintext), one shard on CPU 0, with an echo agent.
@@ -110,22 +73,8 @@ impl Server {
         std::fs::create_dir_all(dir.join("sock")).unwrap();
         let tokens = dir.join("tokens");
         std::fs::write(&tokens, format!("{TENANT} {}\n", hex(&TOKEN))).unwrap();
-        let mut agent = Command::new(bin_dir().join("claw-agent"))
-            .arg("-s")
-            .arg(dir.join("sock"))
-            .args(["--tenant", "1", "--agent", "1", "echo"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("claw-agent (cargo build --release --bins)");
-        let mut line = String::new();
-        BufReader::new(agent.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("listening"), "{line}");
-        let agent = Proc(agent);
-        let mut cmd = Command::new(bin_dir().join("clawtermd"));
+        let agent = start_agent(&dir.join("sock"), TENANT, AGENT, &["echo"]);
+        let mut cmd = clawtermd();
         cmd.args(["--bind", "127.0.0.1", "--port", "0", "--admin", "off"])
             .args(if quic {
                 ["--quic-port", "0"]
@@ -145,10 +94,7 @@ impl Server {
             .arg(&tokens)
             .arg("--socket-dir")
             .arg(dir.join("sock"))
-            .env("RUST_LOG", "warn,clawterm=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .env("RUST_LOG", "warn,clawterm=info");
         let cert = if tls {
             let (c, k, fp) = clawterm::server::tls::self_signed(dir).unwrap();
             cmd.arg("--tls-cert").arg(&c).arg("--tls-key").arg(&k);
@@ -157,38 +103,13 @@ impl Server {
             cmd.arg("--insecure-plaintext");
             None
         };
-        let mut child = cmd.spawn().expect("clawtermd");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines() {
-                let Ok(l) = l else { break };
-                if let Some(i) = l.find("listening on tcp ") {
-                    let a = l[i + 17..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    let q = l.find(" and quic ").map(|j| {
-                        l[j + 10..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("")
-                            .to_string()
-                    });
-                    let _ = tx.send((a, q));
-                }
-            }
-        });
+        let (child, _, line) = start_server(&mut cmd, "clawtermd");
         let proc = Proc(child);
-        let (addr, quic) = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no listening line");
         Server {
             proc,
             _agent: agent,
-            addr: addr.parse().unwrap(),
-            quic: quic.map(|q| q.parse().expect("QUIC address")),
+            addr: tcp_addr(&line).expect("clawtermd's TCP address"),
+            quic: quic.then(|| quic_addr(&line).expect("QUIC address")),
             cert,
         }
     }

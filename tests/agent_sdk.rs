@@ -2,13 +2,17 @@
 //! daemon speaks the pod link (POD-LINK.md §2, §3, §6) with `clawterm::podlink`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+mod harness;
+
+use harness::{dead, first_line, temp_path, wait_dead};
 
 use clawterm::agent::{Agent, AgentListener, CloseReason, OpenInfo, Outbox, SessionId};
 use clawterm::podlink::{decode, encode, Decoded, Msg, Open, MAX_BODY};
@@ -19,14 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 // Helpers
 
 fn temp_dir(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "claw-agent-test-{}-{name}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    temp_path(&format!("agent-sdk-{name}"))
 }
 
 /// An owned pod-link message, as received by the fake daemon.
@@ -166,16 +163,7 @@ impl AgentProc {
             .stderr(Stdio::null())
             .spawn()
             .expect("start claw-agent");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(TIMEOUT)
-            .expect("claw-agent printed nothing");
+        let line = first_line(&mut child, TIMEOUT);
         let path = dir.join("1_7");
         assert_eq!(
             line.trim_end(),
@@ -802,24 +790,6 @@ fn sdk_serve_link_over_a_socket_pair() {
     assert!(err.to_string().contains("not HELLO"), "{err}");
 }
 
-/// Whether `pid` is gone (or a zombie nobody reaped yet).
-fn dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    }
-}
-
-fn wait_dead(pid: i32) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !dead(pid) {
-        assert!(Instant::now() < deadline, "process {pid} still alive");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn read_pids(l: &mut Link, sid: u32, n: usize) -> Vec<i32> {
     let mut text = String::new();
     while text.lines().count() < n || !text.ends_with('\n') {
@@ -842,25 +812,20 @@ fn exec_close_and_link_loss_kill_the_process_group() {
     assert!(!dead(pids[0]) && !dead(pids[1]));
     l.send(1, &Msg::Close(CloseReason::ClientDisconnect));
     for &p in &pids {
-        wait_dead(p);
+        wait_dead(p, TIMEOUT);
     }
 
     l.open(2);
     let pids = read_pids(&mut l, 2, 2);
     drop(l);
     for &p in &pids {
-        wait_dead(p);
+        wait_dead(p, TIMEOUT);
     }
 }
 
 /// VmRSS of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc status")
+    harness::rss_kib(pid).expect("VmRSS in /proc status")
 }
 
 /// A program that never reads its stdin, flooded with 64 MiB of input: the agent keeps

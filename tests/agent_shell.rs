@@ -6,15 +6,17 @@
 //! of the typed command never matches them.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clawterm::podlink::{decode, encode, CloseReason, Decoded, Msg, Open};
+
+mod harness;
+
+use harness::{dead, first_line, temp_path, wait_dead};
 
 /// Upper bound for anything the tests wait for.
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -23,15 +25,31 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 // Helpers
 
 fn temp_dir(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "claw-agent-shell-{}-{name}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = temp_path(&format!("agent-shell-{name}"));
     std::fs::create_dir_all(&d).expect("create the test directory");
     d
+}
+
+/// `claw-agent -s SOCK --tenant 1 --agent 7 shell --shell SHELL` with a predictable login
+/// shell (HOME `home`, no user profile, no $ENV file, the default TERM); returns the child and
+/// the first line it prints (empty if none within [`TIMEOUT`]).
+fn spawn_shell_agent(sock: &Path, shell: &Path, home: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claw-agent"))
+        .arg("-s")
+        .arg(sock)
+        .args(["--tenant", "1", "--agent", "7", "shell", "--shell"])
+        .arg(shell)
+        .env("RUST_LOG", "warn")
+        .env("HOME", home)
+        .env_remove("ENV")
+        .env_remove("TERM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start claw-agent");
+    let line = first_line(&mut child, TIMEOUT);
+    (child, line)
 }
 
 /// A running `claw-agent ... shell --shell /bin/sh`, killed and cleaned up on drop.
@@ -46,30 +64,7 @@ impl AgentProc {
         let dir = temp_dir(name);
         let home = dir.join("home");
         std::fs::create_dir_all(&home).expect("create HOME");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_claw-agent"))
-            .arg("-s")
-            .arg(dir.join("sock"))
-            .args([
-                "--tenant", "1", "--agent", "7", "shell", "--shell", "/bin/sh",
-            ])
-            .env("RUST_LOG", "warn")
-            // A predictable login shell: no user profile, no $ENV file, the default TERM.
-            .env("HOME", &home)
-            .env_remove("ENV")
-            .env_remove("TERM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start claw-agent");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(TIMEOUT).unwrap_or_default();
+        let (child, line) = spawn_shell_agent(&dir.join("sock"), Path::new("/bin/sh"), &home);
         let path = dir.join("sock").join("1_7");
         let agent = AgentProc { child, dir, path };
         assert_eq!(
@@ -398,24 +393,6 @@ fn assert_sequence(got: &[u32], n: u32) {
     }
 }
 
-/// Whether `pid` is gone (or a zombie nobody reaped yet).
-fn dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-    }
-}
-
-fn wait_dead(pid: i32, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !dead(pid) {
-        assert!(Instant::now() < deadline, "process {pid} still alive");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A live process of session `sid` whose command line starts with `argv0`.
 fn find_in_session(sid: i32, argv0: &str) -> Option<i32> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -682,24 +659,7 @@ fn two_sessions_are_independent() {
 #[test]
 fn missing_shell_closes_the_session_with_an_error() {
     let dir = temp_dir("missing");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claw-agent"))
-        .arg("-s")
-        .arg(&dir)
-        .args(["--tenant", "1", "--agent", "7", "shell", "--shell"])
-        .arg(dir.join("no-such-shell"))
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start claw-agent");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(TIMEOUT).unwrap_or_default();
+    let (mut child, line) = spawn_shell_agent(&dir, &dir.join("no-such-shell"), &dir);
     assert!(line.contains("(mode shell)"), "{line:?}");
     let mut d = Daemon::connect(&dir.join("1_7"));
     d.open(1);
@@ -770,12 +730,7 @@ fn ended_sessions_leave_no_descriptors_or_threads_behind() {
 
 /// VmRSS of a process, KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc status")
+    harness::rss_kib(pid).expect("VmRSS in /proc status")
 }
 
 /// A foreground program that never reads the terminal, flooded with 32 MiB of input: the

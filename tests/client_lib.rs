@@ -5,57 +5,27 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use clawterm::client::{Backoff, ClientError, Credentials, Event, Options, Session, Store};
+use clawterm::client::{
+    Backoff, ClientError, Credentials, Event, Options, Session, Store, Transport,
+};
 
 mod client_support;
+mod harness;
 use client_support::*;
+use harness::session::{
+    collect_until, fast_opts, receive_through_cuts, wait_acked, wait_disconnected,
+};
 
-/// Fast reconnects for tests: 20 ms → 300 ms.
-fn fast_opts() -> Options {
-    Options {
-        backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(300)),
-        connect_timeout: Duration::from_secs(2),
-        handshake_timeout: Duration::from_secs(3),
-        ..Options::default()
-    }
-}
-
-/// Receives until `done(collected)` or the deadline; returns the collected data and the
-/// non-data events.
-fn collect_until(
-    s: &mut Session,
-    within: Duration,
-    mut done: impl FnMut(&[u8]) -> bool,
-) -> (Vec<u8>, Vec<Event>) {
-    let deadline = Instant::now() + within;
-    let mut data = Vec::new();
-    let mut evs = Vec::new();
-    while !done(&data) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "timed out; got {:?}; events {evs:?}",
-            String::from_utf8_lossy(&data)
-        );
-        match s.recv(left.min(Duration::from_millis(200))) {
-            Ok(Some(Event::Data(d))) => data.extend_from_slice(&d),
-            Ok(Some(e)) => evs.push(e),
-            Ok(None) => {}
-            Err(e) => panic!(
-                "session failed: {e}; got {:?}",
-                String::from_utf8_lossy(&data)
-            ),
-        }
-    }
-    (data, evs)
-}
-
-fn contains(h: &[u8], n: &[u8]) -> bool {
-    h.windows(n.len()).any(|w| w == n)
-}
-
-fn count(h: &[u8], n: &[u8]) -> usize {
-    h.windows(n.len()).filter(|w| *w == n).count()
+/// A session to (TENANT, AGENT) at `endpoint` with fast reconnects.
+fn fast_session(endpoint: &str) -> Session {
+    Session::connect_with(
+        endpoint,
+        TENANT,
+        AGENT,
+        TOKEN,
+        fast_opts(Transport::Plaintext),
+    )
+    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -71,11 +41,7 @@ fn connect_and_echo() {
     let (d, _) = collect_until(&mut s, Duration::from_secs(5), |d| d.len() >= 14);
     assert_eq!(d, b"hello clawterm");
     // The server acknowledges what it received.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while s.unacked_bytes() > 0 {
-        assert!(Instant::now() < deadline, "input never acknowledged");
-        let _ = s.recv(Duration::from_millis(50)).unwrap();
-    }
+    wait_acked(&mut s, "input");
 }
 
 #[test]
@@ -116,45 +82,12 @@ fn abrupt_loss_every_byte_exactly_once_in_order() {
     );
     let env = Env::start(&["exec", "--", "sh", "-c", &script]);
     let proxy = Proxy::start(env.addr);
-    let mut s =
-        Session::connect_with(&proxy.endpoint(), TENANT, AGENT, TOKEN, fast_opts()).unwrap();
+    let mut s = fast_session(&proxy.endpoint());
     s.send(b"go\n").unwrap();
     let want: Vec<u8> = (1..=N)
         .flat_map(|i| format!("L{i}\n").into_bytes())
         .collect();
-    let mut data = Vec::new();
-    let mut cuts = 0;
-    let mut reconnects = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut next_cut = Instant::now() + Duration::from_millis(150);
-    let mut restore_at: Option<Instant> = None;
-    while data.len() < want.len() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {cuts} cuts; got {} of {} bytes",
-            data.len(),
-            want.len()
-        );
-        let now = Instant::now();
-        if let Some(r) = restore_at {
-            if now >= r {
-                proxy.restore();
-                restore_at = None;
-                next_cut = now + Duration::from_millis(250);
-            }
-        } else if now >= next_cut && cuts < 6 {
-            proxy.cut();
-            cuts += 1;
-            restore_at = Some(now + Duration::from_millis(200));
-        }
-        match s.recv(Duration::from_millis(20)) {
-            Ok(Some(Event::Data(d))) => data.extend_from_slice(&d),
-            Ok(Some(Event::Reconnected { .. })) => reconnects += 1,
-            Ok(Some(Event::Gap)) => panic!("unexpected GAP"),
-            Ok(_) => {}
-            Err(e) => panic!("session failed: {e}"),
-        }
-    }
+    let (data, cuts, reconnects) = receive_through_cuts(&mut s, &proxy, want.len(), 6);
     assert_eq!(
         String::from_utf8_lossy(&data),
         String::from_utf8_lossy(&want)
@@ -170,20 +103,13 @@ fn abrupt_loss_every_byte_exactly_once_in_order() {
 fn reliable_resend_of_input_typed_while_down() {
     let env = Env::start(&["echo"]);
     let proxy = Proxy::start(env.addr);
-    let mut s =
-        Session::connect_with(&proxy.endpoint(), TENANT, AGENT, TOKEN, fast_opts()).unwrap();
+    let mut s = fast_session(&proxy.endpoint());
     s.send(b"<before>").unwrap();
     collect_until(&mut s, Duration::from_secs(5), |d| contains(d, b"<before>"));
 
     proxy.cut();
     // Wait until the library notices.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        assert!(Instant::now() < deadline, "loss never noticed");
-        if let Ok(Some(Event::Disconnected { .. })) = s.recv(Duration::from_millis(50)) {
-            break;
-        }
-    }
+    wait_disconnected(&mut s);
     s.send(b"<typed-1>").unwrap();
     s.send(b"<typed-2>").unwrap();
     // Still down for a while: failed attempts, nothing delivered.
@@ -223,11 +149,7 @@ fn reliable_resend_of_input_typed_while_down() {
         String::from_utf8_lossy(&all)
     );
     assert!(contains(&all, b"<typed-1><typed-2>") || contains(&all, b"<typed-1>"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while s.unacked_bytes() > 0 {
-        assert!(Instant::now() < deadline, "resent input never acknowledged");
-        let _ = s.recv(Duration::from_millis(50)).unwrap();
-    }
+    wait_acked(&mut s, "resent input");
 }
 
 #[test]

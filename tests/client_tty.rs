@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod client_support;
+mod harness;
 use client_support::*;
 
 // ---------------------------------------------------------------------------------------------

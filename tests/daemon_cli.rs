@@ -2,11 +2,11 @@
 //! mask (README "Running it for real", CLI.md). Real processes only.
 
 mod common;
+mod harness;
 
 use common::*;
-use std::io::{BufRead, BufReader};
+use harness::{bin, clear_clawterm_env, collect_lines_into, signal, Lines};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn ms(n: u64) -> Duration {
@@ -17,12 +17,12 @@ fn ms(n: u64) -> Duration {
 /// its stdout and stderr lines collected together.
 struct Daemon {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Lines,
 }
 
 impl Daemon {
     fn spawn(wrapper: &[&str], args: &[&str]) -> Daemon {
-        let exe = env!("CARGO_BIN_EXE_clawtermd");
+        let exe = bin("clawtermd");
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
                 let mut c = Command::new(prog);
@@ -38,29 +38,13 @@ impl Daemon {
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CLAWTERM_") {
-                cmd.env_remove(k);
-            }
-        }
+        clear_clawterm_env(&mut cmd);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn clawtermd (wrapped in {wrapper:?}): {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        for r in [
-            Box::new(out) as Box<dyn std::io::Read + Send>,
-            Box::new(err) as Box<dyn std::io::Read + Send>,
-        ] {
-            let l = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines() {
-                    let Ok(line) = line else { break };
-                    l.lock().unwrap().push(line);
-                }
-            });
-        }
+        let lines = Lines::default();
+        collect_lines_into(child.stdout.take().unwrap(), &lines, |_| {});
+        collect_lines_into(child.stderr.take().unwrap(), &lines, |_| {});
         Daemon { child, lines }
     }
 
@@ -102,10 +86,7 @@ impl Daemon {
     }
 
     fn signal_and_wait(&mut self, sig: libc::c_int, t: Duration) -> Option<ExitStatus> {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, sig);
-        }
+        signal(self.child.id(), sig);
         wait_timeout(&mut self.child, t)
     }
 
@@ -176,17 +157,7 @@ fn sigint_exits_cleanly_with_sessions_open() {
             env.server.log_lines()
         );
         for c in &mut attached {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            loop {
-                match c.recv_event(ms(100)) {
-                    Event::Closed => break,
-                    Event::Frame(_) => {}
-                    Event::Timeout => assert!(
-                        Instant::now() < deadline,
-                        "connection open after the server exited"
-                    ),
-                }
-            }
+            c.expect_closed_after_any(Duration::from_secs(2));
         }
     });
 }

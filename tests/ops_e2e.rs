@@ -6,14 +6,18 @@
 //! `--check-config` refusing bad values and naming where each came from.
 
 mod common;
+mod harness;
 
 use common::*;
-use std::io::{BufRead, BufReader, Read, Write};
+use harness::{
+    bin, clear_clawterm_env, collect_lines, plaintext_clawtermd, stop, tcp_addr, word_after, Lines,
+};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
@@ -40,11 +44,9 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// The admin address from a log line `admin endpoint on http://ADDR`.
 fn admin_in(lines: &[String]) -> Option<SocketAddr> {
-    lines.iter().find_map(|l| {
-        let i = l.find("admin endpoint on http://")?;
-        let rest = &l[i + "admin endpoint on http://".len()..];
-        rest.split_whitespace().next()?.parse().ok()
-    })
+    lines
+        .iter()
+        .find_map(|l| word_after(l, "admin endpoint on http://")?.parse().ok())
 }
 
 fn admin_addr(env: &Env) -> SocketAddr {
@@ -403,7 +405,7 @@ fn slow_admin_clients_do_not_delay_healthz() {
 
 struct Daemon {
     child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Lines,
     addr: SocketAddr,
     admin: SocketAddr,
 }
@@ -413,47 +415,19 @@ impl Daemon {
         let sock = dir.join("sock");
         let tokens = dir.join("tokens");
         std::fs::write(&tokens, format!("{TENANT} {}\n", hex(&TOKEN))).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawtermd"));
-        cmd.args(["--bind", "127.0.0.1", "--port", "0", "--insecure-plaintext"])
-            .arg("--tokens")
-            .arg(&tokens)
-            .arg("--socket-dir")
-            .arg(&sock)
-            .args(["--admin", "127.0.0.1:0", "--no-quic"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CLAWTERM") {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = plaintext_clawtermd(&tokens, &sock);
+        cmd.args(["--admin", "127.0.0.1:0", "--no-quic"])
+            .args(extra);
         cmd.env("RUST_LOG", "info").envs(env.iter().copied());
         if deny_io_uring {
             seccomp::deny_io_uring_setup(&mut cmd);
         }
         let mut child = cmd.spawn().expect("spawn clawtermd");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l2 = lines.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                l2.lock().unwrap().push(line);
-            }
-        });
+        let lines = collect_lines(child.stderr.take().unwrap(), |_| {});
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let l = lines.lock().unwrap().clone();
-            let addr = l.iter().find_map(|l| {
-                let i = l.find("listening on tcp ")?;
-                l[i + "listening on tcp ".len()..]
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
+            let addr = l.iter().find_map(|l| tcp_addr(l));
             if let (Some(addr), Some(admin)) = (addr, admin_in(&l)) {
                 return Daemon {
                     child,
@@ -477,14 +451,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: signalling our own child by its pid.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            if wait_timeout(&mut self.child, Duration::from_secs(3)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
+        stop(&mut self.child);
         if std::thread::panicking() {
             eprintln!("---- clawtermd stderr ----\n{}", self.log().join("\n"));
         }
@@ -654,13 +621,9 @@ fn check_config_env(args: &[&str], toml: &str, env: &[(&str, &str)]) -> (bool, S
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("clawtermd.toml");
     std::fs::write(&f, toml).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawtermd"));
+    let mut cmd = Command::new(bin("clawtermd"));
     cmd.arg("--config").arg(&f).arg("--check-config").args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CLAWTERM_") {
-            cmd.env_remove(k);
-        }
-    }
+    clear_clawterm_env(&mut cmd);
     cmd.envs(env.iter().copied());
     let out = cmd.output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

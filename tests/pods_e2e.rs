@@ -4,6 +4,7 @@
 //!
 //! Unless a test says otherwise it runs under (io_uring, 2 shards) and (epoll, 2 shards).
 
+mod harness;
 mod pods_support;
 
 use clawterm::proto::{FrameType, FLAG_GAP, FLAG_REPLAY};
@@ -14,19 +15,34 @@ const CONFIGS: [(&str, usize); 2] = [("epoll", 2), ("uring", 2)];
 
 /// Runs `f` for each configuration, all of them even when one fails.
 fn for_configs(configs: &[(&'static str, usize)], f: impl Fn(&'static str, usize)) {
-    let mut failures = Vec::new();
-    for &(io, shards) in configs {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(io, shards)));
-        if let Err(e) = r {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            failures.push(format!("[io={io} shards={shards}] {msg}"));
-        }
-    }
+    let failures = harness::failures_of(
+        configs,
+        |(io, shards)| format!("io={io} shards={shards}"),
+        |(io, shards)| f(io, shards),
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A new directory with an echo pod for (TENANT, AGENT) and a server started with
+/// `--agent-grace GRACE` (drop order: server, pod, directory).
+fn echo_pod_and_server(
+    tag: &str,
+    io: &'static str,
+    shards: usize,
+    grace: &str,
+) -> (TempDir, AgentProc, Server) {
+    let dir = TempDir::with_sock(tag);
+    let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", grace]);
+    (dir, agent, srv)
+}
+
+/// A new session to AGENT whose first DATA, `x`, has come back.
+fn echoing_session(srv: &Server) -> Client {
+    let mut c = srv.session(AGENT);
+    c.send_data(b"x");
+    assert_eq!(c.recv_data(), b"x");
+    c
 }
 
 fn expect_disconnect(c: &mut Client) {
@@ -71,7 +87,7 @@ fn expect_no_agent_within(srv: &Server, agent: u32, t: Duration) -> u32 {
 #[test]
 fn pod_started_late_is_found_and_stopped_pod_gets_no_agent() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("late");
+        let dir = TempDir::with_sock("late");
         let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", "2"]);
         // Nothing there yet.
         let mut c = srv.client();
@@ -119,9 +135,7 @@ fn pod_started_late_is_found_and_stopped_pod_gets_no_agent() {
 #[test]
 fn pod_restarted_within_grace_gets_reopen_then_held_input() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("regrace");
-        let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
-        let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", "10"]);
+        let (dir, agent, srv) = echo_pod_and_server("regrace", io, shards, "10");
         let mut c = srv.session(AGENT);
         let sid = c.sid;
         c.send_data(b"before");
@@ -265,12 +279,8 @@ fn pod_restarted_within_grace_gets_reopen_then_held_input() {
 #[test]
 fn connect_while_pod_lost_gets_no_agent_on_every_shard() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("lostconn");
-        let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
-        let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", "10"]);
-        let mut c = srv.session(AGENT);
-        c.send_data(b"x");
-        assert_eq!(c.recv_data(), b"x");
+        let (_dir, agent, srv) = echo_pod_and_server("lostconn", io, shards, "10");
+        let _c = echoing_session(&srv);
         agent.kill9();
         std::thread::sleep(ms(300)); // let the daemon see the link's EOF
         let mut answers = Vec::new();
@@ -291,12 +301,8 @@ fn connect_while_pod_lost_gets_no_agent_on_every_shard() {
 #[test]
 fn lost_pod_back_listening_shortly_after_bind_is_reconnected() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("slowlisten");
-        let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
-        let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", "10"]);
-        let mut c = srv.session(AGENT);
-        c.send_data(b"x");
-        assert_eq!(c.recv_data(), b"x");
+        let (dir, agent, srv) = echo_pod_and_server("slowlisten", io, shards, "10");
+        let mut c = echoing_session(&srv);
         agent.kill9();
         std::thread::sleep(ms(300));
         c.send_data(b"held");
@@ -315,7 +321,7 @@ fn lost_pod_back_listening_shortly_after_bind_is_reconnected() {
 #[test]
 fn first_connect_to_pod_not_yet_listening_still_reaches_it() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir2 = TempDir::new("slowlisten2");
+        let dir2 = TempDir::with_sock("slowlisten2");
         let srv2 = Server::start(io, shards, &dir2.sock(), &["--agent-grace", "10"]);
         let t = std::thread::spawn({
             let d = dir2.sock();
@@ -344,9 +350,7 @@ fn first_connect_to_pod_not_yet_listening_still_reaches_it() {
 #[test]
 fn pod_gone_for_good_ends_sessions_with_agent_gone() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("gone");
-        let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
-        let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", "1"]);
+        let (_dir, agent, srv) = echo_pod_and_server("gone", io, shards, "1");
         let mut a = srv.session(AGENT);
         a.send_data(b"a-1");
         assert_eq!(a.recv_data(), b"a-1");
@@ -439,7 +443,7 @@ fn fast_producer_slow_attached_client_gets_every_byte_in_bounded_memory() {
     const TOTAL: usize = 100_000_000;
     const RING: usize = 262_144;
     const RATE: f64 = 10_000_000.0; // bytes per second the client reads at most
-    let dir = TempDir::new("slow");
+    let dir = TempDir::with_sock("slow");
     let _agent = AgentProc::exec_sh(
         &dir.sock(),
         TENANT,
@@ -502,7 +506,7 @@ fn fast_producer_slow_attached_client_gets_every_byte_in_bounded_memory() {
 #[test]
 fn paused_session_does_not_stop_the_others_on_its_link() {
     for_configs(&[("epoll", 1), ("uring", 1)], |io, shards| {
-        let dir = TempDir::new("twoonlink");
+        let dir = TempDir::with_sock("twoonlink");
         let agent = AgentProc::exec_sh(
             &dir.sock(),
             TENANT,
@@ -591,12 +595,8 @@ fn input_held_while_pod_lost_is_bounded_then_delivered_in_order() {
         p
     }
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("heldin");
-        let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
-        let srv = Server::start(io, shards, &dir.sock(), &["--agent-grace", "60"]);
-        let mut c = srv.session(AGENT);
-        c.send_data(b"x");
-        assert_eq!(c.recv_data(), b"x");
+        let (dir, agent, srv) = echo_pod_and_server("heldin", io, shards, "60");
+        let mut c = echoing_session(&srv);
         c.ack(c.last_seq);
         agent.kill9();
         std::thread::sleep(ms(300)); // let the daemon see the link's EOF
@@ -727,7 +727,7 @@ fn input_held_while_pod_lost_is_bounded_then_delivered_in_order() {
 #[test]
 fn shell_output_produced_while_away_arrives_exactly_once() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("shellaway");
+        let dir = TempDir::with_sock("shellaway");
         let done = dir.0.join("done");
         let _agent = AgentProc::start(&dir.sock(), TENANT, AGENT, &["shell", "--shell", "/bin/sh"]);
         let srv = Server::start(io, shards, &dir.sock(), &["--ring-bytes", "2097152"]);
@@ -811,7 +811,7 @@ fn suspended_run(
     overflow: &str,
     wait: Duration,
 ) -> (Resumed, Vec<(u32, Vec<u8>)>, Vec<(u32, Vec<u8>)>) {
-    let dir = TempDir::new(overflow);
+    let dir = TempDir::with_sock(overflow);
     let _agent = AgentProc::exec_sh(&dir.sock(), TENANT, AGENT, PRODUCER);
     let srv = Server::start(
         "uring",
@@ -948,7 +948,7 @@ fn overflow_pause_suspended_loses_nothing() {
 #[test]
 fn two_hundred_sessions_use_at_most_one_link_per_shard() {
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("links");
+        let dir = TempDir::with_sock("links");
         let pod = FakePod::start(&dir.sock(), TENANT, AGENT, true);
         let srv = Server::start(io, shards, &dir.sock(), &[]);
         let mut clients: Vec<Client> = (0..200).map(|_| srv.client()).collect();
@@ -1017,7 +1017,7 @@ fn pod_hello_with_another_version_breaks_the_link() {
     use std::os::unix::net::UnixListener;
 
     for_configs(&CONFIGS, |io, shards| {
-        let dir = TempDir::new("hello-v2");
+        let dir = TempDir::with_sock("hello-v2");
         let listener = UnixListener::bind(dir.sock().join(format!("{TENANT}_{AGENT}")))
             .expect("bind the fake pod's socket");
         listener.set_nonblocking(true).unwrap();

@@ -12,6 +12,7 @@
 //! * garbage datagrams on the QUIC port do not disturb a live session.
 
 mod common;
+mod harness;
 mod tls_support;
 
 use clawterm::client::quic::QuicStream;

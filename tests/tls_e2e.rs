@@ -3,6 +3,7 @@
 //! plaintext clients are refused cleanly; the client library over TLS (CA file, pin) survives
 //! cuts with exact replay; cross-shard resume over TLS; certificate reload on SIGHUP.
 
+mod harness;
 mod tls_support;
 
 use std::io::{Read, Write};
@@ -11,7 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clawterm::client::core::ClientCore;
-use clawterm::client::{Backoff, ClientError, Event, Options, Session, Transport};
+use clawterm::client::{ClientError, Event, Session, Transport};
+use harness::session::{collect_until, fast_opts, receive_through_cuts, wait_disconnected};
 use tls_support::*;
 
 const ECHO: u32 = 1;
@@ -131,45 +133,6 @@ fn python(env: &TlsEnv, mode: &str) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-fn fast_opts(transport: Transport) -> Options {
-    Options {
-        backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(300)),
-        connect_timeout: Duration::from_secs(2),
-        handshake_timeout: Duration::from_secs(3),
-        transport,
-        ..Options::default()
-    }
-}
-
-/// Receives until `done(collected)`; panics after `within`.
-fn collect_until(
-    s: &mut Session,
-    within: Duration,
-    mut done: impl FnMut(&[u8]) -> bool,
-) -> (Vec<u8>, Vec<Event>) {
-    let deadline = Instant::now() + within;
-    let mut data = Vec::new();
-    let mut evs = Vec::new();
-    while !done(&data) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "timed out; got {:?}; events {evs:?}",
-            String::from_utf8_lossy(&data)
-        );
-        match s.recv(left.min(Duration::from_millis(200))) {
-            Ok(Some(Event::Data(d))) => data.extend_from_slice(&d),
-            Ok(Some(e)) => evs.push(e),
-            Ok(None) => {}
-            Err(e) => panic!(
-                "session failed: {e}; got {:?}",
-                String::from_utf8_lossy(&data)
-            ),
-        }
-    }
-    (data, evs)
-}
-
 fn echo_roundtrip(s: &mut Session, msg: &[u8]) {
     s.send(msg).unwrap();
     let (d, _) = collect_until(s, Duration::from_secs(5), |d| d.len() >= msg.len());
@@ -278,13 +241,7 @@ fn client_library_over_tls_ca_then_pin() {
     assert!(c.starts_with("TLS13_"), "{c}");
     echo_roundtrip(&mut s, b"<before>");
     proxy.cut();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        assert!(Instant::now() < deadline, "loss never noticed");
-        if let Ok(Some(Event::Disconnected { .. })) = s.recv(Duration::from_millis(50)) {
-            break;
-        }
-    }
+    wait_disconnected(&mut s);
     s.send(b"<typed>").unwrap();
     std::thread::sleep(Duration::from_millis(150));
     proxy.restore();
@@ -324,38 +281,7 @@ fn client_library_over_tls_ca_then_pin() {
     let want: Vec<u8> = (1..=N)
         .flat_map(|i| format!("L{i}\n").into_bytes())
         .collect();
-    let mut data = Vec::new();
-    let (mut cuts, mut reconnects) = (0, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut next_cut = Instant::now() + Duration::from_millis(150);
-    let mut restore_at: Option<Instant> = None;
-    while data.len() < want.len() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {cuts} cuts; {} of {} bytes",
-            data.len(),
-            want.len()
-        );
-        let now = Instant::now();
-        if let Some(r) = restore_at {
-            if now >= r {
-                proxy.restore();
-                restore_at = None;
-                next_cut = now + Duration::from_millis(250);
-            }
-        } else if now >= next_cut && cuts < 4 {
-            proxy.cut();
-            cuts += 1;
-            restore_at = Some(now + Duration::from_millis(200));
-        }
-        match s.recv(Duration::from_millis(20)) {
-            Ok(Some(Event::Data(d))) => data.extend_from_slice(&d),
-            Ok(Some(Event::Reconnected { .. })) => reconnects += 1,
-            Ok(Some(Event::Gap)) => panic!("unexpected GAP"),
-            Ok(_) => {}
-            Err(e) => panic!("session failed: {e}"),
-        }
-    }
+    let (data, cuts, reconnects) = receive_through_cuts(&mut s, &proxy, want.len(), 4);
     assert_eq!(
         String::from_utf8_lossy(&data),
         String::from_utf8_lossy(&want)

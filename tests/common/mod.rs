@@ -7,13 +7,20 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+// Not every test binary uses every re-export.
+use crate::harness::{
+    agent_command, collect_lines, connect_tcp, dump_on_panic, failures_of, plaintext_clawtermd,
+    rss_kib, set_client_opts, signal, start_server, stop, tcp_addr, wait_agent_listening, Lines,
+};
+#[allow(unused_imports)]
+pub use crate::harness::{hex, wait_timeout, TempDir};
 
 // ---------------------------------------------------------------------------------------------
 // Wire constants (contract §1, §2, §6)
@@ -296,50 +303,18 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        Client::from_stream(stream)
+        Client::from_stream(connect_tcp(addr, TIMEOUT))
     }
 
     /// A connection from a given source address (e.g. 127.0.0.2), for per-address limits.
     pub fn connect_from(addr: SocketAddr, src: std::net::Ipv4Addr) -> Client {
-        use std::os::fd::FromRawFd;
-        let SocketAddr::V4(dst) = addr else {
-            panic!("IPv4 only")
-        };
-        // SAFETY: plain socket syscalls on a fresh fd that is handed to TcpStream on success
-        // and closed on failure; the sockaddr structs live on the stack for the calls.
-        let stream = unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0, "socket");
-            let mut sa: libc::sockaddr_in = std::mem::zeroed();
-            sa.sin_family = libc::AF_INET as libc::sa_family_t;
-            sa.sin_addr.s_addr = u32::from_ne_bytes(src.octets());
-            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            assert_eq!(
-                libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len),
-                0,
-                "bind {src}"
-            );
-            let mut da: libc::sockaddr_in = std::mem::zeroed();
-            da.sin_family = libc::AF_INET as libc::sa_family_t;
-            da.sin_port = dst.port().to_be();
-            da.sin_addr.s_addr = u32::from_ne_bytes(dst.ip().octets());
-            if libc::connect(fd, &da as *const _ as *const libc::sockaddr, len) != 0 {
-                libc::close(fd);
-                panic!(
-                    "connect from {src} to {addr}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            TcpStream::from_raw_fd(fd)
-        };
+        let stream = crate::harness::connect_from(src, addr)
+            .unwrap_or_else(|e| panic!("connect from {src} to {addr}: {e}"));
         Client::from_stream(stream)
     }
 
     fn from_stream(stream: TcpStream) -> Client {
-        stream.set_nodelay(true).unwrap();
-        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        set_client_opts(&stream, TIMEOUT);
         Client {
             stream,
             buf: Vec::new(),
@@ -551,6 +526,22 @@ impl Client {
     pub fn expect_closed(&mut self) {
         let t = self.timeout;
         self.expect_closed_within(t);
+    }
+
+    /// Expects EOF (or a reset) within `t`, whatever frames come first (e.g. what a stopping
+    /// server says on the way out).
+    pub fn expect_closed_after_any(&mut self, t: Duration) {
+        let deadline = Instant::now() + t;
+        loop {
+            match self.recv_event(Duration::from_millis(100)) {
+                Event::Closed => break,
+                Event::Frame(_) => {}
+                Event::Timeout => assert!(
+                    Instant::now() < deadline,
+                    "connection open after the server exited"
+                ),
+            }
+        }
     }
 
     pub fn expect_closed_within(&mut self, t: Duration) {
@@ -775,94 +766,11 @@ impl Client {
 // ---------------------------------------------------------------------------------------------
 // Processes and directories
 
-/// A unique temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "ct-e2e-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn sigterm(child: &Child) {
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-}
-
-/// Waits for a child to exit, up to `t`.
-pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + t;
-    loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// SIGTERM, then SIGKILL after 3 s.
-fn stop(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    sigterm(child);
-    if wait_timeout(child, Duration::from_secs(3)).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 /// A `claw-agent ... echo` process.
 pub struct AgentProc {
     child: Child,
     pub socket: PathBuf,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-/// Collects a child's stderr lines on a thread; `on_line` sees each line first.
-fn collect_lines(
-    stderr: std::process::ChildStderr,
-    mut on_line: impl FnMut(&str) + Send + 'static,
-) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l2 = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            on_line(&line);
-            l2.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-/// Prints the last lines of a log when the current thread is failing.
-fn dump_on_panic(what: &str, lines: &Mutex<Vec<String>>) {
-    if std::thread::panicking() {
-        let l = lines.lock().unwrap();
-        eprintln!("---- last {} lines of {what} stderr ----", l.len().min(40));
-        for line in &l[l.len().saturating_sub(40)..] {
-            eprintln!("{line}");
-        }
-    }
+    lines: Lines,
 }
 
 impl AgentProc {
@@ -873,54 +781,20 @@ impl AgentProc {
     /// `claw-agent -s DIR --tenant T --agent A ARGS...` (e.g. `exec -- CMD`).
     pub fn start_with(socket_dir: &Path, tenant: u32, agent: u32, args: &[&str]) -> AgentProc {
         let socket = socket_dir.join(format!("{tenant}_{agent}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_claw-agent"))
-            .arg("-s")
-            .arg(socket_dir)
-            .args([
-                "--tenant",
-                &tenant.to_string(),
-                "--agent",
-                &agent.to_string(),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+        let mut child = agent_command(socket_dir, tenant, agent, args)
             .env("RUST_LOG", "debug")
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn claw-agent");
-        let mut child = child;
         let lines = collect_lines(child.stderr.take().unwrap(), |_| {});
-        // The socket file appears at bind(), before listen(): wait for the agent's own
-        // "listening" line on stdout, then for the file.
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening on") {
-                    let _ = tx.send(());
-                }
-            }
-        });
         let mut a = AgentProc {
             child,
             socket,
             lines,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if rx.recv_timeout(Duration::from_millis(20)).is_ok() {
-                break;
-            }
-            if let Ok(Some(s)) = a.child.try_wait() {
-                panic!("claw-agent exited early: {s}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "claw-agent never said it was listening"
-            );
-        }
+        // The socket file appears at bind(), before listen(): wait for the agent's own
+        // "listening" line on stdout, then for the file.
+        wait_agent_listening(&mut a.child);
         assert!(
             a.socket.exists(),
             "claw-agent listening but {} missing",
@@ -970,7 +844,7 @@ pub const CONFIGS: [Cfg; 4] = [
 pub struct ServerProc {
     child: Child,
     pub addr: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Lines,
 }
 
 impl ServerProc {
@@ -981,25 +855,11 @@ impl ServerProc {
         extra: &[&str],
         debug_log: bool,
     ) -> ServerProc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawtermd"));
-        cmd.args(["--bind", "127.0.0.1", "--port", "0", "--insecure-plaintext"])
-            .arg("--tokens")
-            .arg(tokens)
-            .arg("--socket-dir")
-            .arg(socket_dir)
-            .args(["--shards", &cfg.shards.to_string(), "--io", cfg.io])
+        let mut cmd = plaintext_clawtermd(tokens, socket_dir);
+        cmd.args(["--shards", &cfg.shards.to_string(), "--io", cfg.io])
             .args(["--admin", "off", "--no-quic"])
             .args(extra)
-            .env_remove("NO_COLOR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // No stray CLAWTERM_* settings from the environment.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CLAWTERM_") {
-                cmd.env_remove(k);
-            }
-        }
+            .env_remove("NO_COLOR");
         cmd.env(
             "RUST_LOG",
             if debug_log {
@@ -1008,28 +868,9 @@ impl ServerProc {
                 "info"
             },
         );
-        let mut child = cmd.spawn().expect("spawn clawtermd");
-        let (tx, rx) = mpsc::channel();
-        let lines = collect_lines(child.stderr.take().unwrap(), move |line| {
-            if let Some(i) = line.find("listening on tcp ") {
-                let rest = &line[i + "listening on tcp ".len()..];
-                let a = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(a);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(a) => a
-                .parse()
-                .unwrap_or_else(|e| panic!("bad listen address {a:?}: {e}")),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "clawtermd did not report a listening address ({cfg:?} {extra:?}); stderr: {:?}",
-                    lines.lock().unwrap()
-                );
-            }
-        };
+        let (child, lines, line) =
+            start_server(&mut cmd, &format!("clawtermd ({cfg:?} {extra:?})"));
+        let addr = tcp_addr(&line).unwrap_or_else(|| panic!("bad listen line {line:?}"));
         ServerProc { child, addr, lines }
     }
 
@@ -1049,10 +890,7 @@ impl ServerProc {
 
     /// Sends `sig` and waits up to `t` for the exit.
     pub fn signal_and_wait(&mut self, sig: libc::c_int, t: Duration) -> Option<ExitStatus> {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, sig);
-        }
+        signal(self.child.id(), sig);
         wait_timeout(&mut self.child, t)
     }
 
@@ -1062,13 +900,7 @@ impl ServerProc {
 
     /// Resident memory of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        rss_kib(self.child.id()).unwrap_or(0)
     }
 
     /// Whether the process is still running.
@@ -1099,9 +931,8 @@ impl Env {
     }
 
     pub fn start_opts(cfg: Cfg, extra: &[&str], debug_log: bool) -> Env {
-        let dir = TempDir::new(&format!("{}{}", cfg.io, cfg.shards));
-        let sock = dir.0.join("sock");
-        std::fs::create_dir_all(&sock).unwrap();
+        let dir = TempDir::with_sock(&format!("{}{}", cfg.io, cfg.shards));
+        let sock = dir.sock();
         let tokens = dir.0.join("tokens");
         std::fs::write(
             &tokens,
@@ -1151,25 +982,10 @@ impl Env {
     }
 }
 
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Runs `f` for every configuration, all of them even when one fails, and fails with every
 /// failure's message.
 pub fn for_each_config(f: impl Fn(Cfg)) {
-    let mut failures = Vec::new();
-    for cfg in CONFIGS {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(cfg)));
-        if let Err(e) = r {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            failures.push(format!("[io={} shards={}] {msg}", cfg.io, cfg.shards));
-        }
-    }
+    let failures = failures_of(&CONFIGS, |c| format!("io={} shards={}", c.io, c.shards), f);
     if !failures.is_empty() {
         panic!(
             "{} of 4 configurations failed:\n{}",

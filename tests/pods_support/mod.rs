@@ -9,15 +9,23 @@
 
 use clawterm::podlink::{self, Msg};
 use clawterm::proto::{self, Decoded, FrameType};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+// Not every test binary uses every re-export.
+use crate::harness::{
+    agent_command, clawtermd, connect_tcp, set_client_opts, signal, start_server, stop, tcp_addr,
+    Lines,
+};
+#[allow(unused_imports)]
+pub use crate::harness::{hwm_kib, rss_kib, wait_timeout, wait_until, TempDir};
 
 pub const TENANT: u32 = 7;
 pub const AGENT: u32 = 1;
@@ -35,80 +43,7 @@ pub fn ms(n: u64) -> Duration {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Directories and processes
-
-/// A unique temporary directory (with a `sock` subdirectory), removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "ct-pods-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(d.join("sock")).unwrap();
-        TempDir(d)
-    }
-
-    pub fn sock(&self) -> PathBuf {
-        self.0.join("sock")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn signal(pid: u32, sig: i32) {
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
-/// Waits for a child to exit, up to `t`.
-pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + t;
-    loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(ms(5));
-    }
-}
-
-/// SIGTERM, then SIGKILL after 3 s.
-fn stop(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    signal(child.id(), libc::SIGTERM);
-    if wait_timeout(child, Duration::from_secs(3)).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-/// Waits until `cond` holds, up to `t`; returns whether it did.
-pub fn wait_until(t: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + t;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(ms(2));
-    }
-}
+// Processes
 
 /// A `claw-agent` process.
 pub struct AgentProc {
@@ -137,16 +72,8 @@ impl AgentProc {
     /// Starts the agent without waiting for its socket.
     pub fn spawn(dir: &Path, tenant: u32, agent: u32, args: &[&str]) -> AgentProc {
         let socket = dir.join(format!("{tenant}_{agent}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_claw-agent"))
-            .arg("-s")
-            .arg(dir)
-            .args(["--tenant", &tenant.to_string()])
-            .args(["--agent", &agent.to_string()])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+        let child = agent_command(dir, tenant, agent, args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("spawn claw-agent");
         AgentProc { child, socket }
@@ -196,60 +123,26 @@ impl Drop for AgentProc {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
+    lines: Lines,
 }
 
 impl Server {
     /// `clawtermd --bind 127.0.0.1 --port 0 --insecure-plaintext --insecure-no-auth
     /// --socket-dir DIR --shards N --io IO --admin off --no-quic EXTRA...`.
     pub fn start(io: &str, shards: usize, sock_dir: &Path, extra: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawtermd"));
+        let mut cmd = clawtermd();
         cmd.args(["--bind", "127.0.0.1", "--port", "0"])
             .args(["--insecure-plaintext", "--insecure-no-auth"])
             .arg("--socket-dir")
             .arg(sock_dir)
             .args(["--shards", &shards.to_string(), "--io", io])
             .args(["--admin", "off", "--no-quic"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CLAWTERM_") {
-                cmd.env_remove(k);
-            }
-        }
+            .args(extra);
         // PODS_E2E_LOG=debug gives a detailed server log in failure messages.
         let level = std::env::var("PODS_E2E_LOG").unwrap_or_else(|_| "info".into());
         cmd.env("RUST_LOG", level);
-        let mut child = cmd.spawn().expect("spawn clawtermd");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(i) = line.find("listening on tcp ") {
-                        let rest = &line[i + "listening on tcp ".len()..];
-                        let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
-        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(a) => a.parse().expect("listen address"),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "clawtermd did not report its address; stderr: {:?}",
-                    lines.lock().unwrap()
-                );
-            }
-        };
+        let (child, lines, line) = start_server(&mut cmd, "clawtermd");
+        let addr = tcp_addr(&line).expect("listen address");
         Server { child, addr, lines }
     }
 
@@ -298,28 +191,6 @@ impl Drop for Server {
             );
         }
     }
-}
-
-/// VmRSS of a process in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// VmHWM (peak resident set size since the process started) in KiB.
-pub fn hwm_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Samples a process's VmRSS every 10 ms on a thread until dropped/finished.
@@ -444,14 +315,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
-            .unwrap_or_else(|e| panic!("TCP connect to {addr}: {e}"));
-        Client::from_stream(stream)
+        Client::from_stream(connect_tcp(addr, TIMEOUT))
     }
 
     pub fn from_stream(stream: TcpStream) -> Client {
-        stream.set_nodelay(true).unwrap();
-        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        set_client_opts(&stream, TIMEOUT);
         Client {
             stream,
             buf: Vec::with_capacity(1 << 18),
