@@ -474,11 +474,15 @@ impl Watcher {
         changes.extend(self.pods.drain().map(|(key, _)| PodEvent::Removed(key)));
     }
 
-    /// Publishes the snapshot, then reports `changes` in order.
+    /// Publishes the snapshot, then reports `changes` in order to the callback that was set
+    /// when the snapshot was published: a callback set afterwards (one that may already see
+    /// these pods in the snapshot) gets only later changes, never a stale one.
     fn publish(&self, changes: Vec<PodEvent>) {
         if changes.is_empty() {
             return;
         }
+        // Cloned out of the lock, so the callback may call `set_on_event` itself.
+        let callback = self.shared.callback().clone();
         self.shared
             .snapshot
             .store(Arc::new(self.pods.keys().copied().collect()));
@@ -491,9 +495,7 @@ impl Watcher {
                     tracing::info!(tenant = key.tenant, agent = key.agent, "pod removed")
                 }
             }
-            // Clone out of the lock so the callback may call `set_on_event` itself.
-            let callback = self.shared.callback().clone();
-            if let Some(callback) = callback {
+            if let Some(callback) = &callback {
                 if catch_unwind(AssertUnwindSafe(|| callback(change.clone()))).is_err() {
                     tracing::warn!(event = ?change, "pod registry: event callback panicked");
                 }
