@@ -4,8 +4,10 @@
 //! loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] [--json FILE]
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
-//!     [--shards-hint S] [--ack-delay MS] [--spin-us US]
+//!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic]
+//!     [--ca PEM] [--server-name NAME]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
+//! loadgen self-signed-cert DIR
 //! ```
 //!
 //! Scenarios: `idle`, `connect`, `echo`, `resume`, `resume-cross`, `raw-echo` (the echo
@@ -17,6 +19,7 @@
 //! Exit status: 0 when the scenario worked functionally (no errors, every session
 //! established), 1 when it did not, 2 for bad usage.
 
+mod quic;
 mod raw_server;
 mod sys;
 mod worker;
@@ -35,12 +38,35 @@ use std::time::{Duration, Instant};
 
 const MAX_PER_WORKER: usize = 18_000;
 
+/// How sessions reach the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plaintext TCP (`clawtermd --insecure-plaintext`).
+    Tcp,
+    /// TLS 1.3 over TCP.
+    Tls,
+    /// QUIC (UDP), one connection and one stream per session.
+    Quic,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
 const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] \
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
-[--shards-hint S] [--ack-delay MS] [--spin-us US]
+[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic] [--ca PEM] \
+[--server-name NAME]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
-       loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]";
+       loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
+       loadgen self-signed-cert DIR";
 
 #[derive(Clone, Debug)]
 pub struct Opts {
@@ -69,6 +95,11 @@ pub struct Opts {
     pub ack_delay_ms: f64,
     /// Open-loop echo: poll without sleeping when the next send is due within this (µs).
     pub spin_us: u64,
+    pub transport: Transport,
+    /// PEM file of the certificates to trust (TLS and QUIC).
+    pub ca: Option<PathBuf>,
+    /// Name to verify the server's certificate against (default: the target's address).
+    pub server_name: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Opts, String> {
@@ -112,6 +143,9 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         bind: "127.0.0.1:0".into(),
         ack_delay_ms: 0.0,
         spin_us: 200,
+        transport: Transport::Tcp,
+        ca: None,
+        server_name: None,
     };
     let mut have_target = false;
     while let Some(a) = it.next() {
@@ -183,12 +217,28 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                     ))?;
             }
             "--spin-us" => o.spin_us = num(&val()?)?,
+            "--transport" => {
+                o.transport = match val()?.as_str() {
+                    "tcp" => Transport::Tcp,
+                    "tls" => Transport::Tls,
+                    "quic" => Transport::Quic,
+                    v => return Err(format!("--transport: `{v}` is not tcp, tls or quic")),
+                }
+            }
+            "--ca" => o.ca = Some(PathBuf::from(val()?)),
+            "--server-name" => o.server_name = Some(val()?),
             "--bind" => o.bind = val()?,
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
     if !have_target && o.scenario != "raw-echo-server" {
         return Err("--target HOST:PORT is required".into());
+    }
+    if o.transport != Transport::Tcp && o.scenario == "raw-echo" {
+        return Err("raw-echo is plaintext TCP only".into());
+    }
+    if o.transport == Transport::Quic && o.scenario.starts_with("resume") {
+        return Err("resume scenarios are not implemented over QUIC yet".into());
     }
     Ok(o)
 }
@@ -231,7 +281,75 @@ macro_rules! progress {
 // ------------------------------------------------------------------------------------------
 // Warm-up session (blocking): proves the server and the agent pod are there.
 
-fn warm_up(o: &Opts) -> Result<Option<(TcpStream, u32)>, String> {
+/// A blocking byte stream to the server (the warm-up session).
+pub trait Rw: Read + Write {}
+impl<T: Read + Write> Rw for T {}
+
+/// The TLS client configuration for `--transport tls|quic` (trusting `--ca`).
+pub fn tls_client(
+    o: &Opts,
+) -> Result<
+    (
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ),
+    String,
+> {
+    let trust = clawterm::client::transport::TlsTrust {
+        ca: o.ca.clone(),
+        pin: None,
+        server_name: o.server_name.clone(),
+    };
+    clawterm::client::transport::client_config(&trust, &o.target.to_string())
+        .map_err(|e| format!("TLS configuration: {e}"))
+}
+
+/// Opens a blocking stream over the chosen transport; `Err((retry, why))`.
+fn open_stream(o: &Opts) -> Result<Box<dyn Rw>, (bool, String)> {
+    let t = Duration::from_secs(5);
+    let tcp = || {
+        let s = TcpStream::connect_timeout(&SocketAddr::V4(o.target), t)
+            .map_err(|e| (true, format!("connect {}: {e}", o.target)))?;
+        s.set_read_timeout(Some(t)).ok();
+        let _ = s.set_nodelay(true);
+        Ok::<_, (bool, String)>(s)
+    };
+    match o.transport {
+        Transport::Tcp => Ok(Box::new(tcp()?)),
+        Transport::Tls => {
+            let (cfg, name) = tls_client(o).map_err(|e| (false, e))?;
+            let c = rustls::ClientConnection::new(cfg, name)
+                .map_err(|e| (false, format!("TLS: {e}")))?;
+            Ok(Box::new(rustls::StreamOwned::new(c, tcp()?)))
+        }
+        Transport::Quic => {
+            let (cfg, name) = tls_client(o).map_err(|e| (false, e))?;
+            let host = match &name {
+                rustls::pki_types::ServerName::IpAddress(ip) => {
+                    std::net::IpAddr::from(*ip).to_string()
+                }
+                rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
+                _ => o.target.ip().to_string(),
+            };
+            let mut q = clawterm::client::quic::QuicStream::connect(
+                SocketAddr::V4(o.target),
+                &host,
+                cfg,
+                None,
+                None,
+                t,
+            )
+            .map_err(|e| (true, format!("QUIC {}: {e}", o.target)))?;
+            q.set_read_timeout(Some(t));
+            Ok(Box::new(q))
+        }
+    }
+}
+
+/// The warm-up session: its stream and session id.
+type Warm = (Box<dyn Rw>, u32);
+
+fn warm_up(o: &Opts) -> Result<Option<Warm>, String> {
     let t = Instant::now();
     let mut last = String::new();
     while t.elapsed() < Duration::from_secs(15) {
@@ -255,10 +373,8 @@ fn warm_up(o: &Opts) -> Result<Option<(TcpStream, u32)>, String> {
     Err(format!("warm-up session failed: {last}"))
 }
 
-fn warm_once(o: &Opts) -> Result<(TcpStream, u32), (bool, String)> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(o.target), Duration::from_secs(5))
-        .map_err(|e| (true, format!("connect {}: {e}", o.target)))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+fn warm_once(o: &Opts) -> Result<Warm, (bool, String)> {
+    let mut s = open_stream(o)?;
     let mut p = Vec::new();
     Connect {
         version: 1,
@@ -274,6 +390,7 @@ fn warm_once(o: &Opts) -> Result<(TcpStream, u32), (bool, String)> {
     encode_to_vec(&mut buf, 0, 1, FrameType::Connect, 0, &p);
     s.write_all(&buf)
         .map_err(|e| (true, format!("write: {e}")))?;
+    let _ = s.flush();
     let mut rb = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -350,7 +467,17 @@ fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64) -> Vec<String> 
         o.ack_delay_ms.to_string(),
         "--spin-us".into(),
         o.spin_us.to_string(),
+        "--transport".into(),
+        o.transport.name().into(),
     ];
+    if let Some(ca) = &o.ca {
+        a.push("--ca".into());
+        a.push(ca.display().to_string());
+    }
+    if let Some(n) = &o.server_name {
+        a.push("--server-name".into());
+        a.push(n.clone());
+    }
     if let Some(t) = &o.token_hex {
         a.push("--token".into());
         a.push(t.clone());
@@ -578,6 +705,7 @@ fn coordinate(o: &Opts) -> i32 {
         let mut b = Vec::new();
         encode_to_vec(&mut b, sid, 2, FrameType::Disconnect, 0, &[]);
         let _ = s.write_all(&b);
+        let _ = s.flush();
     }
 
     // Merge.
@@ -629,6 +757,7 @@ fn coordinate(o: &Opts) -> i32 {
     v.insert("tool".into(), json!("loadgen"));
     v.insert("scenario".into(), json!(o.scenario));
     v.insert("target".into(), json!(o.target.to_string()));
+    v.insert("transport".into(), json!(o.transport.name()));
     v.insert(
         "params".into(),
         json!({
@@ -848,6 +977,23 @@ fn emit(o: &Opts, v: &Value) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("self-signed-cert") {
+        // A throw-away certificate for the TLS and QUIC benchmarks (bench/run.sh).
+        let Some(dir) = args.get(1) else {
+            eprintln!("usage: loadgen self-signed-cert DIR");
+            std::process::exit(2);
+        };
+        match clawterm::server::tls::self_signed(std::path::Path::new(dir)) {
+            Ok((cert, key, _)) => {
+                println!("{} {}", cert.display(), key.display());
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("loadgen self-signed-cert: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let o = match parse_args(&args) {
         Ok(o) => o,
         Err(e) => {

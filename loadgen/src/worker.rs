@@ -9,8 +9,9 @@
 //!   measured phase starts at the same time in every worker and the coordinator can read the
 //!   server's RSS in between).
 
+use crate::quic::{QEv, QuicEp};
 use crate::sys::{self, Epoll, Src};
-use crate::Opts;
+use crate::{Opts, Transport};
 use clawterm::proto::{
     decode, encode_to_vec, Accept, Connect, Decoded, FrameType, Resume, Resumed, CAP_V1, FLAG_GAP,
     FLAG_REPLAY, MAX_PAYLOAD,
@@ -18,17 +19,22 @@ use clawterm::proto::{
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const PAYLOAD_LEN: usize = 32;
 const STDIN_TOKEN: u64 = u64::MAX;
+/// Every UDP socket of the QUIC endpoint (all are drained when one is readable).
+const QUIC_TOKEN: u64 = u64::MAX - 1;
 
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
 enum St {
     Free,
     Connecting,
+    /// TLS or QUIC handshake in progress (before CONNECT/RESUME is sent).
+    Secure,
     AwaitHello,
     Up,
     /// DISCONNECT sent, waiting for the server to close.
@@ -75,6 +81,10 @@ struct Conn {
     want_replay: bool,
     /// A delayed ACK for this connection is in `Worker::ack_q`.
     ack_queued: bool,
+    /// TLS over TCP.
+    tls: Option<Box<rustls::ClientConnection>>,
+    /// QUIC: the connection in the worker's endpoint.
+    qch: Option<quinn_proto::ConnectionHandle>,
 }
 
 impl Conn {
@@ -102,6 +112,8 @@ impl Conn {
             late_tag: 0,
             want_replay: false,
             ack_queued: false,
+            tls: None,
+            qch: None,
         }
     }
 }
@@ -183,6 +195,16 @@ struct Worker<'a> {
     /// The open-loop sender spins (polls without sleeping) when its next message is due
     /// sooner than this (`--spin-us`).
     spin: Duration,
+    /// TLS client configuration and server name (`--transport tls`).
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    /// The QUIC endpoint (`--transport quic`).
+    qep: Option<QuicEp>,
+    qev: Vec<QEv>,
+    /// TLS records to write (reused).
+    tls_out: Vec<u8>,
 }
 
 fn out_line(v: Value) {
@@ -196,6 +218,28 @@ impl<'a> Worker<'a> {
         let ep = Epoll::new()?;
         sys::set_nonblocking(0);
         ep.ctl(libc::EPOLL_CTL_ADD, 0, STDIN_TOKEN, libc::EPOLLIN as u32);
+        let mut tls = None;
+        let mut qep = None;
+        if o.transport != Transport::Tcp {
+            let (cfg, name) = crate::tls_client(o)?;
+            if o.transport == Transport::Quic {
+                let host = match &name {
+                    rustls::pki_types::ServerName::IpAddress(ip) => {
+                        std::net::IpAddr::from(*ip).to_string()
+                    }
+                    rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
+                    _ => o.target.ip().to_string(),
+                };
+                let sources: Vec<Ipv4Addr> = (0..8).map(|k| src_ip(idx * 3 + k)).collect();
+                let q = QuicEp::new(cfg, o.target, &host, &sources)?;
+                for fd in q.fds() {
+                    ep.ctl(libc::EPOLL_CTL_ADD, fd, QUIC_TOKEN, libc::EPOLLIN as u32);
+                }
+                qep = Some(q);
+            } else {
+                tls = Some((cfg, name));
+            }
+        }
         Ok(Worker {
             o,
             idx,
@@ -229,6 +273,10 @@ impl<'a> Worker<'a> {
             ack_q: VecDeque::new(),
             ack_delay: Duration::from_secs_f64(o.ack_delay_ms / 1000.0),
             spin: Duration::from_micros(o.spin_us),
+            tls,
+            qep,
+            qev: Vec::new(),
+            tls_out: Vec::new(),
         })
     }
 
@@ -280,6 +328,31 @@ impl<'a> Worker<'a> {
 
     /// Starts a connection in slot `i` (new session, resume, or raw).
     fn start_conn(&mut self, i: usize, hello: Hello, src: Src) -> bool {
+        if let Some(q) = self.qep.as_mut() {
+            let sock = match src {
+                Src::Ip(ip) => ip.octets()[3] as usize,
+                Src::Exact(a) => a.ip().octets()[3] as usize,
+            };
+            match q.connect(i, sock) {
+                Ok(ch) => {
+                    let c = &mut self.conns[i];
+                    c.qch = Some(ch);
+                    c.fd = -1;
+                    c.st = St::Secure;
+                    c.hello = hello;
+                    c.t0 = Instant::now();
+                    c.rbuf.clear();
+                    c.wbuf.clear();
+                    self.hs_inflight += 1;
+                    return true;
+                }
+                Err(e) => {
+                    self.conns[i].st = St::Dead;
+                    self.count_failure(format!("handshake: {e}"));
+                    return false;
+                }
+            }
+        }
         let (fd, now) = match sys::start_connect(src, self.dst) {
             Ok((fd, now, exact)) => {
                 if let Src::Exact(_) = src {
@@ -331,6 +404,22 @@ impl<'a> Worker<'a> {
 
     fn connected(&mut self, i: usize) {
         self.conns[i].local = sys::local_addr(self.conns[i].fd);
+        if let Some((cfg, name)) = &self.tls {
+            match rustls::ClientConnection::new(cfg.clone(), name.clone()) {
+                Ok(t) => {
+                    self.conns[i].tls = Some(Box::new(t));
+                    self.conns[i].st = St::Secure;
+                    self.tls_flush(i);
+                }
+                Err(e) => self.fail(i, format!("TLS: {e}")),
+            }
+            return;
+        }
+        self.secured(i);
+    }
+
+    /// The connection (and its TLS or QUIC handshake) is up: say hello.
+    fn secured(&mut self, i: usize) {
         match self.conns[i].hello {
             Hello::Raw => {
                 self.hs_done(i);
@@ -356,7 +445,7 @@ impl<'a> Worker<'a> {
         let c = &mut self.conns[i];
         let phase = match c.st {
             St::Dead | St::Free | St::Dropped => return,
-            St::Connecting | St::AwaitHello => {
+            St::Connecting | St::Secure | St::AwaitHello => {
                 self.hs_inflight -= 1;
                 if c.hello == Hello::Resume {
                     "resume handshake"
@@ -377,9 +466,14 @@ impl<'a> Worker<'a> {
         let fd = std::mem::replace(&mut c.fd, -1);
         c.rbuf = Vec::new();
         c.wbuf = Vec::new();
+        c.tls = None;
+        let qch = c.qch.take();
         let lost = c.out.len() as u64;
         c.out.clear();
         sys::close(fd);
+        if let (Some(ch), Some(q)) = (qch, self.qep.as_mut()) {
+            q.close(ch, false);
+        }
         if lost > 0 {
             self.count("echo_lost_on_failed_sessions", lost);
         }
@@ -391,7 +485,12 @@ impl<'a> Worker<'a> {
         let c = &mut self.conns[i];
         let fd = std::mem::replace(&mut c.fd, -1);
         c.st = St::Free;
+        c.tls = None;
+        let qch = c.qch.take();
         sys::close(fd);
+        if let (Some(ch), Some(q)) = (qch, self.qep.as_mut()) {
+            q.close(ch, false);
+        }
         self.free.push(i);
     }
 
@@ -492,7 +591,43 @@ impl<'a> Worker<'a> {
         self.frame(i, FrameType::Ack, &s.to_be_bytes());
     }
 
+    /// Sends protocol bytes on the session's transport.
     fn send(&mut self, i: usize, bytes: &[u8]) {
+        if let Some(ch) = self.conns[i].qch {
+            if let Some(q) = self.qep.as_mut() {
+                q.write(ch, bytes);
+            }
+            return;
+        }
+        if let Some(t) = self.conns[i].tls.as_mut() {
+            // The plaintext buffer is unbounded by default: this cannot fail.
+            let _ = t.writer().write_all(bytes);
+            self.tls_flush(i);
+            return;
+        }
+        self.send_raw(i, bytes);
+    }
+
+    /// Writes the TLS records the connection has pending.
+    fn tls_flush(&mut self, i: usize) {
+        let Some(t) = self.conns[i].tls.as_mut() else {
+            return;
+        };
+        let mut out = std::mem::take(&mut self.tls_out);
+        out.clear();
+        while t.wants_write() {
+            if t.write_tls(&mut out).is_err() {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            self.send_raw(i, &out);
+        }
+        self.tls_out = out;
+    }
+
+    /// Writes bytes to the socket, queueing what it does not take.
+    fn send_raw(&mut self, i: usize, bytes: &[u8]) {
         let c = &mut self.conns[i];
         if c.fd < 0 {
             return;
@@ -553,13 +688,24 @@ impl<'a> Worker<'a> {
 
     // ------------------------------------------------------------------ event loop
 
-    fn poll(&mut self, timeout: Duration) {
+    fn poll(&mut self, mut timeout: Duration) {
+        if self.qep.is_some() {
+            // What QUIC has to send goes out before sleeping; its timers bound the sleep.
+            self.quic_step(|q, ev| q.flush(ev));
+            if let Some(d) = self.qep.as_mut().and_then(|q| q.next_deadline()) {
+                timeout = timeout.min(d.saturating_duration_since(Instant::now()));
+            }
+        }
         let mut evs = std::mem::take(&mut self.events);
         let n = self.ep.wait(&mut evs, timeout);
         for ev in evs.iter().take(n) {
             let (tok, flags) = (ev.u64, ev.events);
             if tok == STDIN_TOKEN {
                 self.read_stdin();
+                continue;
+            }
+            if tok == QUIC_TOKEN {
+                self.quic_step(|q, ev| q.on_readable(ev));
                 continue;
             }
             let i = tok as usize;
@@ -590,7 +736,47 @@ impl<'a> Worker<'a> {
             }
         }
         self.events = evs;
+        if self.qep.is_some() {
+            self.quic_step(|q, ev| q.on_timeouts(ev));
+        }
         self.progress();
+    }
+
+    /// Runs one step of the QUIC endpoint and handles what it reports.
+    fn quic_step(&mut self, step: impl FnOnce(&mut QuicEp, &mut Vec<QEv>)) {
+        let Some(q) = self.qep.as_mut() else { return };
+        let mut evs = std::mem::take(&mut self.qev);
+        step(q, &mut evs);
+        for ev in evs.drain(..) {
+            match ev {
+                QEv::Connected(i) => {
+                    if self.conns[i].st == St::Secure {
+                        self.secured(i);
+                    }
+                }
+                QEv::Readable(i) => {
+                    let (Some(ch), Some(q)) = (self.conns[i].qch, self.qep.as_mut()) else {
+                        continue;
+                    };
+                    let mut rb = std::mem::take(&mut self.conns[i].rbuf);
+                    q.read(ch, &mut rb);
+                    self.conns[i].rbuf = rb;
+                    if matches!(self.conns[i].st, St::AwaitHello | St::Up | St::Closing) {
+                        self.frames(i);
+                        self.after_read(i);
+                    }
+                }
+                QEv::Lost(i, why) => {
+                    if self.conns[i].st == St::Closing {
+                        self.count("closed_cleanly", 1);
+                        self.release(i);
+                    } else {
+                        self.fail(i, why);
+                    }
+                }
+            }
+        }
+        self.qev = evs;
     }
 
     fn read_stdin(&mut self) {
@@ -653,6 +839,8 @@ impl<'a> Worker<'a> {
             let n = n as usize;
             if self.raw {
                 self.raw_bytes(i, n);
+            } else if self.conns[i].tls.is_some() {
+                self.tls_in(i, n);
             } else {
                 self.conns[i].rbuf.extend_from_slice(&self.scratch[..n]);
                 self.frames(i);
@@ -661,6 +849,58 @@ impl<'a> Worker<'a> {
                 break;
             }
         }
+        self.after_read(i);
+    }
+
+    /// `n` bytes of TLS records in the scratch buffer: decrypt, finish the handshake, decode.
+    fn tls_in(&mut self, i: usize, n: usize) {
+        let c = &mut self.conns[i];
+        let (Some(t), rb) = (c.tls.as_mut(), &mut c.rbuf) else {
+            return;
+        };
+        let mut rd = &self.scratch[..n];
+        let mut err = None;
+        while !rd.is_empty() {
+            match t.read_tls(&mut rd) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    err = Some(e.to_string());
+                    break;
+                }
+            }
+            if let Err(e) = t.process_new_packets() {
+                err = Some(e.to_string());
+                break;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            loop {
+                match t.reader().read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(k) => rb.extend_from_slice(&chunk[..k]),
+                    Err(_) => break, // WouldBlock: nothing more decrypted yet
+                }
+            }
+        }
+        let handshaking = t.is_handshaking();
+        self.tls_flush(i);
+        if let Some(e) = err {
+            self.fail(i, format!("TLS: {e}"));
+            return;
+        }
+        if self.conns[i].st == St::Secure {
+            if handshaking {
+                return;
+            }
+            self.secured(i);
+        }
+        if !self.conns[i].rbuf.is_empty() {
+            self.frames(i);
+        }
+    }
+
+    /// After a read: this scenario's ACK policy.
+    fn after_read(&mut self, i: usize) {
         if self.mode == Mode::Resume || (self.mode == Mode::EchoOpen && self.ack_delay.is_zero()) {
             self.send_ack(i);
         } else if self.mode == Mode::EchoOpen {
@@ -946,14 +1186,20 @@ impl<'a> Worker<'a> {
                 if !self.raw {
                     self.frame(i, FrameType::Disconnect, &[]);
                 }
-                if self.conns[i].fd >= 0 {
-                    let c = &mut self.conns[i];
+                let c = &mut self.conns[i];
+                if let (Some(ch), Some(q)) = (c.qch.take(), self.qep.as_mut()) {
+                    c.st = St::Free;
+                    q.close(ch, false);
+                } else if c.fd >= 0 {
                     let fd = std::mem::replace(&mut c.fd, -1);
                     c.st = St::Free;
+                    c.tls = None;
                     sys::close(fd);
                 }
             }
         }
+        // The QUIC closes go out now: the worker may exit next.
+        self.quic_step(|q, ev| q.flush(ev));
     }
 
     // ------------------------------------------------------------------ scenarios
@@ -1049,7 +1295,7 @@ impl<'a> Worker<'a> {
                             self.conns[i].st = St::Free;
                             self.free.push(i);
                         }
-                        St::Closing | St::AwaitHello | St::Connecting
+                        St::Closing | St::AwaitHello | St::Connecting | St::Secure
                             if self.conns[i].t0.elapsed() > Duration::from_secs(10) =>
                         {
                             self.fail(i, "no progress for 10 s".into());
@@ -1064,7 +1310,7 @@ impl<'a> Worker<'a> {
         for i in 0..self.conns.len() {
             if matches!(
                 self.conns[i].st,
-                St::Closing | St::AwaitHello | St::Connecting | St::Up
+                St::Closing | St::AwaitHello | St::Connecting | St::Secure | St::Up
             ) {
                 self.fail(i, "still open at the end of the drain".into());
             }
@@ -1167,6 +1413,9 @@ impl<'a> Worker<'a> {
     /// Resume: one round (`resume`, `--reconnect`), or two (`resume-cross`: same port, then
     /// new port).
     fn resume_scenario(&mut self) -> Result<(), String> {
+        if self.qep.is_some() {
+            return Err("resume scenarios are not implemented over QUIC yet".into());
+        }
         let open_s = self.open(self.o.sessions)?;
         self.opened(open_s);
         self.wait_go()?;
@@ -1300,6 +1549,11 @@ impl<'a> Worker<'a> {
             }
         }
         let mut counts = self.counts.clone();
+        if let Some(q) = &self.qep {
+            if q.send_drops > 0 {
+                counts.insert("quic_datagrams_not_sent", q.send_drops);
+            }
+        }
         for (k, n) in [
             ("sent", self.n_sent),
             ("received", self.n_received),
