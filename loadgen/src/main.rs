@@ -5,7 +5,7 @@
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
 //!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic]
-//!     [--ca PEM] [--server-name NAME]
+//!     [--ca PEM] [--server-name NAME] [--resume-rate R]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
 //! loadgen self-signed-cert DIR
 //! ```
@@ -63,7 +63,7 @@ const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
 [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic] [--ca PEM] \
-[--server-name NAME]
+[--server-name NAME] [--resume-rate R]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
        loadgen self-signed-cert DIR";
@@ -96,6 +96,8 @@ pub struct Opts {
     /// Open-loop echo: poll without sleeping when the next send is due within this (µs).
     pub spin_us: u64,
     pub transport: Transport,
+    /// Resume: new resumes per second (0 = a burst, `--inflight` at a time).
+    pub resume_rate: f64,
     /// PEM file of the certificates to trust (TLS and QUIC).
     pub ca: Option<PathBuf>,
     /// Name to verify the server's certificate against (default: the target's address).
@@ -144,6 +146,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         ack_delay_ms: 0.0,
         spin_us: 200,
         transport: Transport::Tcp,
+        resume_rate: 0.0,
         ca: None,
         server_name: None,
     };
@@ -226,6 +229,14 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 }
             }
             "--ca" => o.ca = Some(PathBuf::from(val()?)),
+            "--resume-rate" => {
+                let v = val()?;
+                o.resume_rate = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r >= 0.0)
+                    .ok_or(format!("--resume-rate: `{v}` is not a rate >= 0"))?;
+            }
             "--server-name" => o.server_name = Some(val()?),
             "--bind" => o.bind = val()?,
             other => return Err(format!("unknown argument `{other}`")),
@@ -436,7 +447,7 @@ struct WorkerProc {
     stdin: Option<std::process::ChildStdin>,
 }
 
-fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64) -> Vec<String> {
+fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64, workers: usize) -> Vec<String> {
     let mut a = vec![
         o.scenario.clone(),
         "--target".into(),
@@ -469,6 +480,8 @@ fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64) -> Vec<String> 
         o.spin_us.to_string(),
         "--transport".into(),
         o.transport.name().into(),
+        "--resume-rate".into(),
+        (o.resume_rate / workers as f64).to_string(),
     ];
     if let Some(ca) = &o.ca {
         a.push("--ca".into());
@@ -548,7 +561,7 @@ fn coordinate(o: &Opts) -> i32 {
         let share = o.sessions / workers + usize::from(w < o.sessions % workers);
         let rate = o.rate / workers as f64;
         let mut cmd = Command::new(&exe);
-        cmd.args(worker_args(o, w, share, rate))
+        cmd.args(worker_args(o, w, share, rate, workers))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -766,6 +779,8 @@ fn coordinate(o: &Opts) -> i32 {
             "keepalive_s": o.keepalive, "reconnect": if o.same_port {"same-port"} else {"new-port"},
             "shards_hint": o.shards_hint, "payload_bytes": worker::PAYLOAD_LEN,
             "ack_delay_ms": o.ack_delay_ms, "spin_us": o.spin_us,
+            "resume_rate": o.resume_rate,
+            "resume_mode": if o.resume_rate > 0.0 {"paced"} else {"burst"},
             "tenant": o.tenant, "agent": o.agent,
         }),
     );
@@ -889,7 +904,7 @@ fn coordinate(o: &Opts) -> i32 {
             let rounds: &[&str] = if sc == "resume" {
                 &["resume"]
             } else {
-                &["same_port", "new_port"]
+                &["same_port", "cross_port"]
             };
             for r in rounds {
                 v.insert(format!("{r}_resumed_us"), h(&format!("{r}_resumed_us")));
@@ -913,18 +928,18 @@ fn coordinate(o: &Opts) -> i32 {
                 let s = o.shards_hint;
                 let owners: Vec<u64> = (0..s).map(|k| c(&format!("owner_shard_{k}"))).collect();
                 v.insert("predicted_owner_shards".into(), json!(owners));
-                let n = per_round;
-                let exact = c("same_port_bound");
-                let fallback = c("same_port_unavailable");
                 let s64 = s as u64;
+                let same_fb = c("same_port_unavailable");
+                let cross_fb = c("cross_port_unavailable") + c("cross_port_unpaired");
                 v.insert(
                     "shard_split".into(),
                     json!({
-                        "method": "same_port round reconnects from the session's original source address+port, so the SO_REUSEPORT hash picks the listener (shard) that accepted the original CONNECT, i.e. the owner: same-shard by construction (where the old port could not be re-bound, a fresh port was used: counted under fallback, split as expected for fresh ports); new_port round uses fresh ports, so the accepting shard is uniform over S: expected cross-shard = n*(S-1)/S. loadgen cannot observe the accepting shard itself.",
+                        "method": "A session's id names the shard that accepted its CONNECT, and SO_REUSEPORT picks the accepting listener from the 4-tuple. same_port round: each session reconnects from its own previous source address+port, so it lands on its owner (same-shard by construction). cross_port round: each session reconnects from the previous source address+port of a session owned by another shard, so it lands on that shard (cross-shard by construction). Where a port could not be re-bound (or no session of another shard was left to borrow one from) a fresh port was used: those are counted under fallback and land on a uniform shard (cross-shard with probability (S-1)/S).",
                         "shards_hint": s,
-                        "same_port": {"same_shard": exact, "fallback_fresh_port": fallback,
-                            "cross_shard_expected": fallback - fallback / s64},
-                        "new_port": {"same_shard_expected": n / s64, "cross_shard_expected": n - n / s64},
+                        "same_port": {"same_shard": c("same_port_bound"), "fallback_fresh_port": same_fb,
+                            "cross_shard_expected_among_fallback": same_fb - same_fb / s64},
+                        "cross_port": {"cross_shard": c("cross_port_bound"), "fallback_fresh_port": cross_fb,
+                            "same_shard_expected_among_fallback": cross_fb / s64},
                     }),
                 );
             }

@@ -118,6 +118,17 @@ impl Conn {
     }
 }
 
+/// Where a resume reconnects from.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Reconnect {
+    /// A fresh source port.
+    NewPort,
+    /// The session's own previous source address and port (lands on the same shard).
+    SamePort,
+    /// The previous source address and port of a session owned by another shard.
+    CrossPort,
+}
+
 /// What the worker is doing; decides how received frames are answered.
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum Mode {
@@ -356,14 +367,12 @@ impl<'a> Worker<'a> {
         let (fd, now) = match sys::start_connect(src, self.dst) {
             Ok((fd, now, exact)) => {
                 if let Src::Exact(_) = src {
-                    self.count(
-                        if exact {
-                            "same_port_bound"
-                        } else {
-                            "same_port_unavailable"
-                        },
-                        1,
-                    );
+                    let (bound, unavailable) = if self.round == "cross_port" {
+                        ("cross_port_bound", "cross_port_unavailable")
+                    } else {
+                        ("same_port_bound", "same_port_unavailable")
+                    };
+                    self.count(if exact { bound } else { unavailable }, 1);
                 }
                 (fd, now)
             }
@@ -1419,16 +1428,19 @@ impl<'a> Worker<'a> {
         let open_s = self.open(self.o.sessions)?;
         self.opened(open_s);
         self.wait_go()?;
-        let rounds: Vec<(&'static str, bool)> = if self.o.scenario == "resume-cross" {
-            vec![("same_port", true), ("new_port", false)]
+        let rounds: Vec<(&'static str, Reconnect)> = if self.o.scenario == "resume-cross" {
+            vec![
+                ("same_port", Reconnect::SamePort),
+                ("cross_port", Reconnect::CrossPort),
+            ]
         } else if self.o.same_port {
-            vec![("resume", true)]
+            vec![("resume", Reconnect::SamePort)]
         } else {
-            vec![("resume", false)]
+            vec![("resume", Reconnect::NewPort)]
         };
-        for (name, same) in rounds {
+        for (name, how) in rounds {
             self.round = name;
-            self.resume_round(same)?;
+            self.resume_round(how)?;
         }
         // Predicted owner shard of each session (id & (S-1)).
         let s = self.o.shards_hint.max(1);
@@ -1448,7 +1460,7 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    fn resume_round(&mut self, same_port: bool) -> Result<(), String> {
+    fn resume_round(&mut self, how: Reconnect) -> Result<(), String> {
         // 1. Unacknowledged output: one DATA per session, wait for its echo, do not ACK it.
         self.mode = Mode::Prime;
         let ups = self.up_list();
@@ -1485,22 +1497,56 @@ impl<'a> Worker<'a> {
         self.count("dropped", dropped.len() as u64);
         // Let the server see the resets.
         self.pump_until(Duration::from_millis(300), |_| false);
-        // 3. RESUME every session from a new connection, `inflight` at a time.
+        // Cross-port: each session reconnects from the source address+port that a session of
+        // *another* shard used. SO_REUSEPORT picks the listener from the 4-tuple, so that
+        // connection lands on the other session's owner: a cross-shard resume by construction.
+        let mut borrowed: Vec<Option<SocketAddrV4>> = vec![None; dropped.len()];
+        if how == Reconnect::CrossPort {
+            let s = self.o.shards_hint.max(1);
+            let mut by_owner: Vec<Vec<SocketAddrV4>> = vec![Vec::new(); s as usize];
+            for &i in &dropped {
+                if let Some(a) = self.conns[i].local {
+                    by_owner[(self.conns[i].sid & (s - 1)) as usize].push(a);
+                }
+            }
+            for (k, &i) in dropped.iter().enumerate() {
+                let own = (self.conns[i].sid & (s - 1)) as usize;
+                let from = (0..s as usize)
+                    .filter(|&o| o != own && !by_owner[o].is_empty())
+                    .max_by_key(|&o| by_owner[o].len());
+                match from {
+                    Some(o) => borrowed[k] = by_owner[o].pop(),
+                    None => self.count("cross_port_unpaired", 1),
+                }
+            }
+        }
+        // 3. RESUME every session from a new connection, `inflight` at a time (a burst), or
+        // paced at `--resume-rate` per second (each started on schedule, `inflight` bounding
+        // how many may be pending).
         self.mode = Mode::Resume;
         let t = Instant::now();
         let mut next = 0;
         let limit = Duration::from_secs(60 + dropped.len() as u64 / 100);
+        let pace = (self.o.resume_rate > 0.0).then(|| 1.0 / self.o.resume_rate);
         loop {
             while next < dropped.len() && self.resume_inflight < self.o.inflight {
+                if let Some(iv) = pace {
+                    let due = t + Duration::from_secs_f64(next as f64 * iv);
+                    if due > Instant::now() {
+                        break;
+                    }
+                }
                 let i = dropped[next];
+                let lent = borrowed[next];
                 next += 1;
                 let c = &mut self.conns[i];
                 c.want_replay = true;
                 c.hi_data = c.resume_last;
                 c.acked = c.resume_last;
                 self.resume_inflight += 1;
-                let src = match (same_port, c.local) {
-                    (true, Some(a)) => Src::Exact(a),
+                let src = match (how, c.local, lent) {
+                    (Reconnect::SamePort, Some(a), _) => Src::Exact(a),
+                    (Reconnect::CrossPort, _, Some(a)) => Src::Exact(a),
                     _ => {
                         self.next_src += 1;
                         Src::Ip(src_ip(self.next_src))
@@ -1523,10 +1569,22 @@ impl<'a> Worker<'a> {
                 ));
                 break;
             }
-            self.poll(Duration::from_millis(10));
+            let wait = match pace {
+                Some(iv) if next < dropped.len() => {
+                    let due = t + Duration::from_secs_f64(next as f64 * iv);
+                    let w = due.saturating_duration_since(Instant::now());
+                    if w <= self.spin {
+                        Duration::ZERO
+                    } else {
+                        (w - self.spin / 2).min(Duration::from_millis(10))
+                    }
+                }
+                _ => Duration::from_millis(10),
+            };
+            self.poll(wait);
         }
-        let key: &'static str = if self.round == "new_port" {
-            "new_port_round_ms"
+        let key: &'static str = if self.round == "cross_port" {
+            "cross_port_round_ms"
         } else {
             "round_ms"
         };
