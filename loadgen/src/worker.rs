@@ -122,11 +122,11 @@ impl Conn {
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum Reconnect {
     /// A fresh source port.
-    NewPort,
+    Fresh,
     /// The session's own previous source address and port (lands on the same shard).
-    SamePort,
+    Own,
     /// The previous source address and port of a session owned by another shard.
-    CrossPort,
+    Borrowed,
 }
 
 /// What the worker is doing; decides how received frames are answered.
@@ -1430,13 +1430,13 @@ impl<'a> Worker<'a> {
         self.wait_go()?;
         let rounds: Vec<(&'static str, Reconnect)> = if self.o.scenario == "resume-cross" {
             vec![
-                ("same_port", Reconnect::SamePort),
-                ("cross_port", Reconnect::CrossPort),
+                ("same_port", Reconnect::Own),
+                ("cross_port", Reconnect::Borrowed),
             ]
         } else if self.o.same_port {
-            vec![("resume", Reconnect::SamePort)]
+            vec![("resume", Reconnect::Own)]
         } else {
-            vec![("resume", Reconnect::NewPort)]
+            vec![("resume", Reconnect::Fresh)]
         };
         for (name, how) in rounds {
             self.round = name;
@@ -1501,7 +1501,7 @@ impl<'a> Worker<'a> {
         // *another* shard used. SO_REUSEPORT picks the listener from the 4-tuple, so that
         // connection lands on the other session's owner: a cross-shard resume by construction.
         let mut borrowed: Vec<Option<SocketAddrV4>> = vec![None; dropped.len()];
-        if how == Reconnect::CrossPort {
+        if how == Reconnect::Borrowed {
             let s = self.o.shards_hint.max(1);
             let mut by_owner: Vec<Vec<SocketAddrV4>> = vec![Vec::new(); s as usize];
             for &i in &dropped {
@@ -1545,8 +1545,8 @@ impl<'a> Worker<'a> {
                 c.acked = c.resume_last;
                 self.resume_inflight += 1;
                 let src = match (how, c.local, lent) {
-                    (Reconnect::SamePort, Some(a), _) => Src::Exact(a),
-                    (Reconnect::CrossPort, _, Some(a)) => Src::Exact(a),
+                    (Reconnect::Own, Some(a), _) => Src::Exact(a),
+                    (Reconnect::Borrowed, _, Some(a)) => Src::Exact(a),
                     _ => {
                         self.next_src += 1;
                         Src::Ip(src_ip(self.next_src))
