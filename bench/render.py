@@ -2,9 +2,13 @@
 """Benchmark history and dashboard for ClawTerm (standard library only).
 
   render.py record RUN_DIR --profile P --history bench/history.jsonl [--failed JSON]
-            [--seconds S] [--ios "uring epoll"]
+            [--seconds S] [--ios "uring epoll"] [--placement TEXT]
       Summarises the loadgen JSON files of one bench/run.sh run into one JSON line appended
-      to the history file (and prints it).
+      to the history file (and prints it), with every goal of the benchmark issue next to the
+      figure measured for it (met / not met; not evaluated where the profile is smaller than
+      the goal's setting).
+  render.py goals RECORD_JSON
+      Prints the goals of one recorded run (the JSON line `record` printed) as text.
   render.py render --history bench/history.jsonl --out bench/dashboard.html
       Writes a self-contained HTML dashboard (inline SVG, no network fetches).
 """
@@ -94,17 +98,21 @@ def summarize(kind, d):
                  rate=d.get("achieved_rate"), latency_us=lat("latency_us"),
                  send_lag_us=lat("send_lag_us"),
                  server_cpu=d.get("server_cpu_fraction"), client_cpu=d.get("client_cpu_fraction"))
-    elif kind == "resume":
+    elif kind in ("resume", "resume_paced"):
         s.update(sessions=d.get("resumed"), per_s=d.get("resumes_per_second"),
+                 mode=pick(d, "params", "resume_mode"), resume_rate=pick(d, "params", "resume_rate"),
                  resumed_us=lat("resume_resumed_us"), first_replay_us=lat("resume_first_replay_us"))
-    elif kind == "resume_cross":
+    elif kind in ("resume_cross", "resume_cross_paced"):
         s.update(sessions=d.get("resumed"),
+                 mode=pick(d, "params", "resume_mode"), resume_rate=pick(d, "params", "resume_rate"),
                  same_port_resumed_us=lat("same_port_resumed_us"),
-                 new_port_resumed_us=lat("new_port_resumed_us"),
+                 cross_port_resumed_us=lat("cross_port_resumed_us"),
                  same_port_first_replay_us=lat("same_port_first_replay_us"),
-                 new_port_first_replay_us=lat("new_port_first_replay_us"),
-                 shard_split=d.get("shard_split", {}).get("new_port"),
+                 cross_port_first_replay_us=lat("cross_port_first_replay_us"),
+                 shard_split={k: v for k, v in (d.get("shard_split") or {}).items() if k != "method"},
                  predicted_owner_shards=d.get("predicted_owner_shards"))
+    if d.get("transport") not in (None, "tcp"):
+        s["transport"] = d.get("transport")
     return s
 
 
@@ -120,11 +128,14 @@ def record(a):
     res = {}
     for io in ios:
         res[io] = {k: summarize(k, load(os.path.join(a.run_dir, f"{io}.{k}.json")))
-                   for k in ("idle", "connect", "echo", "echo_closed", "resume")}
+                   for k in ("idle", "connect", "echo", "echo_closed", "resume", "resume_paced")}
     res["raw"] = {k: summarize(k, load(os.path.join(a.run_dir, f"raw.{k}.json")))
                   for k in ("echo", "echo_closed")}
-    rc = load(os.path.join(a.run_dir, "resume_cross.json"))
-    res["resume_cross"] = summarize("resume_cross", rc)
+    for k in ("resume_cross", "resume_cross_paced"):
+        res[k] = summarize(k, load(os.path.join(a.run_dir, f"{k}.json")))
+    res["tls"] = {"idle": summarize("idle", load(os.path.join(a.run_dir, "tls.idle.json")))}
+    res["quic"] = {k: summarize(k, load(os.path.join(a.run_dir, f"quic.{k}.json")))
+                   for k in ("idle", "echo")}
 
     g = lambda *k: pick(res, *k)
     ratios = {}
@@ -145,6 +156,7 @@ def record(a):
             "echo_p99": ratio(g(io, "echo", "latency_us", "p99"), g("raw", "echo", "latency_us", "p99")),
         }
     failed = json.loads(a.failed) if a.failed else []
+    goals = evaluate_goals(a.profile, ios, res, ratios)
     line = {
         "ts": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "profile": a.profile,
@@ -154,12 +166,87 @@ def record(a):
         "seconds": a.seconds,
         "ok": not failed,
         "failed": failed,
+        "placement": a.placement,
         "results": res,
         "ratios": ratios,
+        "goals": goals,
     }
+    if a.note:
+        line["note"] = a.note
     with open(a.history, "a") as f:
         f.write(json.dumps(line, sort_keys=True) + "\n")
     print(json.dumps(line, indent=1, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Goals (issue 6): each next to the figure measured for it.
+
+def _delta(a, b):
+    return None if a is None or b is None else a - b
+
+
+def goal_table(ios):
+    """(id, goal, comparison, target, unit, figure(res, ratios), applies(profile, res))."""
+    io = ios[0] if ios else "uring"
+    full = lambda p, r: p == "full"
+    def echo_setting(p, r):
+        return (p == "full" and pick(r, io, "echo", "target_rate") == 50000
+                and pick(r, io, "echo", "sessions") == 10000)
+    return [
+        ("idle_sessions", f"live idle sessions on one shard, all answering keepalives ({io})", ">=", 19000, "",
+         lambda r, q: pick(r, io, "idle", "sessions_per_core"), full),
+        ("idle_bytes", f"server RSS per idle session ({io}, 19,000 sessions)", "<=", 1024, " B",
+         lambda r, q: pick(r, io, "idle", "rss_bytes_per_session"), full),
+        ("connect_rate", f"new sessions per second on one shard, pod OPEN included ({io})", ">=", 20000, "/s",
+         lambda r, q: pick(r, io, "connect", "per_s"), full),
+        ("echo_rate", f"echo round trips per second, 10,000 sessions, closed loop ({io})", ">=", 100000, "/s",
+         lambda r, q: pick(r, io, "echo_closed", "rate"), full),
+        ("echo_p99_half_rate", f"echo p99 at 50,000/s open loop, 10,000 sessions ({io})", "<=", 500, " µs",
+         lambda r, q: pick(r, io, "echo", "latency_us", "p99"), echo_setting),
+        ("uring_over_epoll", "io_uring / epoll closed-loop echo throughput", ">=", 1.2, "×",
+         lambda r, q: pick(q, "uring_over_epoll", "echo_closed_rate"), full),
+        ("server_over_raw", f"server / raw TCP echo closed-loop throughput ({io})", ">=", 0.5, "×",
+         lambda r, q: pick(q, f"{io}_over_raw", "echo_closed_rate"), full),
+        ("resume_p99_burst", f"resume 10,000, p99 to RESUMED, burst of 256 in flight ({io})", "<=", 2000, " µs",
+         lambda r, q: pick(r, io, "resume", "resumed_us", "p99"), full),
+        ("resume_p99_paced", f"resume 10,000, p99 to RESUMED, paced ({io})", "<=", 2000, " µs",
+         lambda r, q: pick(r, io, "resume_paced", "resumed_us", "p99"), full),
+        ("cross_shard_extra_p50", "cross-shard minus same-shard resume, median, paced (2 shards)", "<=", 20, " µs",
+         lambda r, q: _delta(pick(r, "resume_cross_paced", "cross_port_resumed_us", "p50"),
+                             pick(r, "resume_cross_paced", "same_port_resumed_us", "p50")), full),
+        ("tls_idle_bytes", "server RSS per idle TLS session", "<=", 16384, " B",
+         lambda r, q: pick(r, "tls", "idle", "rss_bytes_per_session"), full),
+    ]
+
+
+def evaluate_goals(profile, ios, res, ratios):
+    out = []
+    for gid, text, cmp, target, unit, figure, applies in goal_table(ios):
+        try:
+            v = figure(res, ratios)
+        except Exception:
+            v = None
+        ok = applies(profile, res)
+        met = None
+        if ok and isinstance(v, (int, float)):
+            met = v >= target if cmp == ">=" else v <= target
+        note = "" if ok else f"not evaluated: the {profile} profile does not run the goal's setting"
+        out.append({"id": gid, "goal": text, "target": f"{cmp} {fmt(target)}{unit}",
+                    "measured": v, "unit": unit.strip(), "met": met, "note": note})
+    return out
+
+
+def print_goals(a):
+    """The goals of a recorded run as text (bench/run.sh prints them at the end)."""
+    line = load(a.record_json) or {}
+    print(f"[bench] goals ({line.get('profile')} profile, load average at start "
+          f"{line.get('loadavg_at_start')}):")
+    for g in line.get("goals", []):
+        met = {True: "met", False: "NOT MET"}.get(g["met"], "n/a")
+        m = g["measured"]
+        ms = "–" if m is None else (f"{m:,.3g}" if isinstance(m, float) and m < 10 else f"{m:,.0f}")
+        print(f"  {met:8s} {g['goal']}: {ms} {g['unit']} (target {g['target']})"
+              + (f" [{g['note']}]" if g.get("note") else ""))
 
 
 # ------------------------------------------------------------------------------------------
@@ -256,8 +343,11 @@ def profile_section(profile, runs):
     charts = []
     charts.append(chart("Idle sessions held per server core (1 shard)", runs,
                         [(io, G("results", io, "idle", "sessions_per_core")) for io in ios]))
-    charts.append(chart("Server RSS per idle session", runs,
-                        [(io, G("results", io, "idle", "rss_bytes_per_session")) for io in ios], unit=" B"))
+    charts.append(chart("Server RSS per idle session (log)", runs,
+                        [(io, G("results", io, "idle", "rss_bytes_per_session")) for io in ios] +
+                        [("TLS", G("results", "tls", "idle", "rss_bytes_per_session")),
+                         ("QUIC", G("results", "quic", "idle", "rss_bytes_per_session"))],
+                        unit=" B", log=True))
     charts.append(chart("Echo throughput, closed loop (round trips/s)", runs,
                         [(io, G("results", io, "echo_closed", "rate")) for io in ios] +
                         [("raw TCP echo", G("results", "raw", "echo_closed", "rate"))]))
@@ -270,10 +360,16 @@ def profile_section(profile, runs):
                         [(io, G("results", io, "connect", "per_s")) for io in ios]))
     ser = []
     for io in ios:
-        ser += [(f"{io} RESUMED p50", G("results", io, "resume", "resumed_us", "p50")),
-                (f"{io} RESUMED p99", G("results", io, "resume", "resumed_us", "p99")),
-                (f"{io} 1st replay p99", G("results", io, "resume", "first_replay_us", "p99"))]
-    charts.append(chart("Resume latency from reconnect (µs, log)", runs, ser, log=True))
+        ser += [(f"{io} burst p50", G("results", io, "resume", "resumed_us", "p50")),
+                (f"{io} burst p99", G("results", io, "resume", "resumed_us", "p99")),
+                (f"{io} paced p50", G("results", io, "resume_paced", "resumed_us", "p50")),
+                (f"{io} paced p99", G("results", io, "resume_paced", "resumed_us", "p99"))]
+    charts.append(chart("Time to RESUMED from reconnect (µs, log)", runs, ser, log=True))
+    ser = [("same-shard p50", G("results", "resume_cross_paced", "same_port_resumed_us", "p50")),
+           ("cross-shard p50", G("results", "resume_cross_paced", "cross_port_resumed_us", "p50")),
+           ("same-shard p99", G("results", "resume_cross_paced", "same_port_resumed_us", "p99")),
+           ("cross-shard p99", G("results", "resume_cross_paced", "cross_port_resumed_us", "p99"))]
+    charts.append(chart("Same- vs cross-shard resume, paced, 2 shards (µs, log)", runs, ser, log=True))
     ser = [("uring/epoll closed-loop rate", G("ratios", "uring_over_epoll", "echo_closed_rate")),
            ("uring/epoll echo p99", G("ratios", "uring_over_epoll", "echo_p99"))]
     charts.append(chart("uring / epoll ratios", runs, ser))
@@ -285,7 +381,7 @@ def profile_section(profile, runs):
 
     last = runs[-1]
     rows = []
-    for io in ios + ["raw"]:
+    for io in ios + ["raw", "tls", "quic"]:
         r = pick(last, "results", io) or {}
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in [
             io,
@@ -296,8 +392,18 @@ def profile_section(profile, runs):
             f'{fmt(pick(r, "echo", "rate"))} / {fmt(pick(r, "echo", "target_rate"))}',
             " / ".join(fmt(pick(r, "echo", "latency_us", q)) for q in ("p50", "p90", "p99", "p999", "max")),
             " / ".join(fmt(pick(r, "resume", "resumed_us", q)) for q in ("p50", "p99")),
+            " / ".join(fmt(pick(r, "resume_paced", "resumed_us", q)) for q in ("p50", "p99")),
             " / ".join(fmt(pick(r, "resume", "first_replay_us", q)) for q in ("p50", "p99")),
         ]) + "</tr>")
+    goal_rows = "".join(
+        f'<tr><td style="text-align:left">{html.escape(g["goal"])}</td><td>{html.escape(g["target"])}</td>'
+        f'<td>{fmt(g["measured"])}{(" " + html.escape(g["unit"])) if g["unit"] and g["measured"] is not None else ""}</td>'
+        f'<td class="{ {True: "met", False: "miss"}.get(g["met"], "na") }">'
+        f'{ {True: "met", False: "not met"}.get(g["met"], "–") }</td>'
+        f'<td style="text-align:left">{html.escape(g.get("note", ""))}</td></tr>'
+        for g in last.get("goals", []))
+    goals_html = (f'<table><tr><th>goal (issue 6)</th><th>target</th><th>measured</th><th></th><th>note</th></tr>'
+                  f'{goal_rows}</table>') if goal_rows else "<p>No goals recorded for this run.</p>"
     rat = pick(last, "ratios") or {}
     rat_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(kk)}</td><td>{fmt(vv)}</td></tr>"
                        for k, v in rat.items() for kk, vv in v.items())
@@ -312,10 +418,15 @@ def profile_section(profile, runs):
 <h2>Profile <code>{html.escape(profile)}</code> — {len(runs)} run(s)</h2>
 <p>Latest: {html.escape(last["ts"])}, git {html.escape(str(last.get("git")))}, {status};
 load average at start {html.escape(str(last.get("loadavg_at_start")))};
+placement: {html.escape(str(last.get("placement") or "server shard on CPU 0, loadgen on CPU 1, echo pod unpinned"))};
 host {html.escape(json.dumps(last.get("host", {})))}</p>
+<h3>Goals, latest run</h3>
+{goals_html}
+<h3>Figures, latest run</h3>
 <table><tr><th>server</th><th>idle sessions / core</th><th>RSS B / idle session</th>
 <th>connects / s</th><th>closed-loop echo / s</th><th>open-loop achieved / target</th>
-<th>echo µs p50 / p90 / p99 / p99.9 / max</th><th>RESUMED µs p50 / p99</th><th>1st replay µs p50 / p99</th></tr>
+<th>echo µs p50 / p90 / p99 / p99.9 / max</th><th>RESUMED µs p50 / p99, burst</th>
+<th>RESUMED µs p50 / p99, paced</th><th>1st replay µs p50 / p99, burst</th></tr>
 {"".join(rows)}</table>
 <div class="charts">{"".join(f'<div>{c}</div>' for c in charts)}</div>
 <details><summary>Ratios of the latest run</summary><table>{rat_rows}</table></details>
@@ -349,12 +460,16 @@ td, th {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
 th {{ background: #f4f4f4; }}
 .charts {{ display: flex; flex-wrap: wrap; gap: 8px; }}
 .charts div {{ border: 1px solid #eee; }}
+td.met {{ background: #dff0d8; }}
+td.miss {{ background: #f2dede; }}
+td.na {{ color: #888; }}
 svg text {{ font-family: system-ui, sans-serif; }}
 </style></head><body>
 <h1>ClawTerm benchmarks</h1>
 <p>Generated {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} from
 <code>bench/history.jsonl</code> by <code>bench/render.py</code>. One shard (<code>clawtermd --shards 1
---cpus 0</code>), loadgen pinned to CPU 1, loopback, plaintext. Smoke and full profiles use different
+--cpus 0</code>) with its echo agent pod on the same CPU, loadgen pinned to CPU 1, loopback, plaintext
+(TLS and QUIC rows say so). Smoke and full profiles use different
 session counts and are charted separately; compare runs within one profile only. How to read this:
 <code>docs/BENCHMARKS.md</code>.</p>
 {sections or "<p>No runs recorded yet: run <code>bash bench/run.sh --profile smoke</code>.</p>"}
@@ -375,11 +490,20 @@ def main():
     r.add_argument("--failed", default="[]")
     r.add_argument("--seconds", type=int, default=None)
     r.add_argument("--ios", default="uring epoll")
+    r.add_argument("--placement", default=None)
+    r.add_argument("--note", default="")
+    g = sub.add_parser("goals")
+    g.add_argument("record_json")
     d = sub.add_parser("render")
     d.add_argument("--history", required=True)
     d.add_argument("--out", required=True)
     a = p.parse_args()
-    record(a) if a.cmd == "record" else render(a)
+    if a.cmd == "record":
+        record(a)
+    elif a.cmd == "goals":
+        print_goals(a)
+    else:
+        render(a)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # ClawTerm benchmark: builds release, runs loadgen scenarios against clawtermd (io_uring and
-# epoll backends, one shard on CPU 0) and against a raw TCP echo server (the no-protocol
-# baseline), appends one JSON line to bench/history.jsonl and regenerates bench/dashboard.html.
+# epoll backends, one shard on CPU 0, the echo agent pod pinned to CPU 0 too, loadgen on CPU 1)
+# and against a raw TCP echo server (the no-protocol baseline), plus TLS and QUIC idle (and
+# QUIC echo) scenarios; appends one JSON line to bench/history.jsonl (with each goal next to
+# its measured figure) and regenerates bench/dashboard.html.
 #
 #   bash bench/run.sh [--profile smoke|full] [--io "uring epoll"] [--no-build] [--keep]
+#                     [--history FILE] [--dashboard FILE] [--note TEXT]
 #
 # Exit status: non-zero only when a scenario fails functionally (a loadgen run reports errors
 # or sessions not established, or a server does not start) — never because a figure is low.
@@ -14,6 +17,9 @@ PROFILE=smoke
 IOS="uring epoll"
 BUILD=1
 KEEP=0
+HISTORY=""
+DASHBOARD=""
+NOTE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE="$2"; shift 2 ;;
@@ -21,19 +27,29 @@ while [ $# -gt 0 ]; do
     --io) IOS="$2"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --history) HISTORY="$2"; shift 2 ;;
+    --dashboard) DASHBOARD="$2"; shift 2 ;;
+    --note) NOTE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
+# RESUME_RATE: the paced resume rounds (new resumes per second); the burst rounds start
+# --inflight (256) at a time. TLS_N / QUIC_N: idle sessions over TLS / QUIC; QUIC_ECHO_*: the
+# open-loop echo over QUIC.
 case "$PROFILE" in
-  smoke) IDLE_N=500;   ECHO_N=500;   ECHO_RATE=5000;  CLOSED_N=500;  RESUME_N=500;   DUR=3;  CONN_INFLIGHT=64 ;;
-  full)  IDLE_N=19000; ECHO_N=10000; ECHO_RATE=20000; CLOSED_N=10000; RESUME_N=10000; DUR=15; CONN_INFLIGHT=64 ;;
+  smoke) IDLE_N=500;   ECHO_N=500;   ECHO_RATE=5000;  CLOSED_N=500;  RESUME_N=500;   DUR=3;  CONN_INFLIGHT=64
+         RESUME_RATE=2000; TLS_N=200;   QUIC_N=200;  QUIC_ECHO_N=100;  QUIC_ECHO_RATE=1000; TQ_DUR=2 ;;
+  full)  IDLE_N=19000; ECHO_N=10000; ECHO_RATE=50000; CLOSED_N=10000; RESUME_N=10000; DUR=15; CONN_INFLIGHT=64
+         RESUME_RATE=2000; TLS_N=10000; QUIC_N=5000; QUIC_ECHO_N=1000; QUIC_ECHO_RATE=5000; TQ_DUR=10 ;;
   *) echo "bench/run.sh: --profile must be smoke or full" >&2; exit 2 ;;
 esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
+HISTORY="${HISTORY:-$ROOT/bench/history.jsonl}"
+DASHBOARD="${DASHBOARD:-$ROOT/bench/dashboard.html}"
 T_START=$(date +%s)
 
 if [ "$BUILD" = 1 ]; then
@@ -52,16 +68,30 @@ done
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/clawterm-bench.XXXXXX")"
 cat /proc/loadavg >"$RUN_DIR/loadavg.start" 2>/dev/null
 NCPU=$(nproc)
+# CPU placement: the server side is one core. clawtermd's shard AND the echo agent pod run on
+# CPU 0 (the pod does as much work per message as the daemon, so giving it a core of its own
+# would make "one core" two); loadgen runs on CPU 1.
 if [ "$NCPU" -ge 2 ]; then
   SRV_CPU=0; LG_PIN=(taskset -c 1); SRV_PIN=(taskset -c 0)
 else
   SRV_CPU=0; LG_PIN=(); SRV_PIN=()
 fi
 command -v taskset >/dev/null 2>&1 || { LG_PIN=(); SRV_PIN=(); }
-echo "[bench] profile $PROFILE; $NCPU CPUs; server shard on CPU $SRV_CPU, loadgen ${LG_PIN[*]:-unpinned}; work dir $RUN_DIR" >&2
+AGENT_PIN=("${SRV_PIN[@]}")
+echo "[bench] profile $PROFILE; $NCPU CPUs; server shard and echo pod on CPU $SRV_CPU, loadgen ${LG_PIN[*]:-unpinned}; work dir $RUN_DIR" >&2
+PLACEMENT="clawtermd shard and claw-agent echo on CPU $SRV_CPU (${SRV_PIN[*]:-unpinned}), loadgen ${LG_PIN[*]:-unpinned}"
+
+# A throw-away certificate for the TLS and QUIC scenarios.
+CERT_DIR="$RUN_DIR/cert"
+mkdir -p "$CERT_DIR"
+if ! "$BIN/loadgen" self-signed-cert "$CERT_DIR" >/dev/null; then
+  echo "[bench] cannot make a TLS certificate" >&2
+  exit 1
+fi
+CA="$CERT_DIR/tls-cert.pem"
 
 FAILED=()
-SRV_PID=""; AGENT_PID=""; SRV_ADDR=""
+SRV_PID=""; AGENT_PID=""; SRV_ADDR=""; QUIC_ADDR=""
 
 stop_server() {
   for p in $SRV_PID $AGENT_PID; do
@@ -76,13 +106,18 @@ stop_server() {
 }
 trap 'stop_server' EXIT
 
-# start_server NAME IO [SHARDS]: a fresh clawtermd + echo agent pod; sets SRV_PID, SRV_ADDR.
+# start_server NAME IO [SHARDS] [plain|tls]: a fresh clawtermd + echo agent pod (pinned to the
+# server's CPU); sets SRV_PID, SRV_ADDR (and QUIC_ADDR with tls: TLS on TCP, QUIC on UDP).
 start_server() {
-  local name="$1" io="$2" shards="${3:-1}"
+  local name="$1" io="$2" shards="${3:-1}" sec="${4:-plain}"
   local d="$RUN_DIR/$name"
   mkdir -p "$d/sock"
-  "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" --insecure-plaintext \
-    --insecure-no-auth --admin off --no-quic --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
+  local secargs=(--insecure-plaintext --no-quic)
+  if [ "$sec" = tls ]; then
+    secargs=(--tls-cert "$CERT_DIR/tls-cert.pem" --tls-key "$CERT_DIR/tls-key.pem" --quic-port 0)
+  fi
+  "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" "${secargs[@]}" \
+    --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
     >"$d/clawtermd.log" 2>&1 &
   SRV_PID=$!
   SRV_ADDR=""
@@ -97,7 +132,8 @@ start_server() {
     tail -5 "$d/clawtermd.log" >&2
     return 1
   fi
-  "$BIN/claw-agent" -s "$d/sock" --tenant 1 --agent 1 echo >"$d/claw-agent.log" 2>&1 &
+  QUIC_ADDR=$(sed -n 's/.* quic \([0-9.]*:[0-9]*\).*/\1/p' "$d/clawtermd.log" | head -1)
+  "${AGENT_PIN[@]}" "$BIN/claw-agent" -s "$d/sock" --tenant 1 --agent 1 echo >"$d/claw-agent.log" 2>&1 &
   AGENT_PID=$!
   for _ in $(seq 1 200); do
     [ -S "$d/sock/1_1" ] && return 0
@@ -121,14 +157,28 @@ lg() {
 }
 
 # scenario NAME IO LOADGEN-ARGS...: fresh server, one loadgen run, server stopped.
+# SEC=tls|quic in the environment: a TLS (+QUIC) server, loadgen over that transport.
 scenario() {
   local name="$1" io="$2"; shift 2
-  if ! start_server "$name" "$io"; then
+  local sec="${SEC:-tcp}"
+  if ! start_server "$name" "$io" 1 "$([ "$sec" = tcp ] && echo plain || echo tls)"; then
     FAILED+=("$name (server did not start)")
     stop_server
     return 0
   fi
-  lg "$name" "$@" --target "$SRV_ADDR" --server-pid "$SRV_PID"
+  local target="$SRV_ADDR" tr=()
+  if [ "$sec" != tcp ]; then
+    tr=(--transport "$sec" --ca "$CA")
+    if [ "$sec" = quic ]; then
+      if [ -z "$QUIC_ADDR" ]; then
+        FAILED+=("$name (server has no QUIC address)")
+        stop_server
+        return 0
+      fi
+      target="$QUIC_ADDR"
+    fi
+  fi
+  lg "$name" "$@" "${tr[@]}" --target "$target" --server-pid "$SRV_PID"
   if ! kill -0 "$SRV_PID" 2>/dev/null; then
     FAILED+=("$name (clawtermd died)")
   fi
@@ -144,16 +194,27 @@ for io in $IOS; do
   scenario "$io.echo" "$io" echo --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1
   scenario "$io.echo_closed" "$io" echo --sessions "$CLOSED_N" --rate 0 --duration "$DUR" --warmup 1
   scenario "$io.resume" "$io" resume --sessions "$RESUME_N"
+  scenario "$io.resume_paced" "$io" resume --sessions "$RESUME_N" --resume-rate "$RESUME_RATE"
 done
 
-# Cross-shard resume: two shards (both on the server CPU), same-port vs new-port reconnects.
+# Cross-shard resume: two shards (both on the server CPU), same-shard vs cross-shard reconnects
+# (by construction, see docs/BENCHMARKS.md), as a burst and paced.
 first_io="${IOS%% *}"
-if start_server "resume_cross" "$first_io" 2; then
-  lg "resume_cross" resume-cross --sessions "$RESUME_N" --shards-hint 2 --target "$SRV_ADDR" --server-pid "$SRV_PID"
-else
-  FAILED+=("resume_cross (server did not start)")
-fi
-stop_server
+for mode in burst paced; do
+  name="resume_cross"; extra=()
+  if [ "$mode" = paced ]; then name="resume_cross_paced"; extra=(--resume-rate "$RESUME_RATE"); fi
+  if start_server "$name" "$first_io" 2; then
+    lg "$name" resume-cross --sessions "$RESUME_N" --shards-hint 2 "${extra[@]}" --target "$SRV_ADDR" --server-pid "$SRV_PID"
+  else
+    FAILED+=("$name (server did not start)")
+  fi
+  stop_server
+done
+
+# TLS and QUIC (first backend): memory per idle session; echo over QUIC.
+SEC=tls scenario "tls.idle" "$first_io" idle --sessions "$TLS_N" --duration "$TQ_DUR"
+SEC=quic scenario "quic.idle" "$first_io" idle --sessions "$QUIC_N" --duration "$TQ_DUR"
+SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate "$QUIC_ECHO_RATE" --duration "$TQ_DUR" --warmup 1
 
 # Raw TCP echo baseline: same client, same session count and rate, no protocol, one core.
 mkdir -p "$RUN_DIR/raw"
@@ -175,9 +236,11 @@ stop_server
 
 T_END=$(date +%s)
 FAILED_JSON=$(printf '%s\n' "${FAILED[@]+"${FAILED[@]}"}" | python3 -c 'import json,sys; print(json.dumps([l.strip() for l in sys.stdin if l.strip()]))')
-python3 "$ROOT/bench/render.py" record "$RUN_DIR" --profile "$PROFILE" --history "$ROOT/bench/history.jsonl" \
-  --failed "$FAILED_JSON" --seconds $((T_END - T_START)) --ios "$IOS" || FAILED+=("record (render.py)")
-python3 "$ROOT/bench/render.py" render --history "$ROOT/bench/history.jsonl" --out "$ROOT/bench/dashboard.html" \
+python3 "$ROOT/bench/render.py" record "$RUN_DIR" --profile "$PROFILE" --history "$HISTORY" \
+  --failed "$FAILED_JSON" --seconds $((T_END - T_START)) --ios "$IOS" --placement "$PLACEMENT" \
+  --note "$NOTE" >"$RUN_DIR/record.json" || FAILED+=("record (render.py)")
+python3 "$ROOT/bench/render.py" goals "$RUN_DIR/record.json" >&2 || true
+python3 "$ROOT/bench/render.py" render --history "$HISTORY" --out "$DASHBOARD" \
   || echo "[bench] dashboard rendering failed" >&2
 
 if [ ${#FAILED[@]} -gt 0 ]; then
@@ -190,4 +253,4 @@ if [ "$KEEP" = 1 ]; then
 else
   rm -rf "$RUN_DIR"
 fi
-echo "[bench] ok in $((T_END - T_START)) s; dashboard: bench/dashboard.html" >&2
+echo "[bench] ok in $((T_END - T_START)) s; dashboard: $DASHBOARD" >&2
