@@ -5,7 +5,7 @@
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
 //!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic]
-//!     [--ca PEM] [--server-name NAME] [--resume-rate R]
+//!     [--ca PEM] [--server-name NAME] [--resume-rate R] [--open-rate R]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
 //! loadgen self-signed-cert DIR
 //! ```
@@ -63,7 +63,7 @@ const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
 [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic] [--ca PEM] \
-[--server-name NAME] [--resume-rate R]
+[--server-name NAME] [--resume-rate R] [--open-rate R]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
        loadgen self-signed-cert DIR";
@@ -98,6 +98,8 @@ pub struct Opts {
     pub transport: Transport,
     /// Resume: new resumes per second (0 = a burst, `--inflight` at a time).
     pub resume_rate: f64,
+    /// Opening sessions: new connections per second (0 = as fast as `--inflight` allows).
+    pub open_rate: f64,
     /// PEM file of the certificates to trust (TLS and QUIC).
     pub ca: Option<PathBuf>,
     /// Name to verify the server's certificate against (default: the target's address).
@@ -147,6 +149,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         spin_us: 200,
         transport: Transport::Tcp,
         resume_rate: 0.0,
+        open_rate: 0.0,
         ca: None,
         server_name: None,
     };
@@ -229,6 +232,14 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 }
             }
             "--ca" => o.ca = Some(PathBuf::from(val()?)),
+            "--open-rate" => {
+                let v = val()?;
+                o.open_rate = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r >= 0.0)
+                    .ok_or(format!("--open-rate: `{v}` is not a rate >= 0"))?;
+            }
             "--resume-rate" => {
                 let v = val()?;
                 o.resume_rate = v
@@ -482,6 +493,8 @@ fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64, workers: usize)
         o.transport.name().into(),
         "--resume-rate".into(),
         (o.resume_rate / workers as f64).to_string(),
+        "--open-rate".into(),
+        (o.open_rate / workers as f64).to_string(),
     ];
     if let Some(ca) = &o.ca {
         a.push("--ca".into());
@@ -780,6 +793,7 @@ fn coordinate(o: &Opts) -> i32 {
             "shards_hint": o.shards_hint, "payload_bytes": worker::PAYLOAD_LEN,
             "ack_delay_ms": o.ack_delay_ms, "spin_us": o.spin_us,
             "resume_rate": o.resume_rate,
+            "open_rate": o.open_rate,
             "resume_mode": if o.resume_rate > 0.0 {"paced"} else {"burst"},
             "tenant": o.tenant, "agent": o.agent,
         }),

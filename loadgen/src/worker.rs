@@ -1151,8 +1151,15 @@ impl<'a> Worker<'a> {
         let limit = Duration::from_secs(60 + n as u64 / 100);
         let hello = if self.raw { Hello::Raw } else { Hello::Connect };
         let mut started = 0;
+        // `--open-rate`: new connections per second (0: as fast as `--inflight` allows).
+        let pace = (self.o.open_rate > 0.0).then(|| 1.0 / self.o.open_rate);
         loop {
             while started < n && self.hs_inflight < self.o.inflight {
+                if let Some(iv) = pace {
+                    if t + Duration::from_secs_f64(started as f64 * iv) > Instant::now() {
+                        break;
+                    }
+                }
                 self.start_new(hello);
                 started += 1;
             }
@@ -1166,8 +1173,7 @@ impl<'a> Worker<'a> {
                     self.hs_inflight
                 ));
             }
-            self.done_counter = self.up_count() as u64;
-            self.poll(Duration::from_millis(10));
+            self.poll(Duration::from_millis(if pace.is_some() { 1 } else { 10 }));
         }
     }
 
