@@ -559,4 +559,16 @@ fn connections_without_a_session_are_bounded_and_closed() {
     };
     assert_eq!(c.connect_session(&TOKEN).typ, ACCEPT);
     c.echo(b"after the empty ones");
+    // Connections that open their session right away leave the count at once: a quick
+    // succession of three times the limit is not refused (the limit is on empty connections,
+    // not a rate).
+    let sessions: Vec<QClient> = (0..12)
+        .map(|i| {
+            let mut q = QClient::open(&env, None, None);
+            let f = q.connect_session(&TOKEN);
+            assert_eq!(f.typ, ACCEPT, "session {i}: {f:?}");
+            q
+        })
+        .collect();
+    assert_eq!(sessions.len(), 12);
 }

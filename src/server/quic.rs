@@ -255,6 +255,8 @@ struct QConn {
     /// Since when the connection carries no stream (it is then a handshake in progress, as
     /// far as limits go); `None` while it has one. Kept by [`QuicShard::sweep`].
     idle_since: Option<Instant>,
+    /// Counted in [`QuicShard::streamless`].
+    counted: bool,
 }
 
 /// Counters the shard publishes.
@@ -276,7 +278,8 @@ pub struct QuicShard {
     buf: Vec<u8>,
     /// The TLS configuration the current server config was built from.
     tls_seen: Option<Arc<rustls::ServerConfig>>,
-    /// Connections carrying no stream (as of the last sweep, plus those accepted since).
+    /// Connections carrying no stream yet (kept exact between sweeps: a connection leaves the
+    /// count when its first stream opens or when it goes away).
     streamless: usize,
     /// At most this many may exist: beyond, new connections are refused.
     max_streamless: usize,
@@ -377,6 +380,7 @@ impl QuicShard {
                                     dirty: false,
                                     timer: None,
                                     idle_since: Some(now),
+                                    counted: true,
                                 },
                             );
                             self.streamless += 1;
@@ -432,6 +436,10 @@ impl QuicShard {
                     c.streams.clear();
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    if c.counted {
+                        c.counted = false;
+                        self.streamless = self.streamless.saturating_sub(1);
+                    }
                     while let Some(id) = c.conn.streams().accept(Dir::Bi) {
                         let key = StreamKey {
                             ch: ch as u32,
@@ -487,7 +495,7 @@ impl QuicShard {
             }
         }
         if c.conn.is_drained() {
-            self.conns.remove(&ch);
+            self.forget(ch);
         }
     }
 
@@ -702,7 +710,7 @@ impl QuicShard {
                 None => c.timer = None,
             }
             if c.conn.is_drained() {
-                self.conns.remove(&ch);
+                self.forget(ch);
             }
         }
         self.buf = buf;
@@ -716,6 +724,7 @@ impl QuicShard {
         let mut streamless = 0;
         let mut expired = Vec::new();
         for (&ch, c) in self.conns.iter_mut() {
+            c.counted = false;
             if !c.streams.is_empty() {
                 c.idle_since = None;
                 continue;
@@ -727,6 +736,7 @@ impl QuicShard {
             if now.saturating_duration_since(since) >= timeout {
                 expired.push(ch);
             } else {
+                c.counted = true;
                 streamless += 1;
             }
         }
@@ -744,6 +754,15 @@ impl QuicShard {
                 );
             }
             self.mark(ch);
+        }
+    }
+
+    /// Drops a drained connection's state.
+    fn forget(&mut self, ch: usize) {
+        if let Some(c) = self.conns.remove(&ch) {
+            if c.counted {
+                self.streamless = self.streamless.saturating_sub(1);
+            }
         }
     }
 
