@@ -211,14 +211,10 @@ for mode in burst paced; do
   stop_server
 done
 
-# TLS and QUIC (first backend): memory per idle session; echo over QUIC. QUIC sessions open at
-# QUIC_OPEN_RATE/s: clawtermd admits about --max-pending-handshakes (1,024) new QUIC
-# connections per shard per second (connections without a stream are recounted by its 1 s
-# sweep) and refuses the rest.
-QUIC_OPEN_RATE=800
+# TLS and QUIC (first backend): memory per idle session; echo over QUIC.
 SEC=tls scenario "tls.idle" "$first_io" idle --sessions "$TLS_N" --duration "$TQ_DUR"
-SEC=quic scenario "quic.idle" "$first_io" idle --sessions "$QUIC_N" --duration "$TQ_DUR" --open-rate "$QUIC_OPEN_RATE"
-SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate "$QUIC_ECHO_RATE" --duration "$TQ_DUR" --warmup 1 --open-rate "$QUIC_OPEN_RATE"
+SEC=quic scenario "quic.idle" "$first_io" idle --sessions "$QUIC_N" --duration "$TQ_DUR"
+SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate "$QUIC_ECHO_RATE" --duration "$TQ_DUR" --warmup 1
 
 # Raw TCP echo baseline: same client, same session count and rate, no protocol, one core.
 mkdir -p "$RUN_DIR/raw"
