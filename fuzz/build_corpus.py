@@ -175,6 +175,11 @@ def session_seeds(v):
         "timers": header() + timer(10) + timer(0) + timer(250) + timer(0) + resume_last(0) +
         timer(0) + timer(255),
     }
+    # The 2026-11-30 run's finding, minimised (a bug in the target, not the session): a RESUME
+    # naming a SEQ from the far future, then frames dropped while suspended, then a RESUME that
+    # rightly reports GAP.
+    scripts["wild_resume_then_gap"] = bytes.fromhex(
+        "000000000003f6f6f6f6f6f6f6f60a0909c938380b050913880000ffffaaaae70b")
     for name, b in scripts.items():
         write("session", name, b)
 
