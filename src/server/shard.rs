@@ -428,8 +428,7 @@ impl ShardHandler {
         }
         let ring: u64 = self
             .table
-            .ids_iter()
-            .filter_map(|id| self.table.get(id))
+            .iter()
             .map(|s| s.ring().payload_bytes() as u64)
             .sum();
         ShardMetrics::set(&m.ring_bytes, ring);
