@@ -840,3 +840,81 @@ fn agent_gone_attached_and_suspended() {
     );
     assert!(r.pods().is_empty(), "nothing is sent to a gone agent");
 }
+
+/// §2.5 with overflow while attached (an agent ignoring PAUSE past the hard cap): frames the
+/// client was sent but the ring dropped still count for empty ACKs, and a cumulative ACK
+/// acknowledges those it covers — so the k-th empty ACK after it is the k-th frame newer than
+/// the cumulative ACK, never an older one again.
+#[test]
+fn empty_acks_after_a_cumulative_ack_skip_dropped_frames_it_covered() {
+    let cfg = SessionConfig {
+        ring_bytes: 1000,
+        ..Default::default()
+    };
+    let (mut s, mut r) = new_session(0, &cfg);
+    r.frames();
+    // 100 frames of 60 kB (seqs 2..=101) while attached: past the hard cap the oldest drop.
+    for i in 0..100u8 {
+        s.on_agent_data(&[i; 60_000], 1, &cfg, &mut r);
+    }
+    assert_eq!(data_seqs(&r.frames()), (2..=101).collect::<Vec<_>>());
+    let front = s.ring().front_seq().expect("ring holds the newest");
+    assert!(front > 10, "frames were dropped (front {front})");
+    // The client acknowledges through the middle of the dropped ones, cumulatively…
+    let through = 2 + (front - 2) / 2;
+    feed(
+        &mut s,
+        FrameType::Ack,
+        2,
+        &through.to_be_bytes(),
+        2,
+        &cfg,
+        &mut r,
+    );
+    // … then sends one empty ACK per dropped frame newer than that, plus three.
+    let empties = (front - 1 - through) + 3;
+    for i in 0..empties {
+        feed(&mut s, FrameType::Ack, 3 + i, &[], 2, &cfg, &mut r);
+    }
+    // Exactly the three oldest frames still in the ring were acknowledged.
+    assert_eq!(s.ring().front_seq(), Some(front + 3));
+    s.detach(3, &mut r);
+    s.resume(ResumeFrom::Unacknowledged, 4, &cfg, &mut r);
+    let f = r.frames();
+    assert_eq!(
+        resumed(&f).1 & proto::FLAG_GAP,
+        0,
+        "nothing unacknowledged was lost"
+    );
+    assert_eq!(data_seqs(&f).first(), Some(&(front + 3)));
+}
+
+/// A 24-byte RESUME's last_seq acknowledges frames overflow had dropped too: a later legacy
+/// RESUME (everything unacknowledged) must not report them as a GAP.
+#[test]
+fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
+    let cfg = SessionConfig {
+        ring_bytes: 1000,
+        ..Default::default()
+    };
+    let (mut s, mut r) = new_session(0, &cfg);
+    s.detach(1, &mut r);
+    for i in 0..20u8 {
+        s.on_agent_data(&[i; 100], 2, &cfg, &mut r); // seqs 2..=21; 2..=11 dropped
+    }
+    r.frames();
+    // The client had everything through 11 before it left.
+    s.resume(ResumeFrom::LastSeq(11), 3, &cfg, &mut r);
+    let f = r.frames();
+    assert_eq!(resumed(&f).1 & proto::FLAG_GAP, 0);
+    assert_eq!(data_seqs(&f), (12..=21).collect::<Vec<_>>());
+    s.detach(4, &mut r);
+    s.resume(ResumeFrom::Unacknowledged, 5, &cfg, &mut r);
+    let f = r.frames();
+    assert_eq!(
+        resumed(&f).1 & proto::FLAG_GAP,
+        0,
+        "frames the client had acknowledged are no GAP"
+    );
+    assert_eq!(data_seqs(&f), (12..=21).collect::<Vec<_>>());
+}

@@ -115,10 +115,22 @@ impl ReplayRing {
     /// Appends a record, first dropping the oldest records until the payload fits in `cap`
     /// bytes. A payload larger than `cap` on its own is dropped itself (and reported).
     pub fn push(&mut self, seq: u32, payload: &[u8], cap: usize) -> Dropped {
+        self.push_noting(seq, payload, cap, |_| {})
+    }
+
+    /// [`ReplayRing::push`], calling `dropped(seq)` for each record dropped, oldest first.
+    pub fn push_noting(
+        &mut self,
+        seq: u32,
+        payload: &[u8],
+        cap: usize,
+        mut on_drop: impl FnMut(u32),
+    ) -> Dropped {
         let mut dropped = Dropped::default();
         if payload.len() > cap {
             dropped.frames = 1;
             dropped.last_seq = seq;
+            on_drop(seq);
             // The ring cannot hold it; everything older was still sent, so keep the rest.
             return dropped;
         }
@@ -127,6 +139,7 @@ impl ReplayRing {
                 Some((s, _)) => {
                     dropped.frames += 1;
                     dropped.last_seq = s;
+                    on_drop(s);
                 }
                 None => break,
             }

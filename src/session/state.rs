@@ -74,9 +74,11 @@ pub struct Session {
     dropped_through: u32,
     /// Newest SEQ acknowledged by the client (valid with HAS_ACKED).
     acked_through: u32,
-    /// Frames sent on the current connection that overflow dropped before they were
-    /// acknowledged; empty ACKs count these first.
-    conn_dropped: u32,
+    /// SEQs of the frames sent on the current connection that overflow dropped before they
+    /// were acknowledged, oldest first: empty ACKs count these first, a cumulative ACK
+    /// removes those it covers. Allocated only when that happens (an agent ignoring PAUSE past
+    /// the hard cap); `None` otherwise.
+    conn_dropped: Option<Box<std::collections::VecDeque<u32>>>,
     caps: u8,
     state: State,
     flags: u8,
@@ -123,7 +125,7 @@ impl Session {
             last_client_seq: 0,
             dropped_through: 0,
             acked_through: 0,
-            conn_dropped: 0,
+            conn_dropped: None,
             caps,
             state: State::Attached,
             flags: 0,
@@ -320,13 +322,25 @@ impl Session {
     fn on_ack(&mut self, ack: Ack, cfg: &SessionConfig, sink: &mut impl Sink) {
         match ack {
             Ack::Empty => {
-                if self.conn_dropped > 0 {
-                    self.conn_dropped -= 1;
+                let dropped = self.conn_dropped.as_mut().and_then(|q| q.pop_front());
+                if let Some(s) = dropped {
+                    self.note_acked(s);
+                    if self.conn_dropped.as_ref().is_some_and(|q| q.is_empty()) {
+                        self.conn_dropped = None;
+                    }
                 } else if let Some((s, _)) = self.ring.pop_front() {
                     self.note_acked(s);
                 }
             }
             Ack::Cumulative(through) => {
+                if let Some(q) = self.conn_dropped.as_mut() {
+                    while q.front().is_some_and(|&s| seq::le(s, through)) {
+                        q.pop_front();
+                    }
+                    if q.is_empty() {
+                        self.conn_dropped = None;
+                    }
+                }
                 while let Some(s) = self.ring.front_seq() {
                     if !seq::le(s, through) {
                         break;
@@ -353,7 +367,7 @@ impl Session {
         }
     }
 
-    fn note_dropped(&mut self, d: super::ring::Dropped, on_conn: bool) {
+    fn note_dropped(&mut self, d: super::ring::Dropped) {
         if d.frames == 0 {
             return;
         }
@@ -361,9 +375,6 @@ impl Session {
             self.dropped_through = d.last_seq;
         }
         self.flags |= HAS_DROPPED;
-        if on_conn {
-            self.conn_dropped += d.frames;
-        }
     }
 
     /// Output from the agent: split to the maximum payload, numbered, kept in the ring and, when
@@ -389,8 +400,16 @@ impl Session {
         };
         for piece in data.chunks(cfg.max_payload.max(1)) {
             let s = self.take_seq();
-            let d = self.ring.push(s, piece, cap);
-            self.note_dropped(d, attached);
+            let d = if attached {
+                // Frames the client was sent: empty ACKs still count them (§2.5).
+                let q = &mut self.conn_dropped;
+                self.ring.push_noting(s, piece, cap, |seq| {
+                    q.get_or_insert_with(Default::default).push_back(seq)
+                })
+            } else {
+                self.ring.push(s, piece, cap)
+            };
+            self.note_dropped(d);
             if attached {
                 encode_with(sink.client(), self.id, s, FrameType::Data, 0, |o| {
                     o.extend_from_slice(piece)
@@ -469,7 +488,7 @@ impl Session {
         self.state = State::Suspended;
         self.last_rx = now;
         self.flags &= !ACK_PENDING;
-        self.conn_dropped = 0;
+        self.conn_dropped = None;
         if !self.agent_closed() {
             sink.pod(self.id, PodMsg::Detached);
         }
@@ -487,7 +506,7 @@ impl Session {
             self.send(FrameType::Error, 0, now, old, |o| {
                 ErrorFrame::encode_parts(code, code.message(), o)
             });
-            self.conn_dropped = 0;
+            self.conn_dropped = None;
             self.flags &= !ACK_PENDING;
         }
     }
@@ -509,13 +528,18 @@ impl Session {
         let was_suspended = self.state == State::Suspended;
         let last_seq = match from {
             ResumeFrom::LastSeq(s) => {
-                // The client holds everything up to last_seq: that acknowledges it.
+                // The client holds everything up to last_seq: that acknowledges it, frames
+                // still in the ring and frames overflow dropped alike (a later legacy RESUME
+                // must not report those as a GAP).
                 while let Some(f) = self.ring.front_seq() {
                     if !seq::le(f, s) {
                         break;
                     }
                     self.ring.pop_front();
                     self.note_acked(f);
+                }
+                if s != 0 && seq::gt(self.next_seq, s) {
+                    self.note_acked(s);
                 }
                 Some(s)
             }
@@ -534,7 +558,7 @@ impl Session {
         let first_replay_seq = self.ring.front_seq().unwrap_or(0);
         self.state = State::Attached;
         self.last_rx = now;
-        self.conn_dropped = 0;
+        self.conn_dropped = None;
         let resumed = Resumed {
             session_id: self.id,
             last_client_seq: self.last_client_seq,
