@@ -96,7 +96,7 @@ def summarize(kind, d):
     elif kind in ("echo", "echo_closed"):
         s.update(sessions=d.get("sessions_established"), target_rate=d.get("target_rate"),
                  rate=d.get("achieved_rate"), latency_us=lat("latency_us"),
-                 send_lag_us=lat("send_lag_us"),
+                 send_lag_us=lat("send_lag_us"), ack_delay_ms=pick(d, "params", "ack_delay_ms"),
                  server_cpu=d.get("server_cpu_fraction"), client_cpu=d.get("client_cpu_fraction"))
     elif kind in ("resume", "resume_paced"):
         s.update(sessions=d.get("resumed"), per_s=d.get("resumes_per_second"),

@@ -35,6 +35,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# ACK_DELAY (ms): open-loop echo clients piggyback their cumulative ACK on the session's next
+# DATA (a standalone ACK only after this long). With one ACK per echo, as the clawterm client
+# sends, loadgen alone saturates CPU 1 near 50,000 echoes/s against clawtermd (each ACK is one
+# more write and one more segment to process), and the open-loop latency would measure the
+# client. The closed loop always piggybacks.
+ACK_DELAY=1000
 # RESUME_RATE: the paced resume rounds (new resumes per second); the burst rounds start
 # --inflight (256) at a time. TLS_N / QUIC_N: idle sessions over TLS / QUIC; QUIC_ECHO_*: the
 # open-loop echo over QUIC.
@@ -191,7 +197,7 @@ scenario() {
 for io in $IOS; do
   scenario "$io.idle" "$io" idle --sessions "$IDLE_N" --duration "$DUR"
   scenario "$io.connect" "$io" connect --duration "$DUR" --inflight "$CONN_INFLIGHT"
-  scenario "$io.echo" "$io" echo --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1
+  scenario "$io.echo" "$io" echo --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1 --ack-delay "$ACK_DELAY"
   scenario "$io.echo_closed" "$io" echo --sessions "$CLOSED_N" --rate 0 --duration "$DUR" --warmup 1
   scenario "$io.resume" "$io" resume --sessions "$RESUME_N"
   scenario "$io.resume_paced" "$io" resume --sessions "$RESUME_N" --resume-rate "$RESUME_RATE"
@@ -214,7 +220,7 @@ done
 # TLS and QUIC (first backend): memory per idle session; echo over QUIC.
 SEC=tls scenario "tls.idle" "$first_io" idle --sessions "$TLS_N" --duration "$TQ_DUR"
 SEC=quic scenario "quic.idle" "$first_io" idle --sessions "$QUIC_N" --duration "$TQ_DUR"
-SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate "$QUIC_ECHO_RATE" --duration "$TQ_DUR" --warmup 1
+SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate "$QUIC_ECHO_RATE" --duration "$TQ_DUR" --warmup 1 --ack-delay "$ACK_DELAY"
 
 # Raw TCP echo baseline: same client, same session count and rate, no protocol, one core.
 mkdir -p "$RUN_DIR/raw"
@@ -227,7 +233,7 @@ for _ in $(seq 1 100); do
   sleep 0.05
 done
 if [ -n "$RAW_ADDR" ]; then
-  lg "raw.echo" raw-echo --target "$RAW_ADDR" --server-pid "$SRV_PID" --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1
+  lg "raw.echo" raw-echo --target "$RAW_ADDR" --server-pid "$SRV_PID" --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1 --ack-delay "$ACK_DELAY"
   lg "raw.echo_closed" raw-echo --target "$RAW_ADDR" --server-pid "$SRV_PID" --sessions "$CLOSED_N" --rate 0 --duration "$DUR" --warmup 1
 else
   FAILED+=("raw (raw-echo-server did not start)")
