@@ -2,7 +2,7 @@
 # Per-round-trip cost of the echo path, component by component (docs/BENCHMARKS.md, "Where
 # the time goes").
 #
-#   bash bench/cost.sh perf IO SESSIONS RATE [SECS]     # RATE 0 = closed loop
+#   bash bench/cost.sh perf IO SESSIONS RATE [SECS [LOADGEN-ARGS...]]   # RATE 0 = closed loop
 #   bash bench/cost.sh callgrind COMPONENT [SESSIONS]   # COMPONENT: server | agent | loadgen
 #
 # perf: starts clawtermd (1 shard, CPU 0, --io IO) with its echo pod on CPU 0 and runs a loadgen
@@ -56,11 +56,11 @@ stop() { kill -INT "$SRV" 2>/dev/null; kill -TERM "$AGENT" 2>/dev/null; wait "$S
 
 case "$MODE" in
 perf)
-  IO="${1:?IO}"; N="${2:?SESSIONS}"; RATE="${3:?RATE}"; SECS="${4:-8}"
+  IO="${1:?IO}"; N="${2:?SESSIONS}"; RATE="${3:?RATE}"; SECS="${4:-8}"; shift 4 2>/dev/null || shift $#
   d="$WORK/run"; serve "$d" "$IO"; agent "$d" taskset -c 0
   echo "load average: $(cat /proc/loadavg)"
   taskset -c 1 "$BIN/loadgen" echo --sessions "$N" --rate "$RATE" --duration "$SECS" --warmup 1 \
-    --target "$ADDR" --server-pid "$SRV" --json "$d/out.json" >/dev/null 2>"$d/lg.err" &
+    "$@" --target "$ADDR" --server-pid "$SRV" --json "$d/out.json" >/dev/null 2>"$d/lg.err" &
   LG=$!; PIDS+=("$LG")
   for _ in $(seq 1 1200); do grep -q "echoes measured=[1-9]" "$d/lg.err" && break; sleep 0.1; done
   sleep 1
