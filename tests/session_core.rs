@@ -918,3 +918,80 @@ fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
     );
     assert_eq!(data_seqs(&f), (12..=21).collect::<Vec<_>>());
 }
+
+/// §2.4/§2.5: a cumulative ACK acknowledges every frame up to its SEQ, frames overflow had
+/// already dropped included, even when no frame still in the ring is that old: a later legacy
+/// RESUME (everything unacknowledged) must not report them as a GAP. (Found with the session fuzz
+/// target once its GAP check was made exact, on a seed written for the case.)
+#[test]
+fn cumulative_ack_of_dropped_frames_only_is_no_gap_for_a_later_legacy_resume() {
+    let cfg = SessionConfig {
+        ring_bytes: 1000,
+        ..Default::default()
+    };
+    let (mut s, mut r) = new_session(0, &cfg);
+    r.frames();
+    // 100 frames of 60 kB (seqs 2..=101) while attached: past the hard cap the oldest drop.
+    for i in 0..100u8 {
+        s.on_agent_data(&[i; 60_000], 1, &cfg, &mut r);
+    }
+    assert_eq!(data_seqs(&r.frames()), (2..=101).collect::<Vec<_>>());
+    let front = s.ring().front_seq().expect("ring holds the newest");
+    assert!(front > 10, "frames were dropped (front {front})");
+    // The client acknowledges exactly the dropped frames: nothing leaves the ring.
+    let through = front - 1;
+    feed(
+        &mut s,
+        FrameType::Ack,
+        2,
+        &through.to_be_bytes(),
+        2,
+        &cfg,
+        &mut r,
+    );
+    assert_eq!(s.ring().front_seq(), Some(front));
+    s.detach(3, &mut r);
+    s.resume(ResumeFrom::Unacknowledged, 4, &cfg, &mut r);
+    let f = r.frames();
+    assert_eq!(
+        resumed(&f).1 & proto::FLAG_GAP,
+        0,
+        "frames the client had acknowledged are no GAP"
+    );
+    assert_eq!(data_seqs(&f), (front..=101).collect::<Vec<_>>());
+}
+
+/// The same after the counter wrapped: SEQ 0 is then a frame like any other, so `last_seq` 0
+/// acknowledges the dropped frames up to it (the ring's frames up to 0 already left), and a later
+/// legacy RESUME reports no GAP. (Found with the session fuzz target's exact GAP check, on a
+/// hand-written input.)
+#[test]
+fn last_seq_zero_after_the_wrap_acknowledges_dropped_frames() {
+    let cfg = SessionConfig {
+        ring_bytes: 1000,
+        ..Default::default()
+    };
+    let mut s = Session::new(ID, 7, 42, 0, [9; 16], 0).with_next_seq(u32::MAX - 1);
+    let mut r = Rec::default();
+    s.accept(proto::CAP_RELIABLE, "127.0.0.1:1", 0, &mut r);
+    r.frames();
+    s.detach(1, &mut r);
+    for i in 0..7u8 {
+        // seqs u32::MAX, 0, 1, …, 5; u32::MAX and 0 dropped
+        s.on_agent_data(&[i; 200], 2, &cfg, &mut r);
+    }
+    assert_eq!(s.ring().front_seq(), Some(1));
+    s.resume(ResumeFrom::LastSeq(0), 3, &cfg, &mut r);
+    let f = r.frames();
+    assert_eq!(resumed(&f).1 & proto::FLAG_GAP, 0);
+    assert_eq!(data_seqs(&f), (1..=5).collect::<Vec<_>>());
+    s.detach(4, &mut r);
+    s.resume(ResumeFrom::Unacknowledged, 5, &cfg, &mut r);
+    let f = r.frames();
+    assert_eq!(
+        resumed(&f).1 & proto::FLAG_GAP,
+        0,
+        "frames the client had acknowledged are no GAP"
+    );
+    assert_eq!(data_seqs(&f), (1..=5).collect::<Vec<_>>());
+}

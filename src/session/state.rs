@@ -350,6 +350,12 @@ impl Session {
                     self.ring.pop_front();
                     self.note_acked(s);
                 }
+                // Everything up to `through` is acknowledged, frames overflow dropped alike
+                // (even when none still in the ring is that old): a later legacy RESUME must
+                // not report those as a GAP.
+                if seq::gt(self.next_seq, through) {
+                    self.note_acked(through);
+                }
             }
         }
         self.maybe_continue(cfg, sink);
@@ -532,7 +538,9 @@ impl Session {
             ResumeFrom::LastSeq(s) => {
                 // The client holds everything up to last_seq: that acknowledges it, frames
                 // still in the ring and frames overflow dropped alike (a later legacy RESUME
-                // must not report those as a GAP).
+                // must not report those as a GAP). 0 included: after the counter wrapped it is
+                // a frame like any other (the ring's frames up to it left above); in a session
+                // that has not wrapped every SEQ sent is newer, so nothing changes.
                 while let Some(f) = self.ring.front_seq() {
                     if !seq::le(f, s) {
                         break;
@@ -540,7 +548,7 @@ impl Session {
                     self.ring.pop_front();
                     self.note_acked(f);
                 }
-                if s != 0 && seq::gt(self.next_seq, s) {
+                if seq::gt(self.next_seq, s) {
                     self.note_acked(s);
                 }
                 Some(s)
