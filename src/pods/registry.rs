@@ -250,7 +250,11 @@ impl Registry {
     /// The callback is dropped (breaking any reference cycle through it). Idempotent; also done
     /// on drop.
     pub fn stop(&self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            // Stopped before (e.g. `Server::shutdown`, then drop): the watcher is gone and its
+            // end of the wake-up socket closed; nothing more to do.
+            return;
+        }
         let callback = self.shared.callback().take();
         drop(callback);
         // A full buffer already holds a wake-up, so WouldBlock is fine.
