@@ -6,7 +6,7 @@
 
 use crate::podlink::{self, Msg};
 use shards::ConnId;
-use std::collections::{HashMap, HashSet};
+use crate::session::table::{IdMap, IdSet};
 use std::path::{Path, PathBuf};
 
 /// The socket path of (tenant, agent).
@@ -27,7 +27,7 @@ pub struct Link<C> {
     /// A partial message from the pod.
     pub inbuf: Vec<u8>,
     /// Sessions of this shard on this link.
-    pub sessions: HashSet<u32>,
+    pub sessions: IdSet<u32>,
     /// Client connections whose reading is paused until this link's output queue drains.
     pub paused_readers: Vec<C>,
     /// Since when the pod is lost (link EOF or socket gone): sessions wait for it, their
@@ -62,15 +62,15 @@ impl<C> Link<C> {
 
 /// A shard's links, by pod and by connection.
 pub struct Links<C> {
-    by_key: HashMap<(u32, u32), Link<C>>,
-    by_conn: HashMap<ConnId, (u32, u32)>,
+    by_key: IdMap<(u32, u32), Link<C>>,
+    by_conn: IdMap<ConnId, (u32, u32)>,
 }
 
 impl<C> Default for Links<C> {
     fn default() -> Self {
         Links {
-            by_key: HashMap::new(),
-            by_conn: HashMap::new(),
+            by_key: IdMap::default(),
+            by_conn: IdMap::default(),
         }
     }
 }
@@ -121,7 +121,7 @@ impl<C> Links<C> {
             hello_seen: false,
             pending,
             inbuf: Vec::new(),
-            sessions: HashSet::new(),
+            sessions: IdSet::default(),
             paused_readers: Vec::new(),
             lost_since: None,
             retry_ms: Link::<C>::FIRST_RETRY_MS,

@@ -214,6 +214,9 @@ impl<R: RngCore> SessionTable<R> {
 /// A `HashMap` keyed by small integers, hashed with [`IdHasher`].
 pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
+/// A `HashSet` of small integers, hashed with [`IdHasher`].
+pub type IdSet<K> = std::collections::HashSet<K, BuildHasherDefault<IdHasher>>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
