@@ -124,24 +124,30 @@ def u32(x):
 def session_seeds(v):
     # Settings: max_payload - 1024, ring multiple, ring extra, keepalive, idle, ttl, overflow,
     # caps, first SEQ selector.
-    def header(overflow=0, caps=0x03, first=2):
-        # caps | 0xF0 allows floods.
-        return u16(0) + u8(0) + u16(0) + u16(999) + u16(2999) + u16(9999) + u8(overflow) + \
+    def header(overflow=0, caps=0x03, first=2, mp=0):
+        # caps | 0xF0 allows floods; mp 0: --max-payload 1024 (and --ring-bytes 1024),
+        # 0xFBFF: 65535.
+        return u16(mp) + u8(0) + u16(0) + u16(999) + u16(2999) + u16(9999) + u8(overflow) + \
             u8(caps) + u8(first)
 
     def client(kind, payload=b"", seq_off=0):
         # kind: selector for the frame type (DATA 0, ACK 6, RESIZE 9, KEEPALIVE 10, NACK 12,
-        # SUSPEND 13, DISCONNECT 14); session id = the session's; SEQ = last + 1 + seq_off.
+        # SUSPEND 13, DISCONNECT 14); session id = the session's; SEQ = last + 1 + seq_off;
+        # FLAGS 0; then the payload selector and what it reads.
         out = u8(kind) + u8(2) + u8(1) + u8(seq_off) + u8(1)
         if kind == 0:
-            return out + u8(3) + u8(len(payload)) + payload
+            return out + u8(3) + u8(len(payload)) + payload  # DATA (up to 31 bytes)
         if kind == 6:
             if payload == b"":
-                return out[:-1] + u8(1)  # empty ACK
-            return out[:-1] + u8(6) + u8(1) + u8(payload[0])  # cumulative: next - n
+                return out + u8(1)  # empty ACK
+            return out + u8(6) + u8(1) + u8(payload[0])  # cumulative: next - n
         if kind == 9:
-            return out[:-1] + u8(1) + payload
-        return out
+            return out + u8(1) + payload  # RESIZE: cols u16, rows u16
+        return out + u8(1)  # empty payload
+
+    def ack_sent(k):
+        # Cumulative ACK for the k-th DATA frame sent on the connection.
+        return u8(6) + u8(2) + u8(1) + u8(0) + u8(1) + u8(4) + u8(k)
 
     def batch(*frames):
         return u8(0) + u8(len(frames) - 1) + b"".join(frames)
@@ -180,6 +186,30 @@ def session_seeds(v):
     # rightly reports GAP.
     scripts["wild_resume_then_gap"] = bytes.fromhex(
         "000000000003f6f6f6f6f6f6f6f60a0909c938380b050913880000ffffaaaae70b")
+    # The two cases where the session deviated from §2.4/§2.5 until 23ab6de (the target now
+    # checks both exactly). Frames dropped while suspended (2..=4 of 2..=9), a RESUME whose
+    # last_seq (4) covers them, then a legacy RESUME: no GAP, they were acknowledged.
+    scripts["last_seq_acks_dropped_then_legacy"] = (
+        header() + agent(200) + agent(200) + lost + b"".join(agent(200, k) for k in range(6)) +
+        resume_last(5) + lost + resume_legacy)
+    # --max-payload 65535, attached, 5 MiB from an agent ignoring PAUSE: past the hard cap the
+    # ring drops its oldest frames (SEQs 2..=17) while the client was sent them. A cumulative
+    # ACK for one of them (15), then empty ACKs: the first three count the dropped 16, 17 and
+    # the ring's front 18; the rest take 19, 20, 21.
+    empties = lambda n: batch(*[client(6)] * n)
+    scripts["cumulative_ack_then_empty_acks_after_overflow"] = (
+        header(caps=0xF3, mp=0xFBFF) + flood(5) + batch(ack_sent(13)) + empties(3) +
+        empties(3) + lost + resume_legacy)
+    # The same overflow, a cumulative ACK for exactly the last dropped frame, then a legacy
+    # RESUME: no GAP, every dropped frame was acknowledged.
+    scripts["cumulative_ack_of_dropped_then_legacy"] = (
+        header(caps=0xF3, mp=0xFBFF) + flood(5) + batch(ack_sent(15)) + lost + resume_legacy)
+    # After the counter wrapped (first SEQ 2^32 - 2), SEQs 2^32 - 1 and 0 dropped while
+    # suspended, a RESUME with last_seq 0, then a legacy RESUME: no GAP (fixed in the session
+    # after the target's GAP check was made exact).
+    scripts["last_seq_zero_after_wrap_then_legacy"] = (
+        header(first=0) + u8(1) + lost + b"".join(agent(200, k) for k in range(7)) +
+        resume_last(5) + lost + resume_legacy)
     for name, b in scripts.items():
         write("session", name, b)
 
