@@ -4,7 +4,7 @@
 //! loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] [--json FILE]
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
-//!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic]
+//!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic]
 //!     [--ca PEM] [--server-name NAME] [--resume-rate R] [--open-rate R]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
 //! loadgen self-signed-cert DIR
@@ -62,7 +62,7 @@ impl Transport {
 const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] \
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
-[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic] [--ca PEM] \
+[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic] [--ca PEM] \
 [--server-name NAME] [--resume-rate R] [--open-rate R]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
@@ -231,6 +231,9 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                     v => return Err(format!("--transport: `{v}` is not tcp, tls or quic")),
                 }
             }
+            // Shorthands, as the `clawterm` client spells them.
+            "--quic" => o.transport = Transport::Quic,
+            "--tls" => o.transport = Transport::Tls,
             "--ca" => o.ca = Some(PathBuf::from(val()?)),
             "--open-rate" => {
                 let v = val()?;
@@ -259,8 +262,14 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
     if o.transport != Transport::Tcp && o.scenario == "raw-echo" {
         return Err("raw-echo is plaintext TCP only".into());
     }
-    if o.transport == Transport::Quic && o.scenario.starts_with("resume") {
-        return Err("resume scenarios are not implemented over QUIC yet".into());
+    if o.transport == Transport::Quic && o.scenario == "resume-cross" {
+        // Over QUIC the shard a connection lands on follows its connection ids, not its
+        // source port, so the port-borrowing construction does not apply (`resume` works).
+        return Err(
+            "resume-cross is TCP/TLS only (over QUIC the shard follows the connection id, \
+             not the source port); use `resume` over QUIC"
+                .into(),
+        );
     }
     Ok(o)
 }

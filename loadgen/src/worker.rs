@@ -1428,9 +1428,6 @@ impl<'a> Worker<'a> {
     /// Resume: one round (`resume`, `--reconnect`), or two (`resume-cross`: same port, then
     /// new port).
     fn resume_scenario(&mut self) -> Result<(), String> {
-        if self.qep.is_some() {
-            return Err("resume scenarios are not implemented over QUIC yet".into());
-        }
         let open_s = self.open(self.o.sessions)?;
         self.opened(open_s);
         self.wait_go()?;
@@ -1496,8 +1493,13 @@ impl<'a> Worker<'a> {
             c.out.clear();
             c.resume_last = c.echo_seq.wrapping_sub(1);
             let fd = std::mem::replace(&mut c.fd, -1);
+            let qch = c.qch.take();
             c.st = St::Dropped;
-            sys::close_abort(fd);
+            match (qch, self.qep.as_mut()) {
+                // QUIC: forget the connection without a word, as a lost network would.
+                (Some(ch), Some(q)) => q.close(ch, true),
+                _ => sys::close_abort(fd),
+            }
             dropped.push(i);
         }
         self.count("dropped", dropped.len() as u64);
