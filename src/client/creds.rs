@@ -709,7 +709,10 @@ mod tests {
         assert!(j.contains("\"transport\": \"quic\""), "{j}");
         let back = Credentials::from_json(&j).unwrap();
         assert_eq!(back, c);
-        assert!(matches!(back.target().unwrap().transport, Transport::Quic(_)));
+        assert!(matches!(
+            back.target().unwrap().transport,
+            Transport::Quic(_)
+        ));
     }
 
     #[test]

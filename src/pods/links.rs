@@ -5,8 +5,8 @@
 //! that pod over it (POD-LINK.md §2).
 
 use crate::podlink::{self, Msg};
-use shards::ConnId;
 use crate::session::table::{IdMap, IdSet};
+use shards::ConnId;
 use std::path::{Path, PathBuf};
 
 /// The socket path of (tenant, agent).
