@@ -21,6 +21,8 @@
 # --bins), or from $BIN.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 BIN="${BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}"
 MODE="${1:-}"
 [ -n "$MODE" ] || { sed -n '2,21p' "$0"; exit 2; }
@@ -37,19 +39,14 @@ serve() {
   "$@" "$BIN/clawtermd" --shards 1 --cpus 0 --io "$io" --insecure-plaintext --insecure-no-auth \
     --admin off --no-quic --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 >"$d/srv.log" 2>&1 &
   SRV=$!; PIDS+=("$SRV")
-  ADDR=""
-  for _ in $(seq 1 600); do
-    ADDR=$(sed -n 's/.*listening on tcp \([0-9.]*:[0-9]*\).*/\1/p' "$d/srv.log" | head -1)
-    [ -n "$ADDR" ] && break
-    sleep 0.05
-  done
+  ADDR=$(wait_addr "$d/srv.log" "listening on tcp" "$SRV" 600)
   [ -n "$ADDR" ] || { echo "clawtermd did not start: $(tail -3 "$d/srv.log")" >&2; exit 1; }
 }
 agent() {
   local d="$1"; shift
   "$@" "$BIN/claw-agent" -s "$d/sock" --tenant 1 --agent 1 echo >"$d/agent.log" 2>&1 &
   AGENT=$!; PIDS+=("$AGENT")
-  for _ in $(seq 1 600); do [ -S "$d/sock/1_1" ] && return 0; sleep 0.05; done
+  wait_socket "$d/sock/1_1" 600 && return 0
   echo "the echo pod did not start" >&2; exit 1
 }
 stop() { kill -INT "$SRV" 2>/dev/null; kill -TERM "$AGENT" 2>/dev/null; wait "$SRV" "$AGENT" 2>/dev/null; }

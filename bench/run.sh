@@ -53,6 +53,8 @@ case "$PROFILE" in
 esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 cd "$ROOT" || exit 2
 HISTORY="${HISTORY:-$ROOT/bench/history.jsonl}"
 DASHBOARD="${DASHBOARD:-$ROOT/bench/dashboard.html}"
@@ -126,13 +128,7 @@ start_server() {
     --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
     >"$d/clawtermd.log" 2>&1 &
   SRV_PID=$!
-  SRV_ADDR=""
-  for _ in $(seq 1 200); do
-    SRV_ADDR=$(sed -n 's/.*listening on tcp \([0-9.]*:[0-9]*\).*/\1/p' "$d/clawtermd.log" | head -1)
-    [ -n "$SRV_ADDR" ] && break
-    kill -0 "$SRV_PID" 2>/dev/null || break
-    sleep 0.05
-  done
+  SRV_ADDR=$(wait_addr "$d/clawtermd.log" "listening on tcp" "$SRV_PID")
   if [ -z "$SRV_ADDR" ]; then
     echo "[bench] $name: clawtermd --io $io did not start:" >&2
     tail -5 "$d/clawtermd.log" >&2
@@ -141,10 +137,7 @@ start_server() {
   QUIC_ADDR=$(sed -n 's/.* quic \([0-9.]*:[0-9]*\).*/\1/p' "$d/clawtermd.log" | head -1)
   "${AGENT_PIN[@]}" "$BIN/claw-agent" -s "$d/sock" --tenant 1 --agent 1 echo >"$d/claw-agent.log" 2>&1 &
   AGENT_PID=$!
-  for _ in $(seq 1 200); do
-    [ -S "$d/sock/1_1" ] && return 0
-    sleep 0.05
-  done
+  wait_socket "$d/sock/1_1" && return 0
   echo "[bench] $name: the echo agent socket did not appear" >&2
   return 1
 }
@@ -226,12 +219,7 @@ SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate 
 mkdir -p "$RUN_DIR/raw"
 "${SRV_PIN[@]}" "$BIN/loadgen" raw-echo-server --bind 127.0.0.1:0 >"$RUN_DIR/raw/server.out" 2>&1 &
 SRV_PID=$!
-RAW_ADDR=""
-for _ in $(seq 1 100); do
-  RAW_ADDR=$(sed -n 's/.*listening on \([0-9.]*:[0-9]*\).*/\1/p' "$RUN_DIR/raw/server.out" | head -1)
-  [ -n "$RAW_ADDR" ] && break
-  sleep 0.05
-done
+RAW_ADDR=$(wait_addr "$RUN_DIR/raw/server.out" "listening on" "$SRV_PID" 100)
 if [ -n "$RAW_ADDR" ]; then
   lg "raw.echo" raw-echo --target "$RAW_ADDR" --server-pid "$SRV_PID" --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1 --ack-delay "$ACK_DELAY"
   lg "raw.echo_closed" raw-echo --target "$RAW_ADDR" --server-pid "$SRV_PID" --sessions "$CLOSED_N" --rate 0 --duration "$DUR" --warmup 1

@@ -40,6 +40,8 @@ while [ $# -gt 0 ]; do
 done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 if [ -z "$BIN" ]; then
   (cd "$ROOT" && cargo build --release -p clawterm -p loadgen --bins >&2) || exit 1
   BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
@@ -86,16 +88,11 @@ for n in $SHARDS; do
       --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
       --max-conn-rate-per-ip 0 --max-pending-handshakes 100000 >"$d/server.log" 2>&1 &
     SRV=$!
-    addr=""
-    for _ in $(seq 1 200); do
-      addr=$(sed -n 's/.*listening on tcp \([0-9.]*:[0-9]*\).*/\1/p' "$d/server.log" | head -1)
-      [ -n "$addr" ] && break
-      sleep 0.05
-    done
+    addr=$(wait_addr "$d/server.log" "listening on tcp" "$SRV")
     taskset -c "$AGENT_SET" "$BIN/claw-agent" -s "$d/sock" --tenant 1 --agent 1 echo \
       >"$d/agent.log" 2>&1 &
     AG=$!
-    for _ in $(seq 1 200); do [ -S "$d/sock/1_1" ] && break; sleep 0.05; done
+    wait_socket "$d/sock/1_1"
     if [ -z "$addr" ] || [ ! -S "$d/sock/1_1" ]; then
       echo "[scale] $n shards: server or pod did not start" >&2; tail -3 "$d/server.log" >&2
       FAILED=1; cleanup; continue
