@@ -5,7 +5,7 @@
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
 //!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic]
-//!     [--ca PEM] [--server-name NAME] [--resume-rate R] [--open-rate R]
+//!     [--ca PEM | --pin SHA256] [--server-name NAME] [--resume-rate R] [--open-rate R]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
 //! loadgen self-signed-cert DIR
 //! ```
@@ -62,7 +62,7 @@ impl Transport {
 const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] \
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
-[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic] [--ca PEM] \
+[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic] [--ca PEM | --pin SHA256] \
 [--server-name NAME] [--resume-rate R] [--open-rate R]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
@@ -100,8 +100,11 @@ pub struct Opts {
     pub resume_rate: f64,
     /// Opening sessions: new connections per second (0 = as fast as `--inflight` allows).
     pub open_rate: f64,
-    /// PEM file of the certificates to trust (TLS and QUIC).
+    /// PEM file of the certificates to trust (TLS and QUIC); neither this nor `pin`: the
+    /// system roots.
     pub ca: Option<PathBuf>,
+    /// SHA-256 of the server's certificate (DER) to accept instead of a chain.
+    pub pin: Option<[u8; 32]>,
     /// Name to verify the server's certificate against (default: the target's address).
     pub server_name: Option<String>,
 }
@@ -152,6 +155,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         open_rate: 0.0,
         ca: None,
         server_name: None,
+        pin: None,
     };
     let mut have_target = false;
     while let Some(a) = it.next() {
@@ -235,6 +239,12 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--quic" => o.transport = Transport::Quic,
             "--tls" => o.transport = Transport::Tls,
             "--ca" => o.ca = Some(PathBuf::from(val()?)),
+            "--pin" => {
+                let v = val()?;
+                o.pin = Some(clawterm::client::transport::parse_pin(&v).ok_or_else(|| {
+                    format!("--pin: `{v}` is not the 64-hex-digit SHA-256 of a certificate")
+                })?)
+            }
             "--open-rate" => {
                 let v = val()?;
                 o.open_rate = v
@@ -316,7 +326,8 @@ macro_rules! progress {
 pub trait Rw: Read + Write {}
 impl<T: Read + Write> Rw for T {}
 
-/// The TLS client configuration for `--transport tls|quic` (trusting `--ca`).
+/// The TLS client configuration for `--transport tls|quic` (trusting `--ca`, `--pin`, or the
+/// system roots).
 pub fn tls_client(
     o: &Opts,
 ) -> Result<
@@ -328,7 +339,7 @@ pub fn tls_client(
 > {
     let trust = clawterm::client::transport::TlsTrust {
         ca: o.ca.clone(),
-        pin: None,
+        pin: o.pin,
         server_name: o.server_name.clone(),
     };
     clawterm::client::transport::client_config(&trust, &o.target.to_string())
@@ -508,6 +519,10 @@ fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64, workers: usize)
     if let Some(ca) = &o.ca {
         a.push("--ca".into());
         a.push(ca.display().to_string());
+    }
+    if let Some(p) = &o.pin {
+        a.push("--pin".into());
+        a.push(p.iter().map(|b| format!("{b:02x}")).collect());
     }
     if let Some(n) = &o.server_name {
         a.push("--server-name".into());
