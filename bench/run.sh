@@ -80,11 +80,15 @@ NCPU=$(nproc)
 # CPU 0 (the pod does as much work per message as the daemon, so giving it a core of its own
 # would make "one core" two); loadgen runs on CPU 1.
 if [ "$NCPU" -ge 2 ]; then
-  SRV_CPU=0; LG_PIN=(taskset -c 1); SRV_PIN=(taskset -c 0)
+  SRV_CPU=0; LG_CPU=1; LG_PIN=(taskset -c 1); SRV_PIN=(taskset -c 0)
 else
-  SRV_CPU=0; LG_PIN=(); SRV_PIN=()
+  SRV_CPU=0; LG_CPU=""; LG_PIN=(); SRV_PIN=()
 fi
-command -v taskset >/dev/null 2>&1 || { LG_PIN=(); SRV_PIN=(); }
+command -v taskset >/dev/null 2>&1 || { LG_PIN=(); SRV_PIN=(); LG_CPU=""; }
+# The per-core figures (how busy the server's CPU was) only mean something when pinned.
+CORE_ARGS=()
+if [ ${#SRV_PIN[@]} -gt 0 ]; then CORE_ARGS=(--server-cpu "$SRV_CPU"); fi
+if [ -n "$LG_CPU" ]; then CORE_ARGS+=(--loadgen-cpu "$LG_CPU"); fi
 AGENT_PIN=("${SRV_PIN[@]}")
 echo "[bench] profile $PROFILE; $NCPU CPUs; server shard and echo pod on CPU $SRV_CPU, loadgen ${LG_PIN[*]:-unpinned}; work dir $RUN_DIR" >&2
 PLACEMENT="clawtermd shard and claw-agent echo on CPU $SRV_CPU (${SRV_PIN[*]:-unpinned}), loadgen ${LG_PIN[*]:-unpinned}"
@@ -232,7 +236,7 @@ T_END=$(date +%s)
 FAILED_JSON=$(printf '%s\n' "${FAILED[@]+"${FAILED[@]}"}" | python3 -c 'import json,sys; print(json.dumps([l.strip() for l in sys.stdin if l.strip()]))')
 python3 "$ROOT/bench/render.py" record "$RUN_DIR" --profile "$PROFILE" --history "$HISTORY" \
   --failed "$FAILED_JSON" --seconds $((T_END - T_START)) --ios "$IOS" --placement "$PLACEMENT" \
-  --note "$NOTE" >"$RUN_DIR/record.json" || FAILED+=("record (render.py)")
+  --note "$NOTE" "${CORE_ARGS[@]+"${CORE_ARGS[@]}"}" >"$RUN_DIR/record.json" || FAILED+=("record (render.py)")
 python3 "$ROOT/bench/render.py" goals "$RUN_DIR/record.json" >&2 || true
 python3 "$ROOT/bench/render.py" render --history "$HISTORY" --out "$DASHBOARD" \
   || echo "[bench] dashboard rendering failed" >&2

@@ -640,6 +640,7 @@ fn coordinate(o: &Opts) -> i32 {
     let mut went = false;
     let mut rss_after = None;
     let mut srv_cpu0 = None;
+    let mut cpus0 = Vec::new();
     let mut go_time = None;
     let bound = Duration::from_secs_f64(
         180.0 + o.sessions as f64 / 50.0 + 3.0 * (o.duration + o.warmup) + 10.0,
@@ -707,6 +708,7 @@ fn coordinate(o: &Opts) -> i32 {
         if !went && go_at.is_some_and(|t| Instant::now() >= t) {
             rss_after = o.server_pid.and_then(sys::vm_rss);
             srv_cpu0 = o.server_pid.and_then(sys::proc_cpu_s);
+            cpus0 = sys::cpu_ticks();
             go_time = Some(Instant::now());
             for p in procs.iter_mut() {
                 if let Some(s) = p.stdin.as_mut() {
@@ -742,6 +744,7 @@ fn coordinate(o: &Opts) -> i32 {
         }
     }
     let srv_cpu1 = o.server_pid.and_then(sys::proc_cpu_s);
+    let cpus = sys::cpu_usage(&cpus0, &sys::cpu_ticks());
     let run_secs = go_time.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
     let rss_end = o.server_pid.and_then(sys::vm_rss);
     for p in procs.iter_mut() {
@@ -957,10 +960,10 @@ fn coordinate(o: &Opts) -> i32 {
                 .filter_map(|r| r["counts"]["round_ms"].as_u64())
                 .max()
                 .unwrap_or(0);
-            let per_round = c("dropped") / rounds.len() as u64;
+            // round_ms: each worker's resume time summed over its rounds.
             v.insert(
                 "resumes_per_second".into(),
-                json!((per_round as f64 / (round_ms as f64 / 1000.0).max(1e-9)).round()),
+                json!((c("dropped") as f64 / (round_ms as f64 / 1000.0).max(1e-9)).round()),
             );
             if sc == "resume-cross" {
                 let s = o.shards_hint;
@@ -972,7 +975,7 @@ fn coordinate(o: &Opts) -> i32 {
                 v.insert(
                     "shard_split".into(),
                     json!({
-                        "method": "A session's id names the shard that accepted its CONNECT, and SO_REUSEPORT picks the accepting listener from the 4-tuple. same_port round: each session reconnects from its own previous source address+port, so it lands on its owner (same-shard by construction). cross_port round: each session reconnects from the previous source address+port of a session owned by another shard, so it lands on that shard (cross-shard by construction). Where a port could not be re-bound (or no session of another shard was left to borrow one from) a fresh port was used: those are counted under fallback and land on a uniform shard (cross-shard with probability (S-1)/S).",
+                        "method": "A session's id names the shard that accepted its CONNECT, and SO_REUSEPORT picks the accepting listener from the 4-tuple, so a reconnect from the previous source address+port of a session owned by shard X lands on X. Sessions are paired across owner shards; in each of two rounds every other pair swaps source ports (cross-shard by construction, recorded as cross_port) and the pairs in between reconnect from their own ports (same-shard by construction, recorded as same_port), the two groups interleaved in time so that the machine's noise hits both alike; the second round swaps the roles, so every session makes one resume of each kind. Where a port could not be re-bound (or no partner on another shard was left) a fresh port was used: those are counted under fallback and land on a uniform shard (cross-shard with probability (S-1)/S).",
                         "shards_hint": s,
                         "same_port": {"same_shard": c("same_port_bound"), "fallback_fresh_port": same_fb,
                             "cross_shard_expected_among_fallback": same_fb - same_fb / s64},
@@ -998,6 +1001,9 @@ fn coordinate(o: &Opts) -> i32 {
             json!((f * 1000.0).round() / 1000.0),
         );
     }
+    // Every CPU of the machine over the same window (from the go signal to the end): which
+    // side was the limit, and the kernel's share (softirq) that the process figures leave out.
+    v.insert("cpus".into(), cpus);
     v.insert("failures".into(), json!(failures));
     v.insert("other_frames".into(), json!(other));
     v.insert("counts".into(), json!(counts));

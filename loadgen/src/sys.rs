@@ -53,6 +53,62 @@ pub fn proc_cpu_s(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// The per-CPU time counters of `/proc/stat` (clock ticks): for each `cpuN` line, N and
+/// user, nice, system, idle, iowait, irq, softirq, steal.
+pub fn cpu_ticks() -> Vec<(usize, [u64; 8])> {
+    let Ok(s) = fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    parse_cpu_ticks(&s)
+}
+
+pub fn parse_cpu_ticks(stat: &str) -> Vec<(usize, [u64; 8])> {
+    let mut out = Vec::new();
+    for line in stat.lines() {
+        let mut f = line.split_whitespace();
+        let Some(cpu) = f.next().and_then(|n| n.strip_prefix("cpu")) else {
+            continue;
+        };
+        let Ok(n) = cpu.parse::<usize>() else {
+            continue; // the "cpu" total line
+        };
+        let mut t = [0u64; 8];
+        for v in t.iter_mut() {
+            *v = f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+        }
+        out.push((n, t));
+    }
+    out
+}
+
+/// How each CPU spent the time between two `cpu_ticks` samples, as fractions: `busy` is
+/// everything but idle, iowait and steal (user, nice, system, irq and softirq: on loopback the
+/// softirq time is the kernel's TCP receive work done on the sending CPU).
+pub fn cpu_usage(a: &[(usize, [u64; 8])], b: &[(usize, [u64; 8])]) -> serde_json::Value {
+    let mut out = Vec::new();
+    for (n, t1) in b {
+        let Some((_, t0)) = a.iter().find(|(m, _)| m == n) else {
+            continue;
+        };
+        let d: Vec<u64> = t1
+            .iter()
+            .zip(t0)
+            .map(|(x, y)| x.saturating_sub(*y))
+            .collect();
+        let total: u64 = d.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        let f = |x: u64| (x as f64 / total as f64 * 1000.0).round() / 1000.0;
+        let busy = d[0] + d[1] + d[2] + d[5] + d[6];
+        out.push(serde_json::json!({
+            "cpu": n, "busy": f(busy), "user": f(d[0] + d[1]), "system": f(d[2]),
+            "irq": f(d[5]), "softirq": f(d[6]), "idle": f(d[3] + d[4]), "steal": f(d[7]),
+        }));
+    }
+    serde_json::Value::Array(out)
+}
+
 /// CPU seconds used by this process so far.
 pub fn self_cpu_s() -> f64 {
     // SAFETY: getrusage writes into a plain struct.
@@ -264,5 +320,38 @@ impl Epoll {
 impl Drop for Epoll {
     fn drop(&mut self) {
         close(self.fd);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT0: &str = "cpu  10 0 10 100 0 0 0 0 0 0\n\
+cpu0 100 0 50 1000 0 0 20 0 0 0\n\
+cpu1 10 0 10 2000 5 0 0 1 0 0\n\
+intr 12345\n";
+    const STAT1: &str = "cpu  10 0 10 100 0 0 0 0 0 0\n\
+cpu0 150 0 70 1000 0 0 50 0 0 0\n\
+cpu1 20 0 10 2085 5 0 0 6 0 0\n";
+
+    #[test]
+    fn parses_the_per_cpu_lines_only() {
+        let t = parse_cpu_ticks(STAT0);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0], (0, [100, 0, 50, 1000, 0, 0, 20, 0]));
+        assert_eq!(t[1].0, 1);
+    }
+
+    #[test]
+    fn usage_splits_the_window_per_cpu() {
+        let u = cpu_usage(&parse_cpu_ticks(STAT0), &parse_cpu_ticks(STAT1));
+        // cpu0: 50 user + 20 system + 30 softirq, never idle.
+        assert_eq!(u[0]["busy"], 1.0);
+        assert_eq!(u[0]["softirq"], 0.3);
+        // cpu1: 10 user, 85 idle, 5 steal of 100.
+        assert_eq!(u[1]["busy"], 0.1);
+        assert_eq!(u[1]["idle"], 0.85);
+        assert_eq!(u[1]["steal"], 0.05);
     }
 }

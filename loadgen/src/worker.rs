@@ -71,6 +71,9 @@ struct Conn {
     out: VecDeque<(u32, Instant)>,
     last_tx: Instant,
     local: Option<SocketAddrV4>,
+    /// The source address+port of the connection that opened the session (it landed on the
+    /// owner shard, so a reconnect from it lands there again).
+    home: Option<SocketAddrV4>,
     /// Resume: SEQ the client claims to have (RESUME.last_seq) and the echo SEQ expected first
     /// in the replay; whether the first replayed DATA has arrived.
     resume_last: u32,
@@ -85,6 +88,9 @@ struct Conn {
     tls: Option<Box<rustls::ClientConnection>>,
     /// QUIC: the connection in the worker's endpoint.
     qch: Option<quinn_proto::ConnectionHandle>,
+    /// Resume: the group this connection's resume is recorded under (`resume`, or
+    /// `same_port` / `cross_port` in resume-cross).
+    label: &'static str,
 }
 
 impl Conn {
@@ -106,6 +112,7 @@ impl Conn {
             out: VecDeque::new(),
             last_tx: now,
             local: None,
+            home: None,
             resume_last: 0,
             echo_seq: 0,
             echo_tag: 0,
@@ -114,6 +121,7 @@ impl Conn {
             ack_queued: false,
             tls: None,
             qch: None,
+            label: "resume",
         }
     }
 }
@@ -125,8 +133,12 @@ enum Reconnect {
     Fresh,
     /// The session's own previous source address and port (lands on the same shard).
     Own,
-    /// The previous source address and port of a session owned by another shard.
-    Borrowed,
+    /// resume-cross: sessions are paired across owner shards; every other pair swaps source
+    /// ports (each lands on the other's owner: cross-shard), the pairs in between reconnect
+    /// from their own ports (same-shard). The pair with index `p` crosses when `p % 2` equals
+    /// the value; the two groups' resumes are interleaved in time, so the machine's noise hits
+    /// both alike.
+    Interleaved(usize),
 }
 
 /// What the worker is doing; decides how received frames are answered.
@@ -183,8 +195,6 @@ struct Worker<'a> {
     hists: BTreeMap<String, Histogram<u64>>,
     /// Echo measurement window (intended send times).
     win: Option<(Instant, Instant)>,
-    /// Resume round name ("resume", "same_port", "new_port").
-    round: &'static str,
     resume_inflight: usize,
     go: bool,
     stdin_buf: Vec<u8>,
@@ -267,7 +277,6 @@ impl<'a> Worker<'a> {
             counts: BTreeMap::new(),
             hists: BTreeMap::new(),
             win: None,
-            round: "resume",
             resume_inflight: 0,
             go: false,
             stdin_buf: Vec::new(),
@@ -367,7 +376,7 @@ impl<'a> Worker<'a> {
         let (fd, now) = match sys::start_connect(src, self.dst) {
             Ok((fd, now, exact)) => {
                 if let Src::Exact(_) = src {
-                    let (bound, unavailable) = if self.round == "cross_port" {
+                    let (bound, unavailable) = if self.conns[i].label == "cross_port" {
                         ("cross_port_bound", "cross_port_unavailable")
                     } else {
                         ("same_port_bound", "same_port_unavailable")
@@ -413,6 +422,9 @@ impl<'a> Worker<'a> {
 
     fn connected(&mut self, i: usize) {
         self.conns[i].local = sys::local_addr(self.conns[i].fd);
+        if self.conns[i].hello == Hello::Connect {
+            self.conns[i].home = self.conns[i].local;
+        }
         if let Some((cfg, name)) = &self.tls {
             match rustls::ClientConnection::new(cfg.clone(), name.clone()) {
                 Ok(t) => {
@@ -1008,7 +1020,7 @@ impl<'a> Worker<'a> {
                 };
                 self.hs_inflight -= 1;
                 let d = self.conns[i].t0.elapsed();
-                let name = format!("{}_resumed_us", self.round);
+                let name = format!("{}_resumed_us", self.conns[i].label);
                 self.record(&name, d);
                 self.count("resumed", 1);
                 if flags & FLAG_GAP != 0 {
@@ -1043,7 +1055,7 @@ impl<'a> Worker<'a> {
                         self.resume_inflight -= 1;
                         let d = c.t0.elapsed();
                         let ok = p == data_payload(c.echo_tag) && seq == c.echo_seq;
-                        let name = format!("{}_first_replay_us", self.round);
+                        let name = format!("{}_first_replay_us", c.label);
                         self.record(&name, d);
                         self.count("replayed", 1);
                         self.done_counter += 1;
@@ -1431,18 +1443,16 @@ impl<'a> Worker<'a> {
         let open_s = self.open(self.o.sessions)?;
         self.opened(open_s);
         self.wait_go()?;
-        let rounds: Vec<(&'static str, Reconnect)> = if self.o.scenario == "resume-cross" {
-            vec![
-                ("same_port", Reconnect::Own),
-                ("cross_port", Reconnect::Borrowed),
-            ]
+        // resume-cross: two rounds, so that every session makes one same-shard and one
+        // cross-shard resume.
+        let rounds: Vec<Reconnect> = if self.o.scenario == "resume-cross" {
+            vec![Reconnect::Interleaved(0), Reconnect::Interleaved(1)]
         } else if self.o.same_port {
-            vec![("resume", Reconnect::Own)]
+            vec![Reconnect::Own]
         } else {
-            vec![("resume", Reconnect::Fresh)]
+            vec![Reconnect::Fresh]
         };
-        for (name, how) in rounds {
-            self.round = name;
+        for how in rounds {
             self.resume_round(how)?;
         }
         // Predicted owner shard of each session (id & (S-1)).
@@ -1505,26 +1515,47 @@ impl<'a> Worker<'a> {
         self.count("dropped", dropped.len() as u64);
         // Let the server see the resets.
         self.pump_until(Duration::from_millis(300), |_| false);
-        // Cross-port: each session reconnects from the source address+port that a session of
-        // *another* shard used. SO_REUSEPORT picks the listener from the 4-tuple, so that
-        // connection lands on the other session's owner: a cross-shard resume by construction.
-        let mut borrowed: Vec<Option<SocketAddrV4>> = vec![None; dropped.len()];
-        if how == Reconnect::Borrowed {
-            let s = self.o.shards_hint.max(1);
-            let mut by_owner: Vec<Vec<SocketAddrV4>> = vec![Vec::new(); s as usize];
-            for &i in &dropped {
-                if let Some(a) = self.conns[i].local {
-                    by_owner[(self.conns[i].sid & (s - 1)) as usize].push(a);
-                }
+        // The order resumes start in, each with the source it reconnects from and its label.
+        let mut plan: Vec<(usize, Option<SocketAddrV4>, &'static str)> = Vec::new();
+        match how {
+            Reconnect::Fresh => plan.extend(dropped.iter().map(|&i| (i, None, "resume"))),
+            Reconnect::Own => {
+                plan.extend(dropped.iter().map(|&i| (i, self.conns[i].local, "resume")))
             }
-            for (k, &i) in dropped.iter().enumerate() {
-                let own = (self.conns[i].sid & (s - 1)) as usize;
-                let from = (0..s as usize)
-                    .filter(|&o| o != own && !by_owner[o].is_empty())
-                    .max_by_key(|&o| by_owner[o].len());
-                match from {
-                    Some(o) => borrowed[k] = by_owner[o].pop(),
-                    None => self.count("cross_port_unpaired", 1),
+            Reconnect::Interleaved(parity) => {
+                // SO_REUSEPORT picks the listener from the 4-tuple, so reconnecting from the
+                // previous source address+port of a session owned by shard X lands on X.
+                let s = self.o.shards_hint.max(1);
+                let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); s as usize];
+                for &i in &dropped {
+                    by_owner[(self.conns[i].sid & (s - 1)) as usize].push(i);
+                }
+                let mut pair = 0usize;
+                loop {
+                    let mut owners: Vec<usize> = (0..by_owner.len()).collect();
+                    owners.sort_by_key(|&o| std::cmp::Reverse(by_owner[o].len()));
+                    let (o1, o2) = match owners.as_slice() {
+                        [a, b, ..] if !by_owner[*b].is_empty() => (*a, *b),
+                        _ => break,
+                    };
+                    let (Some(a), Some(b)) = (by_owner[o1].pop(), by_owner[o2].pop()) else {
+                        break;
+                    };
+                    let (la, lb) = (self.conns[a].home, self.conns[b].home);
+                    if pair % 2 == parity {
+                        plan.push((a, lb, "cross_port"));
+                        plan.push((b, la, "cross_port"));
+                    } else {
+                        plan.push((a, la, "same_port"));
+                        plan.push((b, lb, "same_port"));
+                    }
+                    pair += 1;
+                }
+                // Sessions left without a partner on another shard reconnect to their own.
+                for rest in by_owner {
+                    for i in rest {
+                        plan.push((i, self.conns[i].home, "same_port"));
+                    }
                 }
             }
         }
@@ -1534,28 +1565,30 @@ impl<'a> Worker<'a> {
         self.mode = Mode::Resume;
         let t = Instant::now();
         let mut next = 0;
-        let limit = Duration::from_secs(60 + dropped.len() as u64 / 100);
+        let limit = Duration::from_secs(60 + plan.len() as u64 / 100);
         let pace = (self.o.resume_rate > 0.0).then(|| 1.0 / self.o.resume_rate);
         loop {
-            while next < dropped.len() && self.resume_inflight < self.o.inflight {
+            while next < plan.len() && self.resume_inflight < self.o.inflight {
                 if let Some(iv) = pace {
                     let due = t + Duration::from_secs_f64(next as f64 * iv);
                     if due > Instant::now() {
                         break;
                     }
                 }
-                let i = dropped[next];
-                let lent = borrowed[next];
+                let (i, from, label) = plan[next];
                 next += 1;
                 let c = &mut self.conns[i];
+                c.label = label;
                 c.want_replay = true;
                 c.hi_data = c.resume_last;
                 c.acked = c.resume_last;
                 self.resume_inflight += 1;
-                let src = match (how, c.local, lent) {
-                    (Reconnect::Own, Some(a), _) => Src::Exact(a),
-                    (Reconnect::Borrowed, _, Some(a)) => Src::Exact(a),
-                    _ => {
+                let src = match from {
+                    Some(a) => Src::Exact(a),
+                    None => {
+                        if label == "cross_port" {
+                            self.count("cross_port_unpaired", 1);
+                        }
                         self.next_src += 1;
                         Src::Ip(src_ip(self.next_src))
                     }
@@ -1566,7 +1599,7 @@ impl<'a> Worker<'a> {
                     self.resume_inflight -= 1;
                 }
             }
-            if next == dropped.len() && self.resume_inflight == 0 {
+            if next == plan.len() && self.resume_inflight == 0 {
                 break;
             }
             if t.elapsed() > limit {
@@ -1578,7 +1611,7 @@ impl<'a> Worker<'a> {
                 break;
             }
             let wait = match pace {
-                Some(iv) if next < dropped.len() => {
+                Some(iv) if next < plan.len() => {
                     let due = t + Duration::from_secs_f64(next as f64 * iv);
                     let w = due.saturating_duration_since(Instant::now());
                     if w <= self.spin {
@@ -1591,12 +1624,7 @@ impl<'a> Worker<'a> {
             };
             self.poll(wait);
         }
-        let key: &'static str = if self.round == "cross_port" {
-            "cross_port_round_ms"
-        } else {
-            "round_ms"
-        };
-        self.count(key, t.elapsed().as_millis() as u64);
+        self.count("round_ms", t.elapsed().as_millis() as u64);
         self.mode = Mode::Open;
         Ok(())
     }
