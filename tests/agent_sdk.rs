@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod harness;
 
-use harness::{dead, first_line, temp_path, wait_dead};
+use harness::{dead, first_line, remember, temp_path, wait_dead};
 
 use clawterm::agent::{Agent, AgentListener, CloseReason, OpenInfo, Outbox, SessionId};
 use clawterm::podlink::{decode, encode, Decoded, Msg, Open, MAX_BODY};
@@ -798,7 +798,10 @@ fn read_pids(l: &mut Link, sid: u32, n: usize) -> Vec<i32> {
             other => panic!("unexpected {other:?}"),
         }
     }
-    text.lines().map(|p| p.trim().parse().unwrap()).collect()
+    // Pids wrap quickly on a busy machine: pin each to the process it is now.
+    text.lines()
+        .map(|p| remember(p.trim().parse().unwrap()))
+        .collect()
 }
 
 #[test]

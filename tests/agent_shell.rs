@@ -16,7 +16,7 @@ use clawterm::podlink::{decode, encode, CloseReason, Decoded, Msg, Open};
 
 mod harness;
 
-use harness::{dead, first_line, temp_path, wait_dead};
+use harness::{dead, first_line, remember, temp_path, wait_dead};
 
 /// Upper bound for anything the tests wait for.
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -353,14 +353,15 @@ impl Daemon {
     }
 }
 
-/// The number right after the first `key` that is followed by a digit.
+/// The number right after the first `key` that is followed by a digit (all of them are pids
+/// here: remembered at once, see `harness::remember`).
 fn find_number(text: &str, key: &str) -> Option<i32> {
     text.match_indices(key).find_map(|(i, _)| {
         let digits: String = text[i + key.len()..]
             .chars()
             .take_while(char::is_ascii_digit)
             .collect();
-        digits.parse().ok()
+        digits.parse().ok().map(remember)
     })
 }
 

@@ -120,14 +120,48 @@ impl Drop for Proc {
     }
 }
 
-/// Whether process `pid` is gone (or a zombie nobody reaped yet).
-pub fn dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+/// Start times (clock ticks after boot) of the processes a test has looked at, by pid: pids
+/// wrap quickly here (`pid_max` 32768 and a busy CI), so a pid that died can belong to an
+/// unrelated new process a moment later.
+static SEEN: std::sync::Mutex<Option<std::collections::HashMap<i32, u64>>> =
+    std::sync::Mutex::new(None);
+
+/// State letter and start time of `pid`, from `/proc/PID/stat`.
+fn proc_state(pid: i32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of stat(5), starttime field 22.
+    let state = f.first()?.chars().next()?;
+    let start = f.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Remembers which process `pid` is now, so that [`dead`] can tell it from a later process
+/// that gets the same pid. Call it as soon as a test learns a pid; [`dead`] does it on first
+/// sight otherwise.
+pub fn remember(pid: i32) -> i32 {
+    if let Some((_, start)) = proc_state(pid) {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get_or_insert_with(Default::default)
+            .entry(pid)
+            .or_insert(start);
     }
+    pid
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet, or the pid now belongs to
+/// another process than the one [`remember`]ed).
+pub fn dead(pid: i32) -> bool {
+    let Some((state, start)) = proc_state(pid) else {
+        return true;
+    };
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let first = *seen
+        .get_or_insert_with(Default::default)
+        .entry(pid)
+        .or_insert(start);
+    first != start || state == 'Z' || state == 'X'
 }
 
 /// Waits until process `pid` is [`dead`]; panics after `within`.
