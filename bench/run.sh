@@ -130,9 +130,9 @@ start_server() {
   if [ "$sec" = tls ]; then
     secargs=(--tls-cert "$CERT_DIR/tls-cert.pem" --tls-key "$CERT_DIR/tls-key.pem" --quic-port 0)
   fi
-  # The whole process on the server CPU (SRV_PIN), as the DaemonSet's cpuset confines it; the
-  # shards are pinned by --cpus either way. (Left unpinned, the daemon's idle non-shard threads
-  # moved a paced cross-shard resume from +15 to +60-70 µs over a same-shard one.)
+  # The whole process on the server CPU (SRV_PIN), as the DaemonSet's cpuset confines it.
+  # (Before 2026-11-30 20:00, `--shards 2 --cpus 0` left both shards unpinned, so without this
+  # they floated onto loadgen's CPU: a paced cross-shard resume cost +60-77 µs, not +13-21.)
   "${SRV_PIN[@]}" "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" "${secargs[@]}" \
     --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
     >"$d/clawtermd.log" 2>&1 &

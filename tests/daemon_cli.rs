@@ -92,15 +92,23 @@ impl Daemon {
 
     /// The CPUs each `shard-N` thread may run on, by shard index.
     fn shard_cpus(&self) -> Vec<(usize, String)> {
+        let mut v: Vec<(usize, String)> = self
+            .thread_cpus()
+            .into_iter()
+            .filter_map(|(comm, cpus)| Some((comm.strip_prefix("shard-")?.parse().ok()?, cpus)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every thread's name and the CPUs it may run on (`Cpus_allowed_list`).
+    fn thread_cpus(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
         let dir = format!("/proc/{}/task", self.pid());
         for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
             let p = e.unwrap().path();
             let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
                 continue; // the thread ended meanwhile
-            };
-            let Some(i) = comm.trim().strip_prefix("shard-") else {
-                continue;
             };
             let Ok(status) = std::fs::read_to_string(p.join("status")) else {
                 continue;
@@ -111,9 +119,8 @@ impl Daemon {
                 .unwrap_or_else(|| panic!("no Cpus_allowed_list in {}", p.display()))
                 .trim()
                 .to_string();
-            v.push((i.parse().expect("shard index"), cpus));
+            v.push((comm.trim().to_string(), cpus));
         }
-        v.sort();
         v
     }
 }
@@ -251,7 +258,8 @@ fn plaintext_args(dir: &TempDir) -> Vec<String> {
 }
 
 /// One shard per CPU of the affinity mask, each pinned to its CPU: under `taskset -c 1` one
-/// shard on CPU 1; `--shards N --cpus LIST` puts shard i on the i-th CPU of LIST.
+/// shard on CPU 1; `--shards N --cpus LIST` puts shard i on the i-th CPU of LIST (round-robin
+/// when N is larger) and keeps the daemon's other threads on LIST.
 #[test]
 fn shards_follow_the_affinity_mask_and_cpus() {
     let cpus = allowed_cpus();
@@ -285,8 +293,14 @@ fn shards_follow_the_affinity_mask_and_cpus() {
         .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
         .is_some_and(|s| s.success()));
 
-    // --cpus (a CPU set, like Linux cpulists): shard i on the i-th CPU of the set.
-    for (shards, list, want) in [(1, "1", vec!["1"]), (2, "0,1", vec!["0", "1"])] {
+    // --cpus (a CPU set, like Linux cpulists): shard i on the i-th CPU of the set, round-robin
+    // when there are more shards than CPUs; the daemon's other threads stay on the set too.
+    for (shards, list, want, all) in [
+        (1, "1", vec!["1"], "1"),
+        (2, "0,1", vec!["0", "1"], "0-1"),
+        (2, "1", vec!["1", "1"], "1"),
+        (3, "0,1", vec!["0", "1", "0"], "0-1"),
+    ] {
         let mut args = base.clone();
         let n = shards.to_string();
         args.extend(["--shards", &n, "--cpus", list]);
@@ -299,6 +313,12 @@ fn shards_follow_the_affinity_mask_and_cpus() {
             .map(|(i, c)| (i, c.to_string()))
             .collect();
         assert_eq!(d.shard_cpus(), want, "--shards {shards} --cpus {list}");
+        for (comm, cpus) in d.thread_cpus() {
+            // (The kernel's io_uring workers, `iou-*`, follow the cpuset, not this mask.)
+            if !comm.starts_with("shard-") && !comm.starts_with("iou-") {
+                assert_eq!(cpus, all, "thread {comm} with --cpus {list}");
+            }
+        }
         assert!(d
             .signal_and_wait(libc::SIGTERM, Duration::from_secs(5))
             .is_some_and(|s| s.success()));

@@ -181,6 +181,20 @@ pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     sys::allowed_cpus()
 }
 
+/// Restricts the calling thread to `cpus`; every thread it spawns from then on inherits that
+/// mask. A daemon calls it on its main thread before starting anything, so that its helper
+/// threads stay on the CPUs its shards are pinned to, as a Kubernetes cpuset would keep
+/// them.
+pub fn confine_current_thread(cpus: &[usize]) -> io::Result<()> {
+    if cpus.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty CPU list",
+        ));
+    }
+    sys::set_affinity(cpus)
+}
+
 /// Parse a Linux-style CPU list: `"0,2-3"` -> `[0, 2, 3]` (sorted, de-duplicated).
 pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();

@@ -338,6 +338,25 @@ pub(crate) fn allowed_cpus() -> io::Result<Vec<usize>> {
     Ok(out)
 }
 
+/// Restricts the calling thread to `cpus` (threads it spawns afterwards inherit the mask).
+pub(crate) fn set_affinity(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is beyond CPU_SETSIZE"),
+            ));
+        }
+        // SAFETY: cpu < CPU_SETSIZE (checked above), so the bit index is in range.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: passes the exact size of a live, initialised cpu_set_t.
+    cvt(unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}
+
 /// Anonymous private page-aligned mapping of `len` bytes.
 pub(crate) fn mmap_anon(len: usize) -> io::Result<*mut u8> {
     // SAFETY: anonymous mapping request; no existing memory is affected.

@@ -520,6 +520,29 @@ fn cpu_lists_and_modes() {
 }
 
 #[test]
+fn confining_a_thread_is_inherited_by_the_threads_it_spawns() {
+    let all = shards::allowed_cpus().unwrap();
+    let last = *all.last().unwrap();
+    // On a thread of its own, so the test harness's threads keep their mask.
+    let seen = std::thread::spawn(move || {
+        shards::confine_current_thread(&[last]).unwrap();
+        let mine = shards::allowed_cpus().unwrap();
+        let child = std::thread::spawn(|| shards::allowed_cpus().unwrap())
+            .join()
+            .unwrap();
+        (mine, child)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(seen, (vec![last], vec![last]));
+    // This thread is untouched; bad input is an error, not a panic.
+    assert_eq!(shards::allowed_cpus().unwrap(), all);
+    assert!(shards::confine_current_thread(&[]).is_err());
+    assert!(shards::confine_current_thread(&[1 << 20]).is_err());
+    assert_eq!(shards::allowed_cpus().unwrap(), all);
+}
+
+#[test]
 fn bad_configs_are_rejected() {
     let mut cfg = common::config(IoMode::Epoll, 2);
     cfg.cpus = vec![None];

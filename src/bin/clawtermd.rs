@@ -248,8 +248,11 @@ fn build_config(a: &Args) -> Result<ServerConfig, Bad> {
             format!("--shards must be from 1 to 256, got {n}"),
         ));
     }
-    // Pin only when each shard gets a CPU of its own.
-    let pinned: Vec<Option<usize>> = (0..n).map(|i| (n <= cpus.len()).then(|| cpus[i])).collect();
+    // Shard i on CPU i of the list. With more shards than CPUs: an explicit --cpus is still
+    // honoured (shards share its CPUs round-robin); without one they are left to the
+    // scheduler.
+    let pin = !cpus.is_empty() && (a.cpus.is_some() || n <= cpus.len());
+    let pinned: Vec<Option<usize>> = (0..n).map(|i| pin.then(|| cpus[i % cpus.len()])).collect();
     Ok(ServerConfig {
         bind: a.bind,
         port: a.port,
@@ -583,6 +586,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let sigs = block_signals();
+    if args.cpus.is_some() {
+        // Everything started from here on (pod registry, admin, config watcher, the demo
+        // agent) stays on the CPUs given, as a cpuset would keep it.
+        let mut set: Vec<usize> = cfg.cpus.iter().flatten().copied().collect();
+        set.sort_unstable();
+        set.dedup();
+        if let Err(e) = shards::confine_current_thread(&set) {
+            tracing::warn!(cpus = ?set, "could not confine clawtermd to its shard CPUs: {e}");
+        }
+    }
     let demo = if args.demo {
         match clawterm::demo::prepare(&mut cfg, !args.insecure_plaintext) {
             Ok(d) => Some(d),
