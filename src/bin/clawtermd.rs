@@ -69,7 +69,9 @@ struct Args {
     /// Reactor threads [default: one per CPU the process may run on].
     #[arg(long, env = "CLAWTERM_SHARDS")]
     shards: Option<usize>,
-    /// CPUs to pin shards to, e.g. `0,2-3` [default: the affinity mask].
+    /// CPUs to pin shards to, e.g. `0,2-3` [default: the affinity mask]. Shard i runs on the
+    /// i-th CPU (round-robin when there are more shards); the daemon's other threads stay on
+    /// these CPUs too.
     #[arg(long, env = "CLAWTERM_CPUS")]
     cpus: Option<String>,
     /// I/O backend: auto, uring or epoll. auto falls back to epoll, saying so.
