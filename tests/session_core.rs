@@ -120,6 +120,29 @@ fn new_session(caps: u8, cfg: &SessionConfig) -> (Session, Rec) {
     (s, r)
 }
 
+/// A 1,000-byte replay ring: ten 100-byte DATA frames fill it.
+fn small_ring() -> SessionConfig {
+    SessionConfig {
+        ring_bytes: 1000,
+        ..Default::default()
+    }
+}
+
+/// An attached session whose agent sent 100 frames of 60 kB (seqs 2..=101), past the ring's
+/// hard cap, so the oldest were dropped; all were sent to the client. Returns the session,
+/// its (drained) recorder and the oldest SEQ still in the ring.
+fn overflowed_while_attached(cfg: &SessionConfig) -> (Session, Rec, u32) {
+    let (mut s, mut r) = new_session(0, cfg);
+    r.frames();
+    for i in 0..100u8 {
+        s.on_agent_data(&[i; 60_000], 1, cfg, &mut r);
+    }
+    assert_eq!(data_seqs(&r.frames()), (2..=101).collect::<Vec<_>>());
+    let front = s.ring().front_seq().expect("ring holds the newest");
+    assert!(front > 10, "frames were dropped (front {front})");
+    (s, r, front)
+}
+
 fn data_seqs(frames: &[Out]) -> Vec<u32> {
     frames
         .iter()
@@ -382,10 +405,7 @@ fn resume_with_nothing_to_replay() {
 
 #[test]
 fn gap_when_overflow_dropped_what_the_client_asked_for() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
+    let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
     r.frames();
     s.detach(1, &mut r);
@@ -407,10 +427,7 @@ fn gap_when_overflow_dropped_what_the_client_asked_for() {
 
 #[test]
 fn no_gap_when_the_client_already_had_the_dropped_frames() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
+    let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
     s.detach(1, &mut r);
     for i in 0..15u8 {
@@ -462,10 +479,7 @@ fn pause_policy_pauses_instead_of_dropping() {
 
 #[test]
 fn slow_attached_client_pauses_agent_and_continue_after_drain() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
+    let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
     r.pods();
     for i in 0..10u8 {
@@ -847,19 +861,8 @@ fn agent_gone_attached_and_suspended() {
 /// the cumulative ACK, never an older one again.
 #[test]
 fn empty_acks_after_a_cumulative_ack_skip_dropped_frames_it_covered() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
-    let (mut s, mut r) = new_session(0, &cfg);
-    r.frames();
-    // 100 frames of 60 kB (seqs 2..=101) while attached: past the hard cap the oldest drop.
-    for i in 0..100u8 {
-        s.on_agent_data(&[i; 60_000], 1, &cfg, &mut r);
-    }
-    assert_eq!(data_seqs(&r.frames()), (2..=101).collect::<Vec<_>>());
-    let front = s.ring().front_seq().expect("ring holds the newest");
-    assert!(front > 10, "frames were dropped (front {front})");
+    let cfg = small_ring();
+    let (mut s, mut r, front) = overflowed_while_attached(&cfg);
     // The client acknowledges through the middle of the dropped ones, cumulatively…
     let through = 2 + (front - 2) / 2;
     feed(
@@ -893,10 +896,7 @@ fn empty_acks_after_a_cumulative_ack_skip_dropped_frames_it_covered() {
 /// RESUME (everything unacknowledged) must not report them as a GAP.
 #[test]
 fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
+    let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
     s.detach(1, &mut r);
     for i in 0..20u8 {
@@ -925,19 +925,8 @@ fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
 /// target once its GAP check was made exact, on a seed written for the case.)
 #[test]
 fn cumulative_ack_of_dropped_frames_only_is_no_gap_for_a_later_legacy_resume() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
-    let (mut s, mut r) = new_session(0, &cfg);
-    r.frames();
-    // 100 frames of 60 kB (seqs 2..=101) while attached: past the hard cap the oldest drop.
-    for i in 0..100u8 {
-        s.on_agent_data(&[i; 60_000], 1, &cfg, &mut r);
-    }
-    assert_eq!(data_seqs(&r.frames()), (2..=101).collect::<Vec<_>>());
-    let front = s.ring().front_seq().expect("ring holds the newest");
-    assert!(front > 10, "frames were dropped (front {front})");
+    let cfg = small_ring();
+    let (mut s, mut r, front) = overflowed_while_attached(&cfg);
     // The client acknowledges exactly the dropped frames: nothing leaves the ring.
     let through = front - 1;
     feed(
@@ -967,10 +956,7 @@ fn cumulative_ack_of_dropped_frames_only_is_no_gap_for_a_later_legacy_resume() {
 /// hand-written input.)
 #[test]
 fn last_seq_zero_after_the_wrap_acknowledges_dropped_frames() {
-    let cfg = SessionConfig {
-        ring_bytes: 1000,
-        ..Default::default()
-    };
+    let cfg = small_ring();
     let mut s = Session::new(ID, 7, 42, 0, [9; 16], 0).with_next_seq(u32::MAX - 1);
     let mut r = Rec::default();
     s.accept(proto::CAP_RELIABLE, "127.0.0.1:1", 0, &mut r);
