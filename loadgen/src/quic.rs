@@ -12,7 +12,7 @@
 use bytes::BytesMut;
 use quinn_proto::{
     ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
-    Event, ReadError, StreamEvent, StreamId, VarInt, WriteError,
+    Event, StreamEvent, StreamId, VarInt, WriteError,
 };
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -176,18 +176,14 @@ impl QuicEp {
                 // What the session wrote last (a DISCONNECT) goes out before the close.
                 push_pending(q);
                 let _ = q.conn.send_stream(id).finish();
-                loop {
-                    self.txbuf.clear();
-                    let Some(t) = q.conn.poll_transmit(now, 1, &mut self.txbuf) else {
-                        break;
-                    };
-                    if self.socks[q.sock]
-                        .send_to(&self.txbuf[..t.size], t.destination)
-                        .is_err()
-                    {
-                        self.send_drops += 1;
-                    }
-                }
+                let sock = &self.socks[q.sock];
+                transmit(
+                    &mut q.conn,
+                    sock,
+                    &mut self.txbuf,
+                    &mut self.send_drops,
+                    now,
+                );
             }
             q.conn.close(now, VarInt::from_u32(0), bytes::Bytes::new());
             self.dirty.push(ch);
@@ -323,19 +319,14 @@ impl QuicEp {
             if q.eof && lost.is_none() {
                 lost = Some("the server ended the stream".to_string());
             }
-            // Transmit.
-            loop {
-                self.txbuf.clear();
-                let Some(t) = q.conn.poll_transmit(now, 1, &mut self.txbuf) else {
-                    break;
-                };
-                if self.socks[q.sock]
-                    .send_to(&self.txbuf[..t.size], t.destination)
-                    .is_err()
-                {
-                    self.send_drops += 1;
-                }
-            }
+            let sock = &self.socks[q.sock];
+            transmit(
+                &mut q.conn,
+                sock,
+                &mut self.txbuf,
+                &mut self.send_drops,
+                now,
+            );
             // Timer.
             match q.conn.poll_timeout() {
                 Some(t) if q.filed != Some(t) => {
@@ -381,22 +372,27 @@ fn read_stream(q: &mut QConn) -> bool {
         return false;
     }
     let before = q.inbox.len();
-    let mut rs = q.conn.recv_stream(id);
-    let Ok(mut chunks) = rs.read(true) else {
-        return false;
-    };
+    q.eof = clawterm::client::quic::read_stream(&mut q.conn, id, &mut q.inbox);
+    q.inbox.len() > before
+}
+
+/// Sends every datagram `conn` has ready from `sock`; counts the ones the socket refused.
+fn transmit(
+    conn: &mut quinn_proto::Connection,
+    sock: &UdpSocket,
+    txbuf: &mut Vec<u8>,
+    drops: &mut u64,
+    now: Instant,
+) {
     loop {
-        match chunks.next(usize::MAX) {
-            Ok(Some(c)) => q.inbox.extend_from_slice(&c.bytes),
-            Ok(None) | Err(ReadError::Reset(_)) => {
-                q.eof = true;
-                break;
-            }
-            Err(ReadError::Blocked) => break,
+        txbuf.clear();
+        let Some(t) = conn.poll_transmit(now, 1, txbuf) else {
+            break;
+        };
+        if sock.send_to(&txbuf[..t.size], t.destination).is_err() {
+            *drops += 1;
         }
     }
-    let _ = chunks.finalize();
-    q.inbox.len() > before
 }
 
 fn set_buf(s: &UdpSocket, opt: i32, bytes: libc::c_int) {

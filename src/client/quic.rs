@@ -62,6 +62,29 @@ fn err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
     io::Error::new(kind, msg.into())
 }
 
+/// Appends what stream `id` of `conn` has ready to `inbox`, in order. Returns `true` when the
+/// stream has ended (finished or reset by the peer); a stream that cannot be read (not open
+/// yet, stopped) adds nothing and returns `false`. Shared with loadgen's QUIC endpoint.
+pub fn read_stream(conn: &mut Connection, id: StreamId, inbox: &mut Vec<u8>) -> bool {
+    let mut rs = conn.recv_stream(id);
+    let Ok(mut chunks) = rs.read(true) else {
+        return false;
+    };
+    let mut ended = false;
+    loop {
+        match chunks.next(usize::MAX) {
+            Ok(Some(c)) => inbox.extend_from_slice(&c.bytes),
+            Ok(None) | Err(ReadError::Reset(_)) => {
+                ended = true;
+                break;
+            }
+            Err(ReadError::Blocked) => break,
+        }
+    }
+    let _ = chunks.finalize();
+    ended
+}
+
 impl QuicStream {
     /// Connects to `server` (TLS 1.3 with `tls`, verifying `server_name`), opens the stream and
     /// returns once the handshake is done, within `timeout`. `steer` is the session this
@@ -235,21 +258,7 @@ impl QuicStream {
         if self.eof || self.conn.is_handshaking() {
             return;
         }
-        let mut rs = self.conn.recv_stream(self.stream);
-        let Ok(mut chunks) = rs.read(true) else {
-            return;
-        };
-        loop {
-            match chunks.next(usize::MAX) {
-                Ok(Some(c)) => self.inbox.extend_from_slice(&c.bytes),
-                Ok(None) | Err(ReadError::Reset(_)) => {
-                    self.eof = true;
-                    break;
-                }
-                Err(ReadError::Blocked) => break,
-            }
-        }
-        let _ = chunks.finalize();
+        self.eof = read_stream(&mut self.conn, self.stream, &mut self.inbox);
     }
 
     fn flush_pending(&mut self) {
