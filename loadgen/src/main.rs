@@ -190,14 +190,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                 o.token = parse_token(&v)?;
                 o.token_hex = Some(v);
             }
-            "--rate" => {
-                let v = val()?;
-                o.rate = v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|r| r.is_finite() && *r >= 0.0)
-                    .ok_or(format!("--rate: `{v}` is not a rate >= 0"))?;
-            }
+            "--rate" => o.rate = rate("--rate", &val()?)?,
             "--workers" => o.workers = Some(num::<usize>(&val()?)?.max(1)),
             "--server-pid" => o.server_pid = Some(num(&val()?)?),
             "--inflight" => o.inflight = num::<usize>(&val()?)?.max(1),
@@ -245,22 +238,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                     format!("--pin: `{v}` is not the 64-hex-digit SHA-256 of a certificate")
                 })?)
             }
-            "--open-rate" => {
-                let v = val()?;
-                o.open_rate = v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|r| r.is_finite() && *r >= 0.0)
-                    .ok_or(format!("--open-rate: `{v}` is not a rate >= 0"))?;
-            }
-            "--resume-rate" => {
-                let v = val()?;
-                o.resume_rate = v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|r| r.is_finite() && *r >= 0.0)
-                    .ok_or(format!("--resume-rate: `{v}` is not a rate >= 0"))?;
-            }
+            "--open-rate" => o.open_rate = rate("--open-rate", &val()?)?,
+            "--resume-rate" => o.resume_rate = rate("--resume-rate", &val()?)?,
             "--server-name" => o.server_name = Some(val()?),
             "--bind" => o.bind = val()?,
             other => return Err(format!("unknown argument `{other}`")),
@@ -287,6 +266,14 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
 fn num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
     s.parse()
         .map_err(|_| format!("`{s}` is not a non-negative integer"))
+}
+
+/// A rate per second: finite and >= 0 (0: closed loop / unpaced).
+fn rate(flag: &str, s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r >= 0.0)
+        .ok_or(format!("{flag}: `{s}` is not a rate >= 0"))
 }
 
 fn secs(s: &str) -> Result<f64, String> {
