@@ -831,10 +831,12 @@ fn rss_kib(pid: u32) -> u64 {
     harness::rss_kib(pid).expect("VmRSS in /proc status")
 }
 
-/// A program that never reads its stdin, flooded with 64 MiB of input: the agent keeps
-/// reading the link (every write completes and another session on it keeps echoing), queues
-/// at most 1 MiB for the stuck program and discards the rest, tells that session once, and its
-/// memory stays bounded (the old unbounded queue grew by the whole 64 MiB).
+/// A program that never reads its stdin, flooded with 64 MiB of input by a daemon that ignores
+/// the agent's PAUSE: the agent keeps reading the link (every write completes and another
+/// session on it keeps echoing), PAUSEs the stuck session's input once (POD-LINK.md §4: pod →
+/// daemon), queues at most `INPUT_HARD_LIMIT` for the stuck program and discards the rest (a
+/// daemon that ignores PAUSE breaks the contract), tells the session nothing, and its memory
+/// stays bounded (the old unbounded queue grew by the whole 64 MiB).
 #[test]
 fn exec_input_for_a_program_that_never_reads_is_bounded() {
     let a = AgentProc::start(
@@ -858,7 +860,8 @@ fn exec_input_for_a_program_that_never_reads_is_bounded() {
     let rss0 = rss_kib(a.child.id());
     let mut peak = rss0;
     let chunk = vec![b'x'; 64 * 1024];
-    let mut notices = Vec::new();
+    let mut told = Vec::new();
+    let mut pauses = 0;
     let t0 = Instant::now();
     for i in 1..=16 {
         for _ in 0..64 {
@@ -870,7 +873,8 @@ fn exec_input_for_a_program_that_never_reads_is_bounded() {
         while echoed.len() < ping.len() {
             match l.recv() {
                 Some((2, Got::Data(d))) => echoed.extend_from_slice(&d),
-                Some((1, Got::Data(d))) => notices.extend_from_slice(&d),
+                Some((1, Got::Data(d))) => told.extend_from_slice(&d),
+                Some((1, Got::Other(0x40))) => pauses += 1,
                 other => panic!("round {i}: unexpected {other:?}"),
             }
         }
@@ -878,14 +882,13 @@ fn exec_input_for_a_program_that_never_reads_is_bounded() {
         peak = peak.max(rss_kib(a.child.id()));
     }
     let took = t0.elapsed();
-    let notices = String::from_utf8_lossy(&notices).into_owned();
     println!(
-        "64 MiB to a program that never reads, in {took:?}: claw-agent VmRSS {rss0} KiB before, peak {peak} KiB; told: {notices:?}"
+        "64 MiB to a program that never reads, in {took:?}: claw-agent VmRSS {rss0} KiB before, peak {peak} KiB; {pauses} PAUSE"
     );
-    assert_eq!(
-        notices.matches("not reading its input").count(),
-        1,
-        "the stuck session is told once: {notices:?}"
+    assert_eq!(pauses, 1, "the stuck session's input is PAUSEd once");
+    assert!(
+        told.is_empty(),
+        "nothing is written into the session: {told:?}"
     );
     assert!(
         peak < rss0 + 16 * 1024,
@@ -895,4 +898,42 @@ fn exec_input_for_a_program_that_never_reads_is_bounded() {
     l.send(1, &Msg::Close(CloseReason::Normal));
     l.send(2, &Msg::Data(b"after\n"));
     assert_eq!(l.recv_data_bytes(2, 6), b"after\n");
+}
+
+/// A program that reads its stdin late: 2 MiB of input PAUSE the session's input (pod →
+/// daemon) once more than `INPUT_HIGH` waits, and once the program has read it down below
+/// `INPUT_LOW` the agent sends CONTINUE; nothing is lost (the program counts every byte).
+#[test]
+fn exec_input_pauses_and_continues() {
+    let a = AgentProc::start(
+        &temp_dir("slowread"),
+        &["exec", "--", "sh", "-c", "sleep 1; head -c 2097152 | wc -c"],
+    );
+    let mut l = Link::connect(&a.path);
+    l.stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    l.open(1);
+    let chunk = vec![b'y'; 64 * 1024];
+    for _ in 0..32 {
+        l.send(1, &Msg::Data(&chunk));
+    }
+    let mut order = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        match l.recv() {
+            Some((1, Got::Other(c))) => order.push(c),
+            Some((1, Got::Data(d))) => out.extend_from_slice(&d),
+            Some((1, Got::Close(_))) | None => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        order,
+        [0x40, 0x41],
+        "PAUSE, then CONTINUE once the program read it down"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        "2097152",
+        "every byte reached the program"
+    );
 }

@@ -94,6 +94,8 @@ struct Daemon {
     closed: HashMap<u32, CloseReason>,
     /// DATA received for a session after its CLOSE (must stay empty).
     after_close: Vec<u32>,
+    /// PAUSE (true) and CONTINUE (false) of each session's input, in order.
+    input_flow: HashMap<u32, Vec<bool>>,
     eof: bool,
 }
 
@@ -107,6 +109,7 @@ impl Daemon {
             out: HashMap::new(),
             closed: HashMap::new(),
             after_close: Vec::new(),
+            input_flow: HashMap::new(),
             eof: false,
         };
         d.send(
@@ -205,6 +208,11 @@ impl Daemon {
                         Msg::Data(d) => Ok(d.to_vec()),
                         Msg::Close(r) => Err(Some(r)),
                         Msg::Hello { .. } => panic!("a second HELLO"),
+                        Msg::Pause | Msg::Continue => {
+                            let flow = self.input_flow.entry(session_id).or_default();
+                            flow.push(matches!(msg, Msg::Pause));
+                            Err(None)
+                        }
                         _ => Err(None), // nothing else is expected from an agent; ignore
                     };
                     (session_id, used, got)
@@ -264,6 +272,13 @@ impl Daemon {
 
     fn input(&mut self, sid: u32, text: &str) {
         self.send(sid, &Msg::Data(text.as_bytes()));
+    }
+
+    /// PAUSEs of `sid`'s input received so far.
+    fn pauses(&self, sid: u32) -> usize {
+        self.input_flow
+            .get(&sid)
+            .map_or(0, |f| f.iter().filter(|&&p| p).count())
     }
 
     /// Bytes of output received so far for `sid`.
@@ -734,10 +749,11 @@ fn rss_kib(pid: u32) -> u64 {
     harness::rss_kib(pid).expect("VmRSS in /proc status")
 }
 
-/// A foreground program that never reads the terminal, flooded with 32 MiB of input: the
-/// terminal takes a few KiB, the agent queues at most 1 MiB more and discards the rest
-/// (telling the session once), keeps reading the link (another session stays responsive) and
-/// its memory stays bounded.
+/// A foreground program that never reads the terminal, flooded with 32 MiB of input by a
+/// daemon that ignores the agent's PAUSE: the terminal takes a few KiB, the agent PAUSEs the
+/// session's input, queues at most `INPUT_HARD_LIMIT` and discards the rest (writing nothing
+/// into the session), keeps reading the link (another session stays responsive) and its
+/// memory stays bounded.
 #[test]
 fn input_for_a_program_that_never_reads_the_terminal_is_bounded() {
     let a = AgentProc::start("noread");
@@ -770,9 +786,13 @@ fn input_for_a_program_that_never_reads_the_terminal_is_bounded() {
         peak = peak.max(rss_kib(pid));
     }
     d.pump(Duration::from_millis(200));
-    let told = d.text(1, 0).matches("not reading its input").count();
-    println!("32 MiB to a program that never reads its terminal: claw-agent VmRSS {rss0} KiB before, peak {peak} KiB; told {told} time(s)");
-    assert_eq!(told, 1, "the stuck session is told once");
+    let pauses = d.pauses(1);
+    println!("32 MiB to a program that never reads its terminal: claw-agent VmRSS {rss0} KiB before, peak {peak} KiB; {pauses} PAUSE");
+    assert_eq!(pauses, 1, "the stuck session's input is PAUSEd once");
+    assert!(
+        !d.text(1, 0).contains("discard"),
+        "nothing is written into the session"
+    );
     assert!(
         peak < rss0 + 16 * 1024,
         "claw-agent grew from {rss0} KiB to {peak} KiB for 32 MiB of unread input"

@@ -232,6 +232,33 @@ fn agent_output_is_split_at_max_payload() {
     assert_eq!(sizes, vec![1024, 1024, 452]);
 }
 
+/// §7.17: by default no DATA frame carries more than 16 KiB, whatever the agent writes in one
+/// go; a larger `send_payload` is honoured up to `max_payload`.
+#[test]
+fn agent_output_is_sent_in_frames_of_at_most_send_payload() {
+    let cfg = SessionConfig::default();
+    let (mut s, mut r) = new_session(0, &cfg);
+    r.frames();
+    s.on_agent_data(&vec![1u8; 100_000], 1, &cfg, &mut r);
+    let sizes: Vec<usize> = r.frames().iter().map(|f| f.payload.len()).collect();
+    assert_eq!(sizes, vec![16384, 16384, 16384, 16384, 16384, 16384, 1696]);
+    let big = SessionConfig {
+        send_payload: 65535,
+        ..Default::default()
+    };
+    s.on_agent_data(&vec![2u8; 100_000], 2, &big, &mut r);
+    let sizes: Vec<usize> = r.frames().iter().map(|f| f.payload.len()).collect();
+    assert_eq!(sizes, vec![65535, 34465]);
+    let capped = SessionConfig {
+        send_payload: 65535,
+        max_payload: 30_000,
+        ..Default::default()
+    };
+    s.on_agent_data(&vec![3u8; 40_000], 3, &capped, &mut r);
+    let sizes: Vec<usize> = r.frames().iter().map(|f| f.payload.len()).collect();
+    assert_eq!(sizes, vec![30_000, 10_000], "never above max_payload");
+}
+
 #[test]
 fn keepalive_is_never_answered_with_keepalive() {
     let cfg = SessionConfig::default();
@@ -321,7 +348,7 @@ fn replay_after_abrupt_loss_without_acks() {
     let sent = r.frames();
     assert_eq!(data_seqs(&sent), vec![2, 3, 4, 5, 6]);
     // The client saw up to SEQ 3, then the socket died.
-    s.detach(10, &mut r);
+    s.detach(10, &cfg, &mut r);
     s.on_agent_data(b"late", 11, &cfg, &mut r); // seq 7 goes only to the ring
     assert!(r.frames().is_empty());
     assert_eq!(
@@ -373,7 +400,7 @@ fn replay_after_loss_with_empty_and_cumulative_acks() {
         &mut r,
     ); // acks ≤5
     assert_eq!(s.ring().len(), 2);
-    s.detach(3, &mut r);
+    s.detach(3, &cfg, &mut r);
     // Legacy resume: everything unacknowledged.
     s.resume(ResumeFrom::Unacknowledged, 4, &cfg, &mut r);
     let f = r.frames();
@@ -391,7 +418,7 @@ fn resume_with_nothing_to_replay() {
     let (mut s, mut r) = new_session(0, &cfg);
     s.on_agent_data(b"x", 1, &cfg, &mut r);
     r.frames();
-    s.detach(2, &mut r);
+    s.detach(2, &cfg, &mut r);
     s.resume(ResumeFrom::LastSeq(2), 3, &cfg, &mut r);
     let f = r.frames();
     assert_eq!(f.len(), 1);
@@ -408,7 +435,7 @@ fn gap_when_overflow_dropped_what_the_client_asked_for() {
     let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
     r.frames();
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     for i in 0..20u8 {
         s.on_agent_data(&[i; 100], 2, &cfg, &mut r); // seqs 2..=21, ring holds 10
     }
@@ -429,7 +456,7 @@ fn gap_when_overflow_dropped_what_the_client_asked_for() {
 fn no_gap_when_the_client_already_had_the_dropped_frames() {
     let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     for i in 0..15u8 {
         s.on_agent_data(&[i; 100], 2, &cfg, &mut r); // seqs 2..=16; 2..=6 dropped
     }
@@ -449,7 +476,7 @@ fn pause_policy_pauses_instead_of_dropping() {
         ..Default::default()
     };
     let (mut s, mut r) = new_session(0, &cfg);
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     r.pods();
     for i in 0..10u8 {
         s.on_agent_data(&[i; 100], 2, &cfg, &mut r);
@@ -534,7 +561,7 @@ fn takeover_tells_the_old_connection_and_keeps_the_session() {
         "pod messages at the resume after a takeover"
     );
     // A resume after a real loss still tells the agent both.
-    s.detach(3, &mut new);
+    s.detach(3, &cfg, &mut new);
     assert_eq!(new.pods(), vec![Pod::Detached]);
     let mut third = Rec::default();
     s.resume(ResumeFrom::LastSeq(2), 4, &cfg, &mut third);
@@ -625,7 +652,7 @@ fn reliable_clients_get_one_coalesced_cumulative_ack_per_batch() {
     assert_eq!(f[0].ty, FrameType::Ack);
     assert_eq!(Ack::parse(&f[0].payload).unwrap(), Ack::Cumulative(14));
     // The resend rule: after a resume, RESUMED tells the client what the server has.
-    s.detach(2, &mut r);
+    s.detach(2, &cfg, &mut r);
     s.resume(ResumeFrom::LastSeq(0), 3, &cfg, &mut r);
     assert_eq!(resumed(&r.frames()).0.last_client_seq, 14);
 }
@@ -648,7 +675,7 @@ fn agent_close_while_suspended_keeps_output_until_resume() {
     let cfg = SessionConfig::default();
     let (mut s, mut r) = new_session(0, &cfg);
     r.frames();
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     s.on_agent_data(b"last words", 2, &cfg, &mut r);
     assert_eq!(s.on_agent_close(3, &mut r), Flow::Continue);
     assert_eq!(s.state(), State::Suspended);
@@ -679,7 +706,7 @@ fn seq_wraps_with_serial_arithmetic() {
         s.on_agent_data(&[i], 1, &cfg, &mut r);
     }
     assert_eq!(data_seqs(&r.frames()), vec![u32::MAX - 1, u32::MAX, 0, 1]);
-    s.detach(2, &mut r);
+    s.detach(2, &cfg, &mut r);
     s.resume(ResumeFrom::LastSeq(u32::MAX), 3, &cfg, &mut r);
     let f = r.frames();
     assert_eq!(resumed(&f).0.first_replay_seq, 0);
@@ -834,7 +861,7 @@ fn agent_gone_attached_and_suspended() {
 
     let (mut s, mut r) = new_session(0, &cfg);
     r.frames();
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     s.on_agent_data(b"kept", 2, &cfg, &mut r);
     assert_eq!(s.on_agent_gone(3, &mut r), Flow::Continue);
     r.pods();
@@ -861,7 +888,10 @@ fn agent_gone_attached_and_suspended() {
 /// the cumulative ACK, never an older one again.
 #[test]
 fn empty_acks_after_a_cumulative_ack_skip_dropped_frames_it_covered() {
-    let cfg = small_ring();
+    let cfg = SessionConfig {
+        send_payload: 65535,
+        ..small_ring()
+    };
     let (mut s, mut r, front) = overflowed_while_attached(&cfg);
     // The client acknowledges through the middle of the dropped ones, cumulatively…
     let through = 2 + (front - 2) / 2;
@@ -881,7 +911,7 @@ fn empty_acks_after_a_cumulative_ack_skip_dropped_frames_it_covered() {
     }
     // Exactly the three oldest frames still in the ring were acknowledged.
     assert_eq!(s.ring().front_seq(), Some(front + 3));
-    s.detach(3, &mut r);
+    s.detach(3, &cfg, &mut r);
     s.resume(ResumeFrom::Unacknowledged, 4, &cfg, &mut r);
     let f = r.frames();
     assert_eq!(
@@ -898,7 +928,7 @@ fn empty_acks_after_a_cumulative_ack_skip_dropped_frames_it_covered() {
 fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
     let cfg = small_ring();
     let (mut s, mut r) = new_session(0, &cfg);
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     for i in 0..20u8 {
         s.on_agent_data(&[i; 100], 2, &cfg, &mut r); // seqs 2..=21; 2..=11 dropped
     }
@@ -908,7 +938,7 @@ fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
     let f = r.frames();
     assert_eq!(resumed(&f).1 & proto::FLAG_GAP, 0);
     assert_eq!(data_seqs(&f), (12..=21).collect::<Vec<_>>());
-    s.detach(4, &mut r);
+    s.detach(4, &cfg, &mut r);
     s.resume(ResumeFrom::Unacknowledged, 5, &cfg, &mut r);
     let f = r.frames();
     assert_eq!(
@@ -925,7 +955,10 @@ fn last_seq_acknowledges_dropped_frames_for_a_later_legacy_resume() {
 /// target once its GAP check was made exact, on a seed written for the case.)
 #[test]
 fn cumulative_ack_of_dropped_frames_only_is_no_gap_for_a_later_legacy_resume() {
-    let cfg = small_ring();
+    let cfg = SessionConfig {
+        send_payload: 65535,
+        ..small_ring()
+    };
     let (mut s, mut r, front) = overflowed_while_attached(&cfg);
     // The client acknowledges exactly the dropped frames: nothing leaves the ring.
     let through = front - 1;
@@ -939,7 +972,7 @@ fn cumulative_ack_of_dropped_frames_only_is_no_gap_for_a_later_legacy_resume() {
         &mut r,
     );
     assert_eq!(s.ring().front_seq(), Some(front));
-    s.detach(3, &mut r);
+    s.detach(3, &cfg, &mut r);
     s.resume(ResumeFrom::Unacknowledged, 4, &cfg, &mut r);
     let f = r.frames();
     assert_eq!(
@@ -961,7 +994,7 @@ fn last_seq_zero_after_the_wrap_acknowledges_dropped_frames() {
     let mut r = Rec::default();
     s.accept(proto::CAP_RELIABLE, "127.0.0.1:1", 0, &mut r);
     r.frames();
-    s.detach(1, &mut r);
+    s.detach(1, &cfg, &mut r);
     for i in 0..7u8 {
         // seqs u32::MAX, 0, 1, …, 5; u32::MAX and 0 dropped
         s.on_agent_data(&[i; 200], 2, &cfg, &mut r);
@@ -971,7 +1004,7 @@ fn last_seq_zero_after_the_wrap_acknowledges_dropped_frames() {
     let f = r.frames();
     assert_eq!(resumed(&f).1 & proto::FLAG_GAP, 0);
     assert_eq!(data_seqs(&f), (1..=5).collect::<Vec<_>>());
-    s.detach(4, &mut r);
+    s.detach(4, &cfg, &mut r);
     s.resume(ResumeFrom::Unacknowledged, 5, &cfg, &mut r);
     let f = r.frames();
     assert_eq!(
@@ -980,4 +1013,213 @@ fn last_seq_zero_after_the_wrap_acknowledges_dropped_frames() {
         "frames the client had acknowledged are no GAP"
     );
     assert_eq!(data_seqs(&f), (1..=5).collect::<Vec<_>>());
+}
+
+// ---- §7.16: clients that do not acknowledge ----
+
+/// An attached session whose agent filled the ring (10 frames of 100 bytes, seqs 2..=11, all
+/// sent) and was PAUSEd. Returns it with the recorder drained.
+fn paused_by_a_full_ring(cfg: &SessionConfig) -> (Session, Rec) {
+    let (mut s, mut r) = new_session(0, cfg);
+    r.frames();
+    r.pods();
+    for i in 0..10u8 {
+        s.on_agent_data(&[i; 100], 5, cfg, &mut r);
+    }
+    assert_eq!(data_seqs(&r.frames()), (2..=11).collect::<Vec<_>>());
+    assert_eq!(r.pods(), vec![Pod::Pause]);
+    (s, r)
+}
+
+/// A client that reads everything but never acknowledges: two delivery checks `ack_wait_ms`
+/// apart that find everything delivered turn the connection unacknowledged; the agent gets
+/// CONTINUE, the ring keeps the newest `ring_bytes` while the client stays attached, the send
+/// backlog paces the agent from then on, and a RESUME after an abrupt loss reports GAP and
+/// replays the newest output.
+#[test]
+fn a_client_that_never_acknowledges_does_not_stop_its_agent() {
+    let cfg = small_ring();
+    let (mut s, mut r) = paused_by_a_full_ring(&cfg);
+    let first = s.delivery_check().expect("a delivery check is filed");
+    assert_eq!(first, 5 + cfg.ack_wait_ms);
+    assert!(s.next_deadline(&cfg).unwrap() <= first);
+    // Too early: nothing. Not delivered yet (the client is slow): still paused.
+    assert!(!s.on_delivery(true, first - 1, &cfg, &mut r));
+    assert!(!s.on_delivery(false, first, &cfg, &mut r));
+    assert!(r.pods().is_empty() && s.pod_paused());
+    // Delivered at one check: wait one more ack_wait_ms for an ACK.
+    let second = s.delivery_check().unwrap();
+    assert_eq!(second, first + cfg.ack_wait_ms);
+    assert!(!s.on_delivery(true, second, &cfg, &mut r));
+    assert!(r.pods().is_empty() && s.pod_paused());
+    // Still delivered, still no ACK: the connection does not acknowledge.
+    let third = s.delivery_check().unwrap();
+    assert!(s.on_delivery(true, third, &cfg, &mut r));
+    assert!(s.unacknowledged() && !s.pod_paused());
+    assert_eq!(r.pods(), vec![Pod::Continue]);
+    assert_eq!(s.delivery_check(), None);
+    // Output keeps flowing to the client; the ring keeps the newest 1,000 bytes.
+    for i in 0..25u8 {
+        s.on_agent_data(&[100 + i; 100], third + 1, &cfg, &mut r);
+    }
+    assert_eq!(data_seqs(&r.frames()), (12..=36).collect::<Vec<_>>());
+    assert!(r.pods().is_empty(), "no PAUSE from the ring any more");
+    assert_eq!(s.ring().payload_bytes(), 1000);
+    assert_eq!(s.ring().front_seq(), Some(27));
+    // The send backlog paces the agent.
+    s.on_send_backlog(true, &mut r);
+    s.on_send_backlog(true, &mut r);
+    assert_eq!(r.pods(), vec![Pod::Pause]);
+    s.on_send_backlog(false, &mut r);
+    assert_eq!(r.pods(), vec![Pod::Continue]);
+    // Abrupt loss, then a 24-byte RESUME from what the client had seen before: GAP, newest.
+    s.detach(third + 2, &cfg, &mut r);
+    assert_eq!(r.pods(), vec![Pod::Detached]);
+    s.resume(ResumeFrom::LastSeq(20), third + 3, &cfg, &mut r);
+    let f = r.frames();
+    let (res, flags) = resumed(&f);
+    assert_eq!(flags & proto::FLAG_GAP, proto::FLAG_GAP);
+    assert_eq!(res.first_replay_seq, 27);
+    assert_eq!(data_seqs(&f[1..]), (27..=36).collect::<Vec<_>>());
+    assert!(!s.unacknowledged(), "a new connection starts acknowledging");
+}
+
+/// The legacy RESUME of a client that never acknowledges replays what is still in the ring.
+#[test]
+fn legacy_resume_of_a_never_acknowledging_client_replays_the_newest() {
+    let cfg = small_ring();
+    let (mut s, mut r) = paused_by_a_full_ring(&cfg);
+    let c = s.delivery_check().unwrap();
+    s.on_delivery(true, c, &cfg, &mut r);
+    assert!(s.on_delivery(true, c + cfg.ack_wait_ms, &cfg, &mut r));
+    for i in 0..5u8 {
+        s.on_agent_data(&[i; 100], c + 300, &cfg, &mut r);
+    }
+    r.frames();
+    s.detach(c + 400, &cfg, &mut r);
+    s.resume(ResumeFrom::Unacknowledged, c + 500, &cfg, &mut r);
+    let f = r.frames();
+    let (res, flags) = resumed(&f);
+    assert_eq!(flags & proto::FLAG_GAP, proto::FLAG_GAP);
+    assert_eq!(res.first_replay_seq, 7);
+    assert_eq!(data_seqs(&f[1..]), (7..=16).collect::<Vec<_>>());
+}
+
+/// A client that acknowledges keeps lossless flow control: an ACK between two checks restarts
+/// the wait, and once its ACKs drain the ring the agent gets CONTINUE and no check is left.
+#[test]
+fn an_acknowledging_client_is_never_switched() {
+    let cfg = small_ring();
+    let (mut s, mut r) = paused_by_a_full_ring(&cfg);
+    let c = s.delivery_check().unwrap();
+    assert!(!s.on_delivery(true, c, &cfg, &mut r));
+    // One cumulative ACK of the two oldest: still over half, still paused, but acknowledging.
+    let mut p = Vec::new();
+    Ack::Cumulative(3).encode(&mut p);
+    feed(&mut s, FrameType::Ack, 2, &p, c + 10, &cfg, &mut r);
+    let c2 = s.delivery_check().unwrap();
+    assert!(
+        !s.on_delivery(true, c2, &cfg, &mut r),
+        "the ACK restarted the wait"
+    );
+    assert!(r.pods().is_empty() && s.pod_paused() && !s.unacknowledged());
+    // Empty ACKs drain it below half: CONTINUE, nothing dropped, no check left.
+    for k in 0..4 {
+        feed(&mut s, FrameType::Ack, 3 + k, &[], c2 + 1, &cfg, &mut r);
+    }
+    assert_eq!(r.pods(), vec![Pod::Continue]);
+    assert_eq!(s.delivery_check(), None);
+    assert_eq!(
+        s.ring().front_seq(),
+        Some(8),
+        "only acknowledged frames left the ring"
+    );
+}
+
+/// With `--overflow pause` nothing is ever dropped: no delivery check is filed.
+#[test]
+fn pause_policy_never_switches_a_connection() {
+    let cfg = SessionConfig {
+        overflow: Overflow::Pause,
+        ..small_ring()
+    };
+    let (s, _r) = paused_by_a_full_ring(&cfg);
+    assert_eq!(s.delivery_check(), None);
+}
+
+/// POD-LINK.md §4: a session paused while attached, then cut off, under `--overflow drop`:
+/// CONTINUE right after DETACHED, output keeps coming (the ring drops its oldest), and the
+/// RESUME gets GAP and the newest output. Under `--overflow pause` it stays paused and nothing
+/// is lost.
+#[test]
+fn a_session_paused_while_attached_continues_once_suspended_under_drop() {
+    let cfg = small_ring();
+    let (mut s, mut r) = paused_by_a_full_ring(&cfg);
+    s.detach(6, &cfg, &mut r);
+    assert_eq!(r.pods(), vec![Pod::Detached, Pod::Continue]);
+    assert!(!s.pod_paused());
+    assert_eq!(s.delivery_check(), None);
+    for i in 0..5u8 {
+        s.on_agent_data(&[50 + i; 100], 7, &cfg, &mut r);
+    }
+    assert!(r.pods().is_empty(), "no PAUSE while suspended under drop");
+    s.resume(ResumeFrom::LastSeq(1), 8, &cfg, &mut r);
+    let f = r.frames();
+    let (res, flags) = resumed(&f);
+    assert_eq!(flags & proto::FLAG_GAP, proto::FLAG_GAP);
+    assert_eq!(res.first_replay_seq, 7);
+    assert_eq!(data_seqs(&f[1..]), (7..=16).collect::<Vec<_>>());
+
+    let cfg = SessionConfig {
+        overflow: Overflow::Pause,
+        ..small_ring()
+    };
+    let (mut s, mut r) = paused_by_a_full_ring(&cfg);
+    s.detach(6, &cfg, &mut r);
+    assert_eq!(r.pods(), vec![Pod::Detached]);
+    assert!(s.pod_paused());
+    s.resume(ResumeFrom::LastSeq(1), 8, &cfg, &mut r);
+    let f = r.frames();
+    let (res, flags) = resumed(&f);
+    assert_eq!(flags & proto::FLAG_GAP, 0);
+    assert_eq!(res.first_replay_seq, 2);
+    assert_eq!(data_seqs(&f[1..]), (2..=11).collect::<Vec<_>>());
+}
+
+/// A take-over or a RESUME starts a new connection afresh: an unacknowledged connection's
+/// backlog pause is lifted by the new one's ACKs or delivery checks, never left for ever.
+#[test]
+fn a_resume_after_a_backlog_pause_files_a_check() {
+    let cfg = small_ring();
+    let (mut s, mut r) = paused_by_a_full_ring(&cfg);
+    let c = s.delivery_check().unwrap();
+    s.on_delivery(true, c, &cfg, &mut r);
+    assert!(s.on_delivery(true, c + cfg.ack_wait_ms, &cfg, &mut r));
+    s.on_send_backlog(true, &mut r);
+    r.pods();
+    let mut old = Rec::default();
+    s.take_over(c + 300, &mut old);
+    s.resume(ResumeFrom::Unacknowledged, c + 300, &cfg, &mut r);
+    assert!(s.pod_paused() && !s.unacknowledged());
+    assert_eq!(s.delivery_check(), Some(c + 300 + cfg.ack_wait_ms));
+}
+
+/// The pod's PAUSE and CONTINUE of a session's input (POD-LINK.md §4) are remembered across
+/// connections; repeating one changes nothing.
+#[test]
+fn pod_input_pause_is_a_session_state() {
+    let cfg = SessionConfig::default();
+    let (mut s, mut r) = new_session(0, &cfg);
+    assert!(!s.input_paused());
+    assert!(s.on_pod_input(true));
+    assert!(!s.on_pod_input(true));
+    s.detach(1, &cfg, &mut r);
+    s.resume(ResumeFrom::Unacknowledged, 2, &cfg, &mut r);
+    assert!(s.input_paused());
+    assert!(s.on_pod_input(false));
+    assert!(!s.input_paused());
+    assert!(
+        !r.pods().contains(&Pod::Pause),
+        "input flow is not echoed to the pod"
+    );
 }

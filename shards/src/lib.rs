@@ -327,6 +327,12 @@ impl<M: Send + 'static> Ctx<'_, M> {
     pub fn send(&mut self, conn: ConnId, bytes: &[u8]) -> usize {
         self.core.send(conn, bytes)
     }
+    /// Output of `conn` the peer has not received yet: bytes still queued here plus bytes the
+    /// kernel has not sent or the peer's TCP has not acknowledged. `Some(0)` means everything
+    /// sent has reached the peer's socket. `None` for unknown/closed conns.
+    pub fn unsent(&self, conn: ConnId) -> Option<usize> {
+        self.core.unsent(conn)
+    }
     pub fn is_backpressured(&self, conn: ConnId) -> bool {
         self.core.is_backpressured(conn)
     }

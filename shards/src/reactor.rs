@@ -507,6 +507,14 @@ impl<M: Send + 'static> Core<M> {
         n
     }
 
+    /// Output not yet delivered to the peer: bytes in the conn's queue plus what the kernel
+    /// holds unsent or unacknowledged (`SIOCOUTQ`). `None` for unknown/closed conns.
+    pub fn unsent(&self, id: ConnId) -> Option<usize> {
+        let c = &self.conns[self.lookup(id)? as usize];
+        let queued = c.out.as_ref().map_or(0, |q| q.len());
+        Some(queued + sys::outq(c.fd).unwrap_or(0))
+    }
+
     pub fn is_backpressured(&self, id: ConnId) -> bool {
         self.lookup(id)
             .is_some_and(|idx| self.conns[idx as usize].flags & f::BP != 0)

@@ -178,6 +178,17 @@ pub(crate) fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
     sockaddr_to(&st)
 }
 
+/// Bytes the kernel still holds for a connected stream socket's peer: not yet sent plus sent but
+/// not yet acknowledged by the peer's TCP (`SIOCOUTQ`). `None` when the socket does not support
+/// it (e.g. a socket that is not connected, or an error).
+pub(crate) fn outq(fd: RawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one `int` through the pointer, which points at a
+    // live local of that type; no other memory is touched.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    (r == 0 && n >= 0).then_some(n as usize)
+}
+
 pub(crate) fn unspecified_addr() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
 }

@@ -34,7 +34,42 @@ struct Sess {
     closing: bool,
     /// Encoded messages held while paused.
     held: Vec<Vec<u8>>,
+    /// Bytes in `held`.
+    held_bytes: usize,
+    /// The agent asked to stop this session's input ([`Outbox::pause_input`]).
+    input_held_by_agent: bool,
+    /// Output held for a paused session passed [`HELD_INPUT_PAUSE`]: input stops too, since an
+    /// agent answering input (an echo, a REPL) would otherwise hold output without bound.
+    input_held_by_output: bool,
+    /// What we last told the daemon: PAUSE sent (and no CONTINUE since).
+    input_pause_sent: bool,
 }
+
+impl Sess {
+    fn hold(&mut self, buf: Vec<u8>, closing: bool) {
+        self.held_bytes += buf.len();
+        self.held.push(buf);
+        self.closing = closing;
+        if self.held_bytes > HELD_INPUT_PAUSE {
+            self.input_held_by_output = true;
+        }
+    }
+
+    /// The PAUSE or CONTINUE for this session's input that the daemon must now be sent, if
+    /// the wanted state changed (POD-LINK.md §4: pod → daemon PAUSE stops the client's input).
+    fn input_flow(&mut self) -> Option<Msg<'static>> {
+        let want = self.input_held_by_agent || self.input_held_by_output;
+        if self.closing || want == self.input_pause_sent {
+            return None;
+        }
+        self.input_pause_sent = want;
+        Some(if want { Msg::Pause } else { Msg::Continue })
+    }
+}
+
+/// Output held for a session the daemon has paused beyond which the SDK also PAUSEs that
+/// session's input; CONTINUE follows once the daemon's CONTINUE has flushed what was held.
+pub const HELD_INPUT_PAUSE: usize = 256 * 1024;
 
 struct State {
     link_open: bool,
@@ -134,6 +169,16 @@ impl Shared {
         let _ = self.to_writer(b);
     }
 
+    /// Sends the PAUSE or CONTINUE for `s`'s input that its state now calls for (state
+    /// locked). Control messages are never held: only DATA waits for the daemon's CONTINUE.
+    fn input_flow(&self, st: &mut State, s: SessionId) {
+        if let Some(m) = st.sessions.get_mut(&s).and_then(|x| x.input_flow()) {
+            let mut b = Vec::with_capacity(9);
+            encode(&mut b, s, &m);
+            let _ = self.enqueue(st, b);
+        }
+    }
+
     fn mark_link_closed(&self) {
         let mut st = self.lock();
         st.link_open = false;
@@ -205,8 +250,8 @@ impl Outbox {
             return Ok(());
         }
         if sess.paused {
-            sess.held.push(buf);
-            sess.closing = closing;
+            sess.hold(buf, closing);
+            self.shared.input_flow(&mut st, s);
             return Ok(());
         }
         // Back-pressure: wait while the socket is behind (the writer notifies as it drains).
@@ -232,9 +277,9 @@ impl Outbox {
         }
         if st.sessions.get(&s).is_some_and(|x| x.paused) {
             if let Some(sess) = st.sessions.get_mut(&s) {
-                sess.held.push(buf);
-                sess.closing = closing;
+                sess.hold(buf, closing);
             }
+            self.shared.input_flow(&mut st, s);
             return Ok(());
         }
         if closing {
@@ -285,6 +330,42 @@ impl Outbox {
         let mut buf = Vec::with_capacity(10);
         encode(&mut buf, s, &Msg::Close(reason));
         self.send_or_hold(s, buf, true)
+    }
+
+    /// Asks the daemon to stop sending input for `s` (PAUSE, pod → daemon; POD-LINK.md §4):
+    /// it stops reading that client, whose TCP then pushes back on it, until
+    /// [`Outbox::resume_input`]. Other sessions of the link are not affected. Input already in
+    /// flight still arrives (a few hundred KiB at most), so keep a queue that tolerates it —
+    /// [`input_queue`](super::input_queue) does all of this for you. Idempotent.
+    pub fn pause_input(&self, s: SessionId) -> io::Result<()> {
+        self.set_input_held(s, true)
+    }
+
+    /// Lets the daemon send input for `s` again (CONTINUE), after [`Outbox::pause_input`].
+    pub fn resume_input(&self, s: SessionId) -> io::Result<()> {
+        self.set_input_held(s, false)
+    }
+
+    fn set_input_held(&self, s: SessionId, held: bool) -> io::Result<()> {
+        let mut st = self.shared.lock();
+        if !st.link_open {
+            return Err(not_connected());
+        }
+        if let Some(x) = st.sessions.get_mut(&s) {
+            x.input_held_by_agent = held;
+            self.shared.input_flow(&mut st, s);
+        }
+        Ok(())
+    }
+
+    /// Whether `s`'s input is paused (by [`Outbox::pause_input`], or because output held for
+    /// it while the daemon has it paused passed [`HELD_INPUT_PAUSE`]).
+    pub fn is_input_paused(&self, s: SessionId) -> bool {
+        self.shared
+            .lock()
+            .sessions
+            .get(&s)
+            .is_some_and(|x| x.input_pause_sent)
     }
 
     /// Whether `s` is open on this link (opened, and closed by neither side).
@@ -625,6 +706,8 @@ fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
                     return;
                 };
                 x.paused = false;
+                x.held_bytes = 0;
+                x.input_held_by_output = false;
                 let closing = x.closing;
                 let held = std::mem::take(&mut x.held);
                 if closing {
@@ -633,6 +716,7 @@ fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
                 for m in held {
                     let _ = shared.enqueue(&mut st, m);
                 }
+                shared.input_flow(&mut st, s);
                 !closing
             };
             shared.cond.notify_all();

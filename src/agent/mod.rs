@@ -11,6 +11,10 @@
 //! * DATA bodies over 1 MiB are split;
 //! * DATA sent while the daemon has PAUSEd a session is held and flushed on CONTINUE, in order,
 //!   and [`Outbox::wait_sendable`] lets a producer thread block instead (back-pressure);
+//! * input has brakes too: once more than [`HELD_INPUT_PAUSE`] bytes of output are held for a
+//!   paused session, the SDK PAUSEs that session's input (pod → daemon) until the daemon's
+//!   CONTINUE, so an agent that answers input (an echo, a REPL) stays bounded; an agent that
+//!   feeds input to something slower uses [`input_queue`] ([`Outbox::pause_input`] by hand);
 //! * the link thread never blocks on the socket's write side: output goes through a per-link
 //!   writer thread, so a daemon that is busy writing to us cannot dead-lock the link;
 //! * malformed input closes the link with a warning, never a panic.
@@ -30,12 +34,14 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod input;
 mod link;
 mod listener;
 pub mod pty;
 mod signal;
 
-pub use link::{serve_link, Outbox};
+pub use input::{input_queue, InputReceiver, InputSender, INPUT_HARD_LIMIT, INPUT_HIGH, INPUT_LOW};
+pub use link::{serve_link, Outbox, HELD_INPUT_PAUSE};
 pub use listener::AgentListener;
 pub use signal::stop_on_signals;
 

@@ -7,14 +7,16 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use clawterm::agent::pty::{self, PtyMaster};
-use clawterm::agent::{Agent, AgentListener, CloseReason, OpenInfo, Outbox, SessionId};
-use crossbeam_channel::{Receiver, Sender};
+use clawterm::agent::{
+    input_queue, Agent, AgentListener, CloseReason, InputReceiver, InputSender, OpenInfo, Outbox,
+    SessionId,
+};
 
 /// The reference ClawTerm agent pod.
 ///
@@ -64,9 +66,9 @@ enum Mode {
     /// login shell. RESIZE sets the window size; PAUSE stops reading the terminal (so the
     /// program waits, nothing is lost); the shell keeps running while the client is away. The
     /// shell's exit closes the session; closing the session hangs up its terminal (SIGHUP to
-    /// every process of the terminal's session, then SIGKILL after 2 s). At most 1 MiB of
-    /// input waits for a program that is not reading its terminal; beyond that input for the
-    /// session is discarded and the session is told so.
+    /// every process of the terminal's session, then SIGKILL after 2 s). Input for a program
+    /// that is not reading its terminal waits in a bounded queue: past 256 KiB the session's
+    /// input is paused (the daemon stops reading that client) until the program catches up.
     ///
     /// The shell gets CLAW_TENANT, CLAW_AGENT, CLAW_SESSION and CLAW_PEER in its environment,
     /// and TERM=xterm-256color unless TERM is set.
@@ -81,8 +83,8 @@ enum Mode {
     ///
     /// Session input is the process's stdin; its stdout and stderr are both sent back; its exit
     /// closes the session. Closing the session kills the process group (SIGTERM, then SIGKILL
-    /// after 2 s). At most 1 MiB of input waits for a process that is not reading its stdin;
-    /// beyond that input for the session is discarded and the session is told so.
+    /// after 2 s). Input for a process that is not reading its stdin waits in a bounded
+    /// queue: past 256 KiB the session's input is paused until the process catches up.
     ///
     /// The process gets CLAW_TENANT, CLAW_AGENT, CLAW_SESSION and CLAW_PEER in its environment.
     ///
@@ -170,92 +172,6 @@ impl Agent for EchoAgent {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Session input, bounded
-
-/// Most input (bytes) queued for one session's program. The pod link gives a pod no way to
-/// push back on one session's input (PAUSE is daemon-to-pod only), and not reading the link
-/// would stall every other session on it (POD-LINK.md §4). So a program that does not read
-/// its input gets at most this much queued; further input for that session is discarded, and
-/// the session is told so once per episode (the queue draining below half ends an episode).
-const INPUT_LIMIT: usize = 1 << 20;
-
-/// What a session is told when its input starts being discarded.
-const INPUT_DISCARD_NOTICE: &[u8] =
-    b"\r\n[claw-agent: the program is not reading its input; input beyond 1 MiB is discarded]\r\n";
-
-/// The agent's end of a session's input queue (used on the link thread: never blocks).
-struct InputTx {
-    tx: Sender<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-    /// In a discard episode (the session has been told).
-    discarding: bool,
-    /// Bytes discarded in this episode.
-    discarded: u64,
-}
-
-/// The writer thread's end: [`InputRx::done`] after each chunk is written (or given up).
-struct InputRx {
-    rx: Receiver<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-}
-
-fn input_queue() -> (InputTx, InputRx) {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let queued = Arc::new(AtomicUsize::new(0));
-    (
-        InputTx {
-            tx,
-            queued: Arc::clone(&queued),
-            discarding: false,
-            discarded: 0,
-        },
-        InputRx { rx, queued },
-    )
-}
-
-impl InputTx {
-    /// Queues `bytes` for the program unless [`INPUT_LIMIT`] bytes already wait (a chunk is
-    /// always taken when nothing waits, so one large DATA message is never refused outright).
-    fn push(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
-        let queued = self.queued.load(Ordering::SeqCst);
-        if queued > 0 && queued.saturating_add(bytes.len()) > INPUT_LIMIT {
-            if !self.discarding {
-                self.discarding = true;
-                tracing::warn!(
-                    session = s,
-                    queued,
-                    "the program is not reading its input; discarding further input"
-                );
-                let _ = out.data(s, INPUT_DISCARD_NOTICE);
-            }
-            self.discarded = self.discarded.saturating_add(bytes.len() as u64);
-            return;
-        }
-        if self.discarding && queued <= INPUT_LIMIT / 2 {
-            tracing::info!(
-                session = s,
-                discarded = self.discarded,
-                "the program reads its input again"
-            );
-            self.discarding = false;
-            self.discarded = 0;
-        }
-        self.queued.fetch_add(bytes.len(), Ordering::SeqCst);
-        if self.tx.send(bytes.to_vec()).is_err() {
-            // The writer is gone (the program closed its input or exited).
-            self.queued.fetch_sub(bytes.len(), Ordering::SeqCst);
-        }
-    }
-}
-
-impl InputRx {
-    /// A chunk of `n` bytes left the queue.
-    fn done(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::SeqCst);
-    }
-}
-
 /// `exec`: one process per session, on pipes.
 struct ExecAgent {
     argv: Arc<Vec<OsString>>,
@@ -263,7 +179,7 @@ struct ExecAgent {
 }
 
 struct Proc {
-    stdin: InputTx,
+    stdin: InputSender,
     pgid: libc::pid_t,
     exited: Arc<AtomicBool>,
 }
@@ -322,14 +238,14 @@ impl ExecAgent {
         let exited = Arc::new(AtomicBool::new(false));
 
         // stdin: fed from DATA by its own thread, so a process that doesn't read can't stall
-        // the link.
-        // The queue is bounded (see INPUT_LIMIT).
-        let (tx, rx) = input_queue();
+        // the link. The queue is bounded: past INPUT_HIGH bytes the session's input is PAUSEd
+        // (the daemon stops reading that client) until the process has read it down.
+        let (tx, rx) = input_queue(s, out);
         if let Some(mut stdin) = child.stdin.take() {
             std::thread::Builder::new()
                 .name(format!("exec-{s}-stdin"))
                 .spawn(move || {
-                    for chunk in rx.rx.iter() {
+                    while let Some(chunk) = rx.recv() {
                         let written = stdin.write_all(&chunk);
                         rx.done(chunk.len());
                         if written.is_err() {
@@ -429,9 +345,9 @@ impl Agent for ExecAgent {
         }
     }
 
-    fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
+    fn data(&mut self, s: SessionId, bytes: &[u8], _out: &Outbox) {
         if let Some(p) = self.procs.get_mut(&s) {
-            p.stdin.push(s, bytes, out);
+            p.stdin.push(bytes);
         }
     }
 
@@ -487,7 +403,7 @@ struct ShellSession {
     /// as soon as the reader is done.
     master: Weak<PtyMaster>,
     /// Input for the writer thread (bounded, see [`INPUT_LIMIT`]).
-    input: InputTx,
+    input: InputSender,
     /// Dropping it tells the reader and the writer that the session is over.
     _stop: UnixStream,
     /// `true` once the shell has been reaped; signals to its pid are sent under this lock, so
@@ -672,8 +588,8 @@ fn shell_reader(
     }
 }
 
-/// Calls [`InputRx::done`] when dropped.
-struct Done<'a>(&'a InputRx, usize);
+/// Calls [`InputReceiver::done`] when dropped.
+struct Done<'a>(&'a InputReceiver, usize);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
@@ -685,7 +601,7 @@ impl Drop for Done<'_> {
 /// even if the program never reads). Ends with the session or with the reader.
 fn shell_writer(
     master: Weak<PtyMaster>,
-    input: InputRx,
+    input: InputReceiver,
     reader_gone: crossbeam_channel::Receiver<()>,
     stop: UnixStream,
     exit: UnixStream,
@@ -693,7 +609,7 @@ fn shell_writer(
     use std::os::fd::AsFd;
     loop {
         let chunk = crossbeam_channel::select! {
-            recv(input.rx) -> chunk => match chunk {
+            recv(input.channel()) -> chunk => match chunk {
                 Ok(chunk) => chunk,
                 Err(_) => return, // the session is over
             },
@@ -747,7 +663,7 @@ impl ShellAgent {
         let (stop_w, exit_w) = (stop_rx.try_clone()?, exit_rx.try_clone()?);
         let reaped = Arc::new(Mutex::new(false));
         let done = Arc::new(AtomicBool::new(false));
-        let (in_tx, in_rx) = input_queue();
+        let (in_tx, in_rx) = input_queue(s, out);
         let (child_tx, child_rx) = crossbeam_channel::bounded::<std::process::Child>(1);
         let (wm_tx, wm_rx) = crossbeam_channel::bounded::<Weak<PtyMaster>>(1);
         let (rm_tx, rm_rx) = crossbeam_channel::bounded::<Arc<PtyMaster>>(1);
@@ -860,9 +776,9 @@ impl Agent for ShellAgent {
         }
     }
 
-    fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
+    fn data(&mut self, s: SessionId, bytes: &[u8], _out: &Outbox) {
         if let Some(x) = self.sessions.get_mut(&s) {
-            x.input.push(s, bytes, out);
+            x.input.push(bytes);
         }
     }
 

@@ -89,6 +89,16 @@ struct Args {
     /// Largest accepted frame payload (1024 to 65535).
     #[arg(long, env = "CLAWTERM_MAX_PAYLOAD", default_value_t = 65535)]
     max_payload: usize,
+    /// Largest DATA payload sent (512 to 65535, and never above --max-payload): agent output
+    /// goes out in frames of at most this size. 16 KiB keeps v1 clients that compute `13 +
+    /// LEN` in 16 bits working and lets keystroke echoes of other sessions pass bulk output.
+    #[arg(long, env = "CLAWTERM_MAX_SEND_PAYLOAD", default_value_t = 16384)]
+    max_send_payload: usize,
+    /// Seconds an attached client that has received everything may leave it unacknowledged
+    /// while its agent waits, before its connection is paced by its send backlog instead of
+    /// ACKs (its ring then keeps the newest --ring-bytes). Applies with --overflow drop.
+    #[arg(long, env = "CLAWTERM_ACK_WAIT", default_value_t = 0.2)]
+    ack_wait: f64,
     /// Sessions per node (suspended ones count); beyond it CONNECT gets OVERLOADED.
     #[arg(long, env = "CLAWTERM_MAX_SESSIONS")]
     max_sessions: Option<usize>,
@@ -169,6 +179,15 @@ fn build_config(a: &Args) -> Result<ServerConfig, Bad> {
             format!(
                 "--max-payload must be from 1024 to 65535, got {}: pick a value in that range",
                 a.max_payload
+            ),
+        ));
+    }
+    if !(512..=65535).contains(&a.max_send_payload) {
+        return Err(bad(
+            &["max-send-payload"],
+            format!(
+                "--max-send-payload must be from 512 to 65535, got {}: pick a value in that range",
+                a.max_send_payload
             ),
         ));
     }
@@ -266,6 +285,8 @@ fn build_config(a: &Args) -> Result<ServerConfig, Bad> {
         session: SessionConfig {
             ring_bytes: a.ring_bytes,
             max_payload: a.max_payload,
+            send_payload: a.max_send_payload,
+            ack_wait_ms: secs("ack-wait", a.ack_wait)?,
             keepalive_ms: secs("keepalive", a.keepalive)?,
             idle_ms: secs("idle-timeout", a.idle_timeout)?,
             ttl_ms: secs("suspend-ttl", a.suspend_ttl)?,

@@ -62,6 +62,13 @@ pub struct ShardMetrics {
     pub quic_connections: AtomicU64,
     /// QUIC datagrams that reached this shard but belonged to another (no steering program).
     pub quic_forwarded: AtomicU64,
+    /// Attached connections found not to acknowledge (PROTOCOL.md §7.16).
+    pub unacked_connections: AtomicU64,
+    /// Frames dropped from replay rings unacknowledged, while attached / while suspended.
+    pub dropped_attached: AtomicU64,
+    pub dropped_suspended: AtomicU64,
+    /// Times a pod PAUSEd a session's input (POD-LINK.md §4).
+    pub input_pauses: AtomicU64,
     pub handshake: Histogram,
     pub resume: Histogram,
 }
@@ -222,6 +229,29 @@ impl Metrics {
             o,
             "clawterm_resumes_total{{kind=\"cross_shard\"}} {}",
             sum(&|s| s.resumes_cross_shard.load(Relaxed))
+        );
+        let _ = writeln!(o, "# HELP clawterm_unacked_connections_total Attached connections that received everything sent but did not acknowledge it while their agent waited (PROTOCOL.md 7.16): paced by their send backlog from then on.\n# TYPE clawterm_unacked_connections_total counter");
+        let _ = writeln!(
+            o,
+            "clawterm_unacked_connections_total {}",
+            sum(&|s| s.unacked_connections.load(Relaxed))
+        );
+        let _ = writeln!(o, "# HELP clawterm_ring_dropped_frames_total Frames dropped from replay rings before the client acknowledged them, by session state (the next RESUME asking for them gets GAP).\n# TYPE clawterm_ring_dropped_frames_total counter");
+        let _ = writeln!(
+            o,
+            "clawterm_ring_dropped_frames_total{{state=\"attached\"}} {}",
+            sum(&|s| s.dropped_attached.load(Relaxed))
+        );
+        let _ = writeln!(
+            o,
+            "clawterm_ring_dropped_frames_total{{state=\"suspended\"}} {}",
+            sum(&|s| s.dropped_suspended.load(Relaxed))
+        );
+        let _ = writeln!(o, "# HELP clawterm_input_pauses_total Times an agent pod PAUSEd a session's input (its client is not read until the pod's CONTINUE).\n# TYPE clawterm_input_pauses_total counter");
+        let _ = writeln!(
+            o,
+            "clawterm_input_pauses_total {}",
+            sum(&|s| s.input_pauses.load(Relaxed))
         );
         let _ = writeln!(o, "# HELP clawterm_replay_bytes_total Payload bytes replayed on resume.\n# TYPE clawterm_replay_bytes_total counter");
         let _ = writeln!(

@@ -599,6 +599,16 @@ impl QuicShard {
         left
     }
 
+    /// Bytes of a stream still queued here, not yet taken by the QUIC stack (its flow control
+    /// holds what the client has not made room for). `None` for an unknown stream.
+    pub fn unsent(&self, key: StreamKey) -> Option<usize> {
+        self.conns
+            .get(&(key.ch as usize))
+            .filter(|c| c.gen == key.gen)
+            .and_then(|c| c.streams.get(&key.stream))
+            .map(|s| s.queued())
+    }
+
     pub fn is_backpressured(&self, key: StreamKey) -> bool {
         self.conns
             .get(&(key.ch as usize))

@@ -16,7 +16,9 @@ use crate::proto::{
     Resume, CAP_RELIABLE, CAP_ROAM,
 };
 use crate::session::table::IdMap;
-use crate::session::{Clock, Flow, IdSpace, ResumeFrom, Session, SessionTable, Sink, State};
+use crate::session::{
+    Clock, Flow, FlowEvent, IdSpace, ResumeFrom, Session, SessionTable, Sink, State,
+};
 use shards::timer::Wheel;
 use shards::{ConnId, Ctx};
 use std::net::SocketAddr;
@@ -78,10 +80,12 @@ pub enum Client {
 }
 
 /// Where a session's effects are collected before they are sent.
-#[derive(Default)]
 struct Scratch {
     client: Vec<u8>,
     pod: Vec<u8>,
+    /// Where flow-control events are counted.
+    metrics: Arc<metrics::Metrics>,
+    shard: usize,
 }
 
 impl Sink for Scratch {
@@ -90,6 +94,14 @@ impl Sink for Scratch {
     }
     fn pod(&mut self, session_id: u32, msg: PodMsg<'_>) {
         podlink::encode(&mut self.pod, session_id, &msg);
+    }
+    fn flow(&mut self, ev: FlowEvent) {
+        let m = &self.metrics.shards[self.shard];
+        match ev {
+            FlowEvent::Unacknowledged => ShardMetrics::inc(&m.unacked_connections, 1),
+            FlowEvent::DroppedAttached(n) => ShardMetrics::inc(&m.dropped_attached, n.into()),
+            FlowEvent::DroppedSuspended(n) => ShardMetrics::inc(&m.dropped_suspended, n.into()),
+        }
     }
 }
 
@@ -177,6 +189,12 @@ impl ShardHandler {
             shared.cfg.conn_rate_per_ip,
             shared.cfg.max_auth_failures_per_ip,
         );
+        let scratch = Scratch {
+            client: Vec::new(),
+            pod: Vec::new(),
+            metrics: shared.metrics.clone(),
+            shard: index,
+        };
         ShardHandler {
             index,
             table: SessionTable::new(IdSpace::new(index, shared.cfg.shards)),
@@ -189,7 +207,7 @@ impl ShardHandler {
             fired: Vec::new(),
             next_wake: NO_WAKE,
             pending_handshakes: 0,
-            scratch: Scratch::default(),
+            scratch,
             plain: Vec::new(),
             tls_out: Vec::new(),
             limiter,
@@ -396,7 +414,7 @@ impl ShardHandler {
             if self.attached.get(&sid) == Some(&conn) {
                 let now = self.now(ctx);
                 if let Some(s) = self.table.get_mut(sid) {
-                    s.detach(now, &mut self.scratch);
+                    s.detach(now, &self.shared.cfg.session, &mut self.scratch);
                     let key = (s.tenant(), s.agent());
                     self.flush(ctx, None, key);
                 }
@@ -741,7 +759,7 @@ impl ShardHandler {
             Some(ConnState::Bound(sid)) => {
                 let now = self.now(ctx);
                 if let Some(s) = self.table.get_mut(sid) {
-                    let flow = s.fail(code, now, &mut self.scratch);
+                    let flow = s.fail(code, now, &self.shared.cfg.session, &mut self.scratch);
                     let key = (s.tenant(), s.agent());
                     self.flush(ctx, Some(conn), key);
                     self.apply_flow(ctx, sid, Some(conn), flow);
@@ -970,11 +988,15 @@ impl ShardHandler {
         self.attached.insert(sid, conn);
         self.flush(ctx, Some(conn), key);
         self.apply_flow(ctx, sid, Some(conn), flow);
-        if flow == Flow::Continue {
-            Next::Continue
-        } else {
-            Next::Stop
+        if flow != Flow::Continue {
+            return Next::Stop;
         }
+        if self.table.get(sid).is_some_and(|s| s.input_paused()) {
+            // The pod still holds this session's input: what follows waits (POD-LINK.md §4).
+            self.io_set_reading(ctx, conn, false);
+            return Next::Park;
+        }
+        Next::Continue
     }
 
     fn on_link_data(
@@ -1092,15 +1114,116 @@ impl ShardHandler {
                 Flow::Continue
             }
             PodMsg::Close(_) => s.on_agent_close(now, &mut self.scratch),
+            PodMsg::Pause | PodMsg::Continue => {
+                let pause = matches!(msg, PodMsg::Pause);
+                if s.on_pod_input(pause) {
+                    if pause {
+                        ShardMetrics::inc(&self.shared.metrics.shards[self.index].input_pauses, 1);
+                    }
+                    if let Some(c) = conn {
+                        self.set_client_reading(ctx, c, key, !pause);
+                    }
+                }
+                return true;
+            }
             _ => Flow::Continue,
         };
         self.flush(ctx, conn, key);
-        if flow == Flow::Continue && conn.is_some() {
-            // No re-arm needed for output: it only moves deadlines later.
-            return true;
+        if let Some(c) = conn {
+            self.check_backlog(ctx, sid, c, key);
         }
+        // Output can file an earlier deadline (a delivery check once the ring paused the agent).
         self.apply_flow(ctx, sid, conn, flow);
         true
+    }
+
+    /// Whether `conn`'s output waits in a send queue above its high watermark (`None` when that
+    /// cannot be known: a relayed stream).
+    fn backlogged(&self, ctx: &Ctx<'_, ShardMsg>, conn: Client) -> Option<bool> {
+        match conn {
+            Client::Tcp(id) => Some(ctx.is_backpressured(id)),
+            Client::Quic(k) => self.quic.as_ref().map(|q| q.is_backpressured(k)),
+            Client::Relay { .. } => None,
+        }
+    }
+
+    /// Whether everything sent on `conn` has reached the client (PROTOCOL.md §7.16): nothing
+    /// queued here and, on TCP, nothing unsent or unacknowledged in the kernel. A relayed
+    /// stream's delivery cannot be seen from here: never.
+    fn delivered(&self, ctx: &Ctx<'_, ShardMsg>, conn: Client) -> bool {
+        match conn {
+            Client::Tcp(id) => ctx.unsent(id) == Some(0),
+            Client::Quic(k) => self.quic.as_ref().is_some_and(|q| q.unsent(k) == Some(0)),
+            Client::Relay { .. } => false,
+        }
+    }
+
+    /// An unacknowledged connection's send backlog paces its agent (§7.16).
+    fn check_backlog(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        sid: u32,
+        conn: Client,
+        key: (u32, u32),
+    ) {
+        if !self.table.get(sid).is_some_and(|s| s.unacknowledged()) {
+            return;
+        }
+        let Some(b) = self.backlogged(ctx, conn) else {
+            return;
+        };
+        if let Some(s) = self.table.get_mut(sid) {
+            s.on_send_backlog(b, &mut self.scratch);
+            self.flush(ctx, None, key);
+        }
+    }
+
+    /// A client's send queue drained below its low watermark.
+    fn client_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+        if let Some(Conn {
+            state: ConnState::Bound(sid),
+            ..
+        }) = self.conns.get(&conn)
+        {
+            let sid = *sid;
+            if self.attached.get(&sid) == Some(&conn) {
+                if let Some(key) = self.table.get(sid).map(|s| (s.tenant(), s.agent())) {
+                    self.check_backlog(ctx, sid, conn, key);
+                }
+            }
+        }
+    }
+
+    /// Starts or stops reading a client for its pod's input flow control. Reading restarts
+    /// only when neither the pod (PAUSE) nor the link's backlog holds it, and input that waited
+    /// in the connection's buffer meanwhile is processed first.
+    fn set_client_reading(
+        &mut self,
+        ctx: &mut Ctx<'_, ShardMsg>,
+        conn: Client,
+        key: (u32, u32),
+        on: bool,
+    ) {
+        if !on {
+            self.io_set_reading(ctx, conn, false);
+            return;
+        }
+        if self
+            .links
+            .get(key)
+            .is_some_and(|l| l.paused_readers.contains(&conn))
+        {
+            return; // the link's backlog still holds it; `on_writable` of the link restarts it
+        }
+        self.io_set_reading(ctx, conn, true);
+        let buf = self
+            .conns
+            .get_mut(&conn)
+            .map(|c| std::mem::take(&mut c.inbuf))
+            .unwrap_or_default();
+        if !buf.is_empty() {
+            self.on_plaintext(ctx, conn, &buf);
+        }
     }
 
     /// The link to a pod broke (EOF, error, broken framing) or its socket disappeared: its
@@ -1304,9 +1427,25 @@ impl ShardHandler {
                         continue; // re-armed since; stale entry
                     }
                     s.armed = 0;
+                    let conn = self.attached.get(&sid).copied();
+                    if s.delivery_check().is_some_and(|d| d <= now) {
+                        let delivered = conn.is_some_and(|c| self.delivered(ctx, c));
+                        let Some(s) = self.table.get_mut(sid) else {
+                            continue;
+                        };
+                        if s.on_delivery(delivered, now, cfg, &mut self.scratch) {
+                            debug!(
+                                shard = self.index,
+                                session = sid,
+                                "client does not acknowledge; paced by its send backlog"
+                            );
+                        }
+                    }
+                    let Some(s) = self.table.get_mut(sid) else {
+                        continue;
+                    };
                     let flow = s.on_timer(now, cfg, &mut self.scratch);
                     let key = (s.tenant(), s.agent());
-                    let conn = self.attached.get(&sid).copied();
                     self.flush(ctx, conn, key);
                     self.apply_flow(ctx, sid, conn, flow);
                 }
@@ -1392,7 +1531,15 @@ impl ShardHandler {
     /// Reading resumes on the clients a link had paused.
     fn resume_readers(&mut self, ctx: &mut Ctx<'_, ShardMsg>, readers: Vec<Client>) {
         for c in readers {
-            if self.conns.contains_key(&c) {
+            let held_by_pod = match self.conns.get(&c) {
+                None => continue,
+                Some(Conn {
+                    state: ConnState::Bound(sid),
+                    ..
+                }) => self.table.get(*sid).is_some_and(|s| s.input_paused()),
+                Some(_) => false,
+            };
+            if !held_by_pod {
                 self.io_set_reading(ctx, c, true);
             }
         }
@@ -1488,7 +1635,11 @@ impl ShardHandler {
                     self.conn_lost(ctx, Client::Quic(key), false);
                 }
             }
-            QEvent::Writable(_) => {}
+            QEvent::Writable(key) => {
+                if !self.relays.contains_key(&key) {
+                    self.client_writable(ctx, Client::Quic(key));
+                }
+            }
         }
     }
 }
@@ -1657,6 +1808,8 @@ impl shards::Handler for ShardHandler {
 
     fn on_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
         let Some(key) = self.links.key_of(conn) else {
+            self.client_writable(ctx, Client::Tcp(conn));
+            self.quic_settle(ctx);
             return;
         };
         let readers = self

@@ -28,8 +28,15 @@ impl std::str::FromStr for Overflow {
 pub struct SessionConfig {
     /// Replay ring cap, in payload bytes (`--ring-bytes`).
     pub ring_bytes: usize,
-    /// Largest DATA payload sent or accepted (`--max-payload`).
+    /// Largest frame payload accepted (`--max-payload`); also bounds what is sent.
     pub max_payload: usize,
+    /// Largest DATA payload sent (`--max-send-payload`, default 16 KiB): agent output is split
+    /// into frames of at most this much (and never more than `max_payload`).
+    pub send_payload: usize,
+    /// How long an attached client that has received everything may leave it unacknowledged
+    /// while its agent is paused before the connection counts as unacknowledged
+    /// (`--ack-wait`; PROTOCOL.md §7.16).
+    pub ack_wait_ms: u64,
     /// Send a KEEPALIVE after this long without sending anything (`--keepalive`).
     pub keepalive_ms: u64,
     /// Close the connection after this long without receiving anything (`--idle-timeout`).
@@ -45,6 +52,8 @@ impl Default for SessionConfig {
         SessionConfig {
             ring_bytes: 256 * 1024,
             max_payload: 65535,
+            send_payload: Self::DEFAULT_SEND_PAYLOAD,
+            ack_wait_ms: 200,
             keepalive_ms: 30_000,
             idle_ms: 90_000,
             ttl_ms: 3_600_000,
@@ -54,6 +63,16 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
+    /// Default `--max-send-payload`: some v1 clients compute `13 + LEN` in 16 bits and fail
+    /// on frames with LEN ≥ 65523, and smaller frames let other sessions' frames interleave on
+    /// a shared link (PROTOCOL.md §7.17).
+    pub const DEFAULT_SEND_PAYLOAD: usize = 16 * 1024;
+
+    /// The largest DATA payload to send: `send_payload`, at most `max_payload`, at least 1.
+    pub fn send_payload(&self) -> usize {
+        self.send_payload.min(self.max_payload).max(1)
+    }
+
     /// Bound on ring payload while a client is attached (or with the pause policy): the agent
     /// is asked to PAUSE at `ring_bytes`; output it already had in flight (its write queue and
     /// the socket buffers) is still kept, up to this bound. Only an agent that ignores PAUSE

@@ -17,5 +17,5 @@ pub mod table;
 pub use clock::Clock;
 pub use config::{Overflow, SessionConfig};
 pub use ring::ReplayRing;
-pub use state::{Flow, ResumeFrom, Session, Sink, State};
+pub use state::{Flow, FlowEvent, ResumeFrom, Session, Sink, State};
 pub use table::{IdSpace, SessionTable};

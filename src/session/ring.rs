@@ -126,15 +126,24 @@ impl ReplayRing {
         cap: usize,
         mut on_drop: impl FnMut(u32),
     ) -> Dropped {
-        let mut dropped = Dropped::default();
         if payload.len() > cap {
-            dropped.frames = 1;
-            dropped.last_seq = seq;
             on_drop(seq);
             // The ring cannot hold it; everything older was still sent, so keep the rest.
-            return dropped;
+            return Dropped {
+                frames: 1,
+                last_seq: seq,
+            };
         }
-        while self.payload as usize + payload.len() > cap {
+        let dropped = self.trim_noting(cap - payload.len(), on_drop);
+        self.append_unbounded(seq, payload);
+        dropped
+    }
+
+    /// Drops the oldest records until at most `cap` payload bytes are held, calling `on_drop`
+    /// with each dropped SEQ, oldest first.
+    pub fn trim_noting(&mut self, cap: usize, mut on_drop: impl FnMut(u32)) -> Dropped {
+        let mut dropped = Dropped::default();
+        while self.payload as usize > cap {
             match self.pop_front() {
                 Some((s, _)) => {
                     dropped.frames += 1;
@@ -144,7 +153,6 @@ impl ReplayRing {
                 None => break,
             }
         }
-        self.append_unbounded(seq, payload);
         dropped
     }
 

@@ -19,6 +19,20 @@ pub trait Sink {
     fn client(&mut self) -> &mut Vec<u8>;
     /// Sends a pod-link message for this session to its agent.
     fn pod(&mut self, session_id: u32, msg: PodMsg<'_>);
+    /// A flow-control event worth counting (metrics); ignored unless overridden.
+    fn flow(&mut self, _ev: FlowEvent) {}
+}
+
+/// Flow-control events a [`Sink`] may count (PROTOCOL.md §7.16).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// The attached connection was found not to acknowledge what it had received: from now on
+    /// it is paced by its send backlog and its ring drops the oldest frames at its cap.
+    Unacknowledged,
+    /// Frames dropped from the ring unacknowledged while a client was attached.
+    DroppedAttached(u32),
+    /// Frames dropped from the ring while the session was suspended.
+    DroppedSuspended(u32),
 }
 
 /// Session states (§4).
@@ -54,12 +68,19 @@ pub enum ResumeFrom {
 }
 
 // Bits of `Session::flags`.
-const ACK_PENDING: u8 = 0x01;
-const HAS_DROPPED: u8 = 0x02;
-const POD_PAUSED: u8 = 0x04;
-const AGENT_CLOSED: u8 = 0x08;
-const HAS_ACKED: u8 = 0x10;
-const AGENT_GONE: u8 = 0x20;
+const ACK_PENDING: u16 = 0x01;
+const HAS_DROPPED: u16 = 0x02;
+const POD_PAUSED: u16 = 0x04;
+const AGENT_CLOSED: u16 = 0x08;
+const HAS_ACKED: u16 = 0x10;
+const AGENT_GONE: u16 = 0x20;
+/// The attached connection does not acknowledge: it is paced by its send backlog, and the ring
+/// drops its oldest frames at `ring_bytes` (PROTOCOL.md §7.16). Cleared with the connection.
+const UNACKED: u16 = 0x40;
+/// The pod PAUSEd this session's input: its client is not read until the pod's CONTINUE.
+const INPUT_PAUSED: u16 = 0x80;
+/// The last delivery check found everything sent delivered, and no ACK has come since.
+const DELIVERED: u16 = 0x100;
 
 /// One session. Kept small: this is what every idle session costs in the table.
 pub struct Session {
@@ -83,13 +104,16 @@ pub struct Session {
     conn_dropped: Option<Box<std::collections::VecDeque<u32>>>,
     caps: u8,
     state: State,
-    flags: u8,
+    flags: u16,
     resume_token: [u8; 16],
     ring: ReplayRing,
     /// Last time anything was received (attached), or the time of suspension (suspended).
     last_rx: u64,
     /// Last time anything was sent to the client.
     last_tx: u64,
+    /// Next delivery check while the agent is paused by a full ring and the client is attached
+    /// (0 = none): see [`Session::on_delivery`].
+    ack_check: u64,
     /// Deadline of the timer entry the owner filed last (0 = none); lets the owner ignore
     /// stale wheel entries.
     pub armed: u64,
@@ -135,6 +159,7 @@ impl Session {
             ring: ReplayRing::new(),
             last_rx: now,
             last_tx: now,
+            ack_check: 0,
             armed: 0,
         }
     }
@@ -177,6 +202,16 @@ impl Session {
     /// The agent has been asked to PAUSE.
     pub fn pod_paused(&self) -> bool {
         self.flags & POD_PAUSED != 0
+    }
+    /// The pod has PAUSEd this session's input (POD-LINK.md §4): its client should not be
+    /// read until the pod's CONTINUE.
+    pub fn input_paused(&self) -> bool {
+        self.flags & INPUT_PAUSED != 0
+    }
+    /// The attached connection is paced by its send backlog rather than by ACKs
+    /// (PROTOCOL.md §7.16).
+    pub fn unacknowledged(&self) -> bool {
+        self.flags & UNACKED != 0
     }
     /// The agent closed the session (output may still wait in the ring for the client).
     pub fn agent_closed(&self) -> bool {
@@ -231,12 +266,18 @@ impl Session {
 
     /// Sends an ERROR on the attached connection and suspends the session (§6: bad input never
     /// costs data). Returns [`Flow::Suspend`].
-    pub fn fail(&mut self, code: ErrorCode, now: u64, sink: &mut impl Sink) -> Flow {
+    pub fn fail(
+        &mut self,
+        code: ErrorCode,
+        now: u64,
+        cfg: &SessionConfig,
+        sink: &mut impl Sink,
+    ) -> Flow {
         if self.state == State::Attached {
             self.send(FrameType::Error, 0, now, sink, |o| {
                 ErrorFrame::encode_parts(code, code.message(), o)
             });
-            self.detach(now, sink);
+            self.detach(now, cfg, sink);
         }
         Flow::Suspend
     }
@@ -253,7 +294,7 @@ impl Session {
             return Flow::Suspend;
         }
         if f.session_id != self.id {
-            return self.fail(ErrorCode::ProtocolViolation, now, sink);
+            return self.fail(ErrorCode::ProtocolViolation, now, cfg, sink);
         }
         match f.ty {
             FrameType::Data => {
@@ -271,7 +312,7 @@ impl Session {
                     self.on_ack(ack, cfg, sink);
                     Flow::Continue
                 }
-                Err(e) => self.fail(e.code, now, sink),
+                Err(e) => self.fail(e.code, now, cfg, sink),
             },
             FrameType::Resize => match Resize::parse(f.payload) {
                 Ok(r) => {
@@ -285,7 +326,7 @@ impl Session {
                     );
                     Flow::Continue
                 }
-                Err(e) => self.fail(e.code, now, sink),
+                Err(e) => self.fail(e.code, now, cfg, sink),
             },
             FrameType::Keepalive | FrameType::Nack | FrameType::Unknown(_) => {
                 // Never answer a KEEPALIVE with a KEEPALIVE; NACK is reserved; unknown types are
@@ -294,7 +335,7 @@ impl Session {
                 Flow::Continue
             }
             FrameType::Suspend => {
-                self.detach(now, sink);
+                self.detach(now, cfg, sink);
                 Flow::Suspend
             }
             FrameType::Disconnect => {
@@ -306,7 +347,7 @@ impl Session {
             | FrameType::Accept
             | FrameType::Resumed
             | FrameType::Roam
-            | FrameType::Error => self.fail(ErrorCode::ProtocolViolation, now, sink),
+            | FrameType::Error => self.fail(ErrorCode::ProtocolViolation, now, cfg, sink),
         }
     }
 
@@ -322,6 +363,8 @@ impl Session {
     }
 
     fn on_ack(&mut self, ack: Ack, cfg: &SessionConfig, sink: &mut impl Sink) {
+        // The client acknowledges: a delivery check waits a full ACK_WAIT again.
+        self.flags &= !DELIVERED;
         match ack {
             Ack::Empty => {
                 let dropped = self.conn_dropped.as_mut().and_then(|q| q.pop_front());
@@ -368,17 +411,27 @@ impl Session {
         self.flags |= HAS_ACKED;
     }
 
+    /// CONTINUE once ACKs have drained the ring below half (a ring pause; an unacknowledging
+    /// connection's pause is lifted by its send backlog instead).
     fn maybe_continue(&mut self, cfg: &SessionConfig, sink: &mut impl Sink) {
-        if self.flags & POD_PAUSED != 0 && self.ring.payload_bytes() < cfg.ring_bytes / 2 {
-            self.flags &= !POD_PAUSED;
+        if self.flags & (POD_PAUSED | UNACKED) == POD_PAUSED
+            && self.ring.payload_bytes() < cfg.ring_bytes / 2
+        {
+            self.flags &= !(POD_PAUSED | DELIVERED);
+            self.ack_check = 0;
             sink.pod(self.id, PodMsg::Continue);
         }
     }
 
-    fn note_dropped(&mut self, d: super::ring::Dropped) {
+    fn note_dropped(&mut self, d: super::ring::Dropped, sink: &mut impl Sink) {
         if d.frames == 0 {
             return;
         }
+        sink.flow(if self.state == State::Attached {
+            FlowEvent::DroppedAttached(d.frames)
+        } else {
+            FlowEvent::DroppedSuspended(d.frames)
+        });
         if self.flags & HAS_DROPPED == 0 || seq::gt(d.last_seq, self.dropped_through) {
             self.dropped_through = d.last_seq;
         }
@@ -398,15 +451,21 @@ impl Session {
             return;
         }
         let attached = self.state == State::Attached;
-        // Attached clients and the pause policy never lose data to the soft cap: the agent is
-        // paused instead, and only output past the hard cap (an agent ignoring PAUSE) is dropped.
-        let lossless = attached || cfg.overflow == Overflow::Pause;
+        // Acknowledging clients and the pause policy never lose data to the soft cap: the agent
+        // is paused instead, and only output past the hard cap (an agent ignoring PAUSE) is
+        // dropped. A connection that does not acknowledge (§7.16) keeps the newest `ring_bytes`
+        // like a suspended session; its send backlog paces the agent.
+        let lossless = if attached {
+            self.flags & UNACKED == 0
+        } else {
+            cfg.overflow == Overflow::Pause
+        };
         let cap = if lossless {
             cfg.hard_ring_bytes()
         } else {
             cfg.ring_bytes
         };
-        for piece in data.chunks(cfg.max_payload.max(1)) {
+        for piece in data.chunks(cfg.send_payload()) {
             let s = self.take_seq();
             let d = if attached {
                 // Frames the client was sent: empty ACKs still count them (§2.5).
@@ -417,7 +476,7 @@ impl Session {
             } else {
                 self.ring.push(s, piece, cap)
             };
-            self.note_dropped(d);
+            self.note_dropped(d, sink);
             if attached {
                 encode_with(sink.client(), self.id, s, FrameType::Data, 0, |o| {
                     o.extend_from_slice(piece)
@@ -428,7 +487,108 @@ impl Session {
         if lossless && self.flags & POD_PAUSED == 0 && self.ring.payload_bytes() >= cfg.ring_bytes {
             self.flags |= POD_PAUSED;
             sink.pod(self.id, PodMsg::Pause);
+            self.arm_delivery_check(now, cfg);
         }
+    }
+
+    /// Under `--overflow drop`, an attached client whose full ring paused the agent is checked
+    /// every `ack_wait_ms` until it acknowledges or turns out not to (§7.16).
+    fn arm_delivery_check(&mut self, now: u64, cfg: &SessionConfig) {
+        if self.state == State::Attached
+            && self.flags & (POD_PAUSED | UNACKED) == POD_PAUSED
+            && cfg.overflow == Overflow::Drop
+        {
+            self.flags &= !DELIVERED;
+            self.ack_check = now + cfg.ack_wait_ms.max(1);
+        }
+    }
+
+    /// When the owner should next call [`Session::on_delivery`] (`None`: no check pending).
+    pub fn delivery_check(&self) -> Option<u64> {
+        (self.ack_check != 0).then_some(self.ack_check)
+    }
+
+    /// A delivery check (PROTOCOL.md §7.16), due at [`Session::delivery_check`]: `delivered`
+    /// says whether the attached connection has taken everything it was sent (nothing queued in
+    /// the server, nothing unsent or unacknowledged in the kernel). Two checks `ack_wait_ms`
+    /// apart that both find everything delivered, with no ACK in between, mean the client reads
+    /// but does not acknowledge (or acknowledges too lazily for the ring): the connection turns
+    /// *unacknowledged* for the rest of its life, the ring keeps its newest `ring_bytes`, the
+    /// agent gets CONTINUE, and from then on the connection's send backlog paces the agent
+    /// ([`Session::on_send_backlog`]). Returns true when that switch happened.
+    pub fn on_delivery(
+        &mut self,
+        delivered: bool,
+        now: u64,
+        cfg: &SessionConfig,
+        sink: &mut impl Sink,
+    ) -> bool {
+        if self.ack_check == 0 || now < self.ack_check {
+            return false;
+        }
+        let waiting = self.state == State::Attached
+            && self.flags & (POD_PAUSED | UNACKED) == POD_PAUSED
+            && cfg.overflow == Overflow::Drop;
+        if !waiting {
+            self.ack_check = 0;
+            self.flags &= !DELIVERED;
+            return false;
+        }
+        self.ack_check = now + cfg.ack_wait_ms.max(1);
+        if !delivered {
+            self.flags &= !DELIVERED;
+            return false;
+        }
+        if self.flags & DELIVERED == 0 {
+            self.flags |= DELIVERED;
+            return false;
+        }
+        self.flags = (self.flags | UNACKED) & !(DELIVERED | POD_PAUSED);
+        self.ack_check = 0;
+        sink.flow(FlowEvent::Unacknowledged);
+        let q = &mut self.conn_dropped;
+        let d = self.ring.trim_noting(cfg.ring_bytes, |seq| {
+            q.get_or_insert_with(Default::default).push_back(seq)
+        });
+        self.note_dropped(d, sink);
+        sink.pod(self.id, PodMsg::Continue);
+        true
+    }
+
+    /// The send backlog of an unacknowledged connection (§7.16) went over the runtime's high
+    /// watermark (`backlogged`) or drained below its low one: PAUSE or CONTINUE the agent. No
+    /// effect on acknowledging connections, whose ACKs pace the agent.
+    pub fn on_send_backlog(&mut self, backlogged: bool, sink: &mut impl Sink) {
+        if self.state != State::Attached || self.flags & UNACKED == 0 {
+            return;
+        }
+        let paused = self.flags & POD_PAUSED != 0;
+        if backlogged && !paused {
+            self.flags |= POD_PAUSED;
+            sink.pod(self.id, PodMsg::Pause);
+        } else if !backlogged && paused {
+            self.flags &= !POD_PAUSED;
+            sink.pod(self.id, PodMsg::Continue);
+        }
+    }
+
+    /// The pod PAUSEd (`true`) or CONTINUEd this session's input (POD-LINK.md §4). Returns
+    /// whether that changed anything; the owner stops or restarts reading the client.
+    pub fn on_pod_input(&mut self, paused: bool) -> bool {
+        let was = self.flags & INPUT_PAUSED != 0;
+        if paused {
+            self.flags |= INPUT_PAUSED;
+        } else {
+            self.flags &= !INPUT_PAUSED;
+        }
+        was != paused
+    }
+
+    /// Forgets what belonged to the connection that is going away.
+    fn forget_connection(&mut self) {
+        self.flags &= !(ACK_PENDING | UNACKED | DELIVERED);
+        self.conn_dropped = None;
+        self.ack_check = 0;
     }
 
     /// The agent closed the session. Attached: DISCONNECT follows the output already written,
@@ -489,16 +649,23 @@ impl Session {
 
     /// The connection is gone (EOF, reset, error, idle timeout, broken framing, SUSPEND): the
     /// session is SUSPENDED and the agent told DETACHED.
-    pub fn detach(&mut self, now: u64, sink: &mut impl Sink) {
+    ///
+    /// Under `--overflow drop` nothing blocks the agent while the client is away: a session
+    /// paused while attached (its client stopped reading or acknowledging) gets CONTINUE right
+    /// after DETACHED, and from then on its ring drops its oldest frames (POD-LINK.md §4).
+    pub fn detach(&mut self, now: u64, cfg: &SessionConfig, sink: &mut impl Sink) {
         if self.state != State::Attached {
             return;
         }
         self.state = State::Suspended;
         self.last_rx = now;
-        self.flags &= !ACK_PENDING;
-        self.conn_dropped = None;
+        self.forget_connection();
         if !self.agent_closed() {
             sink.pod(self.id, PodMsg::Detached);
+            if cfg.overflow == Overflow::Drop && self.flags & POD_PAUSED != 0 {
+                self.flags &= !POD_PAUSED;
+                sink.pod(self.id, PodMsg::Continue);
+            }
         }
     }
 
@@ -514,8 +681,7 @@ impl Session {
             self.send(FrameType::Error, 0, now, old, |o| {
                 ErrorFrame::encode_parts(code, code.message(), o)
             });
-            self.conn_dropped = None;
-            self.flags &= !ACK_PENDING;
+            self.forget_connection();
         }
     }
 
@@ -568,7 +734,7 @@ impl Session {
         let first_replay_seq = self.ring.front_seq().unwrap_or(0);
         self.state = State::Attached;
         self.last_rx = now;
-        self.conn_dropped = None;
+        self.forget_connection();
         let resumed = Resumed {
             session_id: self.id,
             last_client_seq: self.last_client_seq,
@@ -605,6 +771,10 @@ impl Session {
             self.flags |= POD_PAUSED;
             sink.pod(self.id, PodMsg::Pause);
         }
+        // Paused on an earlier connection (a take-over, or an unacknowledged connection's
+        // backlog): this one's ACKs, or its delivery checks, lift the pause.
+        self.maybe_continue(cfg, sink);
+        self.arm_delivery_check(now, cfg);
         Flow::Continue
     }
 
@@ -612,7 +782,11 @@ impl Session {
     pub fn next_deadline(&self, cfg: &SessionConfig) -> Option<u64> {
         match self.state {
             State::Attached => {
-                Some((self.last_tx + cfg.keepalive_ms).min(self.last_rx + cfg.idle_ms))
+                let d = (self.last_tx + cfg.keepalive_ms).min(self.last_rx + cfg.idle_ms);
+                Some(match self.delivery_check() {
+                    Some(c) => d.min(c),
+                    None => d,
+                })
             }
             State::Suspended => Some(self.last_rx + cfg.ttl_ms),
             State::Closed => None,
@@ -624,7 +798,7 @@ impl Session {
         match self.state {
             State::Attached => {
                 if now >= self.last_rx + cfg.idle_ms {
-                    self.detach(now, sink);
+                    self.detach(now, cfg, sink);
                     return Flow::Suspend;
                 }
                 if now >= self.last_tx + cfg.keepalive_ms {
