@@ -313,7 +313,8 @@ impl Client {
         Client::from_stream(stream)
     }
 
-    fn from_stream(stream: TcpStream) -> Client {
+    /// A client on a connection the test made itself.
+    pub fn from_stream(stream: TcpStream) -> Client {
         set_client_opts(&stream, TIMEOUT);
         Client {
             stream,
@@ -757,6 +758,11 @@ impl Client {
         );
     }
 
+    /// Takes the connection out (e.g. to reset it with `harness::reset`).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Closes the socket abruptly (no SUSPEND).
     pub fn drop_abruptly(self) {
         let _ = self.stream.shutdown(Shutdown::Both);
@@ -801,6 +807,12 @@ impl AgentProc {
             a.socket.display()
         );
         a
+    }
+}
+
+impl AgentProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -563,6 +563,57 @@ pub fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream
     }
 }
 
+/// A TCP connection whose receive buffer is set to `rcvbuf` bytes before it connects (so the
+/// kernel cannot absorb more than that for a client that does not read).
+pub fn connect_with_rcvbuf(dst: SocketAddr, rcvbuf: i32) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(dst) = dst else {
+        panic!("IPv4 only")
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let da = sockaddr_in(dst);
+    // SAFETY: plain socket syscalls on a fresh fd that is handed to TcpStream at once (which
+    // closes it on failure); the option value and the sockaddr live on the stack for the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let v: libc::c_int = rcvbuf;
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+            || libc::connect(fd, &da as *const _ as *const libc::sockaddr, len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// Closes `stream` with a TCP reset (SO_LINGER 0): the abrupt loss of a client.
+pub fn reset(stream: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a descriptor the stream owns, with a linger struct on the stack.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
 /// A loopback listener with the given accept-queue length (`listen(fd, backlog)`).
 pub fn listener_with_backlog(backlog: i32) -> TcpListener {
     let a = sockaddr_in(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
