@@ -127,6 +127,10 @@ def summarize(kind, d, srv_cpu=None, lg_cpu=None):
                  cross_port_first_replay_us=lat("cross_port_first_replay_us"),
                  shard_split={k: v for k, v in (d.get("shard_split") or {}).items() if k != "method"},
                  predicted_owner_shards=d.get("predicted_owner_shards"))
+    elif kind == "bulk":
+        s.update(mb_s=d.get("bulk_mb_s"), bulk_sessions=d.get("bulk_sessions"),
+                 probe_sessions=d.get("probe_sessions"),
+                 probe_rtt_us={q: pick(d, "probe_rtt_us", q) for q in ("p50", "p90", "p99", "max")})
     if d.get("transport") not in (None, "tcp"):
         s["transport"] = d.get("transport")
     return s
@@ -188,6 +192,23 @@ def record(a):
         res[k] = sm(k, k)
     res["tls"] = {"idle": sm("idle", "tls.idle")}
     res["quic"] = {k: sm(k, f"quic.{k}") for k in ("idle", "echo")}
+    # Frame size: bulk output next to keystroke echoes, --max-send-payload 16384 vs 65535, the
+    # median rep (by bulk throughput) of each, with every rep's figures alongside.
+    bulk = {}
+    for fs in ("16384", "65535"):
+        reps_fs, n = [], 1
+        while os.path.exists(os.path.join(a.run_dir, f"bulk.{fs}.{n}.json")):
+            reps_fs.append(sm("bulk", f"bulk.{fs}.{n}"))
+            n += 1
+        ok = sorted((r for r in reps_fs if isinstance(r.get("mb_s"), (int, float))),
+                    key=lambda r: r["mb_s"])
+        if ok:
+            m = dict(ok[(len(ok) - 1) // 2])
+            m["mb_s_reps"] = [r.get("mb_s") for r in reps_fs]
+            m["probe_p99_reps"] = [pick(r, "probe_rtt_us", "p99") for r in reps_fs]
+            bulk[fs] = m
+    if bulk:
+        res["bulk"] = bulk
 
     g = lambda *k: pick(res, *k)
     ratios = {}
@@ -439,6 +460,11 @@ def profile_section(profile, runs):
            ("uring/epoll per server-core second", G("ratios", "uring_over_epoll", "echo_closed_per_server_core_second")),
            ("uring/epoll echo p99", G("ratios", "uring_over_epoll", "echo_p99"))]
     charts.append(chart("uring / epoll ratios", runs, ser))
+    ser = [(f"{fs} B frames {q}", G("results", "bulk", fs, "probe_rtt_us", q))
+           for fs in ("16384", "65535") for q in ("p50", "p99")]
+    charts.append(chart("Keystroke echo next to bulk output, by DATA frame size (µs, log)", runs, ser, log=True))
+    charts.append(chart("Bulk output next to keystroke echoes, by DATA frame size (MB/s)", runs,
+                        [(f"{fs} B frames", G("results", "bulk", fs, "mb_s")) for fs in ("16384", "65535")]))
     ser = []
     for io in ios:
         ser += [(f"{io}/raw closed-loop rate", G("ratios", f"{io}_over_raw", "echo_closed_rate")),

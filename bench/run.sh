@@ -47,10 +47,10 @@ ACK_DELAY=1000
 case "$PROFILE" in
   smoke) IDLE_N=500;   ECHO_N=500;   ECHO_RATE=5000;  CLOSED_N=500;  RESUME_N=500;   DUR=3;  CONN_INFLIGHT=64
          RESUME_RATE=2000; TLS_N=200;   QUIC_N=200;  QUIC_ECHO_N=100;  QUIC_ECHO_RATE=1000; TQ_DUR=2
-         CLOSED_REPS=2 ;;
+         CLOSED_REPS=2; BULK_PROBES=4 ;;
   full)  IDLE_N=19000; ECHO_N=10000; ECHO_RATE=50000; CLOSED_N=10000; RESUME_N=10000; DUR=15; CONN_INFLIGHT=64
          RESUME_RATE=2000; TLS_N=10000; QUIC_N=5000; QUIC_ECHO_N=1000; QUIC_ECHO_RATE=5000; TQ_DUR=10
-         CLOSED_REPS=3 ;;
+         CLOSED_REPS=3; BULK_PROBES=8 ;;
   *) echo "bench/run.sh: --profile must be smoke or full" >&2; exit 2 ;;
 esac
 
@@ -133,7 +133,9 @@ start_server() {
   # The whole process on the server CPU (SRV_PIN), as the DaemonSet's cpuset confines it.
   # (Before 2026-11-30 20:00, `--shards 2 --cpus 0` left both shards unpinned, so without this
   # they floated onto loadgen's CPU: a paced cross-shard resume cost +60-77 µs, not +13-21.)
-  "${SRV_PIN[@]}" "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" "${secargs[@]}" \
+  # SRV_EXTRA (environment): more clawtermd options for this server (e.g. --max-send-payload).
+  # shellcheck disable=SC2086
+  "${SRV_PIN[@]}" "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" "${secargs[@]}" ${SRV_EXTRA:-} \
     --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
     >"$d/clawtermd.log" 2>&1 &
   SRV_PID=$!
@@ -231,6 +233,15 @@ done
 SEC=tls scenario "tls.idle" "$first_io" idle --sessions "$TLS_N" --duration "$TQ_DUR"
 SEC=quic scenario "quic.idle" "$first_io" idle --sessions "$QUIC_N" --duration "$TQ_DUR"
 SEC=quic scenario "quic.echo" "$first_io" echo --sessions "$QUIC_ECHO_N" --rate "$QUIC_ECHO_RATE" --duration "$TQ_DUR" --warmup 1 --ack-delay "$ACK_DELAY"
+
+# Frame size (PROTOCOL.md 7.17): keystroke echoes of BULK_PROBES sessions next to 2 sessions of
+# bulk output (60,000-byte echoes, 4 in flight each), with outgoing DATA cut at 16 KiB (the
+# default) and at 65,535 bytes; the two take turns, CLOSED_REPS times each.
+for rep in $(seq 1 "$CLOSED_REPS"); do
+  for fs in 16384 65535; do
+    SRV_EXTRA="--max-send-payload $fs" scenario "bulk.$fs.$rep" "$first_io" bulk --sessions "$BULK_PROBES" --bulk 2 --duration "$TQ_DUR" --warmup 1
+  done
+done
 
 # Raw TCP echo baseline: same client, same session count and rate, no protocol, one core.
 mkdir -p "$RUN_DIR/raw"

@@ -19,6 +19,7 @@
 //! Exit status: 0 when the scenario worked functionally (no errors, every session
 //! established), 1 when it did not, 2 for bad usage.
 
+mod bulk;
 mod quic;
 mod raw_server;
 mod sys;
@@ -63,8 +64,10 @@ const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
 [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic] [--ca PEM | --pin SHA256] \
-[--server-name NAME] [--resume-rate R] [--open-rate R]
-  SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo
+[--server-name NAME] [--resume-rate R] [--open-rate R] [--bulk B] [--bulk-bytes N]
+  SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo | bulk
+    bulk: B sessions keep 4 messages of N bytes (default 60000) in flight through the echo
+          agent while --sessions probes time a 32-byte echo every 20 ms (plaintext TCP)
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
        loadgen self-signed-cert DIR";
 
@@ -107,6 +110,10 @@ pub struct Opts {
     pub pin: Option<[u8; 32]>,
     /// Name to verify the server's certificate against (default: the target's address).
     pub server_name: Option<String>,
+    /// Bulk: sessions that keep bulk output flowing (`--sessions` are the probes).
+    pub bulk: usize,
+    /// Bulk: bytes of each bulk message.
+    pub bulk_bytes: usize,
 }
 
 fn parse_args(args: &[String]) -> Result<Opts, String> {
@@ -120,6 +127,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         "resume-cross",
         "raw-echo",
         "raw-echo-server",
+        "bulk",
     ];
     if scenario == "-h" || scenario == "--help" {
         println!("{USAGE}");
@@ -156,6 +164,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         ca: None,
         server_name: None,
         pin: None,
+        bulk: 2,
+        bulk_bytes: 60_000,
     };
     let mut have_target = false;
     while let Some(a) = it.next() {
@@ -241,6 +251,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--open-rate" => o.open_rate = rate("--open-rate", &val()?)?,
             "--resume-rate" => o.resume_rate = rate("--resume-rate", &val()?)?,
             "--server-name" => o.server_name = Some(val()?),
+            "--bulk" => o.bulk = num(&val()?)?,
+            "--bulk-bytes" => o.bulk_bytes = num::<usize>(&val()?)?.clamp(1, 1 << 20),
             "--bind" => o.bind = val()?,
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -248,8 +260,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
     if !have_target && o.scenario != "raw-echo-server" {
         return Err("--target HOST:PORT is required".into());
     }
-    if o.transport != Transport::Tcp && o.scenario == "raw-echo" {
-        return Err("raw-echo is plaintext TCP only".into());
+    if o.transport != Transport::Tcp && (o.scenario == "raw-echo" || o.scenario == "bulk") {
+        return Err(format!("{} is plaintext TCP only", o.scenario));
     }
     if o.transport == Transport::Quic && o.scenario == "resume-cross" {
         // Over QUIC the shard a connection lands on follows its connection ids, not its
@@ -1049,6 +1061,8 @@ fn main() {
     };
     let code = if o.scenario == "raw-echo-server" {
         raw_server::run(&o)
+    } else if o.scenario == "bulk" {
+        bulk::run(&o)
     } else if let Some(w) = o.worker {
         worker::run(&o, w)
     } else {

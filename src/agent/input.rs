@@ -11,7 +11,7 @@
 //! # use clawterm::agent::{input_queue, Outbox, SessionId};
 //! # fn f(s: SessionId, out: &Outbox, mut stdin: std::process::ChildStdin) {
 //! use std::io::Write;
-//! let (tx, rx) = input_queue(s, out);
+//! let (mut tx, rx) = input_queue(s, out);
 //! std::thread::spawn(move || {
 //!     while let Some(chunk) = rx.recv() {
 //!         let _ = stdin.write_all(&chunk);
