@@ -468,3 +468,71 @@ fn outgoing_data_frames_are_at_most_max_send_payload() {
         assert_eq!(f.payload, big, "one frame of 60,000 bytes");
     });
 }
+
+// 6 -------------------------------------------------------------------------------------------
+
+/// A pod that PAUSEd a session's input and then died takes its PAUSE with it: once a new pod
+/// is back (REOPEN), the client's input flows again.
+#[test]
+fn an_input_pause_ends_with_the_pod_that_sent_it() {
+    for_each_backend(|cfg| {
+        let env = Env::start(cfg, &[]);
+        let stuck = env.extra_agent(4, &["exec", "--", "sleep", "100"]);
+        let mut c = env.client();
+        c.send_connect_payload(&connect_payload(1, 0x01, TENANT, 4, &TOKEN));
+        assert_eq!(c.recv_frame().typ, ACCEPT);
+        let sid = c.sid;
+        // Flood until TCP holds the client back (the pod PAUSEd the input). Written by hand so
+        // that the part of the last frame the kernel did not take is known.
+        let mut w = c.stream().try_clone().unwrap();
+        w.set_write_timeout(Some(ms(1000))).unwrap();
+        let payload = vec![b'i'; 16 * 1024];
+        let mut seq = c.tx_seq;
+        let mut rest = Vec::new();
+        'flood: for _ in 0..16_384 {
+            seq += 1;
+            let frame = encode(sid, seq, DATA, 0, &payload);
+            let mut at = 0;
+            while at < frame.len() {
+                match w.write(&frame[at..]) {
+                    Ok(n) => at += n,
+                    Err(_) => {
+                        rest = frame[at..].to_vec();
+                        break 'flood;
+                    }
+                }
+            }
+        }
+        assert!(!rest.is_empty(), "the input was never paused");
+        // The pod dies; an echo pod takes its place within the grace period.
+        drop(stuck);
+        let echo = env.extra_agent(4, &["echo"]);
+        // The rest of the frame that was cut, then a marker: the echo pod returns both.
+        let marker = b"marker after the pod came back";
+        let writer = std::thread::spawn(move || {
+            w.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            rest.extend(encode(sid, seq + 1, DATA, 0, marker));
+            w.write_all(&rest).is_ok()
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut tail = Vec::new();
+        loop {
+            assert!(Instant::now() < deadline, "input never flowed again");
+            match c.recv_event(ms(500)) {
+                Event::Frame(f) if f.typ == DATA => {
+                    tail.extend_from_slice(&f.payload);
+                    if harness::contains(&tail, marker) {
+                        break;
+                    }
+                    if tail.len() > 64 {
+                        tail.drain(..tail.len() - 64);
+                    }
+                }
+                Event::Frame(_) | Event::Timeout => {}
+                Event::Closed => panic!("connection closed"),
+            }
+        }
+        assert!(writer.join().unwrap(), "the marker could not be written");
+        drop(echo);
+    });
+}

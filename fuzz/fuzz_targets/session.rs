@@ -148,6 +148,9 @@ enum Kind {
     Resume,
     AgentData,
     ClientFrame,
+    /// A delivery check (PROTOCOL.md §7.16): may trim the ring when the connection turns
+    /// unacknowledged.
+    Delivery,
     Other,
 }
 
@@ -192,6 +195,11 @@ struct H {
     last_client_seq: u32,
     ack_pending: bool,
     pod_paused: bool,
+    /// The connection turned unacknowledged (§7.16): backlog-paced, the ring keeps the newest
+    /// `ring_bytes`.
+    unacked: bool,
+    /// The last delivery check found everything delivered, no ACK since.
+    delivered_seen: bool,
     pod_detached: bool,
     pod_closed: bool,
     agent_closed: bool,
@@ -374,7 +382,11 @@ impl H {
         }
         if self.s.state() == State::Closed {
             self.ring.clear();
-        } else if kind != Kind::ClientFrame && kind != Kind::Resume && kind != Kind::AgentData {
+        } else if kind != Kind::ClientFrame
+            && kind != Kind::Resume
+            && kind != Kind::AgentData
+            && kind != Kind::Delivery
+        {
             assert!(
                 removed.is_empty(),
                 "{kind:?} removed {removed:?} from the ring"
@@ -396,13 +408,50 @@ impl H {
         assert_eq!(d.frames.len(), 1, "{:?}", d.frames);
         assert_eq!(error_code(&d.frames[0]), code);
         assert_eq!(self.s.state(), State::Suspended);
-        assert_eq!(d.pods, [Pod::Detached]);
+        self.check_detach_pods(&d.pods);
         self.detached();
+    }
+
+    /// DETACHED, then under `--overflow drop` CONTINUE if the agent was paused (POD-LINK.md
+    /// §4: nothing blocks the agent while the client is away); under `pause` it stays paused.
+    /// (`end` has already applied the messages to `pod_paused`.)
+    fn check_detach_pods(&self, pods: &[Pod]) {
+        match pods {
+            [Pod::Detached] => {
+                assert!(
+                    !(self.pod_paused && self.cfg.overflow == Overflow::Drop),
+                    "suspended under drop and still paused"
+                );
+            }
+            [Pod::Detached, Pod::Continue] => {
+                assert_eq!(self.cfg.overflow, Overflow::Drop, "CONTINUE on detach under pause")
+            }
+            other => panic!("detach told the agent {other:?}"),
+        }
     }
 
     fn detached(&mut self) {
         self.ack_pending = false;
         self.conn_sent.clear();
+        self.unacked = false;
+        self.delivered_seen = false;
+    }
+
+    /// Whether a delivery check must be pending: attached, paused by a full ring, still
+    /// acknowledging, drop policy.
+    fn check_pending_delivery(&self) {
+        let want = self.s.state() == State::Attached
+            && self.pod_paused
+            && !self.unacked
+            && self.cfg.overflow == Overflow::Drop;
+        assert_eq!(
+            self.s.delivery_check().is_some(),
+            want,
+            "delivery check {:?} (paused {}, unacked {})",
+            self.s.delivery_check(),
+            self.pod_paused,
+            self.unacked
+        );
     }
 
     fn client_frame(&mut self, i: &mut In) -> Flow {
@@ -514,12 +563,17 @@ impl H {
                     assert_eq!(flow, Flow::Continue);
                     assert!(d.frames.is_empty());
                     self.acked(ack, &d);
+                    self.delivered_seen = false;
                     let continued = self.s.ring().payload_bytes() < self.cfg.ring_bytes / 2;
                     match d.pods.as_slice() {
                         [] => {}
-                        [Pod::Continue] => assert!(continued),
+                        [Pod::Continue] => {
+                            assert!(continued);
+                            assert!(!self.unacked, "an ACK lifted a backlog pause");
+                        }
                         other => panic!("ACK sent {other:?} to the pod"),
                     }
+                    self.check_pending_delivery();
                 }
             },
             FrameType::Resize => match Resize::parse(&p) {
@@ -538,7 +592,7 @@ impl H {
             FrameType::Suspend => {
                 assert_eq!(flow, Flow::Suspend);
                 assert!(d.frames.is_empty());
-                assert_eq!(d.pods, [Pod::Detached]);
+                self.check_detach_pods(&d.pods);
                 assert_eq!(self.s.state(), State::Suspended);
                 self.detached();
             }
@@ -634,7 +688,8 @@ impl H {
             assert!(d.issued.is_empty() && d.frames.is_empty() && d.pods.is_empty());
             return;
         }
-        let pieces: Vec<&[u8]> = data.chunks(self.cfg.max_payload).collect();
+        let pieces: Vec<&[u8]> = data.chunks(self.cfg.send_payload()).collect();
+        assert!(self.cfg.send_payload() <= self.cfg.max_payload);
         assert_eq!(d.issued.len(), pieces.len(), "split wrongly");
         for (s, p) in d.issued.iter().zip(&pieces) {
             self.log.insert(*s, p.to_vec());
@@ -647,7 +702,11 @@ impl H {
             }
             self.conn_sent.extend_from_slice(&d.issued);
         }
-        let lossless = attached || self.cfg.overflow == Overflow::Pause;
+        let lossless = if attached {
+            !self.unacked
+        } else {
+            self.cfg.overflow == Overflow::Pause
+        };
         let cap = if lossless {
             self.cfg.hard_ring_bytes()
         } else {
@@ -672,8 +731,82 @@ impl H {
         }
         match d.pods.as_slice() {
             [] => assert!(!lossless || self.pod_paused || held < self.cfg.ring_bytes),
-            [Pod::Pause] => assert!(lossless && held >= self.cfg.ring_bytes),
+            [Pod::Pause] => {
+                assert!(lossless && held >= self.cfg.ring_bytes);
+                self.delivered_seen = false;
+            }
             other => panic!("agent data sent {other:?} to the pod"),
+        }
+        if self.s.state() != State::Closed {
+            self.check_pending_delivery();
+        }
+    }
+
+    /// A delivery check at (or after) its deadline, or too early (PROTOCOL.md §7.16).
+    fn delivery(&mut self, delivered: bool, early: bool) {
+        let due = self.s.delivery_check();
+        if let Some(t) = due {
+            if !early {
+                self.now = self.now.max(t);
+            }
+        }
+        trace!("delivery check at {} (due {due:?}), delivered {delivered}", self.now);
+        let waiting = self.s.state() == State::Attached
+            && self.pod_paused
+            && !self.unacked
+            && self.cfg.overflow == Overflow::Drop;
+        let acts = due.is_some_and(|t| self.now >= t) && waiting;
+        let payload_before = self.s.ring().payload_bytes();
+        let b = self.begin();
+        let mut rec = b.2;
+        let switched = self.s.on_delivery(delivered, self.now, &self.cfg, &mut rec);
+        let d = self.end(Kind::Delivery, (b.0, b.1, rec));
+        assert!(d.frames.is_empty() && d.issued.is_empty());
+        let want = acts && delivered && self.delivered_seen;
+        assert_eq!(switched, want, "switch (acts {acts}, delivered {delivered}, seen before {})", self.delivered_seen);
+        if want {
+            assert_eq!(d.pods, [Pod::Continue]);
+            self.unacked = true;
+            self.delivered_seen = false;
+            assert!(self.s.unacknowledged());
+            assert!(self.s.ring().payload_bytes() <= self.cfg.ring_bytes);
+            if payload_before <= self.cfg.ring_bytes {
+                assert!(d.removed.is_empty(), "trimmed a ring within its cap");
+            }
+            self.dropped_since_gap += d.removed.len();
+            for &r in &d.removed {
+                if !self.is_acked(r) {
+                    self.dropped.push(r);
+                }
+            }
+        } else {
+            assert!(d.pods.is_empty() && d.removed.is_empty());
+            if acts {
+                self.delivered_seen = delivered;
+            } else if due.is_some_and(|t| self.now >= t) {
+                self.delivered_seen = false; // a check no longer waited for is dropped
+            }
+        }
+        if self.s.state() != State::Closed {
+            self.check_pending_delivery();
+        }
+    }
+
+    /// The send backlog of the connection went over its high watermark or below its low one.
+    fn backlog(&mut self, backlogged: bool) {
+        trace!("send backlog {backlogged}");
+        let paused = self.pod_paused;
+        let b = self.begin();
+        let mut rec = b.2;
+        self.s.on_send_backlog(backlogged, &mut rec);
+        let d = self.end(Kind::Other, (b.0, b.1, rec));
+        assert!(d.frames.is_empty());
+        let applies = self.s.state() == State::Attached && self.unacked;
+        match d.pods.as_slice() {
+            [] => assert!(!applies || backlogged == paused),
+            [Pod::Pause] => assert!(applies && backlogged && !paused),
+            [Pod::Continue] => assert!(applies && !backlogged && paused),
+            other => panic!("backlog sent {other:?} to the pod"),
         }
     }
 
@@ -697,12 +830,17 @@ impl H {
             (State::Attached, Some(_)) => match flow {
                 Flow::Suspend => {
                     assert!(d.frames.is_empty());
-                    assert_eq!(d.pods, [Pod::Detached]);
+                    self.check_detach_pods(&d.pods);
                     assert_eq!(self.s.state(), State::Suspended);
                     self.detached();
                 }
+                Flow::Continue if d.frames.is_empty() => {
+                    // Only the delivery check was due: the owner's call, not the timer's.
+                    assert_eq!(self.s.delivery_check(), deadline, "deadline passed, nothing done");
+                    assert!(d.pods.is_empty());
+                }
                 Flow::Continue => {
-                    assert_eq!(d.frames.len(), 1, "deadline passed, nothing done");
+                    assert_eq!(d.frames.len(), 1);
                     assert_eq!(d.frames[0].ty, FrameType::Keepalive);
                     assert!(d.pods.is_empty());
                 }
@@ -853,8 +991,17 @@ impl H {
             match pods {
                 [] => {}
                 [Pod::Pause] => assert!(self.s.ring().payload_bytes() >= self.cfg.ring_bytes),
+                // Paused on an earlier connection (a backlog pause, or a take-over) with a ring
+                // already below half.
+                [Pod::Continue] => {
+                    assert!(self.s.ring().payload_bytes() < self.cfg.ring_bytes / 2)
+                }
                 other => panic!("resume sent {other:?} to the pod"),
             }
+            assert!(!self.s.unacknowledged(), "a new connection starts acknowledging");
+            self.unacked = false;
+            self.delivered_seen = false;
+            self.check_pending_delivery();
         }
         self.conn_sent = replay;
         flow
@@ -871,9 +1018,15 @@ fuzz_target!(|data: &[u8]| {
         1024 + mp % (65535 - 1024 + 1)
     };
     let ring_bytes = max_payload * (1 + i.u8() as usize % 4) + i.u16() as usize;
+    let send_payload = match i.u8() % 4 {
+        0 => max_payload,
+        _ => 512 + i.u16() as usize % 2048,
+    };
     let cfg = SessionConfig {
         ring_bytes,
         max_payload,
+        send_payload,
+        ack_wait_ms: 1 + i.u8() as u64 * 4,
         keepalive_ms: 1 + i.u16() as u64 % 2_000,
         idle_ms: 1 + i.u16() as u64 % 6_000,
         ttl_ms: 1 + i.u16() as u64 % 20_000,
@@ -921,6 +1074,8 @@ fuzz_target!(|data: &[u8]| {
         last_client_seq: 0,
         ack_pending: false,
         pod_paused: false,
+        unacked: false,
+        delivered_seen: false,
         pod_detached: false,
         pod_closed: false,
         agent_closed: false,
@@ -1005,11 +1160,11 @@ fuzz_target!(|data: &[u8]| {
                 // The connection is gone (EOF, reset, idle, broken framing without an answer).
                 let b = h.begin();
                 let mut rec = b.2;
-                h.s.detach(h.now, &mut rec);
+                h.s.detach(h.now, &h.cfg, &mut rec);
                 let d = h.end(Kind::Other, (b.0, b.1, rec));
                 assert!(d.frames.is_empty());
                 if d.state_before == State::Attached {
-                    assert_eq!(d.pods, [Pod::Detached]);
+                    h.check_detach_pods(&d.pods);
                     assert_eq!(h.s.state(), State::Suspended);
                     h.detached();
                 } else {
@@ -1021,7 +1176,7 @@ fuzz_target!(|data: &[u8]| {
                 let code = [ErrorCode::BadFrame, ErrorCode::TooLarge][i.u8() as usize % 2];
                 let b = h.begin();
                 let mut rec = b.2;
-                let flow = h.s.fail(code, h.now, &mut rec);
+                let flow = h.s.fail(code, h.now, &h.cfg, &mut rec);
                 let d = h.end(Kind::Other, (b.0, b.1, rec));
                 if d.state_before == State::Attached {
                     h.refused(&d, flow, code);
@@ -1079,7 +1234,18 @@ fuzz_target!(|data: &[u8]| {
                     assert!(d.pods.is_empty());
                 }
             }
-            _ => h.end_batch(),
+            _ => match i.u8() % 8 {
+                // Flow control from the connection's side (§7.16).
+                0..=2 => {
+                    let b = i.u8();
+                    h.delivery(b & 1 == 1, b & 2 == 2 && b & 4 == 4);
+                }
+                3 => {
+                    let b = i.u8() & 1 == 1;
+                    h.backlog(b);
+                }
+                _ => h.end_batch(),
+            },
         }
     }
 });

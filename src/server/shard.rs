@@ -1108,6 +1108,7 @@ impl ShardHandler {
             return true;
         }
         let conn = self.attached.get(&sid).copied();
+        let unacked = s.unacknowledged();
         let flow = match msg {
             PodMsg::Data(d) => {
                 s.on_agent_data(d, now, cfg, &mut self.scratch);
@@ -1129,7 +1130,7 @@ impl ShardHandler {
             _ => Flow::Continue,
         };
         self.flush(ctx, conn, key);
-        if let Some(c) = conn {
+        if let (Some(c), true) = (conn, unacked) {
             self.check_backlog(ctx, sid, c, key);
         }
         // Output can file an earlier deadline (a delivery check once the ring paused the agent).
@@ -1254,6 +1255,20 @@ impl ShardHandler {
         self.wheel.insert(now + grace, Key::Grace(key));
         self.schedule(ctx, now + grace);
         self.schedule_retry(ctx, key);
+        // The pod that held some sessions' input is gone: its PAUSEs went with it. Input is now
+        // held by the link (bounded) until the pod is back.
+        let sids: Vec<u32> = self
+            .links
+            .get(key)
+            .map(|l| l.sessions.iter().copied().collect())
+            .unwrap_or_default();
+        for sid in sids {
+            if self.table.get_mut(sid).is_some_and(|s| s.on_pod_input(false)) {
+                if let Some(c) = self.attached.get(&sid).copied() {
+                    self.set_client_reading(ctx, c, key, true);
+                }
+            }
+        }
     }
 
     /// While the pod's socket is still registered (a pod restarting in place, or one whose
