@@ -643,7 +643,7 @@ const BASE: &str =
 
 #[test]
 fn check_config_names_the_bad_key() {
-    let ok = format!("{BASE}ring_bytes = 300000\nkeepalive = 10\noverflow = \"pause\"\ndemo = false\nno_quic = true\n");
+    let ok = format!("{BASE}ring_bytes = 300000\nkeepalive = 10\noverflow = \"pause\"\ndemo = false\nno_quic = true\nmax_send_payload = 16384\nack_wait = 0.2\n");
     let (good, out) = check_config(&[], &ok);
     assert!(good, "{out}");
     assert!(out.contains("configuration OK"), "{out}");
@@ -668,6 +668,12 @@ fn check_config_names_the_bad_key() {
             "from 1024 to 65535",
         ),
         ("admin = \"nowhere\"\n", "`admin`", "ADDR:PORT"),
+        (
+            "max_send_payload = 100\n",
+            "`max_send_payload`",
+            "from 512 to 65535",
+        ),
+        ("ack_wait = 0\n", "`ack_wait`", "positive number of seconds"),
         (
             "keepalive = -1\n",
             "`keepalive`",

@@ -765,6 +765,7 @@ impl H {
         let want = acts && delivered && self.delivered_seen;
         assert_eq!(switched, want, "switch (acts {acts}, delivered {delivered}, seen before {})", self.delivered_seen);
         if want {
+            trace!("  connection turned unacknowledged; dropped {:?}", d.removed);
             assert_eq!(d.pods, [Pod::Continue]);
             self.unacked = true;
             self.delivered_seen = false;
@@ -1239,6 +1240,10 @@ fuzz_target!(|data: &[u8]| {
                 0..=2 => {
                     let b = i.u8();
                     h.delivery(b & 1 == 1, b & 2 == 2 && b & 4 == 4);
+                    if b & 8 == 8 {
+                        // The next check too: two in a row is what switches a connection.
+                        h.delivery(b & 16 == 0, false);
+                    }
                 }
                 3 => {
                     let b = i.u8() & 1 == 1;

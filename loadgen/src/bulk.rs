@@ -58,7 +58,10 @@ pub fn run(o: &Opts) -> i32 {
             Ok(s) => sessions.push(s),
             Err(e) => {
                 eprintln!("[loadgen bulk] {e}");
-                emit(o, &json!({"tool": "loadgen", "scenario": "bulk", "ok": false, "error": e}));
+                emit(
+                    o,
+                    &json!({"tool": "loadgen", "scenario": "bulk", "ok": false, "error": e}),
+                );
                 return 1;
             }
         }

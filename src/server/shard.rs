@@ -1263,7 +1263,11 @@ impl ShardHandler {
             .map(|l| l.sessions.iter().copied().collect())
             .unwrap_or_default();
         for sid in sids {
-            if self.table.get_mut(sid).is_some_and(|s| s.on_pod_input(false)) {
+            if self
+                .table
+                .get_mut(sid)
+                .is_some_and(|s| s.on_pod_input(false))
+            {
                 if let Some(c) = self.attached.get(&sid).copied() {
                     self.set_client_reading(ctx, c, key, true);
                 }
