@@ -61,14 +61,8 @@ fn parse_hex32(field: &str, line: usize) -> Result<[u8; 32], TokensError> {
         )));
     }
     let mut out = [0u8; 32];
-    for (i, pair) in field.as_bytes().chunks(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16);
-        let lo = (pair[1] as char).to_digit(16);
-        match (hi, lo) {
-            (Some(h), Some(l)) => out[i] = (h * 16 + l) as u8,
-            _ => return Err(err("the token is not hexadecimal".to_string())),
-        }
-    }
+    hex::decode_to_slice(field, &mut out)
+        .map_err(|_| err("the token is not hexadecimal".to_string()))?;
     Ok(out)
 }
 
@@ -135,11 +129,6 @@ impl Tokens {
         }
         ok.into()
     }
-}
-
-/// Hex encoding for dev tokens printed by `--demo`.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

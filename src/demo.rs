@@ -6,7 +6,6 @@
 //! and receives exactly what it missed.
 
 use crate::agent::{Agent, AgentListener, Outbox, SessionId};
-use crate::auth::to_hex;
 use crate::proto::{self, Accept, Connect, Decoded, FrameType, Resume, Resumed};
 use crate::server::{Auth, ServerConfig};
 use std::io::{Read, Write};
@@ -56,7 +55,7 @@ pub fn prepare(cfg: &mut ServerConfig, tls: bool) -> std::io::Result<Demo> {
         &tokens,
         format!(
             "# clawtermd --demo dev token\n{DEMO_TENANT} {}\n",
-            to_hex(&token)
+            hex::encode(token)
         ),
     )?;
     let sockets = dir.join("sockets");
@@ -206,7 +205,7 @@ impl Demo {
     /// the scripted client in the background.
     pub fn run_walkthrough(&self, addr: SocketAddr, quic: Option<SocketAddr>) {
         println!();
-        let token = to_hex(&self.token);
+        let token = hex::encode(self.token);
         match &self.tls {
             Some((cert, fp)) => {
                 println!("  clawtermd demo is running on {addr} (TLS 1.3, loopback only)");

@@ -303,14 +303,9 @@ fn secs0(s: &str) -> Result<f64, String> {
 }
 
 fn parse_token(s: &str) -> Result<[u8; 32], String> {
-    let s = s.trim();
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("--token must be 64 hex digits (32 bytes)".into());
-    }
     let mut t = [0u8; 32];
-    for (k, b) in t.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * k..2 * k + 2], 16).unwrap();
-    }
+    hex::decode_to_slice(s.trim(), &mut t)
+        .map_err(|_| "--token must be 64 hex digits (32 bytes)".to_string())?;
     Ok(t)
 }
 
@@ -521,7 +516,7 @@ fn worker_args(o: &Opts, idx: usize, sessions: usize, rate: f64, workers: usize)
     }
     if let Some(p) = &o.pin {
         a.push("--pin".into());
-        a.push(p.iter().map(|b| format!("{b:02x}")).collect());
+        a.push(hex::encode(p));
     }
     if let Some(n) = &o.server_name {
         a.push("--server-name".into());

@@ -183,14 +183,8 @@ fn normalize_endpoint(ep: &str, port: u16) -> String {
 }
 
 fn parse_token(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return None;
-    }
     let mut t = [0u8; 32];
-    for (i, b) in t.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(s.trim(), &mut t).ok()?;
     Some(t)
 }
 

@@ -51,25 +51,6 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-pub(crate) fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
-}
-
-pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
 /// Unix time now, seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -224,7 +205,7 @@ impl Credentials {
                     let _ = write!(x, ",\n  \"tls_ca\": {}", json_str(&ca.to_string_lossy()));
                 }
                 if let Some(pin) = &t.pin {
-                    let _ = write!(x, ",\n  \"tls_pin\": \"{}\"", hex(pin));
+                    let _ = write!(x, ",\n  \"tls_pin\": \"{}\"", hex::encode(pin));
                 }
                 if let Some(n) = &t.server_name {
                     let _ = write!(x, ",\n  \"tls_name\": {}", json_str(n));
@@ -241,7 +222,7 @@ impl Credentials {
             self.tenant,
             self.agent,
             self.session_id,
-            hex(&self.resume_token),
+            hex::encode(self.resume_token),
             self.last_seq,
             self.next_seq,
             self.last_seen
@@ -313,7 +294,8 @@ impl Credentials {
             }
             Some(t) => return Err(bad(&format!("unknown transport {t:?}"))),
         };
-        let tok = unhex(&strf("resume_token")?)
+        let tok = hex::decode(strf("resume_token")?.trim())
+            .ok()
             .filter(|t| t.len() == 16)
             .ok_or_else(|| bad("resume_token must be 32 hex digits"))?;
         let mut resume_token = [0u8; 16];
@@ -334,7 +316,7 @@ impl Credentials {
     /// A single-line, copy-pasteable blob: `ct1:` followed by the hex of the JSON. It holds the
     /// resume token: treat it like a password.
     pub fn export(&self) -> String {
-        format!("ct1:{}", hex(self.to_json().as_bytes()))
+        format!("ct1:{}", hex::encode(self.to_json().as_bytes()))
     }
 
     /// Parses [`Credentials::export`]'s blob.
@@ -344,7 +326,8 @@ impl Credentials {
                 "not a clawterm export blob (it starts with \"ct1:\")".into(),
             )
         })?;
-        let bytes = unhex(body)
+        let bytes = hex::decode(body.trim())
+            .ok()
             .ok_or_else(|| ClientError::BadCredentials("blob is not valid hex".into()))?;
         let s = String::from_utf8(bytes)
             .map_err(|_| ClientError::BadCredentials("blob is not UTF-8".into()))?;

@@ -25,7 +25,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use super::creds::{hex, unhex};
 use super::quic::QuicStream;
 use super::ClientError;
 
@@ -117,13 +116,13 @@ impl Transport {
 /// `openssl x509 -fingerprint -sha256` prints them).
 pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
     let clean: String = s.trim().chars().filter(|c| *c != ':').collect();
-    let v = unhex(&clean.to_ascii_lowercase())?;
+    let v = hex::decode(&clean).ok()?;
     <[u8; 32]>::try_from(v.as_slice()).ok()
 }
 
 /// The SHA-256 of a DER certificate, hex (what `--pin` takes).
 pub fn cert_sha256_hex(der: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 /// An address and its transport.
@@ -235,7 +234,7 @@ impl std::fmt::Display for Target {
                     sep = '&';
                 }
                 if let Some(pin) = &t.pin {
-                    write!(f, "{sep}pin={}", hex(pin))?;
+                    write!(f, "{sep}pin={}", hex::encode(pin))?;
                     sep = '&';
                 }
                 if let Some(n) = &t.server_name {
@@ -302,7 +301,7 @@ impl ServerCertVerifier for PinVerifier {
         } else {
             Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 rustls::OtherError(Arc::new(PinMismatch {
-                    got: hex(d.as_ref()),
+                    got: hex::encode(d.as_ref()),
                 })),
             )))
         }

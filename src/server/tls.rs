@@ -97,7 +97,7 @@ pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf, String), String> {
     write_private(&key, ck.key_pair.serialize_pem().as_bytes())
         .map_err(|e| format!("{}: {e}", key.display()))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, ck.cert.der());
-    Ok((cert, key, crate::auth::to_hex(digest.as_ref())))
+    Ok((cert, key, hex::encode(digest.as_ref())))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
