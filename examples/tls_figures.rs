@@ -430,6 +430,7 @@ fn main() {
     let base = std::env::temp_dir().join(format!("ct-tls-figures-{}", std::process::id()));
     println!(
         "tls_figures: loopback, server 1 shard pinned to CPU 0, client on CPU 1 ({} CPUs online)",
+        // SAFETY: sysconf(3) reads a system value; no memory is involved.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
     );
 

@@ -1,18 +1,18 @@
 //! ClawTerm: a session server that keeps interactive AI-agent sessions alive through network
 //! drops, device switches, reconnects and pod restarts.
 //!
-//! The crate is layered so the protocol logic never touches a socket:
-//! * [`proto`]: the ClawTerm frame codec (client ↔ daemon).
-//! * [`podlink`]: the pod-link codec (daemon ↔ agent pod).
-//! * [`session`]: the sans-IO session core — state machine, replay ring, timers, session table,
-//!   resume tokens, tenant tokens — driven by an injected clock.
+//! The protocol logic never touches a socket: it lives in the `clawterm-core` crate (`core/`,
+//! no I/O, no `unsafe`), re-exported here as
+//! * [`proto`]: the ClawTerm frame codec (client ↔ daemon);
+//! * [`podlink`]: the pod-link codec (daemon ↔ agent pod);
+//! * [`session`]: the sans-IO session core — state machine, replay ring, timers, session
+//!   table, resume tokens — driven by an injected clock.
 
 pub mod agent;
 pub mod auth;
 pub mod client;
 pub mod demo;
-pub mod podlink;
 pub mod pods;
-pub mod proto;
 pub mod server;
-pub mod session;
+
+pub use clawterm_core::{podlink, proto, session};

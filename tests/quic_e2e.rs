@@ -448,7 +448,7 @@ fn cli_connect_and_resume_over_quic() {
         }
     };
     let stop = |child: std::process::Child, stdin| {
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        harness::signal(child.id(), libc::SIGTERM);
         let out = child.wait_with_output().unwrap();
         drop(stdin);
         String::from_utf8_lossy(&out.stderr).to_string()

@@ -379,7 +379,7 @@ fn cli_over_tls_saves_and_resumes_the_transport() {
         let deadline = Instant::now() + within;
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                harness::signal(child.id(), libc::SIGTERM);
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -432,7 +432,7 @@ fn cli_over_tls_saves_and_resumes_the_transport() {
         assert!(Instant::now() < deadline, "no echo through the CLI");
         std::thread::sleep(Duration::from_millis(20));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    harness::signal(child.id(), libc::SIGTERM);
     let (_, err) = wait(child, Duration::from_secs(5));
     drop(stdin);
     assert!(err.contains("TLSv1_3"), "{err}");
@@ -460,7 +460,7 @@ fn cli_over_tls_saves_and_resumes_the_transport() {
         assert!(Instant::now() < deadline, "no echo after `clawterm resume`");
         std::thread::sleep(Duration::from_millis(20));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    harness::signal(child.id(), libc::SIGTERM);
     let (_, err) = wait(child, Duration::from_secs(5));
     drop(stdin);
     assert!(err.contains("TLSv1_3"), "{err}");
@@ -551,7 +551,7 @@ fn certificate_reload_on_sighup() {
     assert_ne!(new, old);
     std::fs::copy(&c2, &env.cert).unwrap();
     std::fs::copy(&k2, &env.key).unwrap();
-    unsafe { libc::kill(env.server.0.id() as i32, libc::SIGHUP) };
+    harness::signal(env.server.0.id(), libc::SIGHUP);
     assert!(
         env.wait_log("TLS certificate reloaded", Duration::from_secs(5)),
         "no reload logged"

@@ -809,6 +809,9 @@ impl Drop for FakePod {
 fn bind_then_listen(path: &Path, delay: Duration) -> UnixListener {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain socket syscalls on a fresh descriptor that the UnixListener then owns; the
+    // zeroed sockaddr_un is valid, filled within its bounds (the length is checked) and lives
+    // on the stack for the calls.
     unsafe {
         let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket(): {}", std::io::Error::last_os_error());

@@ -12,20 +12,32 @@ pub const VERSION: u8 = 1;
 /// Message types (POD-LINK.md §3).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum MsgType {
+    /// `0x01` HELLO (both directions): version and name, first on a link.
     Hello,
+    /// `0x02` OPEN (daemon → pod): a new session.
     Open,
+    /// `0x03` REOPEN (daemon → pod): an existing session re-bound to this pod.
     Reopen,
+    /// `0x10` DATA (both directions): opaque session bytes.
     Data,
+    /// `0x11` RESIZE (daemon → pod): terminal size.
     Resize,
+    /// `0x20` DETACHED (daemon → pod): the client went away; the session lives on.
     Detached,
+    /// `0x21` ATTACHED (daemon → pod): a client is back.
     Attached,
+    /// `0x30` CLOSE (both directions): the session ends.
     Close,
+    /// `0x40` PAUSE: stop sending DATA for this session.
     Pause,
+    /// `0x41` CONTINUE: sending may resume.
     Continue,
+    /// A type code this version does not know.
     Unknown(u8),
 }
 
 impl MsgType {
+    /// The wire type code.
     pub const fn code(self) -> u8 {
         match self {
             MsgType::Hello => 0x01,
@@ -42,6 +54,7 @@ impl MsgType {
         }
     }
 
+    /// The type for a wire code; unknown codes give [`MsgType::Unknown`].
     pub const fn from_code(c: u8) -> MsgType {
         match c {
             0x01 => MsgType::Hello,
@@ -79,15 +92,22 @@ impl MsgType {
 /// CLOSE reasons.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum CloseReason {
+    /// 0: normal close.
     Normal,
+    /// 1: the client disconnected.
     ClientDisconnect,
+    /// 2: the suspend TTL expired.
     SuspendExpired,
+    /// 3: an error.
     Error,
+    /// 4: refused.
     Refused,
+    /// A reason code this version does not know.
     Other(u8),
 }
 
 impl CloseReason {
+    /// The wire reason code.
     pub const fn code(self) -> u8 {
         match self {
             CloseReason::Normal => 0,
@@ -99,6 +119,7 @@ impl CloseReason {
         }
     }
 
+    /// The reason for a wire code; unknown codes give [`CloseReason::Other`].
     pub const fn from_code(c: u8) -> CloseReason {
         match c {
             0 => CloseReason::Normal,
@@ -114,8 +135,11 @@ impl CloseReason {
 /// OPEN / REOPEN body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Open<'a> {
+    /// Tenant id.
     pub tenant: u32,
+    /// Agent id.
     pub agent: u32,
+    /// The client's capability bits, from its CONNECT.
     pub client_caps: u8,
     /// The client's address, as UTF-8 text (e.g. `127.0.0.1:50000`).
     pub peer: &'a str,
@@ -124,30 +148,47 @@ pub struct Open<'a> {
 /// A decoded message whose body borrows the input buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg<'a> {
+    /// HELLO: sent first in both directions (SESSION_ID 0).
     Hello {
+        /// Pod-link protocol version ([`VERSION`]).
         version: u8,
+        /// The sender's name (may be empty).
         name: &'a str,
     },
+    /// OPEN: a new session.
     Open(Open<'a>),
+    /// REOPEN: an existing session re-bound to this pod (same SESSION_ID as before).
     Reopen(Open<'a>),
+    /// DATA: opaque bytes; boundaries are kept end to end.
     Data(&'a [u8]),
+    /// RESIZE: the client's terminal size.
     Resize {
+        /// Columns.
         cols: u16,
+        /// Rows.
         rows: u16,
     },
+    /// DETACHED: the client went away; the session lives on.
     Detached,
+    /// ATTACHED: a client is back.
     Attached,
+    /// CLOSE: nothing more is sent for this SESSION_ID (an empty body decodes as `Normal`).
     Close(CloseReason),
+    /// PAUSE: stop sending DATA for this session.
     Pause,
+    /// CONTINUE: sending may resume.
     Continue,
     /// A type this version does not know: receivers ignore it.
     Unknown {
+        /// The type code.
         ty: u8,
+        /// The raw body.
         body: &'a [u8],
     },
 }
 
 impl Msg<'_> {
+    /// The message's type.
     pub fn ty(&self) -> MsgType {
         match self {
             Msg::Hello { .. } => MsgType::Hello,
@@ -170,8 +211,11 @@ impl Msg<'_> {
 pub enum Decoded<'a> {
     /// A whole message for `session_id`, and the bytes it used.
     Msg {
+        /// The message's SESSION_ID.
         session_id: u32,
+        /// The decoded message.
         msg: Msg<'a>,
+        /// Bytes of `buf` the message took (header included).
         used: usize,
     },
     /// At least this many more bytes are needed.
@@ -181,12 +225,17 @@ pub enum Decoded<'a> {
 /// The link is broken.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// LEN outside `5..=MAX_BODY + 5`.
     #[error("pod-link message LEN {0} is below 5 or over 1 MiB + 5")]
     BadLen(u32),
+    /// A body that does not fit its type.
     #[error("pod-link {ty} body of {len} bytes is malformed: {what}")]
     BadBody {
+        /// Name of the message type.
         ty: &'static str,
+        /// Body length in bytes.
         len: usize,
+        /// What is wrong with it.
         what: &'static str,
     },
 }

@@ -34,19 +34,33 @@ pub fn crc16(bytes: &[u8]) -> u16 {
 /// and ignore them after the handshake.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum FrameType {
+    /// `0x01` CONNECT (client → server): opens a new session.
     Connect,
+    /// `0x02` ACCEPT (server → client): the new session's id, capabilities and resume token.
     Accept,
+    /// `0x03` RESUME (client → server): re-attaches to an existing session.
     Resume,
+    /// `0x04` RESUMED (server → client): answers a valid RESUME, before the replay.
     Resumed,
+    /// `0x10` DATA (both directions): opaque terminal or agent I/O.
     Data,
+    /// `0x11` ACK (both directions): acknowledges DATA frames.
     Ack,
+    /// `0x12` NACK (both directions): reserved; receivers ignore it.
     Nack,
+    /// `0x13` RESIZE (client → server, ext): terminal size.
     Resize,
+    /// `0x20` KEEPALIVE (both directions): empty; never answered with a KEEPALIVE.
     Keepalive,
+    /// `0x30` SUSPEND (client → server): empty; suspends the session.
     Suspend,
+    /// `0x40` DISCONNECT (both directions): empty; ends the session.
     Disconnect,
+    /// `0x50` ROAM (server → client, ext): the session moved to another node.
     Roam,
+    /// `0xFF` ERROR (server → client): an error code and a message.
     Error,
+    /// A type code this version does not know.
     Unknown(u8),
 }
 
@@ -124,10 +138,15 @@ impl fmt::Display for FrameType {
 /// The fixed 13-byte header.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// SESSION_ID (0 until the server has assigned one).
     pub session_id: u32,
+    /// SEQ: per sender, per session.
     pub seq: u32,
+    /// TYPE.
     pub ty: FrameType,
+    /// FLAGS bit field: [`FLAG_REPLAY`](super::FLAG_REPLAY), [`FLAG_GAP`](super::FLAG_GAP).
     pub flags: u8,
+    /// LEN: payload length in bytes.
     pub len: u16,
 }
 
@@ -156,10 +175,15 @@ impl Header {
 /// A complete, CRC-verified frame whose payload borrows the input buffer.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
+    /// SESSION_ID.
     pub session_id: u32,
+    /// SEQ.
     pub seq: u32,
+    /// TYPE.
     pub ty: FrameType,
+    /// FLAGS bit field.
     pub flags: u8,
+    /// PAYLOAD, `LEN` bytes, borrowed from the input buffer.
     pub payload: &'a [u8],
 }
 
@@ -187,10 +211,20 @@ pub enum DecodeError {
     BadFlag(u8),
     /// The CRC does not match (→ `BAD_FRAME`).
     #[error("bad frame: CRC 0x{got:04x} does not match computed 0x{computed:04x}")]
-    BadCrc { got: u16, computed: u16 },
+    BadCrc {
+        /// CRC carried by the frame.
+        got: u16,
+        /// CRC computed over FLAG through the end of PAYLOAD.
+        computed: u16,
+    },
     /// LEN is over the receiver's maximum payload (→ `TOO_LARGE`).
     #[error("frame payload of {len} bytes is over the maximum of {max}")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The frame's LEN.
+        len: usize,
+        /// The receiver's maximum payload.
+        max: usize,
+    },
 }
 
 impl DecodeError {
@@ -255,7 +289,9 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Decoded<'_>, DecodeError
 #[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("buffer of {have} bytes cannot hold a {need}-byte frame")]
 pub struct BufferTooSmall {
+    /// Bytes the frame needs.
     pub need: usize,
+    /// Bytes the buffer has.
     pub have: usize,
 }
 

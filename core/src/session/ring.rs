@@ -102,6 +102,7 @@ impl ReplayRing {
         self.frames as usize
     }
 
+    /// No frames held.
     pub fn is_empty(&self) -> bool {
         self.frames == 0
     }
@@ -302,7 +303,9 @@ pub struct Iter<'a> {
 
 /// One record: its SEQ and the payload as up to a few contiguous pieces.
 pub struct Record<'a> {
+    /// The record's SEQ.
     pub seq: u32,
+    /// Payload length in bytes.
     pub len: usize,
     ring: &'a ReplayRing,
     ci: usize,

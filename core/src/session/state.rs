@@ -171,24 +171,31 @@ impl Session {
         self
     }
 
+    /// The session id.
     pub fn id(&self) -> u32 {
         self.id
     }
+    /// Tenant id.
     pub fn tenant(&self) -> u32 {
         self.tenant
     }
+    /// Agent id.
     pub fn agent(&self) -> u32 {
         self.agent
     }
+    /// The client's capability bits, from its CONNECT.
     pub fn caps(&self) -> u8 {
         self.caps
     }
+    /// Current state.
     pub fn state(&self) -> State {
         self.state
     }
+    /// The 128-bit resume token sent in ACCEPT.
     pub fn resume_token(&self) -> &[u8; 16] {
         &self.resume_token
     }
+    /// The replay ring.
     pub fn ring(&self) -> &ReplayRing {
         &self.ring
     }
@@ -196,6 +203,7 @@ impl Session {
     pub fn next_seq(&self) -> u32 {
         self.next_seq
     }
+    /// Highest (most recent) SEQ of a client DATA frame received (0 if none).
     pub fn last_client_seq(&self) -> u32 {
         self.last_client_seq
     }

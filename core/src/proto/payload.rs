@@ -7,17 +7,29 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum ErrorCode {
+    /// 1: the flag byte or the CRC is wrong; connection closed.
     BadFrame = 1,
+    /// 2: CONNECT version is not 1; connection closed.
     UnsupportedVersion = 2,
+    /// 3: the token does not match, or a legacy RESUME is not allowed; connection closed.
     AuthFailed = 3,
+    /// 4: unknown or expired session, or a wrong resume token; connection closed.
     NoSuchSession = 4,
+    /// 5: no agent pod for the tenant and agent; connection closed.
     NoAgent = 5,
+    /// 6: frame not allowed in this state, or wrong SESSION_ID; connection closed.
     ProtocolViolation = 6,
+    /// 7: LEN over the maximum payload; connection closed.
     TooLarge = 7,
+    /// 8: session or connection limit reached; connection closed.
     Overloaded = 8,
+    /// 9: another device resumed this session; connection closed.
     TakenOver = 9,
+    /// 10: the agent pod went away for good; DISCONNECT follows.
     AgentGone = 10,
+    /// 11: rate limited; connection closed.
     RateLimited = 11,
+    /// 12: CONNECT payload malformed; connection closed.
     BadConnect = 12,
 }
 
@@ -90,7 +102,9 @@ impl std::fmt::Display for ErrorCode {
 #[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {what}")]
 pub struct PayloadError {
+    /// The ERROR code to answer with.
     pub code: ErrorCode,
+    /// What was wrong, for logs and the ERROR message.
     pub what: &'static str,
 }
 
@@ -111,21 +125,30 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// The width of the capabilities field in a CONNECT (58, 59 or 61 byte forms).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum CapsWidth {
+    /// One byte: the 58-byte form.
     U8,
+    /// Two bytes: the 59-byte form.
     U16,
+    /// Four bytes: the 61-byte form.
     U32,
 }
 
 /// CONNECT payload (§2.1).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Connect {
+    /// Protocol version (1).
     pub version: u8,
     /// Capabilities: only the low 8 bits are meaningful.
     pub caps: u8,
+    /// Width the capabilities had on the wire (re-encoded the same way).
     pub caps_width: CapsWidth,
+    /// Tenant id.
     pub tenant_id: u32,
+    /// Agent id.
     pub agent_id: u32,
+    /// Bearer token of the tenant (a credential: never logged).
     pub token: [u8; 32],
+    /// Random nonce, logged for tracing; not an authenticator.
     pub nonce: [u8; 16],
 }
 
@@ -200,13 +223,18 @@ impl Connect {
 /// ACCEPT payload (§2.2). `resume_token` is absent only in the legacy 6-byte form.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accept {
+    /// The new session's id (same as the header's).
     pub session_id: u32,
+    /// Server protocol version (1).
     pub version: u8,
+    /// Server capability bits (`0x02` RELIABLE, `0x04` ROAM supported).
     pub caps: u8,
+    /// 128-bit resume token, the credential for RESUME (ext).
     pub resume_token: Option<[u8; 16]>,
 }
 
 impl Accept {
+    /// Parses an ACCEPT payload: 6 bytes at least; the resume token is read from 22 on.
     pub fn parse(p: &[u8]) -> Result<Accept, PayloadError> {
         if p.len() < 6 {
             return Err(perr(
@@ -229,6 +257,7 @@ impl Accept {
         })
     }
 
+    /// Appends the payload (the 22-byte form when `resume_token` is set, else 6 bytes).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.session_id.to_be_bytes());
         out.push(self.version);
@@ -244,12 +273,18 @@ impl Accept {
 pub enum Resume {
     /// The 24-byte form: the normal, authenticated one.
     Full {
+        /// The session to resume.
         session_id: u32,
+        /// Highest server SEQ the client has received in this session (0 if none).
         last_seq: u32,
+        /// Resume token from ACCEPT (or a ROAM token).
         token: [u8; 16],
     },
     /// The 4-byte legacy form: no credential.
-    Legacy { session_id: u32 },
+    Legacy {
+        /// The session to resume.
+        session_id: u32,
+    },
 }
 
 impl std::fmt::Debug for Resume {
@@ -266,6 +301,7 @@ impl std::fmt::Debug for Resume {
 }
 
 impl Resume {
+    /// Parses a RESUME payload: 24 or 4 bytes, anything else is `PROTOCOL_VIOLATION`.
     pub fn parse(p: &[u8]) -> Result<Resume, PayloadError> {
         match p.len() {
             24 => {
@@ -287,12 +323,14 @@ impl Resume {
         }
     }
 
+    /// The session to resume, in either form.
     pub fn session_id(&self) -> u32 {
         match *self {
             Resume::Full { session_id, .. } | Resume::Legacy { session_id } => session_id,
         }
     }
 
+    /// Appends the payload in its form (24 or 4 bytes).
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Resume::Full {
@@ -312,12 +350,16 @@ impl Resume {
 /// RESUMED payload (§2.4).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Resumed {
+    /// The session's id.
     pub session_id: u32,
+    /// Highest SEQ of a client DATA frame the server has received in this session (0 if none).
     pub last_client_seq: u32,
+    /// SEQ of the first DATA frame that follows as replay (0 if none).
     pub first_replay_seq: u32,
 }
 
 impl Resumed {
+    /// Parses a RESUMED payload (exactly 12 bytes).
     pub fn parse(p: &[u8]) -> Result<Resumed, PayloadError> {
         if p.len() != 12 {
             return Err(perr(
@@ -332,6 +374,7 @@ impl Resumed {
         })
     }
 
+    /// Appends the 12-byte payload.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.session_id.to_be_bytes());
         out.extend_from_slice(&self.last_client_seq.to_be_bytes());
@@ -349,6 +392,7 @@ pub enum Ack {
 }
 
 impl Ack {
+    /// Parses an ACK payload: 0 or 4 bytes.
     pub fn parse(p: &[u8]) -> Result<Ack, PayloadError> {
         match p.len() {
             0 => Ok(Ack::Empty),
@@ -360,6 +404,7 @@ impl Ack {
         }
     }
 
+    /// Appends the payload (nothing for [`Ack::Empty`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
         if let Ack::Cumulative(s) = self {
             out.extend_from_slice(&s.to_be_bytes());
@@ -370,11 +415,14 @@ impl Ack {
 /// RESIZE payload.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Resize {
+    /// Columns.
     pub cols: u16,
+    /// Rows.
     pub rows: u16,
 }
 
 impl Resize {
+    /// Parses a RESIZE payload (exactly 4 bytes).
     pub fn parse(p: &[u8]) -> Result<Resize, PayloadError> {
         if p.len() != 4 {
             return Err(perr(
@@ -388,6 +436,7 @@ impl Resize {
         })
     }
 
+    /// Appends the 4-byte payload.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.cols.to_be_bytes());
         out.extend_from_slice(&self.rows.to_be_bytes());
@@ -397,8 +446,11 @@ impl Resize {
 /// ROAM payload (§2.6).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Roam {
+    /// Address of the node the session moved to (IPv4 or IPv6).
     pub addr: IpAddr,
+    /// Port on that node.
     pub port: u16,
+    /// Token to send in the RESUME there (a credential: never logged).
     pub roam_token: [u8; 16],
 }
 
@@ -413,6 +465,7 @@ impl std::fmt::Debug for Roam {
 }
 
 impl Roam {
+    /// Parses a ROAM payload: 23 bytes for IPv4, 35 for IPv6.
     pub fn parse(p: &[u8]) -> Result<Roam, PayloadError> {
         let bad = || perr(ErrorCode::ProtocolViolation, "ROAM payload malformed");
         let (addr, at) = match (p.first(), p.len()) {
@@ -433,6 +486,7 @@ impl Roam {
         })
     }
 
+    /// Appends the payload (family byte 4 or 6, address, port, token).
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self.addr {
             IpAddr::V4(a) => {
@@ -454,10 +508,12 @@ impl Roam {
 pub struct ErrorFrame {
     /// The raw code (may be one this version does not know).
     pub code: u16,
+    /// Human-readable message (may be empty; for people, not programs).
     pub message: String,
 }
 
 impl ErrorFrame {
+    /// Parses an ERROR payload (at least 2 bytes).
     pub fn parse(p: &[u8]) -> Result<ErrorFrame, PayloadError> {
         if p.len() < 2 {
             return Err(perr(

@@ -112,14 +112,17 @@ impl<R: RngCore> SessionTable<R> {
         }
     }
 
+    /// The id space this table issues ids from.
     pub fn ids(&self) -> IdSpace {
         self.ids
     }
 
+    /// Sessions held.
     pub fn len(&self) -> usize {
         self.index.len()
     }
 
+    /// No sessions held.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
@@ -164,11 +167,13 @@ impl<R: RngCore> SessionTable<R> {
         cell.insert(session)
     }
 
+    /// The session `id`, if present.
     pub fn get(&self, id: u32) -> Option<&Session> {
         let slot = *self.index.get(&id)? as usize;
         self.pages[slot / PAGE][slot % PAGE].as_ref()
     }
 
+    /// The session `id`, mutably, if present.
     pub fn get_mut(&mut self, id: u32) -> Option<&mut Session> {
         let slot = *self.index.get(&id)? as usize;
         self.pages[slot / PAGE][slot % PAGE].as_mut()
@@ -182,6 +187,7 @@ impl<R: RngCore> SessionTable<R> {
         bool::from(s.resume_token().ct_eq(token)).then_some(s)
     }
 
+    /// Removes the session `id`, returning it; its slot is reused.
     pub fn remove(&mut self, id: u32) -> Option<Session> {
         let slot = self.index.remove(&id)?;
         self.free.push(slot);
