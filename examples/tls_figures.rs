@@ -276,18 +276,29 @@ fn echo_rate(srv: &Server, n: usize, threads: usize, secs: f64) -> (f64, f64) {
                     s.send(&payload).unwrap();
                 }
                 while !stop.load(Ordering::Relaxed) {
-                    let mut pfds: Vec<libc::pollfd> = ss
-                        .iter()
-                        .map(|s| libc::pollfd {
-                            fd: s.poll_fd().unwrap_or(-1),
-                            events: libc::POLLIN | if s.wants_write() { libc::POLLOUT } else { 0 },
-                            revents: 0,
-                        })
-                        .collect();
-                    // SAFETY: a valid pollfd array.
-                    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 5) };
+                    // A session with no descriptor right now (retrying) reports nothing.
+                    let mut revents = vec![0i16; ss.len()];
+                    {
+                        let fds: Vec<(std::os::fd::BorrowedFd<'_>, i16)> = ss
+                            .iter()
+                            .filter_map(|s| {
+                                let ev =
+                                    libc::POLLIN | if s.wants_write() { libc::POLLOUT } else { 0 };
+                                s.poll_fd().map(|fd| (fd, ev))
+                            })
+                            .collect();
+                        let mut got = vec![0i16; fds.len()];
+                        let _ = clawterm::poll::wait(&fds, &mut got, 5);
+                        let mut k = 0;
+                        for (i, s) in ss.iter().enumerate() {
+                            if s.poll_fd().is_some() {
+                                revents[i] = got[k];
+                                k += 1;
+                            }
+                        }
+                    }
                     for (i, s) in ss.iter_mut().enumerate() {
-                        if pfds[i].revents == 0 && !s.wants_write() {
+                        if revents[i] == 0 && !s.wants_write() {
                             continue;
                         }
                         while let Some(ev) = s.try_recv().unwrap() {

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod client;
 pub mod demo;
 pub mod pods;
+pub mod poll;
 pub mod server;
 
 pub use clawterm_core::{podlink, proto, session};

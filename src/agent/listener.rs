@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -139,7 +139,7 @@ impl AgentListener {
             }
             // Forget links that have ended.
             links.retain(|(_, h)| !h.is_finished());
-            match wait_readable(self.listener.as_raw_fd(), STOP_POLL_MS) {
+            match crate::poll::readable(self.listener.as_fd(), STOP_POLL_MS) {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => break Err(e),
@@ -194,25 +194,6 @@ impl AgentListener {
         }
         result
     }
-}
-
-/// `poll()`s `fd` for readability for up to `timeout_ms`.
-fn wait_readable(fd: i32, timeout_ms: i32) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, count 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(n > 0)
 }
 
 impl Drop for AgentListener {

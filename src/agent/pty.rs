@@ -31,7 +31,7 @@ impl PtyMaster {
     }
 
     /// Switches the master to non-blocking mode (reads and writes fail with `WouldBlock`
-    /// instead of waiting); use [`poll_fds`] to wait.
+    /// instead of waiting); use [`crate::poll::wait`] to wait.
     pub fn set_nonblocking(&self) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         // SAFETY: fcntl on a descriptor we own; no pointers involved.
@@ -191,40 +191,6 @@ pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> io::Result<(PtyMaster, C
         },
         child,
     ))
-}
-
-/// Waits until one of `fds` is ready for its `events` (`libc::POLLIN`, `libc::POLLOUT`) or
-/// `timeout_ms` passes (`-1`: no limit). Fills `revents` (one per fd) and returns how many are
-/// ready (0 on timeout). Retries on `EINTR`.
-pub fn poll_fds(
-    fds: &[(BorrowedFd<'_>, i16)],
-    revents: &mut [i16],
-    timeout_ms: i32,
-) -> io::Result<usize> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|(fd, events)| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: *events,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the call; the
-        // descriptors are borrowed, so they stay open meanwhile.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        for (r, p) in revents.iter_mut().zip(&pfds) {
-            *r = p.revents;
-        }
-        return Ok(n as usize);
-    }
 }
 
 /// The live (not zombie) processes of session `sid`, as pids. Linux only (reads `/proc`);

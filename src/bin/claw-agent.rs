@@ -17,6 +17,7 @@ use clawterm::agent::{
     input_queue, Agent, AgentListener, CloseReason, InputReceiver, InputSender, OpenInfo, Outbox,
     SessionId,
 };
+use clawterm::poll;
 
 /// The reference ClawTerm agent pod.
 ///
@@ -515,19 +516,19 @@ fn shell_reader(
         let mut rev = [0i16; 3];
         let polled = if eof {
             // The terminal is closed on the shell's side: wait for the shell to be reaped.
-            pty::poll_fds(
+            poll::wait(
                 &[(stop.as_fd(), libc::POLLIN), (exit.as_fd(), libc::POLLIN)],
                 &mut rev[1..],
                 -1,
             )
         } else if exited {
-            pty::poll_fds(
+            poll::wait(
                 &[(master.as_fd(), libc::POLLIN), (stop.as_fd(), libc::POLLIN)],
                 &mut rev[..2],
                 SHELL_DRAIN_MS,
             )
         } else {
-            pty::poll_fds(
+            poll::wait(
                 &[
                     (master.as_fd(), libc::POLLIN),
                     (stop.as_fd(), libc::POLLIN),
@@ -627,7 +628,7 @@ fn shell_writer(
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let mut rev = [0i16; 3];
-                    let polled = pty::poll_fds(
+                    let polled = poll::wait(
                         &[
                             (m.as_fd(), libc::POLLOUT),
                             (stop.as_fd(), libc::POLLIN),

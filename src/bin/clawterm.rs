@@ -3,8 +3,8 @@
 //! after the reconnect.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::RawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use clawterm::client::{
     ClientError, Credentials, Event, LocalState, Options, Session, StateRecord, Store, Target,
     TlsTrust, Transport,
 };
+use clawterm::poll;
 
 const DEFAULT_PORT: u16 = 7220;
 const DEFAULT_QUIC_PORT: u16 = 7221;
@@ -668,45 +669,48 @@ fn run_loop(
         }
 
         // Wait.
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
-        let pfd = |fd: RawFd, events: libc::c_short| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        let stdin_ix = stdin_open.then(|| {
-            fds.push(pfd(0, libc::POLLIN));
-            fds.len() - 1
-        });
-        let sig_ix = sigfd.map(|fd| {
-            fds.push(pfd(fd, libc::POLLIN));
-            fds.len() - 1
-        });
-        if let Some(fd) = session.poll_fd() {
-            let ev = libc::POLLIN
-                | if session.wants_write() {
-                    libc::POLLOUT
-                } else {
-                    0
-                };
-            fds.push(pfd(fd, ev));
-        }
         let mut wait = Duration::from_millis(1000);
         if let Some(d) = session.next_deadline() {
             wait = wait.min(d.saturating_duration_since(Instant::now()));
         }
         let ms = (wait.as_millis() as i32).max(1);
-        // SAFETY: `fds` is a valid array of pollfd for the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if n <= 0 {
+        let mut revents = [0i16; 3];
+        let stdin = std::io::stdin();
+        let (stdin_ix, sig_ix, n) = {
+            let mut fds: Vec<(BorrowedFd<'_>, i16)> = Vec::with_capacity(3);
+            let stdin_ix = stdin_open.then(|| {
+                fds.push((stdin.as_fd(), libc::POLLIN));
+                fds.len() - 1
+            });
+            let sig_ix = sigfd.as_ref().map(|f| {
+                fds.push((f.as_fd(), libc::POLLIN));
+                fds.len() - 1
+            });
+            if let Some(fd) = session.poll_fd() {
+                let ev = libc::POLLIN
+                    | if session.wants_write() {
+                        libc::POLLOUT
+                    } else {
+                        0
+                    };
+                fds.push((fd, ev));
+            }
+            (
+                stdin_ix,
+                sig_ix,
+                poll::wait(&fds, &mut revents, ms).unwrap_or(0),
+            )
+        };
+        if n == 0 {
             continue;
         }
         if let Some(i) = sig_ix {
-            if fds[i].revents & libc::POLLIN != 0 {
+            if revents[i] & libc::POLLIN != 0 {
                 let mut b = [0u8; 64];
-                // SAFETY: reading into a local buffer.
-                let k = unsafe { libc::read(fds[i].fd, b.as_mut_ptr().cast(), b.len()) };
-                for &s in b.iter().take(k.max(0) as usize) {
+                let k = sigfd
+                    .as_ref()
+                    .map_or(0, |mut f| f.read(&mut b).unwrap_or(0));
+                for &s in b.iter().take(k) {
                     match s as i32 {
                         libc::SIGWINCH => {
                             if let Some((c, r)) =
@@ -721,7 +725,7 @@ fn run_loop(
             }
         }
         if let Some(i) = stdin_ix {
-            if fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            if revents[i] & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 let mut b = [0u8; 4096];
                 // SAFETY: reading into a local buffer.
                 let k = unsafe { libc::read(0, b.as_mut_ptr().cast(), b.len()) };

@@ -23,7 +23,7 @@ use quinn_proto::{
 use rand::RngCore;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -173,8 +173,8 @@ impl QuicStream {
     }
 
     /// The socket to poll for readability.
-    pub fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -305,19 +305,7 @@ impl QuicStream {
             .saturating_duration_since(now)
             .as_micros()
             .div_ceil(1000);
-        let mut pfd = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one live pollfd; poll writes only its `revents`.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms.min(i32::MAX as u128) as i32) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        crate::poll::readable(self.sock.as_fd(), ms.min(i32::MAX as u128) as i32)?;
         self.drive()
     }
 

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -368,26 +368,21 @@ impl Session {
                 if let Some(resent) = self.handshake_step(&mut hs)? {
                     return Ok((resent, hs.conn));
                 }
-                let mut pfd = libc::pollfd {
-                    fd: hs.conn.fd(),
-                    events: libc::POLLIN
-                        | if hs.conn.polls_for_write()
-                            && (!self.wbuf.is_empty() || hs.conn.pending_output())
-                        {
-                            libc::POLLOUT
-                        } else {
-                            0
-                        },
-                    revents: 0,
-                };
+                let events = libc::POLLIN
+                    | if hs.conn.polls_for_write()
+                        && (!self.wbuf.is_empty() || hs.conn.pending_output())
+                    {
+                        libc::POLLOUT
+                    } else {
+                        0
+                    };
                 let until = hs
                     .conn
                     .next_timeout()
                     .map_or(hs.deadline, |t| t.min(hs.deadline));
                 let left = until.saturating_duration_since(Instant::now());
                 let ms = left.as_millis().min(i32::MAX as u128) as i32;
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
+                let _ = crate::poll::wait(&[(hs.conn.fd(), events)], &mut [0], ms.max(1));
             }
         })();
         match r {
@@ -814,14 +809,9 @@ impl Session {
             }
             match self.poll_fd() {
                 Some(fd) => {
-                    let mut pfd = libc::pollfd {
-                        fd,
-                        events: libc::POLLIN | if self.wants_write() { libc::POLLOUT } else { 0 },
-                        revents: 0,
-                    };
+                    let events = libc::POLLIN | if self.wants_write() { libc::POLLOUT } else { 0 };
                     let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-                    // SAFETY: one valid pollfd for the duration of the call.
-                    unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
+                    let _ = crate::poll::wait(&[(fd, events)], &mut [0], ms.max(1));
                 }
                 None => std::thread::sleep(wait.max(Duration::from_millis(1))),
             }
@@ -832,11 +822,11 @@ impl Session {
     /// while a reconnect's connect runs in the background, a descriptor that becomes readable
     /// when it is done. `None` while waiting to retry (see [`Session::next_deadline`]) or
     /// closed.
-    pub fn poll_fd(&self) -> Option<RawFd> {
+    pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
         match &self.link {
             Link::Up(s) => Some(s.fd()),
             Link::Handshaking(h) => Some(h.conn.fd()),
-            Link::Connecting(c) => Some(c.wake.as_raw_fd()),
+            Link::Connecting(c) => Some(c.wake.as_fd()),
             _ => None,
         }
     }

@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -574,9 +574,9 @@ impl Conn {
     }
 
     /// The descriptor to poll for readability.
-    pub fn fd(&self) -> RawFd {
+    pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Conn::Tcp { sock, .. } => sock.as_raw_fd(),
+            Conn::Tcp { sock, .. } => sock.as_fd(),
             Conn::Quic(q) => q.fd(),
         }
     }

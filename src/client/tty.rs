@@ -1,7 +1,8 @@
 //! Terminal helpers for the `clawterm` CLI: raw mode restored on every exit path, window size,
 //! and a self-pipe that turns signals (SIGWINCH, SIGTERM, SIGHUP, SIGINT) into readable bytes.
 
-use std::os::fd::RawFd;
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 
@@ -102,7 +103,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// Installs handlers for `signals` that write the signal number (one byte) to a non-blocking
 /// pipe; returns the pipe's read end.
-pub fn signal_pipe(signals: &[libc::c_int]) -> std::io::Result<RawFd> {
+pub fn signal_pipe(signals: &[libc::c_int]) -> std::io::Result<File> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -121,7 +122,9 @@ pub fn signal_pipe(signals: &[libc::c_int]) -> std::io::Result<RawFd> {
             }
         }
     }
-    Ok(fds[0])
+    // SAFETY: pipe2 just created `fds[0]`; nothing else owns it (the write end stays open for
+    // the process's life: the handler writes to it).
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fds[0]) }))
 }
 
 /// The ssh-style escape filter: after Enter (or at the start), `~.` detaches, `~X` ends the

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -325,38 +325,30 @@ impl Watcher {
 
     /// Blocks until inotify has events or a stop was requested (with `backoff`: at most 100 ms).
     fn wait(&self, backoff: bool) -> io::Result<Wake> {
-        let mut fds = [
-            pollfd(self.inotify.as_raw_fd()),
-            pollfd(self.wake_rx.as_raw_fd()),
-        ];
         let timeout = if backoff { 100 } else { -1 };
         loop {
-            // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` initialised
-            // `pollfd`s for the duration of the call, and both descriptors are owned by `self`
-            // and stay open while it runs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
+            let mut revents = [0i16; 2];
+            let n = crate::poll::wait(
+                &[
+                    (self.inotify.as_fd(), libc::POLLIN),
+                    (self.wake_rx.as_fd(), libc::POLLIN),
+                ],
+                &mut revents,
+                timeout,
+            )?;
             if n == 0 {
                 return Ok(Wake::Timeout);
             }
-            if fds[1].revents != 0 {
+            if revents[1] != 0 {
                 let mut sink = [0u8; 16];
                 let _ = (&self.wake_rx).read(&mut sink);
                 if self.shared.stopping.load(Ordering::SeqCst) {
                     return Ok(Wake::Stop);
                 }
             }
-            if fds[0].revents != 0 {
+            if revents[0] != 0 {
                 return Ok(Wake::Inotify);
             }
-            fds[0].revents = 0;
-            fds[1].revents = 0;
         }
     }
 
@@ -512,14 +504,6 @@ enum Wake {
     Inotify,
     Stop,
     Timeout,
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use super::metrics::Metrics;
 use crate::pods::Registry;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,13 +92,7 @@ impl Drop for Admin {
 
 /// Waits up to `ms` for the listener to be readable (so `stop` is seen within that time).
 fn wait_readable(listener: &TcpListener, ms: i32) {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid pollfd that lives for the call; the fd is owned by `listener`.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+    let _ = crate::poll::readable(listener.as_fd(), ms);
 }
 
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool, state: &Arc<State>) {
