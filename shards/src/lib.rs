@@ -551,6 +551,8 @@ impl<M: Send + 'static> Runtime<M> {
             let spawned = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
                 .spawn(move || {
+                    // Everything this thread logs carries its shard index.
+                    let _span = tracing::info_span!("shard", shard = i).entered();
                     let _guard = reactor::PanicGuard(shared2.clone());
                     shard_main(
                         i, backend, cfg2, shared2, rx, listener, udp_sock, factory, ready,
@@ -684,7 +686,7 @@ where
 {
     if let Some(Some(cpu)) = cfg.cpus.get(i) {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: *cpu }) {
-            tracing::warn!(shard = i, cpu, "could not pin shard thread to CPU");
+            tracing::warn!(cpu, "could not pin shard thread to CPU");
         }
     }
     // On unwind the core (conn slots, output queues that in-flight sends may reference) is

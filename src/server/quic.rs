@@ -345,7 +345,7 @@ impl QuicShard {
     ) {
         // New connections use the certificate in force (reloads included).
         if let Err(e) = self.config_for(tls) {
-            warn!(shard = self.shard, error = %e, "QUIC cannot accept connections");
+            warn!(error = %e, "QUIC cannot accept connections");
         }
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
@@ -388,7 +388,7 @@ impl QuicShard {
                             self.process(ch.0);
                         }
                         Err(e) => {
-                            debug!(shard = self.shard, error = %e.cause, "QUIC accept failed");
+                            debug!(error = %e.cause, "QUIC accept failed");
                             if let Some(t) = e.response {
                                 send(t.destination, &buf[..t.size]);
                             }
@@ -425,7 +425,7 @@ impl QuicShard {
         while let Some(ev) = c.conn.poll() {
             match ev {
                 Event::ConnectionLost { reason } => {
-                    debug!(shard = self.shard, ch, %reason, "QUIC connection lost");
+                    debug!(ch, %reason, "QUIC connection lost");
                     for (&stream, _) in c.streams.iter() {
                         self.events.push(QEvent::Closed(StreamKey {
                             ch: ch as u32,
@@ -753,10 +753,7 @@ impl QuicShard {
         self.streamless = streamless;
         for ch in expired {
             if let Some(c) = self.conns.get_mut(&ch) {
-                debug!(
-                    shard = self.shard,
-                    ch, "QUIC connection without a session; closed"
-                );
+                debug!(ch, "QUIC connection without a session; closed");
                 c.conn.close(
                     now,
                     VarInt::from_u32(CODE_CLOSED),

@@ -368,7 +368,7 @@ impl ShardHandler {
         // Handshake messages, or the alert that explains a failure.
         self.tls_flush(ctx, conn);
         if let Some(e) = failed {
-            debug!(shard = self.index, ?conn, error = %e, "TLS failure; closing");
+            debug!(?conn, error = %e, "TLS failure; closing");
             self.conn_lost(ctx, conn, true);
         } else if !plain.is_empty() {
             self.on_plaintext(ctx, conn, &plain);
@@ -420,11 +420,7 @@ impl ShardHandler {
                 }
                 self.drop_conn(ctx, conn, close);
                 self.arm(ctx, sid);
-                debug!(
-                    shard = self.index,
-                    session = sid,
-                    "connection lost; session suspended"
-                );
+                debug!(session = sid, "connection lost; session suspended");
                 return;
             }
         }
@@ -519,7 +515,7 @@ impl ShardHandler {
                 ctx.send(l.conn, bytes);
             }
             Some(l) => l.pending.extend_from_slice(bytes),
-            None => debug!(shard = self.index, ?key, "no link for pod message; dropped"),
+            None => debug!(?key, "no link for pod message; dropped"),
         }
     }
 
@@ -537,7 +533,7 @@ impl ShardHandler {
                 true
             }
             Err(e) => {
-                warn!(shard = self.index, path = %path.display(), error = %e, "cannot connect to agent pod");
+                warn!(path = %path.display(), error = %e, "cannot connect to agent pod");
                 false
             }
         }
@@ -551,7 +547,7 @@ impl ShardHandler {
         });
         self.send_client(ctx, conn, &out);
         self.drop_conn(ctx, conn, true);
-        debug!(shard = self.index, ?conn, %code, "connection refused");
+        debug!(?conn, %code, "connection refused");
     }
 
     /// Forgets a connection (and closes it, flushing, when `close`).
@@ -632,7 +628,7 @@ impl ShardHandler {
                     Early::Decode => {}
                     Early::NeedMore(_) => break,
                     Early::Refuse(code) => {
-                        debug!(shard = self.index, ?conn, %code, "handshake frame refused from its header");
+                        debug!(?conn, %code, "handshake frame refused from its header");
                         self.refuse(ctx, conn, code);
                         alive = false;
                         break;
@@ -641,7 +637,7 @@ impl ShardHandler {
             }
             match proto::decode(&bytes[off..], max) {
                 Err(e) => {
-                    debug!(shard = self.index, ?conn, error = %e, "broken stream");
+                    debug!(?conn, error = %e, "broken stream");
                     self.broken(ctx, conn, e.error_code());
                     alive = false;
                     break;
@@ -714,11 +710,7 @@ impl ShardHandler {
         let accepted_at = self.clock.instant_us(accepted_us);
         match (conn, peer) {
             (Client::Tcp(id), _) => {
-                debug!(
-                    shard = self.index,
-                    to = owner,
-                    "resume handed off to the owning shard"
-                );
+                debug!(to = owner, "resume handed off to the owning shard");
                 ctx.hand_off(
                     id,
                     owner,
@@ -730,11 +722,7 @@ impl ShardHandler {
                 );
             }
             (Client::Quic(key), Some(peer)) => {
-                debug!(
-                    shard = self.index,
-                    to = owner,
-                    "QUIC resume relayed to the owning shard"
-                );
+                debug!(to = owner, "QUIC resume relayed to the owning shard");
                 self.relays.insert(key, owner);
                 ctx.send_to_shard(
                     owner,
@@ -830,7 +818,6 @@ impl ShardHandler {
         };
         if !self.shared.check_token(c.tenant_id, c.agent_id, &c.token) {
             info!(
-                shard = self.index,
                 tenant = c.tenant_id,
                 agent = c.agent_id,
                 "CONNECT refused: bad token"
@@ -893,7 +880,6 @@ impl ShardHandler {
             now_us.saturating_sub(self.conns.get(&conn).map_or(now_us, |c| c.accepted_us)),
         );
         debug!(
-            shard = self.index,
             session = sid,
             tenant = key.0,
             agent = key.1,
@@ -956,7 +942,7 @@ impl ShardHandler {
                 self.flush(ctx, Some(old), key);
             }
             self.drop_conn(ctx, old, true);
-            debug!(shard = self.index, session = sid, "session taken over");
+            debug!(session = sid, "session taken over");
         }
         let cfg = &self.shared.cfg.session;
         let Some(s) = self.table.get_mut(sid) else {
@@ -1024,7 +1010,7 @@ impl ShardHandler {
         while off < bytes.len() {
             match podlink::decode(&bytes[off..]) {
                 Err(e) => {
-                    warn!(shard = self.index, ?key, error = %e, "pod link broken");
+                    warn!(?key, error = %e, "pod link broken");
                     broken = true;
                     break;
                 }
@@ -1071,7 +1057,6 @@ impl ShardHandler {
             if let PodMsg::Hello { version, name } = msg {
                 if version != podlink::codec::VERSION {
                     warn!(
-                        shard = self.index,
                         ?key,
                         version,
                         name,
@@ -1082,15 +1067,10 @@ impl ShardHandler {
                 }
                 l.hello_seen = true;
                 *hello_seen = true;
-                debug!(shard = self.index, ?key, version, name, "pod HELLO");
+                debug!(?key, version, name, "pod HELLO");
                 return true;
             }
-            warn!(
-                shard = self.index,
-                ?key,
-                "pod sent {} before HELLO",
-                msg.ty().name()
-            );
+            warn!(?key, "pod sent {} before HELLO", msg.ty().name());
             return false;
         }
         let now = self.now(ctx);
@@ -1100,7 +1080,6 @@ impl ShardHandler {
         };
         if (s.tenant(), s.agent()) != key {
             warn!(
-                shard = self.index,
                 ?key,
                 session = sid,
                 "pod sent a message for another pod's session"
@@ -1244,7 +1223,6 @@ impl ShardHandler {
             return;
         }
         info!(
-            shard = self.index,
             tenant = key.0,
             agent = key.1,
             sessions = l.sessions.len(),
@@ -1301,7 +1279,7 @@ impl ShardHandler {
         let conn = match ctx.connect_unix(&path) {
             Ok(c) => c,
             Err(e) => {
-                debug!(shard = self.index, path = %path.display(), error = %e, "pod not reachable yet");
+                debug!(path = %path.display(), error = %e, "pod not reachable yet");
                 self.schedule_retry(ctx, key);
                 return;
             }
@@ -1345,7 +1323,6 @@ impl ShardHandler {
             }
         }
         info!(
-            shard = self.index,
             tenant = key.0,
             agent = key.1,
             "pod back; reopening its sessions"
@@ -1378,7 +1355,6 @@ impl ShardHandler {
             return;
         };
         info!(
-            shard = self.index,
             tenant = key.0,
             agent = key.1,
             sessions = link.sessions.len(),
@@ -1409,7 +1385,7 @@ impl ShardHandler {
                         .get(&conn)
                         .is_some_and(|c| c.state == ConnState::Handshake)
                     {
-                        debug!(shard = self.index, ?conn, "handshake timeout");
+                        debug!(?conn, "handshake timeout");
                         self.drop_conn(ctx, conn, false);
                         self.io_abort(ctx, conn);
                     }
@@ -1454,7 +1430,6 @@ impl ShardHandler {
                         };
                         if s.on_delivery(delivered, now, cfg, &mut self.scratch) {
                             debug!(
-                                shard = self.index,
                                 session = sid,
                                 "client does not acknowledge; paced by its send backlog"
                             );
@@ -1524,11 +1499,7 @@ impl ShardHandler {
         }
         // §6: a connection limit is OVERLOADED. Nothing can be sent before a TLS handshake,
         // so such a connection is only aborted.
-        debug!(
-            shard = self.index,
-            ?conn,
-            "too many pending handshakes; refused"
-        );
+        debug!(?conn, "too many pending handshakes; refused");
         if can_send {
             self.refuse(ctx, conn, ErrorCode::Overloaded);
         } else {
@@ -1650,7 +1621,7 @@ impl ShardHandler {
                         },
                     );
                 } else {
-                    debug!(shard = self.index, ?key, "QUIC stream closed by the client");
+                    debug!(?key, "QUIC stream closed by the client");
                     self.conn_lost(ctx, Client::Quic(key), false);
                 }
             }
@@ -1695,7 +1666,7 @@ impl shards::Handler for ShardHandler {
             Some(t) => match t.accept() {
                 Ok(c) => Some(Box::new(c)),
                 Err(e) => {
-                    warn!(shard = self.index, error = %e, "cannot start TLS");
+                    warn!(error = %e, "cannot start TLS");
                     ctx.abort(conn);
                     return;
                 }
@@ -1743,10 +1714,10 @@ impl shards::Handler for ShardHandler {
         err: Option<std::io::Error>,
     ) {
         if let Some(key) = self.links.key_of(conn) {
-            debug!(shard = self.index, ?key, error = ?err, "pod link closed");
+            debug!(?key, error = ?err, "pod link closed");
             self.link_down(ctx, key);
         } else {
-            debug!(shard = self.index, ?conn, error = ?err, "connection closed by peer");
+            debug!(?conn, error = ?err, "connection closed by peer");
             self.conn_lost(ctx, Client::Tcp(conn), false);
         }
         self.quic_settle(ctx);
@@ -1818,7 +1789,7 @@ impl shards::Handler for ShardHandler {
                         self.refuse(ctx, c, ErrorCode::NoAgent);
                     }
                 }
-                warn!(shard = self.index, ?key, error = %e, "pod link connect failed");
+                warn!(?key, error = %e, "pod link connect failed");
                 self.link_down(ctx, key);
             }
         }
@@ -1978,6 +1949,6 @@ impl shards::Handler for ShardHandler {
             q.close_all(ctx.now());
         }
         self.quic_settle(ctx);
-        info!(shard = self.index, "shard stopped");
+        info!("shard stopped");
     }
 }

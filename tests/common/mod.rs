@@ -1,9 +1,9 @@
 //! Black-box harness for the `clawtermd` end-to-end tests.
 //!
 //! Deliberately independent of the `clawterm` crate: the frame encoder, the strict frame
-//! decoder and the CRC-16/UMTS below are written from the contract
-//! (`/work/shared/spec/PROTOCOL.md`), so a bug shared by the server and the crate's codec
-//! cannot hide itself.
+//! decoder and the CRC-16/UMTS below are written from the protocol text (`docs/PROTOCOL.md`,
+//! which agrees with the contract rule for rule), so a bug shared by the server and the crate's
+//! codec cannot hide itself.
 
 #![allow(dead_code)]
 
