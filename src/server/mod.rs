@@ -89,13 +89,52 @@ pub struct Server {
     admin: Option<admin::Admin>,
 }
 
+/// Why the server could not start; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The tokens file could not be loaded.
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokensError),
+    /// The TLS certificate or key is unusable.
+    #[error("{0}")]
+    Tls(String),
+    /// The QUIC endpoint could not be set up.
+    #[error("QUIC: {0}")]
+    Quic(String),
+    /// The pod socket directory cannot be watched.
+    #[error("pod socket directory {path}: {source}")]
+    SocketDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The shards (their listeners, rings or threads) could not start.
+    #[error("{0}")]
+    Runtime(#[source] std::io::Error),
+    /// The admin endpoint could not listen (the message names the address).
+    #[error("{source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// The underlying I/O error kind, where there is one (e.g. `AddrInUse`).
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StartError::SocketDir { source, .. }
+            | StartError::Runtime(source)
+            | StartError::Admin { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+}
+
 /// Starts the shards and the listeners.
-pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
+pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     let tokens = match &cfg.auth {
         Auth::NoAuth => None,
-        Auth::Tokens(path) => Some(Arc::new(Tokens::load(path).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
-        })?)),
+        Auth::Tokens(path) => Some(Arc::new(Tokens::load(path)?)),
     };
     let quic_port = match (cfg.quic_port, &cfg.tls) {
         (Some(p), Some(_)) => Some(p),
@@ -118,25 +157,21 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
     };
     let quic = match quic_port {
         Some(_) => Some(Arc::new(
-            quic::QuicShared::new(cfg.shards, cfg.session.idle_ms)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            quic::QuicShared::new(cfg.shards, cfg.session.idle_ms).map_err(StartError::Quic)?,
         )),
         None => None,
     };
     let cfg_shards = cfg.shards;
     let tls = match &cfg.tls {
-        Some((cert, key)) => Some(
-            tls::Tls::load(cert, key)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
-        ),
+        Some((cert, key)) => Some(tls::Tls::load(cert, key).map_err(StartError::Tls)?),
         None => None,
     };
     let admin_addr = cfg.admin;
-    let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("pod socket directory {}: {e}", cfg.socket_dir.display()),
-        )
+    let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|source| {
+        StartError::SocketDir {
+            path: cfg.socket_dir.clone(),
+            source,
+        }
     })?;
     let shared = Arc::new(Shared {
         cfg,
@@ -152,7 +187,8 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
         // On the shard's thread: liveness (`/healthz`) notices when the thread ends.
         s2.metrics.watch_shard_thread();
         shard::ShardHandler::new(i, s2.clone())
-    })?;
+    })
+    .map_err(StartError::Runtime)?;
     // Pod events reach every shard through its mailbox (links are per shard).
     let remote = runtime.remote();
     shared.registry.set_on_event(Box::new(move |ev| {
@@ -166,11 +202,10 @@ pub fn start(cfg: ServerConfig) -> std::io::Result<Server> {
     }));
     let _ = shared.metrics.backend.set(runtime.backend().to_string());
     let admin = match admin_addr {
-        Some(a) => Some(admin::Admin::start(
-            a,
-            shared.metrics.clone(),
-            shared.registry.clone(),
-        )?),
+        Some(a) => Some(
+            admin::Admin::start(a, shared.metrics.clone(), shared.registry.clone())
+                .map_err(|source| StartError::Admin { addr: a, source })?,
+        ),
         None => None,
     };
     Ok(Server {
@@ -217,5 +252,63 @@ impl Server {
     }
     pub fn join(self) -> std::io::Result<()> {
         self.runtime.join()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &std::path::Path) -> ServerConfig {
+        ServerConfig {
+            bind: "127.0.0.1".parse().unwrap(),
+            port: 0,
+            socket_dir: dir.to_path_buf(),
+            io: shards::IoMode::Epoll,
+            ..ServerConfig::default()
+        }
+    }
+
+    fn start_err(c: ServerConfig) -> StartError {
+        match start(c) {
+            Ok(s) => {
+                s.shutdown();
+                let _ = s.join();
+                panic!("started")
+            }
+            Err(e) => e,
+        }
+    }
+
+    /// Each start-up failure is its own variant and names what to fix.
+    #[test]
+    fn start_errors_are_typed_and_name_the_culprit() {
+        let dir = std::env::temp_dir().join(format!("ct-start-err-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("no-such-tokens");
+        let e = start_err(ServerConfig {
+            auth: Auth::Tokens(missing.clone()),
+            ..cfg(&dir)
+        });
+        assert!(matches!(e, StartError::Tokens(_)), "{e:?}");
+        assert!(e.to_string().contains("no-such-tokens"), "{e}");
+
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = busy.local_addr().unwrap();
+        let e = start_err(ServerConfig {
+            admin: Some(addr),
+            ..cfg(&dir)
+        });
+        assert!(matches!(e, StartError::Admin { .. }), "{e:?}");
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::AddrInUse));
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+
+        let e = start_err(ServerConfig {
+            port: addr.port(),
+            ..cfg(&dir)
+        });
+        assert!(matches!(e, StartError::Runtime(_)), "{e:?}");
+        assert_eq!(e.io_kind(), Some(std::io::ErrorKind::AddrInUse));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
