@@ -37,9 +37,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY core/Cargo.toml core/Cargo.toml
 COPY shards/Cargo.toml shards/Cargo.toml
 COPY loadgen/Cargo.toml loadgen/Cargo.toml
-RUN mkdir -p src/bin core/src shards/src loadgen/src benches \
+RUN mkdir -p src/bin/clawtermd core/src shards/src loadgen/src benches \
     && touch src/lib.rs core/src/lib.rs shards/src/lib.rs \
-    && for f in src/bin/clawtermd.rs src/bin/claw-agent.rs src/bin/clawterm.rs loadgen/src/main.rs \
+    && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs loadgen/src/main.rs \
                 benches/codec.rs benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo fetch --locked \
     && cargo build --release --locked -p clawterm --bins \

@@ -11,7 +11,6 @@
 pub mod agent;
 pub mod auth;
 pub mod client;
-pub mod demo;
 pub mod pods;
 pub mod poll;
 pub mod server;

@@ -192,7 +192,7 @@ fn demo_walkthrough_succeeds_then_sigterm_stops_it() {
         assert!(out.contains(step), "no {step:?} in the demo output:\n{out}");
     }
     assert_eq!(
-        out.matches("replayed SEQ").count(),
+        out.matches("replayed: ").count(),
         3,
         "the 3 in-flight echoes replayed once each:\n{out}"
     );

@@ -569,7 +569,7 @@ fn io_auto_falls_back_to_epoll_when_seccomp_refuses_io_uring() {
 /// A shard that panics takes its sessions with it: the daemon must not linger half-alive
 /// (answering `/healthz`), but exit non-zero with an error saying so, so that the supervisor
 /// restarts it. The panic is injected by the debug-build-only `CLAWTERMD_TEST_PANIC_ON` hook
-/// (see `src/bin/clawtermd.rs`) on a real event of the shard's: refusing a bad token.
+/// (see `src/bin/clawtermd/main.rs`) on a real event of the shard's: refusing a bad token.
 #[test]
 fn daemon_exits_non_zero_when_a_shard_panics() {
     for shards in ["1", "2"] {

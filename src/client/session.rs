@@ -938,6 +938,11 @@ impl Session {
         self.core.session_id()
     }
 
+    /// SEQ of the newest server DATA frame received (what a RESUME reports as `last_seq`).
+    pub fn last_seq(&self) -> u32 {
+        self.core.last_seq()
+    }
+
     /// `HOST:PORT` of the server (without the transport).
     pub fn endpoint(&self) -> &str {
         &self.endpoint

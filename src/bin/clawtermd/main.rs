@@ -1,5 +1,7 @@
 //! `clawtermd`: the ClawTerm session server (one per node).
 
+mod demo;
+
 use clap::builder::BoolishValueParser;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
@@ -620,7 +622,7 @@ fn main() -> ExitCode {
         }
     }
     let demo = if args.demo {
-        match clawterm::demo::prepare(&mut cfg, !args.insecure_plaintext) {
+        match demo::prepare(&mut cfg, !args.insecure_plaintext) {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("clawtermd: --demo: {e}");
