@@ -19,6 +19,10 @@
 //!   writer thread, so a daemon that is busy writing to us cannot dead-lock the link;
 //! * malformed input closes the link with a warning, never a panic.
 //!
+//! The agents `claw-agent` runs are here too, ready to serve or to wrap: [`EchoAgent`],
+//! [`ExecAgent`] (one process per session on pipes) and [`ShellAgent`] (a login shell in a PTY
+//! per session).
+//!
 //! ```no_run
 //! use clawterm::agent::{Agent, AgentListener, Outbox, SessionId};
 //!
@@ -34,15 +38,21 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod echo;
+mod exec;
 mod input;
 mod link;
 mod listener;
 pub mod pty;
+mod shell;
 mod signal;
 
+pub use echo::EchoAgent;
+pub use exec::ExecAgent;
 pub use input::{input_queue, InputReceiver, InputSender, INPUT_HARD_LIMIT, INPUT_HIGH, INPUT_LOW};
 pub use link::{serve_link, Outbox, HELD_INPUT_PAUSE};
 pub use listener::AgentListener;
+pub use shell::{shell_path, ShellAgent};
 pub use signal::stop_on_signals;
 
 pub use crate::podlink::CloseReason;
