@@ -1,0 +1,183 @@
+//! The application's side of a shard: the [`Handler`] callbacks, the [`Ctx`] they act
+//! through, and the [`ConnId`] naming a connection.
+
+use crate::reactor::{Core, Envelope};
+use crate::Backend;
+use crate::{sys, udp};
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+/// Identifies a connection on its shard: slab index + generation, so stale ids are detected
+/// and ignored.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+pub struct ConnId {
+    pub(crate) idx: u32,
+    pub(crate) gen: u32,
+}
+
+impl ConnId {
+    /// Slab index (unique among the live conns of one shard).
+    pub fn index(&self) -> u32 {
+        self.idx
+    }
+    /// Slot generation.
+    pub fn generation(&self) -> u32 {
+        self.gen
+    }
+}
+
+/// Application callbacks of one shard. Constructed on its shard thread; need not be `Send`.
+pub trait Handler: 'static {
+    /// Cross-shard message type.
+    type Msg: Send + 'static;
+
+    fn on_start(&mut self, _ctx: &mut Ctx<'_, Self::Msg>) {}
+    fn on_accept(&mut self, ctx: &mut Ctx<'_, Self::Msg>, conn: ConnId, peer: SocketAddr);
+    /// Bytes are borrowed from the provided buffer, which is recycled when this returns.
+    fn on_data(&mut self, ctx: &mut Ctx<'_, Self::Msg>, conn: ConnId, data: &[u8]);
+    /// Peer EOF (`None`) or error; the conn is gone after this. Not called for conns the
+    /// handler closed/aborted itself or handed off.
+    fn on_closed(&mut self, ctx: &mut Ctx<'_, Self::Msg>, conn: ConnId, err: Option<io::Error>);
+    /// A conn that went above the high watermark drained below the low watermark.
+    fn on_writable(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _conn: ConnId) {}
+    /// Outcome of `ctx.connect_unix`; on `Err` the conn is already gone.
+    fn on_connected(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _conn: ConnId, _res: io::Result<()>) {
+    }
+    /// A message from `ctx.send_to_shard` / `Remote::send`.
+    fn on_message(&mut self, ctx: &mut Ctx<'_, Self::Msg>, msg: Self::Msg);
+    /// A live conn handed over from another shard. `unread` = bytes the old shard received
+    /// after the hand-off request (feed them to the parser first).
+    fn on_adopt(
+        &mut self,
+        ctx: &mut Ctx<'_, Self::Msg>,
+        conn: ConnId,
+        peer: SocketAddr,
+        unread: Vec<u8>,
+        msg: Self::Msg,
+    );
+    /// The deadline set with `ctx.wake_at` passed.
+    fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _now: Instant) {}
+    /// A datagram arrived on this shard's UDP socket ([`Config::udp`](crate::Config::udp)). The bytes are
+    /// borrowed from a per-shard buffer that is reused when this returns.
+    fn on_datagram(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _from: SocketAddr, _data: &[u8]) {}
+    /// Stop requested. Afterwards the runtime stops accepting, flushes queued output
+    /// (bounded ~2 s), closes everything and ends the thread.
+    fn on_shutdown(&mut self, _ctx: &mut Ctx<'_, Self::Msg>) {}
+}
+
+/// The handler's view of its shard during a callback.
+pub struct Ctx<'a, M> {
+    core: &'a mut Core<M>,
+}
+
+impl<'a, M> Ctx<'a, M> {
+    pub(crate) fn new(core: &'a mut Core<M>) -> Self {
+        Ctx { core }
+    }
+}
+
+impl<M: Send + 'static> Ctx<'_, M> {
+    /// This shard's index.
+    pub fn shard(&self) -> usize {
+        self.core.shard
+    }
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.core.shards
+    }
+    /// Time at the start of the current event batch.
+    pub fn now(&self) -> Instant {
+        self.core.now
+    }
+    pub fn backend(&self) -> Backend {
+        self.core.backend
+    }
+    /// Copy `bytes` into the conn's ordered output queue; returns the bytes now queued.
+    /// Ignored (returns 0) for unknown/closed conns.
+    pub fn send(&mut self, conn: ConnId, bytes: &[u8]) -> usize {
+        self.core.send(conn, bytes)
+    }
+    /// Output of `conn` the peer has not received yet: bytes still queued here plus bytes the
+    /// kernel has not sent or the peer's TCP has not acknowledged. `Some(0)` means everything
+    /// sent has reached the peer's socket. `None` for unknown/closed conns.
+    pub fn unsent(&self, conn: ConnId) -> Option<usize> {
+        self.core.unsent(conn)
+    }
+    pub fn is_backpressured(&self, conn: ConnId) -> bool {
+        self.core.is_backpressured(conn)
+    }
+    /// Flush queued output, then close (bounded time). No `on_closed` for it.
+    pub fn close(&mut self, conn: ConnId) {
+        self.core.close(conn)
+    }
+    /// Close now, dropping queued output. No `on_closed` for it.
+    pub fn abort(&mut self, conn: ConnId) {
+        self.core.abort(conn)
+    }
+    /// Pause/resume receiving on a conn. Paused conns hold no receive op.
+    pub fn set_reading(&mut self, conn: ConnId, on: bool) {
+        self.core.set_reading(conn, on)
+    }
+    /// Non-blocking AF_UNIX stream connect; `on_connected` reports the outcome.
+    pub fn connect_unix(&mut self, path: &Path) -> io::Result<ConnId> {
+        self.core.connect_unix(path)
+    }
+    /// Post a message to a shard's mailbox (this shard included).
+    pub fn send_to_shard(&mut self, shard: usize, msg: M) {
+        if !self.core.shared.send(shard, Envelope::Msg(msg)) {
+            tracing::debug!(shard, "send_to_shard: target shard is gone or out of range");
+        }
+    }
+    /// Move a live conn to another shard (delivered to its `on_adopt`). The id is dead here
+    /// afterwards.
+    pub fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M) {
+        self.core.hand_off(conn, shard, msg)
+    }
+    /// Request an `on_tick` at `deadline` (the earliest requested deadline wins).
+    pub fn wake_at(&mut self, deadline: Instant) {
+        self.core.wake_at = Some(match self.core.wake_at {
+            Some(d) if d <= deadline => d,
+            _ => deadline,
+        });
+    }
+    /// Ask the whole runtime to stop.
+    pub fn stop(&mut self) {
+        self.core.shared.request_stop();
+    }
+    pub fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr> {
+        self.core.peer_addr(conn)
+    }
+    /// Connection slots in use on this shard (including conns still flushing/closing).
+    pub fn conn_count(&self) -> usize {
+        self.core.live
+    }
+    /// Sends one datagram from this shard's UDP socket without blocking. A full socket
+    /// buffer drops it (`Err(WouldBlock)`, also counted in [`Ctx::udp_dropped`]); without a
+    /// UDP socket this is `Err(NotConnected)`.
+    pub fn send_datagram(&mut self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
+        let Some(fd) = self.core.udp.as_ref() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "this runtime has no UDP socket",
+            ));
+        };
+        let r = udp::send_to(std::os::fd::AsRawFd::as_raw_fd(fd), &to, data);
+        if r.is_err() {
+            self.core.udp_dropped += 1;
+        }
+        r
+    }
+    /// Datagrams this shard dropped: truncated on receive, or not sent (buffer full, error).
+    pub fn udp_dropped(&self) -> u64 {
+        self.core.udp_dropped
+    }
+    /// The UDP socket's bound address (port 0 resolved), if there is one.
+    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+        self.core
+            .udp
+            .as_ref()
+            .and_then(|fd| sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(fd)).ok())
+    }
+}

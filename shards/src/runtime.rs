@@ -1,0 +1,332 @@
+//! Starting, addressing and stopping the shards: [`Runtime`] and its [`Remote`] handle, and
+//! each shard thread's main loop.
+
+use crate::reactor::{self, Core, Envelope, Shared};
+use crate::{epoll, probe_uring, sys, udp, uring, Backend, Config, Handler, IoMode};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Clonable, `Send` handle to post messages to shards or stop the runtime from any thread.
+pub struct Remote<M> {
+    shared: Arc<Shared<M>>,
+}
+
+impl<M> Clone for Remote<M> {
+    fn clone(&self) -> Self {
+        Remote {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<M: Send + 'static> Remote<M> {
+    /// Deliver `msg` to `shard`'s `on_message`. `false` if the shard does not exist or ended.
+    pub fn send(&self, shard: usize, msg: M) -> bool {
+        self.shared.send(shard, Envelope::Msg(msg))
+    }
+    /// Request stop of all shards.
+    pub fn stop(&self) {
+        self.shared.request_stop();
+    }
+    pub fn shards(&self) -> usize {
+        self.shared.senders.len()
+    }
+}
+
+/// Handle to the running shards.
+pub struct Runtime<M: Send + 'static> {
+    shared: Arc<Shared<M>>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    backend: Backend,
+    local_addr: Option<SocketAddr>,
+    udp_local_addr: Option<SocketAddr>,
+    udp_steered: bool,
+}
+
+impl<M: Send + 'static> Runtime<M> {
+    /// Start `cfg.shards` threads named `shard-{i}`; `factory(i)` builds shard i's handler on
+    /// its own thread.
+    pub fn start<H, F>(cfg: Config, factory: F) -> io::Result<Runtime<M>>
+    where
+        H: Handler<Msg = M>,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
+        cfg.validate()?;
+        let backend = match cfg.io {
+            IoMode::Epoll => Backend::Epoll,
+            IoMode::Uring => match probe_uring() {
+                Ok(()) => Backend::Uring,
+                Err(reason) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        format!("io_uring requested but unavailable: {reason}"),
+                    ))
+                }
+            },
+            IoMode::Auto => match probe_uring() {
+                Ok(()) => Backend::Uring,
+                Err(reason) => {
+                    tracing::warn!(
+                        "io_uring unavailable ({reason}); falling back to the epoll backend"
+                    );
+                    Backend::Epoll
+                }
+            },
+        };
+
+        // Listeners: bound here so that errors surface from start() and port 0 resolves once.
+        let mut listeners = Vec::new();
+        let mut local_addr = None;
+        if let Some(addr) = cfg.listen {
+            let mut bind_addr = addr;
+            for _ in 0..cfg.shards {
+                let fd = sys::tcp_listener(&bind_addr, cfg.backlog, backend == Backend::Epoll)?;
+                if local_addr.is_none() {
+                    let a = sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+                    bind_addr = a;
+                    local_addr = Some(a);
+                }
+                listeners.push(Some(fd));
+            }
+        } else {
+            listeners.resize_with(cfg.shards, || None);
+        }
+        let mut udp_socks = Vec::new();
+        let mut udp_local_addr = None;
+        let mut udp_steered = false;
+        if let Some(addr) = cfg.udp {
+            let mut bind_addr = addr;
+            for _ in 0..cfg.shards {
+                let fd = udp::udp_socket(&bind_addr)?;
+                if udp_local_addr.is_none() {
+                    let a = sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+                    bind_addr = a;
+                    udp_local_addr = Some(a);
+                }
+                udp_socks.push(Some(fd));
+            }
+            if let (Some(prog), Some(Some(first))) = (&cfg.udp_steering, udp_socks.first()) {
+                // The group's sockets joined in shard order, so index i is shard i's socket.
+                match udp::attach_reuseport_cbpf(std::os::fd::AsRawFd::as_raw_fd(first), prog) {
+                    Ok(()) => udp_steered = true,
+                    Err(e) => tracing::warn!(
+                        "cannot attach the UDP steering program ({e}); datagrams are spread \
+                         by the kernel's hash and must be forwarded between shards"
+                    ),
+                }
+            }
+        } else {
+            udp_socks.resize_with(cfg.shards, || None);
+        }
+
+        let mut senders = Vec::with_capacity(cfg.shards);
+        let mut receivers = Vec::with_capacity(cfg.shards);
+        let mut wakers = Vec::with_capacity(cfg.shards);
+        for _ in 0..cfg.shards {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            senders.push(tx);
+            receivers.push(rx);
+            wakers.push(reactor::Waker::new(backend == Backend::Epoll)?);
+        }
+        let shared = Arc::new(Shared::new(senders, wakers));
+        let factory = Arc::new(factory);
+        let cfg = Arc::new(cfg);
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<io::Result<()>>();
+
+        let mut threads = Vec::with_capacity(cfg.shards);
+        for (i, ((rx, listener), udp_sock)) in receivers
+            .into_iter()
+            .zip(listeners)
+            .zip(udp_socks)
+            .enumerate()
+        {
+            let shared2 = shared.clone();
+            let factory = factory.clone();
+            let cfg2 = cfg.clone();
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("shard-{i}"))
+                .spawn(move || {
+                    // Everything this thread logs carries its shard index.
+                    let _span = tracing::info_span!("shard", shard = i).entered();
+                    let _guard = reactor::PanicGuard(shared2.clone());
+                    shard_main(
+                        i, backend, cfg2, shared2, rx, listener, udp_sock, factory, ready,
+                    )
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.request_stop();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        drop(ready_tx);
+        let mut first_err = None;
+        for _ in 0..cfg.shards {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(io::Error::other("shard thread died during startup"));
+                    break;
+                }
+            }
+        }
+        let rt = Runtime {
+            shared,
+            threads,
+            backend,
+            local_addr,
+            udp_local_addr,
+            udp_steered,
+        };
+        if let Some(e) = first_err {
+            rt.shutdown();
+            let _ = rt.join();
+            return Err(e);
+        }
+        tracing::debug!(shards = cfg.shards, %backend, "shards runtime started");
+        Ok(rt)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Actual bound listen address (port 0 resolved).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Actual bound UDP address (port 0 resolved).
+    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+        self.udp_local_addr
+    }
+
+    /// Whether the UDP steering program ([`Config::udp_steering`]) is attached.
+    pub fn udp_steered(&self) -> bool {
+        self.udp_steered
+    }
+
+    pub fn remote(&self) -> Remote<M> {
+        Remote {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Request stop (callable from any thread).
+    pub fn shutdown(&self) {
+        self.shared.request_stop();
+    }
+
+    /// Wait for all shard threads. A shard that panicked or failed yields `Err`.
+    pub fn join(mut self) -> io::Result<()> {
+        self.join_all()
+    }
+
+    fn join_all(&mut self) -> io::Result<()> {
+        let mut res = Ok(());
+        for (i, t) in std::mem::take(&mut self.threads).into_iter().enumerate() {
+            let r = match t.join() {
+                Ok(r) => r,
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic payload".into());
+                    Err(io::Error::other(format!("shard {i} panicked: {msg}")))
+                }
+            };
+            if let Err(e) = r {
+                if res.is_ok() {
+                    res = Err(e);
+                }
+            }
+        }
+        res
+    }
+}
+
+impl<M: Send + 'static> Drop for Runtime<M> {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.request_stop();
+            let _ = self.join_all();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shard_main<H, F>(
+    i: usize,
+    backend: Backend,
+    cfg: Arc<Config>,
+    shared: Arc<Shared<H::Msg>>,
+    rx: crossbeam_channel::Receiver<Envelope<H::Msg>>,
+    listener: Option<std::os::fd::OwnedFd>,
+    udp_sock: Option<std::os::fd::OwnedFd>,
+    factory: Arc<F>,
+    ready: crossbeam_channel::Sender<io::Result<()>>,
+) -> io::Result<()>
+where
+    H: Handler,
+    F: Fn(usize) -> H + Send + Sync + 'static,
+{
+    if let Some(Some(cpu)) = cfg.cpus.get(i) {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: *cpu }) {
+            tracing::warn!(cpu, "could not pin shard thread to CPU");
+        }
+    }
+    // On unwind the core (conn slots, output queues that in-flight sends may reference) is
+    // leaked on purpose; see uring.rs.
+    let mut core = std::mem::ManuallyDrop::new(Core::new(i, cfg.shards, backend, &cfg, shared));
+    core.udp = udp_sock;
+    match backend {
+        Backend::Uring => {
+            let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+            let mut be = match uring::UringShard::new(&cfg, listener, core.wake_fd(), udp_fd) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return Ok(());
+                }
+            };
+            let _ = ready.send(Ok(()));
+            drop(ready);
+            let mut h = factory(i);
+            let r = be.run(&mut core, &rx, &mut h);
+            let leaked = be.leaked();
+            drop(be);
+            if !leaked {
+                drop(std::mem::ManuallyDrop::into_inner(core));
+            }
+            r
+        }
+        Backend::Epoll => {
+            let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+            let mut be = match epoll::EpollShard::new(&cfg, listener, core.wake_fd(), udp_fd) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return Ok(());
+                }
+            };
+            let _ = ready.send(Ok(()));
+            drop(ready);
+            let mut h = factory(i);
+            let r = be.run(&mut core, &rx, &mut h);
+            drop(std::mem::ManuallyDrop::into_inner(core));
+            r
+        }
+    }
+}
