@@ -30,13 +30,60 @@
 
 use clawterm::client::core::{ClientCore, CoreEvent, Timers};
 use clawterm::proto::{
-    decode, encode_to_vec, seq, Accept, Ack, Decoded, ErrorCode, ErrorFrame, FrameType, Resize,
+    decode, encode_to_vec, seq, Accept, Ack, Decoded, ErrorFrame, FrameType, Resize,
     Resume, Resumed, Roam, CAP_RELIABLE, FLAG_GAP, FLAG_REPLAY, MAX_PAYLOAD,
 };
 use libfuzzer_sys::fuzz_target;
 use std::collections::VecDeque;
 
 const MAX_SEND_CHUNK: usize = clawterm::client::core::MAX_SEND_CHUNK;
+
+/// What a client does after an ERROR, as PROTOCOL.md §6 says it (the "a client then" column),
+/// read from the text itself so that the model cannot share a mistake with the code.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum AfterError {
+    Resumes,
+    Stops,
+    /// NO_AGENT: stops after a CONNECT, resumes after a RESUME.
+    StopsAfterConnect,
+    Over,
+}
+
+fn after_error(code: u16) -> AfterError {
+    static TABLE: std::sync::OnceLock<Vec<(u16, AfterError)>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let text = include_str!("../../docs/PROTOCOL.md");
+        let section = text
+            .split("## 6. Errors and bad input")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .expect("PROTOCOL.md has section 6");
+        let rows: Vec<(u16, AfterError)> = section
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                // ["", code, name, after it, a client then, ""]
+                let code = cells.get(1)?.parse::<u16>().ok()?;
+                let rule = match *cells.get(4)? {
+                    "resumes" => AfterError::Resumes,
+                    "stops" => AfterError::Stops,
+                    "stops after a CONNECT, resumes after a RESUME" => {
+                        AfterError::StopsAfterConnect
+                    }
+                    "the session is over" => AfterError::Over,
+                    other => panic!("PROTOCOL.md §6: unknown client rule {other:?}"),
+                };
+                Some((code, rule))
+            })
+            .collect();
+        assert_eq!(rows.len(), 12, "PROTOCOL.md §6 lists the 12 codes");
+        rows
+    });
+    table
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or(AfterError::Resumes, |(_, r)| *r) // an unknown code: resumes
+}
 const TIMERS: Timers = Timers {
     keepalive_ms: 1_000,
     dead_after_ms: 5_000,
@@ -217,22 +264,17 @@ fn advance(m: &mut Model, out: &mut VecDeque<Out>) -> (Vec<CoreEvent>, Result<()
                     return fail(m, ev);
                 };
                 m.stopped = true;
-                if e.known() == Some(ErrorCode::AgentGone) {
+                let rule = after_error(e.code);
+                if rule == AfterError::Over {
                     m.phase = Phase::Closed;
                     ev.push(CoreEvent::Ended);
                     break;
                 }
-                let fatal = matches!(
-                    e.known(),
-                    Some(
-                        ErrorCode::AuthFailed
-                            | ErrorCode::NoSuchSession
-                            | ErrorCode::TakenOver
-                            | ErrorCode::UnsupportedVersion
-                            | ErrorCode::BadConnect
-                    )
-                ) || (m.phase == Phase::Connecting
-                    && e.known() == Some(ErrorCode::NoAgent));
+                let fatal = match rule {
+                    AfterError::Stops => true,
+                    AfterError::StopsAfterConnect => m.phase == Phase::Connecting,
+                    AfterError::Resumes | AfterError::Over => false,
+                };
                 m.phase = if fatal { Phase::Closed } else { Phase::Down };
                 ev.push(CoreEvent::Error {
                     code: e.code,
