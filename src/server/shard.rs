@@ -1108,12 +1108,18 @@ impl ShardHandler {
             }
             _ => Flow::Continue,
         };
+        // Output moves deadlines later, except the delivery check a ring pause files: only then
+        // (or when the session ended, or has no connection) does the timer need filing again.
+        let earlier = s
+            .delivery_check()
+            .is_some_and(|d| s.armed == 0 || d < s.armed);
         self.flush(ctx, conn, key);
         if let (Some(c), true) = (conn, unacked) {
             self.check_backlog(ctx, sid, c, key);
         }
-        // Output can file an earlier deadline (a delivery check once the ring paused the agent).
-        self.apply_flow(ctx, sid, conn, flow);
+        if flow != Flow::Continue || conn.is_none() || earlier {
+            self.apply_flow(ctx, sid, conn, flow);
+        }
         true
     }
 
