@@ -293,40 +293,106 @@ where
     core.udp = udp_sock;
     match backend {
         Backend::Uring => {
-            let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-            let mut be = match uring::UringShard::new(&cfg, listener, core.wake_fd(), udp_fd) {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return Ok(());
-                }
-            };
-            let _ = ready.send(Ok(()));
-            drop(ready);
-            let mut h = factory(i);
-            let r = be.run(&mut core, &rx, &mut h);
-            let leaked = be.leaked();
-            drop(be);
-            if !leaked {
-                drop(std::mem::ManuallyDrop::into_inner(core));
-            }
-            r
+            drive::<uring::UringShard, H, F>(i, core, &cfg, listener, &rx, &*factory, ready)
         }
         Backend::Epoll => {
-            let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-            let mut be = match epoll::EpollShard::new(&cfg, listener, core.wake_fd(), udp_fd) {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return Ok(());
-                }
-            };
-            let _ = ready.send(Ok(()));
-            drop(ready);
-            let mut h = factory(i);
-            let r = be.run(&mut core, &rx, &mut h);
-            drop(std::mem::ManuallyDrop::into_inner(core));
-            r
+            drive::<epoll::EpollShard, H, F>(i, core, &cfg, listener, &rx, &*factory, ready)
         }
     }
+}
+
+/// What a shard's I/O backend does (io_uring or epoll): set itself up around the shard's
+/// listener, mailbox eventfd and UDP socket, then run the event loop on the shard's core until
+/// the shard stops. One trait, so a shard's life is written once ([`drive`]).
+pub(crate) trait Driver: Sized {
+    fn new(
+        cfg: &Config,
+        listener: Option<std::os::fd::OwnedFd>,
+        wake_fd: std::os::fd::RawFd,
+        udp_fd: Option<std::os::fd::RawFd>,
+    ) -> io::Result<Self>;
+    fn run<H: Handler>(
+        &mut self,
+        core: &mut Core<H::Msg>,
+        rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
+        h: &mut H,
+    ) -> io::Result<()>;
+    /// Whether the kernel may still reference the core's memory after `run` (then the core is
+    /// leaked rather than freed; see uring.rs).
+    fn leaked(&self) -> bool {
+        false
+    }
+}
+
+impl Driver for uring::UringShard {
+    fn new(
+        cfg: &Config,
+        listener: Option<std::os::fd::OwnedFd>,
+        wake_fd: std::os::fd::RawFd,
+        udp_fd: Option<std::os::fd::RawFd>,
+    ) -> io::Result<Self> {
+        uring::UringShard::new(cfg, listener, wake_fd, udp_fd)
+    }
+    fn run<H: Handler>(
+        &mut self,
+        core: &mut Core<H::Msg>,
+        rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
+        h: &mut H,
+    ) -> io::Result<()> {
+        uring::UringShard::run(self, core, rx, h)
+    }
+    fn leaked(&self) -> bool {
+        uring::UringShard::leaked(self)
+    }
+}
+
+impl Driver for epoll::EpollShard {
+    fn new(
+        cfg: &Config,
+        listener: Option<std::os::fd::OwnedFd>,
+        wake_fd: std::os::fd::RawFd,
+        udp_fd: Option<std::os::fd::RawFd>,
+    ) -> io::Result<Self> {
+        epoll::EpollShard::new(cfg, listener, wake_fd, udp_fd)
+    }
+    fn run<H: Handler>(
+        &mut self,
+        core: &mut Core<H::Msg>,
+        rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
+        h: &mut H,
+    ) -> io::Result<()> {
+        epoll::EpollShard::run(self, core, rx, h)
+    }
+}
+
+/// One shard's life on backend `D`: set up (reporting the outcome on `ready`), make the
+/// handler on this thread, run until the shard stops, then free the core unless the backend
+/// says the kernel may still reference it.
+fn drive<D: Driver, H: Handler, F: Fn(usize) -> H>(
+    i: usize,
+    mut core: std::mem::ManuallyDrop<Core<H::Msg>>,
+    cfg: &Config,
+    listener: Option<std::os::fd::OwnedFd>,
+    rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
+    factory: &F,
+    ready: crossbeam_channel::Sender<io::Result<()>>,
+) -> io::Result<()> {
+    let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let mut be = match D::new(cfg, listener, core.wake_fd(), udp_fd) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(());
+        }
+    };
+    let _ = ready.send(Ok(()));
+    drop(ready);
+    let mut h = factory(i);
+    let r = be.run(&mut core, rx, &mut h);
+    let leaked = be.leaked();
+    drop(be);
+    if !leaked {
+        drop(std::mem::ManuallyDrop::into_inner(core));
+    }
+    r
 }
