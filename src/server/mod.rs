@@ -72,6 +72,57 @@ impl Shared {
         }
     }
 
+    /// The one reload path, for SIGHUP (`changed` is `None`: everything) and for a watched
+    /// file that changed on disk (`Some(path)`: what that file feeds). The tokens file is
+    /// loaded whole and replaces the tokens in force only when valid; the TLS certificate and
+    /// key are reloaded for new connections only when they load. Whatever does not load leaves
+    /// the previous one in force, with an error in the log that says so. Returns what was
+    /// reloaded.
+    pub fn reload(&self, changed: Option<&std::path::Path>) -> Reloaded {
+        let mut done = Reloaded::default();
+        let why = if changed.is_some() {
+            "changed on disk"
+        } else {
+            "SIGHUP"
+        };
+        if let Auth::Tokens(p) = &self.cfg.auth {
+            if changed.is_none_or(|c| c == p) {
+                match Tokens::load(p) {
+                    Ok(t) => {
+                        tracing::info!(tokens = t.len(), why, "tokens file reloaded");
+                        self.set_tokens(t);
+                        done.tokens = true;
+                    }
+                    Err(e) => tracing::error!(
+                        why,
+                        "tokens file not reloaded, keeping the previous one: {e}"
+                    ),
+                }
+            }
+        }
+        let tls_file = |c: &std::path::Path| {
+            self.cfg
+                .tls
+                .as_ref()
+                .is_some_and(|(cert, key)| c == cert || c == key)
+        };
+        if let Some(t) = &self.tls {
+            if changed.is_none_or(tls_file) {
+                match t.reload() {
+                    Ok(()) => {
+                        tracing::info!(why, "TLS certificate reloaded");
+                        done.tls = true;
+                    }
+                    Err(e) => tracing::error!(
+                        why,
+                        "TLS certificate not reloaded, keeping the previous one: {e}"
+                    ),
+                }
+            }
+        }
+        done
+    }
+
     /// Replaces the tokens in force (a reload); an invalid file never gets here.
     pub fn set_tokens(&self, tokens: Tokens) {
         let mut guard = match self.tokens.write() {
@@ -80,6 +131,15 @@ impl Shared {
         };
         *guard = Some(Arc::new(tokens));
     }
+}
+
+/// What [`Shared::reload`] reloaded.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The tokens file was valid and is now in force.
+    pub tokens: bool,
+    /// The TLS certificate and key loaded and serve new connections.
+    pub tls: bool,
 }
 
 /// A running server.

@@ -650,28 +650,8 @@ fn main() -> ExitCode {
     }
     if !watched.is_empty() {
         let shared = server.shared().clone();
-        let auth = cfg.auth.clone();
         let res = server::watch::watch(watched, move |path| {
-            if let Auth::Tokens(t) = &auth {
-                if t == path {
-                    match Tokens::load(t) {
-                        Ok(tok) => {
-                            info!(tokens = tok.len(), "tokens file changed; reloaded");
-                            shared.set_tokens(tok);
-                        }
-                        Err(e) => error!(
-                            "tokens file changed but is invalid, keeping the previous one: {e}"
-                        ),
-                    }
-                    return;
-                }
-            }
-            if let Some(t) = &shared.tls {
-                match t.reload() {
-                    Ok(()) => info!(file = %path.display(), "TLS certificate changed; reloaded"),
-                    Err(e) => warn!("TLS files changed but do not load yet, keeping the previous certificate: {e}"),
-                }
-            }
+            shared.reload(Some(path));
         });
         if let Err(e) = res {
             warn!("cannot watch the tokens/TLS files for changes (SIGHUP still reloads): {e}");
@@ -723,23 +703,10 @@ fn main() -> ExitCode {
                 }
             }
             Some(libc::SIGHUP) => {
-                if let Some(t) = &server.shared().tls {
-                    match t.reload() {
-                        Ok(()) => info!("TLS certificate reloaded"),
-                        Err(e) => {
-                            error!("TLS certificate not reloaded, keeping the previous one: {e}")
-                        }
-                    }
-                }
-                match &cfg.auth {
-                    Auth::Tokens(p) => match Tokens::load(p) {
-                        Ok(t) => {
-                            info!(tokens = t.len(), "tokens file reloaded");
-                            server.shared().set_tokens(t);
-                        }
-                        Err(e) => error!("tokens file not reloaded, keeping the previous one: {e}"),
-                    },
-                    Auth::NoAuth => info!("SIGHUP: no tokens file to reload"),
+                if matches!(cfg.auth, Auth::NoAuth) && cfg.tls.is_none() {
+                    info!("SIGHUP: no tokens file or TLS certificate to reload");
+                } else {
+                    server.shared().reload(None);
                 }
             }
             Some(s) => {
