@@ -8,6 +8,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 
 use crate::reactor::{f, Core, Envelope};
+use crate::runtime::Driver;
 use crate::udp::UdpRx;
 use crate::{sys, Config, Ctx, Handler};
 
@@ -35,8 +36,8 @@ fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Res
     sys::cvt(unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) }).map(drop)
 }
 
-impl EpollShard {
-    pub fn new(
+impl Driver for EpollShard {
+    fn new(
         cfg: &Config,
         listener: Option<OwnedFd>,
         wake_fd: RawFd,
@@ -81,7 +82,7 @@ impl EpollShard {
         })
     }
 
-    pub fn run<H: Handler>(
+    fn run<H: Handler>(
         &mut self,
         core: &mut Core<H::Msg>,
         rx: &Receiver<Envelope<H::Msg>>,
@@ -149,7 +150,9 @@ impl EpollShard {
             core.run_timers(h);
         }
     }
+}
 
+impl EpollShard {
     fn accept<H: Handler>(&mut self, core: &mut Core<H::Msg>, h: &mut H) {
         let Some(l) = &self.listener else { return };
         let lfd = l.as_raw_fd();

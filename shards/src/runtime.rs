@@ -324,47 +324,6 @@ pub(crate) trait Driver: Sized {
     }
 }
 
-impl Driver for uring::UringShard {
-    fn new(
-        cfg: &Config,
-        listener: Option<std::os::fd::OwnedFd>,
-        wake_fd: std::os::fd::RawFd,
-        udp_fd: Option<std::os::fd::RawFd>,
-    ) -> io::Result<Self> {
-        uring::UringShard::new(cfg, listener, wake_fd, udp_fd)
-    }
-    fn run<H: Handler>(
-        &mut self,
-        core: &mut Core<H::Msg>,
-        rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
-        h: &mut H,
-    ) -> io::Result<()> {
-        uring::UringShard::run(self, core, rx, h)
-    }
-    fn leaked(&self) -> bool {
-        uring::UringShard::leaked(self)
-    }
-}
-
-impl Driver for epoll::EpollShard {
-    fn new(
-        cfg: &Config,
-        listener: Option<std::os::fd::OwnedFd>,
-        wake_fd: std::os::fd::RawFd,
-        udp_fd: Option<std::os::fd::RawFd>,
-    ) -> io::Result<Self> {
-        epoll::EpollShard::new(cfg, listener, wake_fd, udp_fd)
-    }
-    fn run<H: Handler>(
-        &mut self,
-        core: &mut Core<H::Msg>,
-        rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
-        h: &mut H,
-    ) -> io::Result<()> {
-        epoll::EpollShard::run(self, core, rx, h)
-    }
-}
-
 /// One shard's life on backend `D`: set up (reporting the outcome on `ready`), make the
 /// handler on this thread, run until the shard stops, then free the core unless the backend
 /// says the kernel may still reference it.

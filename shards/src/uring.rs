@@ -27,6 +27,7 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
 use crate::reactor::{f, Core, Envelope};
+use crate::runtime::Driver;
 use crate::udp::UdpRx;
 use crate::{sys, Config, Ctx, Handler};
 
@@ -304,8 +305,8 @@ pub(crate) struct UringShard {
     leak: bool,
 }
 
-impl UringShard {
-    pub fn new(
+impl Driver for UringShard {
+    fn new(
         cfg: &Config,
         listener: Option<OwnedFd>,
         wake_fd: RawFd,
@@ -348,41 +349,11 @@ impl UringShard {
         })
     }
 
-    pub fn leaked(&self) -> bool {
+    fn leaked(&self) -> bool {
         self.leak
     }
 
-    /// Queue an SQE, submitting first if the SQ is full.
-    ///
-    /// # Safety
-    /// Every pointer inside `e` must stay valid until the op's final CQE.
-    unsafe fn push(&mut self, e: squeue::Entry) {
-        for _ in 0..1000 {
-            // SAFETY: forwarded to the caller.
-            if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                return;
-            }
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(err) if matches!(err.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) => {}
-                Err(err) => {
-                    self.fatal = Some(err);
-                    return;
-                }
-            }
-        }
-        self.fatal = Some(io::Error::other("io_uring submission queue stuck full"));
-    }
-
-    fn cancel(&mut self, target: u64) {
-        let e = opcode::AsyncCancel::new(target)
-            .build()
-            .user_data(K_CANCEL << 56);
-        // SAFETY: AsyncCancel references no memory.
-        unsafe { self.push(e) };
-    }
-
-    pub fn run<H: Handler>(
+    fn run<H: Handler>(
         &mut self,
         core: &mut Core<H::Msg>,
         rx: &Receiver<Envelope<H::Msg>>,
@@ -507,6 +478,38 @@ impl UringShard {
             core.run_timers(h);
         }
         Ok(())
+    }
+}
+
+impl UringShard {
+    /// Queue an SQE, submitting first if the SQ is full.
+    ///
+    /// # Safety
+    /// Every pointer inside `e` must stay valid until the op's final CQE.
+    unsafe fn push(&mut self, e: squeue::Entry) {
+        for _ in 0..1000 {
+            // SAFETY: forwarded to the caller.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) => {}
+                Err(err) => {
+                    self.fatal = Some(err);
+                    return;
+                }
+            }
+        }
+        self.fatal = Some(io::Error::other("io_uring submission queue stuck full"));
+    }
+
+    fn cancel(&mut self, target: u64) {
+        let e = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(K_CANCEL << 56);
+        // SAFETY: AsyncCancel references no memory.
+        unsafe { self.push(e) };
     }
 
     fn wait(&mut self, deadline: Option<Instant>) -> io::Result<()> {
