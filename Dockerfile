@@ -35,20 +35,26 @@ ENV CARGO_TERM_COLOR=never \
 #    Cargo.toml or Cargo.lock changes, not on every source edit.
 COPY Cargo.toml Cargo.lock ./
 COPY core/Cargo.toml core/Cargo.toml
+COPY poll/Cargo.toml poll/Cargo.toml
+COPY agent/Cargo.toml agent/Cargo.toml
+COPY client/Cargo.toml client/Cargo.toml
 COPY shards/Cargo.toml shards/Cargo.toml
 COPY loadgen/Cargo.toml loadgen/Cargo.toml
-RUN mkdir -p src/bin/clawtermd core/src shards/src loadgen/src benches \
-    && touch src/lib.rs core/src/lib.rs shards/src/lib.rs \
+RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src shards/src loadgen/src benches \
+    && touch src/lib.rs core/src/lib.rs poll/src/lib.rs agent/src/lib.rs client/src/lib.rs shards/src/lib.rs \
     && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs loadgen/src/main.rs \
                 benches/codec.rs benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo fetch --locked \
     && cargo build --release --locked -p clawterm --bins \
-    && rm -rf src core/src shards/src loadgen/src benches \
+    && rm -rf src core/src poll/src agent/src client/src shards/src loadgen/src benches \
               target/release/.fingerprint/claw* target/release/.fingerprint/shards-* \
               target/release/deps/*claw* target/release/deps/*shards*
 
 # 2. The real sources (see .dockerignore for what is left out), then the real build.
 COPY core core
+COPY poll poll
+COPY agent agent
+COPY client client
 COPY shards shards
 COPY loadgen loadgen
 COPY benches benches

@@ -25,7 +25,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clawterm::agent::pty;
+use clawterm_agent::pty;
 
 #[path = "../tests/harness/mod.rs"]
 mod harness;

@@ -6,7 +6,7 @@
 //!     ACCEPT + DISCONNECT). The server shard's CPU use is reported alongside.
 //! (b) **Echo throughput over TLS as a ratio of plaintext**: two servers (one TLS, one
 //!     plaintext, each one shard on CPU 0), the same load on each: `--echo-sessions`
-//!     `clawterm::client::Session`s, closed loop, one outstanding 32-byte DATA each.
+//!     `clawterm_client::Session`s, closed loop, one outstanding 32-byte DATA each.
 //! (c) **Server RSS per idle TLS session**: open `--idle` TLS sessions (and, for comparison, as
 //!     many plaintext ones on a plaintext server), VmRSS delta / N from /proc/PID/status.
 //! (d) **Server RSS per idle QUIC session**: `--idle-quic` QUIC connections, one session
@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clawterm::client::core::ClientCore;
-use clawterm::client::quic::QuicStream;
-use clawterm::client::transport::{client_config, parse_pin};
-use clawterm::client::{Event, Options, Session, TlsTrust, Transport};
+use clawterm_client::core::ClientCore;
+use clawterm_client::quic::QuicStream;
+use clawterm_client::transport::{client_config, parse_pin};
+use clawterm_client::{Event, Options, Session, TlsTrust, Transport};
 
 #[path = "../tests/harness/mod.rs"]
 mod harness;
@@ -181,7 +181,7 @@ fn one_handshake(
                     Err(_) => break,
                 }
             }
-            if let Some(clawterm::client::core::CoreEvent::Error { code, .. }) = core.poll_event() {
+            if let Some(clawterm_client::core::CoreEvent::Error { code, .. }) = core.poll_event() {
                 return Err(format!("ERROR {code}"));
             }
         }
@@ -288,7 +288,7 @@ fn echo_rate(srv: &Server, n: usize, threads: usize, secs: f64) -> (f64, f64) {
                             })
                             .collect();
                         let mut got = vec![0i16; fds.len()];
-                        let _ = clawterm::poll::wait(&fds, &mut got, 5);
+                        let _ = clawterm_poll::wait(&fds, &mut got, 5);
                         let mut k = 0;
                         for (i, s) in ss.iter().enumerate() {
                             if s.poll_fd().is_some() {

@@ -11,7 +11,7 @@
 //! talks to it. Copy this file to start your own agent: implement [`Agent::data`] (and the other
 //! methods you need), reply through the [`Outbox`].
 
-use clawterm::agent::{Agent, AgentListener, OpenInfo, Outbox, SessionId};
+use clawterm_agent::{Agent, AgentListener, OpenInfo, Outbox, SessionId};
 
 /// One per pod link; sees every session on that link.
 struct Upper;
@@ -37,5 +37,5 @@ fn main() -> std::io::Result<()> {
     println!("upper agent listening on {}", listener.path().display());
 
     // Ctrl-C / SIGTERM stops it; dropping the listener then removes the socket file.
-    listener.serve(|| Upper, clawterm::agent::stop_on_signals())
+    listener.serve(|| Upper, clawterm_agent::stop_on_signals())
 }

@@ -8,11 +8,8 @@
 //! * [`session`]: the sans-IO session core — state machine, replay ring, timers, session
 //!   table, resume tokens — driven by an injected clock.
 
-pub mod agent;
 pub mod auth;
-pub mod client;
 pub mod pods;
-pub mod poll;
 pub mod server;
 
 pub use clawterm_core::{podlink, proto, session};

@@ -14,8 +14,8 @@ mod harness;
 
 use harness::{dead, first_line, remember, temp_path, wait_dead};
 
-use clawterm::agent::{Agent, AgentListener, CloseReason, OpenInfo, Outbox, SessionId};
 use clawterm::podlink::{decode, encode, Decoded, Msg, Open, MAX_BODY};
+use clawterm_agent::{Agent, AgentListener, CloseReason, OpenInfo, Outbox, SessionId};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -755,7 +755,7 @@ fn sdk_serve_link_over_a_socket_pair() {
         }
     }
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let t = std::thread::spawn(move || clawterm::agent::serve_link(theirs, Upper));
+    let t = std::thread::spawn(move || clawterm_agent::serve_link(theirs, Upper));
     ours.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut l = Link {
         stream: ours,
@@ -777,7 +777,7 @@ fn sdk_serve_link_over_a_socket_pair() {
 
     // A non-HELLO first message: InvalidData, link closed.
     let (ours, theirs) = UnixStream::pair().unwrap();
-    let t = std::thread::spawn(move || clawterm::agent::serve_link(theirs, Upper));
+    let t = std::thread::spawn(move || clawterm_agent::serve_link(theirs, Upper));
     let mut l = Link {
         stream: ours,
         buf: Vec::new(),

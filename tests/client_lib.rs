@@ -1,11 +1,11 @@
-//! Library-level tests of `clawterm::client` against real `clawtermd` and `claw-agent`
+//! Library-level tests of `clawterm_client` against real `clawtermd` and `claw-agent`
 //! processes, with a TCP proxy the tests can cut and restore.
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use clawterm::client::{
+use clawterm_client::{
     Backoff, ClientError, Credentials, Event, Options, Session, Store, Transport,
 };
 

@@ -11,7 +11,7 @@
 mod common;
 mod harness;
 
-use clawterm::agent::{Agent, AgentListener, OpenInfo, Outbox, SessionId};
+use clawterm_agent::{Agent, AgentListener, OpenInfo, Outbox, SessionId};
 use common::*;
 use std::io::Write;
 use std::net::TcpStream;

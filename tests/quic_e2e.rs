@@ -1,6 +1,6 @@
 //! QUIC on the UDP port, black box: the real `clawtermd` (TLS certificate, several shards,
 //! QUIC on an ephemeral port), real `claw-agent` pods, and the project's QUIC client
-//! (`clawterm::client::quic`) speaking frames checked by the tests' own decoder.
+//! (`clawterm_client::quic`) speaking frames checked by the tests' own decoder.
 //!
 //! * a session over a QUIC stream: CONNECT, echo, wrong token;
 //! * connection migration: the client rebinds to new addresses and ports mid-session and the
@@ -15,8 +15,8 @@ mod common;
 mod harness;
 mod tls_support;
 
-use clawterm::client::quic::QuicStream;
-use clawterm::client::transport::{client_config, TlsTrust};
+use clawterm_client::quic::QuicStream;
+use clawterm_client::transport::{client_config, TlsTrust};
 use common::{connect_payload, decode, encode, resume_payload, Frame};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -357,7 +357,7 @@ fn garbage_datagrams_do_not_disturb_a_live_session() {
 /// lost or doubled, and credentials that say `quic://`.
 #[test]
 fn client_session_over_quic_reconnects_by_itself() {
-    use clawterm::client::{Event, Options, Session};
+    use clawterm_client::{Event, Options, Session};
     let env = TlsEnv::start_quic(&[(1, ECHO)], 2, "clawterm=debug");
     let quic = env.quic.unwrap();
     let endpoint = format!(

@@ -11,8 +11,8 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clawterm::client::core::ClientCore;
-use clawterm::client::{ClientError, Event, Session, Transport};
+use clawterm_client::core::ClientCore;
+use clawterm_client::{ClientError, Event, Session, Transport};
 use harness::session::{collect_until, fast_opts, receive_through_cuts, wait_disconnected};
 use tls_support::*;
 
@@ -140,7 +140,7 @@ fn echo_roundtrip(s: &mut Session, msg: &[u8]) {
 }
 
 fn pin_of(hexfp: &str) -> [u8; 32] {
-    clawterm::client::transport::parse_pin(hexfp).unwrap()
+    clawterm_client::transport::parse_pin(hexfp).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ fn client_library_over_tls_ca_then_pin() {
     let creds = s.credentials("dev");
     assert!(creds.endpoint.starts_with("tls://"), "{}", creds.endpoint);
     assert!(creds.to_json().contains("\"transport\": \"tls\""));
-    let creds = clawterm::client::Credentials::import(&creds.export()).unwrap();
+    let creds = clawterm_client::Credentials::import(&creds.export()).unwrap();
     let mut b = Session::resume(&creds).unwrap();
     assert!(b.tls_info().is_some());
     echo_roundtrip(&mut b, b"<resumed>");

@@ -28,7 +28,7 @@
 //! * after the session is closed nothing more is written or reported.
 #![no_main]
 
-use clawterm::client::core::{ClientCore, CoreEvent, Timers};
+use clawterm_client::core::{ClientCore, CoreEvent, Timers};
 use clawterm::proto::{
     decode, encode_to_vec, seq, Accept, Ack, Decoded, ErrorFrame, FrameType, Resize,
     Resume, Resumed, Roam, CAP_RELIABLE, FLAG_GAP, FLAG_REPLAY, MAX_PAYLOAD,
@@ -36,7 +36,7 @@ use clawterm::proto::{
 use libfuzzer_sys::fuzz_target;
 use std::collections::VecDeque;
 
-const MAX_SEND_CHUNK: usize = clawterm::client::core::MAX_SEND_CHUNK;
+const MAX_SEND_CHUNK: usize = clawterm_client::core::MAX_SEND_CHUNK;
 
 /// What a client does after an ERROR, as PROTOCOL.md §6 says it (the "a client then" column),
 /// read from the text itself so that the model cannot share a mistake with the code.

@@ -8,7 +8,7 @@
 //! frame size costs or saves (PROTOCOL.md §7.17; bench/run.sh does).
 
 use crate::{emit, pct_json, Opts};
-use clawterm::client::{Event, Session};
+use clawterm_client::{Event, Session};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -244,7 +244,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--ca" => o.ca = Some(PathBuf::from(val()?)),
             "--pin" => {
                 let v = val()?;
-                o.pin = Some(clawterm::client::transport::parse_pin(&v).ok_or_else(|| {
+                o.pin = Some(clawterm_client::transport::parse_pin(&v).ok_or_else(|| {
                     format!("--pin: `{v}` is not the 64-hex-digit SHA-256 of a certificate")
                 })?)
             }
@@ -331,12 +331,12 @@ pub fn tls_client(
     ),
     String,
 > {
-    let trust = clawterm::client::transport::TlsTrust {
+    let trust = clawterm_client::transport::TlsTrust {
         ca: o.ca.clone(),
         pin: o.pin,
         server_name: o.server_name.clone(),
     };
-    clawterm::client::transport::client_config(&trust, &o.target.to_string())
+    clawterm_client::transport::client_config(&trust, &o.target.to_string())
         .map_err(|e| format!("TLS configuration: {e}"))
 }
 
@@ -367,7 +367,7 @@ fn open_stream(o: &Opts) -> Result<Box<dyn Rw>, (bool, String)> {
                 rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
                 _ => o.target.ip().to_string(),
             };
-            let mut q = clawterm::client::quic::QuicStream::connect(
+            let mut q = clawterm_client::quic::QuicStream::connect(
                 SocketAddr::V4(o.target),
                 &host,
                 cfg,

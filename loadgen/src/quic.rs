@@ -1,6 +1,6 @@
 //! QUIC for the worker: one `quinn-proto` client endpoint driven sans-IO over a few UDP
 //! sockets (one per source address), one connection per session carrying one bidirectional
-//! stream, as `clawterm::client::quic::QuicStream` does for a single session.
+//! stream, as `clawterm_client::quic::QuicStream` does for a single session.
 //!
 //! The worker owns the sessions; this module owns the connections. The worker calls
 //! [`QuicEp::connect`] for a session slot, [`QuicEp::write`] to queue stream bytes,
@@ -73,7 +73,7 @@ impl QuicEp {
         sources: &[std::net::Ipv4Addr],
     ) -> Result<QuicEp, String> {
         let mut tls = (*tls).clone();
-        tls.alpn_protocols = vec![clawterm::server::quic::ALPN.to_vec()];
+        tls.alpn_protocols = vec![clawterm::proto::ALPN.to_vec()];
         let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| format!("QUIC TLS config: {e}"))?;
         let mut cfg = ClientConfig::new(Arc::new(crypto));
@@ -372,7 +372,7 @@ fn read_stream(q: &mut QConn) -> bool {
         return false;
     }
     let before = q.inbox.len();
-    q.eof = clawterm::client::quic::read_stream(&mut q.conn, id, &mut q.inbox);
+    q.eof = clawterm_client::quic::read_stream(&mut q.conn, id, &mut q.inbox);
     q.inbox.len() > before
 }
 

@@ -1,7 +1,7 @@
 //! `claw-agent`: the reference agent pod. Listens on `DIR/TENANT_AGENT` and serves any number
 //! of `clawtermd` links (see `docs/POD-LINK.md`).
 //!
-//! The modes are agents of the SDK (`clawterm::agent::{EchoAgent, ExecAgent, ShellAgent}`);
+//! The modes are agents of the SDK (`clawterm_agent::{EchoAgent, ExecAgent, ShellAgent}`);
 //! this binary only parses the command line and serves the chosen one.
 
 use std::ffi::OsString;
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use clawterm::agent::{shell_path, AgentListener, EchoAgent, ExecAgent, ShellAgent};
+use clawterm_agent::{shell_path, AgentListener, EchoAgent, ExecAgent, ShellAgent};
 
 /// The reference ClawTerm agent pod.
 ///
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         Mode::Shell { .. } => "shell",
     };
 
-    let stop = clawterm::agent::stop_on_signals();
+    let stop = clawterm_agent::stop_on_signals();
 
     let listener = match AgentListener::bind(&cli.socket_dir, cli.tenant, cli.agent) {
         Ok(l) => l,

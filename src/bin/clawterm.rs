@@ -10,14 +10,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use clawterm::client::creds::{unix_now, valid_name};
-use clawterm::client::transport::parse_pin;
-use clawterm::client::tty::{self, EscapeCmd, EscapeFilter, RawMode};
-use clawterm::client::{
+use clawterm_client::creds::{unix_now, valid_name};
+use clawterm_client::transport::parse_pin;
+use clawterm_client::tty::{self, EscapeCmd, EscapeFilter, RawMode};
+use clawterm_client::{
     ClientError, Credentials, Event, LocalState, Options, Session, StateRecord, Store, Target,
     TlsTrust, Transport,
 };
-use clawterm::poll;
+use clawterm_poll as poll;
 
 const DEFAULT_PORT: u16 = 7220;
 const DEFAULT_QUIC_PORT: u16 = 7221;

@@ -328,7 +328,7 @@ impl Watcher {
         let timeout = if backoff { 100 } else { -1 };
         loop {
             let mut revents = [0i16; 2];
-            let n = crate::poll::wait(
+            let n = clawterm_poll::wait(
                 &[
                     (self.inotify.as_fd(), libc::POLLIN),
                     (self.wake_rx.as_fd(), libc::POLLIN),

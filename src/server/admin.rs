@@ -92,7 +92,7 @@ impl Drop for Admin {
 
 /// Waits up to `ms` for the listener to be readable (so `stop` is seen within that time).
 fn wait_readable(listener: &TcpListener, ms: i32) {
-    let _ = crate::poll::readable(listener.as_fd(), ms);
+    let _ = clawterm_poll::readable(listener.as_fd(), ms);
 }
 
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool, state: &Arc<State>) {

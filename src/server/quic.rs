@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 /// ALPN protocol name both sides must offer.
-pub const ALPN: &[u8] = b"clawterm/1";
+pub use crate::proto::ALPN;
 
 /// Length of the server's connection ids.
 pub const CID_LEN: usize = 8;

@@ -1,8 +1,8 @@
-//! Helpers for tests of the client library (`clawterm::client::Session`).
+//! Helpers for tests of the client library (`clawterm_client::Session`).
 
 use std::time::{Duration, Instant};
 
-use clawterm::client::{Backoff, Event, Options, Session, Transport};
+use clawterm_client::{Backoff, Event, Options, Session, Transport};
 
 use super::Proxy;
 

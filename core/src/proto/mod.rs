@@ -22,6 +22,9 @@ pub use payload::{
     Accept, Ack, Connect, ErrorCode, ErrorFrame, PayloadError, Resize, Resume, Resumed, Roam,
 };
 
+/// ALPN protocol name both sides of a QUIC connection (and of TLS on 7220) must offer.
+pub const ALPN: &[u8] = b"clawterm/1";
+
 /// FLAGS bit: a DATA frame re-sent during a resume replay.
 pub const FLAG_REPLAY: u8 = 0x01;
 /// FLAGS bit: on RESUMED, frames the client asked for were dropped from the replay ring.

@@ -5,9 +5,9 @@
 //! echoes, loses its connection abruptly while output is in flight, resumes on a new connection
 //! and receives exactly what it missed.
 
-use clawterm::agent::{Agent, AgentListener, Outbox, SessionId};
-use clawterm::client::{Event, Options, Session, Transport};
 use clawterm::server::{Auth, ServerConfig};
+use clawterm_agent::{Agent, AgentListener, Outbox, SessionId};
+use clawterm_client::{Event, Options, Session, Transport};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -8,7 +8,7 @@
 //! it, and the link's other sessions go on.
 //!
 //! ```no_run
-//! # use clawterm::agent::{input_queue, Outbox, SessionId};
+//! # use clawterm_agent::{input_queue, Outbox, SessionId};
 //! # fn f(s: SessionId, out: &Outbox, mut stdin: std::process::ChildStdin) {
 //! use std::io::Write;
 //! let (mut tx, rx) = input_queue(s, out);

@@ -139,7 +139,7 @@ impl AgentListener {
             }
             // Forget links that have ended.
             links.retain(|(_, h)| !h.is_finished());
-            match crate::poll::readable(self.listener.as_fd(), STOP_POLL_MS) {
+            match clawterm_poll::readable(self.listener.as_fd(), STOP_POLL_MS) {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => break Err(e),

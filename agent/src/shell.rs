@@ -165,19 +165,19 @@ fn shell_reader(
         let mut rev = [0i16; 3];
         let polled = if eof {
             // The terminal is closed on the shell's side: wait for the shell to be reaped.
-            crate::poll::wait(
+            clawterm_poll::wait(
                 &[(stop.as_fd(), libc::POLLIN), (exit.as_fd(), libc::POLLIN)],
                 &mut rev[1..],
                 -1,
             )
         } else if exited {
-            crate::poll::wait(
+            clawterm_poll::wait(
                 &[(master.as_fd(), libc::POLLIN), (stop.as_fd(), libc::POLLIN)],
                 &mut rev[..2],
                 SHELL_DRAIN_MS,
             )
         } else {
-            crate::poll::wait(
+            clawterm_poll::wait(
                 &[
                     (master.as_fd(), libc::POLLIN),
                     (stop.as_fd(), libc::POLLIN),
@@ -277,7 +277,7 @@ fn shell_writer(
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let mut rev = [0i16; 3];
-                    let polled = crate::poll::wait(
+                    let polled = clawterm_poll::wait(
                         &[
                             (m.as_fd(), libc::POLLOUT),
                             (stop.as_fd(), libc::POLLIN),

@@ -382,7 +382,7 @@ impl Session {
                     .map_or(hs.deadline, |t| t.min(hs.deadline));
                 let left = until.saturating_duration_since(Instant::now());
                 let ms = left.as_millis().min(i32::MAX as u128) as i32;
-                let _ = crate::poll::wait(&[(hs.conn.fd(), events)], &mut [0], ms.max(1));
+                let _ = clawterm_poll::wait(&[(hs.conn.fd(), events)], &mut [0], ms.max(1));
             }
         })();
         match r {
@@ -811,7 +811,7 @@ impl Session {
                 Some(fd) => {
                     let events = libc::POLLIN | if self.wants_write() { libc::POLLOUT } else { 0 };
                     let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-                    let _ = crate::poll::wait(&[(fd, events)], &mut [0], ms.max(1));
+                    let _ = clawterm_poll::wait(&[(fd, events)], &mut [0], ms.max(1));
                 }
                 None => std::thread::sleep(wait.max(Duration::from_millis(1))),
             }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{Agent, OpenInfo, SessionId, AGENT_NAME};
-use crate::podlink::codec::VERSION;
-use crate::podlink::{decode, encode, CloseReason, Decoded, Msg, MAX_BODY};
+use clawterm_core::podlink::codec::VERSION;
+use clawterm_core::podlink::{decode, encode, CloseReason, Decoded, Msg, MAX_BODY};
 
 /// How long the daemon has to send its HELLO after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -749,7 +749,7 @@ mod tests {
     //! when the writer thread is idle): order, early flush of a large batch, back-pressure
     //! without dead-lock, and other threads' output kept in order with the batch.
     use super::*;
-    use crate::podlink::Open;
+    use clawterm_core::podlink::Open;
     use std::io::{Read, Write};
     use std::sync::mpsc;
 

@@ -31,7 +31,7 @@ impl PtyMaster {
     }
 
     /// Switches the master to non-blocking mode (reads and writes fail with `WouldBlock`
-    /// instead of waiting); use [`crate::poll::wait`] to wait.
+    /// instead of waiting); use [`clawterm_poll::wait`] to wait.
     pub fn set_nonblocking(&self) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         // SAFETY: fcntl on a descriptor we own; no pointers involved.

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use crate::proto::{
+use clawterm_core::proto::{
     self, decode, encode_to_vec, seq, Accept, Ack, Connect, Decoded, ErrorCode, ErrorFrame,
     FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_V1, FLAG_GAP, FLAG_REPLAY,
 };

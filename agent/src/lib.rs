@@ -24,7 +24,7 @@
 //! per session).
 //!
 //! ```no_run
-//! use clawterm::agent::{Agent, AgentListener, Outbox, SessionId};
+//! use clawterm_agent::{Agent, AgentListener, Outbox, SessionId};
 //!
 //! struct Echo;
 //! impl Agent for Echo {
@@ -34,7 +34,7 @@
 //! }
 //!
 //! let listener = AgentListener::bind("/run/claw/sockets".as_ref(), 1, 7)?;
-//! listener.serve(|| Echo, clawterm::agent::stop_on_signals())?;
+//! listener.serve(|| Echo, clawterm_agent::stop_on_signals())?;
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
@@ -55,7 +55,7 @@ pub use listener::AgentListener;
 pub use shell::{shell_path, ShellAgent};
 pub use signal::stop_on_signals;
 
-pub use crate::podlink::CloseReason;
+pub use clawterm_core::podlink::CloseReason;
 
 /// A session's id on its link (the pod-link SESSION_ID).
 pub type SessionId = u32;

@@ -9,7 +9,7 @@
 //! * [`tty`]: raw-mode terminal helpers for the `clawterm` CLI.
 //!
 //! ```no_run
-//! use clawterm::client::{Event, Session};
+//! use clawterm_client::{Event, Session};
 //! use std::time::Duration;
 //! let mut s = Session::connect("127.0.0.1:7220", 7, 1, [0xAB; 32]).unwrap();
 //! s.send(b"hello\n").unwrap();
@@ -33,7 +33,7 @@ pub use creds::{Credentials, LocalState, StateRecord, Store};
 pub use session::{Event, Options, Session};
 pub use transport::{Target, TlsTrust, Transport};
 
-use crate::proto::ErrorCode;
+use clawterm_core::proto::ErrorCode;
 
 /// What went wrong, with a message that says what to do about it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -27,7 +27,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::server::quic::ALPN;
+use clawterm_core::proto::ALPN;
 
 /// Output the stream holds beyond what flow control lets through before `try_write` says
 /// WouldBlock.
@@ -305,7 +305,7 @@ impl QuicStream {
             .saturating_duration_since(now)
             .as_micros()
             .div_ceil(1000);
-        crate::poll::readable(self.sock.as_fd(), ms.min(i32::MAX as u128) as i32)?;
+        clawterm_poll::readable(self.sock.as_fd(), ms.min(i32::MAX as u128) as i32)?;
         self.drive()
     }
 
