@@ -33,38 +33,49 @@ pub trait Handler: 'static {
     /// Cross-shard message type.
     type Msg: Send + 'static;
 
-    fn on_start(&mut self, _ctx: &mut Ctx<'_, Self::Msg>) {}
-    fn on_accept(&mut self, ctx: &mut Ctx<'_, Self::Msg>, conn: ConnId, peer: SocketAddr);
+    fn on_start(&mut self, _ctx: &mut impl Context<Self::Msg>) {}
+    fn on_accept(&mut self, ctx: &mut impl Context<Self::Msg>, conn: ConnId, peer: SocketAddr);
     /// Bytes are borrowed from the provided buffer, which is recycled when this returns.
-    fn on_data(&mut self, ctx: &mut Ctx<'_, Self::Msg>, conn: ConnId, data: &[u8]);
+    fn on_data(&mut self, ctx: &mut impl Context<Self::Msg>, conn: ConnId, data: &[u8]);
     /// Peer EOF (`None`) or error; the conn is gone after this. Not called for conns the
     /// handler closed/aborted itself or handed off.
-    fn on_closed(&mut self, ctx: &mut Ctx<'_, Self::Msg>, conn: ConnId, err: Option<io::Error>);
+    fn on_closed(
+        &mut self,
+        ctx: &mut impl Context<Self::Msg>,
+        conn: ConnId,
+        err: Option<io::Error>,
+    );
     /// A conn that went above the high watermark drained below the low watermark.
-    fn on_writable(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _conn: ConnId) {}
+    fn on_writable(&mut self, _ctx: &mut impl Context<Self::Msg>, _conn: ConnId) {}
     /// Outcome of `ctx.connect_unix`; on `Err` the conn is already gone.
-    fn on_connected(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _conn: ConnId, _res: io::Result<()>) {
+    fn on_connected(
+        &mut self,
+        _ctx: &mut impl Context<Self::Msg>,
+        _conn: ConnId,
+        _res: io::Result<()>,
+    ) {
     }
     /// A message from `ctx.send_to_shard` / `Remote::send`.
-    fn on_message(&mut self, ctx: &mut Ctx<'_, Self::Msg>, msg: Self::Msg);
+    fn on_message(&mut self, ctx: &mut impl Context<Self::Msg>, msg: Self::Msg);
     /// A live conn handed over from another shard. `unread` = bytes the old shard received
     /// after the hand-off request (feed them to the parser first).
     fn on_adopt(
         &mut self,
-        ctx: &mut Ctx<'_, Self::Msg>,
+        ctx: &mut impl Context<Self::Msg>,
         conn: ConnId,
         peer: SocketAddr,
         unread: Vec<u8>,
         msg: Self::Msg,
     );
     /// The deadline set with `ctx.wake_at` passed.
-    fn on_tick(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _now: Instant) {}
+    fn on_tick(&mut self, _ctx: &mut impl Context<Self::Msg>, _now: Instant) {}
     /// A datagram arrived on this shard's UDP socket ([`Config::udp`](crate::Config::udp)). The bytes are
     /// borrowed from a per-shard buffer that is reused when this returns.
-    fn on_datagram(&mut self, _ctx: &mut Ctx<'_, Self::Msg>, _from: SocketAddr, _data: &[u8]) {}
+    fn on_datagram(&mut self, _ctx: &mut impl Context<Self::Msg>, _from: SocketAddr, _data: &[u8]) {
+    }
     /// Stop requested. Afterwards the runtime stops accepting, flushes queued output
     /// (bounded ~2 s), closes everything and ends the thread.
-    fn on_shutdown(&mut self, _ctx: &mut Ctx<'_, Self::Msg>) {}
+    fn on_shutdown(&mut self, _ctx: &mut impl Context<Self::Msg>) {}
 }
 
 /// The handler's view of its shard during a callback.
@@ -78,85 +89,117 @@ impl<'a, M> Ctx<'a, M> {
     }
 }
 
-impl<M: Send + 'static> Ctx<'_, M> {
+/// What a handler can do to its shard during a callback. The runtime passes its [`Ctx`]; tests
+/// pass a [`sim::SimCtx`](crate::sim::SimCtx), which records every action, so a handler is tested
+/// without sockets (the way quinn-proto's tests drive a connection pair).
+pub trait Context<M> {
     /// This shard's index.
-    pub fn shard(&self) -> usize {
-        self.core.shard
-    }
+    fn shard(&self) -> usize;
     /// Number of shards.
-    pub fn shards(&self) -> usize {
-        self.core.shards
-    }
+    fn shards(&self) -> usize;
     /// Time at the start of the current event batch.
-    pub fn now(&self) -> Instant {
-        self.core.now
-    }
-    pub fn backend(&self) -> Backend {
-        self.core.backend
-    }
+    fn now(&self) -> Instant;
+    /// The I/O backend the runtime runs on.
+    fn backend(&self) -> Backend;
     /// Copy `bytes` into the conn's ordered output queue; returns the bytes now queued.
     /// Ignored (returns 0) for unknown/closed conns.
-    pub fn send(&mut self, conn: ConnId, bytes: &[u8]) -> usize {
-        self.core.send(conn, bytes)
-    }
+    fn send(&mut self, conn: ConnId, bytes: &[u8]) -> usize;
     /// Output of `conn` the peer has not received yet: bytes still queued here plus bytes the
     /// kernel has not sent or the peer's TCP has not acknowledged. `Some(0)` means everything
     /// sent has reached the peer's socket. `None` for unknown/closed conns.
-    pub fn unsent(&self, conn: ConnId) -> Option<usize> {
+    fn unsent(&self, conn: ConnId) -> Option<usize>;
+    /// Whether `conn`'s output queue is above the high watermark (an `on_writable` follows
+    /// once it drains below the low one).
+    fn is_backpressured(&self, conn: ConnId) -> bool;
+    /// Flush queued output, then close (bounded time). No `on_closed` for it.
+    fn close(&mut self, conn: ConnId);
+    /// Close now, dropping queued output. No `on_closed` for it.
+    fn abort(&mut self, conn: ConnId);
+    /// Pause/resume receiving on a conn. Paused conns hold no receive op.
+    fn set_reading(&mut self, conn: ConnId, on: bool);
+    /// Non-blocking AF_UNIX stream connect; `on_connected` reports the outcome.
+    fn connect_unix(&mut self, path: &Path) -> io::Result<ConnId>;
+    /// Post a message to a shard's mailbox (this shard included).
+    fn send_to_shard(&mut self, shard: usize, msg: M);
+    /// Move a live conn to another shard (delivered to its `on_adopt`). The id is dead here
+    /// afterwards.
+    fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M);
+    /// Request an `on_tick` at `deadline` (the earliest requested deadline wins).
+    fn wake_at(&mut self, deadline: Instant);
+    /// Ask the whole runtime to stop.
+    fn stop(&mut self);
+    /// The peer's address of a TCP conn (`None` for Unix conns and unknown ids).
+    fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr>;
+    /// Connection slots in use on this shard (including conns still flushing/closing).
+    fn conn_count(&self) -> usize;
+    /// Sends one datagram from this shard's UDP socket without blocking. A full socket
+    /// buffer drops it (`Err(WouldBlock)`, also counted in [`Context::udp_dropped`]); without a
+    /// UDP socket this is `Err(NotConnected)`.
+    fn send_datagram(&mut self, to: SocketAddr, data: &[u8]) -> io::Result<()>;
+    /// Datagrams this shard dropped: truncated on receive, or not sent (buffer full, error).
+    fn udp_dropped(&self) -> u64;
+    /// The UDP socket's bound address (port 0 resolved), if there is one.
+    fn udp_local_addr(&self) -> Option<SocketAddr>;
+}
+
+impl<M: Send + 'static> Context<M> for Ctx<'_, M> {
+    fn shard(&self) -> usize {
+        self.core.shard
+    }
+    fn shards(&self) -> usize {
+        self.core.shards
+    }
+    fn now(&self) -> Instant {
+        self.core.now
+    }
+    fn backend(&self) -> Backend {
+        self.core.backend
+    }
+    fn send(&mut self, conn: ConnId, bytes: &[u8]) -> usize {
+        self.core.send(conn, bytes)
+    }
+    fn unsent(&self, conn: ConnId) -> Option<usize> {
         self.core.unsent(conn)
     }
-    pub fn is_backpressured(&self, conn: ConnId) -> bool {
+    fn is_backpressured(&self, conn: ConnId) -> bool {
         self.core.is_backpressured(conn)
     }
-    /// Flush queued output, then close (bounded time). No `on_closed` for it.
-    pub fn close(&mut self, conn: ConnId) {
+    fn close(&mut self, conn: ConnId) {
         self.core.close(conn)
     }
-    /// Close now, dropping queued output. No `on_closed` for it.
-    pub fn abort(&mut self, conn: ConnId) {
+    fn abort(&mut self, conn: ConnId) {
         self.core.abort(conn)
     }
-    /// Pause/resume receiving on a conn. Paused conns hold no receive op.
-    pub fn set_reading(&mut self, conn: ConnId, on: bool) {
+    fn set_reading(&mut self, conn: ConnId, on: bool) {
         self.core.set_reading(conn, on)
     }
-    /// Non-blocking AF_UNIX stream connect; `on_connected` reports the outcome.
-    pub fn connect_unix(&mut self, path: &Path) -> io::Result<ConnId> {
+    fn connect_unix(&mut self, path: &Path) -> io::Result<ConnId> {
         self.core.connect_unix(path)
     }
-    /// Post a message to a shard's mailbox (this shard included).
-    pub fn send_to_shard(&mut self, shard: usize, msg: M) {
+    fn send_to_shard(&mut self, shard: usize, msg: M) {
         if !self.core.shared.send(shard, Envelope::Msg(msg)) {
             tracing::debug!(shard, "send_to_shard: target shard is gone or out of range");
         }
     }
-    /// Move a live conn to another shard (delivered to its `on_adopt`). The id is dead here
-    /// afterwards.
-    pub fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M) {
+    fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M) {
         self.core.hand_off(conn, shard, msg)
     }
-    /// Request an `on_tick` at `deadline` (the earliest requested deadline wins).
-    pub fn wake_at(&mut self, deadline: Instant) {
+    fn wake_at(&mut self, deadline: Instant) {
         self.core.wake_at = Some(match self.core.wake_at {
             Some(d) if d <= deadline => d,
             _ => deadline,
         });
     }
-    /// Ask the whole runtime to stop.
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         self.core.shared.request_stop();
     }
-    pub fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr> {
+    fn peer_addr(&self, conn: ConnId) -> Option<SocketAddr> {
         self.core.peer_addr(conn)
     }
-    /// Connection slots in use on this shard (including conns still flushing/closing).
-    pub fn conn_count(&self) -> usize {
+    fn conn_count(&self) -> usize {
         self.core.live
     }
-    /// Sends one datagram from this shard's UDP socket without blocking. A full socket
-    /// buffer drops it (`Err(WouldBlock)`, also counted in [`Ctx::udp_dropped`]); without a
-    /// UDP socket this is `Err(NotConnected)`.
-    pub fn send_datagram(&mut self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
+    fn send_datagram(&mut self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
         let Some(fd) = self.core.udp.as_ref() else {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -169,12 +212,10 @@ impl<M: Send + 'static> Ctx<'_, M> {
         }
         r
     }
-    /// Datagrams this shard dropped: truncated on receive, or not sent (buffer full, error).
-    pub fn udp_dropped(&self) -> u64 {
+    fn udp_dropped(&self) -> u64 {
         self.core.udp_dropped
     }
-    /// The UDP socket's bound address (port 0 resolved), if there is one.
-    pub fn udp_local_addr(&self) -> Option<SocketAddr> {
+    fn udp_local_addr(&self) -> Option<SocketAddr> {
         self.core
             .udp
             .as_ref()

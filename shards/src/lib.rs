@@ -32,13 +32,14 @@ mod epoll;
 mod handler;
 mod reactor;
 mod runtime;
+pub mod sim;
 mod sys;
 mod udp;
 mod uring;
 
 pub use config::{parse_cpu_list, Backend, Config, IoMode};
 pub use cpu::{allowed_cpus, confine_current_thread};
-pub use handler::{ConnId, Ctx, Handler};
+pub use handler::{ConnId, Context, Ctx, Handler};
 pub use runtime::{Remote, Runtime};
 pub use udp::BpfInsn;
 

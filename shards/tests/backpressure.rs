@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shards::{ConnId, Ctx, Handler, Runtime};
+use shards::{ConnId, Context, Handler, Runtime};
 
 const TOTAL: usize = 20 * 1024 * 1024;
 const CHUNK: usize = 64 * 1024;
@@ -28,7 +28,7 @@ struct Pump {
 }
 
 impl Pump {
-    fn pump(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId) {
+    fn pump(&mut self, ctx: &mut impl Context<()>, conn: ConnId) {
         let Some(sent) = self.sent.get_mut(&conn) else {
             return;
         };
@@ -50,22 +50,22 @@ impl Pump {
 
 impl Handler for Pump {
     type Msg = ();
-    fn on_accept(&mut self, _ctx: &mut Ctx<'_, ()>, _conn: ConnId, _peer: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, data: &[u8]) {
+    fn on_accept(&mut self, _ctx: &mut impl Context<()>, _conn: ConnId, _peer: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<()>, conn: ConnId, data: &[u8]) {
         if data.starts_with(b"GO") && !self.sent.contains_key(&conn) {
             self.sent.insert(conn, 0);
             self.pump(ctx, conn);
         }
     }
-    fn on_writable(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId) {
+    fn on_writable(&mut self, ctx: &mut impl Context<()>, conn: ConnId) {
         self.stats.writable.fetch_add(1, Ordering::SeqCst);
         self.pump(ctx, conn);
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, conn: ConnId, _: Option<std::io::Error>) {
+    fn on_closed(&mut self, _: &mut impl Context<()>, conn: ConnId, _: Option<std::io::Error>) {
         self.sent.remove(&conn);
     }
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 #[test]

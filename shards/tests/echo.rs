@@ -5,19 +5,19 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shards::{ConnId, Ctx, Handler, Runtime};
+use shards::{ConnId, Context, Handler, Runtime};
 
 struct Echo;
 
 impl Handler for Echo {
     type Msg = ();
-    fn on_accept(&mut self, _ctx: &mut Ctx<'_, ()>, _conn: ConnId, _peer: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, data: &[u8]) {
+    fn on_accept(&mut self, _ctx: &mut impl Context<()>, _conn: ConnId, _peer: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<()>, conn: ConnId, data: &[u8]) {
         ctx.send(conn, data);
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 const CLIENTS: usize = 200;

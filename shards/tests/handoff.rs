@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 
-use shards::{ConnId, Ctx, Handler, Runtime};
+use shards::{ConnId, Context, Handler, Runtime};
 
 /// Leftover bytes of the buffer that contained MOVE.
 struct Moved(Vec<u8>);
@@ -18,7 +18,7 @@ struct Lines {
 }
 
 impl Lines {
-    fn process(&mut self, ctx: &mut Ctx<'_, Moved>, conn: ConnId, mut buf: Vec<u8>) {
+    fn process(&mut self, ctx: &mut impl Context<Moved>, conn: ConnId, mut buf: Vec<u8>) {
         while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let line = &line[..line.len() - 1];
@@ -42,19 +42,19 @@ impl Lines {
 
 impl Handler for Lines {
     type Msg = Moved;
-    fn on_accept(&mut self, _: &mut Ctx<'_, Moved>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, Moved>, conn: ConnId, data: &[u8]) {
+    fn on_accept(&mut self, _: &mut impl Context<Moved>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<Moved>, conn: ConnId, data: &[u8]) {
         let mut buf = self.partial.remove(&conn).unwrap_or_default();
         buf.extend_from_slice(data);
         self.process(ctx, conn, buf);
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, Moved>, conn: ConnId, _: Option<std::io::Error>) {
+    fn on_closed(&mut self, _: &mut impl Context<Moved>, conn: ConnId, _: Option<std::io::Error>) {
         self.partial.remove(&conn);
     }
-    fn on_message(&mut self, _: &mut Ctx<'_, Moved>, _: Moved) {}
+    fn on_message(&mut self, _: &mut impl Context<Moved>, _: Moved) {}
     fn on_adopt(
         &mut self,
-        ctx: &mut Ctx<'_, Moved>,
+        ctx: &mut impl Context<Moved>,
         conn: ConnId,
         peer: SocketAddr,
         unread: Vec<u8>,
@@ -129,14 +129,21 @@ fn hand_off_run(buf_size: usize) {
 struct Queued;
 impl Handler for Queued {
     type Msg = ();
-    fn on_accept(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, _: &[u8]) {
+    fn on_accept(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<()>, conn: ConnId, _: &[u8]) {
         ctx.send(conn, &common::pattern(0, 3 * 1024 * 1024));
         ctx.hand_off(conn, (ctx.shard() + 1) % ctx.shards(), ());
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(
+        &mut self,
+        ctx: &mut impl Context<()>,
+        conn: ConnId,
+        _: SocketAddr,
+        _: Vec<u8>,
+        _: (),
+    ) {
         ctx.send(conn, b"END");
         ctx.close(conn);
     }

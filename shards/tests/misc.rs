@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use shards::{parse_cpu_list, Backend, ConnId, Ctx, Handler, IoMode, Runtime};
+use shards::{parse_cpu_list, Backend, ConnId, Context, Handler, IoMode, Runtime};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -26,10 +26,10 @@ struct Mailbox {
 
 impl Handler for Mailbox {
     type Msg = MbMsg;
-    fn on_accept(&mut self, _: &mut Ctx<'_, MbMsg>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, _: &mut Ctx<'_, MbMsg>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, MbMsg>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, ctx: &mut Ctx<'_, MbMsg>, msg: MbMsg) {
+    fn on_accept(&mut self, _: &mut impl Context<MbMsg>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, _: &mut impl Context<MbMsg>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<MbMsg>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, ctx: &mut impl Context<MbMsg>, msg: MbMsg) {
         match msg {
             MbMsg::Ping(n) => {
                 let to = (ctx.shard() + 1) % ctx.shards();
@@ -39,7 +39,14 @@ impl Handler for Mailbox {
             MbMsg::Pong { n, from } => self.tx.send((n, from, ctx.shard())).unwrap(),
         }
     }
-    fn on_adopt(&mut self, _: &mut Ctx<'_, MbMsg>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: MbMsg) {
+    fn on_adopt(
+        &mut self,
+        _: &mut impl Context<MbMsg>,
+        _: ConnId,
+        _: SocketAddr,
+        _: Vec<u8>,
+        _: MbMsg,
+    ) {
     }
 }
 
@@ -86,23 +93,23 @@ struct Ticker {
 
 impl Handler for Ticker {
     type Msg = ();
-    fn on_start(&mut self, ctx: &mut Ctx<'_, ()>) {
+    fn on_start(&mut self, ctx: &mut impl Context<()>) {
         // The earliest requested deadline wins.
         ctx.wake_at(ctx.now() + Duration::from_secs(3600));
         ctx.wake_at(ctx.now() + Duration::from_millis(10));
     }
-    fn on_tick(&mut self, ctx: &mut Ctx<'_, ()>, now: Instant) {
+    fn on_tick(&mut self, ctx: &mut impl Context<()>, now: Instant) {
         self.ticks += 1;
         self.tx.send(self.ticks).unwrap();
         if self.ticks < 5 {
             ctx.wake_at(now + Duration::from_millis(5));
         }
     }
-    fn on_accept(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_accept(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, _: &mut impl Context<()>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 #[test]
@@ -138,8 +145,8 @@ struct Pauser {
 
 impl Handler for Pauser {
     type Msg = ();
-    fn on_accept(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, data: &[u8]) {
+    fn on_accept(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<()>, conn: ConnId, data: &[u8]) {
         if self.paused == Some(conn) {
             self.violations.fetch_add(1, Ordering::SeqCst);
         }
@@ -152,14 +159,14 @@ impl Handler for Pauser {
             ctx.send(conn, data);
         }
     }
-    fn on_tick(&mut self, ctx: &mut Ctx<'_, ()>, _: Instant) {
+    fn on_tick(&mut self, ctx: &mut impl Context<()>, _: Instant) {
         if let Some(c) = self.paused.take() {
             ctx.set_reading(c, true);
         }
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 #[test]
@@ -231,7 +238,7 @@ struct Closer {
 
 impl Handler for Closer {
     type Msg = ();
-    fn on_accept(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, peer: SocketAddr) {
+    fn on_accept(&mut self, ctx: &mut impl Context<()>, conn: ConnId, peer: SocketAddr) {
         assert_eq!(ctx.peer_addr(conn), Some(peer));
         if self.size == 0 {
             ctx.send(conn, b"never seen");
@@ -244,12 +251,12 @@ impl Handler for Closer {
         assert!(!ctx.is_backpressured(conn));
         assert_eq!(ctx.send(conn, b"after close"), 0);
     }
-    fn on_data(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {
+    fn on_data(&mut self, _: &mut impl Context<()>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {
         panic!("on_closed must not be called for conns closed by the handler");
     }
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 #[test]
@@ -286,28 +293,28 @@ struct AbortLater {
 
 impl Handler for AbortLater {
     type Msg = CountMsg;
-    fn on_accept(&mut self, ctx: &mut Ctx<'_, CountMsg>, conn: ConnId, _: SocketAddr) {
+    fn on_accept(&mut self, ctx: &mut impl Context<CountMsg>, conn: ConnId, _: SocketAddr) {
         ctx.send(conn, &self.data);
         self.conns.push(conn);
         // Late enough for the first (partial) send to complete and the next to be in flight.
         ctx.wake_at(Instant::now() + Duration::from_millis(150));
     }
-    fn on_tick(&mut self, ctx: &mut Ctx<'_, CountMsg>, _: Instant) {
+    fn on_tick(&mut self, ctx: &mut impl Context<CountMsg>, _: Instant) {
         for c in self.conns.drain(..) {
             ctx.abort(c);
         }
     }
-    fn on_data(&mut self, _: &mut Ctx<'_, CountMsg>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, CountMsg>, _: ConnId, _: Option<std::io::Error>) {
+    fn on_data(&mut self, _: &mut impl Context<CountMsg>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<CountMsg>, _: ConnId, _: Option<std::io::Error>) {
         panic!("no on_closed for aborted conns");
     }
-    fn on_message(&mut self, ctx: &mut Ctx<'_, CountMsg>, msg: CountMsg) {
+    fn on_message(&mut self, ctx: &mut impl Context<CountMsg>, msg: CountMsg) {
         let CountMsg::Count(tx) = msg;
         let _ = tx.send(ctx.conn_count());
     }
     fn on_adopt(
         &mut self,
-        _: &mut Ctx<'_, CountMsg>,
+        _: &mut impl Context<CountMsg>,
         _: ConnId,
         _: SocketAddr,
         _: Vec<u8>,
@@ -350,17 +357,17 @@ struct Greeter {
 
 impl Handler for Greeter {
     type Msg = ();
-    fn on_accept(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, _: SocketAddr) {
+    fn on_accept(&mut self, ctx: &mut impl Context<()>, conn: ConnId, _: SocketAddr) {
         ctx.send(conn, b"hi");
     }
-    fn on_data(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_shutdown(&mut self, ctx: &mut Ctx<'_, ()>) {
+    fn on_data(&mut self, _: &mut impl Context<()>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_shutdown(&mut self, ctx: &mut impl Context<()>) {
         self.shutdowns.fetch_add(1, Ordering::SeqCst);
         let _ = ctx.conn_count();
     }
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 #[test]
@@ -404,18 +411,18 @@ struct Counter;
 
 impl Handler for Counter {
     type Msg = CountMsg;
-    fn on_accept(&mut self, _: &mut Ctx<'_, CountMsg>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, CountMsg>, conn: ConnId, data: &[u8]) {
+    fn on_accept(&mut self, _: &mut impl Context<CountMsg>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<CountMsg>, conn: ConnId, data: &[u8]) {
         ctx.send(conn, data);
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, CountMsg>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, ctx: &mut Ctx<'_, CountMsg>, msg: CountMsg) {
+    fn on_closed(&mut self, _: &mut impl Context<CountMsg>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, ctx: &mut impl Context<CountMsg>, msg: CountMsg) {
         let CountMsg::Count(tx) = msg;
         let _ = tx.send(ctx.conn_count());
     }
     fn on_adopt(
         &mut self,
-        _: &mut Ctx<'_, CountMsg>,
+        _: &mut impl Context<CountMsg>,
         _: ConnId,
         _: SocketAddr,
         _: Vec<u8>,
@@ -475,16 +482,16 @@ struct Bomb;
 
 impl Handler for Bomb {
     type Msg = ();
-    fn on_accept(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, ctx: &mut Ctx<'_, ()>, conn: ConnId, data: &[u8]) {
+    fn on_accept(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, ctx: &mut impl Context<()>, conn: ConnId, data: &[u8]) {
         if data.starts_with(b"PANIC") {
             panic!("boom on shard {}", ctx.shard());
         }
         ctx.send(conn, data);
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
 }
 
 #[test]
@@ -579,16 +586,29 @@ fn peer_eof_and_reset_report_on_closed() {
     struct Report(mpsc::Sender<bool>, HashMap<ConnId, ()>);
     impl Handler for Report {
         type Msg = ();
-        fn on_accept(&mut self, _: &mut Ctx<'_, ()>, conn: ConnId, _: SocketAddr) {
+        fn on_accept(&mut self, _: &mut impl Context<()>, conn: ConnId, _: SocketAddr) {
             self.1.insert(conn, ());
         }
-        fn on_data(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: &[u8]) {}
-        fn on_closed(&mut self, _: &mut Ctx<'_, ()>, conn: ConnId, err: Option<std::io::Error>) {
+        fn on_data(&mut self, _: &mut impl Context<()>, _: ConnId, _: &[u8]) {}
+        fn on_closed(
+            &mut self,
+            _: &mut impl Context<()>,
+            conn: ConnId,
+            err: Option<std::io::Error>,
+        ) {
             assert!(self.1.remove(&conn).is_some());
             self.0.send(err.is_none()).unwrap();
         }
-        fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-        fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+        fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+        fn on_adopt(
+            &mut self,
+            _: &mut impl Context<()>,
+            _: ConnId,
+            _: SocketAddr,
+            _: Vec<u8>,
+            _: (),
+        ) {
+        }
     }
     for mode in common::modes() {
         let (tx, rx) = mpsc::channel();

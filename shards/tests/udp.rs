@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use shards::{BpfInsn, ConnId, Ctx, Handler, Runtime};
+use shards::{BpfInsn, ConnId, Context, Handler, Runtime};
 
 /// Echoes each datagram prefixed with the shard index; a datagram starting with `?` is
 /// answered with the number of datagrams this shard has seen from that peer instead.
@@ -17,12 +17,12 @@ struct UdpEcho {
 
 impl Handler for UdpEcho {
     type Msg = ();
-    fn on_accept(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr) {}
-    fn on_data(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, _: &mut Ctx<'_, ()>, _: ()) {}
-    fn on_adopt(&mut self, _: &mut Ctx<'_, ()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
-    fn on_datagram(&mut self, ctx: &mut Ctx<'_, ()>, from: SocketAddr, data: &[u8]) {
+    fn on_accept(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr) {}
+    fn on_data(&mut self, _: &mut impl Context<()>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+    fn on_datagram(&mut self, ctx: &mut impl Context<()>, from: SocketAddr, data: &[u8]) {
         if data.first() == Some(&b'?') {
             let n = self.counts.get(&from).copied().unwrap_or(0);
             let _ = ctx.send_datagram(from, &n.to_be_bytes());

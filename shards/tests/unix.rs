@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use shards::{ConnId, Ctx, Handler, Runtime};
+use shards::{ConnId, Context, Handler, Runtime};
 
 #[derive(Debug)]
 enum Report {
@@ -26,12 +26,17 @@ struct UnixClient {
 
 impl Handler for UnixClient {
     type Msg = PathBuf;
-    fn on_accept(&mut self, _: &mut Ctx<'_, PathBuf>, _: ConnId, _: SocketAddr) {}
-    fn on_message(&mut self, ctx: &mut Ctx<'_, PathBuf>, path: PathBuf) {
+    fn on_accept(&mut self, _: &mut impl Context<PathBuf>, _: ConnId, _: SocketAddr) {}
+    fn on_message(&mut self, ctx: &mut impl Context<PathBuf>, path: PathBuf) {
         let id = ctx.connect_unix(&path).expect("socket creation");
         self.conn = Some(id);
     }
-    fn on_connected(&mut self, ctx: &mut Ctx<'_, PathBuf>, conn: ConnId, res: std::io::Result<()>) {
+    fn on_connected(
+        &mut self,
+        ctx: &mut impl Context<PathBuf>,
+        conn: ConnId,
+        res: std::io::Result<()>,
+    ) {
         assert_eq!(Some(conn), self.conn);
         let ok = res.is_ok();
         self.tx
@@ -45,15 +50,15 @@ impl Handler for UnixClient {
             assert_eq!(ctx.send(conn, b"x"), 0);
         }
     }
-    fn on_data(&mut self, _: &mut Ctx<'_, PathBuf>, _: ConnId, data: &[u8]) {
+    fn on_data(&mut self, _: &mut impl Context<PathBuf>, _: ConnId, data: &[u8]) {
         self.tx.send(Report::Data(data.to_vec())).unwrap();
     }
-    fn on_closed(&mut self, _: &mut Ctx<'_, PathBuf>, _: ConnId, err: Option<std::io::Error>) {
+    fn on_closed(&mut self, _: &mut impl Context<PathBuf>, _: ConnId, err: Option<std::io::Error>) {
         self.tx.send(Report::Closed(err.map(|e| e.kind()))).unwrap();
     }
     fn on_adopt(
         &mut self,
-        _: &mut Ctx<'_, PathBuf>,
+        _: &mut impl Context<PathBuf>,
         _: ConnId,
         _: SocketAddr,
         _: Vec<u8>,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shards::{ConnId, Ctx, Handler, Runtime};
+use shards::{ConnId, Context, Handler, Runtime};
 
 const TOTAL: usize = 4 * 1024 * 1024;
 
@@ -25,16 +25,24 @@ struct Sender {
 
 impl Handler for Sender {
     type Msg = Msg;
-    fn on_accept(&mut self, ctx: &mut Ctx<'_, Msg>, conn: ConnId, _peer: SocketAddr) {
+    fn on_accept(&mut self, ctx: &mut impl Context<Msg>, conn: ConnId, _peer: SocketAddr) {
         self.conn = Some(conn);
         ctx.send(conn, &common::pattern(0, TOTAL));
     }
-    fn on_data(&mut self, _: &mut Ctx<'_, Msg>, _: ConnId, _: &[u8]) {}
-    fn on_closed(&mut self, _: &mut Ctx<'_, Msg>, _: ConnId, _: Option<std::io::Error>) {}
-    fn on_message(&mut self, ctx: &mut Ctx<'_, Msg>, Msg::Query: Msg) {
+    fn on_data(&mut self, _: &mut impl Context<Msg>, _: ConnId, _: &[u8]) {}
+    fn on_closed(&mut self, _: &mut impl Context<Msg>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, ctx: &mut impl Context<Msg>, Msg::Query: Msg) {
         let _ = self.tx.send(self.conn.and_then(|c| ctx.unsent(c)));
     }
-    fn on_adopt(&mut self, _: &mut Ctx<'_, Msg>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: Msg) {}
+    fn on_adopt(
+        &mut self,
+        _: &mut impl Context<Msg>,
+        _: ConnId,
+        _: SocketAddr,
+        _: Vec<u8>,
+        _: Msg,
+    ) {
+    }
 }
 
 fn query(rt: &Runtime<Msg>, rx: &mpsc::Receiver<Option<usize>>) -> Option<usize> {

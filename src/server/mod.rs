@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod quic;
 pub mod shard;
+pub mod sim;
 pub mod tls;
 pub mod watch;
 

@@ -20,7 +20,7 @@ use crate::session::{
     Clock, Flow, FlowEvent, IdSpace, ResumeFrom, Session, SessionTable, Sink, State,
 };
 use shards::timer::Wheel;
-use shards::{ConnId, Ctx};
+use shards::{ConnId, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -219,7 +219,7 @@ impl ShardHandler {
     }
 
     /// Notes a failed authentication (AUTH_FAILED, NO_SUCH_SESSION) of `conn`'s address.
-    fn auth_failed(&mut self, ctx: &Ctx<'_, ShardMsg>, conn: Client) {
+    fn auth_failed(&mut self, ctx: &impl Context<ShardMsg>, conn: Client) {
         if let Some(c) = self.conns.get(&conn) {
             let now = self.clock.ms(ctx.now());
             self.limiter.auth_failed(c.peer.ip(), now);
@@ -227,7 +227,7 @@ impl ShardHandler {
     }
 
     /// Queues bytes (already encrypted on TLS) on a client connection.
-    fn io_send(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, bytes: &[u8]) {
+    fn io_send(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, bytes: &[u8]) {
         match conn {
             Client::Tcp(id) => {
                 ctx.send(id, bytes);
@@ -248,7 +248,7 @@ impl ShardHandler {
     }
 
     /// Closes a client connection after flushing what is queued.
-    fn io_close(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+    fn io_close(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
         match conn {
             Client::Tcp(id) => ctx.close(id),
             Client::Quic(k) => {
@@ -263,7 +263,7 @@ impl ShardHandler {
     }
 
     /// Closes a client connection now, dropping what is queued.
-    fn io_abort(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+    fn io_abort(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
         match conn {
             Client::Tcp(id) => ctx.abort(id),
             Client::Quic(k) => {
@@ -277,7 +277,7 @@ impl ShardHandler {
         }
     }
 
-    fn io_set_reading(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, on: bool) {
+    fn io_set_reading(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, on: bool) {
         match conn {
             Client::Tcp(id) => ctx.set_reading(id, on),
             Client::Quic(k) => {
@@ -296,7 +296,7 @@ impl ShardHandler {
     }
 
     /// Sends client bytes, counting frames, bytes and ERROR codes.
-    fn send_client(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, bytes: &[u8]) {
+    fn send_client(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, bytes: &[u8]) {
         let m = &self.shared.metrics.shards[self.index];
         let frames = metrics::count_frames(bytes, |code| m.error(code));
         ShardMetrics::inc(&m.frames_out, frames);
@@ -313,7 +313,7 @@ impl ShardHandler {
     }
 
     /// Sends whatever TLS records the connection has pending (handshake, alerts, data).
-    fn tls_flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+    fn tls_flush(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
         let Some(tls) = self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) else {
             return;
         };
@@ -331,7 +331,7 @@ impl ShardHandler {
     }
 
     /// Ciphertext from a TLS connection: decrypt it all, then process the plaintext.
-    fn on_tls_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, data: &[u8]) {
+    fn on_tls_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
         let mut plain = std::mem::take(&mut self.plain);
         plain.clear();
         let mut rd = data;
@@ -378,7 +378,7 @@ impl ShardHandler {
 
     /// Plaintext bytes from a client: frames are decoded straight from them when no partial
     /// frame is pending (no copy); a trailing partial frame is kept in the connection's buffer.
-    fn on_plaintext(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, data: &[u8]) {
+    fn on_plaintext(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -406,7 +406,7 @@ impl ShardHandler {
     }
 
     /// The connection is gone or must go: a bound session is suspended.
-    fn conn_lost(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, close: bool) {
+    fn conn_lost(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, close: bool) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -448,11 +448,11 @@ impl ShardHandler {
         ShardMetrics::set(&m.ring_bytes, ring);
     }
 
-    fn now(&self, ctx: &Ctx<'_, ShardMsg>) -> u64 {
+    fn now(&self, ctx: &impl Context<ShardMsg>) -> u64 {
         self.clock.ms(ctx.now())
     }
 
-    fn schedule(&mut self, ctx: &mut Ctx<'_, ShardMsg>, deadline: u64) {
+    fn schedule(&mut self, ctx: &mut impl Context<ShardMsg>, deadline: u64) {
         if deadline < self.next_wake {
             self.next_wake = deadline;
             ctx.wake_at(self.clock.instant(deadline));
@@ -460,7 +460,7 @@ impl ShardHandler {
     }
 
     /// Files the session's next timer if it is earlier than the one already filed.
-    fn arm(&mut self, ctx: &mut Ctx<'_, ShardMsg>, sid: u32) {
+    fn arm(&mut self, ctx: &mut impl Context<ShardMsg>, sid: u32) {
         let cfg = &self.shared.cfg.session;
         let Some(s) = self.table.get_mut(sid) else {
             return;
@@ -477,7 +477,7 @@ impl ShardHandler {
 
     /// Sends what the scratch sink collected: client bytes to `conn`, pod bytes to the link of
     /// `pod`.
-    fn flush(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Option<Client>, pod: (u32, u32)) {
+    fn flush(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Option<Client>, pod: (u32, u32)) {
         if !self.scratch.client.is_empty() {
             let mut bytes = std::mem::take(&mut self.scratch.client);
             if let Some(c) = conn {
@@ -496,7 +496,12 @@ impl ShardHandler {
 
     /// A pod that reads slower than this client writes: stop reading the client until the
     /// link drains, so the link's queue stays bounded.
-    fn pause_if_pod_slow(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, key: (u32, u32)) {
+    fn pause_if_pod_slow(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        key: (u32, u32),
+    ) {
         let mut pause = false;
         if let Some(l) = self.links.get_mut(key) {
             if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
@@ -509,7 +514,7 @@ impl ShardHandler {
         }
     }
 
-    fn link_send(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32), bytes: &[u8]) {
+    fn link_send(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32), bytes: &[u8]) {
         match self.links.get_mut(key) {
             Some(l) if l.connected => {
                 ctx.send(l.conn, bytes);
@@ -520,7 +525,7 @@ impl ShardHandler {
     }
 
     /// The link to (tenant, agent), opened if this shard has none yet.
-    fn ensure_link(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) -> bool {
+    fn ensure_link(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) -> bool {
         if let Some(l) = self.links.get(key) {
             // A lost pod takes no new sessions until it is back.
             return l.lost_since.is_none();
@@ -540,7 +545,7 @@ impl ShardHandler {
     }
 
     /// Refuses a connection that has no session: ERROR with SESSION_ID 0 and SEQ 0, then close.
-    fn refuse(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, code: ErrorCode) {
+    fn refuse(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, code: ErrorCode) {
         let mut out = Vec::with_capacity(64);
         proto::frame::encode_with(&mut out, 0, 0, FrameType::Error, 0, |o| {
             ErrorFrame::encode_parts(code, code.message(), o)
@@ -551,7 +556,7 @@ impl ShardHandler {
     }
 
     /// Forgets a connection (and closes it, flushing, when `close`).
-    fn drop_conn(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, close: bool) {
+    fn drop_conn(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, close: bool) {
         if let Some(c) = self.conns.remove(&conn) {
             match c.state {
                 ConnState::Handshake => self.pending_handshakes -= 1,
@@ -570,7 +575,7 @@ impl ShardHandler {
     /// Applies a session's [`Flow`] to its connection and the table.
     fn apply_flow(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         sid: u32,
         conn: Option<Client>,
         flow: Flow,
@@ -607,7 +612,7 @@ impl ShardHandler {
     /// and whether the connection is still ours to read.
     fn process(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: Client,
         bytes: &[u8],
     ) -> (usize, bool) {
@@ -698,7 +703,7 @@ impl ShardHandler {
     /// owner from here. `buffered` is the RESUME frame and whatever followed it.
     fn hand_over(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: Client,
         owner: usize,
         buffered: Vec<u8>,
@@ -742,7 +747,7 @@ impl ShardHandler {
 
     /// The stream is broken (bad flag or CRC, oversize LEN): ERROR, close; a bound session is
     /// suspended with its ring intact.
-    fn broken(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, code: ErrorCode) {
+    fn broken(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, code: ErrorCode) {
         match self.conns.get(&conn).map(|c| c.state) {
             Some(ConnState::Bound(sid)) => {
                 let now = self.now(ctx);
@@ -758,7 +763,7 @@ impl ShardHandler {
         }
     }
 
-    fn on_frame(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
+    fn on_frame(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
         let Some(state) = self.conns.get(&conn).map(|c| c.state) else {
             return Next::Stop;
         };
@@ -803,7 +808,12 @@ impl ShardHandler {
         }
     }
 
-    fn on_connect(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
+    fn on_connect(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        f: &Frame<'_>,
+    ) -> Next {
         if f.session_id != 0 {
             self.refuse(ctx, conn, ErrorCode::ProtocolViolation);
             return Next::Stop;
@@ -846,7 +856,7 @@ impl ShardHandler {
     /// The CONNECT passed every check but capacity and the link is up: open the session.
     fn open_session(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: Client,
         key: (u32, u32),
         caps: u8,
@@ -888,7 +898,7 @@ impl ShardHandler {
         Next::Continue
     }
 
-    fn on_resume(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
+    fn on_resume(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
         let r = match Resume::parse(f.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -987,7 +997,7 @@ impl ShardHandler {
 
     fn on_link_data(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         link_conn: ConnId,
         key: (u32, u32),
         data: &[u8],
@@ -1044,7 +1054,7 @@ impl ShardHandler {
     /// One message from a pod. Returns false when the link must be broken.
     fn on_pod_msg(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         key: (u32, u32),
         sid: u32,
         msg: PodMsg<'_>,
@@ -1125,7 +1135,7 @@ impl ShardHandler {
 
     /// Whether `conn`'s output waits in a send queue above its high watermark (`None` when that
     /// cannot be known: a relayed stream).
-    fn backlogged(&self, ctx: &Ctx<'_, ShardMsg>, conn: Client) -> Option<bool> {
+    fn backlogged(&self, ctx: &impl Context<ShardMsg>, conn: Client) -> Option<bool> {
         match conn {
             Client::Tcp(id) => Some(ctx.is_backpressured(id)),
             Client::Quic(k) => self.quic.as_ref().map(|q| q.is_backpressured(k)),
@@ -1136,7 +1146,7 @@ impl ShardHandler {
     /// Whether everything sent on `conn` has reached the client (PROTOCOL.md §7.16): nothing
     /// queued here and, on TCP, nothing unsent or unacknowledged in the kernel. A relayed
     /// stream's delivery cannot be seen from here: never.
-    fn delivered(&self, ctx: &Ctx<'_, ShardMsg>, conn: Client) -> bool {
+    fn delivered(&self, ctx: &impl Context<ShardMsg>, conn: Client) -> bool {
         match conn {
             Client::Tcp(id) => ctx.unsent(id) == Some(0),
             Client::Quic(k) => self.quic.as_ref().is_some_and(|q| q.unsent(k) == Some(0)),
@@ -1147,7 +1157,7 @@ impl ShardHandler {
     /// An unacknowledged connection's send backlog paces its agent (§7.16).
     fn check_backlog(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         sid: u32,
         conn: Client,
         key: (u32, u32),
@@ -1165,7 +1175,7 @@ impl ShardHandler {
     }
 
     /// A client's send queue drained below its low watermark.
-    fn client_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client) {
+    fn client_writable(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
         if let Some(Conn {
             state: ConnState::Bound(sid),
             ..
@@ -1185,7 +1195,7 @@ impl ShardHandler {
     /// in the connection's buffer meanwhile is processed first.
     fn set_client_reading(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: Client,
         key: (u32, u32),
         on: bool,
@@ -1214,7 +1224,7 @@ impl ShardHandler {
 
     /// The link to a pod broke (EOF, error, broken framing) or its socket disappeared: its
     /// sessions wait for the pod for `--agent-grace`, their input held; attached clients stay.
-    fn link_down(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+    fn link_down(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let grace = self.shared.cfg.agent_grace_ms;
         let now = self.now(ctx);
         let Some(l) = self.links.get(key) else { return };
@@ -1261,7 +1271,7 @@ impl ShardHandler {
 
     /// While the pod's socket is still registered (a pod restarting in place, or one whose
     /// socket exists but refused us), retry connecting with backoff within the grace period.
-    fn schedule_retry(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+    fn schedule_retry(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         if !self.shared.pod_present(key.0, key.1) {
             return; // it will be reconnected when its socket appears
         }
@@ -1276,7 +1286,7 @@ impl ShardHandler {
 
     /// A pod socket appeared: a lost link to it reconnects, with HELLO, a REOPEN for each of
     /// its sessions, then the input held meanwhile.
-    fn pod_added(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+    fn pod_added(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let Some(l) = self.links.get(key) else { return };
         if l.lost_since.is_none() || self.links.key_of(l.conn).is_some() {
             return; // not lost, or a reconnect is already in flight
@@ -1337,7 +1347,7 @@ impl ShardHandler {
     }
 
     /// The grace period of a lost pod ran out.
-    fn grace_expired(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+    fn grace_expired(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let now = self.now(ctx);
         let grace = self.shared.cfg.agent_grace_ms;
         if let Some(l) = self.links.get(key) {
@@ -1356,7 +1366,7 @@ impl ShardHandler {
 
     /// The pod is gone for good: its sessions on this shard end with AGENT_GONE, after the
     /// output the pod already produced.
-    fn agent_gone(&mut self, ctx: &mut Ctx<'_, ShardMsg>, key: (u32, u32)) {
+    fn agent_gone(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let Some(link) = self.links.remove(key) else {
             return;
         };
@@ -1379,7 +1389,7 @@ impl ShardHandler {
         }
     }
 
-    fn on_timers(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+    fn on_timers(&mut self, ctx: &mut impl Context<ShardMsg>) {
         let now = self.now(ctx);
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.poll(now, &mut fired);
@@ -1473,7 +1483,7 @@ impl ShardHandler {
     /// stream): it starts in the handshake state with its deadline filed.
     fn client_opened(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: Client,
         peer: SocketAddr,
         tls: Option<Box<rustls::ServerConnection>>,
@@ -1499,7 +1509,7 @@ impl ShardHandler {
 
     /// Whether another connection may start its handshake; refuses it (OVERLOADED where a
     /// frame can be sent) when not.
-    fn admit(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, can_send: bool) -> bool {
+    fn admit(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, can_send: bool) -> bool {
         if self.pending_handshakes < self.shared.cfg.max_pending_handshakes {
             return true;
         }
@@ -1515,7 +1525,7 @@ impl ShardHandler {
     }
 
     /// Client bytes, TLS or not.
-    fn on_client_bytes(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: Client, data: &[u8]) {
+    fn on_client_bytes(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
         ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
         if self.conns.get(&conn).is_some_and(|c| c.tls.is_some()) {
             self.on_tls_data(ctx, conn, data);
@@ -1525,7 +1535,7 @@ impl ShardHandler {
     }
 
     /// Reading resumes on the clients a link had paused.
-    fn resume_readers(&mut self, ctx: &mut Ctx<'_, ShardMsg>, readers: Vec<Client>) {
+    fn resume_readers(&mut self, ctx: &mut impl Context<ShardMsg>, readers: Vec<Client>) {
         for c in readers {
             let held_by_pod = match self.conns.get(&c) {
                 None => continue,
@@ -1542,7 +1552,7 @@ impl ShardHandler {
     }
 
     /// A datagram for this shard's QUIC endpoint.
-    fn quic_datagram(&mut self, ctx: &mut Ctx<'_, ShardMsg>, from: SocketAddr, data: &[u8]) {
+    fn quic_datagram(&mut self, ctx: &mut impl Context<ShardMsg>, from: SocketAddr, data: &[u8]) {
         let (Some(q), Some(tls)) = (self.quic.as_mut(), self.shared.tls.as_ref()) else {
             return;
         };
@@ -1564,7 +1574,7 @@ impl ShardHandler {
 
     /// Handles what the QUIC endpoint reported, then sends what it has to send and files its
     /// timers. Called at the end of every callback that may have touched a QUIC stream.
-    fn quic_settle(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+    fn quic_settle(&mut self, ctx: &mut impl Context<ShardMsg>) {
         loop {
             let Some(q) = self.quic.as_mut() else { return };
             if !q.has_work() {
@@ -1594,7 +1604,7 @@ impl ShardHandler {
         }
     }
 
-    fn on_quic_event(&mut self, ctx: &mut Ctx<'_, ShardMsg>, ev: QEvent) {
+    fn on_quic_event(&mut self, ctx: &mut impl Context<ShardMsg>, ev: QEvent) {
         match ev {
             QEvent::Opened(key, peer) => {
                 let conn = Client::Quic(key);
@@ -1643,7 +1653,7 @@ impl ShardHandler {
 impl shards::Handler for ShardHandler {
     type Msg = ShardMsg;
 
-    fn on_start(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+    fn on_start(&mut self, ctx: &mut impl Context<ShardMsg>) {
         let d = self.now(ctx) + STATS_EVERY_MS;
         self.wheel.insert(d, Key::Stats);
         self.schedule(ctx, d);
@@ -1654,7 +1664,7 @@ impl shards::Handler for ShardHandler {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn on_accept(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, peer: SocketAddr) {
+    fn on_accept(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, peer: SocketAddr) {
         let client = Client::Tcp(conn);
         if !self.admit(ctx, client, self.shared.tls.is_none()) {
             return;
@@ -1683,7 +1693,7 @@ impl shards::Handler for ShardHandler {
         self.quic_settle(ctx);
     }
 
-    fn on_data(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId, data: &[u8]) {
+    fn on_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, data: &[u8]) {
         // Client connections first (the common case; a cheap lookup): a connection is never
         // both a client and a pod link.
         if self.conns.contains_key(&Client::Tcp(conn)) {
@@ -1694,7 +1704,7 @@ impl shards::Handler for ShardHandler {
         self.quic_settle(ctx);
     }
 
-    fn on_datagram(&mut self, ctx: &mut Ctx<'_, ShardMsg>, from: SocketAddr, data: &[u8]) {
+    fn on_datagram(&mut self, ctx: &mut impl Context<ShardMsg>, from: SocketAddr, data: &[u8]) {
         let Some(q) = self.quic.as_ref() else { return };
         if let Some(owner) = q.foreign_shard(data) {
             // No steering program: the kernel hashed this datagram here, but its connection
@@ -1715,7 +1725,7 @@ impl shards::Handler for ShardHandler {
 
     fn on_closed(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: ConnId,
         err: Option<std::io::Error>,
     ) {
@@ -1731,7 +1741,7 @@ impl shards::Handler for ShardHandler {
 
     fn on_connected(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: ConnId,
         res: std::io::Result<()>,
     ) {
@@ -1802,7 +1812,7 @@ impl shards::Handler for ShardHandler {
         self.quic_settle(ctx);
     }
 
-    fn on_writable(&mut self, ctx: &mut Ctx<'_, ShardMsg>, conn: ConnId) {
+    fn on_writable(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId) {
         let Some(key) = self.links.key_of(conn) else {
             self.client_writable(ctx, Client::Tcp(conn));
             self.quic_settle(ctx);
@@ -1817,7 +1827,7 @@ impl shards::Handler for ShardHandler {
         self.quic_settle(ctx);
     }
 
-    fn on_message(&mut self, ctx: &mut Ctx<'_, ShardMsg>, msg: ShardMsg) {
+    fn on_message(&mut self, ctx: &mut impl Context<ShardMsg>, msg: ShardMsg) {
         match msg {
             ShardMsg::PodAdded(t, a) => self.pod_added(ctx, (t, a)),
             ShardMsg::PodRemoved(t, a) => {
@@ -1896,7 +1906,7 @@ impl shards::Handler for ShardHandler {
 
     fn on_adopt(
         &mut self,
-        ctx: &mut Ctx<'_, ShardMsg>,
+        ctx: &mut impl Context<ShardMsg>,
         conn: ConnId,
         peer: SocketAddr,
         unread: Vec<u8>,
@@ -1923,12 +1933,12 @@ impl shards::Handler for ShardHandler {
         self.quic_settle(ctx);
     }
 
-    fn on_tick(&mut self, ctx: &mut Ctx<'_, ShardMsg>, _now: Instant) {
+    fn on_tick(&mut self, ctx: &mut impl Context<ShardMsg>, _now: Instant) {
         self.on_timers(ctx);
         self.quic_settle(ctx);
     }
 
-    fn on_shutdown(&mut self, ctx: &mut Ctx<'_, ShardMsg>) {
+    fn on_shutdown(&mut self, ctx: &mut impl Context<ShardMsg>) {
         self.shared
             .metrics
             .ready_shards

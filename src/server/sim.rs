@@ -1,0 +1,535 @@
+//! A node in a bottle: every shard's [`ShardHandler`] driven by a simulated runtime
+//! ([`shards::sim::SimCtx`]), with client connections that are byte pipes (tests put the sans-IO
+//! client core on them) and agent pods that are plain data. No socket carries a byte, no thread
+//! runs a shard, the clock moves only when told: a test or a fuzz target plays the network and
+//! the kernel, the way quinn-proto's tests drive a connection `Pair`.
+//!
+//! Two things are real: the pod socket directory is a temporary directory that the node's pod
+//! registry watches, and [`Sim::add_pod`] binds a Unix socket there (the registry lists only
+//! sockets); nothing ever connects to it, the simulated runtime answers the shard's connects.
+//!
+//! What the simulation keeps exact: each client connection's bytes in order, hand-offs of a
+//! connection between shards (output queued before the hand-off reaches the client first),
+//! cross-shard messages in posting order, pod links per shard with their HELLO, OPEN, REOPEN,
+//! DATA, CLOSE and PAUSE/CONTINUE, connects refused while a pod is away, and timers (a shard's
+//! `on_tick` runs when the clock passes the deadline it asked for).
+
+use super::shard::{ShardHandler, ShardMsg};
+use super::{ServerConfig, Shared};
+use crate::podlink::{self, Msg as PodMsg};
+use crate::pods::Registry;
+use shards::sim::SimCtx;
+use shards::{ConnId, Context, Handler};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Rounds of delivery [`Sim::settle`] runs at most before it reports a stall.
+const SETTLE_ROUNDS: usize = 10_000;
+
+/// A client connection as the simulation tracks it (it follows its connection across a
+/// hand-off to another shard).
+#[derive(Debug, Default)]
+pub struct SimClient {
+    /// Where the connection is: (shard, connection), while open.
+    pub at: Option<(usize, ConnId)>,
+    /// The peer address it connected from.
+    pub peer: Option<SocketAddr>,
+    /// Bytes the server sent to it, not yet taken with [`Sim::client_take`].
+    pub inbox: Vec<u8>,
+    /// Whether the server closed or aborted it.
+    pub closed_by_server: bool,
+}
+
+/// One simulated agent pod: what it received, per session, and how it answers.
+#[derive(Debug, Default)]
+pub struct SimPod {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    /// Its links: (shard, connection, undecoded input, HELLO answered).
+    links: Vec<(usize, ConnId, Vec<u8>)>,
+    /// Sessions opened (OPEN), in order.
+    pub opened: Vec<u32>,
+    /// Sessions re-bound after the link came back (REOPEN), in order.
+    pub reopened: Vec<u32>,
+    /// Sessions the daemon closed (CLOSE), in order.
+    pub closed: Vec<u32>,
+    /// Client input per session, concatenated.
+    pub input: HashMap<u32, Vec<u8>>,
+    /// DETACHED / ATTACHED / PAUSE / CONTINUE seen, per session, in order (their names).
+    pub events: HashMap<u32, Vec<&'static str>>,
+    /// Echo every DATA back (the reference echo agent).
+    pub echo: bool,
+}
+
+struct SimShard {
+    h: ShardHandler,
+    ctx: SimCtx<ShardMsg>,
+}
+
+/// A whole node of shards, simulated. See the module documentation.
+pub struct Sim {
+    /// What the shards share (configuration, metrics, registry, sessions on the node).
+    pub shared: Arc<Shared>,
+    shards: Vec<SimShard>,
+    /// Client connections by handle (index).
+    pub clients: Vec<SimClient>,
+    /// Pods by (tenant, agent).
+    pub pods: HashMap<(u32, u32), SimPod>,
+    t0: Instant,
+    dir: PathBuf,
+    next_port: u16,
+}
+
+impl Sim {
+    /// A node with `cfg.shards` shards; `cfg.socket_dir` is replaced by a fresh temporary
+    /// directory (removed on drop). TLS and QUIC are not simulated (`cfg.tls`, `cfg.quic_port`
+    /// are ignored).
+    pub fn new(mut cfg: ServerConfig) -> io::Result<Sim> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("clawterm-sim-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        cfg.socket_dir = dir.clone();
+        cfg.tls = None;
+        cfg.quic_port = None;
+        cfg.shards = cfg.shards.max(1);
+        let registry = Registry::start_without_callback(&dir)?;
+        let shard_count = cfg.shards;
+        let shared = Arc::new(Shared {
+            cfg,
+            tokens: RwLock::new(None),
+            sessions: AtomicUsize::new(0),
+            registry,
+            metrics: Arc::new(super::metrics::Metrics::new(shard_count)),
+            tls: None,
+            quic: None,
+        });
+        let t0 = Instant::now();
+        let mut shards = Vec::with_capacity(shard_count);
+        for i in 0..shard_count {
+            let mut s = SimShard {
+                h: ShardHandler::new(i, shared.clone()),
+                ctx: SimCtx::new(i, shard_count, t0),
+            };
+            s.h.on_start(&mut s.ctx);
+            shards.push(s);
+        }
+        Ok(Sim {
+            shared,
+            shards,
+            clients: Vec::new(),
+            pods: HashMap::new(),
+            t0,
+            dir,
+            next_port: 10_000,
+        })
+    }
+
+    /// Milliseconds since the simulation started (the clock a client core is driven with).
+    pub fn now_ms(&self) -> u64 {
+        self.shards[0].ctx.now().duration_since(self.t0).as_millis() as u64
+    }
+
+    /// The socket directory the registry watches.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A pod for (tenant, agent) appears: its socket is bound (so the registry lists it) and
+    /// every shard hears of it, as the registry's callback does on a real node.
+    pub fn add_pod(&mut self, tenant: u32, agent: u32, echo: bool) -> io::Result<()> {
+        let key = (tenant, agent);
+        let path = self.dir.join(format!("{tenant}_{agent}"));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        let pod = self.pods.entry(key).or_default();
+        pod.listener = Some(listener);
+        pod.path = path;
+        pod.echo = echo;
+        // The registry learns of it through inotify: bounded wait.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.shared.pod_present(tenant, agent) {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the pod registry did not list the pod's socket within 5 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for i in 0..self.shards.len() {
+            self.deliver(i, ShardMsg::PodAdded(tenant, agent));
+        }
+        self.settle();
+        Ok(())
+    }
+
+    /// The pod goes away: its links close (the shards see EOF) and its socket is removed;
+    /// every shard hears of the removal.
+    pub fn remove_pod(&mut self, tenant: u32, agent: u32) {
+        let key = (tenant, agent);
+        let links = match self.pods.get_mut(&key) {
+            Some(p) => {
+                p.listener = None;
+                let _ = std::fs::remove_file(&p.path);
+                std::mem::take(&mut p.links)
+            }
+            None => return,
+        };
+        for (i, conn, _) in links {
+            let s = &mut self.shards[i];
+            s.ctx.peer_gone(conn);
+            s.h.on_closed(&mut s.ctx, conn, None);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.pod_present(tenant, agent) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for i in 0..self.shards.len() {
+            self.deliver(i, ShardMsg::PodRemoved(tenant, agent));
+        }
+        self.settle();
+    }
+
+    /// A pod's link on `shard` breaks (the pod restarts; its socket stays).
+    pub fn break_pod_link(&mut self, tenant: u32, agent: u32, shard: usize) {
+        let Some(p) = self.pods.get_mut(&(tenant, agent)) else {
+            return;
+        };
+        let Some(at) = p.links.iter().position(|l| l.0 == shard) else {
+            return;
+        };
+        let (i, conn, _) = p.links.remove(at);
+        let s = &mut self.shards[i];
+        s.ctx.peer_gone(conn);
+        s.h.on_closed(&mut s.ctx, conn, None);
+        self.settle();
+    }
+
+    /// Sends DATA from the pod to one of its sessions (over the link of the shard that holds
+    /// it); false if the pod has no link to that shard.
+    pub fn pod_send(&mut self, tenant: u32, agent: u32, sid: u32, msg: &PodMsg<'_>) -> bool {
+        let shard = self.shard_of(sid);
+        let Some(p) = self.pods.get(&(tenant, agent)) else {
+            return false;
+        };
+        let Some(&(i, conn, _)) = p.links.iter().find(|l| l.0 == shard) else {
+            return false;
+        };
+        let mut out = Vec::new();
+        podlink::encode(&mut out, sid, msg);
+        let s = &mut self.shards[i];
+        s.h.on_data(&mut s.ctx, conn, &out);
+        self.settle();
+        true
+    }
+
+    /// The shard that owns session `sid` (ids carry their shard).
+    pub fn shard_of(&self, sid: u32) -> usize {
+        crate::session::IdSpace::new(0, self.shards.len()).owner(sid)
+    }
+
+    /// A new client connection accepted on `shard`; returns its handle.
+    pub fn connect(&mut self, shard: usize) -> usize {
+        self.next_port = self.next_port.wrapping_add(1).max(10_000);
+        let peer = SocketAddr::from(([127, 0, 0, 1], self.next_port));
+        let s = &mut self.shards[shard];
+        let conn = s.ctx.accept(peer);
+        s.h.on_accept(&mut s.ctx, conn, peer);
+        self.clients.push(SimClient {
+            at: Some((shard, conn)),
+            peer: Some(peer),
+            ..SimClient::default()
+        });
+        self.settle();
+        self.clients.len() - 1
+    }
+
+    /// Bytes from client `c` to the server (ignored once its connection is gone).
+    pub fn client_send(&mut self, c: usize, bytes: &[u8]) {
+        let Some((i, conn)) = self.clients.get(c).and_then(|x| x.at) else {
+            return;
+        };
+        let s = &mut self.shards[i];
+        if s.ctx.is_open(conn) && s.ctx.is_reading(conn) {
+            s.h.on_data(&mut s.ctx, conn, bytes);
+        } else if s.ctx.is_open(conn) {
+            // Not read now: the kernel would keep it; so does the connection's record.
+            if let Some(x) = s.ctx.conn_mut(conn) {
+                x.held_input.extend_from_slice(bytes);
+            }
+        }
+        self.settle();
+    }
+
+    /// Takes what the server sent to client `c`.
+    pub fn client_take(&mut self, c: usize) -> Vec<u8> {
+        self.clients
+            .get_mut(c)
+            .map(|x| std::mem::take(&mut x.inbox))
+            .unwrap_or_default()
+    }
+
+    /// Whether client `c`'s connection is still open.
+    pub fn client_open(&self, c: usize) -> bool {
+        self.clients.get(c).is_some_and(|x| x.at.is_some())
+    }
+
+    /// Client `c`'s connection drops (network loss, the client quit).
+    pub fn client_drop(&mut self, c: usize) {
+        let Some((i, conn)) = self.clients.get_mut(c).and_then(|x| x.at.take()) else {
+            return;
+        };
+        let s = &mut self.shards[i];
+        if s.ctx.is_open(conn) {
+            s.ctx.peer_gone(conn);
+            s.h.on_closed(&mut s.ctx, conn, None);
+        }
+        self.settle();
+    }
+
+    /// Sets what the runtime reports for client `c`'s connection: bytes not yet delivered
+    /// (`unsent`) and whether its queue is over the high watermark. Clearing the watermark
+    /// calls the shard's `on_writable`.
+    pub fn client_backlog(&mut self, c: usize, unsent: usize, backpressured: bool) {
+        let Some((i, conn)) = self.clients.get(c).and_then(|x| x.at) else {
+            return;
+        };
+        let s = &mut self.shards[i];
+        let was = s.ctx.conn(conn).is_some_and(|x| x.backpressured);
+        if let Some(x) = s.ctx.conn_mut(conn) {
+            x.unsent = unsent;
+            x.backpressured = backpressured;
+        }
+        if was && !backpressured {
+            s.h.on_writable(&mut s.ctx, conn);
+        }
+        self.settle();
+    }
+
+    /// Moves the clock of every shard forward by `by`, in steps of `step` (at least 1 ms),
+    /// running each shard's timers as they come due.
+    pub fn advance(&mut self, by: Duration, step: Duration) {
+        let step = step.max(Duration::from_millis(1));
+        let mut left = by;
+        while !left.is_zero() {
+            let d = left.min(step);
+            left -= d;
+            for s in &mut self.shards {
+                s.ctx.advance(d);
+            }
+            for i in 0..self.shards.len() {
+                let s = &mut self.shards[i];
+                if let Some(at) = s.ctx.take_due_wake() {
+                    s.h.on_tick(&mut s.ctx, at);
+                }
+            }
+            self.settle();
+        }
+    }
+
+    /// Shuts every shard down (SIGTERM), then settles.
+    pub fn shutdown(&mut self) {
+        for s in &mut self.shards {
+            s.h.on_shutdown(&mut s.ctx);
+        }
+        self.settle();
+    }
+
+    fn deliver(&mut self, to: usize, msg: ShardMsg) {
+        if let Some(s) = self.shards.get_mut(to) {
+            s.h.on_message(&mut s.ctx, msg);
+        }
+    }
+
+    /// Delivers everything in flight (connects, messages, hand-offs, pod answers, client
+    /// output, input a shard resumed reading) until nothing moves. Panics on a stall (more than
+    /// `SETTLE_ROUNDS` rounds): a shard that keeps itself busy forever is a bug.
+    pub fn settle(&mut self) {
+        for _ in 0..SETTLE_ROUNDS {
+            if !self.round() {
+                return;
+            }
+        }
+        panic!("the simulated node did not settle in {SETTLE_ROUNDS} rounds");
+    }
+
+    /// One round of delivery; whether anything moved.
+    fn round(&mut self) -> bool {
+        let mut moved = false;
+        for i in 0..self.shards.len() {
+            // Unix connects: to a pod that is there, or refused.
+            for (conn, path) in self.shards[i].ctx.take_connects() {
+                moved = true;
+                let pod = self
+                    .pods
+                    .values_mut()
+                    .find(|p| p.path == path && p.listener.is_some());
+                let res = match pod {
+                    Some(p) => {
+                        p.links.push((i, conn, Vec::new()));
+                        Ok(())
+                    }
+                    None => Err(io::Error::from(io::ErrorKind::ConnectionRefused)),
+                };
+                let s = &mut self.shards[i];
+                if res.is_err() {
+                    s.ctx.peer_gone(conn);
+                }
+                s.h.on_connected(&mut s.ctx, conn, res);
+            }
+            for (to, msg) in self.shards[i].ctx.take_messages() {
+                moved = true;
+                self.deliver(to, msg);
+            }
+            for (conn, to, msg) in self.shards[i].ctx.take_hand_offs() {
+                moved = true;
+                self.hand_off(i, conn, to, msg);
+            }
+        }
+        moved |= self.pump_clients();
+        moved |= self.pump_pods();
+        moved
+    }
+
+    /// Output of client connections to their inboxes; connections the server ended are
+    /// noted; input held while a connection was not read is delivered once it is read again.
+    fn pump_clients(&mut self) -> bool {
+        let mut moved = false;
+        for c in 0..self.clients.len() {
+            let Some((i, conn)) = self.clients[c].at else {
+                continue;
+            };
+            let s = &mut self.shards[i];
+            let out = s.ctx.take_output(conn);
+            if !out.is_empty() {
+                moved = true;
+                self.clients[c].inbox.extend_from_slice(&out);
+            }
+            let s = &mut self.shards[i];
+            if !s.ctx.is_open(conn) {
+                if s.ctx.ending(conn) != Some(shards::sim::Ending::HandedOff) {
+                    self.clients[c].at = None;
+                    self.clients[c].closed_by_server = true;
+                    moved = true;
+                }
+                continue;
+            }
+            if s.ctx.is_reading(conn) {
+                let held = s
+                    .ctx
+                    .conn_mut(conn)
+                    .map(|x| std::mem::take(&mut x.held_input))
+                    .unwrap_or_default();
+                if !held.is_empty() {
+                    moved = true;
+                    s.h.on_data(&mut s.ctx, conn, &held);
+                }
+            }
+        }
+        moved
+    }
+
+    /// A connection handed from shard `from` to `to`: the bytes it had queued reach the client
+    /// first, then it is adopted under a new id.
+    fn hand_off(&mut self, from: usize, conn: ConnId, to: usize, msg: ShardMsg) {
+        let out = self.shards[from].ctx.take_output(conn);
+        let held = self.shards[from]
+            .ctx
+            .conn_mut(conn)
+            .map(|x| std::mem::take(&mut x.held_input))
+            .unwrap_or_default();
+        let c = self.clients.iter().position(|x| x.at == Some((from, conn)));
+        let peer = c
+            .and_then(|c| self.clients[c].peer)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1)));
+        let Some(s) = self.shards.get_mut(to) else {
+            return;
+        };
+        let new = s.ctx.accept(peer);
+        if let Some(c) = c {
+            self.clients[c].inbox.extend_from_slice(&out);
+            self.clients[c].at = Some((to, new));
+        }
+        let s = &mut self.shards[to];
+        s.h.on_adopt(&mut s.ctx, new, peer, held, msg);
+    }
+
+    /// Pod links: decode what each shard sent its pods, record it, answer HELLO, echo DATA.
+    fn pump_pods(&mut self) -> bool {
+        let mut moved = false;
+        let mut replies: Vec<(usize, ConnId, Vec<u8>)> = Vec::new();
+        for pod in self.pods.values_mut() {
+            for (i, conn, inbuf) in pod.links.iter_mut() {
+                let out = self.shards[*i].ctx.take_output(*conn);
+                if out.is_empty() {
+                    continue;
+                }
+                moved = true;
+                inbuf.extend_from_slice(&out);
+                let mut reply = Vec::new();
+                let mut off = 0;
+                while let Ok(podlink::Decoded::Msg {
+                    session_id,
+                    msg,
+                    used,
+                }) = podlink::decode(&inbuf[off..])
+                {
+                    off += used;
+                    match msg {
+                        PodMsg::Hello { .. } => podlink::encode(
+                            &mut reply,
+                            0,
+                            &PodMsg::Hello {
+                                version: podlink::codec::VERSION,
+                                name: "sim pod",
+                            },
+                        ),
+                        PodMsg::Open(_) => pod.opened.push(session_id),
+                        PodMsg::Reopen(_) => pod.reopened.push(session_id),
+                        PodMsg::Close(_) => pod.closed.push(session_id),
+                        PodMsg::Data(d) => {
+                            pod.input
+                                .entry(session_id)
+                                .or_default()
+                                .extend_from_slice(d);
+                            if pod.echo {
+                                podlink::encode(&mut reply, session_id, &PodMsg::Data(d));
+                            }
+                        }
+                        other => pod
+                            .events
+                            .entry(session_id)
+                            .or_default()
+                            .push(other.ty().name()),
+                    }
+                }
+                inbuf.drain(..off);
+                if !reply.is_empty() {
+                    replies.push((*i, *conn, reply));
+                }
+            }
+        }
+        for (i, conn, reply) in replies {
+            let s = &mut self.shards[i];
+            if s.ctx.is_open(conn) {
+                s.h.on_data(&mut s.ctx, conn, &reply);
+            }
+        }
+        moved
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.shared.registry.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
