@@ -5,6 +5,13 @@
 //! connection, pod messages to the shard's link for the session's pod. Sessions are entries of
 //! the shard's [`SessionTable`]; no task exists per session or per connection.
 
+mod clients;
+mod handoff;
+mod podlinks;
+
+pub use clients::Client;
+use clients::{Clients, Conn, ConnState};
+
 use super::limits::Limiter;
 use super::metrics::{self, ShardMetrics};
 use super::quic::{QEvent, QuicShard, StreamKey};
@@ -70,15 +77,6 @@ pub enum ShardMsg {
     RelayReading { key: StreamKey, on: bool },
 }
 
-/// A client connection: a TCP connection of the runtime, a QUIC stream of this shard, or a
-/// QUIC stream that another shard holds and relays.
-#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
-pub enum Client {
-    Tcp(ConnId),
-    Quic(StreamKey),
-    Relay { shard: u16, key: StreamKey },
-}
-
 /// Where a session's effects are collected before they are sent.
 struct Scratch {
     client: Vec<u8>,
@@ -105,27 +103,6 @@ impl Sink for Scratch {
     }
 }
 
-#[derive(Copy, Clone, PartialEq, Eq, Debug)]
-enum ConnState {
-    /// Waiting for CONNECT or RESUME.
-    Handshake,
-    /// Bound to a session.
-    Bound(u32),
-}
-
-struct Conn {
-    state: ConnState,
-    /// A partial frame (allocated only while one is pending).
-    inbuf: Vec<u8>,
-    peer: SocketAddr,
-    /// Accepted at, in µs on this shard's clock (handshake and resume latency).
-    accepted_us: u64,
-    /// Handed over from another shard (a cross-shard resume).
-    adopted: bool,
-    /// TLS state (None on a plaintext port).
-    tls: Option<Box<rustls::ServerConnection>>,
-}
-
 #[derive(Copy, Clone, Debug)]
 enum Key {
     Session(u32),
@@ -148,7 +125,8 @@ pub struct ShardHandler {
     shared: Arc<Shared>,
     clock: Clock,
     table: SessionTable,
-    conns: IdMap<Client, Conn>,
+    /// The client connections and their transports.
+    clients: Clients,
     /// The connection each attached session is bound to.
     attached: IdMap<u32, Client>,
     links: Links<Client>,
@@ -157,20 +135,10 @@ pub struct ShardHandler {
     next_wake: u64,
     pending_handshakes: usize,
     scratch: Scratch,
-    /// Decrypted bytes of the TLS connection being read (reused).
-    plain: Vec<u8>,
-    /// TLS records being written (reused).
-    tls_out: Vec<u8>,
     /// Per-source-address limits.
     limiter: Limiter,
-    /// The QUIC endpoint of this shard (None without QUIC).
-    quic: Option<QuicShard>,
     /// QUIC events being handled (reused).
     qevents: Vec<QEvent>,
-    /// Streams of this shard relayed to the shard that owns their session.
-    relays: IdMap<StreamKey, usize>,
-    /// The pod whose messages from the client batch being processed wait in the scratch sink.
-    pod_batch: Option<(u32, u32)>,
 }
 
 /// Client → pod bytes of one batch of input sent to the link early past this size.
@@ -198,9 +166,9 @@ impl ShardHandler {
         ShardHandler {
             index,
             table: SessionTable::new(IdSpace::new(index, shared.cfg.shards)),
+            clients: Clients::new(index, shared.metrics.clone(), quic),
             shared,
             clock,
-            conns: IdMap::default(),
             attached: IdMap::default(),
             links: Links::default(),
             wheel: Wheel::new(0),
@@ -208,86 +176,16 @@ impl ShardHandler {
             next_wake: NO_WAKE,
             pending_handshakes: 0,
             scratch,
-            plain: Vec::new(),
-            tls_out: Vec::new(),
             limiter,
-            quic,
             qevents: Vec::new(),
-            relays: IdMap::default(),
-            pod_batch: None,
         }
     }
 
     /// Notes a failed authentication (AUTH_FAILED, NO_SUCH_SESSION) of `conn`'s address.
     fn auth_failed(&mut self, ctx: &impl Context<ShardMsg>, conn: Client) {
-        if let Some(c) = self.conns.get(&conn) {
+        if let Some(c) = self.clients.conns.get(&conn) {
             let now = self.clock.ms(ctx.now());
             self.limiter.auth_failed(c.peer.ip(), now);
-        }
-    }
-
-    /// Queues bytes (already encrypted on TLS) on a client connection.
-    fn io_send(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, bytes: &[u8]) {
-        match conn {
-            Client::Tcp(id) => {
-                ctx.send(id, bytes);
-            }
-            Client::Quic(k) => {
-                if let Some(q) = self.quic.as_mut() {
-                    q.send(k, bytes);
-                }
-            }
-            Client::Relay { shard, key } => ctx.send_to_shard(
-                shard as usize,
-                ShardMsg::RelayOut {
-                    key,
-                    bytes: bytes.to_vec(),
-                },
-            ),
-        }
-    }
-
-    /// Closes a client connection after flushing what is queued.
-    fn io_close(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
-        match conn {
-            Client::Tcp(id) => ctx.close(id),
-            Client::Quic(k) => {
-                if let Some(q) = self.quic.as_mut() {
-                    q.close(k);
-                }
-            }
-            Client::Relay { shard, key } => {
-                ctx.send_to_shard(shard as usize, ShardMsg::RelayClose { key, abort: false })
-            }
-        }
-    }
-
-    /// Closes a client connection now, dropping what is queued.
-    fn io_abort(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
-        match conn {
-            Client::Tcp(id) => ctx.abort(id),
-            Client::Quic(k) => {
-                if let Some(q) = self.quic.as_mut() {
-                    q.abort(k);
-                }
-            }
-            Client::Relay { shard, key } => {
-                ctx.send_to_shard(shard as usize, ShardMsg::RelayClose { key, abort: true })
-            }
-        }
-    }
-
-    fn io_set_reading(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, on: bool) {
-        match conn {
-            Client::Tcp(id) => ctx.set_reading(id, on),
-            Client::Quic(k) => {
-                if let Some(q) = self.quic.as_mut() {
-                    q.set_reading(k, on);
-                }
-            }
-            Client::Relay { shard, key } => {
-                ctx.send_to_shard(shard as usize, ShardMsg::RelayReading { key, on })
-            }
         }
     }
 
@@ -295,98 +193,33 @@ impl ShardHandler {
         &self.shared.metrics.shards[self.index]
     }
 
-    /// Sends client bytes, counting frames, bytes and ERROR codes.
-    fn send_client(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, bytes: &[u8]) {
-        let m = &self.shared.metrics.shards[self.index];
-        let frames = metrics::count_frames(bytes, |code| m.error(code));
-        ShardMetrics::inc(&m.frames_out, frames);
-        ShardMetrics::inc(&m.bytes_out, bytes.len() as u64);
-        match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
-            Some(tls) => {
-                use std::io::Write;
-                // The plaintext buffer is unbounded by default; this cannot fail.
-                let _ = tls.writer().write_all(bytes);
-                self.tls_flush(ctx, conn);
-            }
-            None => self.io_send(ctx, conn, bytes),
-        }
-    }
-
-    /// Sends whatever TLS records the connection has pending (handshake, alerts, data).
-    fn tls_flush(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client) {
-        let Some(tls) = self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) else {
-            return;
-        };
-        let mut out = std::mem::take(&mut self.tls_out);
-        out.clear();
-        while tls.wants_write() {
-            if tls.write_tls(&mut out).is_err() {
-                break;
-            }
-        }
-        if !out.is_empty() {
-            self.io_send(ctx, conn, &out);
-        }
-        self.tls_out = out;
-    }
-
     /// Ciphertext from a TLS connection: decrypt it all, then process the plaintext.
     fn on_tls_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
-        let mut plain = std::mem::take(&mut self.plain);
-        plain.clear();
-        let mut rd = data;
-        let mut failed = None;
-        if let Some(tls) = self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
-            while !rd.is_empty() {
-                match tls.read_tls(&mut rd) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
+        match self.clients.decrypt(ctx, conn, data) {
+            Err(e) => {
+                debug!(?conn, error = %e, "TLS failure; closing");
+                self.conn_lost(ctx, conn, true);
+            }
+            Ok(plain) => {
+                if !plain.is_empty() {
+                    self.on_plaintext(ctx, conn, &plain);
                 }
-                match tls.process_new_packets() {
-                    Ok(st) => {
-                        let n = st.plaintext_bytes_to_read();
-                        if n > 0 {
-                            use std::io::Read;
-                            let at = plain.len();
-                            plain.resize(at + n, 0);
-                            if tls.reader().read_exact(&mut plain[at..]).is_err() {
-                                plain.truncate(at);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                }
+                self.clients.recycle(plain);
             }
         }
-        // Handshake messages, or the alert that explains a failure.
-        self.tls_flush(ctx, conn);
-        if let Some(e) = failed {
-            debug!(?conn, error = %e, "TLS failure; closing");
-            self.conn_lost(ctx, conn, true);
-        } else if !plain.is_empty() {
-            self.on_plaintext(ctx, conn, &plain);
-        }
-        self.plain = plain;
     }
 
     /// Plaintext bytes from a client: frames are decoded straight from them when no partial
     /// frame is pending (no copy); a trailing partial frame is kept in the connection's buffer.
     fn on_plaintext(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
-        let Some(c) = self.conns.get_mut(&conn) else {
+        let Some(c) = self.clients.conns.get_mut(&conn) else {
             return;
         };
         if c.inbuf.is_empty() {
             // Fast path: decode straight from the receive buffer.
             let (used, alive) = self.process(ctx, conn, data);
             if alive && used < data.len() {
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.clients.conns.get_mut(&conn) {
                     c.inbuf.extend_from_slice(&data[used..]);
                 }
             }
@@ -395,7 +228,7 @@ impl ShardHandler {
             buf.extend_from_slice(data);
             let (used, alive) = self.process(ctx, conn, &buf);
             if alive {
-                if let Some(c) = self.conns.get_mut(&conn) {
+                if let Some(c) = self.clients.conns.get_mut(&conn) {
                     if used < buf.len() {
                         buf.drain(..used);
                         c.inbuf = buf;
@@ -407,7 +240,7 @@ impl ShardHandler {
 
     /// The connection is gone or must go: a bound session is suspended.
     fn conn_lost(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, close: bool) {
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(c) = self.clients.conns.get(&conn) else {
             return;
         };
         if let ConnState::Bound(sid) = c.state {
@@ -435,9 +268,9 @@ impl ShardHandler {
             &m.sessions_suspended,
             (self.table.len() as u64).saturating_sub(attached),
         );
-        ShardMetrics::set(&m.connections, self.conns.len() as u64);
+        ShardMetrics::set(&m.connections, self.clients.conns.len() as u64);
         ShardMetrics::set(&m.pod_links, self.links.connected() as u64);
-        if let Some(q) = self.quic.as_ref() {
+        if let Some(q) = self.clients.quic.as_ref() {
             ShardMetrics::set(&m.quic_connections, q.counts().connections);
         }
         let ring: u64 = self
@@ -481,7 +314,7 @@ impl ShardHandler {
         if !self.scratch.client.is_empty() {
             let mut bytes = std::mem::take(&mut self.scratch.client);
             if let Some(c) = conn {
-                self.send_client(ctx, c, &bytes);
+                self.clients.send(ctx, c, &bytes);
             }
             bytes.clear();
             self.scratch.client = bytes;
@@ -494,70 +327,20 @@ impl ShardHandler {
         }
     }
 
-    /// A pod that reads slower than this client writes: stop reading the client until the
-    /// link drains, so the link's queue stays bounded.
-    fn pause_if_pod_slow(
-        &mut self,
-        ctx: &mut impl Context<ShardMsg>,
-        conn: Client,
-        key: (u32, u32),
-    ) {
-        let mut pause = false;
-        if let Some(l) = self.links.get_mut(key) {
-            if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
-                l.paused_readers.push(conn);
-                pause = true;
-            }
-        }
-        if pause {
-            self.io_set_reading(ctx, conn, false);
-        }
-    }
-
-    fn link_send(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32), bytes: &[u8]) {
-        match self.links.get_mut(key) {
-            Some(l) if l.connected => {
-                ctx.send(l.conn, bytes);
-            }
-            Some(l) => l.pending.extend_from_slice(bytes),
-            None => debug!(?key, "no link for pod message; dropped"),
-        }
-    }
-
-    /// The link to (tenant, agent), opened if this shard has none yet.
-    fn ensure_link(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) -> bool {
-        if let Some(l) = self.links.get(key) {
-            // A lost pod takes no new sessions until it is back.
-            return l.lost_since.is_none();
-        }
-        let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
-        match ctx.connect_unix(&path) {
-            Ok(conn) => {
-                let name = format!("clawtermd shard {}", self.index);
-                self.links.insert(key, conn, &name);
-                true
-            }
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot connect to agent pod");
-                false
-            }
-        }
-    }
-
     /// Refuses a connection that has no session: ERROR with SESSION_ID 0 and SEQ 0, then close.
     fn refuse(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, code: ErrorCode) {
         let mut out = Vec::with_capacity(64);
         proto::frame::encode_with(&mut out, 0, 0, FrameType::Error, 0, |o| {
             ErrorFrame::encode_parts(code, code.message(), o)
         });
-        self.send_client(ctx, conn, &out);
+        self.clients.send(ctx, conn, &out);
         self.drop_conn(ctx, conn, true);
         debug!(?conn, %code, "connection refused");
     }
 
     /// Forgets a connection (and closes it, flushing, when `close`).
     fn drop_conn(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, close: bool) {
-        if let Some(c) = self.conns.remove(&conn) {
+        if let Some(c) = self.clients.conns.remove(&conn) {
             match c.state {
                 ConnState::Handshake => self.pending_handshakes -= 1,
                 ConnState::Bound(sid) => {
@@ -568,7 +351,7 @@ impl ShardHandler {
             }
         }
         if close {
-            self.io_close(ctx, conn);
+            self.clients.close(ctx, conn);
         }
     }
 
@@ -619,9 +402,12 @@ impl ShardHandler {
         let mut off = 0;
         let mut alive = true;
         let mut frames_in = 0u64;
+        // The pod whose messages from this batch's frames wait in the scratch sink.
+        let mut pod_batch = None;
         let max = self.shared.cfg.session.max_payload;
         while off < bytes.len() {
             if self
+                .clients
                 .conns
                 .get(&conn)
                 .is_some_and(|c| c.state == ConnState::Handshake)
@@ -654,6 +440,7 @@ impl ShardHandler {
                     off += used;
                     match self.on_frame(ctx, conn, &f) {
                         Next::Continue => {}
+                        Next::Batched(key) => pod_batch = Some(key),
                         Next::Park => break,
                         Next::Stop => {
                             alive = false;
@@ -671,7 +458,7 @@ impl ShardHandler {
         }
         ShardMetrics::inc(&self.m().frames_in, frames_in);
         // Pod messages from this batch's frames go out together, in order.
-        if let Some(key) = self.pod_batch.take() {
+        if let Some(key) = pod_batch {
             if !self.scratch.pod.is_empty() {
                 self.flush(ctx, None, key);
             }
@@ -684,7 +471,7 @@ impl ShardHandler {
             if let Some(Conn {
                 state: ConnState::Bound(sid),
                 ..
-            }) = self.conns.get(&conn)
+            }) = self.clients.conns.get(&conn)
             {
                 let sid = *sid;
                 let now = self.now(ctx);
@@ -698,57 +485,10 @@ impl ShardHandler {
         (off, alive)
     }
 
-    /// A RESUME for a session of shard `owner`: a TCP connection moves there (with its TLS
-    /// state); a QUIC stream cannot move with its connection, so its bytes are relayed to the
-    /// owner from here. `buffered` is the RESUME frame and whatever followed it.
-    fn hand_over(
-        &mut self,
-        ctx: &mut impl Context<ShardMsg>,
-        conn: Client,
-        owner: usize,
-        buffered: Vec<u8>,
-    ) {
-        let accepted_us = self.conns.get(&conn).map_or(0, |c| c.accepted_us);
-        let peer = self.conns.get(&conn).map(|c| c.peer);
-        let tls = self.conns.get_mut(&conn).and_then(|c| c.tls.take());
-        self.drop_conn(ctx, conn, false);
-        let accepted_at = self.clock.instant_us(accepted_us);
-        match (conn, peer) {
-            (Client::Tcp(id), _) => {
-                debug!(to = owner, "resume handed off to the owning shard");
-                ctx.hand_off(
-                    id,
-                    owner,
-                    ShardMsg::Resume {
-                        buffered,
-                        accepted_at,
-                        tls,
-                    },
-                );
-            }
-            (Client::Quic(key), Some(peer)) => {
-                debug!(to = owner, "QUIC resume relayed to the owning shard");
-                self.relays.insert(key, owner);
-                ctx.send_to_shard(
-                    owner,
-                    ShardMsg::RelayOpen {
-                        from: self.index,
-                        key,
-                        peer,
-                        buffered,
-                        accepted_at,
-                    },
-                );
-            }
-            // A relayed stream always lands on its session's owner; anything else is refused.
-            (c, _) => self.io_abort(ctx, c),
-        }
-    }
-
     /// The stream is broken (bad flag or CRC, oversize LEN): ERROR, close; a bound session is
     /// suspended with its ring intact.
     fn broken(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, code: ErrorCode) {
-        match self.conns.get(&conn).map(|c| c.state) {
+        match self.clients.conns.get(&conn).map(|c| c.state) {
             Some(ConnState::Bound(sid)) => {
                 let now = self.now(ctx);
                 if let Some(s) = self.table.get_mut(sid) {
@@ -764,7 +504,7 @@ impl ShardHandler {
     }
 
     fn on_frame(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, f: &Frame<'_>) -> Next {
-        let Some(state) = self.conns.get(&conn).map(|c| c.state) else {
+        let Some(state) = self.clients.conns.get(&conn).map(|c| c.state) else {
             return Next::Stop;
         };
         match state {
@@ -792,15 +532,14 @@ impl ShardHandler {
                     // Client → pod messages (each keeps its DATA boundary) collect in the
                     // scratch sink and go to the link once per batch of input (`process`), in
                     // order; a large batch goes early.
-                    if !self.scratch.pod.is_empty() {
-                        self.pod_batch = Some(key);
-                        if self.scratch.pod.len() >= POD_BATCH_MAX {
-                            self.flush(ctx, None, key);
-                        }
+                    if self.scratch.pod.is_empty() {
+                        return Next::Continue;
                     }
-                    return Next::Continue;
+                    if self.scratch.pod.len() >= POD_BATCH_MAX {
+                        self.flush(ctx, None, key);
+                    }
+                    return Next::Batched(key);
                 }
-                self.pod_batch = None;
                 self.flush(ctx, Some(conn), key);
                 self.apply_flow(ctx, sid, Some(conn), flow);
                 Next::Stop
@@ -846,7 +585,7 @@ impl ShardHandler {
                 // The link is still connecting: the CONNECT waits for it, so a pod whose socket
                 // exists but refuses us gives NO_AGENT rather than a session with no agent.
                 l.waiting.push((conn, c.caps));
-                self.io_set_reading(ctx, conn, false);
+                self.clients.set_reading(ctx, conn, false);
                 return Next::Park;
             }
         }
@@ -866,7 +605,7 @@ impl ShardHandler {
             return Next::Stop;
         }
         let now = self.now(ctx);
-        let Some(peer) = self.conns.get(&conn).map(|c| c.peer) else {
+        let Some(peer) = self.clients.conns.get(&conn).map(|c| c.peer) else {
             return Next::Stop;
         };
         let peer_s = peer.to_string();
@@ -878,7 +617,7 @@ impl ShardHandler {
         if let Some(l) = self.links.get_mut(key) {
             l.sessions.insert(sid);
         }
-        if let Some(cs) = self.conns.get_mut(&conn) {
+        if let Some(cs) = self.clients.conns.get_mut(&conn) {
             cs.state = ConnState::Bound(sid);
         }
         self.pending_handshakes -= 1;
@@ -887,7 +626,12 @@ impl ShardHandler {
         self.arm(ctx, sid);
         let now_us = self.clock.us(ctx.now());
         self.m().handshake.observe_us(
-            now_us.saturating_sub(self.conns.get(&conn).map_or(now_us, |c| c.accepted_us)),
+            now_us.saturating_sub(
+                self.clients
+                    .conns
+                    .get(&conn)
+                    .map_or(now_us, |c| c.accepted_us),
+            ),
         );
         debug!(
             session = sid,
@@ -963,6 +707,7 @@ impl ShardHandler {
         let replayed = s.ring().payload_bytes() as u64;
         let now_us = self.clock.us(ctx.now());
         let (accepted_us, adopted) = self
+            .clients
             .conns
             .get(&conn)
             .map_or((now_us, false), |c| (c.accepted_us, c.adopted));
@@ -977,7 +722,7 @@ impl ShardHandler {
             1,
         );
         m.resume.observe_us(now_us.saturating_sub(accepted_us));
-        if let Some(cs) = self.conns.get_mut(&conn) {
+        if let Some(cs) = self.clients.conns.get_mut(&conn) {
             cs.state = ConnState::Bound(sid);
         }
         self.pending_handshakes -= 1;
@@ -989,66 +734,10 @@ impl ShardHandler {
         }
         if self.table.get(sid).is_some_and(|s| s.input_paused()) {
             // The pod still holds this session's input: what follows waits (POD-LINK.md §4).
-            self.io_set_reading(ctx, conn, false);
+            self.clients.set_reading(ctx, conn, false);
             return Next::Park;
         }
         Next::Continue
-    }
-
-    fn on_link_data(
-        &mut self,
-        ctx: &mut impl Context<ShardMsg>,
-        link_conn: ConnId,
-        key: (u32, u32),
-        data: &[u8],
-    ) {
-        let mut buf = match self.links.get_mut(key) {
-            Some(l) => std::mem::take(&mut l.inbuf),
-            None => return,
-        };
-        let owned;
-        let bytes: &[u8] = if buf.is_empty() {
-            data
-        } else {
-            buf.extend_from_slice(data);
-            owned = std::mem::take(&mut buf);
-            &owned
-        };
-        let mut off = 0;
-        let mut broken = false;
-        let mut hello_seen = self.links.get(key).is_some_and(|l| l.hello_seen);
-        while off < bytes.len() {
-            match podlink::decode(&bytes[off..]) {
-                Err(e) => {
-                    warn!(?key, error = %e, "pod link broken");
-                    broken = true;
-                    break;
-                }
-                Ok(podlink::Decoded::NeedMore(_)) => break,
-                Ok(podlink::Decoded::Msg {
-                    session_id,
-                    msg,
-                    used,
-                }) => {
-                    off += used;
-                    if !self.on_pod_msg(ctx, key, session_id, msg, &mut hello_seen) {
-                        broken = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if broken {
-            ctx.close(link_conn);
-            self.link_down(ctx, key);
-            return;
-        }
-        if let Some(l) = self.links.get_mut(key) {
-            let mut rest = buf;
-            rest.clear();
-            rest.extend_from_slice(&bytes[off..]);
-            l.inbuf = rest;
-        }
     }
 
     /// One message from a pod. Returns false when the link must be broken.
@@ -1133,27 +822,6 @@ impl ShardHandler {
         true
     }
 
-    /// Whether `conn`'s output waits in a send queue above its high watermark (`None` when that
-    /// cannot be known: a relayed stream).
-    fn backlogged(&self, ctx: &impl Context<ShardMsg>, conn: Client) -> Option<bool> {
-        match conn {
-            Client::Tcp(id) => Some(ctx.is_backpressured(id)),
-            Client::Quic(k) => self.quic.as_ref().map(|q| q.is_backpressured(k)),
-            Client::Relay { .. } => None,
-        }
-    }
-
-    /// Whether everything sent on `conn` has reached the client (PROTOCOL.md §7.16): nothing
-    /// queued here and, on TCP, nothing unsent or unacknowledged in the kernel. A relayed
-    /// stream's delivery cannot be seen from here: never.
-    fn delivered(&self, ctx: &impl Context<ShardMsg>, conn: Client) -> bool {
-        match conn {
-            Client::Tcp(id) => ctx.unsent(id) == Some(0),
-            Client::Quic(k) => self.quic.as_ref().is_some_and(|q| q.unsent(k) == Some(0)),
-            Client::Relay { .. } => false,
-        }
-    }
-
     /// An unacknowledged connection's send backlog paces its agent (§7.16).
     fn check_backlog(
         &mut self,
@@ -1165,7 +833,7 @@ impl ShardHandler {
         if !self.table.get(sid).is_some_and(|s| s.unacknowledged()) {
             return;
         }
-        let Some(b) = self.backlogged(ctx, conn) else {
+        let Some(b) = self.clients.backlogged(ctx, conn) else {
             return;
         };
         if let Some(s) = self.table.get_mut(sid) {
@@ -1179,7 +847,7 @@ impl ShardHandler {
         if let Some(Conn {
             state: ConnState::Bound(sid),
             ..
-        }) = self.conns.get(&conn)
+        }) = self.clients.conns.get(&conn)
         {
             let sid = *sid;
             if self.attached.get(&sid) == Some(&conn) {
@@ -1201,7 +869,7 @@ impl ShardHandler {
         on: bool,
     ) {
         if !on {
-            self.io_set_reading(ctx, conn, false);
+            self.clients.set_reading(ctx, conn, false);
             return;
         }
         if self
@@ -1211,181 +879,15 @@ impl ShardHandler {
         {
             return; // the link's backlog still holds it; `on_writable` of the link restarts it
         }
-        self.io_set_reading(ctx, conn, true);
+        self.clients.set_reading(ctx, conn, true);
         let buf = self
+            .clients
             .conns
             .get_mut(&conn)
             .map(|c| std::mem::take(&mut c.inbuf))
             .unwrap_or_default();
         if !buf.is_empty() {
             self.on_plaintext(ctx, conn, &buf);
-        }
-    }
-
-    /// The link to a pod broke (EOF, error, broken framing) or its socket disappeared: its
-    /// sessions wait for the pod for `--agent-grace`, their input held; attached clients stay.
-    fn link_down(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        let grace = self.shared.cfg.agent_grace_ms;
-        let now = self.now(ctx);
-        let Some(l) = self.links.get(key) else { return };
-        if l.lost_since.is_some() {
-            // A reconnect attempt failed: keep waiting within the same grace period.
-            self.links.mark_lost(key, now);
-            self.schedule_retry(ctx, key);
-            return;
-        }
-        if grace == 0 || l.sessions.is_empty() {
-            self.agent_gone(ctx, key);
-            return;
-        }
-        info!(
-            tenant = key.0,
-            agent = key.1,
-            sessions = l.sessions.len(),
-            grace_ms = grace,
-            "pod lost; sessions wait for it"
-        );
-        self.links.mark_lost(key, now);
-        self.wheel.insert(now + grace, Key::Grace(key));
-        self.schedule(ctx, now + grace);
-        self.schedule_retry(ctx, key);
-        // The pod that held some sessions' input is gone: its PAUSEs went with it. Input is now
-        // held by the link (bounded) until the pod is back.
-        let sids: Vec<u32> = self
-            .links
-            .get(key)
-            .map(|l| l.sessions.iter().copied().collect())
-            .unwrap_or_default();
-        for sid in sids {
-            if self
-                .table
-                .get_mut(sid)
-                .is_some_and(|s| s.on_pod_input(false))
-            {
-                if let Some(c) = self.attached.get(&sid).copied() {
-                    self.set_client_reading(ctx, c, key, true);
-                }
-            }
-        }
-    }
-
-    /// While the pod's socket is still registered (a pod restarting in place, or one whose
-    /// socket exists but refused us), retry connecting with backoff within the grace period.
-    fn schedule_retry(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        if !self.shared.pod_present(key.0, key.1) {
-            return; // it will be reconnected when its socket appears
-        }
-        let now = self.now(ctx);
-        if let Some(l) = self.links.get_mut(key) {
-            let d = now + l.retry_ms;
-            l.retry_ms = (l.retry_ms * 2).min(pods::Link::<Client>::MAX_RETRY_MS);
-            self.wheel.insert(d, Key::Retry(key));
-            self.schedule(ctx, d);
-        }
-    }
-
-    /// A pod socket appeared: a lost link to it reconnects, with HELLO, a REOPEN for each of
-    /// its sessions, then the input held meanwhile.
-    fn pod_added(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        let Some(l) = self.links.get(key) else { return };
-        if l.lost_since.is_none() || self.links.key_of(l.conn).is_some() {
-            return; // not lost, or a reconnect is already in flight
-        }
-        let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
-        let conn = match ctx.connect_unix(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                debug!(path = %path.display(), error = %e, "pod not reachable yet");
-                self.schedule_retry(ctx, key);
-                return;
-            }
-        };
-        let mut prefix = Vec::new();
-        let name = format!("clawtermd shard {}", self.index);
-        podlink::encode(
-            &mut prefix,
-            0,
-            &PodMsg::Hello {
-                version: podlink::codec::VERSION,
-                name: &name,
-            },
-        );
-        let sessions: Vec<u32> = l.sessions.iter().copied().collect();
-        for sid in sessions {
-            let Some(s) = self.table.get(sid) else {
-                continue;
-            };
-            let peer = self
-                .attached
-                .get(&sid)
-                .and_then(|c| self.conns.get(c))
-                .map(|c| c.peer.to_string())
-                .unwrap_or_default();
-            podlink::encode(
-                &mut prefix,
-                sid,
-                &PodMsg::Reopen(podlink::Open {
-                    tenant: key.0,
-                    agent: key.1,
-                    client_caps: s.caps(),
-                    peer: &peer,
-                }),
-            );
-            if s.state() == State::Suspended {
-                podlink::encode(&mut prefix, sid, &PodMsg::Detached);
-            }
-            if s.pod_paused() {
-                podlink::encode(&mut prefix, sid, &PodMsg::Pause);
-            }
-        }
-        info!(
-            tenant = key.0,
-            agent = key.1,
-            "pod back; reopening its sessions"
-        );
-        self.links.reconnect(key, conn, prefix);
-    }
-
-    /// The grace period of a lost pod ran out.
-    fn grace_expired(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        let now = self.now(ctx);
-        let grace = self.shared.cfg.agent_grace_ms;
-        if let Some(l) = self.links.get(key) {
-            if l.lost_since.is_some_and(|t| t + grace <= now) {
-                if !l.connected && l.lost_since.is_some() {
-                    // A reconnect in flight: forget it too.
-                    let c = l.conn;
-                    if self.links.key_of(c).is_some() {
-                        ctx.abort(c);
-                    }
-                }
-                self.agent_gone(ctx, key);
-            }
-        }
-    }
-
-    /// The pod is gone for good: its sessions on this shard end with AGENT_GONE, after the
-    /// output the pod already produced.
-    fn agent_gone(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        let Some(link) = self.links.remove(key) else {
-            return;
-        };
-        info!(
-            tenant = key.0,
-            agent = key.1,
-            sessions = link.sessions.len(),
-            "pod gone for good"
-        );
-        let now = self.now(ctx);
-        for sid in link.sessions {
-            let conn = self.attached.get(&sid).copied();
-            let Some(s) = self.table.get_mut(sid) else {
-                continue;
-            };
-            let flow = s.on_agent_gone(now, &mut self.scratch);
-            self.scratch.pod.clear();
-            self.flush(ctx, conn, key);
-            self.apply_flow(ctx, sid, conn, flow);
         }
     }
 
@@ -1397,23 +899,24 @@ impl ShardHandler {
             match key {
                 Key::Handshake(conn) => {
                     if self
+                        .clients
                         .conns
                         .get(&conn)
                         .is_some_and(|c| c.state == ConnState::Handshake)
                     {
                         debug!(?conn, "handshake timeout");
                         self.drop_conn(ctx, conn, false);
-                        self.io_abort(ctx, conn);
+                        self.clients.abort(ctx, conn);
                     }
                 }
                 Key::Grace(pod) => self.grace_expired(ctx, pod),
                 Key::Quic(ch, gen) => {
-                    if let Some(q) = self.quic.as_mut() {
+                    if let Some(q) = self.clients.quic.as_mut() {
                         q.on_timeout(ch, gen, ctx.now());
                     }
                 }
                 Key::Stats => {
-                    if let Some(q) = self.quic.as_mut() {
+                    if let Some(q) = self.clients.quic.as_mut() {
                         let timeout = Duration::from_millis(self.shared.cfg.handshake_ms);
                         q.sweep(ctx.now(), timeout);
                     }
@@ -1440,7 +943,7 @@ impl ShardHandler {
                     s.armed = 0;
                     let conn = self.attached.get(&sid).copied();
                     if s.delivery_check().is_some_and(|d| d <= now) {
-                        let delivered = conn.is_some_and(|c| self.delivered(ctx, c));
+                        let delivered = conn.is_some_and(|c| self.clients.delivered(ctx, c));
                         let Some(s) = self.table.get_mut(sid) else {
                             continue;
                         };
@@ -1472,6 +975,9 @@ impl ShardHandler {
 #[derive(PartialEq, Eq)]
 enum Next {
     Continue,
+    /// Go on; this frame left messages for the pod `(tenant, agent)` in the scratch sink, sent
+    /// at the end of the batch.
+    Batched((u32, u32)),
     Stop,
     HandOff(usize),
     /// Stop decoding for now (reading is paused); what follows stays buffered.
@@ -1491,7 +997,7 @@ impl ShardHandler {
         adopted: bool,
     ) {
         self.pending_handshakes += 1;
-        self.conns.insert(
+        self.clients.conns.insert(
             conn,
             Conn {
                 state: ConnState::Handshake,
@@ -1519,7 +1025,7 @@ impl ShardHandler {
         if can_send {
             self.refuse(ctx, conn, ErrorCode::Overloaded);
         } else {
-            self.io_abort(ctx, conn);
+            self.clients.abort(ctx, conn);
         }
         false
     }
@@ -1527,33 +1033,21 @@ impl ShardHandler {
     /// Client bytes, TLS or not.
     fn on_client_bytes(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
         ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
-        if self.conns.get(&conn).is_some_and(|c| c.tls.is_some()) {
+        if self
+            .clients
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.tls.is_some())
+        {
             self.on_tls_data(ctx, conn, data);
         } else {
             self.on_plaintext(ctx, conn, data);
         }
     }
 
-    /// Reading resumes on the clients a link had paused.
-    fn resume_readers(&mut self, ctx: &mut impl Context<ShardMsg>, readers: Vec<Client>) {
-        for c in readers {
-            let held_by_pod = match self.conns.get(&c) {
-                None => continue,
-                Some(Conn {
-                    state: ConnState::Bound(sid),
-                    ..
-                }) => self.table.get(*sid).is_some_and(|s| s.input_paused()),
-                Some(_) => false,
-            };
-            if !held_by_pod {
-                self.io_set_reading(ctx, c, true);
-            }
-        }
-    }
-
     /// A datagram for this shard's QUIC endpoint.
     fn quic_datagram(&mut self, ctx: &mut impl Context<ShardMsg>, from: SocketAddr, data: &[u8]) {
-        let (Some(q), Some(tls)) = (self.quic.as_mut(), self.shared.tls.as_ref()) else {
+        let (Some(q), Some(tls)) = (self.clients.quic.as_mut(), self.shared.tls.as_ref()) else {
             return;
         };
         let now = ctx.now();
@@ -1576,7 +1070,9 @@ impl ShardHandler {
     /// timers. Called at the end of every callback that may have touched a QUIC stream.
     fn quic_settle(&mut self, ctx: &mut impl Context<ShardMsg>) {
         loop {
-            let Some(q) = self.quic.as_mut() else { return };
+            let Some(q) = self.clients.quic.as_mut() else {
+                return;
+            };
             if !q.has_work() {
                 return;
             }
@@ -1586,7 +1082,9 @@ impl ShardHandler {
                 self.on_quic_event(ctx, ev);
             }
             self.qevents = events;
-            let Some(q) = self.quic.as_mut() else { return };
+            let Some(q) = self.clients.quic.as_mut() else {
+                return;
+            };
             let mut timers = Vec::new();
             q.flush(
                 ctx.now(),
@@ -1614,7 +1112,7 @@ impl ShardHandler {
                 }
             }
             QEvent::Data(key, bytes) => {
-                if let Some(&owner) = self.relays.get(&key) {
+                if let Some(&owner) = self.clients.relays.get(&key) {
                     ctx.send_to_shard(
                         owner,
                         ShardMsg::RelayIn {
@@ -1628,7 +1126,7 @@ impl ShardHandler {
                 }
             }
             QEvent::Closed(key) => {
-                if let Some(owner) = self.relays.remove(&key) {
+                if let Some(owner) = self.clients.relays.remove(&key) {
                     ctx.send_to_shard(
                         owner,
                         ShardMsg::RelayGone {
@@ -1642,7 +1140,7 @@ impl ShardHandler {
                 }
             }
             QEvent::Writable(key) => {
-                if !self.relays.contains_key(&key) {
+                if !self.clients.relays.contains_key(&key) {
                     self.client_writable(ctx, Client::Quic(key));
                 }
             }
@@ -1696,7 +1194,7 @@ impl shards::Handler for ShardHandler {
     fn on_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, data: &[u8]) {
         // Client connections first (the common case; a cheap lookup): a connection is never
         // both a client and a pod link.
-        if self.conns.contains_key(&Client::Tcp(conn)) {
+        if self.clients.conns.contains_key(&Client::Tcp(conn)) {
             self.on_client_bytes(ctx, Client::Tcp(conn), data);
         } else if let Some(key) = self.links.key_of(conn) {
             self.on_link_data(ctx, conn, key, data);
@@ -1705,7 +1203,9 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_datagram(&mut self, ctx: &mut impl Context<ShardMsg>, from: SocketAddr, data: &[u8]) {
-        let Some(q) = self.quic.as_ref() else { return };
+        let Some(q) = self.clients.quic.as_ref() else {
+            return;
+        };
         if let Some(owner) = q.foreign_shard(data) {
             // No steering program: the kernel hashed this datagram here, but its connection
             // id names another shard.
@@ -1770,16 +1270,18 @@ impl shards::Handler for ShardHandler {
                 // CONNECTs that waited for this link now open their sessions.
                 for (c, caps) in waiting {
                     if !self
+                        .clients
                         .conns
                         .get(&c)
                         .is_some_and(|x| x.state == ConnState::Handshake)
                     {
                         continue;
                     }
-                    self.io_set_reading(ctx, c, true);
+                    self.clients.set_reading(ctx, c, true);
                     if self.open_session(ctx, c, key, caps) == Next::Continue {
                         // Frames that came after the CONNECT.
                         let buf = self
+                            .clients
                             .conns
                             .get_mut(&c)
                             .map(|x| std::mem::take(&mut x.inbuf))
@@ -1798,6 +1300,7 @@ impl shards::Handler for ShardHandler {
                     .unwrap_or_default();
                 for (c, _) in waiting {
                     if self
+                        .clients
                         .conns
                         .get(&c)
                         .is_some_and(|x| x.state == ConnState::Handshake)
@@ -1864,7 +1367,7 @@ impl shards::Handler for ShardHandler {
                     shard: from as u16,
                     key,
                 };
-                if self.conns.contains_key(&conn) {
+                if self.clients.conns.contains_key(&conn) {
                     self.on_client_bytes(ctx, conn, &bytes);
                 }
             }
@@ -1876,15 +1379,15 @@ impl shards::Handler for ShardHandler {
                 self.conn_lost(ctx, conn, false);
             }
             ShardMsg::RelayOut { key, bytes } => {
-                if self.relays.contains_key(&key) {
-                    if let Some(q) = self.quic.as_mut() {
+                if self.clients.relays.contains_key(&key) {
+                    if let Some(q) = self.clients.quic.as_mut() {
                         q.send(key, &bytes);
                     }
                 }
             }
             ShardMsg::RelayClose { key, abort } => {
-                if self.relays.remove(&key).is_some() {
-                    if let Some(q) = self.quic.as_mut() {
+                if self.clients.relays.remove(&key).is_some() {
+                    if let Some(q) = self.clients.quic.as_mut() {
                         if abort {
                             q.abort(key);
                         } else {
@@ -1894,8 +1397,8 @@ impl shards::Handler for ShardHandler {
                 }
             }
             ShardMsg::RelayReading { key, on } => {
-                if self.relays.contains_key(&key) {
-                    if let Some(q) = self.quic.as_mut() {
+                if self.clients.relays.contains_key(&key) {
+                    if let Some(q) = self.clients.quic.as_mut() {
                         q.set_reading(key, on);
                     }
                 }
@@ -1927,7 +1430,7 @@ impl shards::Handler for ShardHandler {
         // The plaintext the old shard had decoded (the RESUME and what followed it) first, then
         // the bytes that arrived while the connection was in transit.
         self.on_plaintext(ctx, client, &buffered);
-        if !unread.is_empty() && self.conns.contains_key(&client) {
+        if !unread.is_empty() && self.clients.conns.contains_key(&client) {
             self.on_data(ctx, conn, &unread);
         }
         self.quic_settle(ctx);
@@ -1952,7 +1455,7 @@ impl shards::Handler for ShardHandler {
             }
             self.remove_session(sid);
         }
-        let conns: Vec<Client> = self.conns.keys().copied().collect();
+        let conns: Vec<Client> = self.clients.conns.keys().copied().collect();
         for c in conns {
             self.drop_conn(ctx, c, true);
         }
@@ -1961,7 +1464,7 @@ impl shards::Handler for ShardHandler {
                 ctx.close(l.conn);
             }
         }
-        if let Some(q) = self.quic.as_mut() {
+        if let Some(q) = self.clients.quic.as_mut() {
             q.close_all(ctx.now());
         }
         self.quic_settle(ctx);

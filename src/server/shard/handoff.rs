@@ -1,0 +1,57 @@
+//! Cross-shard hand-off: a RESUME that lands on a shard that does not own its session moves
+//! there. A TCP connection moves with its TLS state (the runtime's `hand_off`); a QUIC stream
+//! cannot leave its connection's shard, so its bytes are relayed to the owner and back
+//! (`ShardMsg::Relay*`).
+
+use super::{Client, ShardHandler, ShardMsg};
+use shards::Context;
+use tracing::debug;
+
+impl ShardHandler {
+    /// A RESUME for a session of shard `owner`: a TCP connection moves there (with its TLS
+    /// state); a QUIC stream cannot move with its connection, so its bytes are relayed to the
+    /// owner from here. `buffered` is the RESUME frame and whatever followed it.
+    pub(super) fn hand_over(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        owner: usize,
+        buffered: Vec<u8>,
+    ) {
+        let accepted_us = self.clients.conns.get(&conn).map_or(0, |c| c.accepted_us);
+        let peer = self.clients.conns.get(&conn).map(|c| c.peer);
+        let tls = self.clients.conns.get_mut(&conn).and_then(|c| c.tls.take());
+        self.drop_conn(ctx, conn, false);
+        let accepted_at = self.clock.instant_us(accepted_us);
+        match (conn, peer) {
+            (Client::Tcp(id), _) => {
+                debug!(to = owner, "resume handed off to the owning shard");
+                ctx.hand_off(
+                    id,
+                    owner,
+                    ShardMsg::Resume {
+                        buffered,
+                        accepted_at,
+                        tls,
+                    },
+                );
+            }
+            (Client::Quic(key), Some(peer)) => {
+                debug!(to = owner, "QUIC resume relayed to the owning shard");
+                self.clients.relays.insert(key, owner);
+                ctx.send_to_shard(
+                    owner,
+                    ShardMsg::RelayOpen {
+                        from: self.index,
+                        key,
+                        peer,
+                        buffered,
+                        accepted_at,
+                    },
+                );
+            }
+            // A relayed stream always lands on its session's owner; anything else is refused.
+            (c, _) => self.clients.abort(ctx, c),
+        }
+    }
+}

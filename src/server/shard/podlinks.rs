@@ -1,0 +1,316 @@
+//! The pod-link side of a shard: the link to each agent pod it talks to, from connect and
+//! HELLO through loss (sessions wait `--agent-grace`, input held), reconnect with REOPEN, to
+//! the pod gone for good (AGENT_GONE); and the back-pressure between a pod link and the clients
+//! that write to it.
+
+use super::{Client, Conn, ConnState, Key, ShardHandler, ShardMsg};
+use crate::podlink::{self, Msg as PodMsg};
+use crate::pods::links as pods;
+use crate::session::State;
+use shards::{ConnId, Context};
+use tracing::{debug, info, warn};
+
+impl ShardHandler {
+    pub(super) fn on_link_data(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        link_conn: ConnId,
+        key: (u32, u32),
+        data: &[u8],
+    ) {
+        let mut buf = match self.links.get_mut(key) {
+            Some(l) => std::mem::take(&mut l.inbuf),
+            None => return,
+        };
+        let owned;
+        let bytes: &[u8] = if buf.is_empty() {
+            data
+        } else {
+            buf.extend_from_slice(data);
+            owned = std::mem::take(&mut buf);
+            &owned
+        };
+        let mut off = 0;
+        let mut broken = false;
+        let mut hello_seen = self.links.get(key).is_some_and(|l| l.hello_seen);
+        while off < bytes.len() {
+            match podlink::decode(&bytes[off..]) {
+                Err(e) => {
+                    warn!(?key, error = %e, "pod link broken");
+                    broken = true;
+                    break;
+                }
+                Ok(podlink::Decoded::NeedMore(_)) => break,
+                Ok(podlink::Decoded::Msg {
+                    session_id,
+                    msg,
+                    used,
+                }) => {
+                    off += used;
+                    if !self.on_pod_msg(ctx, key, session_id, msg, &mut hello_seen) {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if broken {
+            ctx.close(link_conn);
+            self.link_down(ctx, key);
+            return;
+        }
+        if let Some(l) = self.links.get_mut(key) {
+            let mut rest = buf;
+            rest.clear();
+            rest.extend_from_slice(&bytes[off..]);
+            l.inbuf = rest;
+        }
+    }
+
+    /// The link to a pod broke (EOF, error, broken framing) or its socket disappeared: its
+    /// sessions wait for the pod for `--agent-grace`, their input held; attached clients stay.
+    pub(super) fn link_down(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        let grace = self.shared.cfg.agent_grace_ms;
+        let now = self.now(ctx);
+        let Some(l) = self.links.get(key) else { return };
+        if l.lost_since.is_some() {
+            // A reconnect attempt failed: keep waiting within the same grace period.
+            self.links.mark_lost(key, now);
+            self.schedule_retry(ctx, key);
+            return;
+        }
+        if grace == 0 || l.sessions.is_empty() {
+            self.agent_gone(ctx, key);
+            return;
+        }
+        info!(
+            tenant = key.0,
+            agent = key.1,
+            sessions = l.sessions.len(),
+            grace_ms = grace,
+            "pod lost; sessions wait for it"
+        );
+        self.links.mark_lost(key, now);
+        self.wheel.insert(now + grace, Key::Grace(key));
+        self.schedule(ctx, now + grace);
+        self.schedule_retry(ctx, key);
+        // The pod that held some sessions' input is gone: its PAUSEs went with it. Input is now
+        // held by the link (bounded) until the pod is back.
+        let sids: Vec<u32> = self
+            .links
+            .get(key)
+            .map(|l| l.sessions.iter().copied().collect())
+            .unwrap_or_default();
+        for sid in sids {
+            if self
+                .table
+                .get_mut(sid)
+                .is_some_and(|s| s.on_pod_input(false))
+            {
+                if let Some(c) = self.attached.get(&sid).copied() {
+                    self.set_client_reading(ctx, c, key, true);
+                }
+            }
+        }
+    }
+
+    /// While the pod's socket is still registered (a pod restarting in place, or one whose
+    /// socket exists but refused us), retry connecting with backoff within the grace period.
+    pub(super) fn schedule_retry(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        if !self.shared.pod_present(key.0, key.1) {
+            return; // it will be reconnected when its socket appears
+        }
+        let now = self.now(ctx);
+        if let Some(l) = self.links.get_mut(key) {
+            let d = now + l.retry_ms;
+            l.retry_ms = (l.retry_ms * 2).min(pods::Link::<Client>::MAX_RETRY_MS);
+            self.wheel.insert(d, Key::Retry(key));
+            self.schedule(ctx, d);
+        }
+    }
+
+    /// A pod socket appeared: a lost link to it reconnects, with HELLO, a REOPEN for each of
+    /// its sessions, then the input held meanwhile.
+    pub(super) fn pod_added(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        let Some(l) = self.links.get(key) else { return };
+        if l.lost_since.is_none() || self.links.key_of(l.conn).is_some() {
+            return; // not lost, or a reconnect is already in flight
+        }
+        let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
+        let conn = match ctx.connect_unix(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "pod not reachable yet");
+                self.schedule_retry(ctx, key);
+                return;
+            }
+        };
+        let mut prefix = Vec::new();
+        let name = format!("clawtermd shard {}", self.index);
+        podlink::encode(
+            &mut prefix,
+            0,
+            &PodMsg::Hello {
+                version: podlink::codec::VERSION,
+                name: &name,
+            },
+        );
+        let sessions: Vec<u32> = l.sessions.iter().copied().collect();
+        for sid in sessions {
+            let Some(s) = self.table.get(sid) else {
+                continue;
+            };
+            let peer = self
+                .attached
+                .get(&sid)
+                .and_then(|c| self.clients.conns.get(c))
+                .map(|c| c.peer.to_string())
+                .unwrap_or_default();
+            podlink::encode(
+                &mut prefix,
+                sid,
+                &PodMsg::Reopen(podlink::Open {
+                    tenant: key.0,
+                    agent: key.1,
+                    client_caps: s.caps(),
+                    peer: &peer,
+                }),
+            );
+            if s.state() == State::Suspended {
+                podlink::encode(&mut prefix, sid, &PodMsg::Detached);
+            }
+            if s.pod_paused() {
+                podlink::encode(&mut prefix, sid, &PodMsg::Pause);
+            }
+        }
+        info!(
+            tenant = key.0,
+            agent = key.1,
+            "pod back; reopening its sessions"
+        );
+        self.links.reconnect(key, conn, prefix);
+    }
+
+    /// The grace period of a lost pod ran out.
+    pub(super) fn grace_expired(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        let now = self.now(ctx);
+        let grace = self.shared.cfg.agent_grace_ms;
+        if let Some(l) = self.links.get(key) {
+            if l.lost_since.is_some_and(|t| t + grace <= now) {
+                if !l.connected && l.lost_since.is_some() {
+                    // A reconnect in flight: forget it too.
+                    let c = l.conn;
+                    if self.links.key_of(c).is_some() {
+                        ctx.abort(c);
+                    }
+                }
+                self.agent_gone(ctx, key);
+            }
+        }
+    }
+
+    /// The pod is gone for good: its sessions on this shard end with AGENT_GONE, after the
+    /// output the pod already produced.
+    pub(super) fn agent_gone(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        let Some(link) = self.links.remove(key) else {
+            return;
+        };
+        info!(
+            tenant = key.0,
+            agent = key.1,
+            sessions = link.sessions.len(),
+            "pod gone for good"
+        );
+        let now = self.now(ctx);
+        for sid in link.sessions {
+            let conn = self.attached.get(&sid).copied();
+            let Some(s) = self.table.get_mut(sid) else {
+                continue;
+            };
+            let flow = s.on_agent_gone(now, &mut self.scratch);
+            self.scratch.pod.clear();
+            self.flush(ctx, conn, key);
+            self.apply_flow(ctx, sid, conn, flow);
+        }
+    }
+
+    /// The link to (tenant, agent), opened if this shard has none yet.
+    pub(super) fn ensure_link(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        key: (u32, u32),
+    ) -> bool {
+        if let Some(l) = self.links.get(key) {
+            // A lost pod takes no new sessions until it is back.
+            return l.lost_since.is_none();
+        }
+        let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
+        match ctx.connect_unix(&path) {
+            Ok(conn) => {
+                let name = format!("clawtermd shard {}", self.index);
+                self.links.insert(key, conn, &name);
+                true
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot connect to agent pod");
+                false
+            }
+        }
+    }
+
+    pub(super) fn link_send(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        key: (u32, u32),
+        bytes: &[u8],
+    ) {
+        match self.links.get_mut(key) {
+            Some(l) if l.connected => {
+                ctx.send(l.conn, bytes);
+            }
+            Some(l) => l.pending.extend_from_slice(bytes),
+            None => debug!(?key, "no link for pod message; dropped"),
+        }
+    }
+
+    /// A pod that reads slower than this client writes: stop reading the client until the
+    /// link drains, so the link's queue stays bounded.
+    pub(super) fn pause_if_pod_slow(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        key: (u32, u32),
+    ) {
+        let mut pause = false;
+        if let Some(l) = self.links.get_mut(key) {
+            if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
+                l.paused_readers.push(conn);
+                pause = true;
+            }
+        }
+        if pause {
+            self.clients.set_reading(ctx, conn, false);
+        }
+    }
+
+    /// Reading resumes on the clients a link had paused.
+    pub(super) fn resume_readers(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        readers: Vec<Client>,
+    ) {
+        for c in readers {
+            let held_by_pod = match self.clients.conns.get(&c) {
+                None => continue,
+                Some(Conn {
+                    state: ConnState::Bound(sid),
+                    ..
+                }) => self.table.get(*sid).is_some_and(|s| s.input_paused()),
+                Some(_) => false,
+            };
+            if !held_by_pod {
+                self.clients.set_reading(ctx, c, true);
+            }
+        }
+    }
+}
