@@ -249,4 +249,32 @@ impl Clients {
             Client::Relay { .. } => false,
         }
     }
+
+    /// Bytes from the shard that owns a relayed stream's session, for its client.
+    pub(super) fn relayed_send(&mut self, key: StreamKey, bytes: &[u8]) {
+        if let (true, Some(q)) = (self.relays.contains_key(&key), self.quic.as_mut()) {
+            q.send(key, bytes);
+        }
+    }
+
+    /// The owning shard closes (flushing) or aborts a relayed stream.
+    pub(super) fn relayed_close(&mut self, key: StreamKey, abort: bool) {
+        if self.relays.remove(&key).is_none() {
+            return;
+        }
+        if let Some(q) = self.quic.as_mut() {
+            if abort {
+                q.abort(key);
+            } else {
+                q.close(key);
+            }
+        }
+    }
+
+    /// The owning shard pauses or resumes reading a relayed stream.
+    pub(super) fn relayed_reading(&mut self, key: StreamKey, on: bool) {
+        if let (true, Some(q)) = (self.relays.contains_key(&key), self.quic.as_mut()) {
+            q.set_reading(key, on);
+        }
+    }
 }

@@ -54,4 +54,49 @@ impl ShardHandler {
             (c, _) => self.clients.abort(ctx, c),
         }
     }
+
+    /// The relay of a QUIC stream between the shard that holds it and the shard that owns its
+    /// session.
+    pub(super) fn on_relay(&mut self, ctx: &mut impl Context<ShardMsg>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::RelayOpen {
+                from,
+                key,
+                peer,
+                buffered,
+                accepted_at,
+            } => {
+                let conn = Client::Relay {
+                    shard: from as u16,
+                    key,
+                };
+                if self.admit(ctx, conn, true) {
+                    let accepted_us = self.clock.us(accepted_at);
+                    self.client_opened(ctx, conn, peer, None, accepted_us, true);
+                    self.on_plaintext(ctx, conn, &buffered);
+                }
+            }
+            ShardMsg::RelayIn { from, key, bytes } => {
+                let conn = Client::Relay {
+                    shard: from as u16,
+                    key,
+                };
+                if self.clients.conns.contains_key(&conn) {
+                    self.on_client_bytes(ctx, conn, &bytes);
+                }
+            }
+            ShardMsg::RelayGone { from, key } => {
+                let conn = Client::Relay {
+                    shard: from as u16,
+                    key,
+                };
+                self.conn_lost(ctx, conn, false);
+            }
+            // The other side: this shard holds the stream, its session lives elsewhere.
+            ShardMsg::RelayOut { key, bytes } => self.clients.relayed_send(key, &bytes),
+            ShardMsg::RelayClose { key, abort } => self.clients.relayed_close(key, abort),
+            ShardMsg::RelayReading { key, on } => self.clients.relayed_reading(key, on),
+            _ => {}
+        }
+    }
 }

@@ -3,10 +3,12 @@
 //! the pod gone for good (AGENT_GONE); and the back-pressure between a pod link and the clients
 //! that write to it.
 
-use super::{Client, Conn, ConnState, Key, ShardHandler, ShardMsg};
+use super::super::metrics::ShardMetrics;
+use super::{Client, Conn, ConnState, Key, Next, ShardHandler, ShardMsg};
 use crate::podlink::{self, Msg as PodMsg};
 use crate::pods::links as pods;
-use crate::session::State;
+use crate::proto::ErrorCode;
+use crate::session::{Flow, State};
 use shards::{ConnId, Context};
 use tracing::{debug, info, warn};
 
@@ -310,6 +312,165 @@ impl ShardHandler {
             };
             if !held_by_pod {
                 self.clients.set_reading(ctx, c, true);
+            }
+        }
+    }
+
+    /// One message from a pod. Returns false when the link must be broken.
+    pub(super) fn on_pod_msg(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        key: (u32, u32),
+        sid: u32,
+        msg: PodMsg<'_>,
+        hello_seen: &mut bool,
+    ) -> bool {
+        if !*hello_seen {
+            let Some(l) = self.links.get_mut(key) else {
+                return false;
+            };
+            if let PodMsg::Hello { version, name } = msg {
+                if version != podlink::codec::VERSION {
+                    warn!(
+                        ?key,
+                        version,
+                        name,
+                        "pod HELLO has unsupported version {version} (this server speaks {}); breaking the link",
+                        podlink::codec::VERSION
+                    );
+                    return false;
+                }
+                l.hello_seen = true;
+                *hello_seen = true;
+                debug!(?key, version, name, "pod HELLO");
+                return true;
+            }
+            warn!(?key, "pod sent {} before HELLO", msg.ty().name());
+            return false;
+        }
+        let now = self.now(ctx);
+        let cfg = &self.shared.cfg.session;
+        let Some(s) = self.table.get_mut(sid) else {
+            return true; // a session that ended meanwhile
+        };
+        if (s.tenant(), s.agent()) != key {
+            warn!(
+                ?key,
+                session = sid,
+                "pod sent a message for another pod's session"
+            );
+            return true;
+        }
+        let conn = self.attached.get(&sid).copied();
+        let unacked = s.unacknowledged();
+        let flow = match msg {
+            PodMsg::Data(d) => {
+                s.on_agent_data(d, now, cfg, &mut self.scratch);
+                Flow::Continue
+            }
+            PodMsg::Close(_) => s.on_agent_close(now, &mut self.scratch),
+            PodMsg::Pause | PodMsg::Continue => {
+                let pause = matches!(msg, PodMsg::Pause);
+                if s.on_pod_input(pause) {
+                    if pause {
+                        ShardMetrics::inc(&self.shared.metrics.shards[self.index].input_pauses, 1);
+                    }
+                    if let Some(c) = conn {
+                        self.set_client_reading(ctx, c, key, !pause);
+                    }
+                }
+                return true;
+            }
+            _ => Flow::Continue,
+        };
+        // Output moves deadlines later, except the delivery check a ring pause files: only then
+        // (or when the session ended, or has no connection) does the timer need filing again.
+        let earlier = s
+            .delivery_check()
+            .is_some_and(|d| s.armed == 0 || d < s.armed);
+        self.flush(ctx, conn, key);
+        if let (Some(c), true) = (conn, unacked) {
+            self.check_backlog(ctx, sid, c, key);
+        }
+        if flow != Flow::Continue || conn.is_none() || earlier {
+            self.apply_flow(ctx, sid, conn, flow);
+        }
+        true
+    }
+
+    /// Outcome of a pod link's connect: HELLO and what waited go out, and the CONNECTs that
+    /// waited for the link open their sessions; a failed connect refuses them (NO_AGENT).
+    pub(super) fn link_connected(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: ConnId,
+        res: std::io::Result<()>,
+    ) {
+        let Some(key) = self.links.key_of(conn) else {
+            return;
+        };
+        match res {
+            Ok(()) => {
+                let waiting = self
+                    .links
+                    .get_mut(key)
+                    .map(|l| std::mem::take(&mut l.waiting))
+                    .unwrap_or_default();
+                let mut readers = Vec::new();
+                if let Some(l) = self.links.get_mut(key) {
+                    l.connected = true;
+                    l.lost_since = None;
+                    l.retry_ms = pods::Link::<Client>::FIRST_RETRY_MS;
+                    let pending = std::mem::take(&mut l.pending);
+                    ctx.send(conn, &pending);
+                    if !ctx.is_backpressured(conn) {
+                        readers = std::mem::take(&mut l.paused_readers);
+                    }
+                }
+                self.resume_readers(ctx, readers);
+                // CONNECTs that waited for this link now open their sessions.
+                for (c, caps) in waiting {
+                    if !self
+                        .clients
+                        .conns
+                        .get(&c)
+                        .is_some_and(|x| x.state == ConnState::Handshake)
+                    {
+                        continue;
+                    }
+                    self.clients.set_reading(ctx, c, true);
+                    if self.open_session(ctx, c, key, caps) == Next::Continue {
+                        // Frames that came after the CONNECT.
+                        let buf = self
+                            .clients
+                            .conns
+                            .get_mut(&c)
+                            .map(|x| std::mem::take(&mut x.inbuf))
+                            .unwrap_or_default();
+                        if !buf.is_empty() {
+                            self.on_plaintext(ctx, c, &buf);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let waiting = self
+                    .links
+                    .get_mut(key)
+                    .map(|l| std::mem::take(&mut l.waiting))
+                    .unwrap_or_default();
+                for (c, _) in waiting {
+                    if self
+                        .clients
+                        .conns
+                        .get(&c)
+                        .is_some_and(|x| x.state == ConnState::Handshake)
+                    {
+                        self.refuse(ctx, c, ErrorCode::NoAgent);
+                    }
+                }
+                warn!(?key, error = %e, "pod link connect failed");
+                self.link_down(ctx, key);
             }
         }
     }
