@@ -169,4 +169,252 @@ impl<C> Links<C> {
     pub fn keys(&self) -> Vec<(u32, u32)> {
         self.by_key.keys().copied().collect()
     }
+
+    /// The link's connection broke (EOF, error, broken framing, a failed connect) or its socket
+    /// disappeared. Decides what follows (POD-LINK.md §5): a link already waiting for its pod
+    /// keeps waiting within the same grace period (another retry); a link with no sessions, or
+    /// no grace period, is gone for good; otherwise its sessions wait `grace_ms` for the pod,
+    /// with their input held, the pod's PAUSEs released (they went with it) and, while the
+    /// socket is still registered, reconnects tried with backoff.
+    pub fn lost(
+        &mut self,
+        key: (u32, u32),
+        now: u64,
+        grace_ms: u64,
+        socket_present: bool,
+    ) -> Vec<LinkAction> {
+        let Some(l) = self.by_key.get(&key) else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        if l.lost_since.is_some() {
+            self.mark_lost(key, now);
+            actions.extend(self.retry(key, now, socket_present));
+            return actions;
+        }
+        if grace_ms == 0 || l.sessions.is_empty() {
+            return self.gone(key);
+        }
+        self.mark_lost(key, now);
+        actions.push(LinkAction::Arm(now + grace_ms, LinkTimer::Grace));
+        actions.extend(self.retry(key, now, socket_present));
+        if let Some(l) = self.by_key.get(&key) {
+            actions.push(LinkAction::ReleaseInput(
+                l.sessions.iter().copied().collect(),
+            ));
+        }
+        actions
+    }
+
+    /// The next reconnect attempt while the pod's socket is registered (a pod restarting in
+    /// place, or one whose socket exists but refused us), with doubling backoff; none when the
+    /// socket is gone (the registry reports its return).
+    fn retry(&mut self, key: (u32, u32), now: u64, socket_present: bool) -> Option<LinkAction> {
+        if !socket_present {
+            return None;
+        }
+        let l = self.by_key.get_mut(&key)?;
+        let at = now + l.retry_ms;
+        l.retry_ms = (l.retry_ms * 2).min(Link::<C>::MAX_RETRY_MS);
+        Some(LinkAction::Arm(at, LinkTimer::Retry))
+    }
+
+    /// A reconnect attempt could not even start (the socket refused at once).
+    pub fn reconnect_failed(
+        &mut self,
+        key: (u32, u32),
+        now: u64,
+        socket_present: bool,
+    ) -> Option<LinkAction> {
+        self.retry(key, now, socket_present)
+    }
+
+    /// Whether the link waits for its pod with no reconnect in flight: the pod's socket
+    /// appearing, or a retry timer, should reconnect it.
+    pub fn wants_reconnect(&self, key: (u32, u32)) -> bool {
+        self.by_key
+            .get(&key)
+            .is_some_and(|l| l.lost_since.is_some() && !self.by_conn.contains_key(&l.conn))
+    }
+
+    /// The grace timer of a lost link fired: if the pod has not come back within `grace_ms`,
+    /// a reconnect in flight is aborted and the pod is gone for good.
+    pub fn grace_due(&mut self, key: (u32, u32), now: u64, grace_ms: u64) -> Vec<LinkAction> {
+        let Some(l) = self.by_key.get(&key) else {
+            return Vec::new();
+        };
+        if l.lost_since.is_none_or(|t| t + grace_ms > now) {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        if !l.connected && self.by_conn.contains_key(&l.conn) {
+            actions.push(LinkAction::Abort(l.conn));
+        }
+        actions.extend(self.gone(key));
+        actions
+    }
+
+    /// The pod is gone for good: the link is forgotten and its sessions end.
+    fn gone(&mut self, key: (u32, u32)) -> Vec<LinkAction> {
+        match self.remove(key) {
+            Some(l) => vec![LinkAction::AgentGone(l.sessions.iter().copied().collect())],
+            None => Vec::new(),
+        }
+    }
+
+    /// The link's connect completed: it is up, what was held goes out (HELLO and REOPENs
+    /// first), clients it paused may read again unless its queue is already over the
+    /// watermark (`backpressured` after the send), and the CONNECTs that waited for it open
+    /// their sessions. Returns what to send and what follows.
+    pub fn link_up(&mut self, key: (u32, u32)) -> Connected<C> {
+        let Some(l) = self.by_key.get_mut(&key) else {
+            return Connected::default();
+        };
+        l.connected = true;
+        l.lost_since = None;
+        l.retry_ms = Link::<C>::FIRST_RETRY_MS;
+        Connected {
+            send: std::mem::take(&mut l.pending),
+            waiting: std::mem::take(&mut l.waiting),
+        }
+    }
+
+    /// After [`Links::link_up`]'s bytes were sent: the clients to read again when the link's
+    /// queue is not over its watermark.
+    pub fn drained(&mut self, key: (u32, u32), backpressured: bool) -> Vec<C> {
+        match self.by_key.get_mut(&key) {
+            Some(l) if !backpressured => std::mem::take(&mut l.paused_readers),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The link's connect failed: the CONNECTs that waited for it (to be refused with
+    /// NO_AGENT). What follows for the link is [`Links::lost`]'s.
+    pub fn connect_failed(&mut self, key: (u32, u32)) -> Vec<(C, u8)> {
+        self.by_key
+            .get_mut(&key)
+            .map(|l| std::mem::take(&mut l.waiting))
+            .unwrap_or_default()
+    }
+}
+
+/// What a shard does next for one of its pod links, as [`Links`] decides it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkAction {
+    /// File a timer at this time (ms on the shard's clock).
+    Arm(u64, LinkTimer),
+    /// The pod is gone for good: these sessions end with AGENT_GONE, after the output the pod
+    /// already produced.
+    AgentGone(Vec<u32>),
+    /// The pod that PAUSEd these sessions' input is gone; its PAUSEs went with it.
+    ReleaseInput(Vec<u32>),
+    /// Abort this connection (a reconnect in flight).
+    Abort(ConnId),
+}
+
+/// A link's timers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LinkTimer {
+    /// The grace period of a lost pod ends.
+    Grace,
+    /// Try reconnecting to a lost pod whose socket is still registered.
+    Retry,
+}
+
+/// What a completed connect sends and unblocks ([`Links::link_up`]).
+pub struct Connected<C> {
+    /// The bytes held for the link (HELLO, REOPENs, then held input).
+    pub send: Vec<u8>,
+    /// CONNECTs (connection, client caps) that waited for the link.
+    pub waiting: Vec<(C, u8)>,
+}
+
+impl<C> Default for Connected<C> {
+    fn default() -> Self {
+        Connected {
+            send: Vec::new(),
+            waiting: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(i: u32) -> ConnId {
+        // Connection ids come from the runtime; a simulated context makes them.
+        let mut ctx: shards::sim::SimCtx<()> =
+            shards::sim::SimCtx::new(0, 1, std::time::Instant::now());
+        let mut last = None;
+        for _ in 0..i {
+            last = Some(ctx.accept("127.0.0.1:1".parse().unwrap()));
+        }
+        last.unwrap()
+    }
+
+    const K: (u32, u32) = (7, 42);
+
+    /// A link with sessions waits for its pod: grace timer, retries with doubling backoff while
+    /// the socket is there, the pod's PAUSEs released; within the grace period a failed
+    /// attempt only retries; once the grace period is over the pod is gone for good.
+    #[test]
+    fn lost_link_waits_then_gives_up() {
+        let mut links: Links<u8> = Links::default();
+        links.insert(K, conn(1), "t");
+        links.get_mut(K).unwrap().sessions.insert(5);
+        let up = links.link_up(K);
+        assert!(!up.send.is_empty(), "HELLO goes first");
+        let a = links.lost(K, 1000, 60_000, true);
+        assert_eq!(
+            a,
+            vec![
+                LinkAction::Arm(61_000, LinkTimer::Grace),
+                LinkAction::Arm(1050, LinkTimer::Retry),
+                LinkAction::ReleaseInput(vec![5]),
+            ]
+        );
+        assert!(links.wants_reconnect(K));
+        links.reconnect(K, conn(2), vec![1, 2, 3]);
+        assert!(!links.wants_reconnect(K), "an attempt is in flight");
+        // The attempt fails: only another retry, later.
+        assert_eq!(
+            links.lost(K, 1100, 60_000, true),
+            vec![LinkAction::Arm(1200, LinkTimer::Retry)]
+        );
+        assert_eq!(links.grace_due(K, 60_999, 60_000), vec![]);
+        links.reconnect(K, conn(3), vec![]);
+        assert_eq!(
+            links.grace_due(K, 61_000, 60_000),
+            vec![LinkAction::Abort(conn(3)), LinkAction::AgentGone(vec![5])]
+        );
+        assert!(links.get(K).is_none());
+    }
+
+    /// Without sessions or without a grace period, a lost link is gone at once; without the
+    /// socket, nothing is retried (the registry reports its return).
+    #[test]
+    fn lost_link_without_sessions_or_socket() {
+        let mut links: Links<u8> = Links::default();
+        links.insert(K, conn(1), "t");
+        assert_eq!(
+            links.lost(K, 0, 60_000, true),
+            vec![LinkAction::AgentGone(vec![])]
+        );
+        links.insert(K, conn(2), "t");
+        links.get_mut(K).unwrap().sessions.insert(9);
+        assert_eq!(
+            links.lost(K, 0, 0, true),
+            vec![LinkAction::AgentGone(vec![9])]
+        );
+        links.insert(K, conn(3), "t");
+        links.get_mut(K).unwrap().sessions.insert(9);
+        assert_eq!(
+            links.lost(K, 0, 500, false),
+            vec![
+                LinkAction::Arm(500, LinkTimer::Grace),
+                LinkAction::ReleaseInput(vec![9])
+            ]
+        );
+    }
 }

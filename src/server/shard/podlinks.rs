@@ -6,7 +6,7 @@
 use super::super::metrics::ShardMetrics;
 use super::{Client, Conn, ConnState, Key, Next, ShardHandler, ShardMsg};
 use crate::podlink::{self, Msg as PodMsg};
-use crate::pods::links as pods;
+use crate::pods::links::{self as pods, LinkAction, LinkTimer};
 use crate::proto::ErrorCode;
 use crate::session::{Flow, State};
 use shards::{ConnId, Context};
@@ -71,79 +71,84 @@ impl ShardHandler {
 
     /// The link to a pod broke (EOF, error, broken framing) or its socket disappeared: its
     /// sessions wait for the pod for `--agent-grace`, their input held; attached clients stay.
+    /// [`Links::lost`](crate::pods::links::Links::lost) decides; this carries it out.
     pub(super) fn link_down(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let grace = self.shared.cfg.agent_grace_ms;
         let now = self.now(ctx);
-        let Some(l) = self.links.get(key) else { return };
-        if l.lost_since.is_some() {
-            // A reconnect attempt failed: keep waiting within the same grace period.
-            self.links.mark_lost(key, now);
-            self.schedule_retry(ctx, key);
-            return;
+        let first = self.links.get(key).is_some_and(|l| l.lost_since.is_none());
+        let sessions = self.links.get(key).map_or(0, |l| l.sessions.len());
+        let present = self.shared.pod_present(key.0, key.1);
+        let actions = self.links.lost(key, now, grace, present);
+        if first
+            && actions
+                .iter()
+                .any(|a| matches!(a, LinkAction::ReleaseInput(_)))
+        {
+            info!(
+                tenant = key.0,
+                agent = key.1,
+                sessions,
+                grace_ms = grace,
+                "pod lost; sessions wait for it"
+            );
         }
-        if grace == 0 || l.sessions.is_empty() {
-            self.agent_gone(ctx, key);
-            return;
-        }
-        info!(
-            tenant = key.0,
-            agent = key.1,
-            sessions = l.sessions.len(),
-            grace_ms = grace,
-            "pod lost; sessions wait for it"
-        );
-        self.links.mark_lost(key, now);
-        self.wheel.insert(now + grace, Key::Grace(key));
-        self.schedule(ctx, now + grace);
-        self.schedule_retry(ctx, key);
-        // The pod that held some sessions' input is gone: its PAUSEs went with it. Input is now
-        // held by the link (bounded) until the pod is back.
-        let sids: Vec<u32> = self
-            .links
-            .get(key)
-            .map(|l| l.sessions.iter().copied().collect())
-            .unwrap_or_default();
-        for sid in sids {
-            if self
-                .table
-                .get_mut(sid)
-                .is_some_and(|s| s.on_pod_input(false))
-            {
-                if let Some(c) = self.attached.get(&sid).copied() {
-                    self.set_client_reading(ctx, c, key, true);
-                }
-            }
-        }
+        self.apply_link_actions(ctx, key, actions);
     }
 
-    /// While the pod's socket is still registered (a pod restarting in place, or one whose
-    /// socket exists but refused us), retry connecting with backoff within the grace period.
-    pub(super) fn schedule_retry(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        if !self.shared.pod_present(key.0, key.1) {
-            return; // it will be reconnected when its socket appears
-        }
-        let now = self.now(ctx);
-        if let Some(l) = self.links.get_mut(key) {
-            let d = now + l.retry_ms;
-            l.retry_ms = (l.retry_ms * 2).min(pods::Link::<Client>::MAX_RETRY_MS);
-            self.wheel.insert(d, Key::Retry(key));
-            self.schedule(ctx, d);
+    /// Carries out what [`Links`](crate::pods::links::Links) decided for the link to `key`.
+    pub(super) fn apply_link_actions(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        key: (u32, u32),
+        actions: Vec<LinkAction>,
+    ) {
+        for a in actions {
+            match a {
+                LinkAction::Arm(at, timer) => {
+                    let k = match timer {
+                        LinkTimer::Grace => Key::Grace(key),
+                        LinkTimer::Retry => Key::Retry(key),
+                    };
+                    self.wheel.insert(at, k);
+                    self.schedule(ctx, at);
+                }
+                LinkAction::Abort(conn) => ctx.abort(conn),
+                LinkAction::AgentGone(sids) => self.agent_gone(ctx, key, sids),
+                LinkAction::ReleaseInput(sids) => {
+                    // The pod that held some sessions' input is gone: its PAUSEs went with it.
+                    // Input is now held by the link (bounded) until the pod is back.
+                    for sid in sids {
+                        if self
+                            .table
+                            .get_mut(sid)
+                            .is_some_and(|s| s.on_pod_input(false))
+                        {
+                            if let Some(c) = self.attached.get(&sid).copied() {
+                                self.set_client_reading(ctx, c, key, true);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
     /// A pod socket appeared: a lost link to it reconnects, with HELLO, a REOPEN for each of
     /// its sessions, then the input held meanwhile.
     pub(super) fn pod_added(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        let Some(l) = self.links.get(key) else { return };
-        if l.lost_since.is_none() || self.links.key_of(l.conn).is_some() {
+        if !self.links.wants_reconnect(key) {
             return; // not lost, or a reconnect is already in flight
         }
+        let Some(l) = self.links.get(key) else { return };
         let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
         let conn = match ctx.connect_unix(&path) {
             Ok(c) => c,
             Err(e) => {
                 debug!(path = %path.display(), error = %e, "pod not reachable yet");
-                self.schedule_retry(ctx, key);
+                let now = self.now(ctx);
+                let present = self.shared.pod_present(key.0, key.1);
+                let retry = self.links.reconnect_failed(key, now, present);
+                self.apply_link_actions(ctx, key, retry.into_iter().collect());
                 return;
             }
         };
@@ -196,35 +201,23 @@ impl ShardHandler {
     /// The grace period of a lost pod ran out.
     pub(super) fn grace_expired(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let now = self.now(ctx);
-        let grace = self.shared.cfg.agent_grace_ms;
-        if let Some(l) = self.links.get(key) {
-            if l.lost_since.is_some_and(|t| t + grace <= now) {
-                if !l.connected && l.lost_since.is_some() {
-                    // A reconnect in flight: forget it too.
-                    let c = l.conn;
-                    if self.links.key_of(c).is_some() {
-                        ctx.abort(c);
-                    }
-                }
-                self.agent_gone(ctx, key);
-            }
-        }
+        let actions = self
+            .links
+            .grace_due(key, now, self.shared.cfg.agent_grace_ms);
+        self.apply_link_actions(ctx, key, actions);
     }
 
     /// The pod is gone for good: its sessions on this shard end with AGENT_GONE, after the
     /// output the pod already produced.
-    pub(super) fn agent_gone(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
-        let Some(link) = self.links.remove(key) else {
-            return;
-        };
+    fn agent_gone(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32), sids: Vec<u32>) {
         info!(
             tenant = key.0,
             agent = key.1,
-            sessions = link.sessions.len(),
+            sessions = sids.len(),
             "pod gone for good"
         );
         let now = self.now(ctx);
-        for sid in link.sessions {
+        for sid in sids {
             let conn = self.attached.get(&sid).copied();
             let Some(s) = self.table.get_mut(sid) else {
                 continue;
@@ -411,23 +404,11 @@ impl ShardHandler {
         };
         match res {
             Ok(()) => {
-                let waiting = self
-                    .links
-                    .get_mut(key)
-                    .map(|l| std::mem::take(&mut l.waiting))
-                    .unwrap_or_default();
-                let mut readers = Vec::new();
-                if let Some(l) = self.links.get_mut(key) {
-                    l.connected = true;
-                    l.lost_since = None;
-                    l.retry_ms = pods::Link::<Client>::FIRST_RETRY_MS;
-                    let pending = std::mem::take(&mut l.pending);
-                    ctx.send(conn, &pending);
-                    if !ctx.is_backpressured(conn) {
-                        readers = std::mem::take(&mut l.paused_readers);
-                    }
-                }
+                let up = self.links.link_up(key);
+                ctx.send(conn, &up.send);
+                let readers = self.links.drained(key, ctx.is_backpressured(conn));
                 self.resume_readers(ctx, readers);
+                let waiting = up.waiting;
                 // CONNECTs that waited for this link now open their sessions.
                 for (c, caps) in waiting {
                     if !self
@@ -454,11 +435,7 @@ impl ShardHandler {
                 }
             }
             Err(e) => {
-                let waiting = self
-                    .links
-                    .get_mut(key)
-                    .map(|l| std::mem::take(&mut l.waiting))
-                    .unwrap_or_default();
+                let waiting = self.links.connect_failed(key);
                 for (c, _) in waiting {
                     if self
                         .clients

@@ -41,14 +41,8 @@ impl ShardHandler {
                     self.limiter.sweep(now);
                     self.wheel.insert(now + STATS_EVERY_MS, Key::Stats);
                 }
-                Key::Retry(pod) => {
-                    let waiting = self.links.get(pod).is_some_and(|l| {
-                        l.lost_since.is_some() && self.links.key_of(l.conn).is_none()
-                    });
-                    if waiting {
-                        self.pod_added(ctx, pod);
-                    }
-                }
+                // Reconnects only a link still waiting with no attempt in flight.
+                Key::Retry(pod) => self.pod_added(ctx, pod),
                 Key::Session(sid) => {
                     let cfg = &self.shared.cfg.session;
                     let Some(s) = self.table.get_mut(sid) else {
