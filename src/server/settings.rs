@@ -546,3 +546,263 @@ fn build_config(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    /// Enough to pass the checks, from the command line.
+    const DEV: [&str; 3] = ["clawtermd", "--insecure-no-auth", "--insecure-plaintext"];
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, OsString> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect()
+    }
+
+    /// Loads with the file `c.toml` holding `toml` (when `--config c.toml` or CLAWTERM_CONFIG
+    /// names it) and two CPUs allowed.
+    fn load(argv: &[&str], vars: &[(&str, &str)], toml: &str) -> Result<ServerConfig, String> {
+        let loaded = Settings::load(argv, &env(vars), |p| {
+            assert_eq!(p, Path::new("c.toml"));
+            Ok(toml.to_string())
+        })
+        .map_err(|e| match e {
+            Early::Refused(m) => m,
+            Early::Print(e) => panic!("printed: {e}"),
+        })?;
+        loaded.server_config_with(|| Ok(vec![0, 1]))
+    }
+
+    fn with_file(args: &[&'static str]) -> Vec<&'static str> {
+        [&DEV[..], &["--config", "c.toml"], args].concat()
+    }
+
+    #[test]
+    fn defaults_without_file_or_environment() {
+        let cfg = load(&DEV, &[], "").unwrap();
+        assert_eq!(cfg.port, 7220);
+        assert_eq!(cfg.bind.to_string(), "0.0.0.0");
+        assert_eq!(cfg.quic_port, Some(7221));
+        assert_eq!(cfg.socket_dir, PathBuf::from("/run/claw/sockets"));
+        assert!(matches!(cfg.auth, Auth::NoAuth));
+        assert!(cfg.tls.is_none());
+        assert_eq!(cfg.admin, Some("127.0.0.1:9720".parse().unwrap()));
+        assert_eq!(cfg.session.ring_bytes, 262144);
+        assert_eq!(cfg.session.keepalive_ms, 30_000);
+        assert_eq!(cfg.session.ack_wait_ms, 200);
+        assert_eq!(cfg.handshake_ms, 10_000);
+        assert_eq!((cfg.shards, cfg.cpus), (2, vec![Some(0), Some(1)]));
+    }
+
+    #[test]
+    fn command_line_beats_environment_beats_file_beats_default() {
+        let file = "port = 7305\nring_bytes = 300000\n";
+        let cfg = load(&with_file(&[]), &[], file).unwrap();
+        assert_eq!((cfg.port, cfg.session.ring_bytes), (7305, 300000));
+        let cfg = load(&with_file(&[]), &[("CLAWTERM_PORT", "7303")], file).unwrap();
+        assert_eq!((cfg.port, cfg.session.ring_bytes), (7303, 300000));
+        let argv = with_file(&["--port", "7304"]);
+        let cfg = load(&argv, &[("CLAWTERM_PORT", "7303")], file).unwrap();
+        assert_eq!(cfg.port, 7304);
+        // A bad value in a lower layer is never looked at.
+        let argv = with_file(&["--port", "7301"]);
+        assert_eq!(
+            load(&argv, &[("CLAWTERM_PORT", "abc")], "port = \"x\"\n")
+                .unwrap()
+                .port,
+            7301
+        );
+        let vars = [("CLAWTERM_PORT", "7300")];
+        assert_eq!(
+            load(&with_file(&[]), &vars, "port = \"abc\"\n")
+                .unwrap()
+                .port,
+            7300
+        );
+        // Variables that are not options are ignored.
+        assert!(load(&DEV, &[("CLAWTERM_BOGUS", "1"), ("PATH", "/bin")], "").is_ok());
+    }
+
+    #[test]
+    fn the_file_can_come_from_the_environment() {
+        let cfg = load(&DEV, &[("CLAWTERM_CONFIG", "c.toml")], "port = 7306\n").unwrap();
+        assert_eq!(cfg.port, 7306);
+        let e = Settings::load(DEV, &env(&[("CLAWTERM_CONFIG", "/no/such.toml")]), |_| {
+            Err(io::Error::new(io::ErrorKind::NotFound, "No such file"))
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&e, Early::Refused(m) if m == "config file /no/such.toml: No such file"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_the_source_of_the_value() {
+        let e = load(&with_file(&[]), &[], "keepalive = -1\n").unwrap_err();
+        assert_eq!(
+            e,
+            "config file c.toml: key `keepalive`: --keepalive must be a positive number of \
+             seconds, got -1"
+        );
+        let vars = [("CLAWTERM_KEEPALIVE", "-1")];
+        let e = load(&with_file(&[]), &vars, "keepalive = 10\n").unwrap_err();
+        assert!(
+            e.starts_with("environment variable CLAWTERM_KEEPALIVE: --keepalive"),
+            "{e}"
+        );
+        let e = load(&DEV, &[("CLAWTERM_PORT", "abc")], "").unwrap_err();
+        assert_eq!(
+            e,
+            "environment variable CLAWTERM_PORT: invalid value 'abc' for '--port <PORT>': \
+             invalid digit found in string"
+        );
+        let e = load(&with_file(&[]), &[], "overflow = \"sometimes\"\n").unwrap_err();
+        assert!(
+            e.starts_with("config file c.toml: key `overflow`: invalid value"),
+            "{e}"
+        );
+        // From the command line: no source named.
+        let argv = [&DEV[..], &["--keepalive=-1"]].concat();
+        assert_eq!(
+            load(&argv, &[], "").unwrap_err(),
+            "--keepalive must be a positive number of seconds, got -1"
+        );
+        let argv = [&DEV[..], &["--port", "abc"]].concat();
+        assert!(load(&argv, &[], "")
+            .unwrap_err()
+            .starts_with("invalid value 'abc' for '--port"));
+        // Two options in conflict, one from each layer: both named.
+        let vars = [("CLAWTERM_RING_BYTES", "2000")];
+        let e = load(&with_file(&[]), &vars, "max_payload = 65535\n").unwrap_err();
+        assert!(
+            e.starts_with(
+                "environment variable CLAWTERM_RING_BYTES; config file c.toml: key `max_payload`: \
+                 --ring-bytes (2000) must be at least --max-payload (65535)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_file_refuses_unknown_keys_and_tables() {
+        for key in ["bogus", "config", "check_config"] {
+            let e = load(&with_file(&[]), &[], &format!("{key} = 1\n")).unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "config file c.toml: unknown key `{key}`; valid keys: port, bind,"
+                )),
+                "{e}"
+            );
+            let valid = e.split("valid keys: ").nth(1).unwrap_or_default();
+            assert!(valid.ends_with(", demo"), "{e}");
+            assert!(!valid.contains("config"), "{e}");
+        }
+        let e = load(&with_file(&[]), &[], "shards = [1, 2]\n").unwrap_err();
+        assert_eq!(
+            e,
+            "config file c.toml: key `shards` must be a string, number or boolean, not array"
+        );
+        let e = load(&with_file(&[]), &[], "not toml [").unwrap_err();
+        assert!(e.starts_with("config file c.toml: "), "{e}");
+    }
+
+    #[test]
+    fn switches_take_boolean_words_in_the_environment() {
+        let argv = ["clawtermd", "--insecure-no-auth", "--config", "c.toml"];
+        for yes in ["1", "true", "yes", "TRUE", "on"] {
+            let vars = [("CLAWTERM_INSECURE_PLAINTEXT", yes)];
+            assert!(load(&argv, &vars, "").is_ok(), "{yes}");
+        }
+        for no in ["0", "false", "no", "off"] {
+            let vars = [("CLAWTERM_INSECURE_PLAINTEXT", no)];
+            let e = load(&argv, &vars, "insecure_plaintext = true\n").unwrap_err();
+            assert!(e.starts_with("no TLS certificate"), "{no}: {e}");
+        }
+        assert!(load(&argv, &[], "insecure_plaintext = true\n").is_ok());
+        let e = load(&argv, &[("CLAWTERM_NO_QUIC", "maybe")], "").unwrap_err();
+        assert_eq!(
+            e,
+            "environment variable CLAWTERM_NO_QUIC: invalid value 'maybe' for '--no-quic': \
+             value was not a boolean"
+        );
+        let cfg = load(&with_file(&[]), &[], "no_quic = true\n").unwrap();
+        assert_eq!(cfg.quic_port, None);
+    }
+
+    #[test]
+    fn demo_needs_no_tokens_or_certificate() {
+        let e = load(&["clawtermd"], &[], "").unwrap_err();
+        assert!(e.starts_with("no TLS certificate"), "{e}");
+        assert!(load(&["clawtermd", "--demo"], &[], "").is_ok());
+        assert!(load(&["clawtermd"], &[("CLAWTERM_DEMO", "1")], "").is_ok());
+        let argv = ["clawtermd", "--config", "c.toml"];
+        assert!(load(&argv, &[], "demo = true\n").is_ok());
+        assert!(load(&argv, &[("CLAWTERM_DEMO", "0")], "demo = true\n").is_err());
+    }
+
+    #[test]
+    fn shards_follow_the_cpus() {
+        let run = |args: &[&'static str], allowed: Vec<usize>| {
+            let argv = [&DEV[..], args].concat();
+            let loaded = Settings::load(argv, &HashMap::new(), |_| Ok(String::new())).unwrap();
+            loaded.server_config_with(|| Ok(allowed))
+        };
+        let cfg = run(&[], vec![2, 5, 7]).unwrap();
+        assert_eq!(cfg.cpus, vec![Some(2), Some(5), Some(7)]);
+        // More shards than CPUs: left to the scheduler, unless --cpus says otherwise.
+        let cfg = run(&["--shards", "3"], vec![0, 1]).unwrap();
+        assert_eq!(cfg.cpus, vec![None; 3]);
+        let cfg = run(&["--shards", "3", "--cpus", "1"], vec![0, 1]).unwrap();
+        assert_eq!(cfg.cpus, vec![Some(1); 3]);
+        let e = run(&["--cpus", "0-3"], vec![0, 1]).unwrap_err();
+        assert_eq!(
+            e,
+            "--cpus: CPU 2 is not in this process's affinity mask [0, 1]"
+        );
+        assert_eq!(
+            run(&["--shards", "0"], vec![0]).unwrap_err(),
+            "--shards must be from 1 to 256, got 0"
+        );
+        let e = run(&[], vec![]).map(|c| c.shards);
+        assert_eq!(e, Ok(1));
+        let e = Settings::load(DEV, &HashMap::new(), |_| Ok(String::new()))
+            .unwrap()
+            .server_config_with(|| Err(io::Error::other("no /proc")))
+            .unwrap_err();
+        assert_eq!(e, "cannot read the CPU affinity mask: no /proc");
+    }
+
+    #[test]
+    fn help_and_version_are_printed() {
+        for flag in ["--help", "-h", "--version"] {
+            let r = Settings::load(["clawtermd", flag], &HashMap::new(), |_| unreachable!());
+            assert!(matches!(r, Err(Early::Print(_))), "{flag}");
+        }
+        let r = Settings::load(
+            ["clawtermd", "--bogus"],
+            &HashMap::new(),
+            |_| unreachable!(),
+        );
+        assert!(
+            matches!(&r, Err(Early::Refused(m)) if m.starts_with("unexpected argument '--bogus'")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn check_config_summary() {
+        let argv = [&DEV[..], &["--port", "7400", "--socket-dir", "/tmp/s"]].concat();
+        let loaded = Settings::load(argv, &HashMap::new(), |_| unreachable!()).unwrap();
+        let cfg = loaded.server_config_with(|| Ok(vec![0])).unwrap();
+        assert_eq!(
+            loaded.summary(&cfg),
+            "configuration OK: 1 shards, auto I/O, tcp 0.0.0.0:7400, agents in /tmp/s, auth off \
+             (--insecure-no-auth)"
+        );
+        assert_eq!(loaded.origin("port"), None);
+    }
+}
