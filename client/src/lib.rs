@@ -6,7 +6,8 @@
 //!   with automatic reconnect ([`Backoff`]: exponential, full jitter, 100 ms → 3 s by
 //!   default); every reconnect opens a new TCP connection and a new TLS handshake.
 //! * [`creds`]: saved per-session credentials (0600 files) and the export/import blob.
-//! * [`tty`]: raw-mode terminal helpers for the `clawterm` CLI.
+//! * [`interactive`]: the `clawterm` terminal (raw mode, escapes, resize, status line), on
+//!   the [`tty`] helpers; [`cli`]: the rest of the CLI's logic (endpoints, tokens, trust).
 //!
 //! ```no_run
 //! use clawterm_client::{Event, Session};
@@ -21,8 +22,10 @@
 //! ```
 
 pub mod backoff;
+pub mod cli;
 pub mod core;
 pub mod creds;
+pub mod interactive;
 pub mod quic;
 mod session;
 pub mod transport;

@@ -1,13 +1,15 @@
 //! Terminal helpers for the `clawterm` CLI: raw mode restored on every exit path, window size,
 //! and a self-pipe that turns signals (SIGWINCH, SIGTERM, SIGHUP, SIGINT) into readable bytes.
 
+use rustix::termios::{self, OptionalActions, Termios};
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 
-/// The terminal settings to restore (fd, termios), shared with the panic hook.
-static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
+/// The terminal settings to restore (a duplicate of the terminal's descriptor, and its
+/// settings before raw mode), shared with the panic hook.
+static SAVED: Mutex<Option<(OwnedFd, Termios)>> = Mutex::new(None);
 
 /// Puts a terminal in raw mode; restores it on drop (and from the panic hook installed by
 /// [`RawMode::enable`]).
@@ -16,9 +18,8 @@ pub struct RawMode {
 }
 
 /// Whether `fd` is a terminal.
-pub fn is_tty(fd: RawFd) -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(fd) == 1 }
+pub fn is_tty(fd: impl AsFd) -> bool {
+    termios::isatty(fd)
 }
 
 /// Restores the saved terminal settings, if any (idempotent; async-signal tolerant enough for
@@ -29,41 +30,28 @@ pub fn restore_terminal() {
         Err(_) => None,
     };
     if let Some((fd, t)) = saved {
-        // SAFETY: restoring settings previously read from the same descriptor.
-        unsafe {
-            libc::tcsetattr(fd, libc::TCSAFLUSH, &t);
-        }
+        let _ = termios::tcsetattr(&fd, OptionalActions::Flush, &t);
     }
 }
 
 impl RawMode {
-    /// Raw mode on `fd` (usually 0). Installs a panic hook that restores the terminal first.
-    pub fn enable(fd: RawFd) -> std::io::Result<RawMode> {
-        // SAFETY: termios is a C struct of integers and arrays of integers, for which all-zero
-        // bytes are a valid value.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `&mut t` is a valid, exclusive pointer to a termios that lives across the
-        // call; tcgetattr only writes that struct, and a bad or non-terminal `fd` is reported
-        // as -1/errno (EBADF, ENOTTY), not undefined behaviour.
-        if unsafe { libc::tcgetattr(fd, &mut t) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some((fd, t));
+    /// Raw mode on the terminal `fd` (usually stdin). Installs a panic hook that restores the
+    /// terminal first.
+    pub fn enable(fd: impl AsFd) -> std::io::Result<RawMode> {
+        let t = termios::tcgetattr(&fd)?;
+        // A duplicate, so that the terminal can be restored whoever owns `fd`.
+        let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0)?;
+        *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some((dup, t.clone()));
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_terminal();
             prev(info);
         }));
         let mut raw = t;
-        // SAFETY: cfmakeraw only edits the termios behind the valid, exclusive pointer.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // SAFETY: `&raw` points to an initialised termios (read by tcgetattr, then edited by
-        // cfmakeraw) that outlives the call; tcsetattr only reads it, and TCSAFLUSH is a valid
-        // action. Failure is reported as -1/errno.
-        if unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &raw) } != 0 {
-            let e = std::io::Error::last_os_error();
+        raw.make_raw();
+        if let Err(e) = termios::tcsetattr(&fd, OptionalActions::Flush, &raw) {
             restore_terminal();
-            return Err(e);
+            return Err(e.into());
         }
         Ok(RawMode { _private: () })
     }
@@ -76,16 +64,14 @@ impl Drop for RawMode {
 }
 
 /// `(cols, rows)` of the terminal on `fd`.
-pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
-    // SAFETY: winsize is four u16 fields; all-zero bytes are a valid value.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ takes exactly a `struct winsize *`, and `&mut ws` is a valid,
-    // exclusive pointer to one that lives across the call; the kernel writes only that struct.
-    // A bad or non-terminal `fd` is reported as -1/errno.
-    if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } != 0 || ws.ws_col == 0 {
-        return None;
-    }
-    Some((ws.ws_col, ws.ws_row))
+pub fn window_size(fd: impl AsFd) -> Option<(u16, u16)> {
+    let ws = termios::tcgetwinsize(fd).ok()?;
+    (ws.ws_col != 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// The size of the terminal on stdin, else on stdout.
+pub fn stdio_window_size() -> Option<(u16, u16)> {
+    window_size(std::io::stdin()).or_else(|| window_size(std::io::stdout()))
 }
 
 static SIG_PIPE_W: AtomicI32 = AtomicI32::new(-1);
@@ -94,7 +80,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
     let fd = SIG_PIPE_W.load(Ordering::Relaxed);
     if fd >= 0 {
         let b = sig as u8;
-        // SAFETY: write(2) is async-signal-safe; a full pipe just drops the byte.
+        // SAFETY: write(2) is async-signal-safe; `fd` is the pipe's write end, open for the
+        // life of the process, and `&b` is valid for one byte. A full pipe just drops the byte.
         unsafe {
             libc::write(fd, &b as *const u8 as *const libc::c_void, 1);
         }
@@ -104,14 +91,14 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// Installs handlers for `signals` that write the signal number (one byte) to a non-blocking
 /// pipe; returns the pipe's read end.
 pub fn signal_pipe(signals: &[libc::c_int]) -> std::io::Result<File> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    SIG_PIPE_W.store(fds[1], Ordering::Relaxed);
+    use rustix::pipe::{pipe_with, PipeFlags};
+    let (r, w) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    // The write end stays open for the process's life: the handler writes to it.
+    SIG_PIPE_W.store(w.into_raw_fd(), Ordering::Relaxed);
     for &s in signals {
-        // SAFETY: a plain handler that only calls write(2).
+        // SAFETY: sigaction is plain data (all-zero is valid, then filled in); the handler only
+        // loads an atomic and calls write(2), both async-signal-safe; `&sa` is valid for the
+        // call and a null old-action pointer is allowed.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
@@ -122,9 +109,7 @@ pub fn signal_pipe(signals: &[libc::c_int]) -> std::io::Result<File> {
             }
         }
     }
-    // SAFETY: pipe2 just created `fds[0]`; nothing else owns it (the write end stays open for
-    // the process's life: the handler writes to it).
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fds[0]) }))
+    Ok(File::from(r))
 }
 
 /// The ssh-style escape filter: after Enter (or at the start), `~.` detaches, `~X` ends the

@@ -1,6 +1,8 @@
 //! `clawtermd`: the node's session server.
 //!
-//! * [`config`]: the server's settings (built by the CLI).
+//! * [`settings`]: `clawtermd`'s options, layered from the command line, the environment and
+//!   the config file, checked into a [`config::ServerConfig`].
+//! * [`daemon`]: running a started server until a signal (reloads, health).
 //! * [`shard`]: the per-core handler the `shards` runtime drives: it routes bytes between
 //!   client connections, the sans-IO [`crate::session`] core and agent pod links.
 //!
@@ -8,9 +10,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod limits;
 pub mod metrics;
 pub mod quic;
+pub mod settings;
 pub mod shard;
 pub mod sim;
 pub mod tls;
@@ -81,6 +85,10 @@ impl Shared {
     /// reloaded.
     pub fn reload(&self, changed: Option<&std::path::Path>) -> Reloaded {
         let mut done = Reloaded::default();
+        if changed.is_none() && matches!(self.cfg.auth, Auth::NoAuth) && self.tls.is_none() {
+            tracing::info!("SIGHUP: no tokens file or TLS certificate to reload");
+            return done;
+        }
         let why = if changed.is_some() {
             "changed on disk"
         } else {
