@@ -19,6 +19,8 @@ struct Client {
     conn: usize,
     events: Vec<CoreEvent>,
     data: Vec<u8>,
+    /// Frames received, counted by decoding what arrived.
+    frames_in: u64,
 }
 
 impl Client {
@@ -31,6 +33,7 @@ impl Client {
             conn,
             events: Vec::new(),
             data: Vec::new(),
+            frames_in: 0,
         };
         c.pump(sim);
         c
@@ -48,6 +51,7 @@ impl Client {
                 sim.client_send(self.conn, &out);
             }
             if !inbound.is_empty() {
+                self.frames_in += frame_count(&inbound);
                 self.core
                     .on_bytes(&inbound, sim.now_ms())
                     .expect("the server sends well-formed frames");
@@ -96,9 +100,24 @@ fn node(shards: usize) -> Sim {
 }
 
 fn node_with(cfg: ServerConfig) -> Sim {
-    let mut sim = Sim::new(cfg).expect("simulated node");
-    sim.add_pod(TENANT, AGENT, true).expect("pod");
+    let mut sim = Sim::new(cfg);
+    sim.add_pod(TENANT, AGENT, true);
     sim
+}
+
+/// The whole frames in a stream of server frames (the simulation delivers whole frames).
+fn frame_count(mut bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    while let Ok(proto::Decoded::Frame(_, used)) = proto::decode(bytes, proto::MAX_PAYLOAD) {
+        n += 1;
+        bytes = &bytes[used..];
+    }
+    n
+}
+
+/// A counter summed over the node's shards.
+fn total(sim: &Sim, f: impl Fn(&clawterm::server::metrics::ShardMetrics) -> u64) -> u64 {
+    sim.shared.metrics.shards.iter().map(f).sum()
 }
 
 /// The ERROR codes in a stream of server frames.
@@ -131,6 +150,16 @@ fn handshake_opens_a_session_and_data_flows() {
     c.send(&mut sim, b"world");
     assert_eq!(sim.pods[&(TENANT, AGENT)].input[&sid], b"hello world");
     assert_eq!(c.data, b"hello world", "the echo pod answered in order");
+    // What was sent is counted where it was sent: every frame the client got, no other.
+    let out = total(&sim, |m| {
+        m.frames_out.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    assert_eq!(out, c.frames_in);
+    assert!(
+        c.frames_in >= 3,
+        "ACCEPT, ACKs and two DATA: {}",
+        c.frames_in
+    );
     assert_eq!(
         sim.shared
             .sessions
@@ -173,6 +202,20 @@ fn handshake_refusals_and_deadline() {
         error_codes(&sim.client_take(c)),
         vec![ErrorCode::NoAgent as u16]
     );
+    let errors = |code: ErrorCode| {
+        total(&sim, |m| {
+            m.errors[code as usize].load(std::sync::atomic::Ordering::Relaxed)
+        })
+    };
+    assert_eq!(errors(ErrorCode::ProtocolViolation), 1);
+    assert_eq!(errors(ErrorCode::NoAgent), 1);
+    assert_eq!(
+        total(&sim, |m| m
+            .frames_out
+            .load(std::sync::atomic::Ordering::Relaxed)),
+        2,
+        "the two refusals; nothing to the silent connection"
+    );
 }
 
 /// The newest RESUME wins: the attached connection gets TAKEN_OVER and is closed, the new one
@@ -195,6 +238,7 @@ fn takeover_moves_the_session_to_the_newest_connection() {
         conn: sim.connect(0),
         events: Vec::new(),
         data: Vec::new(),
+        frames_in: 0,
     };
     b.core.start_resume(sim.now_ms());
     let b_out = b.core.take_output();

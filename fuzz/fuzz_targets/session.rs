@@ -110,11 +110,19 @@ enum Pod {
 struct Rec {
     client: Vec<u8>,
     pod: Vec<Pod>,
+    /// What the session reported writing (`Sink::frame_written`): frames, ERROR codes.
+    written: (usize, Vec<u16>),
 }
 
 impl Sink for Rec {
     fn client(&mut self) -> &mut Vec<u8> {
         &mut self.client
+    }
+    fn frame_written(&mut self, error: Option<ErrorCode>) {
+        self.written.0 += 1;
+        if let Some(code) = error {
+            self.written.1.push(code as u16);
+        }
     }
     fn pod(&mut self, id: u32, msg: PodMsg<'_>) {
         assert_eq!(id, ID);
@@ -268,6 +276,14 @@ impl H {
     fn end(&mut self, kind: Kind, before: (u32, State, Rec)) -> Done {
         let (next_before, state_before, rec) = before;
         let frames = frames(&rec.client, self.cfg.max_payload);
+        // What the session says it wrote is what it wrote (the server counts its metrics so).
+        assert_eq!(rec.written.0, frames.len(), "frames reported written");
+        let errors: Vec<u16> = frames
+            .iter()
+            .filter(|f| f.ty == FrameType::Error)
+            .map(|f| u16::from_be_bytes([f.payload[0], f.payload[1]]))
+            .collect();
+        assert_eq!(rec.written.1, errors, "ERROR codes reported written");
         self.emitted += rec.client.len();
         let pods = rec.pod;
         trace!(

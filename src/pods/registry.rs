@@ -125,8 +125,8 @@ impl Shared {
 pub struct Registry {
     dir: PathBuf,
     shared: Arc<Shared>,
-    /// Writing a byte here wakes the watcher thread up to stop.
-    wake: UnixStream,
+    /// Writing a byte here wakes the watcher thread up to stop (None: no watcher).
+    wake: Option<UnixStream>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -194,9 +194,39 @@ impl Registry {
         Ok(Arc::new(Registry {
             dir: dir.to_path_buf(),
             shared,
-            wake,
+            wake: Some(wake),
             thread: Mutex::new(Some(thread)),
         }))
+    }
+
+    /// A registry that watches nothing: its pods are whatever [`Registry::set_present`] says.
+    /// For the simulated node (`server::sim`), where no thread, no inotify and no socket
+    /// should take part. `dir` is only where pod sockets would be.
+    pub fn detached(dir: &Path) -> Arc<Registry> {
+        Arc::new(Registry {
+            dir: dir.to_path_buf(),
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(HashSet::new()),
+                on_event: Mutex::new(None),
+                stopping: AtomicBool::new(false),
+            }),
+            wake: None,
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// Registers or forgets a pod of a [`Registry::detached`] registry (of a watching one, the
+    /// next directory change overrides it). Calls no callback.
+    pub fn set_present(&self, key: PodKey, present: bool) {
+        self.shared.snapshot.rcu(|pods| {
+            let mut pods = HashSet::clone(pods);
+            if present {
+                pods.insert(key);
+            } else {
+                pods.remove(&key);
+            }
+            pods
+        });
     }
 
     /// Sets or replaces the event callback. Changes seen while no callback is set only update
@@ -258,9 +288,11 @@ impl Registry {
         let callback = self.shared.callback().take();
         drop(callback);
         // A full buffer already holds a wake-up, so WouldBlock is fine.
-        if let Err(e) = (&self.wake).write(&[1]) {
-            if e.kind() != io::ErrorKind::WouldBlock {
-                tracing::warn!(error = %e, "pod registry: cannot wake watcher thread");
+        if let Some(wake) = &self.wake {
+            if let Err(e) = (&*wake).write(&[1]) {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    tracing::warn!(error = %e, "pod registry: cannot wake watcher thread");
+                }
             }
         }
         let handle = self
@@ -509,6 +541,24 @@ enum Wake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A detached registry lists what it is told, runs no thread and stops cleanly.
+    #[test]
+    fn detached_registry_lists_what_it_is_told() {
+        let r = Registry::detached(Path::new("/nonexistent/sockets"));
+        let k = PodKey {
+            tenant: 7,
+            agent: 42,
+        };
+        assert!(!r.contains(k));
+        r.set_present(k, true);
+        assert!(r.contains(k));
+        assert_eq!(r.keys(), vec![k]);
+        r.set_present(k, false);
+        assert!(r.is_empty());
+        r.stop();
+        r.stop();
+    }
 
     #[test]
     fn parses_canonical_names_only() {

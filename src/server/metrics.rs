@@ -328,25 +328,6 @@ impl Metrics {
     }
 }
 
-/// Counts the frames in a buffer of whole encoded frames, calling `on_error` with the code of
-/// each ERROR frame. Walks headers only (no CRC).
-pub fn count_frames(mut buf: &[u8], mut on_error: impl FnMut(u16)) -> u64 {
-    let mut n = 0;
-    while buf.len() >= crate::proto::OVERHEAD {
-        let len = u16::from_be_bytes([buf[11], buf[12]]) as usize;
-        if buf[9] == 0xFF && len >= 2 && buf.len() >= 15 {
-            on_error(u16::from_be_bytes([buf[13], buf[14]]));
-        }
-        let total = crate::proto::OVERHEAD + len;
-        n += 1;
-        if total > buf.len() {
-            break;
-        }
-        buf = &buf[total..];
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,18 +352,6 @@ mod tests {
         // Shards ending after a requested stop are expected.
         m.stopping.store(true, Relaxed);
         assert_eq!(m.health(), Ok(()));
-    }
-
-    #[test]
-    fn counts_frames_and_errors() {
-        let mut b = Vec::new();
-        crate::proto::encode_to_vec(&mut b, 1, 1, crate::proto::FrameType::Data, 0, b"abc");
-        crate::proto::frame::encode_with(&mut b, 1, 2, crate::proto::FrameType::Error, 0, |o| {
-            crate::proto::ErrorFrame::encode_parts(ErrorCode::TakenOver, "x", o)
-        });
-        let mut codes = Vec::new();
-        assert_eq!(count_frames(&b, |c| codes.push(c)), 2);
-        assert_eq!(codes, vec![9]);
     }
 
     #[test]

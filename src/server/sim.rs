@@ -4,9 +4,10 @@
 //! runs a shard, the clock moves only when told: a test or a fuzz target plays the network and
 //! the kernel, the way quinn-proto's tests drive a connection `Pair`.
 //!
-//! Two things are real: the pod socket directory is a temporary directory that the node's pod
-//! registry watches, and [`Sim::add_pod`] binds a Unix socket there (the registry lists only
-//! sockets); nothing ever connects to it, the simulated runtime answers the shard's connects.
+//! The pod registry is a detached one ([`Registry::detached`]): [`Sim::add_pod`] and
+//! [`Sim::remove_pod`] set what it lists and tell every shard, as the inotify watcher's
+//! callback does on a real node; the shards' connects to a pod's socket path are answered by
+//! the simulation. Nothing touches the file system.
 //!
 //! What the simulation keeps exact: each client connection's bytes in order, hand-offs of a
 //! connection between shards (output queued before the hand-off reaches the client first),
@@ -17,13 +18,12 @@
 use super::shard::{ShardHandler, ShardMsg};
 use super::{ServerConfig, Shared};
 use crate::podlink::{self, Msg as PodMsg};
-use crate::pods::Registry;
+use crate::pods::{PodKey, Registry};
 use shards::sim::SimCtx;
 use shards::{ConnId, Context, Handler};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
@@ -49,7 +49,8 @@ pub struct SimClient {
 /// One simulated agent pod: what it received, per session, and how it answers.
 #[derive(Debug, Default)]
 pub struct SimPod {
-    listener: Option<UnixListener>,
+    /// Whether its socket takes connections.
+    listening: bool,
     path: PathBuf,
     /// Its links: (shard, connection, undecoded input, HELLO answered).
     links: Vec<(usize, ConnId, Vec<u8>)>,
@@ -87,20 +88,14 @@ pub struct Sim {
 }
 
 impl Sim {
-    /// A node with `cfg.shards` shards; `cfg.socket_dir` is replaced by a fresh temporary
-    /// directory (removed on drop). TLS and QUIC are not simulated (`cfg.tls`, `cfg.quic_port`
-    /// are ignored).
-    pub fn new(mut cfg: ServerConfig) -> io::Result<Sim> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("clawterm-sim-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        cfg.socket_dir = dir.clone();
+    /// A node with `cfg.shards` shards. TLS and QUIC are not simulated (`cfg.tls`,
+    /// `cfg.quic_port` are ignored).
+    pub fn new(mut cfg: ServerConfig) -> Sim {
+        let dir = cfg.socket_dir.clone();
         cfg.tls = None;
         cfg.quic_port = None;
         cfg.shards = cfg.shards.max(1);
-        let registry = Registry::start_without_callback(&dir)?;
+        let registry = Registry::detached(&dir);
         let shard_count = cfg.shards;
         let shared = Arc::new(Shared {
             cfg,
@@ -121,7 +116,7 @@ impl Sim {
             s.h.on_start(&mut s.ctx);
             shards.push(s);
         }
-        Ok(Sim {
+        Sim {
             shared,
             shards,
             clients: Vec::new(),
@@ -129,7 +124,7 @@ impl Sim {
             t0,
             dir,
             next_port: 10_000,
-        })
+        }
     }
 
     /// Milliseconds since the simulation started (the clock a client core is driven with).
@@ -137,48 +132,35 @@ impl Sim {
         self.shards[0].ctx.now().duration_since(self.t0).as_millis() as u64
     }
 
-    /// The socket directory the registry watches.
+    /// Where the shards look for pod sockets.
     pub fn socket_dir(&self) -> &Path {
         &self.dir
     }
 
-    /// A pod for (tenant, agent) appears: its socket is bound (so the registry lists it) and
-    /// every shard hears of it, as the registry's callback does on a real node.
-    pub fn add_pod(&mut self, tenant: u32, agent: u32, echo: bool) -> io::Result<()> {
+    /// A pod for (tenant, agent) appears: the registry lists it and every shard hears of it,
+    /// as the registry's callback does on a real node. `echo`: it echoes every DATA.
+    pub fn add_pod(&mut self, tenant: u32, agent: u32, echo: bool) {
         let key = (tenant, agent);
-        let path = self.dir.join(format!("{tenant}_{agent}"));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)?;
         let pod = self.pods.entry(key).or_default();
-        pod.listener = Some(listener);
-        pod.path = path;
+        pod.listening = true;
+        pod.path = crate::pods::links::socket_path(&self.dir, tenant, agent);
         pod.echo = echo;
-        // The registry learns of it through inotify: bounded wait.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.shared.pod_present(tenant, agent) {
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the pod registry did not list the pod's socket within 5 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.shared
+            .registry
+            .set_present(PodKey { tenant, agent }, true);
         for i in 0..self.shards.len() {
             self.deliver(i, ShardMsg::PodAdded(tenant, agent));
         }
         self.settle();
-        Ok(())
     }
 
-    /// The pod goes away: its links close (the shards see EOF) and its socket is removed;
+    /// The pod goes away: its links close (the shards see EOF), the registry forgets it and
     /// every shard hears of the removal.
     pub fn remove_pod(&mut self, tenant: u32, agent: u32) {
         let key = (tenant, agent);
         let links = match self.pods.get_mut(&key) {
             Some(p) => {
-                p.listener = None;
-                let _ = std::fs::remove_file(&p.path);
+                p.listening = false;
                 std::mem::take(&mut p.links)
             }
             None => return,
@@ -188,10 +170,9 @@ impl Sim {
             s.ctx.peer_gone(conn);
             s.h.on_closed(&mut s.ctx, conn, None);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.shared.pod_present(tenant, agent) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.shared
+            .registry
+            .set_present(PodKey { tenant, agent }, false);
         for i in 0..self.shards.len() {
             self.deliver(i, ShardMsg::PodRemoved(tenant, agent));
         }
@@ -371,7 +352,7 @@ impl Sim {
                 let pod = self
                     .pods
                     .values_mut()
-                    .find(|p| p.path == path && p.listener.is_some());
+                    .find(|p| p.path == path && p.listening);
                 let res = match pod {
                     Some(p) => {
                         p.links.push((i, conn, Vec::new()));
@@ -524,12 +505,5 @@ impl Sim {
             }
         }
         moved
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.shared.registry.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -21,6 +21,10 @@ pub trait Sink {
     fn pod(&mut self, session_id: u32, msg: PodMsg<'_>);
     /// A flow-control event worth counting (metrics); ignored unless overridden.
     fn flow(&mut self, _ev: FlowEvent) {}
+    /// A whole frame was written to [`Sink::client`] (an ERROR frame with its code), so a
+    /// sink counts frames where they are made instead of parsing its bytes again; ignored
+    /// unless overridden.
+    fn frame_written(&mut self, _error: Option<ErrorCode>) {}
 }
 
 /// Flow-control events a [`Sink`] may count (PROTOCOL.md §7.16).
@@ -247,6 +251,17 @@ impl Session {
         let s = self.take_seq();
         encode_with(sink.client(), self.id, s, ty, flags, payload);
         self.last_tx = now;
+        if ty != FrameType::Error {
+            sink.frame_written(None);
+        }
+    }
+
+    /// Writes an ERROR frame with the next SEQ to the client.
+    fn send_error(&mut self, code: ErrorCode, now: u64, sink: &mut impl Sink) {
+        self.send(FrameType::Error, 0, now, sink, |o| {
+            ErrorFrame::encode_parts(code, code.message(), o)
+        });
+        sink.frame_written(Some(code));
     }
 
     /// Sends ACCEPT (SEQ 1) and OPEN to the agent.
@@ -282,9 +297,7 @@ impl Session {
         sink: &mut impl Sink,
     ) -> Flow {
         if self.state == State::Attached {
-            self.send(FrameType::Error, 0, now, sink, |o| {
-                ErrorFrame::encode_parts(code, code.message(), o)
-            });
+            self.send_error(code, now, sink);
             self.detach(now, cfg, sink);
         }
         Flow::Suspend
@@ -489,6 +502,7 @@ impl Session {
                 encode_with(sink.client(), self.id, s, FrameType::Data, 0, |o| {
                     o.extend_from_slice(piece)
                 });
+                sink.frame_written(None);
                 self.last_tx = now;
             }
         }
@@ -634,10 +648,7 @@ impl Session {
 
     fn finish_with_agent_gone(&mut self, now: u64, sink: &mut impl Sink) {
         if self.flags & AGENT_GONE != 0 {
-            let code = ErrorCode::AgentGone;
-            self.send(FrameType::Error, 0, now, sink, |o| {
-                ErrorFrame::encode_parts(code, code.message(), o)
-            });
+            self.send_error(ErrorCode::AgentGone, now, sink);
         }
         self.send(FrameType::Disconnect, 0, now, sink, |_| {});
         self.state = State::Closed;
@@ -685,10 +696,7 @@ impl Session {
     /// §7.10).
     pub fn take_over(&mut self, now: u64, old: &mut impl Sink) {
         if self.state == State::Attached {
-            let code = ErrorCode::TakenOver;
-            self.send(FrameType::Error, 0, now, old, |o| {
-                ErrorFrame::encode_parts(code, code.message(), o)
-            });
+            self.send_error(ErrorCode::TakenOver, now, old);
             self.forget_connection();
         }
     }
@@ -750,16 +758,16 @@ impl Session {
         };
         let flags = if gap { proto::FLAG_GAP } else { 0 };
         self.send(FrameType::Resumed, flags, now, sink, |o| resumed.encode(o));
-        let out = sink.client();
         for rec in self.ring.iter() {
             encode_with(
-                out,
+                sink.client(),
                 self.id,
                 rec.seq,
                 FrameType::Data,
                 proto::FLAG_REPLAY,
                 |o| rec.for_each_piece(|p| o.extend_from_slice(p)),
             );
+            sink.frame_written(None);
         }
         if gap {
             // Reported once: the client now knows where its history starts.

@@ -4,9 +4,10 @@
 //! transport: it sends, closes, aborts, pauses and asks about delivery through [`Clients`],
 //! which counts what it sends where it sends it.
 
-use super::super::metrics::{self, Metrics, ShardMetrics};
+use super::super::metrics::{Metrics, ShardMetrics};
 use super::super::quic::{QuicShard, StreamKey};
 use super::ShardMsg;
+use crate::proto::ErrorCode;
 use crate::session::table::IdMap;
 use shards::{ConnId, Context};
 use std::net::SocketAddr;
@@ -40,6 +41,22 @@ pub(super) struct Conn {
     pub(super) adopted: bool,
     /// TLS state (None on a plaintext port).
     pub(super) tls: Option<Box<rustls::ServerConnection>>,
+}
+
+/// The frames in a buffer of client bytes, counted by whoever encoded them.
+#[derive(Default)]
+pub(super) struct Written {
+    /// Whole frames.
+    pub(super) frames: u64,
+    /// The codes of the ERROR frames among them.
+    pub(super) errors: Vec<ErrorCode>,
+}
+
+impl Written {
+    pub(super) fn clear(&mut self) {
+        self.frames = 0;
+        self.errors.clear();
+    }
 }
 
 /// The shard's client connections, by [`Client`], with what their transports need.
@@ -92,11 +109,20 @@ impl Clients {
         }
     }
 
-    /// Sends client bytes, counting frames, bytes and ERROR codes.
-    pub(super) fn send(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, bytes: &[u8]) {
+    /// Sends client bytes (`written`: the frames they hold, as their encoder counted them),
+    /// counting frames, bytes and ERROR codes as they go out.
+    pub(super) fn send(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        bytes: &[u8],
+        written: &Written,
+    ) {
         let m = &self.metrics.shards[self.shard];
-        let frames = metrics::count_frames(bytes, |code| m.error(code));
-        ShardMetrics::inc(&m.frames_out, frames);
+        ShardMetrics::inc(&m.frames_out, written.frames);
+        for code in &written.errors {
+            m.error(*code as u16);
+        }
         ShardMetrics::inc(&m.bytes_out, bytes.len() as u64);
         match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
             Some(tls) => {

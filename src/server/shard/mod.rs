@@ -14,7 +14,7 @@ mod quic;
 mod timers;
 
 pub use clients::Client;
-use clients::{Clients, Conn, ConnState};
+use clients::{Clients, Conn, ConnState, Written};
 
 use super::limits::Limiter;
 use super::metrics::{self, ShardMetrics};
@@ -81,6 +81,8 @@ pub enum ShardMsg {
 /// Where a session's effects are collected before they are sent.
 struct Scratch {
     client: Vec<u8>,
+    /// Frames in `client`, and the codes of the ERROR frames among them.
+    frames: Written,
     pod: Vec<u8>,
     /// Where flow-control events are counted.
     metrics: Arc<metrics::Metrics>,
@@ -90,6 +92,12 @@ struct Scratch {
 impl Sink for Scratch {
     fn client(&mut self) -> &mut Vec<u8> {
         &mut self.client
+    }
+    fn frame_written(&mut self, error: Option<ErrorCode>) {
+        self.frames.frames += 1;
+        if let Some(code) = error {
+            self.frames.errors.push(code);
+        }
     }
     fn pod(&mut self, session_id: u32, msg: PodMsg<'_>) {
         podlink::encode(&mut self.pod, session_id, &msg);
@@ -160,6 +168,7 @@ impl ShardHandler {
         );
         let scratch = Scratch {
             client: Vec::new(),
+            frames: Written::default(),
             pod: Vec::new(),
             metrics: shared.metrics.clone(),
             shard: index,
@@ -292,8 +301,9 @@ impl ShardHandler {
         if !self.scratch.client.is_empty() {
             let mut bytes = std::mem::take(&mut self.scratch.client);
             if let Some(c) = conn {
-                self.clients.send(ctx, c, &bytes);
+                self.clients.send(ctx, c, &bytes, &self.scratch.frames);
             }
+            self.scratch.frames.clear();
             bytes.clear();
             self.scratch.client = bytes;
         }
@@ -311,7 +321,11 @@ impl ShardHandler {
         proto::frame::encode_with(&mut out, 0, 0, FrameType::Error, 0, |o| {
             ErrorFrame::encode_parts(code, code.message(), o)
         });
-        self.clients.send(ctx, conn, &out);
+        let written = Written {
+            frames: 1,
+            errors: vec![code],
+        };
+        self.clients.send(ctx, conn, &out, &written);
         self.drop_conn(ctx, conn, true);
         debug!(?conn, %code, "connection refused");
     }
