@@ -16,30 +16,31 @@ pub fn socket_path(dir: &Path, tenant: u32, agent: u32) -> PathBuf {
 
 /// A shard's link to one pod. `C` identifies the shard's client connections.
 pub struct Link<C> {
-    pub key: (u32, u32),
-    pub conn: ConnId,
+    key: (u32, u32),
+    /// The current connection (or connect attempt).
+    conn: ConnId,
     /// The connect completed: bytes can be sent.
-    pub connected: bool,
+    connected: bool,
     /// The pod's HELLO arrived.
-    pub hello_seen: bool,
+    hello_seen: bool,
     /// Messages queued before the connect completed.
-    pub pending: Vec<u8>,
+    pending: Vec<u8>,
     /// A partial message from the pod.
-    pub inbuf: Vec<u8>,
+    inbuf: Vec<u8>,
     /// Sessions of this shard on this link.
-    pub sessions: IdSet<u32>,
+    sessions: IdSet<u32>,
     /// Client connections whose reading is paused until this link's output queue drains.
-    pub paused_readers: Vec<C>,
+    paused_readers: Vec<C>,
     /// Since when the pod is lost (link EOF or socket gone): sessions wait for it, their
     /// input held in `pending`, until `--agent-grace` runs out.
-    pub lost_since: Option<u64>,
+    lost_since: Option<u64>,
     /// Next delay before retrying a refused reconnect while the pod's socket is registered.
-    pub retry_ms: u64,
+    retry_ms: u64,
     /// CONNECTs (connection, client caps) waiting for the link's first connect to complete.
-    pub waiting: Vec<(C, u8)>,
+    waiting: Vec<(C, u8)>,
     /// Bytes at the head of `pending` that belong to the current connect attempt (HELLO and
     /// REOPENs): dropped if that attempt fails, so the next one does not repeat them.
-    pub prefix_len: usize,
+    prefix_len: usize,
 }
 
 impl<C> Link<C> {
@@ -57,6 +58,94 @@ impl<C> Link<C> {
         } else {
             self.pending.len() > Self::HELD_LIMIT
         }
+    }
+
+    /// The pod this link is to: (tenant, agent).
+    pub fn key(&self) -> (u32, u32) {
+        self.key
+    }
+
+    /// The link's connection (or its connect in flight).
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Whether the connect completed and bytes go straight out.
+    pub fn is_up(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether the pod is lost (sessions wait for it).
+    pub fn is_lost(&self) -> bool {
+        self.lost_since.is_some()
+    }
+
+    /// Where pod-link bytes go: the connection when the link is up (`Some`), otherwise they are
+    /// held (in order, after the HELLO and REOPENs of the next attempt) and `None` is returned.
+    pub fn route(&mut self, bytes: &[u8]) -> Option<ConnId> {
+        if self.connected {
+            Some(self.conn)
+        } else {
+            self.pending.extend_from_slice(bytes);
+            None
+        }
+    }
+
+    /// The sessions of this shard on this link.
+    pub fn sessions(&self) -> &IdSet<u32> {
+        &self.sessions
+    }
+
+    /// A session of this shard now uses this link.
+    pub fn add_session(&mut self, sid: u32) {
+        self.sessions.insert(sid);
+    }
+
+    /// A session of this shard ended.
+    pub fn remove_session(&mut self, sid: u32) {
+        self.sessions.remove(&sid);
+    }
+
+    /// A CONNECT (connection, client caps) waits for the link's connect to complete.
+    pub fn wait_for_connect(&mut self, conn: C, caps: u8) {
+        self.waiting.push((conn, caps));
+    }
+
+    /// Stops reading `conn` until the link's queue drains.
+    pub fn pause_reader(&mut self, conn: C) {
+        self.paused_readers.push(conn);
+    }
+
+    /// The clients whose reading waits for the link to drain (all of them, taken).
+    pub fn take_paused_readers(&mut self) -> Vec<C> {
+        std::mem::take(&mut self.paused_readers)
+    }
+
+    /// Whether the pod's HELLO arrived on the current connection.
+    pub fn hello_seen(&self) -> bool {
+        self.hello_seen
+    }
+
+    /// The pod's HELLO arrived.
+    pub fn saw_hello(&mut self) {
+        self.hello_seen = true;
+    }
+
+    /// Takes the partial message the pod left (decode the new bytes after it).
+    pub fn take_input(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.inbuf)
+    }
+
+    /// Keeps a partial message from the pod for the next read (the buffer is reused).
+    pub fn keep_input(&mut self, rest: Vec<u8>) {
+        self.inbuf = rest;
+    }
+}
+
+impl<C: PartialEq> Link<C> {
+    /// Whether `conn` waits for this link to drain.
+    pub fn holds_reader(&self, conn: &C) -> bool {
+        self.paused_readers.contains(conn)
     }
 }
 
@@ -362,7 +451,7 @@ mod tests {
     fn lost_link_waits_then_gives_up() {
         let mut links: Links<u8> = Links::default();
         links.insert(K, conn(1), "t");
-        links.get_mut(K).unwrap().sessions.insert(5);
+        links.get_mut(K).unwrap().add_session(5);
         let up = links.link_up(K);
         assert!(!up.send.is_empty(), "HELLO goes first");
         let a = links.lost(K, 1000, 60_000, true);
@@ -402,13 +491,13 @@ mod tests {
             vec![LinkAction::AgentGone(vec![])]
         );
         links.insert(K, conn(2), "t");
-        links.get_mut(K).unwrap().sessions.insert(9);
+        links.get_mut(K).unwrap().add_session(9);
         assert_eq!(
             links.lost(K, 0, 0, true),
             vec![LinkAction::AgentGone(vec![9])]
         );
         links.insert(K, conn(3), "t");
-        links.get_mut(K).unwrap().sessions.insert(9);
+        links.get_mut(K).unwrap().add_session(9);
         assert_eq!(
             links.lost(K, 0, 500, false),
             vec![

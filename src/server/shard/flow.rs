@@ -56,11 +56,7 @@ impl ShardHandler {
             self.clients.set_reading(ctx, conn, false);
             return;
         }
-        if self
-            .links
-            .get(key)
-            .is_some_and(|l| l.paused_readers.contains(&conn))
-        {
+        if self.links.get(key).is_some_and(|l| l.holds_reader(&conn)) {
             return; // the link's backlog still holds it; `on_writable` of the link restarts it
         }
         self.clients.set_reading(ctx, conn, true);

@@ -96,10 +96,10 @@ impl ShardHandler {
             return Next::Stop;
         }
         if let Some(l) = self.links.get_mut(key) {
-            if !l.connected {
+            if !l.is_up() {
                 // The link is still connecting: the CONNECT waits for it, so a pod whose socket
                 // exists but refuses us gives NO_AGENT rather than a session with no agent.
-                l.waiting.push((conn, c.caps));
+                l.wait_for_connect(conn, c.caps);
                 self.clients.set_reading(ctx, conn, false);
                 return Next::Park;
             }
@@ -130,7 +130,7 @@ impl ShardHandler {
         let sid = s.id();
         s.accept(CAP_RELIABLE | CAP_ROAM, &peer_s, now, &mut self.scratch);
         if let Some(l) = self.links.get_mut(key) {
-            l.sessions.insert(sid);
+            l.add_session(sid);
         }
         if let Some(cs) = self.clients.conns.get_mut(&conn) {
             cs.state = ConnState::Bound(sid);

@@ -378,7 +378,7 @@ impl ShardHandler {
         if let Some(s) = self.table.remove(sid) {
             self.shared.release_session();
             if let Some(l) = self.links.get_mut((s.tenant(), s.agent())) {
-                l.sessions.remove(&sid);
+                l.remove_session(sid);
             }
         }
     }
@@ -679,7 +679,7 @@ impl shards::Handler for ShardHandler {
         let readers = self
             .links
             .get_mut(key)
-            .map(|l| std::mem::take(&mut l.paused_readers))
+            .map(|l| l.take_paused_readers())
             .unwrap_or_default();
         self.resume_readers(ctx, readers);
         self.quic_settle(ctx);
@@ -691,8 +691,8 @@ impl shards::Handler for ShardHandler {
             ShardMsg::PodRemoved(t, a) => {
                 let key = (t, a);
                 if let Some(l) = self.links.get(key) {
-                    if l.lost_since.is_none() {
-                        let c = l.conn;
+                    if !l.is_lost() {
+                        let c = l.conn();
                         ctx.close(c);
                         self.link_down(ctx, key);
                     }
@@ -759,7 +759,7 @@ impl shards::Handler for ShardHandler {
         }
         for key in self.links.keys() {
             if let Some(l) = self.links.remove(key) {
-                ctx.close(l.conn);
+                ctx.close(l.conn());
             }
         }
         if let Some(q) = self.clients.quic.as_mut() {

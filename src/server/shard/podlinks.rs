@@ -21,7 +21,7 @@ impl ShardHandler {
         data: &[u8],
     ) {
         let mut buf = match self.links.get_mut(key) {
-            Some(l) => std::mem::take(&mut l.inbuf),
+            Some(l) => l.take_input(),
             None => return,
         };
         let owned;
@@ -34,7 +34,7 @@ impl ShardHandler {
         };
         let mut off = 0;
         let mut broken = false;
-        let mut hello_seen = self.links.get(key).is_some_and(|l| l.hello_seen);
+        let mut hello_seen = self.links.get(key).is_some_and(|l| l.hello_seen());
         while off < bytes.len() {
             match podlink::decode(&bytes[off..]) {
                 Err(e) => {
@@ -65,7 +65,7 @@ impl ShardHandler {
             let mut rest = buf;
             rest.clear();
             rest.extend_from_slice(&bytes[off..]);
-            l.inbuf = rest;
+            l.keep_input(rest);
         }
     }
 
@@ -75,8 +75,8 @@ impl ShardHandler {
     pub(super) fn link_down(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let grace = self.shared.cfg.agent_grace_ms;
         let now = self.now(ctx);
-        let first = self.links.get(key).is_some_and(|l| l.lost_since.is_none());
-        let sessions = self.links.get(key).map_or(0, |l| l.sessions.len());
+        let first = self.links.get(key).is_some_and(|l| !l.is_lost());
+        let sessions = self.links.get(key).map_or(0, |l| l.sessions().len());
         let present = self.shared.pod_present(key.0, key.1);
         let actions = self.links.lost(key, now, grace, present);
         if first
@@ -162,7 +162,7 @@ impl ShardHandler {
                 name: &name,
             },
         );
-        let sessions: Vec<u32> = l.sessions.iter().copied().collect();
+        let sessions: Vec<u32> = l.sessions().iter().copied().collect();
         for sid in sessions {
             let Some(s) = self.table.get(sid) else {
                 continue;
@@ -237,7 +237,7 @@ impl ShardHandler {
     ) -> bool {
         if let Some(l) = self.links.get(key) {
             // A lost pod takes no new sessions until it is back.
-            return l.lost_since.is_none();
+            return !l.is_lost();
         }
         let path = pods::socket_path(&self.shared.cfg.socket_dir, key.0, key.1);
         match ctx.connect_unix(&path) {
@@ -253,6 +253,7 @@ impl ShardHandler {
         }
     }
 
+    /// Pod-link bytes for the pod `key`: sent when its link is up, held by the link otherwise.
     pub(super) fn link_send(
         &mut self,
         ctx: &mut impl Context<ShardMsg>,
@@ -260,10 +261,11 @@ impl ShardHandler {
         bytes: &[u8],
     ) {
         match self.links.get_mut(key) {
-            Some(l) if l.connected => {
-                ctx.send(l.conn, bytes);
+            Some(l) => {
+                if let Some(conn) = l.route(bytes) {
+                    ctx.send(conn, bytes);
+                }
             }
-            Some(l) => l.pending.extend_from_slice(bytes),
             None => debug!(?key, "no link for pod message; dropped"),
         }
     }
@@ -278,8 +280,8 @@ impl ShardHandler {
     ) {
         let mut pause = false;
         if let Some(l) = self.links.get_mut(key) {
-            if l.over_limit(l.connected && ctx.is_backpressured(l.conn)) {
-                l.paused_readers.push(conn);
+            if l.over_limit(l.is_up() && ctx.is_backpressured(l.conn())) {
+                l.pause_reader(conn);
                 pause = true;
             }
         }
@@ -333,7 +335,7 @@ impl ShardHandler {
                     );
                     return false;
                 }
-                l.hello_seen = true;
+                l.saw_hello();
                 *hello_seen = true;
                 debug!(?key, version, name, "pod HELLO");
                 return true;
