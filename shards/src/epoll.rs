@@ -148,6 +148,7 @@ impl Driver for EpollShard {
                 }
             }
             core.run_timers(h);
+            core.end_turn(h);
         }
     }
 }

@@ -73,6 +73,10 @@ pub trait Handler: 'static {
     /// borrowed from a per-shard buffer that is reused when this returns.
     fn on_datagram(&mut self, _ctx: &mut impl Context<Self::Msg>, _from: SocketAddr, _data: &[u8]) {
     }
+    /// The end of one turn of the event loop: every event of the turn (completions, mailbox,
+    /// timers) has had its callback, and the shard is about to wait for more. Work that
+    /// batches across callbacks goes out here (e.g. a QUIC endpoint's datagrams), once.
+    fn on_turn_end(&mut self, _ctx: &mut impl Context<Self::Msg>) {}
     /// Stop requested. Afterwards the runtime stops accepting, flushes queued output
     /// (bounded ~2 s), closes everything and ends the thread.
     fn on_shutdown(&mut self, _ctx: &mut impl Context<Self::Msg>) {}

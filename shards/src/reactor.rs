@@ -747,6 +747,11 @@ impl<M: Send + 'static> Core<M> {
     }
 
     /// Earliest internal or user deadline.
+    /// The turn is over: the handler's [`Handler::on_turn_end`].
+    pub fn end_turn<H: Handler<Msg = M>>(&mut self, h: &mut H) {
+        h.on_turn_end(&mut Ctx::new(self));
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut d = self.wake_at;
         let mut consider = |t: Instant| {

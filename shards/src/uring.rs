@@ -476,6 +476,7 @@ impl Driver for UringShard {
                 self.complete(core, rx, h, u, res, fl);
             }
             core.run_timers(h);
+            core.end_turn(h);
         }
         Ok(())
     }

@@ -98,3 +98,44 @@ fn echo_small_buffer_ring() {
     }
     let _ = Duration::ZERO;
 }
+
+/// Echoes at the end of each event-loop turn: what `on_data` collected goes out from
+/// `on_turn_end`, which every turn ends with, on both backends.
+struct TurnEcho {
+    pending: Vec<(ConnId, Vec<u8>)>,
+}
+
+impl Handler for TurnEcho {
+    type Msg = ();
+    fn on_accept(&mut self, _ctx: &mut impl Context<()>, _conn: ConnId, _peer: SocketAddr) {}
+    fn on_data(&mut self, _ctx: &mut impl Context<()>, conn: ConnId, data: &[u8]) {
+        self.pending.push((conn, data.to_vec()));
+    }
+    fn on_turn_end(&mut self, ctx: &mut impl Context<()>) {
+        for (conn, bytes) in self.pending.drain(..) {
+            ctx.send(conn, &bytes);
+        }
+    }
+    fn on_closed(&mut self, _: &mut impl Context<()>, _: ConnId, _: Option<std::io::Error>) {}
+    fn on_message(&mut self, _: &mut impl Context<()>, _: ()) {}
+    fn on_adopt(&mut self, _: &mut impl Context<()>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: ()) {}
+}
+
+#[test]
+fn turn_end_follows_every_turn() {
+    for mode in common::modes() {
+        let rt = Runtime::start(common::config(mode, 1), |_| TurnEcho {
+            pending: Vec::new(),
+        })
+        .unwrap();
+        let addr = rt.local_addr().unwrap();
+        let mut s = common::connect(addr);
+        for i in 0..50 {
+            let msg = format!("turn {i}");
+            common::write_all(&mut s, msg.as_bytes());
+            assert_eq!(common::read_exact(&mut s, msg.len()), msg.as_bytes());
+        }
+        rt.shutdown();
+        rt.join().unwrap();
+    }
+}

@@ -345,6 +345,10 @@ impl Sim {
     /// One round of delivery; whether anything moved.
     fn round(&mut self) -> bool {
         let mut moved = false;
+        // The end of the previous turn, as the runtime would call it before waiting.
+        for s in &mut self.shards {
+            s.h.on_turn_end(&mut s.ctx);
+        }
         for i in 0..self.shards.len() {
             // Unix connects: to a pod that is there, or refused.
             for (conn, path) in self.shards[i].ctx.take_connects() {

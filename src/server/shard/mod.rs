@@ -609,7 +609,6 @@ impl shards::Handler for ShardHandler {
             None => None,
         };
         self.client_opened(ctx, client, peer, tls, accepted_us, false);
-        self.quic_settle(ctx);
     }
 
     fn on_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, data: &[u8]) {
@@ -620,7 +619,6 @@ impl shards::Handler for ShardHandler {
         } else if let Some(key) = self.links.key_of(conn) {
             self.on_link_data(ctx, conn, key, data);
         }
-        self.quic_settle(ctx);
     }
 
     fn on_datagram(&mut self, ctx: &mut impl Context<ShardMsg>, from: SocketAddr, data: &[u8]) {
@@ -641,7 +639,6 @@ impl shards::Handler for ShardHandler {
             return;
         }
         self.quic_datagram(ctx, from, data);
-        self.quic_settle(ctx);
     }
 
     fn on_closed(
@@ -657,7 +654,6 @@ impl shards::Handler for ShardHandler {
             debug!(?conn, error = ?err, "connection closed by peer");
             self.conn_lost(ctx, Client::Tcp(conn), false);
         }
-        self.quic_settle(ctx);
     }
 
     fn on_connected(
@@ -667,13 +663,11 @@ impl shards::Handler for ShardHandler {
         res: std::io::Result<()>,
     ) {
         self.link_connected(ctx, conn, res);
-        self.quic_settle(ctx);
     }
 
     fn on_writable(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId) {
         let Some(key) = self.links.key_of(conn) else {
             self.client_writable(ctx, Client::Tcp(conn));
-            self.quic_settle(ctx);
             return;
         };
         let readers = self
@@ -682,7 +676,6 @@ impl shards::Handler for ShardHandler {
             .map(|l| l.take_paused_readers())
             .unwrap_or_default();
         self.resume_readers(ctx, readers);
-        self.quic_settle(ctx);
     }
 
     fn on_message(&mut self, ctx: &mut impl Context<ShardMsg>, msg: ShardMsg) {
@@ -702,7 +695,6 @@ impl shards::Handler for ShardHandler {
             ShardMsg::Datagram { from, bytes } => self.quic_datagram(ctx, from, &bytes),
             relay => self.on_relay(ctx, relay),
         }
-        self.quic_settle(ctx);
     }
 
     fn on_adopt(
@@ -731,11 +723,14 @@ impl shards::Handler for ShardHandler {
         if !unread.is_empty() && self.clients.conns.contains_key(&client) {
             self.on_data(ctx, conn, &unread);
         }
-        self.quic_settle(ctx);
     }
 
     fn on_tick(&mut self, ctx: &mut impl Context<ShardMsg>, _now: Instant) {
         self.on_timers(ctx);
+    }
+
+    /// The QUIC endpoint's work of the whole turn (events, datagrams, timers), once.
+    fn on_turn_end(&mut self, ctx: &mut impl Context<ShardMsg>) {
         self.quic_settle(ctx);
     }
 

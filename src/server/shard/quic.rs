@@ -1,6 +1,7 @@
 //! QUIC on a shard: datagrams into this shard's endpoint, and what the endpoint reports
 //! (streams opened, data, closed, writable) turned into client events; its timers filed in the
-//! shard's wheel. Every runtime callback ends with [`ShardHandler::quic_settle`].
+//! shard's wheel. The endpoint's work is settled once per event-loop turn
+//! ([`ShardHandler::quic_settle`] from the runtime's `on_turn_end`), and once more at shutdown.
 
 use super::super::quic::QEvent;
 use super::{Client, Key, ShardHandler, ShardMsg};
