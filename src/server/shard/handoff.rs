@@ -3,9 +3,56 @@
 //! cannot leave its connection's shard, so its bytes are relayed to the owner and back
 //! (`ShardMsg::Relay*`).
 
-use super::{Client, ShardHandler, ShardMsg};
+use super::super::quic::StreamKey;
+use super::{Client, ShardHandler};
 use shards::Context;
+use std::net::SocketAddr;
+use std::time::Instant;
 use tracing::debug;
+
+/// Messages between shards.
+pub enum ShardMsg {
+    /// A connection handed over to the shard that owns the session it wants to resume;
+    /// `buffered` holds the RESUME frame and anything received after it.
+    Resume {
+        buffered: Vec<u8>,
+        /// When the connection was accepted (for the resume latency histogram).
+        accepted_at: Instant,
+        /// The connection's TLS state, which moves with it.
+        tls: Option<Box<rustls::ServerConnection>>,
+    },
+    /// The pod registry saw a pod socket appear.
+    PodAdded(u32, u32),
+    /// The pod registry saw a pod socket disappear.
+    PodRemoved(u32, u32),
+    /// A QUIC datagram that arrived on the wrong shard (no steering program): its connection
+    /// id names this one.
+    Datagram { from: SocketAddr, bytes: Vec<u8> },
+    /// A RESUME on a QUIC stream of shard `from` for a session of this shard: the stream stays
+    /// where its connection is and its bytes are relayed (QUIC connections cannot move).
+    RelayOpen {
+        from: usize,
+        key: StreamKey,
+        peer: SocketAddr,
+        /// The RESUME frame and what followed it.
+        buffered: Vec<u8>,
+        accepted_at: Instant,
+    },
+    /// More bytes from a relayed stream.
+    RelayIn {
+        from: usize,
+        key: StreamKey,
+        bytes: Vec<u8>,
+    },
+    /// A relayed stream ended on the shard that holds it.
+    RelayGone { from: usize, key: StreamKey },
+    /// Bytes for the client of a relayed stream.
+    RelayOut { key: StreamKey, bytes: Vec<u8> },
+    /// Close (flushing) or abort a relayed stream.
+    RelayClose { key: StreamKey, abort: bool },
+    /// Pause or resume reading a relayed stream.
+    RelayReading { key: StreamKey, on: bool },
+}
 
 impl ShardHandler {
     /// A RESUME for a session of shard `owner`: a TCP connection moves there (with its TLS

@@ -11,106 +11,32 @@ mod handoff;
 mod handshake;
 mod podlinks;
 mod quic;
+mod sink;
 mod timers;
+
+pub use handoff::ShardMsg;
+use sink::Scratch;
 
 pub use clients::Client;
 use clients::{Clients, Conn, ConnState, Written};
 
 use super::limits::Limiter;
-use super::metrics::{self, ShardMetrics};
-use super::quic::{QEvent, QuicShard, StreamKey};
+use super::metrics::ShardMetrics;
+use super::quic::{QEvent, QuicShard};
 use super::Shared;
-use crate::podlink::{self, CloseReason, Msg as PodMsg};
+use crate::podlink::CloseReason;
 use crate::pods::links::Links;
 use crate::proto::{
     self, handshake::Early, payload::ErrorFrame, Decoded, ErrorCode, Frame, FrameType,
 };
 use crate::session::table::IdMap;
-use crate::session::{Clock, Flow, FlowEvent, IdSpace, SessionTable, Sink};
+use crate::session::{Clock, Flow, IdSpace, SessionTable};
 use shards::timer::Wheel;
 use shards::{ConnId, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, info, warn};
-
-/// Messages between shards.
-pub enum ShardMsg {
-    /// A connection handed over to the shard that owns the session it wants to resume;
-    /// `buffered` holds the RESUME frame and anything received after it.
-    Resume {
-        buffered: Vec<u8>,
-        /// When the connection was accepted (for the resume latency histogram).
-        accepted_at: Instant,
-        /// The connection's TLS state, which moves with it.
-        tls: Option<Box<rustls::ServerConnection>>,
-    },
-    /// The pod registry saw a pod socket appear.
-    PodAdded(u32, u32),
-    /// The pod registry saw a pod socket disappear.
-    PodRemoved(u32, u32),
-    /// A QUIC datagram that arrived on the wrong shard (no steering program): its connection
-    /// id names this one.
-    Datagram { from: SocketAddr, bytes: Vec<u8> },
-    /// A RESUME on a QUIC stream of shard `from` for a session of this shard: the stream stays
-    /// where its connection is and its bytes are relayed (QUIC connections cannot move).
-    RelayOpen {
-        from: usize,
-        key: StreamKey,
-        peer: SocketAddr,
-        /// The RESUME frame and what followed it.
-        buffered: Vec<u8>,
-        accepted_at: Instant,
-    },
-    /// More bytes from a relayed stream.
-    RelayIn {
-        from: usize,
-        key: StreamKey,
-        bytes: Vec<u8>,
-    },
-    /// A relayed stream ended on the shard that holds it.
-    RelayGone { from: usize, key: StreamKey },
-    /// Bytes for the client of a relayed stream.
-    RelayOut { key: StreamKey, bytes: Vec<u8> },
-    /// Close (flushing) or abort a relayed stream.
-    RelayClose { key: StreamKey, abort: bool },
-    /// Pause or resume reading a relayed stream.
-    RelayReading { key: StreamKey, on: bool },
-}
-
-/// Where a session's effects are collected before they are sent.
-struct Scratch {
-    client: Vec<u8>,
-    /// Frames in `client`, and the codes of the ERROR frames among them.
-    frames: Written,
-    pod: Vec<u8>,
-    /// Where flow-control events are counted.
-    metrics: Arc<metrics::Metrics>,
-    shard: usize,
-}
-
-impl Sink for Scratch {
-    fn client(&mut self) -> &mut Vec<u8> {
-        &mut self.client
-    }
-    fn frame_written(&mut self, error: Option<ErrorCode>) {
-        self.frames.frames += 1;
-        if let Some(code) = error {
-            self.frames.errors.push(code);
-        }
-    }
-    fn pod(&mut self, session_id: u32, msg: PodMsg<'_>) {
-        podlink::encode(&mut self.pod, session_id, &msg);
-    }
-    fn flow(&mut self, ev: FlowEvent) {
-        let m = &self.metrics.shards[self.shard];
-        match ev {
-            FlowEvent::Unacknowledged => ShardMetrics::inc(&m.unacked_connections, 1),
-            FlowEvent::DroppedAttached(n) => ShardMetrics::inc(&m.dropped_attached, n.into()),
-            FlowEvent::DroppedSuspended(n) => ShardMetrics::inc(&m.dropped_suspended, n.into()),
-        }
-    }
-}
 
 #[derive(Copy, Clone, Debug)]
 enum Key {
