@@ -26,6 +26,7 @@
 
 pub mod timer;
 
+mod bufring;
 mod config;
 mod cpu;
 mod epoll;

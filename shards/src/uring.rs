@@ -19,11 +19,11 @@
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
+use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
 use crate::reactor::{f, Core, Envelope};
@@ -31,7 +31,7 @@ use crate::runtime::Driver;
 use crate::udp::UdpRx;
 use crate::{sys, Config, Ctx, Handler};
 
-const BGID: u16 = 0;
+use crate::bufring::{BufRing, BGID};
 
 const K_RECV: u64 = 1;
 const K_SEND: u64 = 2;
@@ -42,107 +42,6 @@ const K_UDP: u64 = 6;
 
 fn ud(kind: u64, idx: u32, gen: u32) -> u64 {
     (kind << 56) | ((gen as u64 & 0xff_ffff) << 32) | idx as u64
-}
-
-/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`) plus its buffers.
-pub(crate) struct BufRing {
-    ring: *mut BufRingEntry,
-    ring_len: usize,
-    bufs: *mut u8,
-    bufs_len: usize,
-    buf_size: usize,
-    entries: u16,
-    tail: u16,
-}
-
-impl BufRing {
-    pub fn new(entries: u16, buf_size: usize) -> io::Result<BufRing> {
-        assert!(entries.is_power_of_two());
-        let ring_len = entries as usize * std::mem::size_of::<BufRingEntry>();
-        let ring = sys::mmap_anon(ring_len)? as *mut BufRingEntry;
-        let bufs_len = entries as usize * buf_size;
-        let bufs = match sys::mmap_anon(bufs_len) {
-            Ok(p) => p,
-            Err(e) => {
-                // SAFETY: `ring` was just mapped with `ring_len` and is referenced nowhere.
-                unsafe { sys::munmap(ring as *mut u8, ring_len) };
-                return Err(e);
-            }
-        };
-        Ok(BufRing {
-            ring,
-            ring_len,
-            bufs,
-            bufs_len,
-            buf_size,
-            entries,
-            tail: 0,
-        })
-    }
-
-    /// Register with `ring` and hand every buffer to the kernel.
-    ///
-    /// # Safety
-    /// `self` must stay alive (not unmapped) until `ring` is dropped or the group is
-    /// unregistered, and until no op that may select a buffer is in flight.
-    pub unsafe fn register(&mut self, ring: &IoUring) -> io::Result<()> {
-        // SAFETY: the ring memory is page-aligned (mmap) and holds `entries` entries; the
-        // lifetime requirement is forwarded to our caller.
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                self.ring as u64,
-                self.entries,
-                BGID,
-                0,
-            )?;
-        }
-        for bid in 0..self.entries {
-            self.recycle(bid);
-        }
-        Ok(())
-    }
-
-    /// Give buffer `bid` back to the kernel.
-    pub fn recycle(&mut self, bid: u16) {
-        debug_assert!(bid < self.entries);
-        let slot = (self.tail & (self.entries - 1)) as usize;
-        // SAFETY: `slot < entries`, so the pointer is inside the mapping. Entries between the
-        // kernel's head and our tail are ours to write; the kernel reads an entry only after
-        // the Release store of the tail below publishes it. We write addr/len/bid only, never
-        // the `resv` field that doubles as the tail in entry 0.
-        let e = unsafe { &mut *self.ring.add(slot) };
-        e.set_addr(self.bufs as u64 + bid as u64 * self.buf_size as u64);
-        e.set_len(self.buf_size as u32);
-        e.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-        // SAFETY: `BufRingEntry::tail` needs the ring base, which `self.ring` is; the tail is
-        // a naturally aligned u16 shared with the kernel, so an atomic store is the right
-        // access.
-        unsafe {
-            let tail = BufRingEntry::tail(self.ring) as *const AtomicU16;
-            (*tail).store(self.tail, Ordering::Release);
-        }
-    }
-
-    /// The first `len` bytes of buffer `bid`, which the kernel just filled and handed to us.
-    pub fn data(&self, bid: u16, len: usize) -> &[u8] {
-        assert!(bid < self.entries && len <= self.buf_size);
-        // SAFETY: in-bounds (checked above). The kernel completed the write before posting the
-        // CQE we got `bid` from and will not touch this buffer again until `recycle(bid)`,
-        // which needs `&mut self` and so cannot happen while the slice is borrowed.
-        unsafe { std::slice::from_raw_parts(self.bufs.add(bid as usize * self.buf_size), len) }
-    }
-}
-
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: owners drop a BufRing only after the io_uring it was registered with is gone
-        // (or it was never registered), so nothing references the mappings any more.
-        unsafe {
-            sys::munmap(self.ring as *mut u8, self.ring_len);
-            sys::munmap(self.bufs, self.bufs_len);
-        }
-    }
 }
 
 fn build_ring(entries: u32, cq: u32) -> io::Result<IoUring> {
