@@ -44,6 +44,7 @@ mod input;
 mod link;
 mod listener;
 pub mod pty;
+mod ptyloop;
 mod shell;
 mod signal;
 

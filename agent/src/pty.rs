@@ -7,12 +7,24 @@
 //! terminal is the child's pid, which [`signal_session`] and [`session_members`] use to reach
 //! background jobs too (they live in process groups of their own under job control).
 //!
+//! [`PtyCommand::spawn`] does the same without `fork()`: it opens only the master and starts
+//! the program with `posix_spawn(3)` (glibc: `clone(CLONE_VM | CLONE_VFORK)`, so nothing of
+//! the agent's memory is copied, however big the agent has grown), which makes the child a
+//! session leader (`POSIX_SPAWN_SETSID`) and opens the slave by its path as the child's fd 0
+//! (the first terminal a session leader opens becomes its controlling terminal), then dups it
+//! to 1 and 2. The slave is never open in the agent. This is what [`ShellAgent`] uses; see
+//! `docs/POD-LINK.md` ("Shell sessions: one event loop, posix_spawn").
+//!
 //! Every descriptor made here is close-on-exec, so no other program spawned by the agent
 //! inherits a terminal it doesn't own.
+//!
+//! [`ShellAgent`]: crate::ShellAgent
 
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
@@ -161,6 +173,10 @@ fn open_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// open in this process (the master then sees EOF/`EIO` when the program and its children are
 /// gone). Don't also ask `cmd` for a process group (`process_group`): a group leader can't
 /// start a session.
+///
+/// The set-up runs in a `pre_exec` hook, so the standard library starts the child with a plain
+/// `fork()` of this whole process (page tables included): fine now and then, costly at scale
+/// in a big, many-threaded agent. [`PtyCommand::spawn`] starts programs with `posix_spawn`.
 pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> io::Result<(PtyMaster, Child)> {
     let (master, slave) = open_pair()?;
     set_winsize(master.as_fd(), cols, rows)?;
@@ -193,9 +209,268 @@ pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> io::Result<(PtyMaster, C
     ))
 }
 
+/// Opens a new PTY master (close-on-exec, not our controlling terminal) with the slave
+/// unlocked, and returns it with the slave's path. The slave itself is not opened.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn open_master() -> io::Result<(OwnedFd, CString)> {
+    // SAFETY: posix_openpt takes flags only and returns a new descriptor or -1.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `m` is a fresh descriptor that nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(m) };
+    // SAFETY: grantpt/unlockpt on the master we just opened; no pointers involved.
+    if unsafe { libc::grantpt(m) } != 0 || unsafe { libc::unlockpt(m) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: ptsname_r writes a NUL-terminated name of at most `name.len()` bytes into `name`.
+    let rc = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
+    Ok((master, path))
+}
+
+/// A program to start in a new PTY without forking the agent ([`PtyCommand::spawn`]): its
+/// path (searched in `PATH` when it has no `/`), `argv` (`argv[0]` defaults to the path), its
+/// environment (this process's, plus [`PtyCommand::env`]) and working directory.
+#[derive(Clone, Debug)]
+pub struct PtyCommand {
+    program: OsString,
+    arg0: Option<OsString>,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: Option<OsString>,
+}
+
+/// A program started by [`PtyCommand::spawn`]: the PTY's master and the child's pid (also its
+/// session id and process group id). The child is not reaped for you: wait for it (e.g.
+/// `waitpid`, or a pidfd) or it stays a zombie.
+#[derive(Debug)]
+pub struct PtyChild {
+    pub master: PtyMaster,
+    pub pid: libc::pid_t,
+}
+
+fn cstring(s: &OsStr, what: &str) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte: {s:?}"),
+        )
+    })
+}
+
+/// Owns a `posix_spawnattr_t` / `posix_spawn_file_actions_t` and destroys it when dropped.
+struct SpawnAttr(libc::posix_spawnattr_t);
+struct FileActions(libc::posix_spawn_file_actions_t);
+
+impl Drop for SpawnAttr {
+    fn drop(&mut self) {
+        // SAFETY: initialised by posix_spawnattr_init (the only way one is made).
+        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+    }
+}
+
+impl Drop for FileActions {
+    fn drop(&mut self) {
+        // SAFETY: initialised by posix_spawn_file_actions_init (the only way one is made).
+        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
+    }
+}
+
+/// `rc` (a posix_spawn* return value: 0 or an error number) as a `Result`.
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+impl PtyCommand {
+    /// `program` with no arguments, in this process's environment and directory.
+    pub fn new(program: impl AsRef<OsStr>) -> PtyCommand {
+        PtyCommand {
+            program: program.as_ref().to_owned(),
+            arg0: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    /// Sets `argv[0]` (e.g. `-bash` for a login shell).
+    pub fn arg0(&mut self, arg0: impl AsRef<OsStr>) -> &mut PtyCommand {
+        self.arg0 = Some(arg0.as_ref().to_owned());
+        self
+    }
+
+    /// Adds an argument.
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut PtyCommand {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Sets an environment variable for the program (over this process's value, if any).
+    pub fn env(&mut self, key: impl AsRef<OsStr>, val: impl AsRef<OsStr>) -> &mut PtyCommand {
+        let key = key.as_ref().to_owned();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, val.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets the program's working directory.
+    pub fn current_dir(&mut self, dir: impl AsRef<OsStr>) -> &mut PtyCommand {
+        self.cwd = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Starts the program in a new PTY of `cols` x `rows`, as the leader of a new session whose
+    /// controlling terminal is the PTY's slave (its stdin, stdout and stderr), with every
+    /// signal at its default action and none blocked. Errors starting it (no such program, not
+    /// executable, ...) are returned here, not found later.
+    ///
+    /// Uses `posix_spawnp` with `POSIX_SPAWN_SETSID` (glibc 2.26+, musl 1.1.24+): glibc starts
+    /// the child with `clone(CLONE_VM | CLONE_VFORK)`, so the cost doesn't grow with the
+    /// agent's memory, and the set-up (session, terminal, descriptors, signals) runs in
+    /// libc's own child code, which is async-signal-safe.
+    pub fn spawn(&self, cols: u16, rows: u16) -> io::Result<PtyChild> {
+        // Everything the child gets is built before it starts.
+        let program = cstring(&self.program, "program path")?;
+        let mut argv = vec![cstring(
+            self.arg0.as_deref().unwrap_or(&self.program),
+            "argument",
+        )?];
+        for a in &self.args {
+            argv.push(cstring(a, "argument")?);
+        }
+        let mut envp = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if !self.env.iter().any(|(k2, _)| *k2 == k) {
+                envp.push(env_entry(&k, &v)?);
+            }
+        }
+        for (k, v) in &self.env {
+            envp.push(env_entry(k, v)?);
+        }
+        let cwd = self
+            .cwd
+            .as_deref()
+            .map(|d| cstring(d, "directory"))
+            .transpose()?;
+        let mut argv_p: Vec<*mut libc::c_char> =
+            argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+        argv_p.push(std::ptr::null_mut());
+        let mut envp_p: Vec<*mut libc::c_char> =
+            envp.iter().map(|a| a.as_ptr() as *mut _).collect();
+        envp_p.push(std::ptr::null_mut());
+
+        let (master, slave_path) = open_master()?;
+        set_winsize(master.as_fd(), cols, rows)?;
+
+        // SAFETY: an all-zero posix_spawnattr_t is only storage; posix_spawnattr_init
+        // initialises it before any other use (and SpawnAttr destroys it once initialised).
+        let mut attr = unsafe { std::mem::zeroed::<libc::posix_spawnattr_t>() };
+        // SAFETY: initialises the attribute object at a valid address.
+        check(unsafe { libc::posix_spawnattr_init(&mut attr) })?;
+        let mut attr = SpawnAttr(attr);
+        let flags = libc::POSIX_SPAWN_SETSID as libc::c_int
+            | libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF;
+        // SAFETY: sigset_t is plain storage that sigemptyset/sigfillset initialise; the attr
+        // functions read the sets and the flags from valid pointers.
+        unsafe {
+            let mut none = std::mem::zeroed::<libc::sigset_t>();
+            let mut all = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&mut none);
+            libc::sigfillset(&mut all);
+            check(libc::posix_spawnattr_setflags(
+                &mut attr.0,
+                flags as libc::c_short,
+            ))?;
+            check(libc::posix_spawnattr_setsigmask(&mut attr.0, &none))?;
+            // Signals this process ignores (SIGPIPE, ...) must not stay ignored in the child.
+            check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &all))?;
+        }
+
+        // SAFETY: as for the attributes: zeroed storage, initialised by the init call.
+        let mut fa = unsafe { std::mem::zeroed::<libc::posix_spawn_file_actions_t>() };
+        // SAFETY: initialises the file actions object at a valid address.
+        check(unsafe { libc::posix_spawn_file_actions_init(&mut fa) })?;
+        let mut fa = FileActions(fa);
+        // SAFETY: the file actions object is initialised; the path strings are NUL-terminated
+        // and outlive the posix_spawnp call below (the actions copy them anyway).
+        unsafe {
+            // The child is a session leader by then (setsid runs before the file actions), so
+            // opening the slave without O_NOCTTY makes it its controlling terminal.
+            check(libc::posix_spawn_file_actions_addopen(
+                &mut fa.0,
+                0,
+                slave_path.as_ptr(),
+                libc::O_RDWR,
+                0,
+            ))?;
+            check(libc::posix_spawn_file_actions_adddup2(&mut fa.0, 0, 1))?;
+            check(libc::posix_spawn_file_actions_adddup2(&mut fa.0, 0, 2))?;
+            if let Some(cwd) = &cwd {
+                check(libc::posix_spawn_file_actions_addchdir_np(
+                    &mut fa.0,
+                    cwd.as_ptr(),
+                ))?;
+            }
+        }
+
+        let mut pid: libc::pid_t = 0;
+        // SAFETY: every pointer is valid for the call: `pid` is writable, the attribute and
+        // file actions objects are initialised, `program` is NUL-terminated, and `argv_p` and
+        // `envp_p` are null-terminated arrays of NUL-terminated strings (`argv`, `envp`) that
+        // outlive the call. posix_spawnp doesn't keep any of them.
+        check(unsafe {
+            libc::posix_spawnp(
+                &mut pid,
+                program.as_ptr(),
+                &fa.0,
+                &attr.0,
+                argv_p.as_ptr(),
+                envp_p.as_ptr(),
+            )
+        })?;
+        Ok(PtyChild {
+            master: PtyMaster {
+                file: File::from(master),
+            },
+            pid,
+        })
+    }
+}
+
+fn env_entry(k: &OsStr, v: &OsStr) -> io::Result<CString> {
+    let mut b = Vec::with_capacity(k.len() + v.len() + 1);
+    b.extend_from_slice(k.as_bytes());
+    b.push(b'=');
+    b.extend_from_slice(v.as_bytes());
+    CString::new(b).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("environment variable {k:?} contains a NUL byte"),
+        )
+    })
+}
+
 /// The live (not zombie) processes of session `sid`, as pids. Linux only (reads `/proc`);
 /// elsewhere an empty list.
 pub fn session_members(sid: libc::pid_t) -> Vec<libc::pid_t> {
+    members_of(|s| s == sid).into_iter().map(|(p, _)| p).collect()
+}
+
+/// The live (not zombie) processes whose session id passes `want`, as (pid, session id), from
+/// one pass over `/proc`. Linux only; elsewhere an empty list.
+fn members_of(want: impl Fn(libc::pid_t) -> bool) -> Vec<(libc::pid_t, libc::pid_t)> {
     let mut pids = Vec::new();
     if !cfg!(any(target_os = "linux", target_os = "android")) {
         return pids;
@@ -218,11 +493,39 @@ pub fn session_members(sid: libc::pid_t) -> Vec<libc::pid_t> {
         let mut f = rest.split_ascii_whitespace();
         let state = f.next().unwrap_or("Z");
         let session = f.nth(2).and_then(|x| x.parse::<libc::pid_t>().ok());
-        if session == Some(sid) && state != "Z" && state != "X" {
-            pids.push(pid);
+        if let Some(session) = session {
+            if want(session) && state != "Z" && state != "X" {
+                pids.push((pid, session));
+            }
         }
     }
     pids
+}
+
+/// [`signal_session`] for many sessions at once, with one pass over `/proc` for all of them:
+/// sends each of `sigs` (in order) to every live process of each session in `sids`, given as
+/// (session id, `leader_alive`).
+pub fn signal_sessions(sids: &[(libc::pid_t, bool)], sigs: &[libc::c_int]) {
+    let set: std::collections::HashSet<libc::pid_t> =
+        sids.iter().map(|&(s, _)| s).filter(|&s| s > 0).collect();
+    if set.is_empty() {
+        return;
+    }
+    for &(sid, alive) in sids {
+        if alive && sid > 0 {
+            for &sig in sigs {
+                // SAFETY: plain syscall; `sid` is the pid of our unreaped child, hence its
+                // process group id.
+                unsafe { libc::killpg(sid, sig) };
+            }
+        }
+    }
+    for (pid, _) in members_of(|s| set.contains(&s)) {
+        for &sig in sigs {
+            // SAFETY: plain syscall on a pid that was a member of the session a moment ago.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
 }
 
 /// Sends `sig` to every live process of session `sid`: its leader's process group, and (on
