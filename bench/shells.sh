@@ -12,6 +12,7 @@
 # PSS (smaps_rollup) of the pod and every process under it (its shells), per session.
 # tmux: `tmux -L NAME -f /dev/null new-session -d` N times in a row (each returns once the
 # server has started the shell), the same rates, then the PSS of the tmux server and its shells.
+# Both sides run SHELL (default /bin/bash) as a login shell with HOME an empty directory.
 # Prints one JSON line per side (to --out too). Everything it starts is stopped at the end
 # (shells included). --bin: where clawtermd, claw-agent and loadgen are (default: a release
 # build); --agent-bin: another claw-agent (e.g. an older build, for a before/after).
@@ -106,6 +107,10 @@ emit() {
 
 # --- claw-agent shell behind clawtermd ---------------------------------------------------------
 mkdir -p "$RUN_DIR/sock" "$RUN_DIR/home"
+# Both sides' shells start with an empty HOME (no ~/.profile or ~/.bashrc of whoever runs the
+# bench: a .bashrc that runs pyenv, say, costs more than everything measured here), the same
+# TERM and the system-wide startup files only.
+export HOME="$RUN_DIR/home" TERM=xterm-256color
 "$BIN/clawtermd" --shards 1 --io epoll --insecure-plaintext --no-quic --insecure-no-auth \
   --admin off --socket-dir "$RUN_DIR/sock" --bind 127.0.0.1 --port 0 \
   --max-sessions 100000 --max-conn-rate-per-ip 0 >"$RUN_DIR/clawtermd.log" 2>&1 &

@@ -58,6 +58,11 @@ pub use signal::stop_on_signals;
 
 pub use clawterm_core::podlink::CloseReason;
 
+/// Tests that open PTYs or count process-wide descriptors and threads take this lock, so
+/// that they don't see each other's.
+#[cfg(test)]
+pub(crate) static TEST_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A session's id on its link (the pod-link SESSION_ID).
 pub type SessionId = u32;
 

@@ -465,7 +465,10 @@ fn env_entry(k: &OsStr, v: &OsStr) -> io::Result<CString> {
 /// The live (not zombie) processes of session `sid`, as pids. Linux only (reads `/proc`);
 /// elsewhere an empty list.
 pub fn session_members(sid: libc::pid_t) -> Vec<libc::pid_t> {
-    members_of(|s| s == sid).into_iter().map(|(p, _)| p).collect()
+    members_of(|s| s == sid)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
 }
 
 /// The live (not zombie) processes whose session id passes `want`, as (pid, session id), from
@@ -551,8 +554,13 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        crate::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn spawn_runs_in_a_terminal_of_the_given_size() {
+        let _g = serial();
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "stty size; test -t 0 && echo tty"]);
         let (master, mut child) = spawn(cmd, 91, 17).expect("spawn");
@@ -574,6 +582,7 @@ mod tests {
 
     #[test]
     fn resize_and_write() {
+        let _g = serial();
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "read x; stty size; echo got-$x"]);
         let (master, mut child) = spawn(cmd, 80, 24).expect("spawn");
@@ -591,5 +600,94 @@ mod tests {
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("40 120"), "{text:?}");
         assert!(text.contains("got-abc"), "{text:?}");
+    }
+
+    /// Everything a posix_spawn'd child reads from its master until the terminal closes.
+    fn read_all(master: &PtyMaster) -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match master.file().read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break, // EIO: the slave is closed
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn reap(pid: libc::pid_t) -> i32 {
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid place for the result.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    /// The child of `PtyCommand::spawn` leads a new session whose controlling terminal is the
+    /// PTY (stdin, stdout and stderr all on it), of the given size, with its argv[0], extra
+    /// environment and working directory, and SIGPIPE at its default action even though this
+    /// process ignores it (no standard signal is ignored; glibc leaves its two internal
+    /// real-time signals ignored, as it does for any posix_spawn).
+    #[test]
+    fn pty_command_starts_a_session_leader_on_the_terminal() {
+        let _g = serial();
+        let mut cmd = PtyCommand::new("sh");
+        cmd.arg0("my-sh")
+            .arg("-c")
+            .arg(
+                "stty size; test -t 0 && test -t 1 && test -t 2 && echo all-tty; \
+                 read -r _ c _ _ _ sid _ _ < /proc/$$/stat; \
+                 [ \"$sid\" = \"$$\" ] && echo leader; echo comm=$c; \
+                 echo foo=$CLAW_FOO; pwd; \
+                 ign=$(awk '/^SigIgn/ {print $2}' /proc/$$/status); \
+                 [ $((0x$ign & 0x7fffffff)) = 0 ] && echo no-ignored; \
+                 echo ctty=$(ps -o tty= -p $$ 2>/dev/null || echo ?); echo pid=$$",
+            )
+            .env("CLAW_FOO", "bar baz")
+            .current_dir("/tmp");
+        let child = cmd.spawn(91, 17).expect("spawn");
+        let text = read_all(&child.master);
+        reap(child.pid);
+        for want in [
+            "17 91",
+            "all-tty",
+            "leader",
+            "foo=bar baz",
+            "/tmp",
+            "no-ignored",
+        ] {
+            assert!(text.contains(want), "{want:?} in {text:?}");
+        }
+        assert!(text.contains(&format!("pid={}", child.pid)), "{text:?}");
+        assert!(!text.contains("ctty=?"), "{text:?}");
+    }
+
+    #[test]
+    fn pty_command_reports_a_missing_program() {
+        let _g = serial();
+        let e = PtyCommand::new("/no/such/program")
+            .spawn(80, 24)
+            .expect_err("no such program");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let e = PtyCommand::new("sh")
+            .env("BAD", "a\0b")
+            .spawn(80, 24)
+            .expect_err("NUL in the environment");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    }
+
+    /// Input typed before the program reads it, and the exit: the master then reads EIO.
+    #[test]
+    fn pty_command_input_and_exit() {
+        let _g = serial();
+        let mut cmd = PtyCommand::new("/bin/sh");
+        cmd.arg("-c").arg("read x; echo got-$x; exit 7");
+        let child = cmd.spawn(80, 24).expect("spawn");
+        child.master.file().write_all(b"abc\n").expect("write");
+        let text = read_all(&child.master);
+        assert!(text.contains("got-abc"), "{text:?}");
+        let status = reap(child.pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7);
     }
 }

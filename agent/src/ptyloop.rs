@@ -122,7 +122,7 @@ impl LoopHandle {
             buf: vec![0u8; READ_CHUNK],
         };
         std::thread::Builder::new()
-            .name("claw-agent-shells".into())
+            .name("claw-shells".into())
             .spawn(move || lp.run())?;
         Ok(LoopHandle { shared })
     }
@@ -648,7 +648,11 @@ impl Loop {
                 .collect();
             for k in due {
                 self.draining.remove(&k);
-                if self.sessions.get(&k).is_some_and(|x| x.drain_until.is_some()) {
+                if self
+                    .sessions
+                    .get(&k)
+                    .is_some_and(|x| x.drain_until.is_some())
+                {
                     self.finish(k);
                 }
             }

@@ -11,8 +11,8 @@
 //!
 //! [`ptyloop`]: super::ptyloop
 
-use super::ptyloop::{Key, LoopHandle, NewSession};
 use super::pty::PtyCommand;
+use super::ptyloop::{Key, LoopHandle, NewSession};
 use super::{input_queue, Agent, CloseReason, InputSender, OpenInfo, Outbox, SessionId};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -92,12 +92,7 @@ impl ShellAgent {
             pid,
             input: rx,
         })?;
-        tracing::debug!(
-            session = s,
-            pid,
-            reopen = info.reopen,
-            "shell: started"
-        );
+        tracing::debug!(session = s, pid, reopen = info.reopen, "shell: started");
         self.sessions.insert(s, (key, tx));
         Ok(())
     }
@@ -173,5 +168,402 @@ impl Drop for ShellAgent {
         if let Some(lp) = self.lp.take() {
             lp.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The event loop with real PTYs and shells, over a `UnixStream::pair()` link: many
+    //! sessions on one loop thread, exit, resize, PAUSE/CONTINUE, kill, and what a session
+    //! costs in descriptors and threads. These tests count process-wide resources (loop
+    //! threads, PTY masters, pidfds), so they run one at a time.
+    use super::*;
+    use crate::serve_link;
+    use clawterm_core::podlink::codec::VERSION;
+    use clawterm_core::podlink::{decode, encode, Decoded, Msg, Open};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    const T: Duration = Duration::from_secs(20);
+
+    struct Daemon {
+        s: UnixStream,
+        buf: Vec<u8>,
+        out: HashMap<u32, Vec<u8>>,
+        closed: HashMap<u32, CloseReason>,
+        /// Input PAUSEs the agent sent, per session.
+        input_pauses: HashMap<u32, usize>,
+        /// Output that arrived for a session after its CLOSE.
+        after_close: usize,
+        link: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    }
+
+    impl Daemon {
+        fn start() -> Daemon {
+            let (a, b) = UnixStream::pair().unwrap();
+            let agent = ShellAgent::new(Arc::new(PathBuf::from("/bin/sh")));
+            let link = std::thread::spawn(move || serve_link(b, agent));
+            a.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut d = Daemon {
+                s: a,
+                buf: Vec::new(),
+                out: HashMap::new(),
+                closed: HashMap::new(),
+                input_pauses: HashMap::new(),
+                after_close: 0,
+                link: Some(link),
+            };
+            d.send(
+                0,
+                &Msg::Hello {
+                    version: VERSION,
+                    name: "test",
+                },
+            );
+            d
+        }
+
+        fn send(&mut self, sid: u32, m: &Msg<'_>) {
+            let mut v = Vec::new();
+            encode(&mut v, sid, m);
+            self.s.write_all(&v).unwrap();
+        }
+
+        fn open(&mut self, sid: u32) {
+            self.send(
+                sid,
+                &Msg::Open(Open {
+                    tenant: 1,
+                    agent: 7,
+                    client_caps: 1,
+                    peer: "127.0.0.1:1",
+                }),
+            );
+        }
+
+        fn input(&mut self, sid: u32, text: &str) {
+            self.send(sid, &Msg::Data(text.as_bytes()));
+        }
+
+        /// Reads and files what the agent sent, for up to `wait`; whether anything came.
+        fn pump(&mut self, wait: Duration) -> bool {
+            let mut chunk = [0u8; 65536];
+            let got = match self.s.read(&mut chunk) {
+                Ok(0) => panic!("agent closed the link"),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    true
+                }
+                Err(_) => {
+                    std::thread::sleep(wait.min(Duration::from_millis(1)));
+                    false
+                }
+            };
+            let mut at = 0;
+            while let Ok(Decoded::Msg {
+                session_id,
+                msg,
+                used,
+            }) = decode(&self.buf[at..])
+            {
+                at += used;
+                match msg {
+                    Msg::Data(b) => {
+                        if self.closed.contains_key(&session_id) {
+                            self.after_close += 1;
+                        }
+                        self.out.entry(session_id).or_default().extend_from_slice(b);
+                    }
+                    Msg::Close(r) => {
+                        self.closed.insert(session_id, r);
+                    }
+                    Msg::Pause => *self.input_pauses.entry(session_id).or_default() += 1,
+                    _ => {}
+                }
+            }
+            self.buf.drain(..at);
+            got
+        }
+
+        fn text(&self, sid: u32) -> String {
+            String::from_utf8_lossy(self.out.get(&sid).map_or(&[][..], |v| v)).into_owned()
+        }
+
+        fn wait_for(&mut self, sid: u32, needle: &str) {
+            let t0 = Instant::now();
+            while !self.text(sid).contains(needle) {
+                assert!(
+                    t0.elapsed() < T,
+                    "session {sid}: no {needle:?} in {:?}",
+                    self.text(sid)
+                );
+                self.pump(Duration::from_millis(50));
+            }
+        }
+
+        fn wait_close(&mut self, sid: u32) -> CloseReason {
+            let t0 = Instant::now();
+            loop {
+                if let Some(r) = self.closed.get(&sid) {
+                    return *r;
+                }
+                assert!(t0.elapsed() < T, "session {sid}: no CLOSE");
+                self.pump(Duration::from_millis(50));
+            }
+        }
+
+        /// Ends the link and waits for the agent's side to finish.
+        fn end(mut self) {
+            let _ = self.s.shutdown(std::net::Shutdown::Both);
+            if let Some(h) = self.link.take() {
+                let _ = h.join();
+            }
+            // The loop thread ends once its shells are reaped (the tests run one at a time,
+            // so any loop thread is ours).
+            let t0 = Instant::now();
+            while loop_threads_ptys_pidfds().0 > 0 {
+                assert!(t0.elapsed() < T, "the loop thread outlived its link");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Threads called `claw-shells`, PTY masters and pidfds open in this process.
+    fn loop_threads_ptys_pidfds() -> (usize, usize, usize) {
+        let threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "claw-shells")
+            })
+            .count();
+        let (mut ptys, mut pidfds) = (0, 0);
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            if t == "/dev/ptmx" || t.starts_with("/dev/pts/ptmx") {
+                ptys += 1;
+            } else if t.contains("pidfd") {
+                pidfds += 1;
+            }
+        }
+        (threads, ptys, pidfds)
+    }
+
+    fn settle(want: (usize, usize, usize)) {
+        let t0 = Instant::now();
+        loop {
+            let now = loop_threads_ptys_pidfds();
+            if now == want {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "(loop threads, PTY masters, pidfds) = {now:?}, expected {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        crate::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[test]
+    fn many_sessions_share_one_loop_thread_and_two_descriptors_each() {
+        let _g = serial();
+        let base = loop_threads_ptys_pidfds();
+        let mut d = Daemon::start();
+        const N: u32 = 40;
+        for sid in 1..=N {
+            d.open(sid);
+            d.input(sid, &format!("echo ready-$(({sid}*1000+7))\n"));
+        }
+        for sid in 1..=N {
+            d.wait_for(sid, &format!("ready-{}", sid * 1000 + 7));
+        }
+        // One loop thread for the link, one master and one pidfd per session.
+        let (threads, ptys, pidfds) = loop_threads_ptys_pidfds();
+        assert_eq!(threads, base.0 + 1, "one loop thread per link");
+        assert_eq!(ptys, base.1 + N as usize, "one PTY master per session");
+        assert_eq!(pidfds, base.2 + N as usize, "one pidfd per session");
+        // Each session got only its own output.
+        for sid in 1..=N {
+            let other = format!("ready-{}", (sid % N + 1) * 1000 + 7);
+            assert!(!d.text(sid).contains(&other), "{sid}: {:?}", d.text(sid));
+        }
+        // Half exit by themselves, half are closed by the daemon: nothing is left behind.
+        for sid in 1..=N {
+            if sid % 2 == 0 {
+                d.input(sid, "exit\n");
+            } else {
+                d.send(sid, &Msg::Close(CloseReason::ClientDisconnect));
+            }
+        }
+        for sid in (2..=N).step_by(2) {
+            assert_eq!(d.wait_close(sid), CloseReason::Normal);
+        }
+        settle((base.0 + 1, base.1, base.2));
+        assert_eq!(d.after_close, 0, "DATA after CLOSE");
+        for sid in (1..=N).step_by(2) {
+            assert!(
+                !d.closed.contains_key(&sid),
+                "CLOSE for a daemon-closed session"
+            );
+        }
+        // The link's end ends the loop thread.
+        d.end();
+        settle(base);
+    }
+
+    #[test]
+    fn exit_closes_after_the_output_and_the_id_can_be_reused() {
+        let _g = serial();
+        let mut d = Daemon::start();
+        d.open(1);
+        d.input(1, "echo bye-$((2+3)); exit 3\n");
+        assert_eq!(d.wait_close(1), CloseReason::Normal);
+        assert!(d.text(1).contains("bye-5"), "{:?}", d.text(1));
+        d.closed.clear();
+        d.out.clear();
+        d.open(1);
+        d.input(1, "echo again-$((4+4))\n");
+        d.wait_for(1, "again-8");
+        assert!(d.closed.is_empty());
+        d.end();
+    }
+
+    #[test]
+    fn resize_reaches_the_terminal() {
+        let _g = serial();
+        let mut d = Daemon::start();
+        d.open(1);
+        d.input(1, "stty size; echo s-$((1+1))\n");
+        d.wait_for(1, "s-2");
+        assert!(d.text(1).contains("24 80"), "{:?}", d.text(1));
+        d.send(
+            1,
+            &Msg::Resize {
+                cols: 132,
+                rows: 43,
+            },
+        );
+        d.input(1, "stty size; echo t-$((2+2))\n");
+        d.wait_for(1, "t-4");
+        assert!(d.text(1).contains("43 132"), "{:?}", d.text(1));
+        d.end();
+    }
+
+    /// PAUSE: the loop stops reading that terminal (the program blocks, nothing is lost, the
+    /// other sessions go on); CONTINUE: the rest comes, in order, then the exit's CLOSE.
+    #[test]
+    fn pause_holds_one_session_back_without_loss_and_without_stalling_others() {
+        let _g = serial();
+        let mut d = Daemon::start();
+        d.open(1);
+        d.open(2);
+        d.input(1, "echo a-$((1+1))\n");
+        d.wait_for(1, "a-2");
+        d.send(1, &Msg::Pause);
+        d.pump(Duration::from_millis(100));
+        let before = d.out.get(&1).map_or(0, |v| v.len());
+        d.input(1, "seq 1 20000; echo done-$((3+3)); exit\n");
+        // Session 2 answers while 1 is paused with far more output than a terminal holds.
+        d.input(2, "echo b-$((2+2))\n");
+        d.wait_for(2, "b-4");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(500) {
+            d.pump(Duration::from_millis(20));
+        }
+        assert_eq!(
+            d.out.get(&1).map_or(0, |v| v.len()),
+            before,
+            "DATA sent while paused"
+        );
+        assert!(d.closed.is_empty(), "CLOSE while paused");
+        d.send(1, &Msg::Continue);
+        assert_eq!(d.wait_close(1), CloseReason::Normal);
+        let text = d.text(1);
+        let nums: Vec<u32> = text
+            .split("\r\n")
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        let want: Vec<u32> = (1..=20000).collect();
+        assert!(nums.ends_with(&want), "every number, in order");
+        assert!(text.contains("done-6"));
+        d.end();
+    }
+
+    /// A job that ignores SIGHUP is SIGKILLed after the grace period; the shell and a plain
+    /// background job go at once.
+    #[test]
+    fn close_hangs_up_the_session_and_kills_what_ignores_it() {
+        let _g = serial();
+        let base = loop_threads_ptys_pidfds();
+        let mut d = Daemon::start();
+        d.open(1);
+        d.input(
+            1,
+            "sh -c 'trap \"\" HUP; exec sleep 1000' & echo pid=$! end-$((5+6))\n",
+        );
+        d.wait_for(1, "end-11");
+        let text = d.text(1);
+        // (The typed line echoes `pid=$!`; the shell's output has the number.)
+        let pid: i32 = text
+            .split("pid=")
+            .skip(1)
+            .find_map(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .expect("the job's pid");
+        let alive = |p: i32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        };
+        assert!(alive(pid));
+        let t0 = Instant::now();
+        d.send(1, &Msg::Close(CloseReason::ClientDisconnect));
+        while alive(pid) {
+            assert!(t0.elapsed() < Duration::from_secs(6), "job {pid} survived");
+            d.pump(Duration::from_millis(50));
+        }
+        assert!(
+            t0.elapsed() >= KILL_GRACE_FOR_TEST,
+            "killed before the grace period: {:?}",
+            t0.elapsed()
+        );
+        assert!(d.closed.is_empty());
+        settle((base.0 + 1, base.1, base.2));
+        d.end();
+        settle(base);
+    }
+
+    const KILL_GRACE_FOR_TEST: Duration = Duration::from_millis(1900);
+
+    /// Input for a program that doesn't read its terminal waits in the queue (PAUSEing the
+    /// session's input) without blocking the loop for the other sessions.
+    #[test]
+    fn input_to_a_program_that_does_not_read_does_not_block_the_loop() {
+        let _g = serial();
+        let mut d = Daemon::start();
+        d.open(1);
+        d.open(2);
+        d.input(1, "sleep 30\n");
+        std::thread::sleep(Duration::from_millis(200));
+        let pad = format!("#{}\n", "x".repeat(99)).repeat(4000); // 400 KB
+        d.input(1, &pad);
+        d.input(2, "echo quick-$((6+6))\n");
+        d.wait_for(2, "quick-12");
+        let t0 = Instant::now();
+        while d.input_pauses.get(&1).copied().unwrap_or(0) == 0 {
+            assert!(t0.elapsed() < T, "no input PAUSE for the stuck session");
+            d.pump(Duration::from_millis(20));
+        }
+        d.send(1, &Msg::Close(CloseReason::ClientDisconnect));
+        d.input(2, "echo still-$((7+7))\n");
+        d.wait_for(2, "still-14");
+        d.end();
     }
 }

@@ -33,7 +33,8 @@ struct Args {
     json: Option<std::path::PathBuf>,
 }
 
-const USAGE: &str = "usage: loadgen shells --target HOST:PORT --sessions N [--tenant T] [--agent A] \
+const USAGE: &str =
+    "usage: loadgen shells --target HOST:PORT --sessions N [--tenant T] [--agent A] \
 [--window W] [--agent-pid PID] [--server-pid PID] [--timeout SECS] [--json FILE]";
 
 fn parse(args: &[String]) -> Result<Args, String> {
