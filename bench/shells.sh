@@ -47,6 +47,16 @@ if [ "$N" -lt 1 ] || [ "$N" -gt 9000 ]; then
   exit 2
 fi
 
+# Every session takes a PTY out of the machine's kernel.pty.max (4096 by default), shared with
+# everyone else on it: keep 256 free.
+if [ -r /proc/sys/kernel/pty/max ] && [ -r /proc/sys/kernel/pty/nr ]; then
+  PTY_FREE=$(( $(cat /proc/sys/kernel/pty/max) - $(cat /proc/sys/kernel/pty/nr) - 256 ))
+  if [ "$N" -gt "$PTY_FREE" ]; then
+    echo "bench/shells.sh: $N sessions need $N PTYs; only $PTY_FREE are free (kernel.pty.max $(cat /proc/sys/kernel/pty/max), $(cat /proc/sys/kernel/pty/nr) in use, 256 kept for others)" >&2
+    exit 2
+  fi
+fi
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"

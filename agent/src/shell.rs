@@ -4,12 +4,10 @@
 //! closes the session; closing the session hangs up its terminal (SIGHUP to every process of
 //! the terminal's session, then SIGKILL after 2 s).
 //!
-//! No thread per session: the sessions of a link share one event loop thread ([`ptyloop`]),
+//! No thread per session: the sessions of a link share one event loop thread (`ptyloop.rs`),
 //! which waits (epoll) on every session's PTY master and on a pidfd per shell, so a session
 //! costs two descriptors in the agent and no thread. Shells are started with `posix_spawn`
 //! ([`PtyCommand`]), not `fork()`, so starting one doesn't copy the agent's page tables.
-//!
-//! [`ptyloop`]: super::ptyloop
 
 use super::pty::PtyCommand;
 use super::ptyloop::{Key, LoopHandle, NewSession};
