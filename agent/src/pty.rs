@@ -64,6 +64,12 @@ impl PtyMaster {
     }
 }
 
+impl From<PtyMaster> for OwnedFd {
+    fn from(m: PtyMaster) -> OwnedFd {
+        m.file.into()
+    }
+}
+
 impl AsFd for PtyMaster {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()

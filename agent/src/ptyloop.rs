@@ -28,8 +28,9 @@ use super::{InputReceiver, Outbox, SessionId};
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, WaitOptions};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -40,6 +41,9 @@ pub(crate) type Key = u64;
 
 /// After the shell exited, output still arriving within this long is sent before the CLOSE.
 pub(crate) const DRAIN: Duration = Duration::from_millis(100);
+/// After an `exec` process exited, its output pipe gets this long to reach EOF (a leftover
+/// child may keep it open).
+pub(crate) const EXEC_DRAIN: Duration = Duration::from_secs(2);
 /// How long a hung-up session gets between SIGHUP and SIGKILL.
 pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Kills within this long share one `/proc` pass (for SIGHUP now, for SIGKILL later).
@@ -51,15 +55,30 @@ const NO_PIDFD_TICK: Duration = Duration::from_millis(200);
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 /// PTY read chunk.
 const READ_CHUNK: usize = 64 * 1024;
-/// The eventfd's epoll token (session tokens are `key << 1 | kind`, with keys far below).
+/// The eventfd's epoll token (session tokens are `key << 2 | kind`, with keys far below).
 const WAKE: u64 = u64::MAX;
 
-/// A freshly spawned shell for [`LoopHandle::add`].
+/// A freshly spawned program for [`LoopHandle::add`].
 pub(crate) struct NewSession {
     pub s: SessionId,
-    pub master: PtyMaster,
+    pub io: Io,
     pub pid: libc::pid_t,
     pub input: InputReceiver,
+}
+
+/// How a session's program is connected.
+pub(crate) enum Io {
+    /// A shell in a PTY (`claw-agent shell`): one descriptor for output and input; the exit
+    /// closes the session once output stopped for [`DRAIN`]; a kill hangs the terminal up.
+    Pty(PtyMaster),
+    /// A process on pipes (`claw-agent exec`): its stdin, and one pipe for its stdout and
+    /// stderr; the exit closes the session once that pipe is at EOF (at most
+    /// [`EXEC_DRAIN`] later); a kill is SIGTERM to its process group, SIGKILL after
+    /// [`KILL_GRACE`].
+    Pipes {
+        stdin: Option<OwnedFd>,
+        output: OwnedFd,
+    },
 }
 
 enum Cmd {
@@ -146,7 +165,21 @@ impl LoopHandle {
             }
             e
         };
-        n.master.set_nonblocking().map_err(fail)?;
+        let (pty, io, stdin) = match n.io {
+            Io::Pty(m) => {
+                m.set_nonblocking().map_err(fail)?;
+                (true, File::from(OwnedFd::from(m)), None)
+            }
+            Io::Pipes { stdin, output } => {
+                let output = File::from(output);
+                let stdin = stdin.map(File::from);
+                set_nonblocking(&output).map_err(fail)?;
+                if let Some(i) = &stdin {
+                    set_nonblocking(i).map_err(fail)?;
+                }
+                (false, output, stdin)
+            }
+        };
         let pidfd = match Pid::from_raw(n.pid) {
             Some(pid) => match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
                 Ok(fd) => Some(fd),
@@ -162,8 +195,11 @@ impl LoopHandle {
             Box::new(Sess {
                 s: n.s,
                 pid: n.pid,
-                master: Some(n.master),
+                pty,
+                master: Some(io),
                 registered: epoll::EventFlags::empty(),
+                stdin,
+                stdin_registered: false,
                 pidfd,
                 reaped: false,
                 input: Some(n.input),
@@ -217,12 +253,18 @@ impl Drop for LoopHandle {
 /// One session in the loop.
 struct Sess {
     s: SessionId,
-    /// The shell: its pid, session id and process group id.
+    /// The program: its pid and process group id (and, for a shell, its session id).
     pid: libc::pid_t,
-    /// `None` once the session is over (finished or killed): the terminal is hung up.
-    master: Option<PtyMaster>,
+    /// A shell in a PTY ([`Io::Pty`]), else a process on pipes.
+    pty: bool,
+    /// The PTY master, or the output pipe. `None` once the session is over (finished or
+    /// killed): the terminal is hung up / the pipe closed.
+    master: Option<File>,
     /// What the master is registered for in the epoll set (empty: not registered).
     registered: epoll::EventFlags,
+    /// On pipes: the process's stdin (input goes there, not to `master`).
+    stdin: Option<File>,
+    stdin_registered: bool,
     /// Readable once the shell has exited; `None` once reaped, or without pidfd support.
     pidfd: Option<OwnedFd>,
     reaped: bool,
@@ -241,12 +283,33 @@ struct Sess {
     kill_sent: bool,
 }
 
+impl Sess {
+    /// How long after the exit the session waits for more output (see [`Io`]).
+    fn drain(&self) -> Duration {
+        if self.pty {
+            DRAIN
+        } else {
+            EXEC_DRAIN
+        }
+    }
+}
+
 fn token_master(key: Key) -> u64 {
-    key << 1
+    key << 2
 }
 
 fn token_pidfd(key: Key) -> u64 {
-    (key << 1) | 1
+    (key << 2) | 1
+}
+
+fn token_stdin(key: Key) -> u64 {
+    (key << 2) | 2
+}
+
+fn set_nonblocking(f: &File) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(f)?;
+    rustix::fs::fcntl_setfl(f, flags | rustix::fs::OFlags::NONBLOCK)?;
+    Ok(())
 }
 
 /// The loop's state (on its own thread).
@@ -303,9 +366,11 @@ impl Loop {
                     let _ = rustix::io::read(&self.shared.wake, &mut b);
                     continue;
                 }
-                let key = token >> 1;
-                if token & 1 == 1 {
+                let key = token >> 2;
+                if token & 3 == 1 {
                     self.on_exit(key);
+                } else if token & 3 == 2 {
+                    self.flush_input(key);
                 } else {
                     let f = ev.flags;
                     let hup = f.intersects(epoll::EventFlags::HUP | epoll::EventFlags::ERR);
@@ -362,8 +427,9 @@ impl Loop {
                 Cmd::Add(key, sess) => self.add(key, *sess),
                 Cmd::Input(key) => self.flush_input(key),
                 Cmd::Resize(key, cols, rows) => {
-                    if let Some(m) = self.sessions.get(&key).and_then(|x| x.master.as_ref()) {
-                        if let Err(e) = m.resize(cols, rows) {
+                    let pty = self.sessions.get(&key).filter(|x| x.pty);
+                    if let Some(m) = pty.and_then(|x| x.master.as_ref()) {
+                        if let Err(e) = pty::set_winsize(m.as_fd(), cols, rows) {
                             tracing::debug!(error = %e, "shell: resize failed");
                         }
                     }
@@ -381,7 +447,7 @@ impl Loop {
                         x.drain_until = None;
                         self.draining.remove(&key);
                     } else if x.reaped && x.master.is_some() && !x.dying {
-                        x.drain_until = Some(Instant::now() + DRAIN);
+                        x.drain_until = Some(Instant::now() + x.drain());
                         self.draining.insert(key);
                     }
                     self.update_interest(key);
@@ -427,8 +493,23 @@ impl Loop {
         if !x.paused && !x.eof {
             want |= epoll::EventFlags::IN;
         }
-        if x.pending.is_some() && !x.eof {
+        if x.pty && x.pending.is_some() && !x.eof {
             want |= epoll::EventFlags::OUT;
+        }
+        if let Some(i) = &x.stdin {
+            let want_out = x.pending.is_some();
+            if want_out != x.stdin_registered {
+                let data = epoll::EventData::new_u64(token_stdin(key));
+                let r = if want_out {
+                    epoll::add(&self.ep, i, data, epoll::EventFlags::OUT)
+                } else {
+                    epoll::delete(&self.ep, i)
+                };
+                match r {
+                    Ok(()) => x.stdin_registered = want_out,
+                    Err(e) => tracing::warn!(session = x.s, error = %e, "epoll_ctl failed"),
+                }
+            }
         }
         if want == x.registered {
             return;
@@ -443,7 +524,7 @@ impl Loop {
         };
         match r {
             Ok(()) => x.registered = want,
-            Err(e) => tracing::warn!(session = x.s, error = %e, "shell: epoll_ctl failed"),
+            Err(e) => tracing::warn!(session = x.s, error = %e, "epoll_ctl failed"),
         }
     }
 
@@ -457,6 +538,12 @@ impl Loop {
                 let _ = epoll::delete(&self.ep, &m);
             }
             x.registered = epoll::EventFlags::empty();
+        }
+        if let Some(i) = x.stdin.take() {
+            if x.stdin_registered {
+                let _ = epoll::delete(&self.ep, &i);
+            }
+            x.stdin_registered = false;
         }
         x.input = None;
         x.pending = None;
@@ -475,12 +562,12 @@ impl Loop {
             return;
         };
         let mut eof = false;
-        match m.file().read(&mut self.buf) {
+        match (&*m).read(&mut self.buf) {
             Ok(0) => eof = true,
             Ok(n) => {
                 // Err: the link is gone; the link thread is about to shut this loop down.
                 let _ = self.out.data(x.s, &self.buf[..n]);
-                if x.drain_until.is_some() {
+                if x.pty && x.drain_until.is_some() {
                     x.drain_until = Some(Instant::now() + DRAIN);
                 }
             }
@@ -491,8 +578,10 @@ impl Loop {
         }
         if eof {
             x.eof = true;
-            x.input = None; // nothing can be typed any more
-            x.pending = None;
+            if x.pty {
+                x.input = None; // nothing can be typed any more
+                x.pending = None;
+            }
             self.update_interest(key);
             if self.sessions.get(&key).is_some_and(|x| x.reaped) {
                 self.finish(key);
@@ -505,10 +594,11 @@ impl Loop {
         let Some(x) = self.sessions.get_mut(&key) else {
             return;
         };
-        let (Some(m), Some(input)) = (&x.master, &x.input) else {
+        let sink = if x.pty { &x.master } else { &x.stdin };
+        let (Some(m), Some(input)) = (sink, &x.input) else {
             return;
         };
-        if x.eof {
+        if x.pty && x.eof {
             return;
         }
         let mut gone = false;
@@ -522,7 +612,7 @@ impl Loop {
             let Some((chunk, at)) = &mut x.pending else {
                 break;
             };
-            match m.file().write(&chunk[*at..]) {
+            match (&*m).write(&chunk[*at..]) {
                 Ok(n) if n > 0 => {
                     *at += n;
                     if *at >= chunk.len() {
@@ -544,6 +634,15 @@ impl Loop {
                 input.done(chunk.len());
             }
             x.input = None;
+            if !x.pty {
+                // The process closed its stdin: so do we.
+                if let Some(i) = x.stdin.take() {
+                    if x.stdin_registered {
+                        let _ = epoll::delete(&self.ep, &i);
+                    }
+                    x.stdin_registered = false;
+                }
+            }
         }
         self.update_interest(key);
     }
@@ -583,7 +682,7 @@ impl Loop {
         if x.eof {
             self.finish(key);
         } else if !x.paused {
-            x.drain_until = Some(Instant::now() + DRAIN);
+            x.drain_until = Some(Instant::now() + x.drain());
             self.draining.insert(key);
         }
     }
@@ -614,15 +713,20 @@ impl Loop {
             return;
         }
         x.dying = true;
-        if let Some(pid) = Pid::from_raw(x.pid) {
-            // The shell's process group now; the rest of its terminal session in the next
-            // /proc pass. Errors (ESRCH: already gone) are ignored.
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::HUP);
-            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::CONT);
-        }
         let now = Instant::now();
-        self.hup.push(x.pid);
-        self.hup_due.get_or_insert(now + HUP_BATCH);
+        if let Some(pid) = Pid::from_raw(x.pid) {
+            // Errors (ESRCH: already gone) are ignored.
+            if x.pty {
+                // The shell's process group now; the rest of its terminal session in the
+                // next /proc pass.
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::HUP);
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::CONT);
+                self.hup.push(x.pid);
+                self.hup_due.get_or_insert(now + HUP_BATCH);
+            } else {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::TERM);
+            }
+        }
         self.dying.push_back((now + KILL_GRACE, key));
     }
 
@@ -672,7 +776,17 @@ impl Loop {
                 self.dying.pop_front();
                 if let Some(x) = self.sessions.get_mut(&key) {
                     x.kill_sent = true;
-                    batch.push((x.pid, !x.reaped));
+                    if x.pty {
+                        batch.push((x.pid, !x.reaped));
+                    } else if !x.reaped {
+                        if let Some(pid) = Pid::from_raw(x.pid) {
+                            // Its process group only (an unreaped leader: the id is ours).
+                            let _ = rustix::process::kill_process_group(
+                                pid,
+                                rustix::process::Signal::KILL,
+                            );
+                        }
+                    }
                     if x.reaped {
                         self.sessions.remove(&key);
                     }
@@ -699,7 +813,11 @@ impl Loop {
             if x.reaped {
                 continue;
             }
-            pty::signal_sessions(&[(x.pid, true)], &[libc::SIGKILL]);
+            if x.pty {
+                pty::signal_sessions(&[(x.pid, true)], &[libc::SIGKILL]);
+            } else if let Some(pid) = Pid::from_raw(x.pid) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
             if let Some(pid) = Pid::from_raw(x.pid) {
                 let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
             }

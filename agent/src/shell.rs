@@ -10,7 +10,7 @@
 //! ([`PtyCommand`]), not `fork()`, so starting one doesn't copy the agent's page tables.
 
 use super::pty::PtyCommand;
-use super::ptyloop::{Key, LoopHandle, NewSession};
+use super::ptyloop::{Io, Key, LoopHandle, NewSession};
 use super::{input_queue, Agent, CloseReason, InputSender, OpenInfo, Outbox, SessionId};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -86,7 +86,7 @@ impl ShellAgent {
         let (tx, rx) = input_queue(s, out);
         let key = lp.add(NewSession {
             s,
-            master: child.master,
+            io: Io::Pty(child.master),
             pid,
             input: rx,
         })?;
