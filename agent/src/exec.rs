@@ -159,3 +159,113 @@ impl Drop for ExecAgent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `exec` sessions on the link's event loop: no thread per session, 3 descriptors each,
+    //! stdout and stderr in write order, exit, and SIGTERM then SIGKILL on close.
+    use super::*;
+    use crate::testutil::*;
+    use clawterm_core::podlink::Msg;
+    use std::time::{Duration, Instant};
+
+    fn sh(script: &str) -> ExecAgent {
+        ExecAgent::new(Arc::new(
+            ["/bin/sh", "-c", script]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn many_exec_sessions_share_one_loop_thread_and_three_descriptors_each() {
+        let _g = serial();
+        let base = loop_threads_ptys_pidfds();
+        let base_pipes = pipes();
+        let mut d = Daemon::start(sh(
+            "echo out-$CLAW_SESSION; echo err-$CLAW_SESSION >&2; while read x; do echo got-$x; done",
+        ));
+        const N: u32 = 30;
+        for sid in 1..=N {
+            d.open(sid);
+            d.input(sid, &format!("x{sid}\n"));
+        }
+        for sid in 1..=N {
+            d.wait_for(sid, &format!("got-x{sid}"));
+            let t = d.text(sid);
+            let (o, e) = (format!("out-{sid}\n"), format!("err-{sid}\n"));
+            assert!(t.contains(&o) && t.contains(&e), "{sid}: {t:?}");
+            assert!(
+                t.find(&o) < t.find(&e),
+                "stdout before stderr, as written: {t:?}"
+            );
+        }
+        let (threads, ptys, pidfds) = loop_threads_ptys_pidfds();
+        assert_eq!(threads, base.0 + 1, "one loop thread per link");
+        assert_eq!(ptys, base.1);
+        assert_eq!(pidfds, base.2 + N as usize, "one pidfd per session");
+        assert_eq!(
+            pipes(),
+            base_pipes + 2 * N as usize,
+            "stdin and output per session"
+        );
+        // Closing the sessions ends the processes (SIGTERM to each group).
+        for sid in 1..=N {
+            d.send(sid, &Msg::Close(CloseReason::ClientDisconnect));
+        }
+        settle((base.0 + 1, base.1, base.2));
+        assert_eq!(pipes(), base_pipes);
+        d.end();
+        settle(base);
+    }
+
+    #[test]
+    fn exit_sends_the_output_then_close() {
+        let _g = serial();
+        let mut d = Daemon::start(sh("head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"));
+        d.open(1);
+        assert_eq!(d.wait_close(1), CloseReason::Normal);
+        let t = d.text(1);
+        assert_eq!(t.matches('x').count(), 300000);
+        assert!(
+            t.ends_with("\nend\n"),
+            "{:?}",
+            &t[t.len().saturating_sub(20)..]
+        );
+        assert_eq!(d.after_close, 0);
+        d.end();
+    }
+
+    #[test]
+    fn close_terms_the_group_then_kills_what_ignores_it() {
+        let _g = serial();
+        let mut d = Daemon::start(sh("trap '' TERM; echo pid=$$; exec sleep 1000"));
+        d.open(1);
+        d.wait_for(1, "pid=");
+        let pid: i32 = d
+            .text(1)
+            .split("pid=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .expect("the pid");
+        let alive = |p: i32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        };
+        let t0 = Instant::now();
+        d.send(1, &Msg::Close(CloseReason::ClientDisconnect));
+        while alive(pid) {
+            assert!(t0.elapsed() < Duration::from_secs(6), "{pid} survived");
+            d.pump(Duration::from_millis(50));
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1900),
+            "SIGKILL before the grace period: {:?}",
+            t0.elapsed()
+        );
+        assert!(d.closed.is_empty(), "CLOSE for a daemon-closed session");
+        d.end();
+    }
+}

@@ -20,10 +20,10 @@
 //! * malformed input closes the link with a warning, never a panic.
 //!
 //! The agents `claw-agent` runs are here too, ready to serve or to wrap: [`EchoAgent`],
-//! [`ExecAgent`] (one process per session on pipes, with threads of its own per session) and
-//! [`ShellAgent`] (a login shell in a PTY per session, started with `posix_spawn`; all the
-//! sessions of a link are served by one event-loop thread, at two descriptors per session —
-//! see `docs/POD-LINK.md`, "How `shell` runs its sessions").
+//! [`ExecAgent`] (one process per session on pipes) and [`ShellAgent`] (a login shell in a PTY
+//! per session, started with `posix_spawn`). Both serve all the sessions of a link from one
+//! event-loop thread, at 2 (shell) or 3 (exec) descriptors and no thread per session — see
+//! `docs/POD-LINK.md`, "How `shell` and `exec` run their sessions".
 //!
 //! ```no_run
 //! use clawterm_agent::{Agent, AgentListener, Outbox, SessionId};
@@ -49,6 +49,8 @@ pub mod pty;
 mod ptyloop;
 mod shell;
 mod signal;
+#[cfg(test)]
+mod testutil;
 
 pub use echo::EchoAgent;
 pub use exec::ExecAgent;

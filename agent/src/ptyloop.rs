@@ -1,11 +1,14 @@
-//! The shell agent's event loop: one thread per link serves every PTY session of that link.
+//! The shell and exec agents' event loop: one thread per link serves every session of that
+//! link.
 //!
-//! The loop owns each session's PTY master (non-blocking) and a pidfd for its shell, and waits
-//! for all of them with one epoll set, plus an eventfd through which the link thread hands it
-//! commands (a new session, "input queued", resize, pause/continue, kill, shutdown). Per
-//! session that is 2 descriptors and no thread; per link, 1 thread, an epoll and an eventfd.
+//! The loop owns each session's PTY master (shell) or stdin and output pipe (exec), all
+//! non-blocking, and a pidfd for its program, and waits for all of them with one epoll set,
+//! plus an eventfd through which the link thread hands it commands (a new session, "input
+//! queued", resize, pause/continue, kill, shutdown). Per session that is 2 (shell) or 3 (exec)
+//! descriptors and no thread; per link, 1 thread, an epoll and an eventfd.
 //!
-//! The behaviour is the one the per-session reader/writer/waiter threads had:
+//! For a shell, the behaviour is the one the per-session reader/writer/waiter threads had
+//! (for `exec`, see [`Io::Pipes`]):
 //! * output: the master is read while the daemon has not PAUSEd the session; while it has, the
 //!   master is not polled for input at all, so the program blocks on a full terminal and
 //!   nothing is lost (DATA already read when the PAUSE arrives is held by the [`Outbox`]);

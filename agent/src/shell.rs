@@ -176,206 +176,16 @@ mod tests {
     //! costs in descriptors and threads. These tests count process-wide resources (loop
     //! threads, PTY masters, pidfds), so they run one at a time.
     use super::*;
-    use crate::serve_link;
-    use clawterm_core::podlink::codec::VERSION;
-    use clawterm_core::podlink::{decode, encode, Decoded, Msg, Open};
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
+    use clawterm_core::podlink::Msg;
     use std::time::{Duration, Instant};
 
-    const T: Duration = Duration::from_secs(20);
-
-    struct Daemon {
-        s: UnixStream,
-        buf: Vec<u8>,
-        out: HashMap<u32, Vec<u8>>,
-        closed: HashMap<u32, CloseReason>,
-        /// Input PAUSEs the agent sent, per session.
-        input_pauses: HashMap<u32, usize>,
-        /// Output that arrived for a session after its CLOSE.
-        after_close: usize,
-        link: Option<std::thread::JoinHandle<std::io::Result<()>>>,
-    }
-
-    impl Daemon {
-        fn start() -> Daemon {
-            let (a, b) = UnixStream::pair().unwrap();
-            let agent = ShellAgent::new(Arc::new(PathBuf::from("/bin/sh")));
-            let link = std::thread::spawn(move || serve_link(b, agent));
-            a.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let mut d = Daemon {
-                s: a,
-                buf: Vec::new(),
-                out: HashMap::new(),
-                closed: HashMap::new(),
-                input_pauses: HashMap::new(),
-                after_close: 0,
-                link: Some(link),
-            };
-            d.send(
-                0,
-                &Msg::Hello {
-                    version: VERSION,
-                    name: "test",
-                },
-            );
-            d
-        }
-
-        fn send(&mut self, sid: u32, m: &Msg<'_>) {
-            let mut v = Vec::new();
-            encode(&mut v, sid, m);
-            self.s.write_all(&v).unwrap();
-        }
-
-        fn open(&mut self, sid: u32) {
-            self.send(
-                sid,
-                &Msg::Open(Open {
-                    tenant: 1,
-                    agent: 7,
-                    client_caps: 1,
-                    peer: "127.0.0.1:1",
-                }),
-            );
-        }
-
-        fn input(&mut self, sid: u32, text: &str) {
-            self.send(sid, &Msg::Data(text.as_bytes()));
-        }
-
-        /// Reads and files what the agent sent, for up to `wait`; whether anything came.
-        fn pump(&mut self, wait: Duration) -> bool {
-            let mut chunk = [0u8; 65536];
-            let got = match self.s.read(&mut chunk) {
-                Ok(0) => panic!("agent closed the link"),
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    true
-                }
-                Err(_) => {
-                    std::thread::sleep(wait.min(Duration::from_millis(1)));
-                    false
-                }
-            };
-            let mut at = 0;
-            while let Ok(Decoded::Msg {
-                session_id,
-                msg,
-                used,
-            }) = decode(&self.buf[at..])
-            {
-                at += used;
-                match msg {
-                    Msg::Data(b) => {
-                        if self.closed.contains_key(&session_id) {
-                            self.after_close += 1;
-                        }
-                        self.out.entry(session_id).or_default().extend_from_slice(b);
-                    }
-                    Msg::Close(r) => {
-                        self.closed.insert(session_id, r);
-                    }
-                    Msg::Pause => *self.input_pauses.entry(session_id).or_default() += 1,
-                    _ => {}
-                }
-            }
-            self.buf.drain(..at);
-            got
-        }
-
-        fn text(&self, sid: u32) -> String {
-            String::from_utf8_lossy(self.out.get(&sid).map_or(&[][..], |v| v)).into_owned()
-        }
-
-        fn wait_for(&mut self, sid: u32, needle: &str) {
-            let t0 = Instant::now();
-            while !self.text(sid).contains(needle) {
-                assert!(
-                    t0.elapsed() < T,
-                    "session {sid}: no {needle:?} in {:?}",
-                    self.text(sid)
-                );
-                self.pump(Duration::from_millis(50));
-            }
-        }
-
-        fn wait_close(&mut self, sid: u32) -> CloseReason {
-            let t0 = Instant::now();
-            loop {
-                if let Some(r) = self.closed.get(&sid) {
-                    return *r;
-                }
-                assert!(t0.elapsed() < T, "session {sid}: no CLOSE");
-                self.pump(Duration::from_millis(50));
-            }
-        }
-
-        /// Ends the link and waits for the agent's side to finish.
-        fn end(mut self) {
-            let _ = self.s.shutdown(std::net::Shutdown::Both);
-            if let Some(h) = self.link.take() {
-                let _ = h.join();
-            }
-            // The loop thread ends once its shells are reaped (the tests run one at a time,
-            // so any loop thread is ours).
-            let t0 = Instant::now();
-            while loop_threads_ptys_pidfds().0 > 0 {
-                assert!(t0.elapsed() < T, "the loop thread outlived its link");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    /// Threads called `claw-shells`, PTY masters and pidfds open in this process.
-    fn loop_threads_ptys_pidfds() -> (usize, usize, usize) {
-        let threads = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .flatten()
-            .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm"))
-                    .is_ok_and(|c| c.trim() == "claw-shells")
-            })
-            .count();
-        let (mut ptys, mut pidfds) = (0, 0);
-        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let t = target.to_string_lossy();
-            if t == "/dev/ptmx" || t.starts_with("/dev/pts/ptmx") {
-                ptys += 1;
-            } else if t.contains("pidfd") {
-                pidfds += 1;
-            }
-        }
-        (threads, ptys, pidfds)
-    }
-
-    fn settle(want: (usize, usize, usize)) {
-        let t0 = Instant::now();
-        loop {
-            let now = loop_threads_ptys_pidfds();
-            if now == want {
-                return;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "(loop threads, PTY masters, pidfds) = {now:?}, expected {want:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn serial() -> std::sync::MutexGuard<'static, ()> {
-        crate::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    use crate::testutil::*;
 
     #[test]
     fn many_sessions_share_one_loop_thread_and_two_descriptors_each() {
         let _g = serial();
         let base = loop_threads_ptys_pidfds();
-        let mut d = Daemon::start();
+        let mut d = Daemon::start(ShellAgent::new(Arc::new(PathBuf::from("/bin/sh"))));
         const N: u32 = 40;
         for sid in 1..=N {
             d.open(sid);
@@ -421,7 +231,7 @@ mod tests {
     #[test]
     fn exit_closes_after_the_output_and_the_id_can_be_reused() {
         let _g = serial();
-        let mut d = Daemon::start();
+        let mut d = Daemon::start(ShellAgent::new(Arc::new(PathBuf::from("/bin/sh"))));
         d.open(1);
         d.input(1, "echo bye-$((2+3)); exit 3\n");
         assert_eq!(d.wait_close(1), CloseReason::Normal);
@@ -438,7 +248,7 @@ mod tests {
     #[test]
     fn resize_reaches_the_terminal() {
         let _g = serial();
-        let mut d = Daemon::start();
+        let mut d = Daemon::start(ShellAgent::new(Arc::new(PathBuf::from("/bin/sh"))));
         d.open(1);
         d.input(1, "stty size; echo s-$((1+1))\n");
         d.wait_for(1, "s-2");
@@ -461,7 +271,7 @@ mod tests {
     #[test]
     fn pause_holds_one_session_back_without_loss_and_without_stalling_others() {
         let _g = serial();
-        let mut d = Daemon::start();
+        let mut d = Daemon::start(ShellAgent::new(Arc::new(PathBuf::from("/bin/sh"))));
         d.open(1);
         d.open(2);
         d.input(1, "echo a-$((1+1))\n");
@@ -502,7 +312,7 @@ mod tests {
     fn close_hangs_up_the_session_and_kills_what_ignores_it() {
         let _g = serial();
         let base = loop_threads_ptys_pidfds();
-        let mut d = Daemon::start();
+        let mut d = Daemon::start(ShellAgent::new(Arc::new(PathBuf::from("/bin/sh"))));
         d.open(1);
         d.input(
             1,
@@ -545,7 +355,7 @@ mod tests {
     #[test]
     fn input_to_a_program_that_does_not_read_does_not_block_the_loop() {
         let _g = serial();
-        let mut d = Daemon::start();
+        let mut d = Daemon::start(ShellAgent::new(Arc::new(PathBuf::from("/bin/sh"))));
         d.open(1);
         d.open(2);
         d.input(1, "sleep 30\n");
