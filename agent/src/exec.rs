@@ -2,52 +2,28 @@
 //! its stdin (through a bounded [`input_queue`](super::input_queue)), its stdout and stderr
 //! both come back as DATA, its exit closes the session; closing the session kills its process
 //! group (SIGTERM, then SIGKILL after 2 s).
+//!
+//! Like [`ShellAgent`](super::ShellAgent), no thread per session: the sessions of a link share
+//! the link's event loop (`ptyloop.rs`). A session costs the agent 3 descriptors: the process's
+//! stdin, one pipe for its stdout and stderr (so their output keeps the order it was written
+//! in), and a pidfd. The standard library starts the process with `posix_spawn` (no `pre_exec`
+//! hook), so the agent is not forked.
 
+use super::ptyloop::{Io, Key, LoopHandle, NewSession};
 use super::{input_queue, Agent, CloseReason, InputSender, OpenInfo, Outbox, SessionId};
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// `exec`: one process per session, on pipes.
 pub struct ExecAgent {
     argv: Arc<Vec<OsString>>,
-    procs: HashMap<SessionId, Proc>,
-}
-
-struct Proc {
-    stdin: InputSender,
-    pgid: libc::pid_t,
-    exited: Arc<AtomicBool>,
-}
-
-impl Proc {
-    /// SIGTERM the process group now, SIGKILL it 2 s later if the process is still running.
-    fn kill(self) {
-        drop(self.stdin);
-        // SAFETY: plain syscalls; errors (ESRCH: already gone) are ignored.
-        unsafe { libc::killpg(self.pgid, libc::SIGTERM) };
-        if self.exited.load(Ordering::SeqCst) {
-            return;
-        }
-        let (pgid, exited) = (self.pgid, self.exited);
-        let _ = std::thread::Builder::new()
-            .name("claw-agent-kill".into())
-            .spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while Instant::now() < deadline {
-                    if exited.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                // SAFETY: as above.
-                unsafe { libc::killpg(pgid, libc::SIGKILL) };
-            });
-    }
+    /// The link's event loop, started with its first session.
+    lp: Option<LoopHandle>,
+    /// The link thread's side of each session: its key in the loop and its input queue.
+    procs: HashMap<SessionId, (Key, InputSender)>,
 }
 
 impl ExecAgent {
@@ -55,152 +31,241 @@ impl ExecAgent {
     pub fn new(argv: Arc<Vec<OsString>>) -> ExecAgent {
         ExecAgent {
             argv,
+            lp: None,
             procs: HashMap::new(),
         }
     }
 
-    fn spawn(&self, s: SessionId, info: &OpenInfo, out: &Outbox) -> std::io::Result<Proc> {
+    /// Forgets sessions whose process has exited (their CLOSE has been sent).
+    fn forget_finished(&mut self) {
+        if let Some(lp) = &self.lp {
+            for (s, key) in lp.take_finished() {
+                if self.procs.get(&s).is_some_and(|(k, _)| *k == key) {
+                    self.procs.remove(&s);
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) -> std::io::Result<()> {
         use std::os::unix::process::CommandExt;
         let Some((cmd, args)) = self.argv.split_first() else {
             return Err(std::io::Error::other("no command given"));
         };
-        let mut child = Command::new(cmd)
+        if self.lp.is_none() {
+            self.lp = Some(LoopHandle::start(out.clone())?);
+        }
+        let Some(lp) = &self.lp else {
+            return Err(std::io::Error::other("no event loop"));
+        };
+        // stdout and stderr share one pipe (close-on-exec in the agent).
+        let (output, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let w2 = w.try_clone()?;
+        let mut command = Command::new(cmd);
+        command
             .args(args)
             .env("CLAW_TENANT", info.tenant.to_string())
             .env("CLAW_AGENT", info.agent.to_string())
             .env("CLAW_SESSION", s.to_string())
             .env("CLAW_PEER", &info.peer)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()?;
-        let pgid = child.id() as libc::pid_t;
-        let exited = Arc::new(AtomicBool::new(false));
-
-        // stdin: fed from DATA by its own thread, so a process that doesn't read can't stall
-        // the link. The queue is bounded: past INPUT_HIGH bytes the session's input is PAUSEd
-        // (the daemon stops reading that client) until the process has read it down.
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::from(w2))
+            .process_group(0);
+        let spawned = command.spawn();
+        drop(command); // closes our copies of the pipe's write end
+        let mut child = spawned?;
+        let stdin = child.stdin.take().map(OwnedFd::from);
+        let pid = child.id() as libc::pid_t;
+        // The loop reaps it (dropping a `Child` neither waits nor kills).
+        drop(child);
         let (tx, rx) = input_queue(s, out);
-        if let Some(mut stdin) = child.stdin.take() {
-            std::thread::Builder::new()
-                .name(format!("exec-{s}-stdin"))
-                .spawn(move || {
-                    while let Some(chunk) = rx.recv() {
-                        let written = stdin.write_all(&chunk);
-                        rx.done(chunk.len());
-                        if written.is_err() {
-                            break;
-                        }
-                    }
-                })?;
-        }
-
-        // stdout and stderr: both sent as DATA; reading waits while the session is paused.
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
-            child
-                .stdout
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        ];
-        for (i, pipe) in pipes.into_iter().enumerate() {
-            let Some(mut pipe) = pipe else { continue };
-            let (out, done) = (out.clone(), done_tx.clone());
-            std::thread::Builder::new()
-                .name(format!("exec-{s}-out{i}"))
-                .spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while out.wait_sendable(s) {
-                        match pipe.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                if out.data(s, &buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(_) => break,
-                        }
-                    }
-                    drop(done);
-                })?;
-        }
-        drop(done_tx);
-
-        // The process's exit closes the session, after its output (give the pipes up to 2 s
-        // to drain, in case a leftover child keeps them open).
-        let (out, exited2) = (out.clone(), Arc::clone(&exited));
-        std::thread::Builder::new()
-            .name(format!("exec-{s}-wait"))
-            .spawn(move || {
-                let status = child.wait();
-                exited2.store(true, Ordering::SeqCst);
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    done_rx.recv_deadline(deadline)
-                {
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                }
-                tracing::debug!(session = s, ?status, "exec: process exited");
-                let _ = out.close(s, CloseReason::Normal);
-            })?;
-
-        Ok(Proc {
-            stdin: tx,
-            pgid,
-            exited,
-        })
+        let key = lp.add(NewSession {
+            s,
+            io: Io::Pipes { stdin, output },
+            pid,
+            input: rx,
+        })?;
+        self.procs.insert(s, (key, tx));
+        Ok(())
     }
 }
 
 impl Agent for ExecAgent {
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
-        // Forget sessions whose process has exited (their CLOSE has been sent).
-        self.procs.retain(|_, p| !p.exited.load(Ordering::SeqCst));
-        if let Some(old) = self.procs.remove(&s) {
-            old.kill();
+        self.forget_finished();
+        if let Some((key, _)) = self.procs.remove(&s) {
+            if let Some(lp) = &self.lp {
+                lp.kill(key);
+            }
         }
-        match self.spawn(s, info, out) {
-            Ok(p) => {
-                self.procs.insert(s, p);
-            }
-            Err(e) => {
-                tracing::warn!(session = s, error = %e, "exec: cannot start the command");
-                let msg = format!(
-                    "claw-agent: cannot run {:?}: {e}\r\n",
-                    self.argv
-                        .first()
-                        .map(|c| c.to_string_lossy())
-                        .unwrap_or_default()
-                );
-                let _ = out.data(s, msg.as_bytes());
-                let _ = out.close(s, CloseReason::Error);
-            }
+        if let Err(e) = self.spawn(s, info, out) {
+            tracing::warn!(session = s, error = %e, "exec: cannot start the command");
+            let msg = format!(
+                "claw-agent: cannot run {:?}: {e}\r\n",
+                self.argv
+                    .first()
+                    .map(|c| c.to_string_lossy())
+                    .unwrap_or_default()
+            );
+            let _ = out.data(s, msg.as_bytes());
+            let _ = out.close(s, CloseReason::Error);
         }
     }
 
     fn data(&mut self, s: SessionId, bytes: &[u8], _out: &Outbox) {
-        if let Some(p) = self.procs.get_mut(&s) {
-            p.stdin.push(bytes);
+        if let Some((key, tx)) = self.procs.get_mut(&s) {
+            tx.push(bytes);
+            let key = *key;
+            if let Some(lp) = &self.lp {
+                lp.input(key);
+            }
+        }
+    }
+
+    fn pause(&mut self, s: SessionId, _out: &Outbox) {
+        if let (Some((key, _)), Some(lp)) = (self.procs.get(&s), &self.lp) {
+            lp.pause(*key, true);
+        }
+    }
+
+    fn resume_output(&mut self, s: SessionId, _out: &Outbox) {
+        if let (Some((key, _)), Some(lp)) = (self.procs.get(&s), &self.lp) {
+            lp.pause(*key, false);
         }
     }
 
     fn close(&mut self, s: SessionId, _reason: CloseReason, _out: &Outbox) {
-        if let Some(p) = self.procs.remove(&s) {
-            p.kill();
+        if let Some((key, _)) = self.procs.remove(&s) {
+            if let Some(lp) = &self.lp {
+                lp.kill(key);
+            }
         }
+        self.forget_finished();
     }
 
     fn link_closed(&mut self, _out: &Outbox) {
-        for (_, p) in self.procs.drain() {
-            p.kill();
+        self.procs.clear();
+        if let Some(lp) = self.lp.take() {
+            lp.shutdown();
         }
+    }
+}
+
+impl Drop for ExecAgent {
+    fn drop(&mut self) {
+        if let Some(lp) = self.lp.take() {
+            lp.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `exec` sessions on the link's event loop: no thread per session, 3 descriptors each,
+    //! stdout and stderr in write order, exit, and SIGTERM then SIGKILL on close.
+    use super::*;
+    use crate::testutil::*;
+    use clawterm_core::podlink::Msg;
+    use std::time::{Duration, Instant};
+
+    fn sh(script: &str) -> ExecAgent {
+        ExecAgent::new(Arc::new(
+            ["/bin/sh", "-c", script]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn many_exec_sessions_share_one_loop_thread_and_three_descriptors_each() {
+        let _g = serial();
+        let base = loop_threads_ptys_pidfds();
+        let base_pipes = pipes();
+        let mut d = Daemon::start(sh(
+            "echo out-$CLAW_SESSION; echo err-$CLAW_SESSION >&2; while read x; do echo got-$x; done",
+        ));
+        const N: u32 = 30;
+        for sid in 1..=N {
+            d.open(sid);
+            d.input(sid, &format!("x{sid}\n"));
+        }
+        for sid in 1..=N {
+            d.wait_for(sid, &format!("got-x{sid}"));
+            let t = d.text(sid);
+            let (o, e) = (format!("out-{sid}\n"), format!("err-{sid}\n"));
+            assert!(t.contains(&o) && t.contains(&e), "{sid}: {t:?}");
+            assert!(
+                t.find(&o) < t.find(&e),
+                "stdout before stderr, as written: {t:?}"
+            );
+        }
+        let (threads, ptys, pidfds) = loop_threads_ptys_pidfds();
+        assert_eq!(threads, base.0 + 1, "one loop thread per link");
+        assert_eq!(ptys, base.1);
+        assert_eq!(pidfds, base.2 + N as usize, "one pidfd per session");
+        assert_eq!(
+            pipes(),
+            base_pipes + 2 * N as usize,
+            "stdin and output per session"
+        );
+        // Closing the sessions ends the processes (SIGTERM to each group).
+        for sid in 1..=N {
+            d.send(sid, &Msg::Close(CloseReason::ClientDisconnect));
+        }
+        settle((base.0 + 1, base.1, base.2));
+        assert_eq!(pipes(), base_pipes);
+        d.end();
+        settle(base);
+    }
+
+    #[test]
+    fn exit_sends_the_output_then_close() {
+        let _g = serial();
+        let mut d = Daemon::start(sh("head -c 300000 /dev/zero | tr '\\0' x; echo; echo end"));
+        d.open(1);
+        assert_eq!(d.wait_close(1), CloseReason::Normal);
+        let t = d.text(1);
+        assert_eq!(t.matches('x').count(), 300000);
+        assert!(
+            t.ends_with("\nend\n"),
+            "{:?}",
+            &t[t.len().saturating_sub(20)..]
+        );
+        assert_eq!(d.after_close, 0);
+        d.end();
+    }
+
+    #[test]
+    fn close_terms_the_group_then_kills_what_ignores_it() {
+        let _g = serial();
+        let mut d = Daemon::start(sh("trap '' TERM; echo pid=$$; exec sleep 1000"));
+        d.open(1);
+        d.wait_for(1, "pid=");
+        let pid: i32 = d
+            .text(1)
+            .split("pid=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .expect("the pid");
+        let alive = |p: i32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        };
+        let t0 = Instant::now();
+        d.send(1, &Msg::Close(CloseReason::ClientDisconnect));
+        while alive(pid) {
+            assert!(t0.elapsed() < Duration::from_secs(6), "{pid} survived");
+            d.pump(Duration::from_millis(50));
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1900),
+            "SIGKILL before the grace period: {:?}",
+            t0.elapsed()
+        );
+        assert!(d.closed.is_empty(), "CLOSE for a daemon-closed session");
+        d.end();
     }
 }

@@ -21,7 +21,9 @@
 //!
 //! The agents `claw-agent` runs are here too, ready to serve or to wrap: [`EchoAgent`],
 //! [`ExecAgent`] (one process per session on pipes) and [`ShellAgent`] (a login shell in a PTY
-//! per session).
+//! per session, started with `posix_spawn`). Both serve all the sessions of a link from one
+//! event-loop thread, at 2 (shell) or 3 (exec) descriptors and no thread per session — see
+//! `docs/POD-LINK.md`, "How `shell` and `exec` run their sessions".
 //!
 //! ```no_run
 //! use clawterm_agent::{Agent, AgentListener, Outbox, SessionId};
@@ -44,8 +46,11 @@ mod input;
 mod link;
 mod listener;
 pub mod pty;
+mod ptyloop;
 mod shell;
 mod signal;
+#[cfg(test)]
+mod testutil;
 
 pub use echo::EchoAgent;
 pub use exec::ExecAgent;
@@ -56,6 +61,11 @@ pub use shell::{shell_path, ShellAgent};
 pub use signal::stop_on_signals;
 
 pub use clawterm_core::podlink::CloseReason;
+
+/// Tests that open PTYs or count process-wide descriptors and threads take this lock, so
+/// that they don't see each other's.
+#[cfg(test)]
+pub(crate) static TEST_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A session's id on its link (the pod-link SESSION_ID).
 pub type SessionId = u32;

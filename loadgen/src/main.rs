@@ -22,6 +22,7 @@
 mod bulk;
 mod quic;
 mod raw_server;
+mod shells;
 mod sys;
 mod worker;
 
@@ -1046,6 +1047,10 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if args.first().map(String::as_str) == Some("shells") {
+        // N shell sessions through a `claw-agent shell` pod (bench/shells.sh).
+        std::process::exit(shells::main(&args[1..]));
     }
     let o = match parse_args(&args) {
         Ok(o) => o,
