@@ -243,6 +243,9 @@ impl ClientCore {
 
     pub fn set_options(&mut self, o: CoreOptions) {
         self.opts = o;
+        if !o.offer_reliable {
+            self.reliable = false;
+        }
     }
 
     pub fn options(&self) -> CoreOptions {
@@ -509,10 +512,35 @@ impl ClientCore {
         now: u64,
         mut observe: impl FnMut(&Seen<'_>),
     ) -> Result<(), CoreError> {
-        self.rbuf.extend_from_slice(bytes);
         self.last_rx = now;
+        let res = if self.rbuf.is_empty() {
+            // Nothing held back from the last call: decode in place, keep only the rest.
+            let (off, res) = self.frames(bytes, now, &mut observe);
+            self.rbuf.extend_from_slice(&bytes[off..]);
+            res
+        } else {
+            self.rbuf.extend_from_slice(bytes);
+            let buf = std::mem::take(&mut self.rbuf);
+            let (off, res) = self.frames(&buf, now, &mut observe);
+            self.rbuf = buf;
+            self.rbuf.drain(..off);
+            res
+        };
+        if res.is_ok() && self.phase == Phase::Attached && self.opts.acks == AckPolicy::PerRead {
+            self.flush_ack(now);
+        }
+        res
+    }
+
+    /// Handles the whole frames at the start of `buf`; returns how many bytes they took (the
+    /// rest is kept for the next call) and whether the stream is still good.
+    fn frames(
+        &mut self,
+        buf: &[u8],
+        now: u64,
+        observe: &mut impl FnMut(&Seen<'_>),
+    ) -> (usize, Result<(), CoreError>) {
         let mut off = 0;
-        let buf = std::mem::take(&mut self.rbuf);
         let res = loop {
             match decode(&buf[off..], proto::MAX_PAYLOAD) {
                 Ok(Decoded::NeedMore(_)) => break Ok(()),
@@ -535,12 +563,7 @@ impl ClientCore {
                 Err(e) => break Err(CoreError::Decode(e)),
             }
         };
-        self.rbuf = buf;
-        self.rbuf.drain(..off);
-        if res.is_ok() && self.phase == Phase::Attached && self.opts.acks == AckPolicy::PerRead {
-            self.flush_ack(now);
-        }
-        res
+        (off, res)
     }
 
     fn flush_ack(&mut self, now: u64) {
@@ -640,7 +663,8 @@ impl ClientCore {
                 let a = Accept::parse(payload).map_err(|e| CoreError::Payload("ACCEPT", e))?;
                 self.session_id = a.session_id;
                 self.resume_token = a.resume_token.unwrap_or([0; 16]);
-                self.reliable = a.caps & CAP_RELIABLE != 0;
+                // RELIABLE when both ends do it (ACCEPT carries the server's capabilities).
+                self.reliable = self.opts.offer_reliable && a.caps & CAP_RELIABLE != 0;
                 self.events.push_back(CoreEvent::Accepted {
                     session_id: a.session_id,
                 });
@@ -830,7 +854,7 @@ mod tests {
         Accept {
             session_id: 5,
             version: 1,
-            caps: 0,
+            caps: CAP_RELIABLE, // the server's capabilities, not what was agreed
             resume_token: Some([3; 16]),
         }
         .encode(&mut p);

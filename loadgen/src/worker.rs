@@ -360,7 +360,12 @@ impl<'a> Worker<'a> {
 
     /// The cores' clock (ms).
     fn ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` on the cores' clock (ms).
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     fn count(&mut self, k: &'static str, n: u64) {
@@ -621,7 +626,7 @@ impl<'a> Worker<'a> {
             c.out.push_back((tag, at));
             self.send(i, &data_payload(tag));
         } else {
-            let now = self.ms();
+            let now = self.ms_at(Instant::now());
             let c = &mut self.conns[i];
             if ack {
                 c.core.ack_now(now);
@@ -1003,7 +1008,8 @@ impl<'a> Worker<'a> {
             self.conns[i].rbuf.clear();
             return;
         }
-        let now_ms = self.ms();
+        let now = Instant::now();
+        let now_ms = self.ms_at(now);
         let mut seen = std::mem::take(&mut self.seen);
         seen.clear();
         let c = &mut self.conns[i];
@@ -1017,7 +1023,6 @@ impl<'a> Worker<'a> {
             .on_bytes_observed(bytes, now_ms, |f| seen.push(Obs::of(f)));
         rbuf.clear();
         c.rbuf = rbuf;
-        let now = Instant::now();
         for f in &seen {
             if matches!(self.conns[i].st, St::Dead | St::Free | St::Closing) {
                 break;
