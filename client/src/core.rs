@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use clawterm_core::proto::frame::encode_with;
 use clawterm_core::proto::{
     self, decode, encode_to_vec, seq, Accept, Ack, Connect, Decoded, ErrorCode, ErrorFrame,
     FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_V1, FLAG_GAP, FLAG_REPLAY,
@@ -172,8 +173,6 @@ pub struct ClientCore {
     opts: CoreOptions,
     /// The last RESUMED received.
     resumed: Option<Resumed>,
-    /// Payload encoding scratch (reused).
-    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for ClientCore {
@@ -213,7 +212,6 @@ impl ClientCore {
             pending_resize: None,
             opts: CoreOptions::default(),
             resumed: None,
-            scratch: Vec::new(),
         }
     }
 
@@ -433,8 +431,27 @@ impl ClientCore {
     /// Appends the bytes to write to `dst` and drains the buffer, keeping both allocations (for
     /// a driver that writes many small frames).
     pub fn take_output_into(&mut self, dst: &mut Vec<u8>) {
-        dst.extend_from_slice(&self.out);
-        self.out.clear();
+        if dst.is_empty() {
+            // No copy: the buffers trade places (`dst`'s allocation is the core's next one).
+            std::mem::swap(dst, &mut self.out);
+        } else {
+            dst.extend_from_slice(&self.out);
+            self.out.clear();
+        }
+    }
+
+    /// Runs `f` with `buf` as the output buffer: what is queued already, then what `f` queues,
+    /// is appended to `buf`, and the core's own buffer is not touched. A driver of many
+    /// connections lends every core the same (cache-hot) buffer this way.
+    pub fn output_into<R>(&mut self, buf: &mut Vec<u8>, f: impl FnOnce(&mut ClientCore) -> R) -> R {
+        if !self.out.is_empty() {
+            buf.extend_from_slice(&self.out);
+            self.out.clear();
+        }
+        std::mem::swap(buf, &mut self.out);
+        let r = f(self);
+        std::mem::swap(buf, &mut self.out);
+        r
     }
 
     /// Whether received DATA is not acknowledged yet (attached only).
@@ -569,11 +586,11 @@ impl ClientCore {
     fn flush_ack(&mut self, now: u64) {
         if let Some(h) = self.highest_data {
             if self.acked.is_none_or(|a| seq::gt(h, a)) {
-                let mut p = std::mem::take(&mut self.scratch);
-                p.clear();
-                Ack::Cumulative(h).encode(&mut p);
-                self.emit(FrameType::Ack, &p, now);
-                self.scratch = p;
+                let s = self.take_seq();
+                encode_with(&mut self.out, self.session_id, s, FrameType::Ack, 0, |p| {
+                    Ack::Cumulative(h).encode(p)
+                });
+                self.last_tx = now;
                 self.acked = Some(h);
             }
         }
@@ -880,11 +897,14 @@ mod tests {
         assert_eq!(c.poll_event(), Some(CoreEvent::Accepted { session_id: 5 }));
         assert_eq!(c.poll_event(), None);
         assert!(c.ack_pending());
-        c.ack_now(2);
-        let tag = c.next_seq();
-        c.send_data(b"x", 2);
         let mut out = Vec::new();
-        c.take_output_into(&mut out);
+        let tag = c.output_into(&mut out, |c| {
+            c.ack_now(2);
+            let tag = c.next_seq();
+            c.send_data(b"x", 2);
+            tag
+        });
+        assert!(!c.has_output());
         let out = frames(&out);
         assert_eq!(out.len(), 2);
         assert_eq!(

@@ -627,14 +627,21 @@ impl<'a> Worker<'a> {
             self.send(i, &data_payload(tag));
         } else {
             let now = self.ms_at(Instant::now());
+            let mut buf = std::mem::take(&mut self.fbuf);
+            buf.clear();
             let c = &mut self.conns[i];
-            if ack {
-                c.core.ack_now(now);
-            }
-            let tag = c.core.next_seq();
-            c.core.send_data(&data_payload(tag), now);
+            // The core writes into the worker's buffer (hot in the cache), not its own.
+            let tag = c.core.output_into(&mut buf, |core| {
+                if ack {
+                    core.ack_now(now);
+                }
+                let tag = core.next_seq();
+                core.send_data(&data_payload(tag), now);
+                tag
+            });
             c.out.push_back((tag, at));
-            self.flush_core(i);
+            self.send(i, &buf);
+            self.fbuf = buf;
         }
         self.n_sent += 1;
     }
@@ -644,8 +651,13 @@ impl<'a> Worker<'a> {
             return;
         }
         let now = self.ms();
-        self.conns[i].core.ack_now(now);
-        self.flush_core(i);
+        let mut buf = std::mem::take(&mut self.fbuf);
+        buf.clear();
+        self.conns[i]
+            .core
+            .output_into(&mut buf, |core| core.ack_now(now));
+        self.send(i, &buf);
+        self.fbuf = buf;
     }
 
     /// Sends protocol bytes on the session's transport.
