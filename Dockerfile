@@ -40,13 +40,20 @@ COPY agent/Cargo.toml agent/Cargo.toml
 COPY client/Cargo.toml client/Cargo.toml
 COPY shards/Cargo.toml shards/Cargo.toml
 COPY loadgen/Cargo.toml loadgen/Cargo.toml
-RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src shards/src loadgen/src benches \
+COPY testkit/Cargo.toml testkit/Cargo.toml
+COPY bench/Cargo.toml bench/Cargo.toml
+# The test harness (testkit/) and measurement (bench/) crates are workspace members the image
+# never builds: their stubs stay for the real build too (.dockerignore keeps only their manifests).
+RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src shards/src loadgen/src \
+             testkit/src bench/src/bin bench/benches \
     && touch src/lib.rs core/src/lib.rs poll/src/lib.rs agent/src/lib.rs client/src/lib.rs shards/src/lib.rs \
+             testkit/src/lib.rs \
     && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs loadgen/src/main.rs \
-                benches/codec.rs benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
+                bench/src/bin/pod_figures.rs bench/src/bin/tls_figures.rs bench/src/bin/reconnect_figure.rs \
+                bench/benches/codec.rs bench/benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo fetch --locked \
     && cargo build --release --locked -p clawterm --bins \
-    && rm -rf src core/src poll/src agent/src client/src shards/src loadgen/src benches \
+    && rm -rf src core/src poll/src agent/src client/src shards/src loadgen/src \
               target/release/.fingerprint/claw* target/release/.fingerprint/shards-* \
               target/release/deps/*claw* target/release/deps/*shards*
 
@@ -57,7 +64,6 @@ COPY agent agent
 COPY client client
 COPY shards shards
 COPY loadgen loadgen
-COPY benches benches
 COPY src src
 RUN cargo build --release --locked -p clawterm --bins \
     && mkdir -p /out \

@@ -9,6 +9,8 @@
       the goal's setting).
   render.py goals RECORD_JSON
       Prints the goals of one recorded run (the JSON line `record` printed) as text.
+  render.py quick RECORD_JSON
+      Prints the quick profile's table (RSS per idle session, closed-loop echo rate).
   render.py render --history bench/history.jsonl --out bench/dashboard.html
       Writes a self-contained HTML dashboard (inline SVG, no network fetches).
 """
@@ -572,6 +574,28 @@ session counts and are charted separately; compare runs within one profile only.
     print(f"wrote {a.out} ({len(runs)} runs)", file=sys.stderr)
 
 
+def print_quick(a):
+    """The quick profile's table (bench/run.sh --profile quick): RSS per idle session and
+    closed-loop echo round trips per second through one shard, per backend."""
+    line = load(a.record_json) or {}
+    res = line.get("results", {})
+    print(f"quick figures: {line.get('placement')}; load average at start {line.get('loadavg_at_start')}")
+    print(f"{'io':<6} {'idle sessions':>13} {'open/s':>8} {'hs p50/p99 ms':>14} {'server B/sess':>13}"
+          f" {'echo sessions':>13} {'echoes/s':>9} {'p50/p99 ms':>12} {'server core busy':>16}")
+    fmt = lambda v, f="{:,.0f}": "–" if v is None else f.format(v)
+    ms = lambda v: "–" if v is None else f"{v / 1000:.2f}"
+    for io in (k for k in ("uring", "epoll") if k in res):
+        i, e = res[io].get("idle") or {}, res[io].get("echo_closed") or {}
+        print(f"{io:<6} {fmt(i.get('sessions')):>13} {fmt(i.get('open_per_s')):>8}"
+              f" {ms(pick(i, 'handshake_us', 'p50')) + '/' + ms(pick(i, 'handshake_us', 'p99')):>14}"
+              f" {fmt(i.get('rss_bytes_per_session')):>13} {fmt(e.get('sessions')):>13}"
+              f" {fmt(e.get('rate')):>9}"
+              f" {ms(pick(e, 'latency_us', 'p50')) + '/' + ms(pick(e, 'latency_us', 'p99')):>12}"
+              f" {fmt(pick(e, 'server_core', 'busy'), '{:.2f}'):>16}")
+    if line.get("failed"):
+        print(f"FAILED: {', '.join(line['failed'])}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -588,6 +612,8 @@ def main():
     r.add_argument("--loadgen-cpu", type=int, default=None, help="the CPU loadgen ran on")
     g = sub.add_parser("goals")
     g.add_argument("record_json")
+    q = sub.add_parser("quick")
+    q.add_argument("record_json")
     d = sub.add_parser("render")
     d.add_argument("--history", required=True)
     d.add_argument("--out", required=True)
@@ -596,6 +622,8 @@ def main():
         record(a)
     elif a.cmd == "goals":
         print_goals(a)
+    elif a.cmd == "quick":
+        print_quick(a)
     else:
         render(a)
 

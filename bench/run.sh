@@ -5,8 +5,12 @@
 # QUIC echo) scenarios; appends one JSON line to bench/history.jsonl (with each goal next to
 # its measured figure) and regenerates bench/dashboard.html.
 #
-#   bash bench/run.sh [--profile smoke|full] [--io "uring epoll"] [--no-build] [--keep]
+#   bash bench/run.sh [--profile smoke|full|quick] [--io "uring epoll"] [--no-build] [--keep]
 #                     [--history FILE] [--dashboard FILE] [--note TEXT]
+#
+# --profile quick: only the two quick figures per backend, RSS per idle session (10,000 idle
+# sessions) and closed-loop echo round trips per second through one shard (1,000 sessions),
+# printed as a table; recorded in the work directory's own history unless --history is given.
 #
 # Exit status: non-zero only when a scenario fails functionally (a loadgen run reports errors
 # or sessions not established, or a server does not start) — never because a figure is low.
@@ -30,7 +34,7 @@ while [ $# -gt 0 ]; do
     --history) HISTORY="$2"; shift 2 ;;
     --dashboard) DASHBOARD="$2"; shift 2 ;;
     --note) NOTE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -51,15 +55,16 @@ case "$PROFILE" in
   full)  IDLE_N=19000; ECHO_N=10000; ECHO_RATE=50000; CLOSED_N=10000; RESUME_N=10000; DUR=15; CONN_INFLIGHT=64
          RESUME_RATE=2000; TLS_N=10000; QUIC_N=5000; QUIC_ECHO_N=1000; QUIC_ECHO_RATE=5000; TQ_DUR=10
          CLOSED_REPS=3; BULK_PROBES=8 ;;
-  *) echo "bench/run.sh: --profile must be smoke or full" >&2; exit 2 ;;
+  quick) IDLE_N=10000; CLOSED_N=1000; DUR=5; CONN_INFLIGHT=64; CLOSED_REPS=1
+         ECHO_N=0; ECHO_RATE=0; RESUME_N=0; RESUME_RATE=0; TLS_N=0; QUIC_N=0; QUIC_ECHO_N=0
+         QUIC_ECHO_RATE=0; TQ_DUR=0; BULK_PROBES=0 ;;
+  *) echo "bench/run.sh: --profile must be smoke, full or quick" >&2; exit 2 ;;
 esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 cd "$ROOT" || exit 2
-HISTORY="${HISTORY:-$ROOT/bench/history.jsonl}"
-DASHBOARD="${DASHBOARD:-$ROOT/bench/dashboard.html}"
 T_START=$(date +%s)
 
 if [ "$BUILD" = 1 ]; then
@@ -76,6 +81,13 @@ for b in clawtermd claw-agent loadgen; do
 done
 
 RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/clawterm-bench.XXXXXX")"
+# The quick profile keeps its record out of the project's history unless told otherwise.
+if [ "$PROFILE" = quick ]; then
+  HISTORY="${HISTORY:-$RUN_DIR/history.jsonl}"
+  DASHBOARD="${DASHBOARD:-$RUN_DIR/dashboard.html}"
+fi
+HISTORY="${HISTORY:-$ROOT/bench/history.jsonl}"
+DASHBOARD="${DASHBOARD:-$ROOT/bench/dashboard.html}"
 cat /proc/loadavg >"$RUN_DIR/loadavg.start" 2>/dev/null
 NCPU=$(nproc)
 # CPU placement: the server side is one core. clawtermd's shard AND the echo agent pod run on
@@ -200,6 +212,7 @@ scenario() {
 
 for io in $IOS; do
   scenario "$io.idle" "$io" idle --sessions "$IDLE_N" --duration "$DUR"
+  [ "$PROFILE" = quick ] && continue
   scenario "$io.echo" "$io" echo --sessions "$ECHO_N" --rate "$ECHO_RATE" --duration "$DUR" --warmup 1 --ack-delay "$ACK_DELAY"
   scenario "$io.resume" "$io" resume --sessions "$RESUME_N"
   scenario "$io.resume_paced" "$io" resume --sessions "$RESUME_N" --resume-rate "$RESUME_RATE"
@@ -215,9 +228,10 @@ for rep in $(seq 1 "$CLOSED_REPS"); do
   done
 done
 
+first_io="${IOS%% *}"
+if [ "$PROFILE" != quick ]; then
 # Cross-shard resume: two shards (both on the server CPU), same-shard vs cross-shard reconnects
 # (by construction, see docs/BENCHMARKS.md), as a burst and paced.
-first_io="${IOS%% *}"
 for mode in burst paced; do
   name="resume_cross"; extra=()
   if [ "$mode" = paced ]; then name="resume_cross_paced"; extra=(--resume-rate "$RESUME_RATE"); fi
@@ -262,13 +276,18 @@ stop_server
 for io in $IOS; do
   scenario "$io.connect" "$io" connect --duration "$DUR" --inflight "$CONN_INFLIGHT"
 done
+fi # not quick
 
 T_END=$(date +%s)
 FAILED_JSON=$(printf '%s\n' "${FAILED[@]+"${FAILED[@]}"}" | python3 -c 'import json,sys; print(json.dumps([l.strip() for l in sys.stdin if l.strip()]))')
 python3 "$ROOT/bench/render.py" record "$RUN_DIR" --profile "$PROFILE" --history "$HISTORY" \
   --failed "$FAILED_JSON" --seconds $((T_END - T_START)) --ios "$IOS" --placement "$PLACEMENT" \
   --note "$NOTE" "${CORE_ARGS[@]+"${CORE_ARGS[@]}"}" >"$RUN_DIR/record.json" || FAILED+=("record (render.py)")
-python3 "$ROOT/bench/render.py" goals "$RUN_DIR/record.json" >&2 || true
+if [ "$PROFILE" = quick ]; then
+  python3 "$ROOT/bench/render.py" quick "$RUN_DIR/record.json" || FAILED+=("quick table (render.py)")
+else
+  python3 "$ROOT/bench/render.py" goals "$RUN_DIR/record.json" >&2 || true
+fi
 python3 "$ROOT/bench/render.py" render --history "$HISTORY" --out "$DASHBOARD" \
   || FAILED+=("dashboard (render.py render)")
 

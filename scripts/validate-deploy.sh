@@ -173,12 +173,13 @@ def dockerfile():
         if must not in ignore:
             err(f".dockerignore must exclude {must}")
     ignored_top = {p.rstrip("/") for p in ignore if not p.startswith("!") and "*" not in p}
+    kept = {p[1:].rstrip("/") for p in ignore if p.startswith("!")}
     for k, rest in builder["instrs"]:
         if k == "COPY" and "--from" not in rest:
             for src in rest.split()[:-1]:
                 if not os.path.exists(src):
                     err(f"Dockerfile COPY source {src} does not exist")
-                elif src.split("/")[0] in ignored_top:
+                elif src.split("/")[0] in ignored_top and src.rstrip("/") not in kept:
                     err(f"Dockerfile COPY source {src} is excluded by .dockerignore")
     ok(".dockerignore excludes target/, fuzz/, .git/, bench/ and keeps every COPY source")
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-mod harness;
+use clawterm_testkit as harness;
 
 use harness::{dead, first_line, remember, temp_path, wait_dead};
 

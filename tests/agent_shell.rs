@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clawterm::podlink::{decode, encode, CloseReason, Decoded, Msg, Open};
 
-mod harness;
+use clawterm_testkit as harness;
 
 use harness::{dead, first_line, remember, temp_path, wait_dead};
 

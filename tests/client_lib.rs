@@ -9,8 +9,8 @@ use clawterm_client::{
     Backoff, ClientError, Credentials, Event, Options, Session, Store, Transport,
 };
 
-mod client_support;
-mod harness;
+use clawterm_testkit as harness;
+use clawterm_testkit::client as client_support;
 use client_support::*;
 use harness::session::{
     collect_until, fast_opts, receive_through_cuts, wait_acked, wait_disconnected,

@@ -10,8 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-mod client_support;
-mod harness;
+use clawterm_testkit::client as client_support;
 use client_support::*;
 
 // ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //! mask (README "Running it for real", CLI.md). Real processes only.
 
 mod common;
-mod harness;
+use clawterm_testkit as harness;
 
 use common::*;
 use harness::{bin, clear_clawterm_env, collect_lines_into, signal, Lines};

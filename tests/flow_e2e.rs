@@ -9,7 +9,7 @@
 //! * outgoing DATA frames are at most `--max-send-payload` (16 KiB by default).
 
 mod common;
-mod harness;
+use clawterm_testkit as harness;
 
 use clawterm_agent::{Agent, AgentListener, OpenInfo, Outbox, SessionId};
 use common::*;

@@ -3,7 +3,7 @@
 //! once while a measured live session keeps its latency and the server's memory stays bounded.
 
 mod common;
-mod harness;
+use clawterm_testkit as harness;
 
 use common::*;
 use std::io::{Read, Write};

@@ -6,7 +6,7 @@
 //! `--check-config` refusing bad values and naming where each came from.
 
 mod common;
-mod harness;
+use clawterm_testkit as harness;
 
 use common::*;
 use harness::{

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clawterm::pods::{parse_pod_name, PodEvent, PodKey, Registry};
 
-mod harness;
+use clawterm_testkit as harness;
 
 use harness::TempDir;
 

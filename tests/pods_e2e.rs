@@ -4,7 +4,7 @@
 //!
 //! Unless a test says otherwise it runs under (io_uring, 2 shards) and (epoll, 2 shards).
 
-mod harness;
+use clawterm_testkit as harness;
 mod pods_support;
 
 use clawterm::proto::{FrameType, FLAG_GAP, FLAG_REPLAY};

@@ -12,8 +12,8 @@
 //! * garbage datagrams on the QUIC port do not disturb a live session.
 
 mod common;
-mod harness;
-mod tls_support;
+use clawterm_testkit as harness;
+use clawterm_testkit::tls as tls_support;
 
 use clawterm_client::quic::QuicStream;
 use clawterm_client::transport::{client_config, TlsTrust};

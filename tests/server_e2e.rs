@@ -5,7 +5,7 @@
 //! `common` (own framing and CRC-16/UMTS; strict SESSION_ID/SEQ/FLAGS checks).
 
 mod common;
-mod harness;
+use clawterm_testkit as harness;
 
 use common::*;
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 //! plaintext clients are refused cleanly; the client library over TLS (CA file, pin) survives
 //! cuts with exact replay; cross-shard resume over TLS; certificate reload on SIGHUP.
 
-mod harness;
-mod tls_support;
+use clawterm_testkit as harness;
+use clawterm_testkit::tls as tls_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use clawterm_core::proto::frame::encode_with;
 use clawterm_core::proto::{
     self, decode, encode_to_vec, seq, Accept, Ack, Connect, Decoded, ErrorCode, ErrorFrame,
     FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_V1, FLAG_GAP, FLAG_REPLAY,
@@ -93,6 +94,56 @@ impl Default for Timers {
     }
 }
 
+/// When the core acknowledges the server's DATA.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum AckPolicy {
+    /// One coalesced cumulative ACK for the newest DATA at the end of every
+    /// [`ClientCore::on_bytes`] call that delivered new DATA (the default; what the blocking
+    /// session uses).
+    #[default]
+    PerRead,
+    /// Only when the driver calls [`ClientCore::ack_now`]: a delayed ACK, or one that rides in
+    /// the same write as the driver's next DATA ([`ClientCore::ack_pending`] says whether one is
+    /// owed). The load generator uses this.
+    Manual,
+}
+
+/// Behaviour knobs; [`CoreOptions::default`] is what the blocking session uses.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CoreOptions {
+    /// When received DATA is acknowledged.
+    pub acks: AckPolicy,
+    /// Offer RELIABLE in CONNECT (default `true`). Without it the server neither keeps the
+    /// client's DATA for resend nor acknowledges it (one frame less per message).
+    pub offer_reliable: bool,
+    /// Report new output as [`CoreEvent::Data`] (default `true`). A driver that reads DATA
+    /// through [`ClientCore::on_bytes_observed`] may turn this off to save a copy per frame.
+    pub data_events: bool,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        CoreOptions {
+            acks: AckPolicy::PerRead,
+            offer_reliable: true,
+            data_events: true,
+        }
+    }
+}
+
+/// A frame from the server as [`ClientCore::on_bytes_observed`] reports it, after the core
+/// handled it (only frames the core accepted; a protocol error ends the call first).
+#[derive(Copy, Clone, Debug)]
+pub struct Seen<'a> {
+    pub ty: FrameType,
+    pub seq: u32,
+    pub flags: u8,
+    pub payload: &'a [u8],
+    /// DATA only: newer than everything delivered before in the session (what
+    /// [`CoreEvent::Data`] reports); `false` for a replay the client already holds.
+    pub fresh: bool,
+}
+
 /// The session-long client protocol state.
 pub struct ClientCore {
     tenant: u32,
@@ -119,6 +170,9 @@ pub struct ClientCore {
     last_tx: u64,
     last_rx: u64,
     pending_resize: Option<(u16, u16)>,
+    opts: CoreOptions,
+    /// The last RESUMED received.
+    resumed: Option<Resumed>,
 }
 
 impl std::fmt::Debug for ClientCore {
@@ -156,6 +210,8 @@ impl ClientCore {
             last_tx: 0,
             last_rx: 0,
             pending_resize: None,
+            opts: CoreOptions::default(),
+            resumed: None,
         }
     }
 
@@ -181,6 +237,22 @@ impl ClientCore {
 
     pub fn set_timers(&mut self, t: Timers) {
         self.timers = t;
+    }
+
+    pub fn set_options(&mut self, o: CoreOptions) {
+        self.opts = o;
+        if !o.offer_reliable {
+            self.reliable = false;
+        }
+    }
+
+    pub fn options(&self) -> CoreOptions {
+        self.opts
+    }
+
+    /// The last RESUMED the server sent (its `first_replay_seq` says where the replay starts).
+    pub fn last_resumed(&self) -> Option<Resumed> {
+        self.resumed
     }
 
     pub fn session_id(&self) -> u32 {
@@ -257,7 +329,11 @@ impl ClientCore {
         self.out.clear();
         let c = Connect {
             version: proto::VERSION,
-            caps: CAP_V1 | CAP_RELIABLE,
+            caps: if self.opts.offer_reliable {
+                CAP_V1 | CAP_RELIABLE
+            } else {
+                CAP_V1
+            },
             caps_width: proto::payload::CapsWidth::U8,
             tenant_id: self.tenant,
             agent_id: self.agent,
@@ -307,24 +383,17 @@ impl ClientCore {
         while !bytes.is_empty() {
             let n = bytes.len().min(MAX_SEND_CHUNK);
             let s = self.take_seq();
-            let chunk = bytes[..n].to_vec();
+            let chunk = &bytes[..n];
             bytes = &bytes[n..];
             if self.phase == Phase::Attached {
-                encode_to_vec(
-                    &mut self.out,
-                    self.session_id,
-                    s,
-                    FrameType::Data,
-                    0,
-                    &chunk,
-                );
+                encode_to_vec(&mut self.out, self.session_id, s, FrameType::Data, 0, chunk);
                 self.last_tx = now;
                 if !self.reliable {
                     continue;
                 }
             }
             self.unacked_bytes += chunk.len();
-            self.unacked.push_back((s, chunk));
+            self.unacked.push_back((s, chunk.to_vec()));
         }
     }
 
@@ -357,6 +426,49 @@ impl ClientCore {
     /// Bytes to write to the connection (drains the buffer).
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
+    }
+
+    /// Appends the bytes to write to `dst` and drains the buffer, keeping both allocations (for
+    /// a driver that writes many small frames).
+    pub fn take_output_into(&mut self, dst: &mut Vec<u8>) {
+        if dst.is_empty() {
+            // No copy: the buffers trade places (`dst`'s allocation is the core's next one).
+            std::mem::swap(dst, &mut self.out);
+        } else {
+            dst.extend_from_slice(&self.out);
+            self.out.clear();
+        }
+    }
+
+    /// Runs `f` with `buf` as the output buffer: what is queued already, then what `f` queues,
+    /// is appended to `buf`, and the core's own buffer is not touched. A driver of many
+    /// connections lends every core the same (cache-hot) buffer this way.
+    pub fn output_into<R>(&mut self, buf: &mut Vec<u8>, f: impl FnOnce(&mut ClientCore) -> R) -> R {
+        if !self.out.is_empty() {
+            buf.extend_from_slice(&self.out);
+            self.out.clear();
+        }
+        std::mem::swap(buf, &mut self.out);
+        let r = f(self);
+        std::mem::swap(buf, &mut self.out);
+        r
+    }
+
+    /// Whether received DATA is not acknowledged yet (attached only).
+    pub fn ack_pending(&self) -> bool {
+        self.phase == Phase::Attached
+            && self
+                .highest_data
+                .is_some_and(|h| self.acked.is_none_or(|a| seq::gt(h, a)))
+    }
+
+    /// Queues the cumulative ACK for the newest DATA now, if one is owed (attached only). With
+    /// [`AckPolicy::Manual`] this is the only way ACKs are sent; queued just before
+    /// [`ClientCore::send_data`], it goes out in the same write.
+    pub fn ack_now(&mut self, now: u64) {
+        if self.phase == Phase::Attached {
+            self.flush_ack(now);
+        }
     }
 
     /// Whether output is waiting.
@@ -401,19 +513,65 @@ impl ClientCore {
     }
 
     /// Feeds bytes received on the connection. Events go to [`ClientCore::poll_event`]; a
-    /// coalesced cumulative ACK for new DATA is queued once per call.
+    /// coalesced cumulative ACK for new DATA is queued once per call (with the default
+    /// [`AckPolicy::PerRead`]).
     pub fn on_bytes(&mut self, bytes: &[u8], now: u64) -> Result<(), CoreError> {
-        self.rbuf.extend_from_slice(bytes);
+        self.on_bytes_observed(bytes, now, |_| {})
+    }
+
+    /// [`ClientCore::on_bytes`], and `observe` sees every frame the core handled, in order,
+    /// right after it was handled (for a driver that measures: SEQ, FLAGS, payload and whether
+    /// a DATA frame was new). The observer decides nothing: the core's state and output are
+    /// the same as with `on_bytes`.
+    pub fn on_bytes_observed(
+        &mut self,
+        bytes: &[u8],
+        now: u64,
+        mut observe: impl FnMut(&Seen<'_>),
+    ) -> Result<(), CoreError> {
         self.last_rx = now;
+        let res = if self.rbuf.is_empty() {
+            // Nothing held back from the last call: decode in place, keep only the rest.
+            let (off, res) = self.frames(bytes, now, &mut observe);
+            self.rbuf.extend_from_slice(&bytes[off..]);
+            res
+        } else {
+            self.rbuf.extend_from_slice(bytes);
+            let buf = std::mem::take(&mut self.rbuf);
+            let (off, res) = self.frames(&buf, now, &mut observe);
+            self.rbuf = buf;
+            self.rbuf.drain(..off);
+            res
+        };
+        if res.is_ok() && self.phase == Phase::Attached && self.opts.acks == AckPolicy::PerRead {
+            self.flush_ack(now);
+        }
+        res
+    }
+
+    /// Handles the whole frames at the start of `buf`; returns how many bytes they took (the
+    /// rest is kept for the next call) and whether the stream is still good.
+    fn frames(
+        &mut self,
+        buf: &[u8],
+        now: u64,
+        observe: &mut impl FnMut(&Seen<'_>),
+    ) -> (usize, Result<(), CoreError>) {
         let mut off = 0;
-        let buf = std::mem::take(&mut self.rbuf);
         let res = loop {
             match decode(&buf[off..], proto::MAX_PAYLOAD) {
                 Ok(Decoded::NeedMore(_)) => break Ok(()),
                 Ok(Decoded::Frame(f, used)) => {
                     off += used;
-                    if let Err(e) = self.on_frame(f.seq, f.ty, f.flags, f.payload, now) {
-                        break Err(e);
+                    match self.on_frame(f.seq, f.ty, f.flags, f.payload, now) {
+                        Ok(fresh) => observe(&Seen {
+                            ty: f.ty,
+                            seq: f.seq,
+                            flags: f.flags,
+                            payload: f.payload,
+                            fresh,
+                        }),
+                        Err(e) => break Err(e),
                     }
                     if self.phase == Phase::Closed || self.phase == Phase::Down {
                         break Ok(());
@@ -422,20 +580,17 @@ impl ClientCore {
                 Err(e) => break Err(CoreError::Decode(e)),
             }
         };
-        self.rbuf = buf;
-        self.rbuf.drain(..off);
-        if res.is_ok() && self.phase == Phase::Attached {
-            self.flush_ack(now);
-        }
-        res
+        (off, res)
     }
 
     fn flush_ack(&mut self, now: u64) {
         if let Some(h) = self.highest_data {
             if self.acked.is_none_or(|a| seq::gt(h, a)) {
-                let mut p = Vec::with_capacity(4);
-                Ack::Cumulative(h).encode(&mut p);
-                self.emit(FrameType::Ack, &p, now);
+                let s = self.take_seq();
+                encode_with(&mut self.out, self.session_id, s, FrameType::Ack, 0, |p| {
+                    Ack::Cumulative(h).encode(p)
+                });
+                self.last_tx = now;
                 self.acked = Some(h);
             }
         }
@@ -493,7 +648,7 @@ impl ClientCore {
         flags: u8,
         payload: &[u8],
         now: u64,
-    ) -> Result<(), CoreError> {
+    ) -> Result<bool, CoreError> {
         match (self.phase, ty) {
             (_, FrameType::Error) => {
                 let e = ErrorFrame::parse(payload).map_err(|e| CoreError::Payload("ERROR", e))?;
@@ -512,58 +667,60 @@ impl ClientCore {
                     // DISCONNECT follows: the session is over.
                     self.phase = Phase::Closed;
                     self.events.push_back(CoreEvent::Ended);
-                    return Ok(());
+                    return Ok(false);
                 }
                 self.phase = if fatal { Phase::Closed } else { Phase::Down };
                 self.events.push_back(CoreEvent::Error {
                     code: e.code,
                     message: e.message,
                 });
-                Ok(())
+                Ok(false)
             }
             (Phase::Connecting, FrameType::Accept) => {
                 let a = Accept::parse(payload).map_err(|e| CoreError::Payload("ACCEPT", e))?;
                 self.session_id = a.session_id;
                 self.resume_token = a.resume_token.unwrap_or([0; 16]);
-                self.reliable = a.caps & CAP_RELIABLE != 0;
+                // RELIABLE when both ends do it (ACCEPT carries the server's capabilities).
+                self.reliable = self.opts.offer_reliable && a.caps & CAP_RELIABLE != 0;
                 self.events.push_back(CoreEvent::Accepted {
                     session_id: a.session_id,
                 });
                 // Nothing reached the server yet: send everything queued.
                 self.attach(now, None);
-                Ok(())
+                Ok(false)
             }
             (Phase::Resuming, FrameType::Resumed) => {
                 let r = Resumed::parse(payload).map_err(|e| CoreError::Payload("RESUMED", e))?;
+                self.resumed = Some(r);
                 let resent = self.attach(now, Some(r.last_client_seq));
                 let gap = flags & FLAG_GAP != 0;
                 self.events.push_back(CoreEvent::Resumed { gap, resent });
                 if gap {
                     self.events.push_back(CoreEvent::Gap);
                 }
-                Ok(())
+                Ok(false)
             }
             (Phase::Attached, FrameType::Data) => {
                 let _replay = flags & FLAG_REPLAY != 0;
                 let new = self.highest_data.is_none_or(|h| seq::gt(fseq, h));
                 if new {
                     self.highest_data = Some(fseq);
-                    if !payload.is_empty() {
+                    if !payload.is_empty() && self.opts.data_events {
                         self.events.push_back(CoreEvent::Data(payload.to_vec()));
                     }
                 }
-                Ok(())
+                Ok(new)
             }
             (Phase::Attached, FrameType::Ack) => {
                 if let Ok(Ack::Cumulative(s)) = Ack::parse(payload) {
                     self.drop_acked(s);
                 }
-                Ok(())
+                Ok(false)
             }
             (Phase::Attached, FrameType::Disconnect) => {
                 self.phase = Phase::Closed;
                 self.events.push_back(CoreEvent::Ended);
-                Ok(())
+                Ok(false)
             }
             (Phase::Attached, FrameType::Roam) => {
                 let r = Roam::parse(payload).map_err(|e| CoreError::Payload("ROAM", e))?;
@@ -571,11 +728,11 @@ impl ClientCore {
                 self.phase = Phase::Down;
                 self.events
                     .push_back(CoreEvent::Roam(std::net::SocketAddr::new(r.addr, r.port)));
-                Ok(())
+                Ok(false)
             }
             // Never answer a KEEPALIVE; NACK and unknown types are ignored.
             (Phase::Attached, FrameType::Keepalive | FrameType::Nack | FrameType::Unknown(_)) => {
-                Ok(())
+                Ok(false)
             }
             (p, t) => Err(CoreError::Unexpected(t.name(), p.name())),
         }
@@ -696,6 +853,82 @@ mod tests {
         assert!(std::iter::from_fn(|| c.poll_event()).any(|e| e == CoreEvent::Gap));
         // Client SEQs continue.
         assert_eq!(c.next_seq(), 6);
+    }
+
+    #[test]
+    fn manual_acks_wait_for_ack_now_and_ride_with_the_next_data() {
+        let mut c = ClientCore::new(7, 1, [0xAB; 32]);
+        c.set_options(CoreOptions {
+            acks: AckPolicy::Manual,
+            offer_reliable: false,
+            data_events: false,
+        });
+        c.start_connect([0; 16], 0);
+        let out = frames(&c.take_output());
+        let caps = Connect::parse(&out[0].2).unwrap().caps;
+        assert_eq!(caps, CAP_V1, "RELIABLE not offered");
+        let mut p = Vec::new();
+        Accept {
+            session_id: 5,
+            version: 1,
+            caps: CAP_RELIABLE, // the server's capabilities, not what was agreed
+            resume_token: Some([3; 16]),
+        }
+        .encode(&mut p);
+        c.on_bytes(&frame(5, 1, FrameType::Accept, 0, &p), 0)
+            .unwrap();
+        assert!(!c.ack_pending());
+        let mut b = frame(5, 2, FrameType::Data, 0, b"a");
+        b.extend(frame(5, 3, FrameType::Data, 0, b"b"));
+        b.extend(frame(5, 2, FrameType::Data, FLAG_REPLAY, b"a"));
+        let mut seen = Vec::new();
+        c.on_bytes_observed(&b, 1, |f| seen.push((f.ty, f.seq, f.fresh)))
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (FrameType::Data, 2, true),
+                (FrameType::Data, 3, true),
+                (FrameType::Data, 2, false)
+            ]
+        );
+        // No ACK and no Data events until asked.
+        assert!(!c.has_output());
+        assert_eq!(c.poll_event(), Some(CoreEvent::Accepted { session_id: 5 }));
+        assert_eq!(c.poll_event(), None);
+        assert!(c.ack_pending());
+        let mut out = Vec::new();
+        let tag = c.output_into(&mut out, |c| {
+            c.ack_now(2);
+            let tag = c.next_seq();
+            c.send_data(b"x", 2);
+            tag
+        });
+        assert!(!c.has_output());
+        let out = frames(&out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[0].1, &out[0].2[..]),
+            (FrameType::Ack, &3u32.to_be_bytes()[..])
+        );
+        assert_eq!((out[1].0, out[1].1), (tag, FrameType::Data));
+        assert!(!c.ack_pending());
+        // Not RELIABLE: nothing kept for resend.
+        assert_eq!(c.unacked_frames(), 0);
+        c.ack_now(3);
+        assert!(!c.has_output(), "an ACK is sent once");
+    }
+
+    #[test]
+    fn default_options_ack_every_read() {
+        assert_eq!(CoreOptions::default().acks, AckPolicy::PerRead);
+        let mut c = accepted();
+        c.on_bytes(&frame(5, 2, FrameType::Data, 0, b"a"), 1)
+            .unwrap();
+        assert!(!c.ack_pending());
+        assert_eq!(frames(&c.take_output())[0].1, FrameType::Ack);
+        assert_eq!(c.poll_event(), Some(CoreEvent::Accepted { session_id: 5 }));
+        assert_eq!(c.poll_event(), Some(CoreEvent::Data(b"a".to_vec())));
     }
 
     #[test]

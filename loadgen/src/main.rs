@@ -26,7 +26,7 @@ mod shells;
 mod sys;
 mod worker;
 
-use clawterm::proto::{decode, encode_to_vec, Accept, Connect, Decoded, FrameType, MAX_PAYLOAD};
+use clawterm_client::core::{ClientCore, CoreEvent, CoreOptions};
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -383,8 +383,8 @@ fn open_stream(o: &Opts) -> Result<Box<dyn Rw>, (bool, String)> {
     }
 }
 
-/// The warm-up session: its stream and session id.
-type Warm = (Box<dyn Rw>, u32);
+/// The warm-up session: its stream and protocol state.
+type Warm = (Box<dyn Rw>, ClientCore);
 
 fn warm_up(o: &Opts) -> Result<Option<Warm>, String> {
     let t = Instant::now();
@@ -412,56 +412,35 @@ fn warm_up(o: &Opts) -> Result<Option<Warm>, String> {
 
 fn warm_once(o: &Opts) -> Result<Warm, (bool, String)> {
     let mut s = open_stream(o)?;
-    let mut p = Vec::new();
-    Connect {
-        version: 1,
-        caps: clawterm::proto::CAP_V1,
-        caps_width: clawterm::proto::payload::CapsWidth::U8,
-        tenant_id: o.tenant,
-        agent_id: o.agent,
-        token: o.token,
-        nonce: [0xAA; 16],
-    }
-    .encode(&mut p);
-    let mut buf = Vec::new();
-    encode_to_vec(&mut buf, 0, 1, FrameType::Connect, 0, &p);
-    s.write_all(&buf)
+    let mut core = ClientCore::new(o.tenant, o.agent, o.token);
+    core.set_options(CoreOptions {
+        offer_reliable: false,
+        ..CoreOptions::default()
+    });
+    core.start_connect([0xAA; 16], 0);
+    s.write_all(&core.take_output())
         .map_err(|e| (true, format!("write: {e}")))?;
     let _ = s.flush();
-    let mut rb = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        match decode(&rb, MAX_PAYLOAD) {
-            Ok(Decoded::Frame(f, _)) => {
-                return match f.ty {
-                    FrameType::Accept => {
-                        let a = Accept::parse(f.payload)
-                            .map_err(|_| (false, "short ACCEPT".to_string()))?;
-                        Ok((s, a.session_id))
-                    }
-                    FrameType::Error => {
-                        let code = if f.payload.len() >= 2 {
-                            u16::from_be_bytes([f.payload[0], f.payload[1]])
-                        } else {
-                            0
-                        };
-                        let msg = String::from_utf8_lossy(f.payload.get(2..).unwrap_or(&[]));
-                        // NO_AGENT right after start: the pod may not be discovered yet.
-                        Err((code == 5, format!("ERROR code {code} `{msg}`")))
-                    }
-                    t => Err((false, format!("unexpected {} frame", t.name()))),
-                };
-            }
-            Ok(Decoded::NeedMore(_)) => {}
-            Err(e) => return Err((false, format!("undecodable reply: {e}"))),
-        }
         let n = s
             .read(&mut chunk)
             .map_err(|e| (true, format!("read: {e}")))?;
         if n == 0 {
             return Err((true, "EOF before ACCEPT".into()));
         }
-        rb.extend_from_slice(&chunk[..n]);
+        core.on_bytes(&chunk[..n], 0)
+            .map_err(|e| (false, format!("undecodable reply: {e}")))?;
+        if let Some(ev) = core.poll_event() {
+            return match ev {
+                CoreEvent::Accepted { .. } => Ok((s, core)),
+                // NO_AGENT right after start: the pod may not be discovered yet.
+                CoreEvent::Error { code, message } => {
+                    Err((code == 5, format!("ERROR code {code} `{message}`")))
+                }
+                e => Err((false, format!("unexpected {e:?}"))),
+            };
+        }
     }
 }
 
@@ -749,10 +728,9 @@ fn coordinate(o: &Opts) -> i32 {
         }
         let _ = p.child.wait();
     }
-    if let Some((mut s, sid)) = warm {
-        let mut b = Vec::new();
-        encode_to_vec(&mut b, sid, 2, FrameType::Disconnect, 0, &[]);
-        let _ = s.write_all(&b);
+    if let Some((mut s, mut core)) = warm {
+        core.disconnect(0);
+        let _ = s.write_all(&core.take_output());
         let _ = s.flush();
     }
 

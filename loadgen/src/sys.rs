@@ -1,5 +1,5 @@
 //! Thin libc helpers: file limits, /proc readings, nonblocking sockets, epoll with a
-//! nanosecond timeout. Adapted from `examples/quick_measure.rs`.
+//! nanosecond timeout.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};

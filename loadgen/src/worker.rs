@@ -8,14 +8,18 @@
 //! * stdin: the line `go` once every worker has reported `opened` (a barrier, so that the
 //!   measured phase starts at the same time in every worker and the coordinator can read the
 //!   server's RSS in between).
+//!
+//! The protocol (CONNECT / RESUME, ACKs, decoding, de-duplication) is the client library's
+//! sans-IO core, [`ClientCore`], one per connection; this file is the multi-connection driver
+//! around it (sockets, TLS, QUIC, scheduling) and the measurements. The core runs with
+//! [`AckPolicy::Manual`]: each scenario decides when an ACK goes out (`--ack-delay`, piggybacked
+//! on the next DATA, or never while priming a resume), the core what it says.
 
 use crate::quic::{QEv, QuicEp};
 use crate::sys::{self, Epoll, Src};
 use crate::{Opts, Transport};
-use clawterm::proto::{
-    decode, encode_to_vec, Accept, Connect, Decoded, FrameType, Resume, Resumed, CAP_V1, FLAG_GAP,
-    FLAG_REPLAY, MAX_PAYLOAD,
-};
+use clawterm::proto::{FrameType, FLAG_GAP, FLAG_REPLAY};
+use clawterm_client::core::{AckPolicy, ClientCore, CoreEvent, CoreOptions, Seen, Timers};
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -56,20 +60,19 @@ struct Conn {
     fd: i32,
     st: St,
     hello: Hello,
-    sid: u32,
-    tx_seq: u32,
+    /// The session's protocol state (unused by raw echo).
+    core: ClientCore,
+    /// Raw echo: the tag of the last message sent.
+    raw_seq: u32,
     /// Start of the current connection (connect() call).
     t0: Instant,
+    /// Received bytes not handled yet: decrypted TLS / QUIC stream bytes for the core, or raw
+    /// echo bytes.
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
     epollout: bool,
-    token: [u8; 16],
-    /// Highest server DATA SEQ received / acknowledged.
-    hi_data: u32,
-    acked: u32,
     /// Outstanding echoes: (tag, intended or actual send time).
     out: VecDeque<(u32, Instant)>,
-    last_tx: Instant,
     local: Option<SocketAddrV4>,
     /// The source address+port of the connection that opened the session (it landed on the
     /// owner shard, so a reconnect from it lands there again).
@@ -93,24 +96,73 @@ struct Conn {
     label: &'static str,
 }
 
+/// The loadgen's core settings: ACKs when the scenario says (`--ack-delay`), no RELIABLE (the
+/// server would acknowledge every echo request: one more frame per message), DATA read through
+/// the observer (no copy per frame), KEEPALIVE after `--keepalive`, and no dead-connection
+/// timer (a broken connection shows as a socket error).
+fn configure(core: &mut ClientCore, o: &Opts) {
+    core.set_options(CoreOptions {
+        acks: AckPolicy::Manual,
+        offer_reliable: false,
+        data_events: false,
+    });
+    core.set_timers(Timers {
+        keepalive_ms: ((o.keepalive * 1000.0) as u64).max(1),
+        dead_after_ms: u64::MAX / 4,
+    });
+}
+
+fn new_core(o: &Opts) -> ClientCore {
+    let mut c = ClientCore::new(o.tenant, o.agent, o.token);
+    configure(&mut c, o);
+    c
+}
+
+/// What loadgen needs of a frame the core handled (see [`Seen`]).
+#[derive(Copy, Clone)]
+struct Obs {
+    ty: FrameType,
+    seq: u32,
+    flags: u8,
+    fresh: bool,
+    /// DATA: the tag in the first 4 bytes, and whether the payload is `data_payload(tag)`.
+    tag: u32,
+    ok: bool,
+}
+
+impl Obs {
+    fn of(f: &Seen<'_>) -> Obs {
+        let p = f.payload;
+        let tag = if p.len() >= 4 {
+            u32::from_be_bytes([p[0], p[1], p[2], p[3]])
+        } else {
+            0
+        };
+        Obs {
+            ty: f.ty,
+            seq: f.seq,
+            flags: f.flags,
+            fresh: f.fresh,
+            tag,
+            ok: f.ty == FrameType::Data && p.len() == PAYLOAD_LEN && p == data_payload(tag),
+        }
+    }
+}
+
 impl Conn {
-    fn new() -> Conn {
+    fn new(o: &Opts) -> Conn {
         let now = Instant::now();
         Conn {
             fd: -1,
             st: St::Free,
             hello: Hello::Connect,
-            sid: 0,
-            tx_seq: 0,
+            core: new_core(o),
+            raw_seq: 0,
             t0: now,
             rbuf: Vec::new(),
             wbuf: Vec::new(),
             epollout: false,
-            token: [0; 16],
-            hi_data: 0,
-            acked: 0,
             out: VecDeque::new(),
-            last_tx: now,
             local: None,
             home: None,
             resume_last: 0,
@@ -202,6 +254,10 @@ struct Worker<'a> {
     done_counter: u64,
     scratch: Vec<u8>,
     fbuf: Vec<u8>,
+    /// Frames the core handled in the current read (reused).
+    seen: Vec<Obs>,
+    /// The cores' clock: milliseconds since this instant.
+    epoch: Instant,
     events: Vec<libc::epoll_event>,
     // Per-message counters and histograms as plain fields (no map lookup or allocation per
     // message); merged into `counts`/`hists` by `result`.
@@ -284,6 +340,8 @@ impl<'a> Worker<'a> {
             done_counter: 0,
             scratch: vec![0u8; 64 * 1024],
             fbuf: Vec::with_capacity(256),
+            seen: Vec::new(),
+            epoch: Instant::now(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
             n_sent: 0,
             n_received: 0,
@@ -298,6 +356,16 @@ impl<'a> Worker<'a> {
             qev: Vec::new(),
             tls_out: Vec::new(),
         })
+    }
+
+    /// The cores' clock (ms).
+    fn ms(&self) -> u64 {
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` on the cores' clock (ms).
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     fn count(&mut self, k: &'static str, n: u64) {
@@ -338,10 +406,10 @@ impl<'a> Worker<'a> {
 
     fn slot(&mut self) -> usize {
         if let Some(i) = self.free.pop() {
-            self.conns[i] = Conn::new();
+            self.conns[i] = Conn::new(self.o);
             i
         } else {
-            self.conns.push(Conn::new());
+            self.conns.push(Conn::new(self.o));
             self.conns.len() - 1
         }
     }
@@ -515,12 +583,14 @@ impl<'a> Worker<'a> {
         self.free.push(i);
     }
 
-    fn frame(&mut self, i: usize, ty: FrameType, payload: &[u8]) {
+    /// Writes what the session's core has to send.
+    fn flush_core(&mut self, i: usize) {
+        if !self.conns[i].core.has_output() {
+            return;
+        }
         let mut buf = std::mem::take(&mut self.fbuf);
         buf.clear();
-        let c = &mut self.conns[i];
-        c.tx_seq = c.tx_seq.wrapping_add(1);
-        encode_to_vec(&mut buf, c.sid, c.tx_seq, ty, 0, payload);
+        self.conns[i].core.take_output_into(&mut buf);
         self.send(i, &buf);
         self.fbuf = buf;
     }
@@ -529,87 +599,65 @@ impl<'a> Worker<'a> {
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
         nonce[8..12].copy_from_slice(&(self.idx as u32).to_be_bytes());
-        let mut p = Vec::with_capacity(58);
-        Connect {
-            version: 1,
-            caps: CAP_V1,
-            caps_width: clawterm::proto::payload::CapsWidth::U8,
-            tenant_id: self.o.tenant,
-            agent_id: self.o.agent,
-            token: self.o.token,
-            nonce,
-        }
-        .encode(&mut p);
+        let now = self.ms();
         self.conns[i].st = St::AwaitHello;
-        self.conns[i].sid = 0;
-        self.frame(i, FrameType::Connect, &p);
+        self.conns[i].core.start_connect(nonce, now);
+        self.flush_core(i);
     }
 
     fn send_resume(&mut self, i: usize) {
-        let c = &self.conns[i];
-        let mut p = Vec::with_capacity(24);
-        Resume::Full {
-            session_id: c.sid,
-            last_seq: c.resume_last,
-            token: c.token,
-        }
-        .encode(&mut p);
+        let now = self.ms();
         self.conns[i].st = St::AwaitHello;
-        self.frame(i, FrameType::Resume, &p);
+        self.conns[i].core.start_resume(now);
+        self.flush_core(i);
     }
 
     /// Sends one 32-byte DATA (or raw message) whose echo is expected; `at` = intended time.
-    /// With `ack`, a cumulative ACK for the highest server DATA goes first in the same write.
+    /// With `ack`, the ACK the core owes (if any) goes first in the same write.
     fn send_data(&mut self, i: usize, at: Instant, ack: bool) {
         if self.conns[i].st != St::Up {
             self.count("sends_skipped_dead_session", 1);
             return;
         }
-        let mut buf = std::mem::take(&mut self.fbuf);
-        buf.clear();
-        let raw = self.raw;
-        let c = &mut self.conns[i];
-        if ack && !raw && c.hi_data != c.acked {
-            c.tx_seq = c.tx_seq.wrapping_add(1);
-            encode_to_vec(
-                &mut buf,
-                c.sid,
-                c.tx_seq,
-                FrameType::Ack,
-                0,
-                &c.hi_data.to_be_bytes(),
-            );
-            c.acked = c.hi_data;
-        }
-        c.tx_seq = c.tx_seq.wrapping_add(1);
-        let tag = c.tx_seq;
-        if raw {
-            buf.extend_from_slice(&data_payload(tag));
+        if self.raw {
+            let c = &mut self.conns[i];
+            c.raw_seq = c.raw_seq.wrapping_add(1);
+            let tag = c.raw_seq;
+            c.out.push_back((tag, at));
+            self.send(i, &data_payload(tag));
         } else {
-            encode_to_vec(
-                &mut buf,
-                c.sid,
-                c.tx_seq,
-                FrameType::Data,
-                0,
-                &data_payload(tag),
-            );
+            let now = self.ms_at(Instant::now());
+            let mut buf = std::mem::take(&mut self.fbuf);
+            buf.clear();
+            let c = &mut self.conns[i];
+            // The core writes into the worker's buffer (hot in the cache), not its own.
+            let tag = c.core.output_into(&mut buf, |core| {
+                if ack {
+                    core.ack_now(now);
+                }
+                let tag = core.next_seq();
+                core.send_data(&data_payload(tag), now);
+                tag
+            });
+            c.out.push_back((tag, at));
+            self.send(i, &buf);
+            self.fbuf = buf;
         }
-        c.out.push_back((tag, at));
-        c.last_tx = Instant::now();
-        self.send(i, &buf);
-        self.fbuf = buf;
         self.n_sent += 1;
     }
 
     fn send_ack(&mut self, i: usize) {
-        let c = &mut self.conns[i];
-        if c.hi_data == c.acked || c.st != St::Up {
+        if self.conns[i].st != St::Up || !self.conns[i].core.ack_pending() {
             return;
         }
-        c.acked = c.hi_data;
-        let s = c.hi_data;
-        self.frame(i, FrameType::Ack, &s.to_be_bytes());
+        let now = self.ms();
+        let mut buf = std::mem::take(&mut self.fbuf);
+        buf.clear();
+        self.conns[i]
+            .core
+            .output_into(&mut buf, |core| core.ack_now(now));
+        self.send(i, &buf);
+        self.fbuf = buf;
     }
 
     /// Sends protocol bytes on the session's transport.
@@ -783,7 +831,7 @@ impl<'a> Worker<'a> {
                     q.read(ch, &mut rb);
                     self.conns[i].rbuf = rb;
                     if matches!(self.conns[i].st, St::AwaitHello | St::Up | St::Closing) {
-                        self.frames(i);
+                        self.feed(i, None);
                         self.after_read(i);
                     }
                 }
@@ -863,8 +911,7 @@ impl<'a> Worker<'a> {
             } else if self.conns[i].tls.is_some() {
                 self.tls_in(i, n);
             } else {
-                self.conns[i].rbuf.extend_from_slice(&self.scratch[..n]);
-                self.frames(i);
+                self.feed(i, Some(n));
             }
             if n < self.scratch.len() {
                 break;
@@ -916,7 +963,7 @@ impl<'a> Worker<'a> {
             self.secured(i);
         }
         if !self.conns[i].rbuf.is_empty() {
-            self.frames(i);
+            self.feed(i, None);
         }
     }
 
@@ -928,7 +975,7 @@ impl<'a> Worker<'a> {
             // Delayed ACK: piggybacked on this session's next DATA if one goes out within
             // `--ack-delay`, sent on its own otherwise.
             let c = &mut self.conns[i];
-            if !c.ack_queued && c.hi_data != c.acked && c.st == St::Up {
+            if !c.ack_queued && c.st == St::Up && c.core.ack_pending() {
                 c.ack_queued = true;
                 self.ack_q.push_back((Instant::now() + self.ack_delay, i));
             }
@@ -965,71 +1012,94 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn frames(&mut self, i: usize) {
-        let mut off = 0;
-        let rb = std::mem::take(&mut self.conns[i].rbuf);
-        loop {
-            match decode(&rb[off..], MAX_PAYLOAD) {
-                Ok(Decoded::NeedMore(_)) => break,
-                Err(e) => {
-                    self.fail(i, format!("undecodable bytes from the server: {e}"));
-                    return;
-                }
-                Ok(Decoded::Frame(f, used)) => {
-                    off += used;
-                    self.on_frame(i, f.ty, f.seq, f.flags, f.payload);
-                    if matches!(self.conns[i].st, St::Dead | St::Free) {
-                        return;
-                    }
-                }
-            }
-        }
-        let mut rb = rb;
-        rb.drain(..off);
-        self.conns[i].rbuf = rb;
-    }
-
-    fn on_frame(&mut self, i: usize, ty: FrameType, seq: u32, flags: u8, p: &[u8]) {
-        let now = Instant::now();
-        let st = self.conns[i].st;
-        if st == St::Closing {
+    /// Hands received protocol bytes to the session's core (`n` bytes of the scratch buffer,
+    /// or with `None` what `rbuf` holds) and acts on the frames it handled and its events.
+    fn feed(&mut self, i: usize, scratch: Option<usize>) {
+        if self.conns[i].st == St::Closing {
+            // DISCONNECT sent: whatever still comes is not looked at.
+            self.conns[i].rbuf.clear();
             return;
         }
-        match ty {
-            FrameType::Accept if st == St::AwaitHello && self.conns[i].hello == Hello::Connect => {
-                let Ok(a) = Accept::parse(p) else {
-                    return self.fail(i, "short ACCEPT".into());
-                };
-                let c = &mut self.conns[i];
-                c.st = St::Up;
-                c.sid = a.session_id;
-                c.token = a.resume_token.unwrap_or([0; 16]);
-                c.hi_data = 0;
-                c.acked = 0;
+        let now = Instant::now();
+        let now_ms = self.ms_at(now);
+        let mut seen = std::mem::take(&mut self.seen);
+        seen.clear();
+        let c = &mut self.conns[i];
+        let mut rbuf = std::mem::take(&mut c.rbuf);
+        let bytes: &[u8] = match scratch {
+            Some(n) => &self.scratch[..n],
+            None => &rbuf,
+        };
+        let res = c
+            .core
+            .on_bytes_observed(bytes, now_ms, |f| seen.push(Obs::of(f)));
+        rbuf.clear();
+        c.rbuf = rbuf;
+        for f in &seen {
+            if matches!(self.conns[i].st, St::Dead | St::Free | St::Closing) {
+                break;
+            }
+            self.on_frame(i, *f, now);
+        }
+        self.seen = seen;
+        while let Some(ev) = self.conns[i].core.poll_event() {
+            let why = match ev {
+                CoreEvent::Error { code, message } => {
+                    format!("ERROR frame code {code} `{message}`")
+                }
+                CoreEvent::Ended => "DISCONNECT from the server".into(),
+                CoreEvent::Roam(a) => format!("ROAM to {a} from the server"),
+                // ACCEPT and RESUMED were handled as frames; GAP is in RESUMED's flags.
+                _ => continue,
+            };
+            if self.conns[i].st != St::Closing {
+                self.fail(i, why);
+            }
+        }
+        if let Err(e) = res {
+            let why = match e {
+                clawterm_client::core::CoreError::Decode(e) => {
+                    format!("undecodable bytes from the server: {e}")
+                }
+                e => e.to_string(),
+            };
+            self.fail(i, why);
+        }
+    }
+
+    /// A frame the session's core handled (in order).
+    fn on_frame(&mut self, i: usize, f: Obs, now: Instant) {
+        let st = self.conns[i].st;
+        match f.ty {
+            // The core takes ACCEPT only in answer to CONNECT, RESUMED only to RESUME.
+            FrameType::Accept => {
+                self.conns[i].st = St::Up;
                 self.hs_done(i);
                 if self.mode == Mode::Connect {
-                    self.frame(i, FrameType::Disconnect, &[]);
+                    let now = self.ms();
+                    self.conns[i].core.disconnect(now);
+                    self.flush_core(i);
                     if self.conns[i].st == St::Up {
                         self.conns[i].st = St::Closing;
                     }
                 }
             }
-            FrameType::Resumed if st == St::AwaitHello && self.conns[i].hello == Hello::Resume => {
-                let Ok(r) = Resumed::parse(p) else {
-                    return self.fail(i, "RESUMED payload malformed".into());
-                };
+            FrameType::Resumed => {
                 self.hs_inflight -= 1;
                 let d = self.conns[i].t0.elapsed();
                 let name = format!("{}_resumed_us", self.conns[i].label);
                 self.record(&name, d);
                 self.count("resumed", 1);
-                if flags & FLAG_GAP != 0 {
+                if f.flags & FLAG_GAP != 0 {
                     self.count("resumed_with_gap", 1);
                     self.count_failure("resume: RESUMED carried GAP".into());
                 }
                 let c = &mut self.conns[i];
                 c.st = St::Up;
-                if r.session_id != c.sid {
+                let Some(r) = c.core.last_resumed() else {
+                    return self.fail(i, "RESUMED payload malformed".into());
+                };
+                if r.session_id != c.core.session_id() {
                     return self.fail(i, "RESUMED for another session id".into());
                 }
                 if r.first_replay_seq == 0 {
@@ -1041,20 +1111,21 @@ impl<'a> Worker<'a> {
                     self.count_failure(format!(
                         "resume: first_replay_seq {a} != SEQ of the unacknowledged echo {b}"
                     ));
-                    let _ = b;
                 }
             }
+            FrameType::Data if !f.fresh => {
+                // Already held (the core de-duplicates): not an echo.
+                *self.other.entry("DATA already held".into()).or_insert(0) += 1
+            }
             FrameType::Data => {
+                let (seq, tag, ok) = (f.seq, f.tag, f.ok);
                 let c = &mut self.conns[i];
-                if clawterm::proto::seq::gt(seq, c.hi_data) || c.hi_data == 0 {
-                    c.hi_data = seq;
-                }
-                if flags & FLAG_REPLAY != 0 {
+                if f.flags & FLAG_REPLAY != 0 {
                     if c.want_replay {
                         c.want_replay = false;
                         self.resume_inflight -= 1;
                         let d = c.t0.elapsed();
-                        let ok = p == data_payload(c.echo_tag) && seq == c.echo_seq;
+                        let ok = ok && tag == c.echo_tag && seq == c.echo_seq;
                         let name = format!("{}_first_replay_us", c.label);
                         self.record(&name, d);
                         self.count("replayed", 1);
@@ -1065,7 +1136,7 @@ impl<'a> Worker<'a> {
                             );
                         }
                     } else {
-                        if c.late_tag != 0 && p == data_payload(c.late_tag) {
+                        if c.late_tag != 0 && ok && tag == c.late_tag {
                             c.late_tag = 0;
                             self.count("predrop_echo_replayed", 1);
                         }
@@ -1073,36 +1144,22 @@ impl<'a> Worker<'a> {
                     }
                     return;
                 }
-                let tag = if p.len() >= 4 {
-                    u32::from_be_bytes([p[0], p[1], p[2], p[3]])
-                } else {
-                    0
-                };
-                let ok = p.len() == PAYLOAD_LEN && p == data_payload(tag);
-                if self.conns[i].late_tag != 0 && self.conns[i].late_tag == tag && ok {
+                if c.late_tag != 0 && c.late_tag == tag && ok {
                     // The echo of the DATA sent just before the drop, arriving live.
-                    self.conns[i].late_tag = 0;
+                    c.late_tag = 0;
                     self.count("predrop_echo_live", 1);
                     return;
                 }
-                if self.mode == Mode::Prime && self.conns[i].out.front().map(|x| x.0) == Some(tag) {
-                    self.conns[i].echo_seq = seq;
-                    self.conns[i].echo_tag = tag;
+                if self.mode == Mode::Prime && c.out.front().map(|x| x.0) == Some(tag) {
+                    c.echo_seq = seq;
+                    c.echo_tag = tag;
                 }
                 self.echo(i, tag, ok, now);
             }
             FrameType::Keepalive => *self.other.entry("KEEPALIVE".into()).or_insert(0) += 1,
             FrameType::Ack => *self.other.entry("ACK".into()).or_insert(0) += 1,
-            FrameType::Error => {
-                let code = if p.len() >= 2 {
-                    u16::from_be_bytes([p[0], p[1]])
-                } else {
-                    0
-                };
-                let msg = String::from_utf8_lossy(p.get(2..).unwrap_or(&[])).into_owned();
-                self.fail(i, format!("ERROR frame code {code} `{msg}`"));
-            }
-            FrameType::Disconnect => self.fail(i, "DISCONNECT from the server".into()),
+            // Reported as events (see `feed`).
+            FrameType::Error | FrameType::Disconnect | FrameType::Roam => {}
             t => {
                 *self
                     .other
@@ -1211,7 +1268,9 @@ impl<'a> Worker<'a> {
         for i in 0..self.conns.len() {
             if self.conns[i].st == St::Up {
                 if !self.raw {
-                    self.frame(i, FrameType::Disconnect, &[]);
+                    let now = self.ms();
+                    self.conns[i].core.disconnect(now);
+                    self.flush_core(i);
                 }
                 let c = &mut self.conns[i];
                 if let (Some(ch), Some(q)) = (c.qch.take(), self.qep.as_mut()) {
@@ -1247,22 +1306,25 @@ impl<'a> Worker<'a> {
         self.mode = Mode::Idle;
         let t = Instant::now();
         let end = t + Duration::from_secs_f64(self.o.duration);
-        let ka = Duration::from_secs_f64(self.o.keepalive);
         let mut cursor = 0;
         while Instant::now() < end {
             self.done_counter = self.up_count() as u64;
             // At most 2,000 keepalives per turn, round robin.
-            let now = Instant::now();
+            let now = self.ms();
             let mut sent = 0;
             for _ in 0..self.conns.len().min(20_000) {
                 if self.conns.is_empty() {
                     break;
                 }
                 cursor = (cursor + 1) % self.conns.len();
-                let c = &self.conns[cursor];
-                if c.st == St::Up && now.duration_since(c.last_tx) >= ka {
-                    self.conns[cursor].last_tx = now;
-                    self.frame(cursor, FrameType::Keepalive, &[]);
+                let c = &mut self.conns[cursor];
+                if c.st != St::Up {
+                    continue;
+                }
+                // The core sends a KEEPALIVE once nothing was sent for `--keepalive`.
+                c.core.tick(now);
+                if c.core.has_output() {
+                    self.flush_core(cursor);
                     self.count("keepalives_sent", 1);
                     sent += 1;
                     if sent >= 2000 {
@@ -1460,7 +1522,7 @@ impl<'a> Worker<'a> {
         let mut owners = vec![0u64; s as usize];
         for c in &self.conns {
             if c.st == St::Up {
-                owners[(c.sid & (s - 1)) as usize] += 1;
+                owners[(c.core.session_id() & (s - 1)) as usize] += 1;
             }
         }
         for (k, n) in owners.iter().enumerate() {
@@ -1528,7 +1590,7 @@ impl<'a> Worker<'a> {
                 let s = self.o.shards_hint.max(1);
                 let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); s as usize];
                 for &i in &dropped {
-                    by_owner[(self.conns[i].sid & (s - 1)) as usize].push(i);
+                    by_owner[(self.conns[i].core.session_id() & (s - 1)) as usize].push(i);
                 }
                 let mut pair = 0usize;
                 loop {
@@ -1580,8 +1642,19 @@ impl<'a> Worker<'a> {
                 let c = &mut self.conns[i];
                 c.label = label;
                 c.want_replay = true;
-                c.hi_data = c.resume_last;
-                c.acked = c.resume_last;
+                // RESUME claims everything before the unacknowledged echo, so that the server
+                // replays it: a core for the session as saved just before that echo.
+                let old = &c.core;
+                let mut core = ClientCore::for_resume(
+                    old.tenant(),
+                    old.agent(),
+                    old.session_id(),
+                    old.resume_token(),
+                    c.resume_last,
+                    old.next_seq(),
+                );
+                configure(&mut core, self.o);
+                c.core = core;
                 self.resume_inflight += 1;
                 let src = match from {
                     Some(a) => Src::Exact(a),

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 // Not every test binary uses every re-export.
-use crate::harness::{clawtermd, quic_addr, start_server, tcp_addr, word_after};
+use crate::{clawtermd, quic_addr, start_server, tcp_addr, word_after};
 #[allow(unused_imports)]
-pub use crate::harness::{contains, count, hex, Lines, Proc, Proxy, TempDir};
+pub use crate::{contains, count, hex, Lines, Proc, Proxy, TempDir};
 
 pub const TENANT: u32 = 7;
 pub const TOKEN: [u8; 32] = [0xAB; 32];
@@ -172,5 +172,5 @@ impl TlsEnv {
 
 /// Starts `claw-agent` for TENANT and waits (bounded) until it is listening.
 pub fn start_agent(sock: &Path, agent: u32, mode: &[&str]) -> Proc {
-    crate::harness::start_agent(sock, TENANT, agent, mode)
+    crate::start_agent(sock, TENANT, agent, mode)
 }

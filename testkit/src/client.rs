@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 // Not every test binary uses every re-export.
 #[allow(unused_imports)]
-pub use crate::harness::{contains, count, hex, Proc, Proxy, TempDir};
-use crate::harness::{plaintext_clawtermd, start_server, tcp_addr};
+pub use crate::{contains, count, hex, Proc, Proxy, TempDir};
+use crate::{plaintext_clawtermd, start_server, tcp_addr};
 
 pub const TENANT: u32 = 7;
 pub const AGENT: u32 = 1;
@@ -51,5 +51,5 @@ impl Env {
 
 /// Starts `claw-agent` for TENANT and waits (bounded) until it is listening.
 pub fn start_agent(sock: &std::path::Path, agent: u32, mode: &[&str]) -> Proc {
-    crate::harness::start_agent(sock, TENANT, agent, mode)
+    crate::start_agent(sock, TENANT, agent, mode)
 }

@@ -13,8 +13,8 @@
 //! after the network is back is the client's backoff delay.
 //!
 //! ```text
-//! cargo build --release --bins --example reconnect_figure
-//! ./target/release/examples/reconnect_figure [--tries 20] [--outage-ms 2000]
+//! cargo build --release -p clawterm --bins && cargo build --release -p clawterm-bench --bin reconnect_figure
+//! ./target/release/reconnect_figure [--tries 20] [--outage-ms 2000]
 //! ```
 //!
 //! Linux only (PTYs via the agent SDK's helpers).
@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use clawterm_agent::pty;
 
-#[path = "../tests/harness/mod.rs"]
-mod harness;
+use clawterm_testkit as harness;
 
 use harness::{bin, plaintext_clawtermd, start_agent, start_server, tcp_addr, Proc, Proxy};
 

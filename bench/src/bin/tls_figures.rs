@@ -13,8 +13,8 @@
 //!     stream each (CONNECT → ACCEPT), against a TLS server with QUIC on; VmRSS delta / N.
 //!
 //! ```text
-//! cargo build --release --bins
-//! cargo run --release --example tls_figures -- [--secs 5] [--threads 16]
+//! cargo build --release -p clawterm --bins
+//! cargo run --release -p clawterm-bench --bin tls_figures -- [--secs 5] [--threads 16]
 //!     [--echo-sessions 200] [--idle 5000] [--idle-quic 2000]
 //! ```
 
@@ -31,8 +31,7 @@ use clawterm_client::quic::QuicStream;
 use clawterm_client::transport::{client_config, parse_pin};
 use clawterm_client::{Event, Options, Session, TlsTrust, Transport};
 
-#[path = "../tests/harness/mod.rs"]
-mod harness;
+use clawterm_testkit as harness;
 
 use harness::{
     clawtermd, hex, pin_thread, quic_addr, rss_kib, start_agent, start_server, tcp_addr, Proc,

@@ -1,15 +1,23 @@
-//! Process and socket plumbing shared by the integration tests (and the figure tools in
-//! `examples/`, which include this file with `#[path]`): temporary directories, children
-//! stopped on drop, starting `clawtermd` and `claw-agent` and waiting for their "listening"
-//! lines, a TCP proxy the tests can cut, /proc readers, and the client-library helpers in
-//! [`session`].
+//! `clawterm-testkit`: the process and socket plumbing shared by the integration tests and the
+//! measurement tools in `bench/`: temporary directories, children stopped on drop, starting
+//! `clawtermd` and `claw-agent` and waiting for their "listening" lines, a TCP proxy the tests
+//! can cut, /proc readers, the client-library helpers in [`session`], and the test
+//! environments of the client ([`client`]) and TLS ([`tls`]) tests.
 //!
-//! Protocol-specific helpers (frame codecs, the test environments) stay in the support modules
-//! that use this one.
+//! The binaries (`clawtermd`, `claw-agent`, `clawterm`) are found by [`bin`]: in
+//! `$CLAWTERM_BIN_DIR` if set, otherwise in the target directory of the running executable
+//! (`target/PROFILE/`, whether it runs from `target/PROFILE/deps/` as a test or from
+//! `target/PROFILE/` as a tool). `cargo test -p clawterm` builds them first; anything else must
+//! `cargo build` (or `cargo build --release`) them.
+//!
+//! Protocol-specific helpers (raw frame codecs for hostile input) stay in the support modules
+//! of the tests that use them.
 
 #![allow(dead_code)]
 
+pub mod client;
 pub mod session;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -187,32 +195,47 @@ pub fn wait_until(t: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A binary of this package: the one Cargo built for this integration test, or, in an example
-/// (Cargo tells examples no `CARGO_BIN_EXE_*`), the one in the example's target directory
-/// (`target/PROFILE/examples/NAME` → `target/PROFILE/`), which must have been built.
+/// A binary of the `clawterm` package: `$CLAWTERM_BIN_DIR/NAME` if that variable is set,
+/// otherwise `NAME` in the running executable's target directory (`target/PROFILE/`, found from
+/// `target/PROFILE/deps/TEST-HASH`, `target/PROFILE/examples/NAME` or `target/PROFILE/NAME`).
+/// Panics, saying what to build, if it is not there.
 pub fn bin(name: &str) -> PathBuf {
-    let built = match name {
-        "clawtermd" => option_env!("CARGO_BIN_EXE_clawtermd"),
-        "claw-agent" => option_env!("CARGO_BIN_EXE_claw-agent"),
-        "clawterm" => option_env!("CARGO_BIN_EXE_clawterm"),
-        _ => panic!("no binary {name:?} in this package"),
-    };
-    if let Some(p) = built {
-        return PathBuf::from(p);
+    if !matches!(name, "clawtermd" | "claw-agent" | "clawterm") {
+        panic!("no binary {name:?} in the clawterm package");
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the example lives in target/PROFILE/examples")
-        .join(name);
-    if !p.exists() {
-        eprintln!(
-            "{} not found: run `cargo build --release --bins` first",
+    if let Some(d) = std::env::var_os("CLAWTERM_BIN_DIR") {
+        let p = PathBuf::from(d).join(name);
+        assert!(
+            p.exists(),
+            "{} not found (CLAWTERM_BIN_DIR is set): build it there first",
             p.display()
         );
-        std::process::exit(2);
+        return p;
     }
+    let exe = std::env::current_exe().expect("the path of the running executable");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if matches!(
+        dir.file_name().and_then(|n| n.to_str()),
+        Some("deps" | "examples")
+    ) {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let flag = if profile == "release" {
+        " --release"
+    } else {
+        ""
+    };
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build{flag} -p clawterm --bins` first (or set CLAWTERM_BIN_DIR)",
+        p.display()
+    );
     p
 }
 

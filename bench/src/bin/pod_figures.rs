@@ -8,13 +8,13 @@
 //!    to it (the daemon already running; a fresh agent id each try), median of 20.
 //!
 //! ```text
-//! cargo build --release --bins && cargo run --release --example pod_figures
+//! cargo build --release -p clawterm --bins && cargo run --release -p clawterm-bench --bin pod_figures
 //! ```
 //!
-//! Uses the release `clawtermd` and `claw-agent` next to this example's directory
+//! Uses the release `clawtermd` and `claw-agent` next to this program
 //! (`target/release/`). Linux only (reads /proc).
 
-use clawterm::proto::{self, Decoded, FrameType};
+use clawterm_client::core::{ClientCore, CoreEvent, CoreOptions};
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -22,8 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[path = "../tests/harness/mod.rs"]
-mod harness;
+use clawterm_testkit as harness;
 
 use harness::{agent_command, bin, clawtermd, raise_nofile, tcp_addr, Proc};
 
@@ -60,39 +59,28 @@ fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
     harness::connect_from(src, dst).unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"))
 }
 
-fn connect_frame(agent: u32) -> Vec<u8> {
-    let c = proto::Connect {
-        version: 1,
-        caps: proto::CAP_V1,
-        caps_width: proto::payload::CapsWidth::U8,
-        tenant_id: TENANT,
-        agent_id: agent,
-        token: [0x11; 32],
-        nonce: [0x42; 16],
-    };
-    let mut p = Vec::new();
-    c.encode(&mut p);
-    let mut f = Vec::new();
-    proto::encode_to_vec(&mut f, 0, 1, FrameType::Connect, 0, &p);
-    f
+/// Sends CONNECT to `agent` (through the client core, which then reads the answer).
+fn send_connect(s: &mut TcpStream, agent: u32) -> ClientCore {
+    let mut core = ClientCore::new(TENANT, agent, [0x11; 32]);
+    core.set_options(CoreOptions {
+        offer_reliable: false,
+        ..CoreOptions::default()
+    });
+    core.start_connect([0x42; 16], 0);
+    s.write_all(&core.take_output()).unwrap();
+    core
 }
 
-/// Reads one frame (bounded by the stream's read timeout); returns its type and ERROR code.
-fn read_frame(s: &mut TcpStream) -> Option<(FrameType, u16)> {
-    let mut buf = Vec::new();
+/// The handshake's outcome (bounded by the stream's read timeout): ACCEPT or ERROR.
+fn answer(s: &mut TcpStream, core: &mut ClientCore) -> Option<CoreEvent> {
     let mut chunk = [0u8; 256];
     loop {
-        if let Ok(Decoded::Frame(f, _)) = proto::decode(&buf, proto::MAX_PAYLOAD) {
-            let code = if f.payload.len() >= 2 {
-                u16::from_be_bytes([f.payload[0], f.payload[1]])
-            } else {
-                0
-            };
-            return Some((f.ty, code));
+        if let Some(e) = core.poll_event() {
+            return Some(e);
         }
         match s.read(&mut chunk) {
             Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => core.on_bytes(&chunk[..n], 0).ok()?,
         }
     }
 }
@@ -167,12 +155,12 @@ fn figure_links(dir: &Path) {
             let src = Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8);
             let mut s = connect_from(src, addr);
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(&connect_frame(1 + (i as u32 % PODS))).unwrap();
-            open.push(s);
+            let core = send_connect(&mut s, 1 + (i as u32 % PODS));
+            open.push((s, core));
         }
-        for mut s in open {
-            match read_frame(&mut s) {
-                Some((FrameType::Accept, _)) => accepted += 1,
+        for (mut s, mut core) in open {
+            match answer(&mut s, &mut core) {
+                Some(CoreEvent::Accepted { .. }) => accepted += 1,
                 other => panic!("CONNECT answered with {other:?}"),
             }
             conns.push(s);
@@ -224,10 +212,10 @@ fn figure_discovery(dir: &Path) {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_nodelay(true).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(&connect_frame(agent)).unwrap();
-            match read_frame(&mut s) {
-                Some((FrameType::Accept, _)) => break appeared.elapsed(),
-                Some((FrameType::Error, 5)) => refusals += 1,
+            let mut core = send_connect(&mut s, agent);
+            match answer(&mut s, &mut core) {
+                Some(CoreEvent::Accepted { .. }) => break appeared.elapsed(),
+                Some(CoreEvent::Error { code: 5, .. }) => refusals += 1,
                 other => panic!("CONNECT answered with {other:?}"),
             }
             assert!(
