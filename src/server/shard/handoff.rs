@@ -5,7 +5,7 @@
 
 use super::super::quic::StreamKey;
 use super::{Client, ShardHandler};
-use shards::Context;
+use shards::{ConnId, Context};
 use std::net::SocketAddr;
 use std::time::Instant;
 use tracing::debug;
@@ -144,6 +144,35 @@ impl ShardHandler {
             ShardMsg::RelayClose { key, abort } => self.clients.relayed_close(key, abort),
             ShardMsg::RelayReading { key, on } => self.clients.relayed_reading(key, on),
             _ => {}
+        }
+    }
+
+    /// A TCP connection handed over by another shard (a cross-shard RESUME): it starts its
+    /// handshake here with what the old shard had decoded (the RESUME and what followed it),
+    /// then the bytes that arrived while it was in transit.
+    pub(super) fn adopt(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: ConnId,
+        peer: SocketAddr,
+        unread: Vec<u8>,
+        msg: ShardMsg,
+    ) {
+        let ShardMsg::Resume {
+            buffered,
+            accepted_at,
+            tls,
+        } = msg
+        else {
+            ctx.abort(conn);
+            return;
+        };
+        let client = Client::Tcp(conn);
+        let accepted_us = self.clock.us(accepted_at);
+        self.client_opened(ctx, client, peer, tls, accepted_us, true);
+        self.on_plaintext(ctx, client, &buffered);
+        if !unread.is_empty() && self.clients.conns.contains_key(&client) {
+            shards::Handler::on_data(self, ctx, conn, &unread);
         }
     }
 }

@@ -548,23 +548,7 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_datagram(&mut self, ctx: &mut impl Context<ShardMsg>, from: SocketAddr, data: &[u8]) {
-        let Some(q) = self.clients.quic.as_ref() else {
-            return;
-        };
-        if let Some(owner) = q.foreign_shard(data) {
-            // No steering program: the kernel hashed this datagram here, but its connection
-            // id names another shard.
-            ShardMetrics::inc(&self.m().quic_forwarded, 1);
-            ctx.send_to_shard(
-                owner,
-                ShardMsg::Datagram {
-                    from,
-                    bytes: data.to_vec(),
-                },
-            );
-            return;
-        }
-        self.quic_datagram(ctx, from, data);
+        self.datagram_in(ctx, from, data);
     }
 
     fn on_closed(
@@ -592,31 +576,16 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_writable(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId) {
-        let Some(key) = self.links.key_of(conn) else {
-            self.client_writable(ctx, Client::Tcp(conn));
-            return;
-        };
-        let readers = self
-            .links
-            .get_mut(key)
-            .map(|l| l.take_paused_readers())
-            .unwrap_or_default();
-        self.resume_readers(ctx, readers);
+        match self.links.key_of(conn) {
+            Some(key) => self.link_writable(ctx, key),
+            None => self.client_writable(ctx, Client::Tcp(conn)),
+        }
     }
 
     fn on_message(&mut self, ctx: &mut impl Context<ShardMsg>, msg: ShardMsg) {
         match msg {
             ShardMsg::PodAdded(t, a) => self.pod_added(ctx, (t, a)),
-            ShardMsg::PodRemoved(t, a) => {
-                let key = (t, a);
-                if let Some(l) = self.links.get(key) {
-                    if !l.is_lost() {
-                        let c = l.conn();
-                        ctx.close(c);
-                        self.link_down(ctx, key);
-                    }
-                }
-            }
+            ShardMsg::PodRemoved(t, a) => self.pod_removed(ctx, (t, a)),
             ShardMsg::Resume { .. } => {}
             ShardMsg::Datagram { from, bytes } => self.quic_datagram(ctx, from, &bytes),
             relay => self.on_relay(ctx, relay),
@@ -631,24 +600,7 @@ impl shards::Handler for ShardHandler {
         unread: Vec<u8>,
         msg: ShardMsg,
     ) {
-        let ShardMsg::Resume {
-            buffered,
-            accepted_at,
-            tls,
-        } = msg
-        else {
-            ctx.abort(conn);
-            return;
-        };
-        let client = Client::Tcp(conn);
-        let accepted_us = self.clock.us(accepted_at);
-        self.client_opened(ctx, client, peer, tls, accepted_us, true);
-        // The plaintext the old shard had decoded (the RESUME and what followed it) first, then
-        // the bytes that arrived while the connection was in transit.
-        self.on_plaintext(ctx, client, &buffered);
-        if !unread.is_empty() && self.clients.conns.contains_key(&client) {
-            self.on_data(ctx, conn, &unread);
-        }
+        self.adopt(ctx, conn, peer, unread, msg);
     }
 
     fn on_tick(&mut self, ctx: &mut impl Context<ShardMsg>, _now: Instant) {

@@ -453,4 +453,26 @@ impl ShardHandler {
             }
         }
     }
+
+    /// A pod link's queue drained below its low watermark: the clients it paused read again.
+    pub(super) fn link_writable(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        let readers = self
+            .links
+            .get_mut(key)
+            .map(|l| l.take_paused_readers())
+            .unwrap_or_default();
+        self.resume_readers(ctx, readers);
+    }
+
+    /// The registry saw the pod's socket disappear: a link that was up goes down (its
+    /// sessions wait for the pod, `--agent-grace`).
+    pub(super) fn pod_removed(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
+        if let Some(l) = self.links.get(key) {
+            if !l.is_lost() {
+                let c = l.conn();
+                ctx.close(c);
+                self.link_down(ctx, key);
+            }
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! shard's wheel. The endpoint's work is settled once per event-loop turn
 //! ([`ShardHandler::quic_settle`] from the runtime's `on_turn_end`), and once more at shutdown.
 
+use super::super::metrics::ShardMetrics;
 use super::super::quic::QEvent;
 use super::{Client, Key, ShardHandler, ShardMsg};
 use shards::Context;
@@ -115,5 +116,30 @@ impl ShardHandler {
                 }
             }
         }
+    }
+
+    /// A datagram on this shard's UDP socket: into the endpoint, or to the shard its
+    /// connection id names (no steering program: the kernel hashed it here).
+    pub(super) fn datagram_in(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
+        let Some(q) = self.clients.quic.as_ref() else {
+            return;
+        };
+        if let Some(owner) = q.foreign_shard(data) {
+            ShardMetrics::inc(&self.m().quic_forwarded, 1);
+            ctx.send_to_shard(
+                owner,
+                ShardMsg::Datagram {
+                    from,
+                    bytes: data.to_vec(),
+                },
+            );
+            return;
+        }
+        self.quic_datagram(ctx, from, data);
     }
 }
