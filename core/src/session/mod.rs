@@ -17,5 +17,7 @@ pub mod table;
 pub use clock::Clock;
 pub use config::{Overflow, SessionConfig};
 pub use ring::ReplayRing;
-pub use state::{Flow, FlowEvent, ResumeFrom, Session, Sink, State};
+pub use state::{
+    Flow, FlowEvent, RecordError, ResumeFrom, Session, Sink, State, RECORD_MAGIC, RECORD_VERSION,
+};
 pub use table::{IdSpace, SessionTable};

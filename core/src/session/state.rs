@@ -85,6 +85,19 @@ const UNACKED: u16 = 0x40;
 const INPUT_PAUSED: u16 = 0x80;
 /// The last delivery check found everything sent delivered, and no ACK has come since.
 const DELIVERED: u16 = 0x100;
+/// Every flag bit above (a session record with any other bit set is refused).
+const FLAGS_KNOWN: u16 = ACK_PENDING
+    | HAS_DROPPED
+    | POD_PAUSED
+    | AGENT_CLOSED
+    | HAS_ACKED
+    | AGENT_GONE
+    | UNACKED
+    | INPUT_PAUSED
+    | DELIVERED;
+
+mod record;
+pub use record::{RecordError, MAGIC as RECORD_MAGIC, VERSION as RECORD_VERSION};
 
 /// One session. Kept small: this is what every idle session costs in the table.
 pub struct Session {
