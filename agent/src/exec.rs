@@ -9,9 +9,8 @@
 //! in), and a pidfd. The standard library starts the process with `posix_spawn` (no `pre_exec`
 //! hook), so the agent is not forked.
 
-use super::ptyloop::{Io, Key, LoopHandle, NewSession};
-use super::{input_queue, Agent, CloseReason, InputSender, OpenInfo, Outbox, SessionId};
-use std::collections::HashMap;
+use super::ptyloop::{Io, LoopSessions, NewSession};
+use super::{input_queue, Agent, CloseReason, OpenInfo, Outbox, SessionId};
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
@@ -20,10 +19,8 @@ use std::sync::Arc;
 /// `exec`: one process per session, on pipes.
 pub struct ExecAgent {
     argv: Arc<Vec<OsString>>,
-    /// The link's event loop, started with its first session.
-    lp: Option<LoopHandle>,
-    /// The link thread's side of each session: its key in the loop and its input queue.
-    procs: HashMap<SessionId, (Key, InputSender)>,
+    /// The link's event loop and each session's place in it.
+    procs: LoopSessions,
 }
 
 impl ExecAgent {
@@ -31,19 +28,7 @@ impl ExecAgent {
     pub fn new(argv: Arc<Vec<OsString>>) -> ExecAgent {
         ExecAgent {
             argv,
-            lp: None,
-            procs: HashMap::new(),
-        }
-    }
-
-    /// Forgets sessions whose process has exited (their CLOSE has been sent).
-    fn forget_finished(&mut self) {
-        if let Some(lp) = &self.lp {
-            for (s, key) in lp.take_finished() {
-                if self.procs.get(&s).is_some_and(|(k, _)| *k == key) {
-                    self.procs.remove(&s);
-                }
-            }
+            procs: LoopSessions::default(),
         }
     }
 
@@ -52,12 +37,7 @@ impl ExecAgent {
         let Some((cmd, args)) = self.argv.split_first() else {
             return Err(std::io::Error::other("no command given"));
         };
-        if self.lp.is_none() {
-            self.lp = Some(LoopHandle::start(out.clone())?);
-        }
-        let Some(lp) = &self.lp else {
-            return Err(std::io::Error::other("no event loop"));
-        };
+        let lp = self.procs.start_loop(out)?;
         // stdout and stderr share one pipe (close-on-exec in the agent).
         let (output, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let w2 = w.try_clone()?;
@@ -86,19 +66,15 @@ impl ExecAgent {
             pid,
             input: rx,
         })?;
-        self.procs.insert(s, (key, tx));
+        self.procs.insert(s, key, tx);
         Ok(())
     }
 }
 
 impl Agent for ExecAgent {
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
-        self.forget_finished();
-        if let Some((key, _)) = self.procs.remove(&s) {
-            if let Some(lp) = &self.lp {
-                lp.kill(key);
-            }
-        }
+        self.procs.forget_finished();
+        self.procs.end(s);
         if let Err(e) = self.spawn(s, info, out) {
             tracing::warn!(session = s, error = %e, "exec: cannot start the command");
             let msg = format!(
@@ -114,49 +90,24 @@ impl Agent for ExecAgent {
     }
 
     fn data(&mut self, s: SessionId, bytes: &[u8], _out: &Outbox) {
-        if let Some((key, tx)) = self.procs.get_mut(&s) {
-            tx.push(bytes);
-            let key = *key;
-            if let Some(lp) = &self.lp {
-                lp.input(key);
-            }
-        }
+        self.procs.input(s, bytes);
     }
 
     fn pause(&mut self, s: SessionId, _out: &Outbox) {
-        if let (Some((key, _)), Some(lp)) = (self.procs.get(&s), &self.lp) {
-            lp.pause(*key, true);
-        }
+        self.procs.pause(s, true);
     }
 
     fn resume_output(&mut self, s: SessionId, _out: &Outbox) {
-        if let (Some((key, _)), Some(lp)) = (self.procs.get(&s), &self.lp) {
-            lp.pause(*key, false);
-        }
+        self.procs.pause(s, false);
     }
 
     fn close(&mut self, s: SessionId, _reason: CloseReason, _out: &Outbox) {
-        if let Some((key, _)) = self.procs.remove(&s) {
-            if let Some(lp) = &self.lp {
-                lp.kill(key);
-            }
-        }
-        self.forget_finished();
+        self.procs.end(s);
+        self.procs.forget_finished();
     }
 
     fn link_closed(&mut self, _out: &Outbox) {
-        self.procs.clear();
-        if let Some(lp) = self.lp.take() {
-            lp.shutdown();
-        }
-    }
-}
-
-impl Drop for ExecAgent {
-    fn drop(&mut self) {
-        if let Some(lp) = self.lp.take() {
-            lp.shutdown();
-        }
+        self.procs.link_closed();
     }
 }
 

@@ -1,18 +1,18 @@
 //! Pseudo-terminals for agents that run programs in a terminal (`claw-agent shell`), and the
 //! process-session helpers that go with them.
 //!
-//! [`spawn`] starts a [`Command`] as the leader of a new session whose controlling terminal is
-//! the slave side of a fresh PTY, and returns the master side ([`PtyMaster`]) and the
-//! [`Child`]. The session id (and process group id) of everything the program starts in that
-//! terminal is the child's pid, which [`signal_session`] and [`session_members`] use to reach
+//! [`PtyCommand::spawn`] starts a program as the leader of a new session whose controlling
+//! terminal is the slave side of a fresh PTY, and returns the master side ([`PtyMaster`]) and
+//! the child's pid. The session id (and process group id) of everything the program starts in
+//! that terminal is that pid, which [`signal_session`] and [`session_members`] use to reach
 //! background jobs too (they live in process groups of their own under job control).
 //!
-//! [`PtyCommand::spawn`] does the same without `fork()`: it opens only the master and starts
-//! the program with `posix_spawn(3)` (glibc: `clone(CLONE_VM | CLONE_VFORK)`, so nothing of
-//! the agent's memory is copied, however big the agent has grown), which makes the child a
-//! session leader (`POSIX_SPAWN_SETSID`) and opens the slave by its path as the child's fd 0
-//! (the first terminal a session leader opens becomes its controlling terminal), then dups it
-//! to 1 and 2. The slave is never open in the agent. This is what [`ShellAgent`] uses; see
+//! It does so without `fork()`: it opens only the master and starts the program with
+//! `posix_spawn(3)` (glibc: `clone(CLONE_VM | CLONE_VFORK)`, so nothing of the agent's memory
+//! is copied, however big the agent has grown), which makes the child a session leader
+//! (`POSIX_SPAWN_SETSID`) and opens the slave by its path as the child's fd 0 (the first
+//! terminal a session leader opens becomes its controlling terminal), then dups it to 1 and 2.
+//! The slave is never open in the agent. This is what [`ShellAgent`] uses; see
 //! `docs/POD-LINK.md` ("Shell sessions: one event loop, posix_spawn").
 //!
 //! Every descriptor made here is close-on-exec, so no other program spawned by the agent
@@ -25,8 +25,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
 
 /// The master side of a PTY. Reading it gives what the program wrote to its terminal; writing
 /// it is typing. Once every process has closed the slave side, reads fail with `EIO` (Linux)
@@ -104,120 +102,8 @@ pub fn set_winsize(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens a new PTY pair (master, slave), both close-on-exec, the slave not becoming anyone's
-/// controlling terminal by being opened.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn open_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    // SAFETY: posix_openpt takes flags only and returns a new descriptor or -1.
-    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    if m < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `m` is a fresh descriptor that nothing else owns.
-    let master = unsafe { OwnedFd::from_raw_fd(m) };
-    // SAFETY: grantpt/unlockpt on the master we just opened; no pointers involved.
-    if unsafe { libc::grantpt(m) } != 0 || unsafe { libc::unlockpt(m) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut name = [0 as libc::c_char; 128];
-    // SAFETY: ptsname_r writes a NUL-terminated name of at most `name.len()` bytes into `name`.
-    let rc = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    // SAFETY: `name` is NUL-terminated (ptsname_r succeeded); open returns a new fd or -1.
-    let s = unsafe {
-        libc::open(
-            name.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `s` is a fresh descriptor that nothing else owns.
-    let slave = unsafe { OwnedFd::from_raw_fd(s) };
-    Ok((master, slave))
-}
-
-/// Opens a new PTY pair (master, slave), both close-on-exec. (Where `posix_openpt` with
-/// `O_CLOEXEC` isn't available, a program forked by another thread at the same moment could
-/// inherit the pair; it has no use for it and it closes when that program execs or exits.)
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn open_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (mut m, mut s): (libc::c_int, libc::c_int) = (-1, -1);
-    // SAFETY: openpty writes two descriptors into `m` and `s`; the name, termios and winsize
-    // pointers may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are fresh descriptors that nothing else owns.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
-    for fd in [m, s] {
-        // SAFETY: fcntl on descriptors we own; no pointers involved.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok((master, slave))
-}
-
-/// Starts `cmd` in a new PTY of `cols` x `rows`: the slave is its stdin, stdout and stderr,
-/// and, in a new session (`setsid`), its controlling terminal (`TIOCSCTTY`). The child's pid is
-/// therefore its session id and process group id.
-///
-/// `cmd`'s stdio settings are replaced; `cmd` is consumed so that no copy of the slave stays
-/// open in this process (the master then sees EOF/`EIO` when the program and its children are
-/// gone). Don't also ask `cmd` for a process group (`process_group`): a group leader can't
-/// start a session.
-///
-/// The set-up runs in a `pre_exec` hook, so the standard library starts the child with a plain
-/// `fork()` of this whole process (page tables included): fine now and then, costly at scale
-/// in a big, many-threaded agent. [`PtyCommand::spawn`] starts programs with `posix_spawn`.
-pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> io::Result<(PtyMaster, Child)> {
-    let (master, slave) = open_pair()?;
-    set_winsize(master.as_fd(), cols, rows)?;
-    let stdin = slave.try_clone()?;
-    let stdout = slave.try_clone()?;
-    cmd.stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(slave));
-    // SAFETY: the hook runs in the child between fork and exec and only makes two
-    // async-signal-safe syscalls (setsid, ioctl); it touches no memory of the parent. By then
-    // std has already made the slave the child's fd 0.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    drop(cmd); // closes our copies of the slave
-    Ok((
-        PtyMaster {
-            file: File::from(master),
-        },
-        child,
-    ))
-}
-
 /// Opens a new PTY master (close-on-exec, not our controlling terminal) with the slave
 /// unlocked, and returns it with the slave's path. The slave itself is not opened.
-#[cfg(any(target_os = "linux", target_os = "android"))]
 fn open_master() -> io::Result<(OwnedFd, CString)> {
     // SAFETY: posix_openpt takes flags only and returns a new descriptor or -1.
     let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
@@ -564,50 +450,6 @@ mod tests {
         crate::TEST_SERIAL.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    #[test]
-    fn spawn_runs_in_a_terminal_of_the_given_size() {
-        let _g = serial();
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "stty size; test -t 0 && echo tty"]);
-        let (master, mut child) = spawn(cmd, 91, 17).expect("spawn");
-        let mut out = Vec::new();
-        let mut buf = [0u8; 1024];
-        loop {
-            match master.file().read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break, // EIO: the slave is closed
-            }
-        }
-        let _ = child.wait();
-        let text = String::from_utf8_lossy(&out);
-        assert!(text.contains("17 91"), "{text:?}");
-        assert!(text.contains("tty"), "{text:?}");
-    }
-
-    #[test]
-    fn resize_and_write() {
-        let _g = serial();
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "read x; stty size; echo got-$x"]);
-        let (master, mut child) = spawn(cmd, 80, 24).expect("spawn");
-        master.resize(120, 40).expect("resize");
-        master.file().write_all(b"abc\n").expect("write");
-        let mut out = Vec::new();
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = master.file().read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
-        let _ = child.wait();
-        let text = String::from_utf8_lossy(&out);
-        assert!(text.contains("40 120"), "{text:?}");
-        assert!(text.contains("got-abc"), "{text:?}");
-    }
-
     /// Everything a posix_spawn'd child reads from its master until the terminal closes.
     fn read_all(master: &PtyMaster) -> String {
         let mut out = Vec::new();
@@ -684,6 +526,32 @@ mod tests {
     }
 
     /// Input typed before the program reads it, and the exit: the master then reads EIO.
+    #[test]
+    fn spawn_runs_in_a_terminal_of_the_given_size() {
+        let _g = serial();
+        let mut cmd = PtyCommand::new("/bin/sh");
+        cmd.arg("-c").arg("stty size; test -t 0 && echo tty");
+        let child = cmd.spawn(91, 17).expect("spawn");
+        let text = read_all(&child.master);
+        reap(child.pid);
+        assert!(text.contains("17 91"), "{text:?}");
+        assert!(text.contains("tty"), "{text:?}");
+    }
+
+    #[test]
+    fn resize_and_write() {
+        let _g = serial();
+        let mut cmd = PtyCommand::new("/bin/sh");
+        cmd.arg("-c").arg("read x; stty size; echo got-$x");
+        let child = cmd.spawn(80, 24).expect("spawn");
+        child.master.resize(120, 40).expect("resize");
+        child.master.file().write_all(b"abc\n").expect("write");
+        let text = read_all(&child.master);
+        reap(child.pid);
+        assert!(text.contains("40 120"), "{text:?}");
+        assert!(text.contains("got-abc"), "{text:?}");
+    }
+
     #[test]
     fn pty_command_input_and_exit() {
         let _g = serial();

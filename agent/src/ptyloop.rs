@@ -27,7 +27,7 @@
 //! the link, exactly as it would block each reader thread: they all share the one socket.
 
 use super::pty::{self, PtyMaster};
-use super::{InputReceiver, Outbox, SessionId};
+use super::{InputReceiver, InputSender, Outbox, SessionId};
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, WaitOptions};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -240,16 +240,83 @@ impl LoopHandle {
     pub(crate) fn take_finished(&self) -> Vec<(SessionId, Key)> {
         std::mem::take(&mut *lock(&self.shared.finished))
     }
-
-    /// Kills every session; the loop ends once they are reaped.
-    pub(crate) fn shutdown(self) {
-        // Drop does it.
-    }
 }
 
 impl Drop for LoopHandle {
     fn drop(&mut self) {
         self.send(Cmd::Shutdown);
+    }
+}
+
+/// An agent's side of a link's loop: the loop (started with the link's first session) and, per
+/// session, its key in the loop and its input queue. [`ShellAgent`](super::ShellAgent) and
+/// [`ExecAgent`](super::ExecAgent) differ only in what they start; this is the rest.
+#[derive(Default)]
+pub(crate) struct LoopSessions {
+    lp: Option<LoopHandle>,
+    sessions: HashMap<SessionId, (Key, InputSender)>,
+}
+
+impl LoopSessions {
+    /// The link's loop, started now if this is the link's first session.
+    pub(crate) fn start_loop(&mut self, out: &Outbox) -> io::Result<&LoopHandle> {
+        if self.lp.is_none() {
+            self.lp = Some(LoopHandle::start(out.clone())?);
+        }
+        self.lp
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no event loop"))
+    }
+
+    /// A session the loop now runs under `key`, fed by `input`.
+    pub(crate) fn insert(&mut self, s: SessionId, key: Key, input: InputSender) {
+        self.sessions.insert(s, (key, input));
+    }
+
+    /// Forgets sessions whose program exited by itself (their CLOSE has been sent).
+    pub(crate) fn forget_finished(&mut self) {
+        if let Some(lp) = &self.lp {
+            for (s, key) in lp.take_finished() {
+                if self.sessions.get(&s).is_some_and(|(k, _)| *k == key) {
+                    self.sessions.remove(&s);
+                }
+            }
+        }
+    }
+
+    /// Ends session `s` (its program is hung up / killed by the loop), if it runs.
+    pub(crate) fn end(&mut self, s: SessionId) {
+        if let (Some((key, _)), Some(lp)) = (self.sessions.remove(&s), &self.lp) {
+            lp.kill(key);
+        }
+    }
+
+    /// Client input for session `s`.
+    pub(crate) fn input(&mut self, s: SessionId, bytes: &[u8]) {
+        if let (Some((key, tx)), Some(lp)) = (self.sessions.get_mut(&s), &self.lp) {
+            tx.push(bytes);
+            lp.input(*key);
+        }
+    }
+
+    /// Stops (`true`) or restarts reading session `s`'s output.
+    pub(crate) fn pause(&self, s: SessionId, paused: bool) {
+        if let (Some((key, _)), Some(lp)) = (self.sessions.get(&s), &self.lp) {
+            lp.pause(*key, paused);
+        }
+    }
+
+    /// A new window size for session `s`'s terminal.
+    pub(crate) fn resize(&self, s: SessionId, cols: u16, rows: u16) {
+        if let (Some((key, _)), Some(lp)) = (self.sessions.get(&s), &self.lp) {
+            lp.resize(*key, cols, rows);
+        }
+    }
+
+    /// The link is gone: every session ends with the loop.
+    pub(crate) fn link_closed(&mut self) {
+        self.sessions.clear();
+        self.lp = None;
     }
 }
 

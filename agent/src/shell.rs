@@ -10,9 +10,8 @@
 //! ([`PtyCommand`]), not `fork()`, so starting one doesn't copy the agent's page tables.
 
 use super::pty::PtyCommand;
-use super::ptyloop::{Io, Key, LoopHandle, NewSession};
-use super::{input_queue, Agent, CloseReason, InputSender, OpenInfo, Outbox, SessionId};
-use std::collections::HashMap;
+use super::ptyloop::{Io, LoopSessions, NewSession};
+use super::{input_queue, Agent, CloseReason, OpenInfo, Outbox, SessionId};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,10 +32,8 @@ pub fn shell_path(arg: Option<PathBuf>) -> PathBuf {
 /// `shell`: a login shell in a PTY per session.
 pub struct ShellAgent {
     shell: Arc<PathBuf>,
-    /// The link's event loop, started with its first session.
-    lp: Option<LoopHandle>,
-    /// The link thread's side of each session: its key in the loop and its input queue.
-    sessions: HashMap<SessionId, (Key, InputSender)>,
+    /// The link's event loop and each session's place in it.
+    sessions: LoopSessions,
 }
 
 impl ShellAgent {
@@ -44,29 +41,11 @@ impl ShellAgent {
     pub fn new(shell: Arc<PathBuf>) -> ShellAgent {
         ShellAgent {
             shell,
-            lp: None,
-            sessions: HashMap::new(),
-        }
-    }
-
-    /// Forgets sessions whose shell has exited (their CLOSE has been sent).
-    fn forget_finished(&mut self) {
-        if let Some(lp) = &self.lp {
-            for (s, key) in lp.take_finished() {
-                if self.sessions.get(&s).is_some_and(|(k, _)| *k == key) {
-                    self.sessions.remove(&s);
-                }
-            }
+            sessions: LoopSessions::default(),
         }
     }
 
     fn spawn(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) -> std::io::Result<()> {
-        if self.lp.is_none() {
-            self.lp = Some(LoopHandle::start(out.clone())?);
-        }
-        let Some(lp) = &self.lp else {
-            return Err(std::io::Error::other("no event loop"));
-        };
         let shell = &*self.shell;
         let name = shell
             .file_name()
@@ -81,6 +60,7 @@ impl ShellAgent {
         if std::env::var_os("TERM").is_none() {
             cmd.env("TERM", "xterm-256color");
         }
+        let lp = self.sessions.start_loop(out)?;
         let child = cmd.spawn(SHELL_COLS, SHELL_ROWS)?;
         let pid = child.pid;
         let (tx, rx) = input_queue(s, out);
@@ -91,23 +71,15 @@ impl ShellAgent {
             input: rx,
         })?;
         tracing::debug!(session = s, pid, reopen = info.reopen, "shell: started");
-        self.sessions.insert(s, (key, tx));
+        self.sessions.insert(s, key, tx);
         Ok(())
-    }
-
-    fn key(&self, s: SessionId) -> Option<(Key, &LoopHandle)> {
-        Some((self.sessions.get(&s)?.0, self.lp.as_ref()?))
     }
 }
 
 impl Agent for ShellAgent {
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
-        self.forget_finished();
-        if let Some((key, _)) = self.sessions.remove(&s) {
-            if let Some(lp) = &self.lp {
-                lp.kill(key);
-            }
-        }
+        self.sessions.forget_finished();
+        self.sessions.end(s);
         if let Err(e) = self.spawn(s, info, out) {
             tracing::warn!(session = s, error = %e, "shell: cannot start the shell");
             let msg = format!("claw-agent: cannot run {}: {e}\r\n", self.shell.display());
@@ -117,55 +89,28 @@ impl Agent for ShellAgent {
     }
 
     fn data(&mut self, s: SessionId, bytes: &[u8], _out: &Outbox) {
-        if let Some((key, tx)) = self.sessions.get_mut(&s) {
-            tx.push(bytes);
-            let key = *key;
-            if let Some(lp) = &self.lp {
-                lp.input(key);
-            }
-        }
+        self.sessions.input(s, bytes);
     }
 
     fn resize(&mut self, s: SessionId, cols: u16, rows: u16, _out: &Outbox) {
-        if let Some((key, lp)) = self.key(s) {
-            lp.resize(key, cols, rows);
-        }
+        self.sessions.resize(s, cols, rows);
     }
 
     fn pause(&mut self, s: SessionId, _out: &Outbox) {
-        if let Some((key, lp)) = self.key(s) {
-            lp.pause(key, true);
-        }
+        self.sessions.pause(s, true);
     }
 
     fn resume_output(&mut self, s: SessionId, _out: &Outbox) {
-        if let Some((key, lp)) = self.key(s) {
-            lp.pause(key, false);
-        }
+        self.sessions.pause(s, false);
     }
 
     fn close(&mut self, s: SessionId, _reason: CloseReason, _out: &Outbox) {
-        if let Some((key, _)) = self.sessions.remove(&s) {
-            if let Some(lp) = &self.lp {
-                lp.kill(key);
-            }
-        }
-        self.forget_finished();
+        self.sessions.end(s);
+        self.sessions.forget_finished();
     }
 
     fn link_closed(&mut self, _out: &Outbox) {
-        self.sessions.clear();
-        if let Some(lp) = self.lp.take() {
-            lp.shutdown();
-        }
-    }
-}
-
-impl Drop for ShellAgent {
-    fn drop(&mut self) {
-        if let Some(lp) = self.lp.take() {
-            lp.shutdown();
-        }
+        self.sessions.link_closed();
     }
 }
 
