@@ -58,6 +58,24 @@ pub struct QuicStream {
     rxbuf: Vec<u8>,
 }
 
+/// The QUIC client configuration of every ClawTerm client (the library and loadgen): TLS with
+/// the ClawTerm ALPN, no streams opened by the server, and a keep-alive every 15 s so NAT
+/// bindings and the server's idle timer stay fresh even when the terminal is quiet.
+pub fn client_config(tls: Arc<rustls::ClientConfig>) -> Result<ClientConfig, String> {
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| format!("TLS config: {e}"))?;
+    let mut cfg = ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn_proto::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(Duration::from_secs(15)));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
 fn err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
     io::Error::new(kind, msg.into())
 }
@@ -98,18 +116,7 @@ impl QuicStream {
         local: Option<SocketAddr>,
         timeout: Duration,
     ) -> io::Result<QuicStream> {
-        let mut tls = (*tls).clone();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| err(io::ErrorKind::InvalidInput, format!("TLS config: {e}")))?;
-        let mut cfg = ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn_proto::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(VarInt::from_u32(0))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
-            // Keep NAT bindings and the server's idle timer fresh even when the terminal is quiet.
-            .keep_alive_interval(Some(Duration::from_secs(15)));
-        cfg.transport_config(Arc::new(transport));
+        let mut cfg = client_config(tls).map_err(|e| err(io::ErrorKind::InvalidInput, e))?;
         if let Some(sid) = steer {
             cfg.initial_dst_cid_provider(Arc::new(move || {
                 let mut b = [0u8; 8];

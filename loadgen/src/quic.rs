@@ -20,7 +20,7 @@ use std::io;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Something that happened to a session's connection.
 #[derive(Debug)]
@@ -72,18 +72,7 @@ impl QuicEp {
         server_name: &str,
         sources: &[std::net::Ipv4Addr],
     ) -> Result<QuicEp, String> {
-        let mut tls = (*tls).clone();
-        tls.alpn_protocols = vec![clawterm::proto::ALPN.to_vec()];
-        let crypto = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| format!("QUIC TLS config: {e}"))?;
-        let mut cfg = ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn_proto::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(VarInt::from_u32(0))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
-            // As the clawterm client: keeps the server's idle timer fresh when quiet.
-            .keep_alive_interval(Some(Duration::from_secs(15)));
-        cfg.transport_config(Arc::new(transport));
+        let cfg = clawterm_client::quic::client_config(tls).map_err(|e| format!("QUIC {e}"))?;
         let mut socks = Vec::new();
         for ip in sources {
             let s = UdpSocket::bind(SocketAddrV4::new(*ip, 0))
