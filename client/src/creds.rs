@@ -512,22 +512,7 @@ impl Store {
         let tmp = self
             .dir
             .join(format!(".{}.{}.tmp", c.name, std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            f.write_all(c.to_json().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.io_err("cannot write", &path, e)
-        })?;
+        self.write_private(&tmp, &path, c.to_json().as_bytes(), true)?;
         Ok(path)
     }
 
@@ -563,19 +548,37 @@ impl Store {
         let tmp = self
             .dir
             .join(format!(".{name}.state.{}.tmp", std::process::id()));
+        self.write_private(&tmp, &path, rec.to_line().as_bytes(), false)
+    }
+
+    /// Writes `bytes` to `path` atomically and readable by its owner only: into `tmp` (0600),
+    /// flushed to disk first when `durable`, then renamed over `path`. `tmp` is removed if
+    /// anything fails.
+    fn write_private(
+        &self,
+        tmp: &Path,
+        path: &Path,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<(), ClientError> {
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(rec.to_line().as_bytes())?;
-            std::fs::rename(&tmp, &path)
+                .open(tmp)?;
+            // An existing file keeps its mode through `open`: make it 0600 too.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(bytes)?;
+            if durable {
+                f.sync_all()?;
+            }
+            std::fs::rename(tmp, path)
         };
         write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.io_err("cannot write", &path, e)
+            let _ = std::fs::remove_file(tmp);
+            self.io_err("cannot write", path, e)
         })
     }
 
