@@ -147,16 +147,9 @@ start_server() {
   # they floated onto loadgen's CPU: a paced cross-shard resume cost +60-77 µs, not +13-21.)
   # SRV_EXTRA (environment): more clawtermd options for this server (e.g. --max-send-payload).
   # shellcheck disable=SC2086
-  "${SRV_PIN[@]}" "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" "${secargs[@]}" ${SRV_EXTRA:-} \
-    --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 \
-    >"$d/clawtermd.log" 2>&1 &
-  SRV_PID=$!
-  SRV_ADDR=$(wait_addr "$d/clawtermd.log" "listening on tcp" "$SRV_PID")
-  if [ -z "$SRV_ADDR" ]; then
-    echo "[bench] $name: clawtermd --io $io did not start:" >&2
-    tail -5 "$d/clawtermd.log" >&2
-    return 1
-  fi
+  start_clawtermd "$d/clawtermd.log" "[bench] $name (--io $io)" \
+    "${SRV_PIN[@]}" "$BIN/clawtermd" --shards "$shards" --cpus "$SRV_CPU" --io "$io" "${secargs[@]}" ${SRV_EXTRA:-} \
+    --insecure-no-auth --admin off --socket-dir "$d/sock" --bind 127.0.0.1 --port 0 || return 1
   QUIC_ADDR=$(sed -n 's/.* quic \([0-9.]*:[0-9]*\).*/\1/p' "$d/clawtermd.log" | head -1)
   "${AGENT_PIN[@]}" "$BIN/claw-agent" -s "$d/sock" --tenant 1 --agent 1 echo >"$d/claw-agent.log" 2>&1 &
   AGENT_PID=$!

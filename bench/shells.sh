@@ -121,16 +121,10 @@ mkdir -p "$RUN_DIR/sock" "$RUN_DIR/home"
 # bench: a .bashrc that runs pyenv, say, costs more than everything measured here), the same
 # TERM and the system-wide startup files only.
 export HOME="$RUN_DIR/home" TERM=xterm-256color
-"$BIN/clawtermd" --shards 1 --io epoll --insecure-plaintext --no-quic --insecure-no-auth \
+start_clawtermd "$RUN_DIR/clawtermd.log" bench/shells.sh \
+  "$BIN/clawtermd" --shards 1 --io epoll --insecure-plaintext --no-quic --insecure-no-auth \
   --admin off --socket-dir "$RUN_DIR/sock" --bind 127.0.0.1 --port 0 \
-  --max-sessions 100000 --max-conn-rate-per-ip 0 >"$RUN_DIR/clawtermd.log" 2>&1 &
-SRV_PID=$!
-SRV_ADDR=$(wait_addr "$RUN_DIR/clawtermd.log" "listening on tcp" "$SRV_PID")
-if [ -z "$SRV_ADDR" ]; then
-  echo "bench/shells.sh: clawtermd did not start:" >&2
-  tail -5 "$RUN_DIR/clawtermd.log" >&2
-  exit 1
-fi
+  --max-sessions 100000 --max-conn-rate-per-ip 0 || exit 1
 RUST_LOG=warn "$AGENT_BIN" -s "$RUN_DIR/sock" --tenant 1 --agent 1 shell --shell "$SHELL_PATH" \
   >"$RUN_DIR/claw-agent.log" 2>&1 &
 AGENT_PID=$!
