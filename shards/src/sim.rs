@@ -37,16 +37,12 @@ pub enum Ending {
 pub struct SimConn {
     /// Bytes the handler sent and the test has not taken yet.
     pub out: Vec<u8>,
-    /// Bytes sent over the connection's life.
-    pub sent_total: u64,
     /// Whether the handler wants to read it.
     pub reading: bool,
     /// How it ended, if it did.
     pub ending: Ending,
     /// The TCP peer (None for a Unix connection).
     pub peer: Option<SocketAddr>,
-    /// The path of a Unix connection.
-    pub unix: Option<PathBuf>,
     /// What [`Context::unsent`] reports for it (the test sets it; 0 = all delivered).
     pub unsent: usize,
     /// What [`Context::is_backpressured`] reports for it (the test sets it).
@@ -66,10 +62,8 @@ pub struct SimCtx<M> {
     messages: Vec<(usize, M)>,
     hand_offs: Vec<(ConnId, usize, M)>,
     connects: Vec<(ConnId, PathBuf)>,
-    datagrams: Vec<(SocketAddr, Vec<u8>)>,
     wake: Option<Instant>,
     stopped: bool,
-    refuse_connects: bool,
 }
 
 impl<M> SimCtx<M> {
@@ -84,14 +78,12 @@ impl<M> SimCtx<M> {
             messages: Vec::new(),
             hand_offs: Vec::new(),
             connects: Vec::new(),
-            datagrams: Vec::new(),
             wake: None,
             stopped: false,
-            refuse_connects: false,
         }
     }
 
-    fn new_conn(&mut self, peer: Option<SocketAddr>, unix: Option<PathBuf>) -> ConnId {
+    fn new_conn(&mut self, peer: Option<SocketAddr>) -> ConnId {
         self.next += 1;
         let id = ConnId {
             idx: self.next,
@@ -101,11 +93,9 @@ impl<M> SimCtx<M> {
             id,
             SimConn {
                 out: Vec::new(),
-                sent_total: 0,
                 reading: true,
                 ending: Ending::Open,
                 peer,
-                unix,
                 unsent: 0,
                 backpressured: false,
                 held_input: Vec::new(),
@@ -117,7 +107,7 @@ impl<M> SimCtx<M> {
     /// A new TCP connection from `peer` (the test then calls the handler's `on_accept`, or
     /// `on_adopt` for a connection handed over from another shard).
     pub fn accept(&mut self, peer: SocketAddr) -> ConnId {
-        self.new_conn(Some(peer), None)
+        self.new_conn(Some(peer))
     }
 
     /// The connection's record (None for ids this shard never had).
@@ -179,21 +169,6 @@ impl<M> SimCtx<M> {
         std::mem::take(&mut self.connects)
     }
 
-    /// Takes the datagrams sent since the last call.
-    pub fn take_datagrams(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
-        std::mem::take(&mut self.datagrams)
-    }
-
-    /// Makes every later `connect_unix` fail at once (a pod socket nobody listens on).
-    pub fn refuse_connects(&mut self, refuse: bool) {
-        self.refuse_connects = refuse;
-    }
-
-    /// The earliest `on_tick` requested and not yet taken.
-    pub fn wake(&self) -> Option<Instant> {
-        self.wake
-    }
-
     /// Takes the requested wake-up if it is due at `self.now()` (the test then calls the
     /// handler's `on_tick`).
     pub fn take_due_wake(&mut self) -> Option<Instant> {
@@ -234,7 +209,6 @@ impl<M> Context<M> for SimCtx<M> {
         match self.conns.get_mut(&conn) {
             Some(c) if c.ending == Ending::Open => {
                 c.out.extend_from_slice(bytes);
-                c.sent_total += bytes.len() as u64;
                 c.out.len()
             }
             _ => 0,
@@ -270,10 +244,7 @@ impl<M> Context<M> for SimCtx<M> {
         }
     }
     fn connect_unix(&mut self, path: &Path) -> io::Result<ConnId> {
-        if self.refuse_connects {
-            return Err(io::Error::from(io::ErrorKind::ConnectionRefused));
-        }
-        let id = self.new_conn(None, Some(path.to_path_buf()));
+        let id = self.new_conn(None);
         self.connects.push((id, path.to_path_buf()));
         Ok(id)
     }
@@ -304,9 +275,12 @@ impl<M> Context<M> for SimCtx<M> {
             .filter(|c| c.ending == Ending::Open)
             .count()
     }
-    fn send_datagram(&mut self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
-        self.datagrams.push((to, data.to_vec()));
-        Ok(())
+    fn send_datagram(&mut self, _to: SocketAddr, _data: &[u8]) -> io::Result<()> {
+        // A simulated shard has no UDP socket, as a runtime without `Config::udp`.
+        Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "the simulated shard has no UDP socket",
+        ))
     }
     fn udp_dropped(&self) -> u64 {
         0
@@ -341,8 +315,6 @@ mod tests {
 
         let p = ctx.connect_unix(Path::new("/x/7_42")).unwrap();
         assert_eq!(ctx.take_connects(), vec![(p, PathBuf::from("/x/7_42"))]);
-        ctx.refuse_connects(true);
-        assert!(ctx.connect_unix(Path::new("/x/7_42")).is_err());
 
         ctx.send_to_shard(1, 9);
         assert_eq!(ctx.take_messages(), vec![(1, 9)]);
@@ -357,5 +329,7 @@ mod tests {
         ctx.advance(Duration::from_millis(60));
         assert_eq!(ctx.take_due_wake(), Some(t0 + Duration::from_millis(50)));
         assert_eq!(ctx.conn_count(), 1, "only the Unix conn is open");
+        ctx.stop();
+        assert!(ctx.stopped());
     }
 }

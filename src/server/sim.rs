@@ -24,7 +24,7 @@ use shards::{ConnId, Context, Handler};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -42,8 +42,6 @@ pub struct SimClient {
     pub peer: Option<SocketAddr>,
     /// Bytes the server sent to it, not yet taken with [`Sim::client_take`].
     pub inbox: Vec<u8>,
-    /// Whether the server closed or aborted it.
-    pub closed_by_server: bool,
 }
 
 /// One simulated agent pod: what it received, per session, and how it answers.
@@ -130,11 +128,6 @@ impl Sim {
     /// Milliseconds since the simulation started (the clock a client core is driven with).
     pub fn now_ms(&self) -> u64 {
         self.shards[0].ctx.now().duration_since(self.t0).as_millis() as u64
-    }
-
-    /// Where the shards look for pod sockets.
-    pub fn socket_dir(&self) -> &Path {
-        &self.dir
     }
 
     /// A pod for (tenant, agent) appears: the registry lists it and every shard hears of it,
@@ -402,7 +395,6 @@ impl Sim {
             if !s.ctx.is_open(conn) {
                 if s.ctx.ending(conn) != Some(shards::sim::Ending::HandedOff) {
                     self.clients[c].at = None;
-                    self.clients[c].closed_by_server = true;
                     moved = true;
                 }
                 continue;
