@@ -16,7 +16,6 @@ pub fn socket_path(dir: &Path, tenant: u32, agent: u32) -> PathBuf {
 
 /// A shard's link to one pod. `C` identifies the shard's client connections.
 pub struct Link<C> {
-    key: (u32, u32),
     /// The current connection (or connect attempt).
     conn: ConnId,
     /// The connect completed: bytes can be sent.
@@ -58,11 +57,6 @@ impl<C> Link<C> {
         } else {
             self.pending.len() > Self::HELD_LIMIT
         }
-    }
-
-    /// The pod this link is to: (tenant, agent).
-    pub fn key(&self) -> (u32, u32) {
-        self.key
     }
 
     /// The link's connection (or its connect in flight).
@@ -204,7 +198,6 @@ impl<C> Links<C> {
         let prefix_len = pending.len();
         self.by_conn.insert(conn, key);
         self.by_key.entry(key).or_insert(Link {
-            key,
             conn,
             connected: false,
             hello_seen: false,
