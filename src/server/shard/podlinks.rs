@@ -75,22 +75,19 @@ impl ShardHandler {
     pub(super) fn link_down(&mut self, ctx: &mut impl Context<ShardMsg>, key: (u32, u32)) {
         let grace = self.shared.cfg.agent_grace_ms;
         let now = self.now(ctx);
-        let first = self.links.get(key).is_some_and(|l| !l.is_lost());
-        let sessions = self.links.get(key).map_or(0, |l| l.sessions().len());
         let present = self.shared.pod_present(key.0, key.1);
         let actions = self.links.lost(key, now, grace, present);
-        if first
-            && actions
-                .iter()
-                .any(|a| matches!(a, LinkAction::ReleaseInput(_)))
-        {
-            info!(
-                tenant = key.0,
-                agent = key.1,
-                sessions,
-                grace_ms = grace,
-                "pod lost; sessions wait for it"
-            );
+        // Only a first loss with sessions waiting releases their input.
+        for a in &actions {
+            if let LinkAction::ReleaseInput(sids) = a {
+                info!(
+                    tenant = key.0,
+                    agent = key.1,
+                    sessions = sids.len(),
+                    grace_ms = grace,
+                    "pod lost; sessions wait for it"
+                );
+            }
         }
         self.apply_link_actions(ctx, key, actions);
     }
