@@ -21,15 +21,26 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clawterm_agent::pty;
+use clawterm_agent::pty::PtyCommand;
 
 use clawterm_testkit as harness;
 
 use harness::{bin, plaintext_clawtermd, start_agent, start_server, tcp_addr, Proc, Proxy};
+
+/// The terminal client started in a PTY: stopped (SIGKILL, then reaped) when the figure ends.
+struct PtyClient(libc::pid_t);
+
+impl Drop for PtyClient {
+    fn drop(&mut self) {
+        harness::signal(self.0 as u32, libc::SIGKILL);
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid place for its status.
+        unsafe { libc::waitpid(self.0, &mut status, 0) };
+    }
+}
 
 const TENANT: u32 = 7;
 const AGENT: u32 = 1;
@@ -107,19 +118,23 @@ fn main() {
     let proxy = Proxy::start(server_addr);
 
     // clawterm in a PTY; a thread reads the screen and timestamps what arrives.
-    let mut cmd = Command::new(bin("clawterm"));
-    cmd.args(["connect", &proxy.addr.to_string()])
-        .args([
-            "--tenant",
-            &TENANT.to_string(),
-            "--agent",
-            &AGENT.to_string(),
-        ])
-        .args(["--token", TOKEN_HEX, "--plaintext", "--name", "figure"])
+    let mut cmd = PtyCommand::new(bin("clawterm"));
+    cmd.arg("connect")
+        .arg(proxy.addr.to_string())
+        .arg("--tenant")
+        .arg(TENANT.to_string())
+        .arg("--agent")
+        .arg(AGENT.to_string())
+        .arg("--token")
+        .arg(TOKEN_HEX)
+        .arg("--plaintext")
+        .arg("--name")
+        .arg("figure")
         .env("CLAWTERM_STATE_DIR", dir.join("state"))
         .env("TERM", "xterm-256color");
-    let (master, child) = pty::spawn(cmd, 100, 30).expect("start clawterm in a PTY");
-    let _client = Proc(child);
+    let child = cmd.spawn(100, 30).expect("start clawterm in a PTY");
+    let _client = PtyClient(child.pid);
+    let master = child.master;
     let (screen_tx, screen) = mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
