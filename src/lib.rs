@@ -11,5 +11,6 @@
 pub mod auth;
 pub mod pods;
 pub mod server;
+pub mod state;
 
 pub use clawterm_core::{podlink, proto, session};

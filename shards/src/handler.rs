@@ -18,6 +18,13 @@ pub struct ConnId {
 }
 
 impl ConnId {
+    /// An id that never names a connection (operations on it are ignored like on any stale
+    /// id): a placeholder where a connection is expected but none exists yet.
+    pub const NONE: ConnId = ConnId {
+        idx: u32::MAX,
+        gen: u32::MAX,
+    };
+
     /// Slab index (unique among the live conns of one shard).
     pub fn index(&self) -> u32 {
         self.idx

@@ -212,6 +212,34 @@ impl<C> Links<C> {
         })
     }
 
+    /// Sessions restored from a state dir (the daemon restarted): their pod's link is lost
+    /// since `now` — as if it had broken at the restart — so they wait for the pod within the
+    /// grace period, like any session whose pod went away, with no connection yet (the pod's
+    /// socket appearing, or a retry, reconnects it and REOPENs them). Returns the grace timer.
+    pub fn restore(
+        &mut self,
+        key: (u32, u32),
+        sids: impl IntoIterator<Item = u32>,
+        now: u64,
+        grace_ms: u64,
+    ) -> LinkAction {
+        let l = self.by_key.entry(key).or_insert(Link {
+            conn: ConnId::NONE,
+            connected: false,
+            hello_seen: false,
+            pending: Vec::new(),
+            inbuf: Vec::new(),
+            sessions: IdSet::default(),
+            paused_readers: Vec::new(),
+            lost_since: Some(now),
+            retry_ms: Link::<C>::FIRST_RETRY_MS,
+            waiting: Vec::new(),
+            prefix_len: 0,
+        });
+        l.sessions.extend(sids);
+        LinkAction::Arm(now + grace_ms, LinkTimer::Grace)
+    }
+
     /// The link's connection is gone: keep the link (and what is pending) as lost since `now`.
     /// Returns the dead connection.
     pub fn mark_lost(&mut self, key: (u32, u32), now: u64) -> Option<ConnId> {

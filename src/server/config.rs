@@ -31,6 +31,10 @@ pub struct ServerConfig {
     pub handshake_ms: u64,
     pub allow_legacy_resume: bool,
     pub agent_grace_ms: u64,
+    /// The state dir (`--state-dir`): sessions outlive the process; `None`: they do not.
+    pub state_dir: Option<PathBuf>,
+    /// Take a running clawtermd's state dir over (`--upgrade`).
+    pub upgrade: bool,
     /// TLS certificate chain and key (PEM); `None` = plaintext (`--insecure-plaintext`).
     pub tls: Option<(PathBuf, PathBuf)>,
     /// New connections per second per source address, per shard (0 = unlimited).
@@ -60,6 +64,8 @@ impl Default for ServerConfig {
             handshake_ms: 10_000,
             allow_legacy_resume: false,
             agent_grace_ms: 60_000,
+            state_dir: None,
+            upgrade: false,
             tls: None,
             conn_rate_per_ip: 10_000,
             max_auth_failures_per_ip: 30,

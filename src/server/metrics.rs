@@ -69,6 +69,11 @@ pub struct ShardMetrics {
     pub dropped_suspended: AtomicU64,
     /// Times a pod PAUSEd a session's input (POD-LINK.md §4).
     pub input_pauses: AtomicU64,
+    /// State journal writes that failed (the shard stops journaling) and unreadable restored
+    /// records.
+    pub state_errors: AtomicU64,
+    /// State journal rewrites.
+    pub state_compactions: AtomicU64,
     pub handshake: Histogram,
     pub resume: Histogram,
 }
@@ -252,6 +257,18 @@ impl Metrics {
             o,
             "clawterm_input_pauses_total {}",
             sum(&|s| s.input_pauses.load(Relaxed))
+        );
+        let _ = writeln!(o, "# HELP clawterm_state_errors_total State journal failures (a shard whose journal write failed stops journaling: its sessions no longer survive a restart).\n# TYPE clawterm_state_errors_total counter");
+        let _ = writeln!(
+            o,
+            "clawterm_state_errors_total {}",
+            sum(&|s| s.state_errors.load(Relaxed))
+        );
+        let _ = writeln!(o, "# HELP clawterm_state_compactions_total State journal rewrites.\n# TYPE clawterm_state_compactions_total counter");
+        let _ = writeln!(
+            o,
+            "clawterm_state_compactions_total {}",
+            sum(&|s| s.state_compactions.load(Relaxed))
         );
         let _ = writeln!(o, "# HELP clawterm_replay_bytes_total Payload bytes replayed on resume.\n# TYPE clawterm_replay_bytes_total counter");
         let _ = writeln!(

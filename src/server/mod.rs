@@ -153,6 +153,8 @@ pub struct Reloaded {
 
 /// A running server.
 pub struct Server {
+    /// Held for the life of the server: its lock keeps other daemons out of the state dir.
+    state: Option<crate::state::StateDir>,
     runtime: shards::Runtime<shard::ShardMsg>,
     shared: Arc<Shared>,
     admin: Option<admin::Admin>,
@@ -179,6 +181,8 @@ pub enum StartError {
     /// The shards (their listeners, rings or threads) could not start.
     #[error("{0}")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// The admin endpoint could not listen (the message names the address).
     #[error("{source}")]
     Admin {
@@ -236,6 +240,44 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         None => None,
     };
     let admin_addr = cfg.admin;
+    // The state dir first: a daemon refused it must not have bound anything.
+    let (state, restores) = match &cfg.state_dir {
+        None => (
+            None,
+            (0..cfg_shards).map(|_| shard::Restore::default()).collect(),
+        ),
+        Some(dir) => {
+            let sd = crate::state::StateDir::open(dir)?;
+            let r = sd.restore(
+                cfg_shards,
+                cfg.session.hard_ring_bytes(),
+                crate::state::mapped::WINDOW,
+            )?;
+            tracing::info!(
+                dir = %dir.display(),
+                sessions = r.sessions,
+                files = r.files,
+                ring_bytes = r.ring_bytes,
+                generation = r.generation,
+                took_ms = r.took.as_millis() as u64,
+                "state dir opened"
+            );
+            let restores: Vec<shard::Restore> = r
+                .records
+                .into_iter()
+                .zip(r.journals)
+                .map(|(records, j)| shard::Restore {
+                    records,
+                    journal: Some(j),
+                })
+                .collect();
+            (Some(sd), restores)
+        }
+    };
+    let restores: Vec<std::sync::Mutex<Option<shard::Restore>>> = restores
+        .into_iter()
+        .map(|r| std::sync::Mutex::new(Some(r)))
+        .collect();
     let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|source| {
         StartError::SocketDir {
             path: cfg.socket_dir.clone(),
@@ -255,7 +297,11 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     let runtime = shards::Runtime::start(rt_cfg, move |i| {
         // On the shard's thread: liveness (`/healthz`) notices when the thread ends.
         s2.metrics.watch_shard_thread();
-        shard::ShardHandler::new(i, s2.clone())
+        let restore = restores
+            .get(i)
+            .and_then(|m| m.lock().ok().and_then(|mut r| r.take()))
+            .unwrap_or_default();
+        shard::ShardHandler::new(i, s2.clone(), restore)
     })
     .map_err(StartError::Runtime)?;
     // Pod events reach every shard through its mailbox (links are per shard).
@@ -278,6 +324,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         None => None,
     };
     Ok(Server {
+        state,
         runtime,
         shared,
         admin,
@@ -303,6 +350,10 @@ impl Server {
     /// Where the admin endpoint listens, if it is on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.local_addr())
+    }
+    /// The state dir this server holds (`--state-dir`), if any.
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.state.as_ref().map(|s| s.path())
     }
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared

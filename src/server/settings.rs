@@ -87,6 +87,15 @@ pub struct Settings {
     /// Admin endpoint ADDR:PORT for /metrics, /healthz, /readyz, or `off`.
     #[arg(long, env = "CLAWTERM_ADMIN", default_value = "127.0.0.1:9720")]
     pub admin: String,
+    /// State dir: what lets sessions outlive this process (restart, crash, upgrade); `off` or
+    /// absent: nothing outlives it. A state dir held by a running clawtermd is refused, naming
+    /// its pid and --upgrade. The DaemonSet sets /run/claw/state (tmpfs on the node).
+    #[arg(long, env = "CLAWTERM_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// With --state-dir: if a running clawtermd holds it, take its listeners, sessions and
+    /// connections over while it exits (live upgrade); if none does, start normally.
+    #[arg(long, env = "CLAWTERM_UPGRADE", value_parser = BoolishValueParser::new())]
+    pub upgrade: bool,
     /// Replay ring cap per session, in bytes of payload.
     #[arg(long, env = "CLAWTERM_RING_BYTES", default_value_t = 262144)]
     pub ring_bytes: usize,
@@ -506,6 +515,13 @@ fn build_config(
     // scheduler.
     let pin = !cpus.is_empty() && (a.cpus.is_some() || n <= cpus.len());
     let pinned: Vec<Option<usize>> = (0..n).map(|i| pin.then(|| cpus[i % cpus.len()])).collect();
+    if a.upgrade && a.state_dir.as_ref().is_none_or(|d| d.as_os_str() == "off") {
+        return Err(bad(
+            &["upgrade"],
+            "--upgrade needs --state-dir DIR (the state dir of the clawtermd to take over)"
+                .to_string(),
+        ));
+    }
     Ok(ServerConfig {
         bind: a.bind,
         port: a.port,
@@ -529,6 +545,11 @@ fn build_config(
         handshake_ms: secs("handshake-timeout", a.handshake_timeout)?,
         allow_legacy_resume: a.allow_legacy_resume,
         agent_grace_ms: secs("agent-grace", a.agent_grace)?,
+        state_dir: a
+            .state_dir
+            .clone()
+            .filter(|d| d.as_os_str() != "off" && !d.as_os_str().is_empty()),
+        upgrade: a.upgrade,
         tls,
         quic_port: (!a.no_quic).then_some(a.quic_port),
         conn_rate_per_ip: a.max_conn_rate_per_ip,

@@ -108,7 +108,7 @@ impl Sim {
         let mut shards = Vec::with_capacity(shard_count);
         for i in 0..shard_count {
             let mut s = SimShard {
-                h: ShardHandler::new(i, shared.clone()),
+                h: ShardHandler::new(i, shared.clone(), Default::default()),
                 ctx: SimCtx::new(i, shard_count, t0),
             };
             s.h.on_start(&mut s.ctx);

@@ -97,6 +97,7 @@ const FLAGS_KNOWN: u16 = ACK_PENDING
     | DELIVERED;
 
 mod record;
+mod restore;
 pub use record::{RecordError, MAGIC as RECORD_MAGIC, VERSION as RECORD_VERSION};
 
 /// One session. Kept small: this is what every idle session costs in the table.
@@ -744,6 +745,13 @@ impl Session {
                     self.note_acked(f);
                 }
                 if seq::gt(self.next_seq, s) {
+                    self.note_acked(s);
+                } else if self.ring.is_empty() {
+                    // The client holds a SEQ this session has not issued: a session restored
+                    // from a journal that missed control frames (KEEPALIVE, ACK) sent just
+                    // before a crash. Numbering goes on after it, so no new frame reuses a SEQ
+                    // the client already has.
+                    self.next_seq = s.wrapping_add(1);
                     self.note_acked(s);
                 }
                 Some(s)

@@ -151,6 +151,20 @@ impl<R: RngCore> SessionTable<R> {
         let token = self.random_token();
         let session = make(id, token);
         debug_assert_eq!(session.id(), id);
+        self.place(session)
+    }
+
+    /// Adds a session made elsewhere (restored from a state dir, handed over by another
+    /// process), keeping its id. `None` when a session with that id is already here.
+    pub fn insert(&mut self, session: Session) -> Option<&mut Session> {
+        if self.index.contains_key(&session.id()) {
+            return None;
+        }
+        Some(self.place(session))
+    }
+
+    fn place(&mut self, session: Session) -> &mut Session {
+        let id = session.id();
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {

@@ -129,6 +129,7 @@ impl ShardHandler {
             .create(|id, token| Session::new(id, key.0, key.1, caps, token, now));
         let sid = s.id();
         s.accept(CAP_RELIABLE | CAP_ROAM, &peer_s, now, &mut self.scratch);
+        self.persist_meta(ctx, sid);
         if let Some(l) = self.links.get_mut(key) {
             l.add_session(sid);
         }
@@ -225,6 +226,7 @@ impl ShardHandler {
         let flow = s.resume(from, now, cfg, &mut self.scratch);
         let key = (s.tenant(), s.agent());
         let replayed = s.ring().payload_bytes() as u64;
+        self.persist_counters(sid);
         let now_us = self.clock.us(ctx.now());
         let (accepted_us, adopted) = self
             .clients

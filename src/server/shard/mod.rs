@@ -9,12 +9,14 @@ mod clients;
 mod flow;
 mod handoff;
 mod handshake;
+mod persist;
 mod podlinks;
 mod quic;
 mod sink;
 mod timers;
 
 pub use handoff::ShardMsg;
+pub use persist::Restore;
 use sink::Scratch;
 
 pub use clients::Client;
@@ -31,6 +33,7 @@ use crate::proto::{
 };
 use crate::session::table::IdMap;
 use crate::session::{Clock, Flow, IdSpace, SessionTable};
+use crate::state::Journal;
 use shards::timer::Wheel;
 use shards::{ConnId, Context};
 use std::net::SocketAddr;
@@ -74,6 +77,10 @@ pub struct ShardHandler {
     limiter: Limiter,
     /// QUIC events being handled (reused).
     qevents: Vec<QEvent>,
+    /// The shard's state journal (`--state-dir`), if any.
+    journal: Option<Journal>,
+    /// Sessions restored from the state dir, taken at start.
+    restore_records: Vec<Vec<u8>>,
 }
 
 /// Client → pod bytes of one batch of input sent to the link early past this size.
@@ -82,8 +89,15 @@ const POD_BATCH_MAX: usize = 64 * 1024;
 const NO_WAKE: u64 = u64::MAX;
 
 impl ShardHandler {
-    pub fn new(index: usize, shared: Arc<Shared>) -> ShardHandler {
-        let clock = Clock::new(Instant::now());
+    pub fn new(index: usize, shared: Arc<Shared>, restore: Restore) -> ShardHandler {
+        // The session clock starts a day along, so the ages a restored session brings (last
+        // receive, last send) fit without saturating at 0.
+        let started = Instant::now();
+        let clock = Clock::new(
+            started
+                .checked_sub(std::time::Duration::from_secs(86_400))
+                .unwrap_or(started),
+        );
         let quic = shared
             .quic
             .as_ref()
@@ -107,13 +121,15 @@ impl ShardHandler {
             clock,
             attached: IdMap::default(),
             links: Links::default(),
-            wheel: Wheel::new(0),
+            wheel: Wheel::new(clock.ms(started)),
             fired: Vec::new(),
             next_wake: NO_WAKE,
             pending_handshakes: 0,
             scratch,
             limiter,
             qevents: Vec::new(),
+            journal: restore.journal,
+            restore_records: restore.records,
         }
     }
 
@@ -302,6 +318,7 @@ impl ShardHandler {
 
     fn remove_session(&mut self, sid: u32) {
         if let Some(s) = self.table.remove(sid) {
+            self.persist_end(sid);
             self.shared.release_session();
             if let Some(l) = self.links.get_mut((s.tenant(), s.agent())) {
                 l.remove_session(sid);
@@ -375,6 +392,17 @@ impl ShardHandler {
             }
         }
         ShardMetrics::inc(&self.m().frames_in, frames_in);
+        // The batch's counters are journaled before its input goes to the pod: a crash then
+        // cannot make the client send input again that the pod already has.
+        if self.journal.is_some() && frames_in > 0 {
+            if let Some(Conn {
+                state: ConnState::Bound(sid),
+                ..
+            }) = self.clients.conns.get(&conn)
+            {
+                self.persist_counters(*sid);
+            }
+        }
         // Pod messages from this batch's frames go out together, in order.
         if let Some(key) = pod_batch {
             if !self.scratch.pod.is_empty() {
@@ -454,6 +482,7 @@ impl ShardHandler {
                         return Next::Continue;
                     }
                     if self.scratch.pod.len() >= POD_BATCH_MAX {
+                        self.persist_counters(sid);
                         self.flush(ctx, None, key);
                     }
                     return Next::Batched(key);
@@ -499,6 +528,7 @@ impl shards::Handler for ShardHandler {
     type Msg = ShardMsg;
 
     fn on_start(&mut self, ctx: &mut impl Context<ShardMsg>) {
+        self.restore_sessions(ctx);
         let d = self.now(ctx) + STATS_EVERY_MS;
         self.wheel.insert(d, Key::Stats);
         self.schedule(ctx, d);
@@ -610,6 +640,7 @@ impl shards::Handler for ShardHandler {
     /// The QUIC endpoint's work of the whole turn (events, datagrams, timers), once.
     fn on_turn_end(&mut self, ctx: &mut impl Context<ShardMsg>) {
         self.quic_settle(ctx);
+        self.maybe_compact(ctx);
     }
 
     fn on_shutdown(&mut self, ctx: &mut impl Context<ShardMsg>) {
@@ -617,7 +648,20 @@ impl shards::Handler for ShardHandler {
             .metrics
             .ready_shards
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let ids: Vec<u32> = self.table.ids_iter().collect();
+        // With a state dir the sessions outlive the process: the pods are not told anything
+        // (their links just close; an agent keeps its sessions for the daemon's return) and
+        // the journal already holds every session.
+        let ids: Vec<u32> = if self.journal.is_some() {
+            Vec::new()
+        } else {
+            self.table.ids_iter().collect()
+        };
+        if self.journal.is_some() {
+            info!(
+                sessions = self.table.len(),
+                "sessions kept in the state dir for the next clawtermd"
+            );
+        }
         for sid in ids {
             if let Some(s) = self.table.get_mut(sid) {
                 s.close(CloseReason::Normal, &mut self.scratch);

@@ -220,6 +220,7 @@ impl ShardHandler {
                 continue;
             };
             let flow = s.on_agent_gone(now, &mut self.scratch);
+            self.persist_meta(ctx, sid);
             self.scratch.pod.clear();
             self.flush(ctx, conn, key);
             self.apply_flow(ctx, sid, conn, flow);
@@ -355,12 +356,21 @@ impl ShardHandler {
         }
         let conn = self.attached.get(&sid).copied();
         let unacked = s.unacknowledged();
+        let mut journal_output = None;
+        let mut journal_meta = false;
         let flow = match msg {
             PodMsg::Data(d) => {
+                let first = s.next_seq();
                 s.on_agent_data(d, now, cfg, &mut self.scratch);
+                if s.next_seq() != first {
+                    journal_output = Some((first, d));
+                }
                 Flow::Continue
             }
-            PodMsg::Close(_) => s.on_agent_close(now, &mut self.scratch),
+            PodMsg::Close(_) => {
+                journal_meta = true;
+                s.on_agent_close(now, &mut self.scratch)
+            }
             PodMsg::Pause | PodMsg::Continue => {
                 let pause = matches!(msg, PodMsg::Pause);
                 if s.on_pod_input(pause) {
@@ -380,6 +390,13 @@ impl ShardHandler {
         let earlier = s
             .delivery_check()
             .is_some_and(|d| s.armed == 0 || d < s.armed);
+        // Journaled before it is written to the client.
+        if let Some((first, d)) = journal_output {
+            self.persist_output(sid, first, d);
+        }
+        if journal_meta {
+            self.persist_meta(ctx, sid);
+        }
         self.flush(ctx, conn, key);
         if let (Some(c), true) = (conn, unacked) {
             self.check_backlog(ctx, sid, c, key);

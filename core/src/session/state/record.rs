@@ -69,6 +69,18 @@ impl Session {
     /// Appends this session's record to `out` (see the module documentation). `now` is the
     /// session clock (ms) and `wall_ms` the wall clock (UNIX ms) at the same instant.
     pub fn write_record(&self, now: u64, wall_ms: u64, out: &mut Vec<u8>) {
+        self.write_record_with(now, wall_ms, true, out);
+    }
+
+    /// Appends this session's record without its ring (no frames): everything else of
+    /// [`Session::write_record`]. A state journal writes this when a session's ids, counters or
+    /// flags matter and its output is journaled frame by frame beside it (see
+    /// [`Session::apply_meta`]).
+    pub fn write_meta_record(&self, now: u64, wall_ms: u64, out: &mut Vec<u8>) {
+        self.write_record_with(now, wall_ms, false, out);
+    }
+
+    fn write_record_with(&self, now: u64, wall_ms: u64, ring: bool, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_be_bytes());
@@ -119,8 +131,9 @@ impl Session {
         for s in dropped.iter().chain(dropped_tail) {
             out.extend_from_slice(&s.to_be_bytes());
         }
-        out.extend_from_slice(&(self.ring.len() as u32).to_be_bytes());
-        for rec in self.ring.iter() {
+        let frames = if ring { self.ring.len() } else { 0 };
+        out.extend_from_slice(&(frames as u32).to_be_bytes());
+        for rec in self.ring.iter().take(frames) {
             out.extend_from_slice(&rec.seq.to_be_bytes());
             let len_at = out.len();
             out.extend_from_slice(&[0; 4]);

@@ -1,0 +1,322 @@
+//! The state dir (`--state-dir`): what lets sessions outlive the clawtermd process.
+//!
+//! - `lock`: held (flock) by the clawtermd serving the dir for its whole life, and holding its
+//!   pid: a second daemon is refused, naming that pid and `--upgrade`.
+//! - `FORMAT`: the state dir's format (`clawterm-state 1`); another is refused, never guessed
+//!   at.
+//! - `shard-N.journal`: shard N's sessions as a journal (see [`journal`]), appended through a
+//!   memory-mapped window ([`mapped`]) as the shard works, so a crash loses nothing the shard
+//!   had written.
+//!
+//! At start-up, [`StateDir::restore`] folds every journal into sessions, writes each shard a
+//! fresh journal holding its share (a newer generation: until then the old files stand, so a
+//! crash during start-up loses nothing either) and hands the sessions to the shards as
+//! session records. See `docs/STATE.md`.
+
+pub mod journal;
+pub mod mapped;
+mod writer;
+
+pub use writer::Journal;
+
+use crate::session::{IdSpace, Session};
+use journal::{Entry, Fold, Header, JournalError};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The state dir format this code reads and writes.
+pub const FORMAT: &str = "clawterm-state 1";
+
+/// Why a state dir cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Another clawtermd holds it.
+    #[error(
+        "state dir {} is in use by a running clawtermd ({}); stop it first, or start this one with --upgrade to take its sessions over",
+        dir.display(),
+        match pid { Some(p) => format!("pid {p}"), None => "pid not yet written".to_string() }
+    )]
+    Held {
+        /// The dir.
+        dir: PathBuf,
+        /// The holder's pid, if it wrote it already.
+        pid: Option<u32>,
+    },
+    /// Written by an incompatible clawtermd.
+    #[error(
+        "state dir {} holds format {found:?}; this clawtermd reads {FORMAT:?} (a clawtermd of the matching version can read it; or move the dir away to start empty)",
+        dir.display()
+    )]
+    Format {
+        /// The dir.
+        dir: PathBuf,
+        /// What its FORMAT file says.
+        found: String,
+    },
+    /// A journal cannot be read: refused whole rather than losing sessions silently.
+    #[error(
+        "state dir {}: {source} (the sessions in it cannot be restored; move the dir away to start empty)",
+        path.display()
+    )]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: JournalError,
+    },
+    /// Sessions whose ids this shard count cannot route.
+    #[error(
+        "state dir {} was written by a clawtermd with {was} shards; {sessions} of its sessions have ids that {now} shards cannot route: start with --shards {was}",
+        dir.display()
+    )]
+    Shards {
+        /// The dir.
+        dir: PathBuf,
+        /// The writer's shard count.
+        was: u16,
+        /// This process's.
+        now: usize,
+        /// Sessions that could not be placed.
+        sessions: usize,
+    },
+    /// A file system error.
+    #[error("state dir {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An open, locked state dir.
+#[derive(Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+    /// Holds the flock for the life of the process (released by the kernel when it exits,
+    /// however it exits).
+    _lock: File,
+}
+
+/// What [`StateDir::restore`] found and did.
+pub struct Restored {
+    /// Per shard: its sessions as session records (read with the shard's own clock).
+    pub records: Vec<Vec<Vec<u8>>>,
+    /// Per shard: its journal, holding those sessions.
+    pub journals: Vec<Journal>,
+    /// Sessions restored.
+    pub sessions: usize,
+    /// Journal files read.
+    pub files: usize,
+    /// Ring bytes restored.
+    pub ring_bytes: u64,
+    /// Generation of the new journals.
+    pub generation: u64,
+    /// Time taken.
+    pub took: std::time::Duration,
+}
+
+/// Milliseconds since the UNIX epoch.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The session clock used while folding (any value works; it only has to be well past 0 so
+/// restored ages do not saturate).
+const FOLD_NOW: u64 = 86_400_000;
+
+impl StateDir {
+    /// Opens `dir` (created if missing), takes its lock, and checks its format.
+    pub fn open(dir: &Path) -> Result<StateDir, StateError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        if let Err(e) =
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                let mut s = String::new();
+                let _ = lock.read_to_string(&mut s);
+                return Err(StateError::Held {
+                    dir: dir.to_path_buf(),
+                    pid: s.trim().parse().ok(),
+                });
+            }
+            return Err(StateError::Io {
+                path: lock_path,
+                source: e.into(),
+            });
+        }
+        lock.set_len(0).map_err(io_err(&lock_path))?;
+        lock.rewind().map_err(io_err(&lock_path))?;
+        writeln!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
+        let format_path = dir.join("FORMAT");
+        match std::fs::read_to_string(&format_path) {
+            Ok(s) if s.trim() == FORMAT => {}
+            Ok(s) => {
+                return Err(StateError::Format {
+                    dir: dir.to_path_buf(),
+                    found: s.trim().chars().take(80).collect(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&format_path, format!("{FORMAT}\n"))
+                    .map_err(io_err(&format_path))?;
+            }
+            Err(e) => return Err(io_err(&format_path)(e)),
+        }
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// The dir.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The journal file of shard `i`.
+    pub fn journal_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("shard-{i}.journal"))
+    }
+
+    /// The journal files present, as (path, shard index).
+    fn journal_files(&self) -> Result<Vec<(PathBuf, usize)>, StateError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(i) = name
+                .strip_prefix("shard-")
+                .and_then(|r| r.strip_suffix(".journal"))
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                out.push((e.path(), i));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Folds every journal into sessions, gives each of `shards` shards a fresh journal with
+    /// its share (ids route to their owner shard), removes what the new journals replace, and
+    /// returns the sessions as records. `cap`: the most ring bytes a restored session keeps.
+    pub fn restore(
+        &self,
+        shards: usize,
+        cap: usize,
+        window: usize,
+    ) -> Result<Restored, StateError> {
+        let started = Instant::now();
+        let wall = wall_ms();
+        let mut files = Vec::new();
+        for (path, i) in self.journal_files()? {
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let header = Header::decode(&bytes).map_err(|source| StateError::Journal {
+                path: path.clone(),
+                source,
+            })?;
+            files.push((header.generation, i, path, bytes));
+        }
+        // Older generations first: a newer file's sessions replace theirs.
+        files.sort_by_key(|f| (f.0, f.1));
+        let mut fold = Fold::default();
+        let mut was_shards = shards as u16;
+        let mut generation = 0;
+        for (g, _, path, bytes) in &files {
+            let h =
+                fold.apply(bytes, FOLD_NOW, wall, cap)
+                    .map_err(|source| StateError::Journal {
+                        path: path.clone(),
+                        source,
+                    })?;
+            was_shards = h.shards;
+            generation = generation.max(*g);
+        }
+        let ids = IdSpace::new(0, shards);
+        let unroutable = fold
+            .sessions
+            .keys()
+            .filter(|&&id| ids.owner(id) >= shards)
+            .count();
+        if unroutable > 0 {
+            return Err(StateError::Shards {
+                dir: self.dir.clone(),
+                was: was_shards,
+                now: shards,
+                sessions: unroutable,
+            });
+        }
+        let mut per_shard: Vec<Vec<Session>> = (0..shards).map(|_| Vec::new()).collect();
+        let sessions = fold.sessions.len();
+        let mut ring_bytes = 0u64;
+        for (id, mut s) in fold.sessions {
+            s.restored(FOLD_NOW);
+            ring_bytes += s.ring().payload_bytes() as u64;
+            per_shard[ids.owner(id)].push(s);
+        }
+        let generation = generation + 1;
+        let mut records = Vec::with_capacity(shards);
+        let mut journals = Vec::with_capacity(shards);
+        for (i, list) in per_shard.into_iter().enumerate() {
+            let mut initial = Vec::new();
+            let mut recs = Vec::with_capacity(list.len());
+            for s in &list {
+                let rec = s.to_record(FOLD_NOW, wall);
+                Entry::Record(s.id(), &rec).append_to(&mut initial);
+                recs.push(rec);
+            }
+            let header = Header {
+                shard: i as u16,
+                shards: shards as u16,
+                generation,
+                wall_ms: wall,
+            };
+            let path = self.journal_path(i).with_extension("journal.new");
+            let journal =
+                Journal::create(&path, header, &initial, window).map_err(io_err(&path))?;
+            records.push(recs);
+            journals.push(journal);
+        }
+        // Every session is in the new journals: they replace the old ones (in any order: a
+        // crash part way leaves older and newer generations side by side, and the newer
+        // records win on the next start).
+        for (i, j) in journals.iter_mut().enumerate() {
+            let to = self.journal_path(i);
+            j.rename(&to).map_err(io_err(&to))?;
+        }
+        for (_, i, path, _) in &files {
+            if *i >= shards {
+                std::fs::remove_file(path).map_err(io_err(path))?;
+            }
+        }
+        Ok(Restored {
+            records,
+            journals,
+            sessions,
+            files: files.len(),
+            ring_bytes,
+            generation,
+            took: started.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! A shard's journal: the entries its work produces, and the rewrite that keeps the file from
+//! growing without bound.
+
+use super::journal::{Entry, Header};
+use super::mapped::Appender;
+use crate::session::Session;
+use std::io;
+use std::path::Path;
+
+/// The journal is rewritten (compacted) past this size, or past four times its size after the
+/// last rewrite, whichever is larger.
+pub const COMPACT_MIN: u64 = 64 << 20;
+
+/// One shard's journal.
+pub struct Journal {
+    app: Appender,
+    header: Header,
+    window: usize,
+    /// Rewrite once the file reaches this.
+    compact_at: u64,
+    /// Encoding buffer for records (reused).
+    scratch: Vec<u8>,
+    /// Entries and bytes appended (for the metrics).
+    pub entries: u64,
+}
+
+impl Journal {
+    /// A new journal file at `path` holding `initial` (encoded entries).
+    pub fn create(
+        path: &Path,
+        header: Header,
+        initial: &[u8],
+        window: usize,
+    ) -> io::Result<Journal> {
+        let app = Appender::create(path, &header, initial, window)?;
+        let compact_at = COMPACT_MIN.max(app.len() * 4);
+        Ok(Journal {
+            app,
+            header,
+            window,
+            compact_at,
+            scratch: Vec::new(),
+            entries: 0,
+        })
+    }
+
+    /// Renames the file (see [`Appender::rename`]).
+    pub fn rename(&mut self, to: &Path) -> io::Result<()> {
+        self.app.rename(to)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        self.app.path()
+    }
+
+    /// Bytes in use.
+    pub fn len(&self) -> u64 {
+        self.app.len()
+    }
+
+    /// Whether only the header is there.
+    pub fn is_empty(&self) -> bool {
+        self.app.is_empty()
+    }
+
+    fn put(&mut self, e: &Entry<'_>) -> io::Result<()> {
+        self.entries += 1;
+        self.app.append(e)
+    }
+
+    /// A session's ids, counters and flags (at creation, after a resume, when the agent closed
+    /// it): its ring is journaled frame by frame.
+    pub fn meta(&mut self, s: &Session, now: u64, wall_ms: u64) -> io::Result<()> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        s.write_meta_record(now, wall_ms, &mut buf);
+        let r = self.put(&Entry::Meta(s.id(), &buf));
+        self.scratch = buf;
+        r
+    }
+
+    /// Agent output kept in the ring: `data` as frames of `piece` bytes from SEQ `first_seq`
+    /// (as the session split it).
+    pub fn output(
+        &mut self,
+        sid: u32,
+        first_seq: u32,
+        data: &[u8],
+        piece: usize,
+    ) -> io::Result<()> {
+        let mut seq = first_seq;
+        for p in data.chunks(piece.max(1)) {
+            self.put(&Entry::Output {
+                sid,
+                seq,
+                payload: p,
+            })?;
+            seq = seq.wrapping_add(1);
+        }
+        Ok(())
+    }
+
+    /// The session's counters (after input, acknowledgements, a resume).
+    pub fn counters(&mut self, s: &Session) -> io::Result<()> {
+        self.put(&Entry::Counters {
+            sid: s.id(),
+            next_seq: s.next_seq(),
+            last_client_seq: s.last_client_seq(),
+            acked: s.acked(),
+        })
+    }
+
+    /// The session is gone.
+    pub fn end(&mut self, sid: u32) -> io::Result<()> {
+        self.put(&Entry::End(sid))
+    }
+
+    /// Whether the file has grown enough to be rewritten.
+    pub fn wants_compaction(&self) -> bool {
+        self.app.len() >= self.compact_at
+    }
+
+    /// Rewrites the journal as one whole record per session (through a new file renamed into
+    /// place) and appends there from now on. Returns the new size.
+    pub fn compact<'a>(
+        &mut self,
+        sessions: impl Iterator<Item = &'a Session>,
+        now: u64,
+        wall_ms: u64,
+    ) -> io::Result<u64> {
+        let mut initial = Vec::new();
+        let mut rec = std::mem::take(&mut self.scratch);
+        for s in sessions {
+            rec.clear();
+            s.write_record(now, wall_ms, &mut rec);
+            Entry::Record(s.id(), &rec).append_to(&mut initial);
+        }
+        self.scratch = rec;
+        let path = self.app.path().to_path_buf();
+        let tmp = path.with_extension("journal.new");
+        let mut header = self.header;
+        header.wall_ms = wall_ms;
+        let mut app = Appender::create(&tmp, &header, &initial, self.window)?;
+        app.rename(&path)?;
+        self.app = app;
+        self.header = header;
+        self.compact_at = super::writer::COMPACT_MIN.max(self.app.len() * 4);
+        Ok(self.app.len())
+    }
+}

@@ -1,0 +1,241 @@
+//! Sessions outliving the `clawtermd` process (`--state-dir`, docs/STATE.md), with real
+//! `clawtermd` and `claw-agent` processes: a restart after SIGTERM and after SIGKILL brings
+//! every session back with exact replay, and a state dir that cannot be used is refused with a
+//! clear error.
+
+use clawterm_testkit as harness;
+mod pods_support;
+
+use clawterm::proto::{FrameType, FLAG_GAP, FLAG_REPLAY};
+use harness::{signal, wait_timeout};
+use pods_support::*;
+use std::path::Path;
+use std::time::Duration;
+
+fn start(io: &str, shards: usize, sock: &Path, state: &Path) -> Server {
+    Server::start(
+        io,
+        shards,
+        sock,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--agent-grace",
+            "30",
+        ],
+    )
+}
+
+/// Stops the server with `sig` and waits (bounded) for it to exit.
+fn stop_with(mut srv: Server, sig: libc::c_int) {
+    signal(srv.pid(), sig);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while srv.alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clawtermd still running 10 s after signal {sig}"
+        );
+        std::thread::sleep(ms(10));
+    }
+}
+
+/// Echo sessions, each with output its client received but never acknowledged, and one
+/// suspended; the daemon goes (SIGTERM or SIGKILL) and a new one starts on the same state dir:
+/// every session resumes with exactly the frames it had not acknowledged, numbered as before,
+/// and echoes again (the pod got REOPEN).
+fn restart_keeps_sessions(sig: libc::c_int) {
+    for io in ["epoll", "uring"] {
+        let dir = TempDir::with_sock("restart");
+        let state = dir.0.join("state");
+        let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+        let srv = start(io, 2, &dir.sock(), &state);
+        let mut sessions = Vec::new();
+        for i in 0..8u32 {
+            let mut c = srv.session(AGENT);
+            // Acknowledged: must not come back.
+            c.send_data(format!("acked-{i}").as_bytes());
+            let f = c.recv();
+            assert_eq!(f.ty, FrameType::Data);
+            c.ack(f.seq);
+            let acked_seq = f.seq;
+            // Received, never acknowledged: must be replayed.
+            let mut pending = Vec::new();
+            for k in 0..3 {
+                let msg = format!("pending-{i}-{k}");
+                c.send_data(msg.as_bytes());
+                let f = c.recv();
+                assert_eq!(f.ty, FrameType::Data);
+                assert_eq!(f.payload, msg.as_bytes());
+                pending.push((f.seq, f.payload));
+            }
+            let (sid, token) = (c.sid, c.token);
+            if i == 0 {
+                c.suspend();
+            } else {
+                // Gives the daemon time to journal the acknowledgement.
+                std::thread::sleep(ms(20));
+                drop(c);
+            }
+            sessions.push((sid, token, acked_seq, pending));
+        }
+        std::thread::sleep(ms(100));
+        stop_with(srv, sig);
+        let srv = start(io, 2, &dir.sock(), &state);
+        assert!(
+            srv.log()
+                .iter()
+                .any(|l| l.contains("state dir opened") && l.contains("sessions=8")),
+            "the new daemon did not restore 8 sessions:\n{}",
+            srv.log_tail(20)
+        );
+        for (sid, token, acked_seq, pending) in sessions {
+            let mut c = srv.client();
+            let r = c.resume(sid, acked_seq, &token);
+            assert_eq!(r.flags & FLAG_GAP, 0, "[{io}] GAP after restart: {r:?}");
+            assert_eq!(
+                r.first_replay_seq, pending[0].0,
+                "[{io}] replay start {r:?}"
+            );
+            for (seq, payload) in &pending {
+                let f = c.recv();
+                assert_eq!(f.ty, FrameType::Data, "[{io}] {f:?}");
+                assert_ne!(f.flags & FLAG_REPLAY, 0, "[{io}] not a replay: {f:?}");
+                assert_eq!(
+                    (f.seq, &f.payload),
+                    (*seq, payload),
+                    "[{io}] replayed frame"
+                );
+            }
+            // The agent is back: input reaches it and is echoed, numbered after the replay.
+            c.send_data(b"after");
+            let f = c.recv_within(Duration::from_secs(10));
+            assert_eq!(f.ty, FrameType::Data, "[{io}] {f:?}\n{}", srv.log_tail(20));
+            assert_eq!(f.payload, b"after");
+            assert!(
+                f.seq > pending[2].0,
+                "[{io}] SEQ reused: {} <= {}",
+                f.seq,
+                pending[2].0
+            );
+        }
+    }
+}
+
+#[test]
+fn sigterm_then_restart_resumes_every_session_with_exact_replay() {
+    restart_keeps_sessions(libc::SIGTERM);
+}
+
+#[test]
+fn sigkill_then_restart_resumes_every_session_with_exact_replay() {
+    restart_keeps_sessions(libc::SIGKILL);
+}
+
+/// Runs a clawtermd on `state` that must refuse to start; returns its stderr.
+fn refused(sock: &Path, state: &Path) -> String {
+    let mut cmd = harness::clawtermd();
+    cmd.args(["--bind", "127.0.0.1", "--port", "0"])
+        .args([
+            "--insecure-plaintext",
+            "--insecure-no-auth",
+            "--admin",
+            "off",
+            "--no-quic",
+        ])
+        .arg("--socket-dir")
+        .arg(sock)
+        .arg("--state-dir")
+        .arg(state);
+    let mut child = cmd.spawn().expect("spawn clawtermd");
+    let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("clawtermd exits");
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "clawtermd started on a state dir it must refuse: {err}"
+    );
+    err
+}
+
+/// A second daemon on a state dir in use is refused, naming the holder's pid and --upgrade;
+/// the first goes on serving its sessions.
+#[test]
+fn a_state_dir_in_use_is_refused_naming_pid_and_upgrade() {
+    let dir = TempDir::with_sock("held");
+    let state = dir.0.join("state");
+    let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    let mut c = srv.session(AGENT);
+    let err = refused(&dir.sock(), &state);
+    assert!(err.contains(&format!("pid {}", srv.pid())), "{err}");
+    assert!(err.contains("--upgrade"), "{err}");
+    c.send_data(b"still here");
+    assert_eq!(c.recv().payload, b"still here");
+}
+
+/// A state dir of another format, a damaged journal and a truncated one are refused whole,
+/// saying what is wrong and what to do; nothing is started on them.
+#[test]
+fn corrupt_truncated_and_foreign_state_dirs_are_refused() {
+    let dir = TempDir::with_sock("corrupt");
+    let state = dir.0.join("state");
+    let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    let mut c = srv.session(AGENT);
+    c.send_data(b"some output to journal");
+    assert_eq!(c.recv().ty, FrameType::Data);
+    stop_with(srv, libc::SIGKILL);
+    let journal = state.join("shard-0.journal");
+    let good = std::fs::read(&journal).unwrap();
+    // The end of the entries: the first zero length after the header.
+    let mut end = 64;
+    while u32::from_be_bytes(good[end..end + 4].try_into().unwrap()) != 0 {
+        end += 4 + u32::from_be_bytes(good[end..end + 4].try_into().unwrap()) as usize;
+    }
+    assert!(end > 64, "nothing journaled");
+
+    // Damaged: a byte inside the last entry flipped.
+    let mut bad = good.clone();
+    bad[end - 6] ^= 0x55;
+    std::fs::write(&journal, &bad).unwrap();
+    let err = refused(&dir.sock(), &state);
+    assert!(
+        err.contains("damaged") && err.contains("move the dir away"),
+        "{err}"
+    );
+
+    // Truncated inside an entry.
+    std::fs::write(&journal, &good[..end - 3]).unwrap();
+    let err = refused(&dir.sock(), &state);
+    assert!(err.contains("truncated"), "{err}");
+
+    // Another journal format version.
+    let mut other = good.clone();
+    other[4..6].copy_from_slice(&99u16.to_be_bytes());
+    std::fs::write(&journal, &other).unwrap();
+    let err = refused(&dir.sock(), &state);
+    assert!(err.contains("format 99"), "{err}");
+
+    // Another state dir format.
+    std::fs::write(&journal, &good).unwrap();
+    std::fs::write(state.join("FORMAT"), "clawterm-state 2\n").unwrap();
+    let err = refused(&dir.sock(), &state);
+    assert!(err.contains("clawterm-state 2"), "{err}");
+
+    // Put back, it starts and the session is there.
+    std::fs::write(state.join("FORMAT"), "clawterm-state 1\n").unwrap();
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    assert!(
+        srv.log()
+            .iter()
+            .any(|l| l.contains("state dir opened") && l.contains("sessions=1")),
+        "{}",
+        srv.log_tail(10)
+    );
+}
