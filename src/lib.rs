@@ -12,5 +12,6 @@ pub mod auth;
 pub mod pods;
 pub mod server;
 pub mod state;
+pub mod upgrade;
 
 pub use clawterm_core::{podlink, proto, session};

@@ -239,3 +239,163 @@ fn corrupt_truncated_and_foreign_state_dirs_are_refused() {
         srv.log_tail(10)
     );
 }
+
+fn start_upgrade(io: &str, shards: usize, sock: &Path, state: &Path) -> Server {
+    Server::start(
+        io,
+        shards,
+        sock,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--agent-grace",
+            "30",
+            "--upgrade",
+        ],
+    )
+}
+
+/// Waits (bounded) for a server process to exit by itself; its exit status must be success.
+fn wait_exit(mut srv: Server, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while srv.alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} still running 10 s after the upgrade:\n{}",
+            srv.log_tail(30)
+        );
+        std::thread::sleep(ms(10));
+    }
+}
+
+/// A live upgrade, three times in a row: attached plaintext clients keep their connections
+/// (no reconnect, no RESUME) and their sessions go on with the SEQ numbering they had;
+/// suspended sessions resume at the new process with exact replay; the old process exits;
+/// the port keeps accepting.
+#[test]
+fn live_upgrade_keeps_plaintext_connections_and_sessions() {
+    for io in ["epoll", "uring"] {
+        let dir = TempDir::with_sock("upgrade");
+        let state = dir.0.join("state");
+        let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+        let mut srv = start(io, 2, &dir.sock(), &state);
+        let addr = srv.addr;
+        let mut attached: Vec<(Client, u32)> = Vec::new();
+        for i in 0..16u32 {
+            let mut c = srv.session(AGENT);
+            c.send_data(format!("hello-{i}").as_bytes());
+            let f = c.recv();
+            assert_eq!(f.payload, format!("hello-{i}").as_bytes());
+            c.ack(f.seq);
+            attached.push((c, f.seq));
+        }
+        let mut suspended = Vec::new();
+        for i in 0..3u32 {
+            let mut c = srv.session(AGENT);
+            c.send_data(format!("kept-{i}").as_bytes());
+            let f = c.recv();
+            let (sid, token) = (c.sid, c.token);
+            c.suspend();
+            suspended.push((sid, token, f.seq, f.payload));
+        }
+        for round in 0..3 {
+            let next = start_upgrade(io, 2, &dir.sock(), &state);
+            assert_eq!(
+                next.addr, addr,
+                "[{io}] the new process listens on the same socket"
+            );
+            assert!(
+                next.log().iter().any(|l| l.contains("upgrade: took over")),
+                "[{io}] {}",
+                next.log_tail(20)
+            );
+            wait_exit(srv, "the old clawtermd");
+            srv = next;
+            for (i, (c, last)) in attached.iter_mut().enumerate() {
+                let msg = format!("round-{round}-{i}");
+                c.send_data(msg.as_bytes());
+                let f = c.recv_within(Duration::from_secs(10));
+                assert_eq!(
+                    f.ty,
+                    FrameType::Data,
+                    "[{io}] round {round} session {i}: {f:?}"
+                );
+                assert_eq!(f.payload, msg.as_bytes(), "[{io}] round {round}");
+                assert!(
+                    f.seq > *last,
+                    "[{io}] SEQ went back: {} after {}",
+                    f.seq,
+                    last
+                );
+                *last = f.seq;
+                c.ack(f.seq);
+            }
+        }
+        for (sid, token, seq, payload) in suspended {
+            let mut c = srv.client();
+            let r = c.resume(sid, seq - 1, &token);
+            assert_eq!(r.flags & FLAG_GAP, 0);
+            let f = c.recv();
+            assert_ne!(f.flags & FLAG_REPLAY, 0, "[{io}] {f:?}");
+            assert_eq!(
+                (f.seq, f.payload),
+                (seq, payload),
+                "[{io}] replay after upgrades"
+            );
+            c.send_data(b"more");
+            assert_eq!(c.recv_within(Duration::from_secs(10)).payload, b"more");
+        }
+        // New sessions on the same port.
+        let mut c = srv.session(AGENT);
+        c.send_data(b"new");
+        assert_eq!(c.recv().payload, b"new");
+    }
+}
+
+/// An `--upgrade` speaking another hand-off format is refused before anything moves: it exits
+/// with an error naming both versions, and the running clawtermd serves on, its sessions and
+/// connections untouched.
+#[test]
+fn an_upgrade_of_another_hand_off_version_is_refused_and_the_old_serves_on() {
+    let dir = TempDir::with_sock("upgrade-version");
+    let state = dir.0.join("state");
+    let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    let mut c = srv.session(AGENT);
+    let mut cmd = harness::clawtermd();
+    cmd.args(["--bind", "127.0.0.1", "--port", "0"])
+        .args([
+            "--insecure-plaintext",
+            "--insecure-no-auth",
+            "--admin",
+            "off",
+            "--no-quic",
+        ])
+        .arg("--socket-dir")
+        .arg(dir.sock())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--upgrade")
+        .env("CLAWTERMD_TEST_UPGRADE_VERSION", "99");
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(10)).expect("exits");
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("refused the upgrade") && err.contains("format 99"),
+        "{err}"
+    );
+    assert!(err.contains("keeps serving"), "{err}");
+    c.send_data(b"still served");
+    assert_eq!(c.recv().payload, b"still served");
+    let mut c2 = srv.session(AGENT);
+    c2.send_data(b"and new ones");
+    assert_eq!(c2.recv().payload, b"and new ones");
+}

@@ -28,6 +28,8 @@ pub(crate) struct EpollShard {
     events: Vec<libc::epoll_event>,
     /// Datagram receive buffers (only with a UDP socket).
     udp: Option<UdpRx>,
+    /// The UDP socket polled (owned by the core), until released.
+    udp_fd: Option<RawFd>,
 }
 
 fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
@@ -79,6 +81,7 @@ impl Driver for EpollShard {
             scratch: vec![0u8; cfg.buf_size],
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
             udp: udp_fd.map(|_| UdpRx::new()),
+            udp_fd,
         })
     }
 
@@ -93,7 +96,11 @@ impl Driver for EpollShard {
         loop {
             if !core.stopping && core.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 core.begin_shutdown(h);
-                self.listener = None; // close: stop accepting
+                self.release_listeners(); // stop accepting
+            }
+            if core.accept_stopped && (self.listener.is_some() || self.udp_fd.is_some()) {
+                // The listening sockets went to another process.
+                self.release_listeners();
             }
             core.settle(h, |c, idx| self.drive(c, idx));
             if core.stopping && core.live == 0 {
@@ -154,6 +161,25 @@ impl Driver for EpollShard {
 }
 
 impl EpollShard {
+    /// Stops polling the listener and the UDP socket and closes this shard's listener. Removed
+    /// from the epoll set explicitly: another fd (a copy kept for a live upgrade) may keep the
+    /// socket open, and with it the registration.
+    fn release_listeners(&mut self) {
+        if let Some(l) = self.listener.take() {
+            let _ = ctl(
+                self.ep.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                l.as_raw_fd(),
+                0,
+                0,
+            );
+        }
+        if let Some(u) = self.udp_fd.take() {
+            let _ = ctl(self.ep.as_raw_fd(), libc::EPOLL_CTL_DEL, u, 0, 0);
+            self.udp = None;
+        }
+    }
+
     fn accept<H: Handler>(&mut self, core: &mut Core<H::Msg>, h: &mut H) {
         let Some(l) = &self.listener else { return };
         let lfd = l.as_raw_fd();

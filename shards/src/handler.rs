@@ -74,6 +74,19 @@ pub trait Handler: 'static {
         unread: Vec<u8>,
         msg: Self::Msg,
     );
+    /// A conn this shard exported (`ctx.export`) is out of the runtime: its socket, the bytes
+    /// received but not yet delivered (`unread`) and the output not yet sent (`out`). `conn` is
+    /// the id it had (dead now). Dropping `fd` closes the socket.
+    fn on_exported(
+        &mut self,
+        _ctx: &mut impl Context<Self::Msg>,
+        _conn: ConnId,
+        _fd: std::os::fd::OwnedFd,
+        _unread: Vec<u8>,
+        _out: Vec<u8>,
+        _msg: Self::Msg,
+    ) {
+    }
     /// The deadline set with `ctx.wake_at` passed.
     fn on_tick(&mut self, _ctx: &mut impl Context<Self::Msg>, _now: Instant) {}
     /// A datagram arrived on this shard's UDP socket ([`Config::udp`](crate::Config::udp)). The bytes are
@@ -135,6 +148,17 @@ pub trait Context<M> {
     /// Move a live conn to another shard (delivered to its `on_adopt`). The id is dead here
     /// afterwards.
     fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M);
+    /// Take a live conn out of the runtime without closing it (a live upgrade moves it to
+    /// another process): once no op is in flight on it, `on_exported` gets its socket with
+    /// the bytes received but not delivered and the output not yet sent. The id is dead here
+    /// afterwards.
+    fn export(&mut self, conn: ConnId, msg: M);
+    /// Take a connected socket in (e.g. one another process exported): `out` is sent first;
+    /// reading starts at once.
+    fn adopt_fd(&mut self, fd: std::os::fd::OwnedFd, out: &[u8]) -> ConnId;
+    /// Stop accepting connections and reading datagrams on this shard (a live upgrade gave
+    /// the listening sockets to another process; what the kernel queued stays queued for it).
+    fn stop_accepting(&mut self);
     /// Request an `on_tick` at `deadline` (the earliest requested deadline wins).
     fn wake_at(&mut self, deadline: Instant);
     /// Ask the whole runtime to stop.
@@ -194,6 +218,15 @@ impl<M: Send + 'static> Context<M> for Ctx<'_, M> {
     }
     fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M) {
         self.core.hand_off(conn, shard, msg)
+    }
+    fn export(&mut self, conn: ConnId, msg: M) {
+        self.core.export(conn, msg)
+    }
+    fn adopt_fd(&mut self, fd: std::os::fd::OwnedFd, out: &[u8]) -> ConnId {
+        self.core.adopt_fd(fd, out)
+    }
+    fn stop_accepting(&mut self) {
+        self.core.accept_stopped = true;
     }
     fn wake_at(&mut self, deadline: Instant) {
         self.core.wake_at = Some(match self.core.wake_at {

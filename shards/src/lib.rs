@@ -41,7 +41,7 @@ mod uring;
 pub use config::{parse_cpu_list, Backend, Config, IoMode};
 pub use cpu::{allowed_cpus, confine_current_thread};
 pub use handler::{ConnId, Context, Ctx, Handler};
-pub use runtime::{Remote, Runtime};
+pub use runtime::{Inherited, Remote, Runtime};
 pub use udp::BpfInsn;
 
 /// Ok if io_uring works here and supports what the uring backend needs (ring setup,

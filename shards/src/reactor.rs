@@ -291,6 +291,19 @@ pub(crate) enum Event {
     Stash(ConnId),
 }
 
+/// [`Handoff::target`] of an export (the conn leaves the runtime for the handler).
+pub(crate) const EXPORT: usize = usize::MAX;
+
+/// A conn taken out of the runtime ([`Core::export`]), waiting for the handler's
+/// `on_exported`.
+pub(crate) struct Exported<M> {
+    id: ConnId,
+    fd: OwnedFd,
+    unread: Vec<u8>,
+    out: Vec<u8>,
+    msg: M,
+}
+
 pub(crate) struct Handoff<M> {
     target: usize,
     msg: M,
@@ -308,6 +321,10 @@ pub(crate) struct Core<M> {
     pub dirty: Vec<u32>,
     pub events: VecDeque<Event>,
     pub handoffs: HashMap<u32, Handoff<M>>,
+    /// Exported conns for `on_exported`.
+    exported: VecDeque<Exported<M>>,
+    /// The handler asked to stop accepting (a live upgrade gave the listener away).
+    pub accept_stopped: bool,
     pub stash: HashMap<u32, Vec<u8>>,
     pub wake_at: Option<Instant>,
     pub shared: Arc<Shared<M>>,
@@ -346,6 +363,8 @@ impl<M: Send + 'static> Core<M> {
             live: 0,
             dirty: Vec::new(),
             events: VecDeque::new(),
+            exported: VecDeque::new(),
+            accept_stopped: false,
             handoffs: HashMap::new(),
             stash: HashMap::new(),
             wake_at: None,
@@ -578,9 +597,31 @@ impl<M: Send + 'static> Core<M> {
         }
     }
 
+    /// Takes a live conn out of the runtime: like a hand-off, but delivered to this shard's
+    /// handler (`on_exported`) with its fd, once no op is in flight on it.
+    pub fn export(&mut self, id: ConnId, msg: M) {
+        self.hand_off(id, EXPORT, msg);
+    }
+
+    /// Takes a connected socket in, `out` queued first; reading starts at once.
+    pub fn adopt_fd(&mut self, fd: OwnedFd, out: &[u8]) -> ConnId {
+        use std::os::fd::IntoRawFd;
+        let raw = fd.into_raw_fd();
+        let _ = sys::set_nonblocking(raw, self.backend == crate::Backend::Epoll);
+        let id = self.alloc(raw, f::READING);
+        if !out.is_empty() {
+            let n = self.queue(id.idx, out);
+            if n > self.high {
+                self.conns[id.idx as usize].flags |= f::BP;
+            }
+        }
+        self.mark_dirty(id.idx);
+        id
+    }
+
     pub fn hand_off(&mut self, id: ConnId, target: usize, msg: M) {
         let Some(idx) = self.lookup(id) else { return };
-        if target >= self.shards {
+        if target >= self.shards && target != EXPORT {
             tracing::error!(
                 target,
                 "hand_off to a non-existent shard; aborting the conn"
@@ -621,6 +662,7 @@ impl<M: Send + 'static> Core<M> {
     /// All ops are done on a HANDOFF conn: ship fd + unread + queued output to the target and
     /// release the slot without closing the fd.
     pub fn finish_handoff(&mut self, idx: u32) {
+        let id = self.id(idx);
         let c = &mut self.conns[idx as usize];
         let raw = c.fd;
         let out = c.out.take().map(|q| q.into_vec()).unwrap_or_default();
@@ -634,6 +676,16 @@ impl<M: Send + 'static> Core<M> {
         // SAFETY: the slot owned `raw` exclusively and was released above without closing
         // it, so ownership moves to this OwnedFd exactly once.
         let fd = unsafe { sys::owned(raw) };
+        if ho.target == EXPORT {
+            self.exported.push_back(Exported {
+                id,
+                fd,
+                unread: ho.unread,
+                out,
+                msg: ho.msg,
+            });
+            return;
+        }
         let peer = sys::peer_addr(raw).unwrap_or_else(sys::unspecified_addr);
         let env = Envelope::Adopt {
             fd,
@@ -689,6 +741,9 @@ impl<M: Send + 'static> Core<M> {
 
     /// Deliver deferred events.
     pub fn dispatch<H: Handler<Msg = M>>(&mut self, h: &mut H) {
+        while let Some(x) = self.exported.pop_front() {
+            h.on_exported(&mut Ctx::new(self), x.id, x.fd, x.unread, x.out, x.msg);
+        }
         while let Some(ev) = self.events.pop_front() {
             match ev {
                 Event::Closed(id, err) => h.on_closed(&mut Ctx::new(self), id, err),
@@ -809,7 +864,7 @@ impl<M: Send + 'static> Core<M> {
         loop {
             self.dispatch(h);
             if self.dirty.is_empty() {
-                if self.events.is_empty() {
+                if self.events.is_empty() && self.exported.is_empty() {
                     return;
                 }
                 continue;

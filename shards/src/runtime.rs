@@ -37,12 +37,26 @@ impl<M: Send + 'static> Remote<M> {
 
 /// Handle to the running shards.
 pub struct Runtime<M: Send + 'static> {
+    /// Copies of the shards' listening sockets (see [`Runtime::listening_sockets`]).
+    kept: Vec<std::os::fd::OwnedFd>,
+    kept_udp: Vec<std::os::fd::OwnedFd>,
     shared: Arc<Shared<M>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     backend: Backend,
     local_addr: Option<SocketAddr>,
     udp_local_addr: Option<SocketAddr>,
     udp_steered: bool,
+}
+
+/// Listening sockets a runtime takes over instead of binding its own (a live upgrade).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// One TCP listener per shard, in shard order.
+    pub tcp: Vec<std::os::fd::OwnedFd>,
+    /// One UDP socket per shard, in shard order (QUIC).
+    pub udp: Vec<std::os::fd::OwnedFd>,
+    /// Whether a steering program is attached to the UDP sockets' reuseport group.
+    pub udp_steered: bool,
 }
 
 impl<M: Send + 'static> Runtime<M> {
@@ -53,7 +67,33 @@ impl<M: Send + 'static> Runtime<M> {
         H: Handler<Msg = M>,
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
+        Runtime::start_inherited(cfg, Inherited::default(), factory)
+    }
+
+    /// [`Runtime::start`], taking over listening sockets another process bound (a live
+    /// upgrade) instead of binding: one TCP listener (and one UDP socket, with QUIC) per shard,
+    /// in shard order, as [`Runtime::listening_sockets`] gave them.
+    pub fn start_inherited<H, F>(
+        cfg: Config,
+        inherited: Inherited,
+        factory: F,
+    ) -> io::Result<Runtime<M>>
+    where
+        H: Handler<Msg = M>,
+        F: Fn(usize) -> H + Send + Sync + 'static,
+    {
         cfg.validate()?;
+        for (what, n) in [
+            ("TCP listeners", inherited.tcp.len()),
+            ("UDP sockets", inherited.udp.len()),
+        ] {
+            if n != 0 && n != cfg.shards {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{n} inherited {what} for {} shards", cfg.shards),
+                ));
+            }
+        }
         let backend = match cfg.io {
             IoMode::Epoll => Backend::Epoll,
             IoMode::Uring => match probe_uring() {
@@ -79,7 +119,18 @@ impl<M: Send + 'static> Runtime<M> {
         // Listeners: bound here so that errors surface from start() and port 0 resolves once.
         let mut listeners = Vec::new();
         let mut local_addr = None;
-        if let Some(addr) = cfg.listen {
+        if !inherited.tcp.is_empty() {
+            for fd in inherited.tcp {
+                sys::set_nonblocking(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    backend == Backend::Epoll,
+                )?;
+                if local_addr.is_none() {
+                    local_addr = Some(sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(&fd))?);
+                }
+                listeners.push(Some(fd));
+            }
+        } else if let Some(addr) = cfg.listen {
             let mut bind_addr = addr;
             for _ in 0..cfg.shards {
                 let fd = sys::tcp_listener(&bind_addr, cfg.backlog, backend == Backend::Epoll)?;
@@ -96,7 +147,16 @@ impl<M: Send + 'static> Runtime<M> {
         let mut udp_socks = Vec::new();
         let mut udp_local_addr = None;
         let mut udp_steered = false;
-        if let Some(addr) = cfg.udp {
+        if !inherited.udp.is_empty() {
+            for fd in inherited.udp {
+                if udp_local_addr.is_none() {
+                    udp_local_addr = Some(sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(&fd))?);
+                }
+                udp_socks.push(Some(fd));
+            }
+            // The steering program stays attached to the group the sockets belong to.
+            udp_steered = inherited.udp_steered;
+        } else if let Some(addr) = cfg.udp {
             let mut bind_addr = addr;
             for _ in 0..cfg.shards {
                 let fd = udp::udp_socket(&bind_addr)?;
@@ -121,6 +181,16 @@ impl<M: Send + 'static> Runtime<M> {
             udp_socks.resize_with(cfg.shards, || None);
         }
 
+        // Copies of the listening sockets, for handing them to another process (a live
+        // upgrade) while the shards own theirs.
+        let mut kept = Vec::new();
+        for l in listeners.iter().flatten() {
+            kept.push(l.try_clone()?);
+        }
+        let mut kept_udp = Vec::new();
+        for u in udp_socks.iter().flatten() {
+            kept_udp.push(u.try_clone()?);
+        }
         let mut senders = Vec::with_capacity(cfg.shards);
         let mut receivers = Vec::with_capacity(cfg.shards);
         let mut wakers = Vec::with_capacity(cfg.shards);
@@ -182,6 +252,8 @@ impl<M: Send + 'static> Runtime<M> {
             }
         }
         let rt = Runtime {
+            kept,
+            kept_udp,
             shared,
             threads,
             backend,
@@ -196,6 +268,24 @@ impl<M: Send + 'static> Runtime<M> {
         }
         tracing::debug!(shards = cfg.shards, %backend, "shards runtime started");
         Ok(rt)
+    }
+
+    /// New descriptors of the listening sockets, in shard order (TCP, then UDP): what a live
+    /// upgrade hands to the next process, which starts with [`Runtime::start_inherited`].
+    pub fn listening_sockets(&self) -> io::Result<Inherited> {
+        Ok(Inherited {
+            tcp: self
+                .kept
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<io::Result<_>>()?,
+            udp: self
+                .kept_udp
+                .iter()
+                .map(|f| f.try_clone())
+                .collect::<io::Result<_>>()?,
+            udp_steered: self.udp_steered,
+        })
     }
 
     pub fn backend(&self) -> Backend {

@@ -64,6 +64,8 @@ pub struct SimCtx<M> {
     connects: Vec<(ConnId, PathBuf)>,
     wake: Option<Instant>,
     stopped: bool,
+    exports: Vec<(ConnId, M)>,
+    accept_stopped: bool,
 }
 
 impl<M> SimCtx<M> {
@@ -80,6 +82,8 @@ impl<M> SimCtx<M> {
             connects: Vec::new(),
             wake: None,
             stopped: false,
+            exports: Vec::new(),
+            accept_stopped: false,
         }
     }
 
@@ -108,6 +112,16 @@ impl<M> SimCtx<M> {
     /// `on_adopt` for a connection handed over from another shard).
     pub fn accept(&mut self, peer: SocketAddr) -> ConnId {
         self.new_conn(Some(peer))
+    }
+
+    /// Connections the handler exported (`Context::export`) since the last call.
+    pub fn take_exports(&mut self) -> Vec<(ConnId, M)> {
+        std::mem::take(&mut self.exports)
+    }
+
+    /// Whether the handler stopped accepting (`Context::stop_accepting`).
+    pub fn accept_stopped(&self) -> bool {
+        self.accept_stopped
     }
 
     /// The connection's record (None for ids this shard never had).
@@ -256,6 +270,22 @@ impl<M> Context<M> for SimCtx<M> {
             c.ending = Ending::HandedOff;
         }
         self.hand_offs.push((conn, shard, msg));
+    }
+    fn export(&mut self, conn: ConnId, msg: M) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.ending = Ending::HandedOff;
+        }
+        self.exports.push((conn, msg));
+    }
+    fn adopt_fd(&mut self, _fd: std::os::fd::OwnedFd, out: &[u8]) -> ConnId {
+        let id = self.new_conn(None);
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.out.extend_from_slice(out);
+        }
+        id
+    }
+    fn stop_accepting(&mut self) {
+        self.accept_stopped = true;
     }
     fn wake_at(&mut self, deadline: Instant) {
         self.wake = Some(match self.wake {

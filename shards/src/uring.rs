@@ -184,6 +184,8 @@ pub(crate) struct UringShard {
     bufs: ManuallyDrop<BufRing>,
     listener: Option<OwnedFd>,
     accept_armed: bool,
+    /// `stop_accepting` was acted on.
+    accept_released: bool,
     accept_retry_at: Option<Instant>,
     wake_fd: RawFd,
     wake_armed: bool,
@@ -233,6 +235,7 @@ impl Driver for UringShard {
             bufs,
             listener,
             accept_armed: false,
+            accept_released: false,
             accept_retry_at: None,
             wake_fd,
             wake_armed: false,
@@ -272,6 +275,20 @@ impl Driver for UringShard {
                 }
                 hard_deadline = Some(core.now + Duration::from_secs(4));
             }
+            if core.accept_stopped && !self.accept_released {
+                // The listening sockets went to another process: stop taking connections and
+                // datagrams from them (what the kernel queued stays queued for it).
+                self.accept_released = true;
+                if self.accept_armed {
+                    self.cancel(ud(K_ACCEPT, 0, 0));
+                } else {
+                    self.listener = None;
+                }
+                if self.udp_armed {
+                    self.cancel(K_UDP << 56);
+                }
+                self.udp_more = false;
+            }
             core.settle(h, |c, idx| self.drive(c, idx));
             if let Some(e) = self.fatal.take() {
                 self.leak = true;
@@ -287,7 +304,7 @@ impl Driver for UringShard {
                 self.wake_armed = true;
                 self.misc_ops += 1;
             }
-            if !core.stopping && !self.accept_armed {
+            if !core.stopping && !core.accept_stopped && !self.accept_armed {
                 if let Some(l) = &self.listener {
                     if self.accept_retry_at.is_none_or(|t| core.now >= t) {
                         self.accept_retry_at = None;
@@ -303,7 +320,7 @@ impl Driver for UringShard {
                     }
                 }
             }
-            if !core.stopping && !self.udp_armed {
+            if !core.stopping && !core.accept_stopped && !self.udp_armed {
                 if let Some(fd) = self.udp_fd {
                     let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
                         .multi(true)
@@ -316,7 +333,7 @@ impl Driver for UringShard {
                     self.misc_ops += 1;
                 }
             }
-            if self.udp_more && !core.stopping {
+            if self.udp_more && !core.stopping && !core.accept_stopped {
                 if let Some(u) = self.udp.as_mut() {
                     self.udp_more = u.drain(core, h);
                 }
@@ -473,7 +490,7 @@ impl UringShard {
                 if !cqueue::more(flags) {
                     self.misc_ops -= 1;
                     self.accept_armed = false;
-                    if core.stopping {
+                    if core.stopping || core.accept_stopped {
                         self.listener = None;
                     } else if res < 0 {
                         // e.g. EMFILE: back off a little instead of spinning.
@@ -486,7 +503,7 @@ impl UringShard {
                     self.misc_ops -= 1;
                     self.udp_armed = false;
                 }
-                if res > 0 && !core.stopping {
+                if res > 0 && !core.stopping && !core.accept_stopped {
                     if let Some(u) = self.udp.as_mut() {
                         self.udp_more = u.drain(core, h);
                     }

@@ -138,6 +138,16 @@ impl<C> Link<C> {
 
 impl<C: PartialEq> Link<C> {
     /// Whether `conn` waits for this link to drain.
+    /// What a link leaving the process (a live upgrade) takes with it: whether the pod's
+    /// HELLO was seen, the partial message received, and what is held for the pod.
+    pub fn take_for_export(&mut self) -> (bool, Vec<u8>, Vec<u8>) {
+        (
+            self.hello_seen,
+            std::mem::take(&mut self.inbuf),
+            std::mem::take(&mut self.pending),
+        )
+    }
+
     pub fn holds_reader(&self, conn: &C) -> bool {
         self.paused_readers.contains(conn)
     }
@@ -238,6 +248,32 @@ impl<C> Links<C> {
         });
         l.sessions.extend(sids);
         LinkAction::Arm(now + grace_ms, LinkTimer::Grace)
+    }
+
+    /// A connected link another process handed over (a live upgrade): up, HELLO exchanged as
+    /// it was, carrying `sids`.
+    pub fn adopt(
+        &mut self,
+        key: (u32, u32),
+        conn: ConnId,
+        hello_seen: bool,
+        sids: impl IntoIterator<Item = u32>,
+    ) {
+        self.by_conn.insert(conn, key);
+        let l = self.by_key.entry(key).or_insert(Link {
+            conn,
+            connected: true,
+            hello_seen,
+            pending: Vec::new(),
+            inbuf: Vec::new(),
+            sessions: IdSet::default(),
+            paused_readers: Vec::new(),
+            lost_since: None,
+            retry_ms: Link::<C>::FIRST_RETRY_MS,
+            waiting: Vec::new(),
+            prefix_len: 0,
+        });
+        l.sessions.extend(sids);
     }
 
     /// The link's connection is gone: keep the link (and what is pending) as lost since `now`.

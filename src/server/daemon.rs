@@ -49,6 +49,8 @@ pub enum Stop {
     Signal(i32),
     /// A shard ended on its own: the node cannot serve every session any more.
     ShardFailed,
+    /// A live upgrade handed everything to a new clawtermd.
+    Upgraded,
 }
 
 impl Server {
@@ -84,6 +86,13 @@ impl Server {
         loop {
             match signals.wait(Duration::from_millis(250)) {
                 None => {
+                    if self
+                        .shared
+                        .upgraded
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        return Stop::Upgraded;
+                    }
                     if let Err(why) = self.shared.metrics.health() {
                         tracing::error!(
                             "{why}: the node cannot serve every session any more; stopping the \

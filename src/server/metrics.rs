@@ -102,6 +102,14 @@ pub struct Metrics {
     pub shards_ended: AtomicUsize,
     /// Set when a stop was requested (SIGTERM): shards ending then is expected.
     pub stopping: AtomicBool,
+    /// Live upgrades this process handed itself over in (completed), refused before anything
+    /// moved (another hand-off format or shard count), or that failed part way.
+    pub upgrades_completed: AtomicU64,
+    pub upgrades_refused: AtomicU64,
+    pub upgrades_failed: AtomicU64,
+    /// The last hand-off, given or taken: sessions, connections and pod links moved, bytes
+    /// sent over the upgrade socket, and how long it took (µs).
+    pub upgrade_last: [AtomicU64; 5],
 }
 
 /// Counts its shard thread in [`Metrics::shards_ended`] when the thread's locals are destroyed,
@@ -126,6 +134,28 @@ impl Metrics {
             backend: std::sync::OnceLock::new(),
             shards_ended: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            upgrades_completed: AtomicU64::new(0),
+            upgrades_refused: AtomicU64::new(0),
+            upgrades_failed: AtomicU64::new(0),
+            upgrade_last: Default::default(),
+        }
+    }
+
+    /// Records a hand-off's figures (see [`Metrics::upgrade_last`]).
+    pub fn note_upgrade(
+        &self,
+        sessions: u64,
+        conns: u64,
+        links: u64,
+        bytes: u64,
+        took: std::time::Duration,
+    ) {
+        for (a, v) in
+            self.upgrade_last
+                .iter()
+                .zip([sessions, conns, links, bytes, took.as_micros() as u64])
+        {
+            a.store(v, Relaxed);
         }
     }
 
@@ -257,6 +287,37 @@ impl Metrics {
             o,
             "clawterm_input_pauses_total {}",
             sum(&|s| s.input_pauses.load(Relaxed))
+        );
+        let _ = writeln!(o, "# HELP clawterm_upgrades_total Live upgrades this process handed itself over in, by result (refused: nothing moved and it served on).\n# TYPE clawterm_upgrades_total counter");
+        for (result, v) in [
+            ("completed", &self.upgrades_completed),
+            ("refused", &self.upgrades_refused),
+            ("failed", &self.upgrades_failed),
+        ] {
+            let _ = writeln!(
+                o,
+                "clawterm_upgrades_total{{result=\"{result}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# HELP clawterm_upgrade_last_moved The last live upgrade this process gave or took: what moved.\n# TYPE clawterm_upgrade_last_moved gauge");
+        for (what, i) in [
+            ("sessions", 0),
+            ("connections", 1),
+            ("links", 2),
+            ("bytes", 3),
+        ] {
+            let _ = writeln!(
+                o,
+                "clawterm_upgrade_last_moved{{what=\"{what}\"}} {}",
+                self.upgrade_last[i].load(Relaxed)
+            );
+        }
+        let _ = writeln!(o, "# HELP clawterm_upgrade_last_seconds How long the last live upgrade this process gave or took lasted.\n# TYPE clawterm_upgrade_last_seconds gauge");
+        let _ = writeln!(
+            o,
+            "clawterm_upgrade_last_seconds {}",
+            self.upgrade_last[4].load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(o, "# HELP clawterm_state_errors_total State journal failures (a shard whose journal write failed stops journaling: its sessions no longer survive a restart).\n# TYPE clawterm_state_errors_total counter");
         let _ = writeln!(

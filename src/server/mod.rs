@@ -31,6 +31,8 @@ use std::sync::{Arc, RwLock};
 /// State shared by every shard of the node.
 pub struct Shared {
     pub cfg: ServerConfig,
+    /// Set once a live upgrade handed everything to a new process: this one exits.
+    pub upgraded: Arc<std::sync::atomic::AtomicBool>,
     /// The tenant tokens in force (`None` with `--insecure-no-auth`).
     pub tokens: RwLock<Option<Arc<Tokens>>>,
     /// Sessions on the node, suspended ones included (for `--max-sessions`).
@@ -153,6 +155,8 @@ pub struct Reloaded {
 
 /// A running server.
 pub struct Server {
+    /// The upgrade socket of the state dir (removed on drop).
+    _upgrade: Option<crate::upgrade::old::Serving>,
     /// Held for the life of the server: its lock keeps other daemons out of the state dir.
     state: Option<crate::state::StateDir>,
     runtime: shards::Runtime<shard::ShardMsg>,
@@ -183,6 +187,8 @@ pub enum StartError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Upgrade(#[from] crate::upgrade::take::TakeError),
     /// The admin endpoint could not listen (the message names the address).
     #[error("{source}")]
     Admin {
@@ -241,38 +247,92 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     };
     let admin_addr = cfg.admin;
     // The state dir first: a daemon refused it must not have bound anything.
+    let mut inherited = shards::Inherited::default();
+    let mut taken = None;
     let (state, restores) = match &cfg.state_dir {
         None => (
             None,
             (0..cfg_shards).map(|_| shard::Restore::default()).collect(),
         ),
-        Some(dir) => {
-            let sd = crate::state::StateDir::open(dir)?;
-            let r = sd.restore(
-                cfg_shards,
-                cfg.session.hard_ring_bytes(),
-                crate::state::mapped::WINDOW,
-            )?;
-            tracing::info!(
-                dir = %dir.display(),
-                sessions = r.sessions,
-                files = r.files,
-                ring_bytes = r.ring_bytes,
-                generation = r.generation,
-                took_ms = r.took.as_millis() as u64,
-                "state dir opened"
-            );
-            let restores: Vec<shard::Restore> = r
-                .records
-                .into_iter()
-                .zip(r.journals)
-                .map(|(records, j)| shard::Restore {
-                    records,
-                    journal: Some(j),
-                })
-                .collect();
-            (Some(sd), restores)
-        }
+        Some(dir) => match crate::state::StateDir::open(dir) {
+            Ok(sd) => {
+                let r = sd.restore(
+                    cfg_shards,
+                    cfg.session.hard_ring_bytes(),
+                    crate::state::mapped::WINDOW,
+                )?;
+                tracing::info!(
+                    dir = %dir.display(),
+                    sessions = r.sessions,
+                    files = r.files,
+                    ring_bytes = r.ring_bytes,
+                    generation = r.generation,
+                    took_ms = r.took.as_millis() as u64,
+                    "state dir opened"
+                );
+                let restores: Vec<shard::Restore> = r
+                    .records
+                    .into_iter()
+                    .zip(r.journals)
+                    .map(|(records, j)| shard::Restore {
+                        records,
+                        journal: Some(j),
+                        moved: None,
+                    })
+                    .collect();
+                (Some(sd), restores)
+            }
+            Err(crate::state::StateError::Held { pid, .. }) if cfg.upgrade => {
+                tracing::info!(
+                    dir = %dir.display(),
+                    old_pid = ?pid,
+                    "upgrade: taking over from the running clawtermd"
+                );
+                let crate::upgrade::take::Taken {
+                    lock,
+                    sockets,
+                    shards: per_shard,
+                    mut channel,
+                    sessions,
+                    conns,
+                    links,
+                    started,
+                } = crate::upgrade::take::take_over(dir, cfg_shards)?;
+                let fail = |ch: &mut crate::upgrade::channel::Channel,
+                            e: &dyn std::fmt::Display| {
+                    let _ = ch.send(&crate::upgrade::wire::Msg::Failed(&e.to_string()));
+                };
+                let sd = match crate::state::StateDir::with_lock(dir, lock) {
+                    Ok(sd) => sd,
+                    Err(e) => {
+                        fail(&mut channel, &e);
+                        return Err(e.into());
+                    }
+                };
+                let (records, moved): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
+                let journals = match sd.install(&records, crate::state::mapped::WINDOW) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        fail(&mut channel, &e);
+                        return Err(e.into());
+                    }
+                };
+                let restores = records
+                    .into_iter()
+                    .zip(moved)
+                    .zip(journals)
+                    .map(|((records, moved), j)| shard::Restore {
+                        records,
+                        journal: Some(j),
+                        moved: Some(moved),
+                    })
+                    .collect();
+                inherited = sockets;
+                taken = Some((channel, sessions, conns, links, started));
+                (Some(sd), restores)
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     let restores: Vec<std::sync::Mutex<Option<shard::Restore>>> = restores
         .into_iter()
@@ -285,6 +345,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         }
     })?;
     let shared = Arc::new(Shared {
+        upgraded: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         cfg,
         tokens: RwLock::new(tokens),
         sessions: AtomicUsize::new(0),
@@ -294,7 +355,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         quic,
     });
     let s2 = shared.clone();
-    let runtime = shards::Runtime::start(rt_cfg, move |i| {
+    let runtime = shards::Runtime::start_inherited(rt_cfg, inherited, move |i| {
         // On the shard's thread: liveness (`/healthz`) notices when the thread ends.
         s2.metrics.watch_shard_thread();
         let restore = restores
@@ -303,7 +364,16 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
             .unwrap_or_default();
         shard::ShardHandler::new(i, s2.clone(), restore)
     })
-    .map_err(StartError::Runtime)?;
+    .map_err(StartError::Runtime);
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some((mut ch, ..)) = taken {
+                let _ = ch.send(&crate::upgrade::wire::Msg::Failed(&e.to_string()));
+            }
+            return Err(e);
+        }
+    };
     // Pod events reach every shard through its mailbox (links are per shard).
     let remote = runtime.remote();
     shared.registry.set_on_event(Box::new(move |ev| {
@@ -316,19 +386,95 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         }
     }));
     let _ = shared.metrics.backend.set(runtime.backend().to_string());
+    let upgraded = taken.is_some();
+    if let Some((mut ch, sessions, conns, links, started)) = taken {
+        // READY once every shard has taken its part in (its on_start ran).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shared.metrics.ready_shards.load(Ordering::Relaxed) < cfg_shards
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let took = started.elapsed();
+        shared.metrics.note_upgrade(
+            sessions as u64,
+            conns as u64,
+            links as u64,
+            ch.received,
+            took,
+        );
+        if let Err(e) = ch.send(&crate::upgrade::wire::Msg::Ready) {
+            tracing::warn!("upgrade: could not tell the old clawtermd we serve: {e}");
+        }
+        tracing::info!(
+            sessions,
+            connections = conns,
+            links,
+            bytes = ch.received,
+            took_ms = took.as_millis() as u64,
+            "upgrade: took over; serving"
+        );
+    }
     let admin = match admin_addr {
-        Some(a) => Some(
-            admin::Admin::start(a, shared.metrics.clone(), shared.registry.clone())
-                .map_err(|source| StartError::Admin { addr: a, source })?,
-        ),
+        Some(a) => Some(start_admin(a, &shared, upgraded)?),
+        None => None,
+    };
+    let upgrade = match &state {
+        Some(sd) => {
+            let kept = runtime.listening_sockets().map_err(StartError::Runtime)?;
+            let src = crate::upgrade::old::Source {
+                remote: runtime.remote(),
+                sockets: Box::new(move || {
+                    let dup = |v: &[std::os::fd::OwnedFd]| {
+                        v.iter()
+                            .map(|f| f.try_clone())
+                            .collect::<std::io::Result<Vec<_>>>()
+                    };
+                    Ok(shards::Inherited {
+                        tcp: dup(&kept.tcp)?,
+                        udp: dup(&kept.udp)?,
+                        udp_steered: kept.udp_steered,
+                    })
+                }),
+                lock: sd.lock_fd().map_err(StartError::Runtime)?,
+                shards: cfg_shards,
+                metrics: shared.metrics.clone(),
+                done: shared.upgraded.clone(),
+            };
+            Some(crate::upgrade::old::serve(sd.path(), src).map_err(StartError::Runtime)?)
+        }
         None => None,
     };
     Ok(Server {
+        _upgrade: upgrade,
         state,
         runtime,
         shared,
         admin,
     })
+}
+
+/// Starts the admin endpoint. After a live upgrade the old process may hold the port a moment
+/// longer (it exits once we serve): retried for up to 10 s then.
+fn start_admin(
+    a: SocketAddr,
+    shared: &Arc<Shared>,
+    retry: bool,
+) -> Result<admin::Admin, StartError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match admin::Admin::start(a, shared.metrics.clone(), shared.registry.clone()) {
+            Ok(x) => return Ok(x),
+            Err(e)
+                if retry
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => return Err(StartError::Admin { addr: a, source }),
+        }
+    }
 }
 
 impl Server {

@@ -96,6 +96,16 @@ pub struct Settings {
     /// connections over while it exits (live upgrade); if none does, start normally.
     #[arg(long, env = "CLAWTERM_UPGRADE", value_parser = BoolishValueParser::new())]
     pub upgrade: bool,
+    /// What this process does once a live upgrade has handed everything to a new clawtermd:
+    /// exit (status 0), or wait, holding nothing, until SIGTERM (for supervisors that restart a
+    /// process that exits, e.g. a Kubernetes container).
+    #[arg(
+        long,
+        env = "CLAWTERM_AFTER_UPGRADE",
+        value_name = "exit|wait",
+        default_value = "exit"
+    )]
+    pub after_upgrade: AfterUpgrade,
     /// Replay ring cap per session, in bytes of payload.
     #[arg(long, env = "CLAWTERM_RING_BYTES", default_value_t = 262144)]
     pub ring_bytes: usize,
@@ -162,6 +172,13 @@ pub struct Settings {
     /// abrupt drop and a resume with replay.
     #[arg(long, env = "CLAWTERM_DEMO", value_parser = BoolishValueParser::new())]
     pub demo: bool,
+}
+
+/// What a clawtermd does after handing itself over (`--after-upgrade`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AfterUpgrade {
+    Exit,
+    Wait,
 }
 
 /// How loading the settings ends early.

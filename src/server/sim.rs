@@ -96,6 +96,7 @@ impl Sim {
         let registry = Registry::detached(&dir);
         let shard_count = cfg.shards;
         let shared = Arc::new(Shared {
+            upgraded: Default::default(),
             cfg,
             tokens: RwLock::new(None),
             sessions: AtomicUsize::new(0),

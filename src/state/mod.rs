@@ -189,6 +189,110 @@ impl StateDir {
         })
     }
 
+    /// The state dir of a live upgrade: `lock` is the running clawtermd's lock, handed over
+    /// (the same open file, so the flock is shared until that process exits). Checks the
+    /// format and writes this process's pid into the lock file.
+    pub fn with_lock(dir: &Path, lock: std::os::fd::OwnedFd) -> Result<StateDir, StateError> {
+        let lock_path = dir.join("lock");
+        let mut lock = File::from(lock);
+        lock.set_len(0).map_err(io_err(&lock_path))?;
+        lock.rewind().map_err(io_err(&lock_path))?;
+        writeln!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
+        let format_path = dir.join("FORMAT");
+        let found = std::fs::read_to_string(&format_path).map_err(io_err(&format_path))?;
+        if found.trim() != FORMAT {
+            return Err(StateError::Format {
+                dir: dir.to_path_buf(),
+                found: found.trim().chars().take(80).collect(),
+            });
+        }
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// A new descriptor of the lock (a live upgrade hands it to the next process).
+    pub fn lock_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self._lock.try_clone()?.into())
+    }
+
+    /// Fresh journals for sessions handed over by a live upgrade: per shard, the session
+    /// records (whole). Written beside the old files and renamed over them; a newer
+    /// generation than any file there.
+    pub fn install(
+        &self,
+        records: &[Vec<Vec<u8>>],
+        window: usize,
+    ) -> Result<Vec<Journal>, StateError> {
+        let mut generation = 0;
+        for (path, _) in self.journal_files()? {
+            let mut head = [0u8; journal::HEADER_LEN];
+            if let Ok(mut f) = File::open(&path) {
+                if f.read_exact(&mut head).is_ok() {
+                    if let Ok(h) = Header::decode(&head) {
+                        generation = generation.max(h.generation);
+                    }
+                }
+            }
+        }
+        let shards = records.len();
+        // A record's session id is its first body field (after magic, version and length).
+        let id = |r: &[u8]| {
+            r.get(10..14)
+                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        self.write_journals(
+            records
+                .iter()
+                .map(|recs| recs.iter().map(|r| (id(r), r)).collect::<Vec<_>>()),
+            shards,
+            generation + 1,
+            window,
+        )
+    }
+
+    /// Writes one fresh journal per shard holding `(id, record)` entries, then renames them
+    /// into place and removes journals of shards beyond `shards`.
+    fn write_journals<'a>(
+        &self,
+        per_shard: impl Iterator<Item = Vec<(u32, &'a Vec<u8>)>>,
+        shards: usize,
+        generation: u64,
+        window: usize,
+    ) -> Result<Vec<Journal>, StateError> {
+        let wall = wall_ms();
+        let old = self.journal_files()?;
+        let mut journals = Vec::with_capacity(shards);
+        for (i, list) in per_shard.enumerate() {
+            let mut initial = Vec::new();
+            for (id, rec) in list {
+                Entry::Record(id, rec).append_to(&mut initial);
+            }
+            let header = Header {
+                shard: i as u16,
+                shards: shards as u16,
+                generation,
+                wall_ms: wall,
+            };
+            let path = self.journal_path(i).with_extension("journal.new");
+            journals.push(Journal::create(&path, header, &initial, window).map_err(io_err(&path))?);
+        }
+        // Every session is in the new journals: they replace the old ones (in any order: a
+        // crash part way leaves older and newer generations side by side, and the newer
+        // records win on the next start).
+        for (i, j) in journals.iter_mut().enumerate() {
+            let to = self.journal_path(i);
+            j.rename(&to).map_err(io_err(&to))?;
+        }
+        for (path, i) in &old {
+            if *i >= shards {
+                std::fs::remove_file(path).map_err(io_err(path))?;
+            }
+        }
+        Ok(journals)
+    }
+
     /// The dir.
     pub fn path(&self) -> &Path {
         &self.dir
@@ -275,40 +379,26 @@ impl StateDir {
             per_shard[ids.owner(id)].push(s);
         }
         let generation = generation + 1;
-        let mut records = Vec::with_capacity(shards);
-        let mut journals = Vec::with_capacity(shards);
-        for (i, list) in per_shard.into_iter().enumerate() {
-            let mut initial = Vec::new();
-            let mut recs = Vec::with_capacity(list.len());
-            for s in &list {
-                let rec = s.to_record(FOLD_NOW, wall);
-                Entry::Record(s.id(), &rec).append_to(&mut initial);
-                recs.push(rec);
-            }
-            let header = Header {
-                shard: i as u16,
-                shards: shards as u16,
-                generation,
-                wall_ms: wall,
-            };
-            let path = self.journal_path(i).with_extension("journal.new");
-            let journal =
-                Journal::create(&path, header, &initial, window).map_err(io_err(&path))?;
-            records.push(recs);
-            journals.push(journal);
-        }
-        // Every session is in the new journals: they replace the old ones (in any order: a
-        // crash part way leaves older and newer generations side by side, and the newer
-        // records win on the next start).
-        for (i, j) in journals.iter_mut().enumerate() {
-            let to = self.journal_path(i);
-            j.rename(&to).map_err(io_err(&to))?;
-        }
-        for (_, i, path, _) in &files {
-            if *i >= shards {
-                std::fs::remove_file(path).map_err(io_err(path))?;
-            }
-        }
+        let records: Vec<Vec<(u32, Vec<u8>)>> = per_shard
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .map(|s| (s.id(), s.to_record(FOLD_NOW, wall)))
+                    .collect()
+            })
+            .collect();
+        let journals = self.write_journals(
+            records
+                .iter()
+                .map(|l| l.iter().map(|(id, r)| (*id, r)).collect()),
+            shards,
+            generation,
+            window,
+        )?;
+        let records = records
+            .into_iter()
+            .map(|l| l.into_iter().map(|(_, r)| r).collect())
+            .collect();
         Ok(Restored {
             records,
             journals,

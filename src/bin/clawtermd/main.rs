@@ -8,6 +8,7 @@ use clawterm::server::daemon::{Signals, Stop};
 use clawterm::server::settings::{Early, Settings};
 use clawterm::server::{self};
 use std::process::ExitCode;
+use std::time::Duration;
 use tracing::{error, info};
 
 /// Logs to stderr, filtered by RUST_LOG (default `info`).
@@ -160,8 +161,24 @@ fn main() -> ExitCode {
     }
     // A shard that failed takes its sessions with it: exit non-zero so the supervisor restarts
     // the node.
-    let failed = server.run_until_signal(&sigs) == Stop::ShardFailed;
+    let stop = server.run_until_signal(&sigs);
+    let failed = stop == Stop::ShardFailed;
     server.shutdown();
+    if stop == Stop::Upgraded {
+        let r = server.join();
+        if let Err(e) = r {
+            error!("after the upgrade hand-over: {e}");
+        }
+        if args.after_upgrade == server::settings::AfterUpgrade::Wait {
+            info!("handed over to the new clawtermd; waiting for SIGTERM (--after-upgrade wait)");
+            while !matches!(
+                sigs.wait(Duration::from_secs(3600)),
+                Some(libc::SIGTERM | libc::SIGINT)
+            ) {}
+        }
+        info!("clawtermd handed over and stopped");
+        return ExitCode::SUCCESS;
+    }
     match server.join() {
         Ok(()) if !failed => {
             info!("clawtermd stopped");

@@ -52,6 +52,12 @@ pub enum ShardMsg {
     RelayClose { key: StreamKey, abort: bool },
     /// Pause or resume reading a relayed stream.
     RelayReading { key: StreamKey, on: bool },
+    /// A live upgrade: freeze and hand everything over (see `crate::upgrade`).
+    Export(crossbeam_channel::Sender<crate::upgrade::ShardExport>),
+    /// The new process serves: close what could not be handed over.
+    Release,
+    /// Marks a connection leaving the runtime for another process.
+    Moved,
 }
 
 impl ShardHandler {

@@ -6,6 +6,7 @@
 //! the shard's [`SessionTable`]; no task exists per session or per connection.
 
 mod clients;
+mod export;
 mod flow;
 mod handoff;
 mod handshake;
@@ -16,7 +17,7 @@ mod sink;
 mod timers;
 
 pub use handoff::ShardMsg;
-pub use persist::Restore;
+pub use persist::{Moved, Restore};
 use sink::Scratch;
 
 pub use clients::Client;
@@ -79,8 +80,14 @@ pub struct ShardHandler {
     qevents: Vec<QEvent>,
     /// The shard's state journal (`--state-dir`), if any.
     journal: Option<Journal>,
-    /// Sessions restored from the state dir, taken at start.
+    /// Sessions restored from the state dir (or handed over), taken at start.
     restore_records: Vec<Vec<u8>>,
+    /// Connections and links handed over by the process this one replaces, taken at start.
+    moved: Option<Moved>,
+    /// Handing everything over to a new process (live upgrade).
+    exporting: Option<export::Exporting>,
+    /// Everything was handed over: this shard serves nothing any more.
+    exported_done: bool,
 }
 
 /// Client → pod bytes of one batch of input sent to the link early past this size.
@@ -130,6 +137,9 @@ impl ShardHandler {
             qevents: Vec::new(),
             journal: restore.journal,
             restore_records: restore.records,
+            moved: restore.moved,
+            exporting: None,
+            exported_done: false,
         }
     }
 
@@ -528,7 +538,11 @@ impl shards::Handler for ShardHandler {
     type Msg = ShardMsg;
 
     fn on_start(&mut self, ctx: &mut impl Context<ShardMsg>) {
-        self.restore_sessions(ctx);
+        if self.moved.is_some() {
+            self.adopt_moved(ctx);
+        } else {
+            self.restore_sessions(ctx);
+        }
         let d = self.now(ctx) + STATS_EVERY_MS;
         self.wheel.insert(d, Key::Stats);
         self.schedule(ctx, d);
@@ -540,6 +554,12 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_accept(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, peer: SocketAddr) {
+        if self.exporting.is_some() || self.exported_done {
+            // Accepted in the turn the listener went to the new process: its client
+            // reconnects there.
+            ctx.abort(conn);
+            return;
+        }
         let client = Client::Tcp(conn);
         if !self.admit(ctx, client, self.shared.tls.is_none()) {
             return;
@@ -616,7 +636,9 @@ impl shards::Handler for ShardHandler {
         match msg {
             ShardMsg::PodAdded(t, a) => self.pod_added(ctx, (t, a)),
             ShardMsg::PodRemoved(t, a) => self.pod_removed(ctx, (t, a)),
-            ShardMsg::Resume { .. } => {}
+            ShardMsg::Resume { .. } | ShardMsg::Moved => {}
+            ShardMsg::Export(reply) => self.export_all(ctx, reply),
+            ShardMsg::Release => self.release_kept(ctx),
             ShardMsg::Datagram { from, bytes } => self.quic_datagram(ctx, from, &bytes),
             relay => self.on_relay(ctx, relay),
         }
@@ -631,6 +653,18 @@ impl shards::Handler for ShardHandler {
         msg: ShardMsg,
     ) {
         self.adopt(ctx, conn, peer, unread, msg);
+    }
+
+    fn on_exported(
+        &mut self,
+        _ctx: &mut impl Context<ShardMsg>,
+        conn: ConnId,
+        fd: std::os::fd::OwnedFd,
+        unread: Vec<u8>,
+        out: Vec<u8>,
+        _msg: ShardMsg,
+    ) {
+        self.exported(conn, fd, unread, out);
     }
 
     fn on_tick(&mut self, ctx: &mut impl Context<ShardMsg>, _now: Instant) {

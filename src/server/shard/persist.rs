@@ -20,6 +20,16 @@ pub struct Restore {
     pub records: Vec<Vec<u8>>,
     /// Its journal (`None`: no state dir).
     pub journal: Option<Journal>,
+    /// A live upgrade: the connections and links the old process handed over (the sessions
+    /// are `records`, as they were there).
+    pub moved: Option<Moved>,
+}
+
+/// Connections and pod links handed over to a shard by the process it replaces.
+#[derive(Debug, Default)]
+pub struct Moved {
+    pub conns: Vec<crate::upgrade::MovedConn>,
+    pub links: Vec<crate::upgrade::MovedLink>,
 }
 
 impl ShardHandler {

@@ -66,6 +66,12 @@ impl Session {
         (self.flags & HAS_ACKED != 0).then_some(self.acked_through)
     }
 
+    /// The pod link this session's flow control was agreed on is gone (a new one starts
+    /// unpaused both ways).
+    pub fn clear_pod_flow(&mut self) {
+        self.flags &= !(POD_PAUSED | INPUT_PAUSED);
+    }
+
     /// After a restart: the connection and the old pod link are gone, so the session is
     /// SUSPENDED since `now` (its suspend TTL starts again), with no flow-control state of
     /// either (the new link starts unpaused; the overflow policy pauses it again if the ring
@@ -75,7 +81,7 @@ impl Session {
             self.state = State::Suspended;
         }
         self.forget_connection();
-        self.flags &= !(POD_PAUSED | INPUT_PAUSED);
+        self.clear_pod_flow();
         self.last_rx = now;
         self.last_tx = now;
         self.armed = 0;

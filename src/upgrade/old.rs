@@ -1,0 +1,251 @@
+//! The running clawtermd's side of a live upgrade: it listens on `DIR/upgrade.sock` and, when
+//! an `--upgrade` process says HELLO in its format, hands everything over (see the module
+//! [`crate::upgrade`]).
+
+use super::channel::{decode, Channel};
+use super::wire::{Msg, VERSION};
+use super::ShardExport;
+use crate::server::metrics::Metrics;
+use crate::server::shard::ShardMsg;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// The socket's name in the state dir.
+pub const SOCKET: &str = "upgrade.sock";
+
+/// What the old process needs to hand itself over.
+pub struct Source {
+    /// The shards.
+    pub remote: shards::Remote<ShardMsg>,
+    /// New descriptors of the listening sockets.
+    pub sockets: Box<dyn Fn() -> io::Result<shards::Inherited> + Send>,
+    /// The state dir's lock (a new descriptor of it).
+    pub lock: OwnedFd,
+    pub shards: usize,
+    pub metrics: Arc<Metrics>,
+    /// Set once everything is handed over and the new process serves: this one exits.
+    pub done: Arc<AtomicBool>,
+}
+
+/// The listening side; the socket file is removed when dropped, unless it is another's by
+/// then (the process that took over binds its own at the same path).
+pub struct Serving {
+    path: PathBuf,
+    ino: Option<u64>,
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if self.ino.is_some() && inode(&self.path) == self.ino {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Listens on `dir/upgrade.sock` on a thread of its own. The state dir's lock is held, so a
+/// socket file there is a dead process's: it is replaced.
+pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
+    let path = dir.join(SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    let ino = inode(&path);
+    std::thread::Builder::new()
+        .name("upgrade".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("upgrade socket: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                match hand_over(stream, &src) {
+                    Ok(true) => {
+                        src.done.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        src.metrics.upgrades_failed.fetch_add(1, Ordering::Relaxed);
+                        error!("upgrade: {e}");
+                        if src.done.load(Ordering::SeqCst) {
+                            return;
+                        }
+                    }
+                }
+            }
+        })?;
+    Ok(Serving { path, ino })
+}
+
+/// One upgrade attempt. `Ok(false)`: refused before anything moved (this process serves on);
+/// `Ok(true)`: handed over, the new process serves.
+fn hand_over(stream: UnixStream, src: &Source) -> io::Result<bool> {
+    let mut ch = Channel::new(stream, Duration::from_secs(30))?;
+    let (hello, _) = ch.recv()?;
+    let (version, pid, shards) = match decode(&hello)? {
+        Msg::Hello {
+            version,
+            pid,
+            shards,
+        } => (version, pid, shards),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected HELLO on the upgrade socket, got {other:?}"),
+            ))
+        }
+    };
+    let refuse = |ch: &mut Channel, why: String| -> io::Result<bool> {
+        warn!(new_pid = pid, "upgrade refused: {why}; serving on");
+        src.metrics.upgrades_refused.fetch_add(1, Ordering::Relaxed);
+        ch.send(&Msg::Refuse(&why))?;
+        Ok(false)
+    };
+    if version != VERSION {
+        return refuse(
+            &mut ch,
+            format!(
+                "hand-off format {version}; the running clawtermd (pid {}) speaks {VERSION}",
+                std::process::id()
+            ),
+        );
+    }
+    if shards as usize != src.shards {
+        return refuse(
+            &mut ch,
+            format!(
+                "the running clawtermd (pid {}) has {} shards and hands each one's listener and sessions to the same shard: start the new one with --shards {}",
+                std::process::id(),
+                src.shards,
+                src.shards
+            ),
+        );
+    }
+    let started = Instant::now();
+    info!(new_pid = pid, "upgrade: handing over to the new clawtermd");
+    let sockets = (src.sockets)()?;
+    let lock = src.lock.try_clone()?;
+    let mut fds: Vec<OwnedFd> = vec![lock];
+    let (tcp, udp) = (sockets.tcp.len() as u16, sockets.udp.len() as u16);
+    fds.extend(sockets.tcp);
+    fds.extend(sockets.udp);
+    ch.send_with_fds(
+        &Msg::Accept {
+            version: VERSION,
+            shards,
+            tcp,
+            udp,
+            udp_steered: sockets.udp_steered,
+        },
+        &fds,
+    )?;
+    drop(fds);
+    // Freeze every shard and collect what it hands over.
+    let (tx, rx) = crossbeam_channel::unbounded::<ShardExport>();
+    for i in 0..src.shards {
+        src.remote.send(i, ShardMsg::Export(tx.clone()));
+    }
+    drop(tx);
+    let frozen_at = Instant::now();
+    let (mut sessions, mut conns, mut links, mut kept) = (0u32, 0u32, 0u32, 0usize);
+    for _ in 0..src.shards {
+        let x = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a shard did not hand over within 10 s; its sessions are in the state dir",
+            )
+        })?;
+        let shard = x.shard as u16;
+        kept += x.kept;
+        for record in &x.sessions {
+            ch.queue(&Msg::Session { shard, record })?;
+            sessions += 1;
+        }
+        for c in &x.conns {
+            ch.send_with_fds(
+                &Msg::Conn {
+                    shard,
+                    sid: c.sid,
+                    peer: &c.peer,
+                    unread: &c.unread,
+                    unsent: &c.unsent,
+                },
+                &[c.fd.as_fd()],
+            )?;
+            conns += 1;
+        }
+        for l in &x.links {
+            ch.send_with_fds(
+                &Msg::Link {
+                    shard,
+                    tenant: l.key.0,
+                    agent: l.key.1,
+                    hello_seen: l.hello_seen,
+                    unread: &l.unread,
+                    unsent: &l.unsent,
+                },
+                &[l.fd.as_fd()],
+            )?;
+            links += 1;
+        }
+    }
+    ch.send(&Msg::Done {
+        sessions,
+        conns,
+        links,
+    })?;
+    let handed = frozen_at.elapsed();
+    let (answer, _) = ch.recv()?;
+    match decode(&answer)? {
+        Msg::Ready => {}
+        Msg::Failed(why) => {
+            return Err(io::Error::other(format!(
+                "the new clawtermd (pid {pid}) failed after the hand-over: {why}; the sessions are in the state dir: start clawtermd on it again"
+            )))
+        }
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected READY, got {other:?}"),
+            ))
+        }
+    }
+    for i in 0..src.shards {
+        src.remote.send(i, ShardMsg::Release);
+    }
+    let m = &src.metrics;
+    m.upgrades_completed.fetch_add(1, Ordering::Relaxed);
+    m.note_upgrade(
+        sessions as u64,
+        conns as u64,
+        links as u64,
+        ch.sent,
+        started.elapsed(),
+    );
+    info!(
+        new_pid = pid,
+        sessions,
+        connections = conns,
+        links,
+        reconnecting = kept,
+        bytes = ch.sent,
+        frozen_ms = handed.as_millis() as u64,
+        took_ms = started.elapsed().as_millis() as u64,
+        "upgrade: handed over; exiting"
+    );
+    Ok(true)
+}
