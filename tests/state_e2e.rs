@@ -399,3 +399,120 @@ fn an_upgrade_of_another_hand_off_version_is_refused_and_the_old_serves_on() {
     c2.send_data(b"and new ones");
     assert_eq!(c2.recv().payload, b"and new ones");
 }
+
+/// A TLS `clawtermd` on `state` (2 shards, epoll), with `extra` arguments.
+fn tls_server(
+    dir: &TempDir,
+    state: &Path,
+    cert: &Path,
+    key: &Path,
+    tokens: &Path,
+    extra: &[&str],
+) -> (harness::Proc, harness::Lines, std::net::SocketAddr) {
+    let mut cmd = harness::clawtermd();
+    cmd.args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--shards",
+        "2",
+        "--io",
+        "epoll",
+    ])
+    .args(["--admin", "off", "--no-quic"])
+    .arg("--tls-cert")
+    .arg(cert)
+    .arg("--tls-key")
+    .arg(key)
+    .arg("--tokens")
+    .arg(tokens)
+    .arg("--socket-dir")
+    .arg(dir.sock())
+    .arg("--state-dir")
+    .arg(state)
+    .args(extra)
+    .env("RUST_LOG", "info");
+    let (child, lines, line) = harness::start_server(&mut cmd, "clawtermd");
+    (
+        harness::Proc(child),
+        lines,
+        harness::tcp_addr(&line).unwrap(),
+    )
+}
+
+/// A TLS connection cannot move to the new process: the old one closes it once its session
+/// has moved, and the client library reconnects at once (no backoff wait: the first retry is
+/// immediate after a clean close of a healthy connection) and RESUMEs there — once — with
+/// nothing lost or repeated.
+#[test]
+fn tls_clients_reconnect_once_and_at_once_across_a_live_upgrade() {
+    use clawterm_client::{Event, Options, Session, Transport};
+    let dir = TempDir::with_sock("upgrade-tls");
+    let state = dir.0.join("state");
+    let certdir = dir.0.join("cert");
+    std::fs::create_dir_all(&certdir).unwrap();
+    let (cert, key, fingerprint) = clawterm::server::tls::self_signed(&certdir).unwrap();
+    let token = [0xAB; 32];
+    let tokens = dir.0.join("tokens");
+    std::fs::write(&tokens, format!("{TENANT} {}\n", harness::hex(&token))).unwrap();
+    let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let (mut old, _old_log, addr) = tls_server(&dir, &state, &cert, &key, &tokens, &[]);
+    let pin = clawterm_client::transport::parse_pin(&fingerprint).unwrap();
+    let opts = Options {
+        transport: Transport::tls_pin(pin),
+        ..Options::default()
+    };
+    let mut s = Session::connect_with(&addr.to_string(), TENANT, AGENT, token, opts).unwrap();
+    s.send(b"before;").unwrap();
+    let recv_until = |s: &mut Session, want: &[u8], evs: &mut Vec<Event>| {
+        let mut data = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !data.ends_with(want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "got {data:?}, events {evs:?}"
+            );
+            match s.recv(Duration::from_millis(100)).unwrap() {
+                Some(Event::Data(d)) => data.extend_from_slice(&d),
+                Some(e) => evs.push(e),
+                None => {}
+            }
+        }
+        data
+    };
+    let mut evs = Vec::new();
+    assert_eq!(recv_until(&mut s, b"before;", &mut evs), b"before;");
+    std::thread::sleep(Duration::from_millis(1100)); // a healthy connection
+    let (_new, new_log, new_addr) = tls_server(&dir, &state, &cert, &key, &tokens, &["--upgrade"]);
+    assert_eq!(new_addr, addr);
+    let exited = wait_timeout(&mut old.0, Duration::from_secs(10)).expect("the old one exits");
+    assert!(exited.success());
+    s.send(b"after;").unwrap();
+    let data = recv_until(&mut s, b"after;", &mut evs);
+    assert_eq!(data, b"after;", "nothing lost, nothing repeated");
+    let downs: Vec<&Event> = evs
+        .iter()
+        .filter(|e| matches!(e, Event::Disconnected { .. }))
+        .collect();
+    assert_eq!(downs.len(), 1, "reconnected once: {evs:?}");
+    assert!(
+        matches!(downs[0], Event::Disconnected { retry_in, .. } if retry_in.is_zero()),
+        "the reconnect was not immediate: {evs:?}"
+    );
+    assert_eq!(
+        evs.iter()
+            .filter(|e| matches!(e, Event::Reconnected { .. }))
+            .count(),
+        1,
+        "{evs:?}"
+    );
+    assert!(
+        new_log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("upgrade: took over")),
+        "no hand-over in the new log"
+    );
+}

@@ -228,6 +228,9 @@ pub struct Session {
     backoff: Backoff,
     /// When the last reconnect attempt started ([`Session::retry_now`] waits a second after).
     last_attempt: Option<Instant>,
+    /// When the current connection came up (a clean close after a while of it is the server
+    /// going away — restart, live upgrade — and is answered with an immediate reconnect).
+    up_since: Option<Instant>,
     link: Link,
     wbuf: Vec<u8>,
     events: VecDeque<Event>,
@@ -332,6 +335,7 @@ impl Session {
             tls,
             backoff: opts.backoff.clone(),
             last_attempt: None,
+            up_since: None,
             opts,
             link: Link::Closed,
             wbuf: Vec::new(),
@@ -401,6 +405,7 @@ impl Session {
     /// The handshake is done: the connection carries the session from now on.
     fn attached(&mut self, conn: Conn) {
         self.link = Link::Up(conn);
+        self.up_since = Some(Instant::now());
         self.last_seen = unix_now();
         self.flush();
     }
@@ -550,8 +555,29 @@ impl Session {
         }
     }
 
+    /// The server closed a connection that had been up a while, without ERROR or DISCONNECT:
+    /// it is going away (a restart, a live upgrade handing its sessions to a new process), and
+    /// the session is resumable at once, so the first reconnect starts now rather than after a
+    /// backoff wait. A connection closed within a second of coming up is an ordinary loss
+    /// (backoff), so a server that keeps closing cannot make this a tight loop.
+    fn closed_by_server(&mut self, reason: String) {
+        let healthy = self
+            .up_since
+            .is_some_and(|t| t.elapsed() >= Duration::from_secs(1));
+        self.lost(reason);
+        if healthy && self.opts.auto_reconnect {
+            if let Link::Down { retry_at, .. } = &mut self.link {
+                *retry_at = Instant::now();
+            }
+            if let Some(Event::Disconnected { retry_in, .. }) = self.events.back_mut() {
+                *retry_in = Duration::ZERO;
+            }
+        }
+    }
+
     /// The connection is gone: schedule a reconnect.
     fn lost(&mut self, reason: String) {
+        self.up_since = None;
         self.core.connection_lost();
         self.wbuf.clear();
         if matches!(self.link, Link::Closed) && self.fatal.is_some() {
@@ -646,10 +672,12 @@ impl Session {
             Link::Up(stream) => {
                 let mut buf = [0u8; 64 * 1024];
                 let mut failure = None;
+                let mut orderly = false;
                 loop {
                     match stream.read(&mut buf) {
                         Ok(0) => {
                             failure = Some("the server closed the connection".to_string());
+                            orderly = true;
                             break;
                         }
                         Ok(n) => {
@@ -678,7 +706,11 @@ impl Session {
                     return;
                 }
                 if let Some(f) = failure {
-                    self.lost(f);
+                    if orderly {
+                        self.closed_by_server(f);
+                    } else {
+                        self.lost(f);
+                    }
                     return;
                 }
                 let now = self.now_ms();
