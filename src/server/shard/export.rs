@@ -195,9 +195,12 @@ impl ShardHandler {
 
     /// The new process serves: what could not move is closed (its clients RESUME there).
     pub(super) fn release_kept(&mut self, ctx: &mut impl Context<ShardMsg>) {
+        // Closed at once: they carry nothing any more (their sessions moved), and this process
+        // is about to exit, so there is no point in lingering for each client's EOF.
         let conns: Vec<Client> = self.clients.conns.keys().copied().collect();
         for c in conns {
-            self.drop_conn(ctx, c, true);
+            self.drop_conn(ctx, c, false);
+            self.clients.abort(ctx, c);
         }
         if let Some(q) = self.clients.quic.as_mut() {
             q.close_all(ctx.now());
