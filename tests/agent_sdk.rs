@@ -158,7 +158,13 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(dir: &Path, mode: &[&str]) -> AgentProc {
-        let mut child = agent_cmd(dir, mode)
+        AgentProc::start_with(dir, &[], mode)
+    }
+
+    /// With `opts` before the mode (e.g. `--daemon-grace 0`).
+    fn start_with(dir: &Path, opts: &[&str], mode: &[&str]) -> AgentProc {
+        let args: Vec<&str> = opts.iter().chain(mode).copied().collect();
+        let mut child = agent_cmd(dir, &args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -804,11 +810,17 @@ fn read_pids(l: &mut Link, sid: u32, n: usize) -> Vec<i32> {
         .collect()
 }
 
+/// Link loss with `--daemon-grace 0` (the default keeps the session for a restarted daemon's
+/// REOPEN: see `clawterm_agent`'s own tests).
 #[test]
 fn exec_close_and_link_loss_kill_the_process_group() {
     // The shell prints its pid and its background child's pid, then waits.
     let script = "sleep 1000 & echo $$; echo $!; wait";
-    let a = AgentProc::start(&temp_dir("kill"), &["exec", "--", "sh", "-c", script]);
+    let a = AgentProc::start_with(
+        &temp_dir("kill"),
+        &["--daemon-grace", "0"],
+        &["exec", "--", "sh", "-c", script],
+    );
     let mut l = Link::connect(&a.path);
     l.open(1);
     let pids = read_pids(&mut l, 1, 2);

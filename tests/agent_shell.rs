@@ -30,14 +30,16 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// `claw-agent -s SOCK --tenant 1 --agent 7 shell --shell SHELL` with a predictable login
+/// `claw-agent -s SOCK --tenant 1 --agent 7 OPTS shell --shell SHELL` with a predictable login
 /// shell (HOME `home`, no user profile, no $ENV file, the default TERM); returns the child and
 /// the first line it prints (empty if none within [`TIMEOUT`]).
-fn spawn_shell_agent(sock: &Path, shell: &Path, home: &Path) -> (Child, String) {
+fn spawn_shell_agent(sock: &Path, shell: &Path, home: &Path, opts: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_claw-agent"))
         .arg("-s")
         .arg(sock)
-        .args(["--tenant", "1", "--agent", "7", "shell", "--shell"])
+        .args(["--tenant", "1", "--agent", "7"])
+        .args(opts)
+        .args(["shell", "--shell"])
         .arg(shell)
         .env("RUST_LOG", "warn")
         .env("HOME", home)
@@ -61,10 +63,15 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(name: &str) -> AgentProc {
+        AgentProc::start_with(name, &[])
+    }
+
+    /// With `opts` before the mode (e.g. `--daemon-grace 0`).
+    fn start_with(name: &str, opts: &[&str]) -> AgentProc {
         let dir = temp_dir(name);
         let home = dir.join("home");
         std::fs::create_dir_all(&home).expect("create HOME");
-        let (child, line) = spawn_shell_agent(&dir.join("sock"), Path::new("/bin/sh"), &home);
+        let (child, line) = spawn_shell_agent(&dir.join("sock"), Path::new("/bin/sh"), &home, opts);
         let path = dir.join("sock").join("1_7");
         let agent = AgentProc { child, dir, path };
         assert_eq!(
@@ -615,9 +622,11 @@ fn close_from_the_daemon_kills_the_shell_and_its_jobs() {
     d.run(2, "echo alive-$((9*9))", "alive-81");
 }
 
+/// With `--daemon-grace 0` (the default keeps them for a restarted daemon's REOPEN: see
+/// `clawterm_agent`'s own tests).
 #[test]
 fn link_loss_kills_every_shell_of_the_link() {
-    let a = AgentProc::start("linkloss");
+    let a = AgentProc::start_with("linkloss", &["--daemon-grace", "0"]);
     let mut d = Daemon::connect(&a.path);
     d.open(1);
     d.open(2);
@@ -675,7 +684,7 @@ fn two_sessions_are_independent() {
 #[test]
 fn missing_shell_closes_the_session_with_an_error() {
     let dir = temp_dir("missing");
-    let (mut child, line) = spawn_shell_agent(&dir, &dir.join("no-such-shell"), &dir);
+    let (mut child, line) = spawn_shell_agent(&dir, &dir.join("no-such-shell"), &dir, &[]);
     assert!(line.contains("(mode shell)"), "{line:?}");
     let mut d = Daemon::connect(&dir.join("1_7"));
     d.open(1);

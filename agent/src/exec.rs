@@ -8,9 +8,13 @@
 //! stdin, one pipe for its stdout and stderr (so their output keeps the order it was written
 //! in), and a pidfd. The standard library starts the process with `posix_spawn` (no `pre_exec`
 //! hook), so the agent is not forked.
+//!
+//! Like a shell session, an `exec` session outlives a link that ends without a CLOSE for it
+//! for the listener's daemon grace: its pipe is not read meanwhile (the process blocks once it
+//! is full), and a REOPEN continues it, same process, output in order.
 
 use super::ptyloop::{Io, LoopSessions, NewSession};
-use super::{input_queue, Agent, CloseReason, OpenInfo, Outbox, SessionId};
+use super::{input_queue, Agent, CloseReason, OpenInfo, Orphan, Outbox, SessionId};
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
@@ -104,6 +108,29 @@ impl Agent for ExecAgent {
     fn close(&mut self, s: SessionId, _reason: CloseReason, _out: &Outbox) {
         self.procs.end(s);
         self.procs.forget_finished();
+    }
+
+    fn orphan(&mut self, s: SessionId) -> Option<Orphan> {
+        self.procs.orphan(s)
+    }
+
+    fn rebind(&mut self, s: SessionId, info: &OpenInfo, orphan: Orphan, out: &Outbox) {
+        self.procs.forget_finished();
+        self.procs.end(s);
+        match self.procs.rebind(s, orphan, out) {
+            Ok(true) => tracing::debug!(session = s, "exec: re-bound to a new link"),
+            Ok(false) => {
+                tracing::debug!(
+                    session = s,
+                    "exec: the kept session is gone; starting afresh"
+                );
+                self.open(s, info, out);
+            }
+            Err(e) => {
+                tracing::warn!(session = s, error = %e, "exec: cannot re-bind the session");
+                let _ = out.close(s, CloseReason::Error);
+            }
+        }
     }
 
     fn link_closed(&mut self, _out: &Outbox) {
@@ -218,5 +245,85 @@ mod tests {
         );
         assert!(d.closed.is_empty(), "CLOSE for a daemon-closed session");
         d.end();
+    }
+
+    /// The daemon goes away while the process waits, with 200 KB of input sent to it and not
+    /// yet read (more than its stdin pipe holds); it then writes more than its output pipe
+    /// holds, with no link to read it (it blocks); a new link's REOPEN gets all of it once, in
+    /// order, the process reads every byte of the input, and talks to the new link.
+    #[test]
+    fn an_exec_session_outlives_its_link_with_its_output_and_its_unwritten_input() {
+        let _g = serial();
+        let dir =
+            std::env::temp_dir().join(format!("claw-agent-exec-grace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (go, mid) = (dir.join("go"), dir.join("mid"));
+        let script = format!(
+            "echo pid=$$ ready; while [ ! -e {go} ]; do sleep 0.05; done; seq 1 20000; : > {mid}; \
+             head -c 200000 | wc -c; while read l; do echo got-$l-$$; done",
+            go = go.display(),
+            mid = mid.display()
+        );
+        let pod = Pod::start(Duration::from_secs(60), move || sh(&script));
+        let mut d = pod.connect();
+        d.open(1);
+        let text = d.wait_for_from(1, 0, "ready");
+        let pid = number_after(&text, "pid=").expect("the pid");
+        d.input(1, &"x".repeat(200_000));
+        d.drop_link();
+        pod.wait_orphans(1);
+        assert!(alive(pid));
+        std::fs::write(&go, b"").unwrap();
+        // The process blocks on its full output pipe: it can't get to `mid` while orphaned.
+        let mut d = pod.connect();
+        d.reopen(1);
+        d.wait_for(1, "200000");
+        assert!(mid.exists());
+        let text = d.text(1);
+        assert!(!text.contains("ready"), "{text:?}");
+        let want: Vec<u32> = (1..=20000).chain([200_000]).collect();
+        assert!(
+            numbers(&text) == want,
+            "every line once, in order, then all the input"
+        );
+        d.input(1, "hello\n");
+        d.wait_for(1, &format!("got-hello-{pid}"));
+        d.send(1, &Msg::Close(CloseReason::ClientDisconnect));
+        wait_dead(pid);
+        d.drop_link();
+        pod.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A process that exits while orphaned: its output and the CLOSE come on the new link.
+    #[test]
+    fn an_exec_session_that_ended_while_orphaned_closes_on_the_new_link_after_its_output() {
+        let _g = serial();
+        let dir = std::env::temp_dir().join(format!("claw-agent-exec-exit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let go = dir.join("go");
+        let script = format!(
+            "echo ready; while [ ! -e {go} ]; do sleep 0.05; done; echo bye-$((20+3))",
+            go = go.display()
+        );
+        let pod = Pod::start(Duration::from_secs(60), move || sh(&script));
+        let mut d = pod.connect();
+        d.open(1);
+        d.wait_for(1, "ready");
+        d.drop_link();
+        pod.wait_orphans(1);
+        std::fs::write(&go, b"").unwrap();
+        // The loop that keeps it reaps it; nothing is sent (there is no link).
+        wait_until("the process has exited", || {
+            loop_threads_ptys_pidfds().2 == 0
+        });
+        let mut d = pod.connect();
+        d.reopen(1);
+        assert_eq!(d.wait_close(1), CloseReason::Normal);
+        assert_eq!(d.text(1), "bye-23\n");
+        assert_eq!(d.after_close, 0);
+        d.drop_link();
+        pod.stop();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -17,13 +17,18 @@
 //!   feeds input to something slower uses [`input_queue`] ([`Outbox::pause_input`] by hand);
 //! * the link thread never blocks on the socket's write side: output goes through a per-link
 //!   writer thread, so a daemon that is busy writing to us cannot dead-lock the link;
-//! * malformed input closes the link with a warning, never a panic.
+//! * malformed input closes the link with a warning, never a panic;
+//! * sessions outlive the daemon: when a link ends without a CLOSE for a session, an agent that
+//!   hands the session's state over ([`Agent::orphan`]) gets it back on the link that REOPENs
+//!   it within the listener's daemon grace ([`Agent::rebind`], [`AgentListener::daemon_grace`]),
+//!   with the DATA the SDK was holding for it sent first.
 //!
 //! The agents `claw-agent` runs are here too, ready to serve or to wrap: [`EchoAgent`],
 //! [`ExecAgent`] (one process per session on pipes) and [`ShellAgent`] (a login shell in a PTY
 //! per session, started with `posix_spawn`). Both serve all the sessions of a link from one
 //! event-loop thread, at 2 (shell) or 3 (exec) descriptors and no thread per session — see
-//! `docs/POD-LINK.md`, "How `shell` and `exec` run their sessions".
+//! `docs/POD-LINK.md`, "How `shell` and `exec` run their sessions". All three keep their
+//! sessions across a daemon restart (POD-LINK.md §7).
 //!
 //! ```no_run
 //! use clawterm_agent::{Agent, AgentListener, Outbox, SessionId};
@@ -45,6 +50,7 @@ mod exec;
 mod input;
 mod link;
 mod listener;
+mod orphans;
 pub mod pty;
 mod ptyloop;
 mod shell;
@@ -57,6 +63,7 @@ pub use exec::ExecAgent;
 pub use input::{input_queue, InputReceiver, InputSender, INPUT_HARD_LIMIT, INPUT_HIGH, INPUT_LOW};
 pub use link::{serve_link, Outbox, HELD_INPUT_PAUSE};
 pub use listener::AgentListener;
+pub use orphans::{Orphan, DEFAULT_DAEMON_GRACE};
 pub use shell::{shell_path, ShellAgent};
 pub use signal::stop_on_signals;
 
@@ -83,7 +90,9 @@ pub struct OpenInfo {
     /// The client's address (e.g. `127.0.0.1:50000`).
     pub peer: String,
     /// `true` for REOPEN: an existing session re-bound to this pod (the pod or the daemon
-    /// restarted, or the session roamed in). Its earlier state on this pod, if any, is gone.
+    /// restarted, or the session roamed in). [`Agent::open`] with `reopen` set means this pod
+    /// holds nothing of the session (it restarted, or the daemon grace ran out): start it
+    /// afresh. A session the pod kept as an [`Orphan`] goes to [`Agent::rebind`] instead.
     pub reopen: bool,
 }
 
@@ -91,12 +100,23 @@ pub struct OpenInfo {
 /// [`AgentListener::serve`]) and calls it, from the link's own thread, for every session of
 /// that link. Only [`Agent::data`] is required.
 ///
-/// Calls for a session arrive between its `open` and its `close` (or `link_closed`); events
-/// for unknown or already-closed sessions are dropped by the SDK. Don't block for long in
-/// these methods: the whole link waits (hand slow work to a thread and reply via a clone of
-/// the [`Outbox`]).
+/// Calls for a session arrive between its `open` (or `rebind`) and its `close` (or `orphan`,
+/// or `link_closed`); events for unknown or already-closed sessions are dropped by the SDK.
+/// Don't block for long in these methods: the whole link waits (hand slow work to a thread and
+/// reply via a clone of the [`Outbox`]).
+///
+/// **Daemon restarts.** When a link ends while sessions are open on it (the daemon exited or
+/// crashed without closing them) and the listener has a daemon grace
+/// ([`AgentListener::daemon_grace`], 60 s by default), the SDK calls [`Agent::orphan`] for
+/// each of them before [`Agent::link_closed`]. A session whose state the agent returns lives on
+/// without a link; a REOPEN of its SESSION_ID on any link of the listener within the grace
+/// continues it with [`Agent::rebind`] (on that link's handler, which may be another one); an
+/// OPEN of it, or the end of the grace, drops the [`Orphan`], which ends it. The default
+/// `orphan` keeps nothing: the session ends with the link, as `link_closed` says. See
+/// `docs/POD-LINK.md` §7.
 pub trait Agent {
-    /// A session was opened (OPEN) or re-bound to this pod (REOPEN, `info.reopen`).
+    /// A session was opened (OPEN) or re-bound to this pod (REOPEN, `info.reopen`) with
+    /// nothing of it kept here: start it.
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
         let _ = (s, info, out);
     }
@@ -127,8 +147,31 @@ pub trait Agent {
     fn close(&mut self, s: SessionId, reason: CloseReason, out: &Outbox) {
         let _ = (s, reason, out);
     }
+    /// The link ended (EOF, error or protocol error) while `s` was open: the daemon went away
+    /// without closing it. Called, only when the listener has a daemon grace, for each such
+    /// session before [`Agent::link_closed`]; the link is already closed (nothing can be sent).
+    ///
+    /// Return the session's state as an [`Orphan`] to keep the session for a REOPEN (stop
+    /// forgetting it here: no further call for `s` comes to this handler). Keep its output
+    /// meanwhile without losing it and without unbounded memory: stop reading the program
+    /// (its pipe or terminal then blocks it) or buffer a bounded amount. `None` (the default)
+    /// ends the session with the link.
+    fn orphan(&mut self, s: SessionId) -> Option<Orphan> {
+        let _ = s;
+        None
+    }
+    /// A REOPEN for `s`, which this listener kept as an orphan (returned by [`Agent::orphan`],
+    /// perhaps of another handler): continue it on this link, with the same program. Take the
+    /// state back with [`Orphan::downcast`]; send what the program produced meanwhile (it
+    /// follows, in order, the output the SDK held for the session, which it sends first). The
+    /// default ends the orphan and calls [`Agent::open`] (a fresh session).
+    fn rebind(&mut self, s: SessionId, info: &OpenInfo, orphan: Orphan, out: &Outbox) {
+        drop(orphan);
+        self.open(s, info, out);
+    }
     /// The link is gone (EOF, error, protocol error or the server stopping): every session
-    /// still open on it is gone too. Last call on this handler.
+    /// still open on it, except those handed over by [`Agent::orphan`], is gone too. Last call
+    /// on this handler.
     fn link_closed(&mut self, out: &Outbox) {
         let _ = out;
     }

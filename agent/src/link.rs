@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::orphans::Orphans;
 use super::{Agent, OpenInfo, SessionId, AGENT_NAME};
 use clawterm_core::podlink::codec::VERSION;
 use clawterm_core::podlink::{decode, encode, CloseReason, Decoded, Msg, MAX_BODY};
@@ -462,16 +463,20 @@ enum End {
 /// and return `Err` of kind `InvalidData`; EOF returns `Ok(())`.
 ///
 /// [`AgentListener::serve`](super::AgentListener::serve) runs this on one thread per link; use
-/// it directly for a custom accept loop or a test over `UnixStream::pair()`.
+/// it directly for a custom accept loop or a test over `UnixStream::pair()`. A link served this
+/// way has no daemon grace: its sessions end with it ([`Agent::orphan`] is not called).
 pub fn serve_link<A: Agent>(stream: UnixStream, agent: A) -> io::Result<()> {
-    serve_link_with(stream, move || agent)
+    serve_link_with(stream, move || agent, None)
 }
 
 /// [`serve_link`], making the handler only once the daemon's HELLO has arrived (a connection
-/// that never completes the handshake costs no handler and gets no `link_closed`).
+/// that never completes the handshake costs no handler and gets no `link_closed`). With
+/// `orphans`, the sessions left open when the link ends are handed to it (if the handler
+/// keeps them), and a REOPEN re-binds one kept there.
 pub(crate) fn serve_link_with<A: Agent>(
     stream: UnixStream,
     make: impl FnOnce() -> A,
+    orphans: Option<&Orphans>,
 ) -> io::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
@@ -508,17 +513,35 @@ pub(crate) fn serve_link_with<A: Agent>(
     let _ = shared.to_writer(hello);
 
     let mut agent = None;
-    let end = read_loop(&stream, make, &mut agent, &out);
+    let end = read_loop(&stream, make, &mut agent, &out, orphans);
+    // The sessions the daemon did not close, with the DATA held for them, for the daemon
+    // grace (none when the listener is stopping).
+    let mut left_open: Vec<(SessionId, Vec<Vec<u8>>)> = Vec::new();
     {
         // A dispatch cut short by a protocol error: what it collected still goes out first.
         let mut st = shared.lock();
         st.batching = None;
         let _ = shared.batch_to_writer(&mut st);
+        if agent.is_some() && orphans.is_some_and(|o| o.accepting()) {
+            left_open = st
+                .sessions
+                .iter_mut()
+                .filter(|(_, x)| !x.closing)
+                .map(|(s, x)| (*s, std::mem::take(&mut x.held)))
+                .collect();
+        }
     }
 
     shared.mark_link_closed();
     let _ = shared.tx.send(WriterCmd::Stop);
     if let Some(agent) = agent.as_mut() {
+        if let Some(orphans) = orphans {
+            for (s, held) in left_open {
+                if let Some(o) = agent.orphan(s) {
+                    orphans.keep(s, o, held);
+                }
+            }
+        }
         agent.link_closed(&out);
     }
     if matches!(end, End::Protocol(_)) {
@@ -548,6 +571,7 @@ fn read_loop<A: Agent>(
     make: impl FnOnce() -> A,
     slot: &mut Option<A>,
     out: &Outbox,
+    orphans: Option<&Orphans>,
 ) -> End {
     let mut make = Some(make);
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -600,7 +624,7 @@ fn read_loop<A: Agent>(
                         continue;
                     }
                     if let Some(agent) = slot.as_mut() {
-                        dispatch(agent, out, session_id, msg);
+                        dispatch(agent, out, session_id, msg, orphans);
                     }
                 }
                 Err(e) => return End::Protocol(e.to_string()),
@@ -637,7 +661,13 @@ fn read_loop<A: Agent>(
     }
 }
 
-fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
+fn dispatch<A: Agent>(
+    agent: &mut A,
+    out: &Outbox,
+    s: SessionId,
+    msg: Msg<'_>,
+    orphans: Option<&Orphans>,
+) {
     let shared = &out.shared;
     // `live`: opened, and not closed by us (a CLOSE held while paused counts as closed).
     let live = |st: &State| st.sessions.get(&s).is_some_and(|x| !x.closing);
@@ -662,7 +692,33 @@ fn dispatch<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, msg: Msg<'_>) {
                 peer: o.peer.to_owned(),
                 reopen,
             };
-            agent.open(s, &info, out);
+            match orphans.and_then(|r| r.take(s)) {
+                Some(kept) if reopen => {
+                    tracing::info!(
+                        session = s,
+                        "REOPEN of a kept session: re-bound to this link"
+                    );
+                    {
+                        // What the old link held for it goes first.
+                        let mut st = shared.lock();
+                        for m in kept.held {
+                            let _ = shared.enqueue(&mut st, m);
+                        }
+                    }
+                    agent.rebind(s, &info, kept.orphan, out);
+                }
+                Some(kept) => {
+                    // The daemon has no state for it (it lost it): the old session ends, a
+                    // new one starts.
+                    tracing::info!(
+                        session = s,
+                        "OPEN of a kept session: ending it and opening afresh"
+                    );
+                    drop(kept);
+                    agent.open(s, &info, out);
+                }
+                None => agent.open(s, &info, out),
+            }
         }
         Msg::Data(b) => {
             if live(&shared.lock()) {

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::link::serve_link_with;
+use super::orphans::{Orphans, DEFAULT_DAEMON_GRACE};
 use super::Agent;
 
 /// How often [`AgentListener::serve`] looks at its stop flag.
@@ -18,12 +20,25 @@ const STOP_POLL_MS: i32 = 50;
 
 /// A pod's listening socket at `{dir}/{tenant}_{agent}`. The socket file is removed when the
 /// listener is dropped (if it is still ours).
-#[derive(Debug)]
+///
+/// Sessions outlive the daemon for a grace period ([`AgentListener::daemon_grace`], default
+/// [`DEFAULT_DAEMON_GRACE`]): see [`Agent`]'s "Daemon restarts".
 pub struct AgentListener {
     listener: UnixListener,
     path: PathBuf,
     /// (device, inode) of the socket file we bound, so that drop removes only our own.
     id: (u64, u64),
+    /// Sessions whose link ended without a CLOSE, kept for a REOPEN on any link.
+    orphans: Arc<Orphans>,
+}
+
+impl std::fmt::Debug for AgentListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentListener")
+            .field("path", &self.path)
+            .field("daemon_grace", &self.orphans.grace())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentListener {
@@ -70,7 +85,23 @@ impl AgentListener {
             listener,
             path,
             id: (md.dev(), md.ino()),
+            orphans: Arc::new(Orphans::new(DEFAULT_DAEMON_GRACE)),
         })
+    }
+
+    /// How long a session outlives its link when the link ends without a CLOSE for it (the
+    /// daemon exited or crashed): within it, a REOPEN of its SESSION_ID on any link of this
+    /// listener continues it ([`Agent::orphan`], [`Agent::rebind`]); after it, the session
+    /// ends. `Duration::ZERO`: sessions end with their link. Default [`DEFAULT_DAEMON_GRACE`].
+    /// Set it before [`AgentListener::serve`].
+    pub fn daemon_grace(mut self, grace: Duration) -> AgentListener {
+        self.orphans = Arc::new(Orphans::new(grace));
+        self
+    }
+
+    /// Sessions kept now for a REOPEN (their link ended without a CLOSE, the grace is not over).
+    pub fn orphaned_sessions(&self) -> usize {
+        self.orphans.len()
     }
 
     /// Something is at `path`: remove it if it is a socket nobody listens on.
@@ -121,10 +152,11 @@ impl AgentListener {
     /// Serves links until `stop` is set, each link on its own thread with a fresh handler from
     /// `factory`; the SDK does the HELLO exchange (announcing itself as `claw-agent`).
     ///
-    /// `stop` is checked at least every 100 ms. When it is set, accepting stops, every link is
-    /// shut down (each handler gets [`Agent::link_closed`]) and this returns once all link
-    /// threads have ended. Errors from `accept` that concern one connection are logged and
-    /// skipped; only an unusable listener is returned as an error.
+    /// `stop` is checked at least every 100 ms. When it is set, accepting stops, the sessions
+    /// kept for a REOPEN are ended, every link is shut down (each handler gets
+    /// [`Agent::link_closed`], its sessions end) and this returns once all link threads have
+    /// ended. Errors from `accept` that concern one connection are logged and skipped; only an
+    /// unusable listener is returned as an error.
     pub fn serve<F, A>(&self, factory: F, stop: Arc<AtomicBool>) -> io::Result<()>
     where
         F: Fn() -> A + Send + Sync + 'static,
@@ -133,6 +165,21 @@ impl AgentListener {
         let mut links: Vec<(UnixStream, JoinHandle<()>)> = Vec::new();
         let factory = Arc::new(factory);
         let mut next_link = 0u64;
+        let mut timer = None;
+        if !self.orphans.grace().is_zero() {
+            self.orphans.open();
+            let orphans = Arc::clone(&self.orphans);
+            match std::thread::Builder::new()
+                .name("claw-agent-grace".into())
+                .spawn(move || orphans.run_timer())
+            {
+                Ok(h) => timer = Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the daemon grace's timer; sessions end with their link");
+                    self.orphans.close();
+                }
+            }
+        }
         let result = loop {
             if stop.load(Ordering::SeqCst) {
                 break Ok(());
@@ -160,11 +207,12 @@ impl AgentListener {
                     next_link += 1;
                     let link = next_link;
                     let factory = Arc::clone(&factory);
+                    let orphans = Arc::clone(&self.orphans);
                     let spawned = std::thread::Builder::new()
                         .name(format!("claw-agent-link-{link}"))
                         .spawn(move || {
                             tracing::debug!(link, "pod link accepted");
-                            let _ = serve_link_with(stream, || factory());
+                            let _ = serve_link_with(stream, || factory(), Some(&orphans));
                             tracing::debug!(link, "pod link ended");
                         });
                     match spawned {
@@ -186,10 +234,15 @@ impl AgentListener {
                 }
             }
         };
+        // Stopping: the links' sessions end with them, and so do the kept ones.
+        self.orphans.close();
         for (s, _) in &links {
             let _ = s.shutdown(Shutdown::Both);
         }
         for (_, h) in links {
+            let _ = h.join();
+        }
+        if let Some(h) = timer {
             let _ = h.join();
         }
         result

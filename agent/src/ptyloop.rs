@@ -25,9 +25,23 @@
 //!
 //! Back-pressure on the link (the Outbox's queue limit) blocks this loop, i.e. every session of
 //! the link, exactly as it would block each reader thread: they all share the one socket.
+//!
+//! **Daemon restarts** (POD-LINK.md §7). When the link ends without a CLOSE for a session and
+//! the listener has a daemon grace, the session is *orphaned* ([`LoopSessions::orphan`]): its
+//! loop stops reading its output (the program blocks once its terminal or pipe is full, so
+//! nothing is lost; what was read after the link had gone, and could not be sent, is kept too)
+//! and turns the input not yet written into a carry-over. The loop keeps running past its
+//! link's end while it holds orphans, watching only their pidfds (a program that exits
+//! meanwhile is reaped; its output stays). The listener's registry holds a [`LoopOrphan`] (the
+//! loop and the session's key). A REOPEN hands the session over ([`LoopSessions::rebind`]): the
+//! new link's thread asks the old loop for it and waits for the answer (the old loop waits for
+//! nobody: its link is gone), the old loop takes its descriptors out of its epoll set and gives
+//! the session up, and the new link's loop adds it under a new key, with a new input queue that
+//! starts with the carry-over. The descriptors move; the program, its pid and its unread output
+//! stay. When the grace ends, the orphan's end is a kill, as for a CLOSE.
 
 use super::pty::{self, PtyMaster};
-use super::{InputReceiver, InputSender, Outbox, SessionId};
+use super::{input_queue, InputReceiver, InputSender, Orphan, Outbox, SessionId};
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, WaitOptions};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -90,12 +104,22 @@ enum Cmd {
     Resize(Key, u16, u16),
     Pause(Key, bool),
     Kill(Key),
+    /// The link ended without a CLOSE for the session: keep it, stop reading it.
+    Orphan(Key),
+    /// Give an orphaned session up (its descriptors leave the epoll set), for another loop.
+    Take(Key, crossbeam_channel::Sender<Option<Box<Sess>>>),
     Shutdown,
 }
 
+struct Queue {
+    cmds: Vec<Cmd>,
+    /// The loop's thread has ended: commands are dropped (a `Take`'s answer channel with them).
+    closed: bool,
+}
+
 struct Shared {
-    cmds: Mutex<Vec<Cmd>>,
-    /// Written (under `cmds`' lock) when `cmds` goes from empty to not empty.
+    queue: Mutex<Queue>,
+    /// Written (under `queue`'s lock) when `cmds` goes from empty to not empty.
     wake: OwnedFd,
     /// Sessions whose shell exited by itself and whose CLOSE was sent.
     finished: Mutex<Vec<(SessionId, Key)>>,
@@ -105,6 +129,22 @@ struct Shared {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only this module's code holds these locks, and it does not panic while holding them.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Queues `cmd` for the loop; `false` if its thread has ended.
+    fn send(&self, cmd: Cmd) -> bool {
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return false;
+        }
+        q.cmds.push(cmd);
+        if q.cmds.len() == 1 {
+            // Can't fail but for a counter overflow, which a pending wake-up makes moot.
+            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        }
+        true
+    }
 }
 
 /// The link thread's handle on the loop. Dropping it shuts the loop down (every session is
@@ -125,7 +165,10 @@ impl LoopHandle {
             epoll::EventFlags::IN,
         )?;
         let shared = Arc::new(Shared {
-            cmds: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue {
+                cmds: Vec::new(),
+                closed: false,
+            }),
             wake,
             finished: Mutex::new(Vec::new()),
             next_key: AtomicU64::new(1),
@@ -140,6 +183,7 @@ impl LoopHandle {
             hup_due: None,
             dying: VecDeque::new(),
             no_pidfd: 0,
+            orphans: 0,
             shutdown_at: None,
             buf: vec![0u8; READ_CHUNK],
         };
@@ -150,12 +194,7 @@ impl LoopHandle {
     }
 
     fn send(&self, cmd: Cmd) {
-        let mut q = lock(&self.shared.cmds);
-        q.push(cmd);
-        if q.len() == 1 {
-            // Can't fail but for a counter overflow, which a pending wake-up makes moot.
-            let _ = rustix::io::write(&self.shared.wake, &1u64.to_ne_bytes());
-        }
+        self.shared.send(cmd);
     }
 
     /// Hands a spawned shell to the loop; its key. On error the shell is killed and reaped.
@@ -212,9 +251,26 @@ impl LoopHandle {
                 drain_until: None,
                 dying: false,
                 kill_sent: false,
+                orphaned: false,
+                carry: Vec::new(),
+                unsent: Vec::new(),
             }),
         ));
         Ok(key)
+    }
+
+    /// Continues here a session taken from another loop ([`LoopOrphan::take`]), fed by
+    /// `input`; its new key.
+    fn adopt(&self, s: SessionId, mut sess: Box<Sess>, input: InputReceiver) -> Key {
+        sess.s = s;
+        sess.input = Some(input);
+        sess.paused = false;
+        sess.orphaned = false;
+        sess.registered = epoll::EventFlags::empty();
+        sess.stdin_registered = false;
+        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        self.send(Cmd::Add(key, sess));
+        key
     }
 
     /// Input was queued for `key`.
@@ -237,7 +293,7 @@ impl LoopHandle {
     }
 
     /// Sessions whose shell exited by itself (CLOSE sent) since the last call.
-    pub(crate) fn take_finished(&self) -> Vec<(SessionId, Key)> {
+    fn take_finished(&self) -> Vec<(SessionId, Key)> {
         std::mem::take(&mut *lock(&self.shared.finished))
     }
 }
@@ -313,10 +369,90 @@ impl LoopSessions {
         }
     }
 
-    /// The link is gone: every session ends with the loop.
+    /// The link ended without a CLOSE for `s`: the session is kept, unread, in the loop (which
+    /// outlives the link while it holds orphans); the returned [`Orphan`] re-binds it
+    /// ([`LoopSessions::rebind`], on any link's loop) or, dropped, ends it as a CLOSE would.
+    /// `None` if `s` does not run here (any more).
+    pub(crate) fn orphan(&mut self, s: SessionId) -> Option<Orphan> {
+        self.forget_finished();
+        let (key, _input) = self.sessions.remove(&s)?;
+        let lp = self.lp.as_ref()?;
+        if !lp.shared.send(Cmd::Orphan(key)) {
+            return None;
+        }
+        let o = LoopOrphan {
+            shared: Arc::clone(&lp.shared),
+            key,
+        };
+        Some(Orphan::new(o, LoopOrphan::end))
+    }
+
+    /// A REOPEN for `s`, kept as `orphan`: moves the session to this link's loop, where it goes
+    /// on (same program, its unread output next, its unwritten input first). `Ok(false)` if
+    /// `orphan` is not one of [`LoopSessions::orphan`]'s or its session is gone meanwhile (the
+    /// caller starts the session afresh); on error the orphan is ended.
+    pub(crate) fn rebind(
+        &mut self,
+        s: SessionId,
+        orphan: Orphan,
+        out: &Outbox,
+    ) -> io::Result<bool> {
+        let o = match orphan.downcast::<LoopOrphan>() {
+            Ok(o) => o,
+            Err(other) => {
+                other.end();
+                return Ok(false);
+            }
+        };
+        let lp = match self.start_loop(out) {
+            Ok(lp) => lp,
+            Err(e) => {
+                o.end();
+                return Err(e);
+            }
+        };
+        let Some(mut sess) = o.take() else {
+            return Ok(false);
+        };
+        let carry = std::mem::take(&mut sess.carry);
+        let (mut tx, rx) = input_queue(s, out);
+        if !carry.is_empty() {
+            tx.push(&carry);
+        }
+        let key = lp.adopt(s, sess, rx);
+        self.sessions.insert(s, (key, tx));
+        Ok(true)
+    }
+
+    /// The link is gone: every session ends with the loop (but the orphans, which the loop
+    /// keeps until they are re-bound or ended).
     pub(crate) fn link_closed(&mut self) {
         self.sessions.clear();
         self.lp = None;
+    }
+}
+
+/// An orphaned session of a loop, as the listener's registry keeps it (in an [`Orphan`]).
+struct LoopOrphan {
+    shared: Arc<Shared>,
+    key: Key,
+}
+
+impl LoopOrphan {
+    /// The grace is over (or an OPEN replaced it, or the listener stops): kill it.
+    fn end(self) {
+        self.shared.send(Cmd::Kill(self.key));
+    }
+
+    /// Takes the session out of its loop (waiting for the loop's answer); `None` if it is gone.
+    fn take(self) -> Option<Box<Sess>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if !self.shared.send(Cmd::Take(self.key, tx)) {
+            return None;
+        }
+        // The loop answers at its next turn; if its thread ends first, the channel is dropped
+        // with the queued command.
+        rx.recv().ok().flatten()
     }
 }
 
@@ -351,6 +487,14 @@ struct Sess {
     dying: bool,
     /// The SIGKILL pass for this session is done.
     kill_sent: bool,
+    /// Its link ended without a CLOSE: kept, not read, for a REOPEN (see the module's
+    /// documentation). Cleared by a kill.
+    orphaned: bool,
+    /// Input received on the old link and not yet written (orphaned): goes first on the next.
+    carry: Vec<u8>,
+    /// Output read after the link had gone (before the session was orphaned): sent first on
+    /// the next link.
+    unsent: Vec<u8>,
 }
 
 impl Sess {
@@ -397,6 +541,10 @@ struct Loop {
     dying: VecDeque<(Instant, Key)>,
     /// Sessions without a pidfd and not yet reaped.
     no_pidfd: usize,
+    /// Orphaned sessions (not killed).
+    orphans: usize,
+    /// The link is gone (the time, or that of the last kill since): the loop ends once it has
+    /// no session left, or, holding no orphan, [`SHUTDOWN_LIMIT`] after this.
     shutdown_at: Option<Instant>,
     buf: Vec<u8>,
 }
@@ -423,7 +571,7 @@ impl Loop {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "shell: epoll_wait failed; hanging every session up");
-                    self.kill_all();
+                    self.kill_all(true);
                     self.reap_all_blocking();
                     return;
                 }
@@ -459,7 +607,7 @@ impl Loop {
                 if self.sessions.is_empty() {
                     return;
                 }
-                if t.elapsed() > SHUTDOWN_LIMIT {
+                if self.orphans == 0 && t.elapsed() > SHUTDOWN_LIMIT {
                     tracing::warn!(
                         left = self.sessions.len(),
                         "shell: shells of a closed link not reaped in time; leaving them"
@@ -484,14 +632,19 @@ impl Loop {
         if let Some((t, _)) = self.dying.front() {
             at(*t + KILL_BATCH);
         }
-        if self.no_pidfd > 0 || self.shutdown_at.is_some() {
+        if self.no_pidfd > 0 || self.reaping() {
             at(Instant::now() + NO_PIDFD_TICK);
         }
         d
     }
 
+    /// The link is gone and sessions other than orphans are left (to be reaped).
+    fn reaping(&self) -> bool {
+        self.shutdown_at.is_some() && self.sessions.len() > self.orphans
+    }
+
     fn run_commands(&mut self) {
-        let cmds = std::mem::take(&mut *lock(&self.shared.cmds));
+        let cmds = std::mem::take(&mut lock(&self.shared.queue).cmds);
         for cmd in cmds {
             match cmd {
                 Cmd::Add(key, sess) => self.add(key, *sess),
@@ -523,15 +676,29 @@ impl Loop {
                     self.update_interest(key);
                 }
                 Cmd::Kill(key) => self.kill(key),
+                Cmd::Orphan(key) => self.orphan(key),
+                Cmd::Take(key, answer) => {
+                    let _ = answer.send(self.take(key));
+                }
                 Cmd::Shutdown => {
                     self.shutdown_at.get_or_insert_with(Instant::now);
-                    self.kill_all();
+                    self.kill_all(false);
                 }
             }
         }
     }
 
-    fn add(&mut self, key: Key, sess: Sess) {
+    /// A new session, or one re-bound from another loop ([`LoopHandle::adopt`]), which may have
+    /// exited meanwhile (reaped, its output still unread).
+    fn add(&mut self, key: Key, mut sess: Sess) {
+        if !sess.unsent.is_empty() {
+            // Read from the program after its old link had gone: before anything read now.
+            if self.out.data(sess.s, &sess.unsent).is_ok() {
+                sess.unsent = Vec::new();
+            } else {
+                sess.paused = true;
+            }
+        }
         if let Some(fd) = &sess.pidfd {
             if let Err(e) = epoll::add(
                 &self.ep,
@@ -541,14 +708,99 @@ impl Loop {
             ) {
                 tracing::warn!(session = sess.s, error = %e, "shell: cannot watch the shell's pidfd");
             }
-        } else {
+        } else if !sess.reaped {
             self.no_pidfd += 1;
         }
+        let (reaped, eof) = (sess.reaped, sess.eof);
         self.sessions.insert(key, sess);
         self.update_interest(key);
         if self.shutdown_at.is_some() {
             self.kill(key);
+            return;
         }
+        if reaped {
+            if eof {
+                self.finish(key);
+                return;
+            }
+            if let Some(x) = self.sessions.get_mut(&key) {
+                x.drain_until = Some(Instant::now() + x.drain());
+                self.draining.insert(key);
+            }
+        }
+        // Input carried over from the session's previous link.
+        self.flush_input(key);
+    }
+
+    /// The link ended without a CLOSE for the session: stop reading it (its program blocks on
+    /// a full terminal or pipe: nothing is lost), keep its unwritten input for the next link.
+    fn orphan(&mut self, key: Key) {
+        let Some(x) = self.sessions.get_mut(&key) else {
+            return; // finished meanwhile
+        };
+        if x.dying || x.orphaned {
+            return;
+        }
+        x.orphaned = true;
+        x.paused = true;
+        x.drain_until = None;
+        if let Some((chunk, at)) = x.pending.take() {
+            x.carry
+                .extend_from_slice(chunk.get(at..).unwrap_or_default());
+        }
+        if let Some(input) = x.input.take() {
+            while let Ok(chunk) = input.channel().try_recv() {
+                x.carry.extend_from_slice(&chunk);
+            }
+        }
+        tracing::debug!(
+            session = x.s,
+            pid = x.pid,
+            carry = x.carry.len(),
+            "orphaned: kept for a REOPEN"
+        );
+        self.orphans += 1;
+        self.draining.remove(&key);
+        self.update_interest(key);
+    }
+
+    /// Gives an orphaned session up for another loop: its descriptors leave this epoll set.
+    fn take(&mut self, key: Key) -> Option<Box<Sess>> {
+        if !self
+            .sessions
+            .get(&key)
+            .is_some_and(|x| x.orphaned && !x.dying)
+        {
+            return None;
+        }
+        let mut x = self.sessions.remove(&key)?;
+        self.orphans = self.orphans.saturating_sub(1);
+        self.draining.remove(&key);
+        if let Some(m) = &x.master {
+            if !x.registered.is_empty() {
+                let _ = epoll::delete(&self.ep, m);
+            }
+        }
+        x.registered = epoll::EventFlags::empty();
+        if let Some(i) = &x.stdin {
+            if x.stdin_registered {
+                let _ = epoll::delete(&self.ep, i);
+            }
+        }
+        x.stdin_registered = false;
+        match &x.pidfd {
+            Some(fd) => {
+                let _ = epoll::delete(&self.ep, fd);
+            }
+            None if !x.reaped => self.no_pidfd = self.no_pidfd.saturating_sub(1),
+            None => {}
+        }
+        tracing::debug!(
+            session = x.s,
+            pid = x.pid,
+            "orphan handed over to a new link"
+        );
+        Some(Box::new(x))
     }
 
     /// Registers the master for what the session now waits for.
@@ -635,8 +887,16 @@ impl Loop {
         match (&*m).read(&mut self.buf) {
             Ok(0) => eof = true,
             Ok(n) => {
-                // Err: the link is gone; the link thread is about to shut this loop down.
-                let _ = self.out.data(x.s, &self.buf[..n]);
+                if self.out.data(x.s, &self.buf[..n]).is_err() {
+                    // The link is gone; the link thread is about to orphan the session or shut
+                    // this loop down. Keep what was read for the next link, read no more.
+                    x.unsent.extend_from_slice(&self.buf[..n]);
+                    x.paused = true;
+                    x.drain_until = None;
+                    self.draining.remove(&key);
+                    self.update_interest(key);
+                    return;
+                }
                 if x.pty && x.drain_until.is_some() {
                     x.drain_until = Some(Instant::now() + DRAIN);
                 }
@@ -749,6 +1009,10 @@ impl Loop {
             }
             return;
         }
+        if x.orphaned {
+            // Its output waits for the next link, which closes the session after it.
+            return;
+        }
         if x.eof {
             self.finish(key);
         } else if !x.paused {
@@ -772,6 +1036,17 @@ impl Loop {
     fn kill(&mut self, key: Key) {
         if self.sessions.get(&key).is_none_or(|x| x.dying) {
             return;
+        }
+        if let Some(t) = &mut self.shutdown_at {
+            // The link is long gone, maybe (an orphan's grace ran out): reaping starts now.
+            *t = Instant::now();
+        }
+        if let Some(x) = self.sessions.get_mut(&key) {
+            if x.orphaned {
+                x.orphaned = false;
+                self.orphans = self.orphans.saturating_sub(1);
+                tracing::debug!(session = x.s, pid = x.pid, "orphan ended");
+            }
         }
         self.hang_up(key);
         let Some(x) = self.sessions.get_mut(&key) else {
@@ -800,8 +1075,14 @@ impl Loop {
         self.dying.push_back((now + KILL_GRACE, key));
     }
 
-    fn kill_all(&mut self) {
-        let keys: Vec<Key> = self.sessions.keys().copied().collect();
+    /// Kills every session, or every one but the orphans.
+    fn kill_all(&mut self, orphans_too: bool) {
+        let keys: Vec<Key> = self
+            .sessions
+            .iter()
+            .filter(|(_, x)| orphans_too || !x.orphaned)
+            .map(|(k, _)| *k)
+            .collect();
         for k in keys {
             self.kill(k);
         }
@@ -864,7 +1145,7 @@ impl Loop {
             }
             pty::signal_sessions(&batch, &[libc::SIGKILL]);
         }
-        if self.no_pidfd > 0 || self.shutdown_at.is_some() {
+        if self.no_pidfd > 0 || self.reaping() {
             let keys: Vec<Key> = self
                 .sessions
                 .iter()
@@ -892,5 +1173,15 @@ impl Loop {
                 let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
             }
         }
+    }
+}
+
+impl Drop for Loop {
+    /// The thread ends (or unwinds): later commands are refused, queued ones dropped, so that
+    /// nobody waits for an answer ([`LoopOrphan::take`]) that would never come.
+    fn drop(&mut self) {
+        let mut q = lock(&self.shared.queue);
+        q.closed = true;
+        q.cmds.clear();
     }
 }

@@ -4,6 +4,12 @@
 //! closes the session; closing the session hangs up its terminal (SIGHUP to every process of
 //! the terminal's session, then SIGKILL after 2 s).
 //!
+//! A session outlives its link if the link ends without a CLOSE for it (the daemon exited or
+//! crashed) and the listener has a daemon grace: the shell keeps running, its output waits in
+//! its terminal (unread: once the terminal is full the shell blocks), and a REOPEN of the
+//! session on any link of the listener within the grace continues it there, same shell, its
+//! output in order; otherwise it is hung up as by a CLOSE when the grace ends.
+//!
 //! No thread per session: the sessions of a link share one event loop thread (`ptyloop.rs`),
 //! which waits (epoll) on every session's PTY master and on a pidfd per shell, so a session
 //! costs two descriptors in the agent and no thread. Shells are started with `posix_spawn`
@@ -11,7 +17,7 @@
 
 use super::pty::PtyCommand;
 use super::ptyloop::{Io, LoopSessions, NewSession};
-use super::{input_queue, Agent, CloseReason, OpenInfo, Outbox, SessionId};
+use super::{input_queue, Agent, CloseReason, OpenInfo, Orphan, Outbox, SessionId};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -107,6 +113,29 @@ impl Agent for ShellAgent {
     fn close(&mut self, s: SessionId, _reason: CloseReason, _out: &Outbox) {
         self.sessions.end(s);
         self.sessions.forget_finished();
+    }
+
+    fn orphan(&mut self, s: SessionId) -> Option<Orphan> {
+        self.sessions.orphan(s)
+    }
+
+    fn rebind(&mut self, s: SessionId, info: &OpenInfo, orphan: Orphan, out: &Outbox) {
+        self.sessions.forget_finished();
+        self.sessions.end(s);
+        match self.sessions.rebind(s, orphan, out) {
+            Ok(true) => tracing::debug!(session = s, "shell: re-bound to a new link"),
+            Ok(false) => {
+                tracing::debug!(
+                    session = s,
+                    "shell: the kept session is gone; starting afresh"
+                );
+                self.open(s, info, out);
+            }
+            Err(e) => {
+                tracing::warn!(session = s, error = %e, "shell: cannot re-bind the session");
+                let _ = out.close(s, CloseReason::Error);
+            }
+        }
     }
 
     fn link_closed(&mut self, _out: &Outbox) {
@@ -318,5 +347,138 @@ mod tests {
         d.input(2, "echo still-$((7+7))\n");
         d.wait_for(2, "still-14");
         d.end();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Daemon restarts: a session outlives its link for the listener's daemon grace.
+
+    fn sh_pod(grace: Duration) -> Pod {
+        Pod::start(grace, || {
+            ShellAgent::new(Arc::new(PathBuf::from("/bin/sh")))
+        })
+    }
+
+    /// The daemon goes away while a command waits; the command then writes, with no link to
+    /// read it (more than the terminal holds: the shell blocks); a new link's REOPEN gets every
+    /// line written meanwhile, once, in order, and talks to the same shell.
+    #[test]
+    fn a_shell_outlives_its_link_and_a_reopen_gets_its_output_exactly_once() {
+        let _g = serial();
+        let pod = sh_pod(Duration::from_secs(60));
+        let (go, mid) = (pod.dir.join("go"), pod.dir.join("mid"));
+        let mut d = pod.connect();
+        d.open(5);
+        let pid = d.shell_pid(5);
+        d.input(
+            5,
+            &format!(
+                "echo armed-$((3+4)); while [ ! -e {go} ]; do sleep 0.05; done; \
+                 seq 1 300; : > {mid}; seq 1 30000; echo tail-$((6*7))\n",
+                go = go.display(),
+                mid = mid.display()
+            ),
+        );
+        d.wait_for(5, "armed-7");
+        // Everything so far came on the first link; now the daemon goes away.
+        d.drop_link();
+        pod.wait_orphans(1);
+        assert!(alive(pid), "the shell was ended with the link");
+        std::fs::write(&go, b"").unwrap();
+        // The shell writes with no link: the first 300 lines fit in its terminal (it goes on
+        // to `mid`), the 30,000 lines after them do not (it blocks, nothing is lost).
+        wait_until("the shell wrote while orphaned", || mid.exists());
+        assert!(alive(pid));
+
+        let mut d = pod.connect();
+        d.reopen(5);
+        d.wait_for(5, "tail-42");
+        assert_eq!(pod.orphans(), 0, "re-bound");
+        let text = d.text(5);
+        assert!(
+            !text.contains("armed"),
+            "output of the old link again: {text:?}"
+        );
+        let want: Vec<u32> = (1..=300).chain(1..=30000).collect();
+        assert!(numbers(&text) == want, "every line once, in order");
+        // Same shell, and input from the new link reaches it.
+        assert_eq!(d.shell_pid(5), pid);
+        d.input(5, "exit\n");
+        assert_eq!(d.wait_close(5), CloseReason::Normal);
+        assert_eq!(d.after_close, 0);
+        d.drop_link();
+        pod.stop();
+    }
+
+    /// No REOPEN within the grace: the kept shell is hung up (with its jobs) as by a CLOSE; a
+    /// REOPEN after that starts a new shell.
+    #[test]
+    fn an_orphan_is_hung_up_when_the_grace_ends_and_a_late_reopen_starts_afresh() {
+        let _g = serial();
+        let pod = sh_pod(Duration::from_millis(1500));
+        let mut d = pod.connect();
+        d.open(5);
+        let pid = d.shell_pid(5);
+        d.input(5, "sleep 1000 & echo bg=$! bg-end-$((1+2))\n");
+        let text = d.wait_for_from(5, 0, "bg-end-3");
+        let bg = number_after(&text, "bg=").expect("the job's pid");
+        d.drop_link();
+        pod.wait_orphans(1);
+        let was_alive = alive(pid) && alive(bg);
+        if pod.orphans() == 1 {
+            // Still kept after the check: nothing had ended it yet.
+            assert!(was_alive, "ended before the grace");
+        }
+        pod.wait_orphans(0);
+        wait_dead(pid);
+        wait_dead(bg);
+        let mut d = pod.connect();
+        d.reopen(5);
+        let again = d.shell_pid(5);
+        assert_ne!(again, pid, "a new shell");
+        d.drop_link();
+        pod.stop();
+    }
+
+    /// A REOPEN of a session the pod does not know opens a new one (as after a pod restart);
+    /// an OPEN of a kept one (the daemon lost it) ends the kept shell and opens afresh.
+    #[test]
+    fn a_reopen_of_an_unknown_session_and_an_open_of_a_kept_one_start_afresh() {
+        let _g = serial();
+        let pod = sh_pod(Duration::from_secs(60));
+        let mut d = pod.connect();
+        d.open(5);
+        let pid = d.shell_pid(5);
+        d.drop_link();
+        pod.wait_orphans(1);
+        let mut d = pod.connect();
+        d.reopen(9);
+        let other = d.shell_pid(9);
+        assert_ne!(other, pid);
+        assert_eq!(pod.orphans(), 1, "5 still kept");
+        d.open(5);
+        let fresh = d.shell_pid(5);
+        assert_ne!(fresh, pid);
+        assert_eq!(pod.orphans(), 0);
+        wait_dead(pid);
+        d.drop_link();
+        pod.stop();
+    }
+
+    /// `--daemon-grace 0`: the link's end ends its shells, as before; a REOPEN starts afresh.
+    #[test]
+    fn without_a_daemon_grace_the_links_end_ends_its_shells() {
+        let _g = serial();
+        let pod = sh_pod(Duration::ZERO);
+        let mut d = pod.connect();
+        d.open(5);
+        let pid = d.shell_pid(5);
+        d.drop_link();
+        wait_dead(pid);
+        assert_eq!(pod.orphans(), 0);
+        let mut d = pod.connect();
+        d.reopen(5);
+        assert_ne!(d.shell_pid(5), pid);
+        d.drop_link();
+        pod.stop();
     }
 }

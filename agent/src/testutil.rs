@@ -1,12 +1,16 @@
-//! Test support: a fake daemon on a `UnixStream::pair()` link, and counts of the process-wide
-//! resources the event loop uses. Tests that use them take [`serial`].
+//! Test support: a fake daemon on a `UnixStream::pair()` link or on a link to a real
+//! [`AgentListener`] ([`Pod`]), and counts of the process-wide resources the event loop uses.
+//! Tests that use them take [`serial`].
 
-use crate::{serve_link, Agent, CloseReason};
+use crate::{serve_link, Agent, AgentListener, CloseReason};
 use clawterm_core::podlink::codec::VERSION;
 use clawterm_core::podlink::{decode, encode, Decoded, Msg, Open};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) const T: Duration = Duration::from_secs(20);
@@ -27,6 +31,15 @@ impl Daemon {
     pub(crate) fn start<A: Agent + Send + 'static>(agent: A) -> Daemon {
         let (a, b) = UnixStream::pair().unwrap();
         let link = std::thread::spawn(move || serve_link(b, agent));
+        Daemon::on(a, Some(link))
+    }
+
+    /// A link to the listener at `path` (served by the listener's own thread).
+    pub(crate) fn connect(path: &Path) -> Daemon {
+        Daemon::on(UnixStream::connect(path).expect("connect to the pod"), None)
+    }
+
+    fn on(a: UnixStream, link: Option<std::thread::JoinHandle<std::io::Result<()>>>) -> Daemon {
         a.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let mut d = Daemon {
             s: a,
@@ -35,7 +48,7 @@ impl Daemon {
             closed: HashMap::new(),
             input_pauses: HashMap::new(),
             after_close: 0,
-            link: Some(link),
+            link,
         };
         d.send(
             0,
@@ -45,6 +58,51 @@ impl Daemon {
             },
         );
         d
+    }
+
+    /// REOPEN `sid` (as a daemon that restarted would, with the same SESSION_ID).
+    pub(crate) fn reopen(&mut self, sid: u32) {
+        self.send(
+            sid,
+            &Msg::Reopen(Open {
+                tenant: 1,
+                agent: 7,
+                client_caps: 1,
+                peer: "127.0.0.1:2",
+            }),
+        );
+    }
+
+    /// The daemon goes away (exits or crashes): the link ends, no CLOSE for any session.
+    pub(crate) fn drop_link(self) {
+        let _ = self.s.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// What a shell session prints for `echo $$`: the shell's pid.
+    pub(crate) fn shell_pid(&mut self, sid: u32) -> i32 {
+        let from = self.out.get(&sid).map_or(0, |v| v.len());
+        self.input(sid, "echo pid=$$ pid-end-$((40+2))\n");
+        let text = self.wait_for_from(sid, from, "pid-end-42");
+        // (The typed line echoes `pid=$$`; the shell's output has the number.)
+        number_after(&text, "pid=").expect("the shell's pid")
+    }
+
+    /// Waits for `needle` in what `sid` received from byte `from` on; that text.
+    pub(crate) fn wait_for_from(&mut self, sid: u32, from: usize, needle: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            let text = String::from_utf8_lossy(
+                self.out
+                    .get(&sid)
+                    .map_or(&[][..], |v| v.get(from..).unwrap_or_default()),
+            )
+            .into_owned();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(t0.elapsed() < T, "session {sid}: no {needle:?} in {text:?}");
+            self.pump(Duration::from_millis(50));
+        }
     }
 
     pub(crate) fn send(&mut self, sid: u32, m: &Msg<'_>) {
@@ -207,4 +265,126 @@ pub(crate) fn pipes() -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// The first number right after some `key` in `text`.
+pub(crate) fn number_after(text: &str, key: &str) -> Option<i32> {
+    text.split(key).skip(1).find_map(|r| {
+        let digits: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    })
+}
+
+/// The lines of `text` that are just a number, in order.
+pub(crate) fn numbers(text: &str) -> Vec<u32> {
+    text.split(['\r', '\n'])
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub(crate) fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+}
+
+pub(crate) fn wait_dead(pid: i32) {
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(t0.elapsed() < T, "process {pid} still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `f` holds (at most [`T`]).
+pub(crate) fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < T, "never: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A real [`AgentListener`] in a fresh directory, serving on its own thread: links to it are
+/// [`Daemon::connect`]ed, and a session left open by one can be re-bound by another.
+pub(crate) struct Pod {
+    listener: Arc<AgentListener>,
+    stop: Arc<AtomicBool>,
+    serve: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// A scratch directory for the test (the socket is in it).
+    pub(crate) dir: PathBuf,
+}
+
+impl Pod {
+    /// Serves `factory`'s agents with a daemon grace of `grace`.
+    pub(crate) fn start<F, A>(grace: Duration, factory: F) -> Pod
+    where
+        F: Fn() -> A + Send + Sync + 'static,
+        A: Agent + Send + 'static,
+    {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "claw-agent-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let listener = Arc::new(
+            AgentListener::bind(&dir, 1, 7)
+                .expect("bind the pod's socket")
+                .daemon_grace(grace),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let serve = {
+            let (l, stop) = (Arc::clone(&listener), Arc::clone(&stop));
+            std::thread::spawn(move || l.serve(factory, stop))
+        };
+        Pod {
+            listener,
+            stop,
+            serve: Some(serve),
+            dir,
+        }
+    }
+
+    pub(crate) fn connect(&self) -> Daemon {
+        Daemon::connect(self.listener.path())
+    }
+
+    pub(crate) fn orphans(&self) -> usize {
+        self.listener.orphaned_sessions()
+    }
+
+    /// Waits until the listener keeps exactly `n` sessions for a REOPEN.
+    pub(crate) fn wait_orphans(&self, n: usize) {
+        wait_until(&format!("{n} orphaned sessions"), || self.orphans() == n);
+    }
+
+    /// Stops serving (the kept sessions end too) and waits for every loop thread to end.
+    pub(crate) fn stop(mut self) {
+        self.stop_serving();
+        let t0 = Instant::now();
+        while loop_threads_ptys_pidfds().0 > 0 {
+            assert!(t0.elapsed() < T, "a loop thread outlived the pod");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop_serving(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.serve.take() {
+            h.join().expect("serve thread").expect("serve");
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.stop_serving();
+        } else {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use clawterm_agent::{shell_path, AgentListener, EchoAgent, ExecAgent, ShellAgent};
@@ -19,6 +20,10 @@ use clawterm_agent::{shell_path, AgentListener, EchoAgent, ExecAgent, ShellAgent
 /// each multiplexing many sessions. A stale socket file there (one no process listens on) is
 /// replaced; if another agent is listening there, claw-agent refuses to start. The socket file
 /// is removed on exit (SIGTERM or SIGINT: exit status 0).
+///
+/// Sessions outlive clawtermd: when a link ends without a CLOSE for a session (the daemon
+/// exited or crashed), the session is kept (see --daemon-grace) for the restarted daemon's
+/// REOPEN, on any link.
 ///
 /// Logs go to stderr (RUST_LOG, default `info`); once listening, one line
 /// `claw-agent listening on PATH (mode MODE)` is printed on stdout.
@@ -46,6 +51,25 @@ struct Cli {
     /// Agent id served (decimal u32).
     #[arg(long, value_name = "A")]
     agent: u32,
+
+    /// Seconds a session outlives its link for a restarted daemon's REOPEN (0: not at all).
+    ///
+    /// When a link ends without a CLOSE for a session (the daemon exited or crashed), the
+    /// session is kept this long; with 0 it ends with the link, as a CLOSE would end it.
+    /// Meanwhile the session's program keeps running but its output is not read (once its
+    /// terminal or pipe is full it blocks: nothing is lost). A REOPEN of its SESSION_ID on any
+    /// link (the restarted daemon's) continues it: the same process, the output it wrote
+    /// meanwhile first, in order, exactly once, and the link's input goes to it. An OPEN of
+    /// that SESSION_ID ends it and starts afresh. When the grace ends, the session ends as a
+    /// CLOSE would end it (shell: hang-up, SIGKILL 2 s later; exec: SIGTERM, then SIGKILL);
+    /// a later REOPEN starts afresh.
+    #[arg(
+        long = "daemon-grace",
+        value_name = "SECS",
+        verbatim_doc_comment,
+        default_value_t = clawterm_agent::DEFAULT_DAEMON_GRACE.as_secs()
+    )]
+    daemon_grace: u64,
 
     #[command(subcommand)]
     mode: Mode,
@@ -116,7 +140,7 @@ fn main() -> ExitCode {
     let stop = clawterm_agent::stop_on_signals();
 
     let listener = match AgentListener::bind(&cli.socket_dir, cli.tenant, cli.agent) {
-        Ok(l) => l,
+        Ok(l) => l.daemon_grace(Duration::from_secs(cli.daemon_grace)),
         Err(e) => {
             eprintln!("claw-agent: {e}");
             return ExitCode::from(1);
@@ -127,7 +151,12 @@ fn main() -> ExitCode {
         listener.path().display()
     );
     let _ = std::io::stdout().flush();
-    tracing::info!(path = %listener.path().display(), mode = mode_name, "listening");
+    tracing::info!(
+        path = %listener.path().display(),
+        mode = mode_name,
+        daemon_grace_s = cli.daemon_grace,
+        "listening"
+    );
 
     let served = match cli.mode {
         Mode::Echo => listener.serve(|| EchoAgent, Arc::clone(&stop)),
