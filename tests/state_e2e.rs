@@ -516,3 +516,91 @@ fn tls_clients_reconnect_once_and_at_once_across_a_live_upgrade() {
         "no hand-over in the new log"
     );
 }
+
+/// Reads frames (acknowledging each) until `want` appears in what arrived; returns the bytes
+/// and the last SEQ.
+fn read_until(c: &mut Client, want: &[u8], data: &mut Vec<u8>) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = 0;
+    while !harness::contains(data, want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {:?} after 60 s; got {} bytes ending {:?}",
+            String::from_utf8_lossy(want),
+            data.len(),
+            String::from_utf8_lossy(&data[data.len().saturating_sub(200)..])
+        );
+        let f = c.recv_within(Duration::from_secs(30));
+        if f.ty == FrameType::Data {
+            data.extend_from_slice(&f.payload);
+            c.ack(f.seq);
+            last = f.seq;
+        }
+    }
+    last
+}
+
+/// The shell's pid, from `echo PID-$$` (computed by the shell, so the terminal's echo of the
+/// typed line never matches).
+fn shell_pid(c: &mut Client) -> (u32, u32) {
+    c.send_data(b"echo PID-$$-E$((1+1))D\r");
+    let mut data = Vec::new();
+    let last = read_until(c, b"-E2D\r\n", &mut data);
+    let text = String::from_utf8_lossy(&data);
+    let at = text.rfind("PID-").expect("PID- in the output") + 4;
+    let pid: u32 = text[at..]
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("a pid");
+    (pid, last)
+}
+
+/// `claw-agent shell` sessions across a daemon restart (SIGTERM) or crash (SIGKILL): the shell
+/// keeps running (same pid), the output it produces while no daemon is there waits in the
+/// agent, and after the new daemon restored the session and REOPENed it, the client's RESUME
+/// gets all of it exactly once, in order.
+fn shell_survives(sig: libc::c_int) {
+    for io in ["epoll", "uring"] {
+        let dir = TempDir::with_sock("restart-shell");
+        let state = dir.0.join("state");
+        let _agent = AgentProc::start(&dir.sock(), TENANT, AGENT, &["shell", "--shell", "/bin/sh"]);
+        let srv = start(io, 2, &dir.sock(), &state);
+        let mut c = srv.session(AGENT);
+        let (sid, token) = (c.sid, c.token);
+        let (pid, _) = shell_pid(&mut c);
+        c.send_data(b"sleep 1; echo START-$((1+1)); seq 1 30000; echo DONE-$((40+2))\r");
+        // The terminal's echo of the line, then nothing until the sleep ends.
+        let mut data = Vec::new();
+        let acked = read_until(&mut c, b"DONE-$((40+2))\r\n", &mut data);
+        stop_with(srv, sig);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(1500)); // the shell prints with no daemon
+        let srv = start(io, 2, &dir.sock(), &state);
+        let mut c = srv.client();
+        let r = c.resume(sid, acked, &token);
+        assert_eq!(r.flags & FLAG_GAP, 0, "[{io}] {r:?}");
+        let mut out = Vec::new();
+        read_until(&mut c, b"DONE-42\r\n", &mut out);
+        let text = String::from_utf8_lossy(&out);
+        let start = text.find("START-2\r\n").expect("START-2") + 9;
+        let end = start + text[start..].find("DONE-42\r\n").expect("DONE-42");
+        let lines: Vec<&str> = text[start..end].split_terminator("\r\n").collect();
+        assert_eq!(lines.len(), 30_000, "[{io}] line count");
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(*l, (i + 1).to_string(), "[{io}] line {}", i + 1);
+        }
+        assert_eq!(shell_pid(&mut c).0, pid, "[{io}] the same shell");
+    }
+}
+
+#[test]
+fn shell_sessions_survive_sigterm_and_restart_with_their_output() {
+    shell_survives(libc::SIGTERM);
+}
+
+#[test]
+fn shell_sessions_survive_sigkill_and_restart_with_their_output() {
+    shell_survives(libc::SIGKILL);
+}

@@ -37,17 +37,24 @@ pub struct Source {
 /// then (the process that took over binds its own at the same path).
 pub struct Serving {
     path: PathBuf,
-    ino: Option<u64>,
+    id: Option<(u64, u64, i64, i64)>,
+    /// Set once handed over: the path is the new process's then.
+    done: Arc<AtomicBool>,
 }
 
-fn inode(path: &Path) -> Option<u64> {
+/// What tells one socket file from another that took its place (an inode number alone may be
+/// reused at once).
+fn file_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        if self.ino.is_some() && inode(&self.path) == self.ino {
+        if !self.done.load(Ordering::SeqCst) && self.id.is_some() && file_id(&self.path) == self.id
+        {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -59,7 +66,8 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
     let path = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
-    let ino = inode(&path);
+    let id = file_id(&path);
+    let done = src.done.clone();
     std::thread::Builder::new()
         .name("upgrade".into())
         .spawn(move || {
@@ -88,7 +96,7 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
                 }
             }
         })?;
-    Ok(Serving { path, ino })
+    Ok(Serving { path, id, done })
 }
 
 /// One upgrade attempt. `Ok(false)`: refused before anything moved (this process serves on);

@@ -248,6 +248,10 @@ impl ShardHandler {
                 self.shared.release_session();
             }
         }
+        // Links and connections are bound first; what they had received is processed only
+        // once every one of them is in place (pod output for a session whose connection is not
+        // bound yet would go nowhere).
+        let mut link_unread = Vec::new();
         for l in moved.links {
             let conn = ctx.adopt_fd(l.fd, &l.unsent);
             let sids: Vec<u32> = self
@@ -258,7 +262,7 @@ impl ShardHandler {
                 .collect();
             self.links.adopt(l.key, conn, l.hello_seen, sids);
             if !l.unread.is_empty() {
-                self.on_link_data(ctx, conn, l.key, &l.unread);
+                link_unread.push((conn, l.key, l.unread));
             }
         }
         for (key, sids) in lost {
@@ -271,6 +275,7 @@ impl ShardHandler {
             }
         }
         let mut conns = 0usize;
+        let mut conn_unread = Vec::new();
         for c in moved.conns {
             let peer = c
                 .peer
@@ -301,8 +306,14 @@ impl ShardHandler {
             }
             conns += 1;
             if !c.unread.is_empty() {
-                self.on_plaintext(ctx, client, &c.unread);
+                conn_unread.push((client, c.unread));
             }
+        }
+        for (conn, key, bytes) in link_unread {
+            self.on_link_data(ctx, conn, key, &bytes);
+        }
+        for (client, bytes) in conn_unread {
+            self.on_plaintext(ctx, client, &bytes);
         }
         // Sessions attached in the old process through a connection that could not move:
         // suspended now (the pod is told), their clients RESUME.
