@@ -11,7 +11,6 @@
 
 use clawterm_client::{Event, Session};
 use clawterm_testkit as harness;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
