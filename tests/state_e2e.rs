@@ -408,7 +408,12 @@ fn tls_server(
     key: &Path,
     tokens: &Path,
     extra: &[&str],
-) -> (harness::Proc, harness::Lines, std::net::SocketAddr) {
+) -> (
+    harness::Proc,
+    harness::Lines,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+) {
     let mut cmd = harness::clawtermd();
     cmd.args([
         "--bind",
@@ -420,7 +425,7 @@ fn tls_server(
         "--io",
         "epoll",
     ])
-    .args(["--admin", "off", "--no-quic"])
+    .args(["--admin", "off"])
     .arg("--tls-cert")
     .arg(cert)
     .arg("--tls-key")
@@ -434,20 +439,33 @@ fn tls_server(
     .args(extra)
     .env("RUST_LOG", "info");
     let (child, lines, line) = harness::start_server(&mut cmd, "clawtermd");
+    let quic = line
+        .contains(" and quic ")
+        .then(|| harness::quic_addr(&line).unwrap());
     (
         harness::Proc(child),
         lines,
         harness::tcp_addr(&line).unwrap(),
+        quic,
     )
 }
 
-/// A TLS connection cannot move to the new process: the old one closes it once its session
-/// has moved, and the client library reconnects at once (no backoff wait: the first retry is
-/// immediate after a clean close of a healthy connection) and RESUMEs there — once — with
-/// nothing lost or repeated.
+/// A TLS or QUIC connection cannot move to the new process: the old one closes it once its
+/// session has moved, and the client library reconnects at once (no backoff wait: the first
+/// retry is immediate after a clean close of a healthy connection) and RESUMEs there — once —
+/// with nothing lost or repeated.
 #[test]
 fn tls_clients_reconnect_once_and_at_once_across_a_live_upgrade() {
-    use clawterm_client::{Event, Options, Session, Transport};
+    secure_clients_across_upgrade(false);
+}
+
+#[test]
+fn quic_clients_reconnect_once_and_at_once_across_a_live_upgrade() {
+    secure_clients_across_upgrade(true);
+}
+
+fn secure_clients_across_upgrade(quic: bool) {
+    use clawterm_client::{Event, Options, Session, TlsTrust, Transport};
     let dir = TempDir::with_sock("upgrade-tls");
     let state = dir.0.join("state");
     let certdir = dir.0.join("cert");
@@ -457,13 +475,27 @@ fn tls_clients_reconnect_once_and_at_once_across_a_live_upgrade() {
     let tokens = dir.0.join("tokens");
     std::fs::write(&tokens, format!("{TENANT} {}\n", harness::hex(&token))).unwrap();
     let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
-    let (mut old, _old_log, addr) = tls_server(&dir, &state, &cert, &key, &tokens, &[]);
+    let q: &[&str] = if quic {
+        &["--quic-port", "0"]
+    } else {
+        &["--no-quic"]
+    };
+    let (mut old, _old_log, addr, qaddr) = tls_server(&dir, &state, &cert, &key, &tokens, q);
     let pin = clawterm_client::transport::parse_pin(&fingerprint).unwrap();
+    let trust = TlsTrust {
+        pin: Some(pin),
+        ..TlsTrust::default()
+    };
+    let (endpoint, transport) = if quic {
+        (qaddr.expect("QUIC address"), Transport::Quic(trust))
+    } else {
+        (addr, Transport::Tls(trust))
+    };
     let opts = Options {
-        transport: Transport::tls_pin(pin),
+        transport,
         ..Options::default()
     };
-    let mut s = Session::connect_with(&addr.to_string(), TENANT, AGENT, token, opts).unwrap();
+    let mut s = Session::connect_with(&endpoint.to_string(), TENANT, AGENT, token, opts).unwrap();
     s.send(b"before;").unwrap();
     let recv_until = |s: &mut Session, want: &[u8], evs: &mut Vec<Event>| {
         let mut data = Vec::new();
@@ -484,8 +516,10 @@ fn tls_clients_reconnect_once_and_at_once_across_a_live_upgrade() {
     let mut evs = Vec::new();
     assert_eq!(recv_until(&mut s, b"before;", &mut evs), b"before;");
     std::thread::sleep(Duration::from_millis(1100)); // a healthy connection
-    let (_new, new_log, new_addr) = tls_server(&dir, &state, &cert, &key, &tokens, &["--upgrade"]);
-    assert_eq!(new_addr, addr);
+    let mut args = q.to_vec();
+    args.push("--upgrade");
+    let (_new, new_log, new_addr, new_q) = tls_server(&dir, &state, &cert, &key, &tokens, &args);
+    assert_eq!((new_addr, new_q), (addr, qaddr), "the same sockets");
     let exited = wait_timeout(&mut old.0, Duration::from_secs(10)).expect("the old one exits");
     assert!(exited.success());
     s.send(b"after;").unwrap();
@@ -603,4 +637,58 @@ fn shell_sessions_survive_sigterm_and_restart_with_their_output() {
 #[test]
 fn shell_sessions_survive_sigkill_and_restart_with_their_output() {
     shell_survives(libc::SIGKILL);
+}
+
+/// Two daemons started at the same moment on one empty state dir: exactly one serves, the
+/// other is refused naming the winner's pid — never two daemons serving one session.
+#[test]
+fn two_daemons_racing_for_one_state_dir_one_wins() {
+    let dir = TempDir::with_sock("race");
+    let state = dir.0.join("state");
+    for round in 0..5 {
+        let spawn = || {
+            let mut cmd = harness::clawtermd();
+            cmd.args(["--bind", "127.0.0.1", "--port", "0"])
+                .args([
+                    "--insecure-plaintext",
+                    "--insecure-no-auth",
+                    "--admin",
+                    "off",
+                    "--no-quic",
+                ])
+                .arg("--socket-dir")
+                .arg(dir.sock())
+                .arg("--state-dir")
+                .arg(&state)
+                .env("RUST_LOG", "info");
+            cmd.spawn().expect("spawn clawtermd")
+        };
+        let mut a = harness::Proc(spawn());
+        let mut b = harness::Proc(spawn());
+        std::thread::sleep(Duration::from_millis(700));
+        let ea = a.0.try_wait().unwrap();
+        let eb = b.0.try_wait().unwrap();
+        let (winner, loser) = match (ea, eb) {
+            (None, Some(s)) => (&mut a, (&mut b, s)),
+            (Some(s), None) => (&mut b, (&mut a, s)),
+            other => panic!("round {round}: exactly one must serve: {other:?}"),
+        };
+        assert!(!loser.1.success());
+        let mut err = String::new();
+        use std::io::Read;
+        loser
+            .0
+             .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            err.contains(&format!("pid {}", winner.0.id())) && err.contains("--upgrade"),
+            "round {round}: {err}"
+        );
+        signal(winner.0.id(), libc::SIGTERM);
+        wait_timeout(&mut winner.0, Duration::from_secs(10)).expect("the winner stops");
+    }
 }

@@ -51,6 +51,8 @@ pub struct QuicStream {
     stopped: bool,
     /// Why the connection ended, once it has.
     lost: Option<String>,
+    /// The server closed the connection with code 0 (no error): its orderly end.
+    orderly: bool,
     read_timeout: Option<Duration>,
     /// The connection's next timer, as of the last time it was driven.
     timer: Option<Instant>,
@@ -150,6 +152,7 @@ impl QuicStream {
             eof: false,
             stopped: false,
             lost: None,
+            orderly: false,
             read_timeout: None,
             timer: None,
             txbuf: Vec::with_capacity(2048),
@@ -248,6 +251,14 @@ impl QuicStream {
         while let Some(ev) = self.conn.poll() {
             match ev {
                 Event::ConnectionLost { reason } => {
+                    // The server closing the connection with code 0 (no error) is its orderly
+                    // end, like a TCP FIN: read as end of stream (a server going away — a
+                    // restart, a live upgrade — is then reconnected to at once).
+                    if matches!(&reason, quinn_proto::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == quinn_proto::VarInt::from_u32(0))
+                    {
+                        self.orderly = true;
+                    }
                     self.lost = Some(format!("QUIC connection lost: {reason}"));
                 }
                 Event::Stream(StreamEvent::Readable { id }) if id == self.stream => self.read(),
@@ -391,6 +402,12 @@ impl QuicStream {
     }
 
     /// Why the connection ended, if it has.
+    /// Whether the connection ended because the server closed it without an error (code 0):
+    /// the counterpart of a TCP FIN.
+    pub fn closed_orderly(&self) -> bool {
+        self.orderly
+    }
+
     pub fn lost(&self) -> Option<&str> {
         self.lost.as_deref()
     }

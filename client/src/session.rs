@@ -694,6 +694,7 @@ impl Session {
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) => {
                             failure = Some(format!("connection lost: {e}"));
+                            orderly = stream.closed_orderly();
                             break;
                         }
                     }
@@ -763,8 +764,13 @@ impl Session {
                 }
             }
         }
+        let orderly = stream.closed_orderly();
         self.wbuf.drain(..off);
         if let Some(f) = failure {
+            if orderly {
+                self.closed_by_server(f);
+                return;
+            }
             self.lost(f);
         }
     }

@@ -706,6 +706,17 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Whether the server ended this connection in order without an error (QUIC close with
+    /// code 0); a TCP FIN reads as end of stream instead.
+    pub(crate) fn closed_orderly(&self) -> bool {
+        match self {
+            Conn::Tcp { .. } => false,
+            Conn::Quic(q) => q.closed_orderly(),
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let (sock, tls) = match self {

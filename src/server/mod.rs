@@ -33,6 +33,8 @@ pub struct Shared {
     pub cfg: ServerConfig,
     /// Set once a live upgrade handed everything to a new process: this one exits.
     pub upgraded: Arc<std::sync::atomic::AtomicBool>,
+    /// Set with `upgraded` when the hand-over failed after the shards froze.
+    pub upgrade_failed: Arc<std::sync::atomic::AtomicBool>,
     /// The tenant tokens in force (`None` with `--insecure-no-auth`).
     pub tokens: RwLock<Option<Arc<Tokens>>>,
     /// Sessions on the node, suspended ones included (for `--max-sessions`).
@@ -346,6 +348,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     })?;
     let shared = Arc::new(Shared {
         upgraded: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        upgrade_failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         cfg,
         tokens: RwLock::new(tokens),
         sessions: AtomicUsize::new(0),
@@ -440,6 +443,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                 shards: cfg_shards,
                 metrics: shared.metrics.clone(),
                 done: shared.upgraded.clone(),
+                failed: shared.upgrade_failed.clone(),
             };
             Some(crate::upgrade::old::serve(sd.path(), src).map_err(StartError::Runtime)?)
         }

@@ -97,6 +97,7 @@ impl Sim {
         let shard_count = cfg.shards;
         let shared = Arc::new(Shared {
             upgraded: Default::default(),
+            upgrade_failed: Default::default(),
             cfg,
             tokens: RwLock::new(None),
             sessions: AtomicUsize::new(0),

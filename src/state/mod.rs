@@ -153,11 +153,21 @@ impl StateDir {
             rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         {
             if e == rustix::io::Errno::WOULDBLOCK {
-                let mut s = String::new();
-                let _ = lock.read_to_string(&mut s);
+                // The holder writes its pid right after taking the lock: give it a moment.
+                let mut pid = None;
+                for _ in 0..100 {
+                    let mut s = String::new();
+                    let _ = lock.rewind();
+                    let _ = lock.read_to_string(&mut s);
+                    pid = s.trim().parse().ok();
+                    if pid.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
                 return Err(StateError::Held {
                     dir: dir.to_path_buf(),
-                    pid: s.trim().parse().ok(),
+                    pid,
                 });
             }
             return Err(StateError::Io {

@@ -31,6 +31,11 @@ pub struct Source {
     pub metrics: Arc<Metrics>,
     /// Set once everything is handed over and the new process serves: this one exits.
     pub done: Arc<AtomicBool>,
+    /// Set (with `done`) when a hand-over failed after the shards froze: this process holds
+    /// nothing any more and exits with an error, so that a restart on the state dir (whose
+    /// journals hold every session as of the freeze) brings the sessions back. It never hands
+    /// over twice.
+    pub failed: Arc<AtomicBool>,
 }
 
 /// The listening side; the socket file is removed when dropped, unless it is another's by
@@ -80,18 +85,25 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
                         continue;
                     }
                 };
-                match hand_over(stream, &src) {
+                let mut frozen = false;
+                match hand_over(stream, &src, &mut frozen) {
                     Ok(true) => {
                         src.done.store(true, Ordering::SeqCst);
                         return;
                     }
                     Ok(false) => {}
+                    Err(e) if frozen => {
+                        src.metrics.upgrades_failed.fetch_add(1, Ordering::Relaxed);
+                        error!(
+                            "upgrade failed after the shards froze: {e}; this clawtermd holds nothing any more and exits: the state dir's journals hold every session"
+                        );
+                        src.failed.store(true, Ordering::SeqCst);
+                        src.done.store(true, Ordering::SeqCst);
+                        return;
+                    }
                     Err(e) => {
                         src.metrics.upgrades_failed.fetch_add(1, Ordering::Relaxed);
-                        error!("upgrade: {e}");
-                        if src.done.load(Ordering::SeqCst) {
-                            return;
-                        }
+                        error!("upgrade failed before anything moved: {e}; serving on");
                     }
                 }
             }
@@ -101,7 +113,7 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
 
 /// One upgrade attempt. `Ok(false)`: refused before anything moved (this process serves on);
 /// `Ok(true)`: handed over, the new process serves.
-fn hand_over(stream: UnixStream, src: &Source) -> io::Result<bool> {
+fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<bool> {
     let mut ch = Channel::new(stream, Duration::from_secs(30))?;
     let (hello, _) = ch.recv()?;
     let (version, pid, shards) = match decode(&hello)? {
@@ -163,6 +175,7 @@ fn hand_over(stream: UnixStream, src: &Source) -> io::Result<bool> {
     )?;
     drop(fds);
     // Freeze every shard and collect what it hands over.
+    *frozen = true;
     let (tx, rx) = crossbeam_channel::unbounded::<ShardExport>();
     for i in 0..src.shards {
         src.remote.send(i, ShardMsg::Export(tx.clone()));

@@ -162,12 +162,20 @@ fn main() -> ExitCode {
     // A shard that failed takes its sessions with it: exit non-zero so the supervisor restarts
     // the node.
     let stop = server.run_until_signal(&sigs);
+    let server_failed = server
+        .shared()
+        .upgrade_failed
+        .load(std::sync::atomic::Ordering::SeqCst);
     let failed = stop == Stop::ShardFailed;
     server.shutdown();
     if stop == Stop::Upgraded {
         let r = server.join();
         if let Err(e) = r {
             error!("after the upgrade hand-over: {e}");
+        }
+        if server_failed {
+            error!("clawtermd stopped: the live upgrade failed part way; start clawtermd on the state dir again to bring its sessions back");
+            return ExitCode::FAILURE;
         }
         if args.after_upgrade == server::settings::AfterUpgrade::Wait {
             info!("handed over to the new clawtermd; waiting for SIGTERM (--after-upgrade wait)");
