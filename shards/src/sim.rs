@@ -66,6 +66,7 @@ pub struct SimCtx<M> {
     stopped: bool,
     exports: Vec<(ConnId, M)>,
     accept_stopped: bool,
+    adopted: Vec<ConnId>,
 }
 
 impl<M> SimCtx<M> {
@@ -84,6 +85,7 @@ impl<M> SimCtx<M> {
             stopped: false,
             exports: Vec::new(),
             accept_stopped: false,
+            adopted: Vec::new(),
         }
     }
 
@@ -117,6 +119,11 @@ impl<M> SimCtx<M> {
     /// Connections the handler exported (`Context::export`) since the last call.
     pub fn take_exports(&mut self) -> Vec<(ConnId, M)> {
         std::mem::take(&mut self.exports)
+    }
+
+    /// Connections the handler adopted (`Context::adopt_fd`) since the last call, in order.
+    pub fn take_adopted(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.adopted)
     }
 
     /// Whether the handler stopped accepting (`Context::stop_accepting`).
@@ -282,6 +289,7 @@ impl<M> Context<M> for SimCtx<M> {
         if let Some(c) = self.conns.get_mut(&id) {
             c.out.extend_from_slice(out);
         }
+        self.adopted.push(id);
         id
     }
     fn stop_accepting(&mut self) {

@@ -88,7 +88,12 @@ pub struct Sim {
 impl Sim {
     /// A node with `cfg.shards` shards. TLS and QUIC are not simulated (`cfg.tls`,
     /// `cfg.quic_port` are ignored).
-    pub fn new(mut cfg: ServerConfig) -> Sim {
+    pub fn new(cfg: ServerConfig) -> Sim {
+        Sim::with_restores(cfg, Vec::new())
+    }
+
+    /// A node whose shards start with `restores` (sessions restored or handed over).
+    fn with_restores(mut cfg: ServerConfig, mut restores: Vec<super::shard::Restore>) -> Sim {
         let dir = cfg.socket_dir.clone();
         cfg.tls = None;
         cfg.quic_port = None;
@@ -110,7 +115,15 @@ impl Sim {
         let mut shards = Vec::with_capacity(shard_count);
         for i in 0..shard_count {
             let mut s = SimShard {
-                h: ShardHandler::new(i, shared.clone(), Default::default()),
+                h: ShardHandler::new(
+                    i,
+                    shared.clone(),
+                    if restores.len() > i {
+                        std::mem::take(&mut restores[i])
+                    } else {
+                        Default::default()
+                    },
+                ),
                 ctx: SimCtx::new(i, shard_count, t0),
             };
             s.h.on_start(&mut s.ctx);
@@ -317,6 +330,120 @@ impl Sim {
             s.h.on_shutdown(&mut s.ctx);
         }
         self.settle();
+    }
+
+    /// Bytes from the pod to session `sid` that reach its link's socket but are not read yet
+    /// (the kernel holds them): what a live upgrade hands over as unread.
+    pub fn pod_send_unread(&mut self, tenant: u32, agent: u32, sid: u32, msg: &PodMsg<'_>) {
+        let shard = self.shard_of(sid);
+        let Some(p) = self.pods.get(&(tenant, agent)) else {
+            return;
+        };
+        let Some(&(i, conn, _)) = p.links.iter().find(|l| l.0 == shard) else {
+            return;
+        };
+        let mut out = Vec::new();
+        podlink::encode(&mut out, sid, msg);
+        if let Some(x) = self.shards[i].ctx.conn_mut(conn) {
+            x.held_input.extend_from_slice(&out);
+        }
+    }
+
+    /// A live upgrade (`clawtermd --upgrade`) to a new simulated process: every shard freezes
+    /// and exports, as the runtime would finish each export (with the bytes a connection had
+    /// received but not delivered and the output it had not sent), and a new node starts with
+    /// what was handed over. Clients and pods keep their handles: their connections move.
+    pub fn upgrade(mut self) -> Sim {
+        let n = self.shards.len();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // Which exported connection is which: clients and pod links by (shard, conn).
+        let mut order: Vec<Vec<ConnId>> = vec![Vec::new(); n];
+        for i in 0..n {
+            self.deliver(i, ShardMsg::Export(tx.clone()));
+            let s = &mut self.shards[i];
+            for (conn, msg) in s.ctx.take_exports() {
+                let out = s.ctx.take_output(conn);
+                let unread = s
+                    .ctx
+                    .conn_mut(conn)
+                    .map(|x| std::mem::take(&mut x.held_input))
+                    .unwrap_or_default();
+                let fd: std::os::fd::OwnedFd = match std::fs::File::open("/dev/null") {
+                    Ok(f) => f.into(),
+                    Err(e) => panic!("/dev/null: {e}"),
+                };
+                order[i].push(conn);
+                s.h.on_exported(&mut s.ctx, conn, fd, unread, out, msg);
+            }
+        }
+        drop(tx);
+        let mut restores: Vec<super::shard::Restore> = (0..n).map(|_| Default::default()).collect();
+        // (shard, old conn) of each moved client connection / pod link, in the order the
+        // new shard adopts them: links first, then clients.
+        let mut moved_ids: Vec<Vec<ConnId>> = vec![Vec::new(); n];
+        for x in rx.try_iter() {
+            let i = x.shard;
+            let mut m = super::shard::Moved::default();
+            let mut links = Vec::new();
+            let mut clients = Vec::new();
+            // Exports finished in `order`; links and clients keep that order among themselves.
+            let (mut li, mut ci) = (x.links.into_iter(), x.conns.into_iter());
+            for &conn in &order[i] {
+                let is_link = self
+                    .pods
+                    .values()
+                    .any(|p| p.links.iter().any(|l| l.0 == i && l.1 == conn));
+                if is_link {
+                    if let Some(l) = li.next() {
+                        links.push(conn);
+                        m.links.push(l);
+                    }
+                } else if let Some(c) = ci.next() {
+                    clients.push(conn);
+                    m.conns.push(c);
+                }
+            }
+            moved_ids[i] = links.into_iter().chain(clients).collect();
+            restores[i].records = x.sessions;
+            restores[i].moved = Some(m);
+        }
+        let cfg = self.shared.cfg.clone();
+        let dir = self.dir.clone();
+        let mut next = Sim::with_restores(cfg, restores);
+        // The registry of the node is the same pods; connections get their new ids.
+        for (key, p) in &self.pods {
+            next.shared.registry.set_present(
+                PodKey {
+                    tenant: key.0,
+                    agent: key.1,
+                },
+                p.listening,
+            );
+        }
+        let mut remap: HashMap<(usize, ConnId), (usize, ConnId)> = HashMap::new();
+        for i in 0..n {
+            let adopted = next.shards[i].ctx.take_adopted();
+            for (old, new) in moved_ids[i].iter().zip(adopted) {
+                remap.insert((i, *old), (i, new));
+            }
+        }
+        for c in &mut self.clients {
+            c.at = c.at.and_then(|at| remap.get(&at).copied());
+        }
+        for p in self.pods.values_mut() {
+            for l in &mut p.links {
+                if let Some(&(_, new)) = remap.get(&(l.0, l.1)) {
+                    l.1 = new;
+                }
+            }
+            p.links.retain(|l| remap.values().any(|v| *v == (l.0, l.1)));
+        }
+        next.clients = std::mem::take(&mut self.clients);
+        next.pods = std::mem::take(&mut self.pods);
+        next.dir = dir;
+        next.next_port = self.next_port;
+        next.settle();
+        next
     }
 
     fn deliver(&mut self, to: usize, msg: ShardMsg) {
