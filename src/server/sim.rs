@@ -358,7 +358,7 @@ impl Sim {
         let (tx, rx) = crossbeam_channel::unbounded();
         // Which exported connection is which: clients and pod links by (shard, conn).
         let mut order: Vec<Vec<ConnId>> = vec![Vec::new(); n];
-        for i in 0..n {
+        for (i, ids) in order.iter_mut().enumerate() {
             self.deliver(i, ShardMsg::Export(tx.clone()));
             let s = &mut self.shards[i];
             for (conn, msg) in s.ctx.take_exports() {
@@ -372,7 +372,7 @@ impl Sim {
                     Ok(f) => f.into(),
                     Err(e) => panic!("/dev/null: {e}"),
                 };
-                order[i].push(conn);
+                ids.push(conn);
                 s.h.on_exported(&mut s.ctx, conn, fd, unread, out, msg);
             }
         }
@@ -421,9 +421,9 @@ impl Sim {
             );
         }
         let mut remap: HashMap<(usize, ConnId), (usize, ConnId)> = HashMap::new();
-        for i in 0..n {
+        for (i, ids) in moved_ids.iter().enumerate() {
             let adopted = next.shards[i].ctx.take_adopted();
-            for (old, new) in moved_ids[i].iter().zip(adopted) {
+            for (old, new) in ids.iter().zip(adopted) {
                 remap.insert((i, *old), (i, new));
             }
         }
