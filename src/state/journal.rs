@@ -185,6 +185,10 @@ impl Entry<'_> {
         }
         let crc = CRC32C.checksum(body);
         out[n - 4..].copy_from_slice(&crc.to_be_bytes());
+        // The length goes in after everything else, and the compiler must not move the stores
+        // above below it: a process killed in between leaves a zero length, which reads as the
+        // journal's end (another process reads the same memory, so program order is enough).
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::Release);
         out[..4].copy_from_slice(&((n - 4) as u32).to_be_bytes());
     }
 

@@ -14,6 +14,7 @@ use super::journal::{Entry, Header, HEADER_LEN};
 use memmap2::{MmapMut, MmapOptions};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Default size of the mapped window.
@@ -53,7 +54,13 @@ impl Appender {
         window: usize,
     ) -> io::Result<Appender> {
         {
-            let mut f = File::create(path)?;
+            // Resume tokens inside: the daemon's user alone reads it.
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)?;
             f.write_all(&header.encode())?;
             f.write_all(initial)?;
             f.flush()?;

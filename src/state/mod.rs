@@ -23,6 +23,7 @@ use crate::session::{IdSpace, Session};
 use journal::{Entry, Fold, Header, JournalError};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -140,13 +141,19 @@ const FOLD_NOW: u64 = 86_400_000;
 impl StateDir {
     /// Opens `dir` (created if missing), takes its lock, and checks its format.
     pub fn open(dir: &Path) -> Result<StateDir, StateError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // The dir holds resume tokens: the daemon's user alone reads it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
         let lock_path = dir.join("lock");
         let mut lock = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         if let Err(e) =
@@ -342,23 +349,28 @@ impl StateDir {
     ) -> Result<Restored, StateError> {
         let started = Instant::now();
         let wall = wall_ms();
+        // Headers first (64 bytes each), then one file at a time in memory.
         let mut files = Vec::new();
         for (path, i) in self.journal_files()? {
-            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-            let header = Header::decode(&bytes).map_err(|source| StateError::Journal {
+            let mut head = Vec::with_capacity(journal::HEADER_LEN);
+            File::open(&path)
+                .and_then(|f| f.take(journal::HEADER_LEN as u64).read_to_end(&mut head))
+                .map_err(io_err(&path))?;
+            let header = Header::decode(&head).map_err(|source| StateError::Journal {
                 path: path.clone(),
                 source,
             })?;
-            files.push((header.generation, i, path, bytes));
+            files.push((header.generation, i, path));
         }
         // Older generations first: a newer file's sessions replace theirs.
         files.sort_by_key(|f| (f.0, f.1));
         let mut fold = Fold::default();
         let mut was_shards = shards as u16;
         let mut generation = 0;
-        for (g, _, path, bytes) in &files {
+        for (g, _, path) in &files {
+            let bytes = std::fs::read(path).map_err(io_err(path))?;
             let h =
-                fold.apply(bytes, FOLD_NOW, wall, cap)
+                fold.apply(&bytes, FOLD_NOW, wall, cap)
                     .map_err(|source| StateError::Journal {
                         path: path.clone(),
                         source,
@@ -418,5 +430,33 @@ impl StateDir {
             generation,
             took: started.elapsed(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The dir and its files hold resume tokens: the daemon's user alone may read them; a
+    /// second open of a held dir is refused naming the holder's pid.
+    #[test]
+    fn the_state_dir_is_private_and_exclusive() {
+        let dir = std::env::temp_dir().join(format!("ct-state-perm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sd = StateDir::open(&dir).unwrap();
+        let r = sd.restore(1, 1 << 20, 1 << 16).unwrap();
+        assert_eq!(r.sessions, 0);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("lock")), 0o600);
+        assert_eq!(mode(&sd.journal_path(0)), 0o600);
+        match StateDir::open(&dir) {
+            Err(StateError::Held { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("a held dir opened twice: {other:?}"),
+        }
+        drop(r);
+        drop(sd);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,9 +7,14 @@ use crate::session::Session;
 use std::io;
 use std::path::Path;
 
-/// The journal is rewritten (compacted) past this size, or past four times its size after the
-/// last rewrite, whichever is larger.
+/// The journal is rewritten (compacted) once it has grown by this much, or by its own size
+/// after the last rewrite, whichever is larger: the file stays within twice what it must hold
+/// (plus 64 MiB), and each rewrite is paid for by at least as many bytes appended.
 pub const COMPACT_MIN: u64 = 64 << 20;
+
+fn compact_at(len: u64) -> u64 {
+    len + COMPACT_MIN.max(len)
+}
 
 /// One shard's journal.
 pub struct Journal {
@@ -33,7 +38,7 @@ impl Journal {
         window: usize,
     ) -> io::Result<Journal> {
         let app = Appender::create(path, &header, initial, window)?;
-        let compact_at = COMPACT_MIN.max(app.len() * 4);
+        let compact_at = compact_at(app.len());
         Ok(Journal {
             app,
             header,
@@ -42,6 +47,17 @@ impl Journal {
             scratch: Vec::new(),
             entries: 0,
         })
+    }
+
+    /// The journal can no longer be kept up to date (a write failed): it is set aside as
+    /// `.stale` so that a later start does not restore sessions from out-of-date counters
+    /// (their clients could see input delivered twice); the sessions then end with this
+    /// process, as the error said.
+    pub fn set_aside(&self) {
+        let to = self.app.path().with_extension("journal.stale");
+        if let Err(e) = std::fs::rename(self.app.path(), &to) {
+            tracing::error!(file = %self.app.path().display(), "cannot set the failed journal aside: {e}");
+        }
     }
 
     /// Renames the file (see [`Appender::rename`]).
@@ -145,7 +161,7 @@ impl Journal {
         app.rename(&path)?;
         self.app = app;
         self.header = header;
-        self.compact_at = super::writer::COMPACT_MIN.max(self.app.len() * 4);
+        self.compact_at = compact_at(self.app.len());
         Ok(self.app.len())
     }
 }

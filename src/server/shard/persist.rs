@@ -42,6 +42,7 @@ impl ShardHandler {
                 error = %e,
                 "state journal write failed; this shard's sessions no longer survive a restart"
             );
+            j.set_aside();
             ShardMetrics::inc(&self.m().state_errors, 1);
         }
     }
