@@ -692,3 +692,90 @@ fn two_daemons_racing_for_one_state_dir_one_wins() {
         wait_timeout(&mut winner.0, Duration::from_secs(10)).expect("the winner stops");
     }
 }
+
+/// GET /metrics from an admin endpoint (blocking, bounded).
+fn metrics(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The admin endpoint's port moves to the new process too (it binds once the old one has
+/// released it), and its metrics tell the hand-off: what moved, how long it took; the old
+/// process counted a completed upgrade.
+#[test]
+fn the_admin_port_and_the_hand_off_metrics_move_with_an_upgrade() {
+    let dir = TempDir::with_sock("upgrade-admin");
+    let state = dir.0.join("state");
+    let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let spawn = |upgrade: bool| {
+        let mut cmd = harness::clawtermd();
+        cmd.args(["--bind", "127.0.0.1", "--port", "0", "--shards", "2"])
+            .args(["--insecure-plaintext", "--insecure-no-auth", "--no-quic"])
+            .args(["--admin", &admin])
+            .arg("--socket-dir")
+            .arg(dir.sock())
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "info");
+        if upgrade {
+            cmd.arg("--upgrade");
+        }
+        harness::start_server(&mut cmd, "clawtermd")
+    };
+    let (old, old_log, line) = spawn(false);
+    let mut old = harness::Proc(old);
+    let addr = harness::tcp_addr(&line).unwrap();
+    let mut c = Client::connect(addr);
+    c.try_connect(TENANT, AGENT).unwrap();
+    c.send_data(b"x");
+    assert_eq!(c.recv().payload, b"x");
+    let admin_addr: std::net::SocketAddr = admin.parse().unwrap();
+    assert!(metrics(admin_addr).contains("clawterm_upgrades_total{result=\"completed\"} 0"));
+    let (new, _new_log, _) = spawn(true);
+    let _new = harness::Proc(new);
+    wait_timeout(&mut old.0, Duration::from_secs(10)).expect("the old one exits");
+    assert!(
+        old_log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("upgrade: handed over; exiting") && l.contains("sessions=1")),
+        "{:?}",
+        old_log.lock().unwrap()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = metrics(admin_addr);
+        if m.contains("clawterm_upgrade_last_moved{what=\"sessions\"} 1") {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new process's metrics never showed the hand-off:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        m.contains("clawterm_upgrade_last_moved{what=\"connections\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("clawterm_upgrade_last_moved{what=\"links\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("clawterm_upgrade_last_seconds"), "{m}");
+    c.send_data(b"y");
+    assert_eq!(c.recv().payload, b"y");
+}
