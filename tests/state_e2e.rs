@@ -779,3 +779,45 @@ fn the_admin_port_and_the_hand_off_metrics_move_with_an_upgrade() {
     c.send_data(b"y");
     assert_eq!(c.recv().payload, b"y");
 }
+
+/// Input a client sent while its pod was away is held by the daemon (and acknowledged); a
+/// restart (SIGTERM) in that window does not lose it: the next daemon sends it to the pod after
+/// the REOPEN, exactly once, and the client's RESUME gets the pod's answers.
+#[test]
+fn input_held_for_an_absent_pod_survives_a_restart() {
+    let dir = TempDir::with_sock("held");
+    let state = dir.0.join("state");
+    let agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    let mut c = srv.session(AGENT);
+    let (sid, token) = (c.sid, c.token);
+    c.send_data(b"before;");
+    let f = c.recv();
+    assert_eq!(f.payload, b"before;");
+    c.ack(f.seq);
+    let acked = f.seq;
+    agent.terminate();
+    std::thread::sleep(ms(200)); // the daemon sees the pod go
+    c.send_data(b"held-1;");
+    c.send_data(b"held-2;");
+    std::thread::sleep(ms(200)); // received and held
+    stop_with(srv, libc::SIGTERM);
+    drop(c);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+    let mut c = srv.client();
+    c.resume(sid, acked, &token);
+    let mut got = Vec::new();
+    while got.len() < b"held-1;held-2;".len() {
+        let f = c.recv_within(Duration::from_secs(10));
+        assert_eq!(f.ty, FrameType::Data, "{f:?}\n{}", srv.log_tail(20));
+        got.extend_from_slice(&f.payload);
+        c.ack(f.seq);
+    }
+    assert_eq!(
+        got, b"held-1;held-2;",
+        "the held input reached the pod once, in order"
+    );
+    c.send_data(b"after;");
+    assert_eq!(c.recv_within(Duration::from_secs(10)).payload, b"after;");
+}

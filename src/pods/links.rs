@@ -137,7 +137,6 @@ impl<C> Link<C> {
 }
 
 impl<C: PartialEq> Link<C> {
-    /// Whether `conn` waits for this link to drain.
     /// What a link leaving the process (a live upgrade) takes with it: whether the pod's
     /// HELLO was seen, the partial message received, and what is held for the pod.
     pub fn take_for_export(&mut self) -> (bool, Vec<u8>, Vec<u8>) {
@@ -148,6 +147,17 @@ impl<C: PartialEq> Link<C> {
         )
     }
 
+    /// Client input held for a pod that is away (or not connected yet): whole pod-link
+    /// messages, oldest first, without this connect attempt's HELLO and REOPENs.
+    pub fn held(&self) -> &[u8] {
+        if self.connected {
+            &[]
+        } else {
+            &self.pending[self.prefix_len.min(self.pending.len())..]
+        }
+    }
+
+    /// Whether `conn` waits for this link to drain.
     pub fn holds_reader(&self, conn: &C) -> bool {
         self.paused_readers.contains(conn)
     }
@@ -248,6 +258,13 @@ impl<C> Links<C> {
         });
         l.sessions.extend(sids);
         LinkAction::Arm(now + grace_ms, LinkTimer::Grace)
+    }
+
+    /// Input held for a restored link's pod before the restart (sent after the REOPENs).
+    pub fn restore_held(&mut self, key: (u32, u32), held: &[u8]) {
+        if let Some(l) = self.by_key.get_mut(&key) {
+            l.pending.extend_from_slice(held);
+        }
     }
 
     /// A connected link another process handed over (a live upgrade): up, HELLO exchanged as

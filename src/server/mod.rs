@@ -276,10 +276,12 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     .records
                     .into_iter()
                     .zip(r.journals)
-                    .map(|(records, j)| shard::Restore {
+                    .zip(r.held)
+                    .map(|((records, j), held)| shard::Restore {
                         records,
                         journal: Some(j),
                         moved: None,
+                        held,
                     })
                     .collect();
                 (Some(sd), restores)
@@ -294,6 +296,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     lock,
                     sockets,
                     shards: per_shard,
+                    held,
                     mut channel,
                     sessions,
                     conns,
@@ -312,7 +315,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     }
                 };
                 let (records, moved): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
-                let journals = match sd.install(&records, crate::state::mapped::WINDOW) {
+                let journals = match sd.install(&records, &held, crate::state::mapped::WINDOW) {
                     Ok(j) => j,
                     Err(e) => {
                         fail(&mut channel, &e);
@@ -323,10 +326,12 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     .into_iter()
                     .zip(moved)
                     .zip(journals)
-                    .map(|((records, moved), j)| shard::Restore {
+                    .zip(held)
+                    .map(|(((records, moved), j), held)| shard::Restore {
                         records,
                         journal: Some(j),
                         moved: Some(moved),
+                        held,
                     })
                     .collect();
                 inherited = sockets;

@@ -15,6 +15,9 @@
 //!         3 OUTPUT    body: seq u32 | payload — one frame of agent output, kept in the ring
 //!         4 COUNTERS  body: next_seq u32 | last_client_seq u32 | acked u32 | has_acked u8
 //!         5 END       body: empty — the session is gone
+//!         6 HELD      (session id 0) body: tenant u32 | agent u32 | pod-link messages —
+//!                     client input held for a pod that is away, replacing what this file
+//!                     said before for that pod (empty: none any more)
 //! ```
 //!
 //! The writer stores an entry's `len` last: an entry cut short by a crash still reads as
@@ -121,6 +124,13 @@ pub enum Entry<'a> {
     },
     /// The session is gone.
     End(u32),
+    /// Client input held for the pod (tenant, agent), as pod-link messages.
+    Held {
+        /// The pod.
+        key: (u32, u32),
+        /// Whole pod-link messages (empty: nothing held any more).
+        bytes: &'a [u8],
+    },
 }
 
 impl Entry<'_> {
@@ -131,6 +141,7 @@ impl Entry<'_> {
             Entry::Output { .. } => 3,
             Entry::Counters { .. } => 4,
             Entry::End(_) => 5,
+            Entry::Held { .. } => 6,
         }
     }
 
@@ -138,6 +149,7 @@ impl Entry<'_> {
         match *self {
             Entry::Record(s, _) | Entry::Meta(s, _) | Entry::End(s) => s,
             Entry::Output { sid, .. } | Entry::Counters { sid, .. } => sid,
+            Entry::Held { .. } => 0,
         }
     }
 
@@ -147,6 +159,7 @@ impl Entry<'_> {
             Entry::Output { payload, .. } => 4 + payload.len(),
             Entry::Counters { .. } => 13,
             Entry::End(_) => 0,
+            Entry::Held { bytes, .. } => 8 + bytes.len(),
         }
     }
 
@@ -182,6 +195,11 @@ impl Entry<'_> {
                 rest[12] = u8::from(acked.is_some());
             }
             Entry::End(_) => {}
+            Entry::Held { key, bytes } => {
+                rest[..4].copy_from_slice(&key.0.to_be_bytes());
+                rest[4..8].copy_from_slice(&key.1.to_be_bytes());
+                rest[8..].copy_from_slice(bytes);
+            }
         }
         let crc = CRC32C.checksum(body);
         out[n - 4..].copy_from_slice(&crc.to_be_bytes());
@@ -245,6 +263,10 @@ impl Entry<'_> {
                 acked: (rest[12] == 1).then(|| u32_at(8)),
             },
             5 if rest.is_empty() => Entry::End(sid),
+            6 if rest.len() >= 8 && sid == 0 => Entry::Held {
+                key: (u32_at(0), u32_at(4)),
+                bytes: &rest[8..],
+            },
             _ => {
                 return Err(JournalError::Damaged {
                     offset,
@@ -309,6 +331,9 @@ pub struct Fold {
     pub entries: u64,
     /// Bytes of agent output replayed into rings.
     pub output_bytes: u64,
+    /// Client input held for pods that were away, per file folded and pod: see
+    /// [`Fold::held`].
+    held_by_file: Vec<HashMap<(u32, u32), Vec<u8>>>,
 }
 
 impl Fold {
@@ -325,6 +350,7 @@ impl Fold {
     ) -> Result<Header, JournalError> {
         let header = Header::decode(bytes)?;
         let mut off = HEADER_LEN;
+        let mut held: HashMap<(u32, u32), Vec<u8>> = HashMap::new();
         let record = |b: &[u8], off: usize| -> Result<Session, JournalError> {
             let (s, used) =
                 Session::from_record(b, now, wall_ms).map_err(|source| JournalError::Record {
@@ -400,10 +426,37 @@ impl Fold {
                 Entry::End(sid) => {
                     self.sessions.remove(&sid);
                 }
+                Entry::Held { key, bytes } => {
+                    held.insert(key, bytes.to_vec());
+                }
             }
             off += used;
         }
+        self.held_by_file.push(held);
         Ok(header)
+    }
+
+    /// Client input held for each pod that was away, from every file folded (each file's
+    /// last word for its pods), as whole pod-link messages of sessions that are still there.
+    pub fn held(&self) -> HashMap<(u32, u32), Vec<u8>> {
+        let mut out: HashMap<(u32, u32), Vec<u8>> = HashMap::new();
+        for file in &self.held_by_file {
+            for (key, bytes) in file {
+                let mut off = 0;
+                while let Ok(crate::podlink::Decoded::Msg {
+                    session_id, used, ..
+                }) = crate::podlink::decode(&bytes[off..])
+                {
+                    if self.sessions.contains_key(&session_id) {
+                        out.entry(*key)
+                            .or_default()
+                            .extend_from_slice(&bytes[off..off + used]);
+                    }
+                    off += used;
+                }
+            }
+        }
+        out
     }
 }
 

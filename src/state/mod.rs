@@ -114,6 +114,8 @@ pub struct Restored {
     pub records: Vec<Vec<Vec<u8>>>,
     /// Per shard: its journal, holding those sessions.
     pub journals: Vec<Journal>,
+    /// Per shard: client input held for pods that were away, by pod (pod-link messages).
+    pub held: Vec<Held>,
     /// Sessions restored.
     pub sessions: usize,
     /// Journal files read.
@@ -124,6 +126,31 @@ pub struct Restored {
     pub generation: u64,
     /// Time taken.
     pub took: std::time::Duration,
+}
+
+/// Client input held for pods that are away, by pod: whole pod-link messages, oldest first.
+pub type Held = std::collections::HashMap<(u32, u32), Vec<u8>>;
+
+/// Splits held input by the shard that owns each message's session.
+fn held_by_shard(held: &Held, ids: IdSpace, shards: usize) -> Vec<Held> {
+    let mut out: Vec<Held> = (0..shards).map(|_| Held::new()).collect();
+    for (key, bytes) in held {
+        let mut off = 0;
+        while let Ok(crate::podlink::Decoded::Msg {
+            session_id, used, ..
+        }) = crate::podlink::decode(&bytes[off..])
+        {
+            let owner = ids.owner(session_id);
+            if owner < shards {
+                out[owner]
+                    .entry(*key)
+                    .or_default()
+                    .extend_from_slice(&bytes[off..off + used]);
+            }
+            off += used;
+        }
+    }
+    out
 }
 
 /// Milliseconds since the UNIX epoch.
@@ -240,6 +267,7 @@ impl StateDir {
     pub fn install(
         &self,
         records: &[Vec<Vec<u8>>],
+        held: &[Held],
         window: usize,
     ) -> Result<Vec<Journal>, StateError> {
         let mut generation = 0;
@@ -263,6 +291,7 @@ impl StateDir {
             records
                 .iter()
                 .map(|recs| recs.iter().map(|r| (id(r), r)).collect::<Vec<_>>()),
+            held,
             shards,
             generation + 1,
             window,
@@ -274,6 +303,7 @@ impl StateDir {
     fn write_journals<'a>(
         &self,
         per_shard: impl Iterator<Item = Vec<(u32, &'a Vec<u8>)>>,
+        held: &[Held],
         shards: usize,
         generation: u64,
         window: usize,
@@ -285,6 +315,9 @@ impl StateDir {
             let mut initial = Vec::new();
             for (id, rec) in list {
                 Entry::Record(id, rec).append_to(&mut initial);
+            }
+            for (key, bytes) in held.get(i).into_iter().flatten() {
+                Entry::Held { key: *key, bytes }.append_to(&mut initial);
             }
             let header = Header {
                 shard: i as u16,
@@ -392,6 +425,7 @@ impl StateDir {
                 sessions: unroutable,
             });
         }
+        let fold_held = fold.held();
         let mut per_shard: Vec<Vec<Session>> = (0..shards).map(|_| Vec::new()).collect();
         let sessions = fold.sessions.len();
         let mut ring_bytes = 0u64;
@@ -409,10 +443,12 @@ impl StateDir {
                     .collect()
             })
             .collect();
+        let held = held_by_shard(&fold_held, ids, shards);
         let journals = self.write_journals(
             records
                 .iter()
                 .map(|l| l.iter().map(|(id, r)| (*id, r)).collect()),
+            &held,
             shards,
             generation,
             window,
@@ -424,6 +460,7 @@ impl StateDir {
         Ok(Restored {
             records,
             journals,
+            held,
             sessions,
             files: files.len(),
             ring_bytes,

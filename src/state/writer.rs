@@ -132,6 +132,11 @@ impl Journal {
         self.put(&Entry::End(sid))
     }
 
+    /// Client input held for the pod `key` (replacing what the journal said before for it).
+    pub fn held(&mut self, key: (u32, u32), bytes: &[u8]) -> io::Result<()> {
+        self.put(&Entry::Held { key, bytes })
+    }
+
     /// Whether the file has grown enough to be rewritten.
     pub fn wants_compaction(&self) -> bool {
         self.app.len() >= self.compact_at

@@ -59,6 +59,8 @@ pub struct ShardExport {
     pub sessions: Vec<Vec<u8>>,
     pub conns: Vec<MovedConn>,
     pub links: Vec<MovedLink>,
+    /// Client input held for pods that are away (their links do not move), by pod.
+    pub held: crate::state::Held,
     /// Connections it keeps until the new process serves (TLS, QUIC), then closes.
     pub kept: usize,
 }

@@ -209,6 +209,14 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             )?;
             conns += 1;
         }
+        for (key, bytes) in &x.held {
+            ch.queue(&Msg::Held {
+                shard,
+                tenant: key.0,
+                agent: key.1,
+                bytes,
+            })?;
+        }
         for l in &x.links {
             ch.send_with_fds(
                 &Msg::Link {

@@ -18,6 +18,8 @@ pub struct Taken {
     pub sockets: shards::Inherited,
     /// Per shard: session records, and the connections and links.
     pub shards: Vec<(Vec<Vec<u8>>, Moved)>,
+    /// Per shard: client input held for pods that are away.
+    pub held: Vec<crate::state::Held>,
     /// To say READY (or FAILED) once this process serves.
     pub channel: Channel,
     pub sessions: usize,
@@ -89,6 +91,7 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
     let tcp_fds = fds.split_off(1);
     let lock = fds.pop().ok_or_else(|| bad("no lock descriptor"))?;
     let mut per: Vec<(Vec<Vec<u8>>, Moved)> = (0..shards).map(|_| Default::default()).collect();
+    let mut held: Vec<crate::state::Held> = (0..shards).map(|_| Default::default()).collect();
     let (mut sessions, mut conns, mut links) = (0usize, 0usize, 0usize);
     loop {
         let (b, mut fds) = ch.recv()?;
@@ -143,6 +146,17 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
                 });
                 links += 1;
             }
+            Msg::Held {
+                shard,
+                tenant,
+                agent,
+                bytes,
+            } => {
+                held[shard_of(shard)?]
+                    .entry((tenant, agent))
+                    .or_default()
+                    .extend_from_slice(bytes);
+            }
             Msg::Done {
                 sessions: s,
                 conns: c,
@@ -167,6 +181,7 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
             udp_steered,
         },
         shards: per,
+        held,
         channel: ch,
         sessions,
         conns,

@@ -14,6 +14,8 @@
 //!                          UTF-8) | unread (u32 len, bytes) | unsent (u32 len, bytes);  fd: 1
 //! 0x12 LINK     old → new  shard u16 | tenant u32 | agent u32 | hello seen u8 | unread (u32
 //!                          len, bytes) | unsent (u32 len, bytes);  fd: 1
+//! 0x13 HELD     old → new  shard u16 | tenant u32 | agent u32 | pod-link messages: client
+//!                          input held for a pod that is away (its link does not move)
 //! 0x1F DONE     old → new  sessions u32 | conns u32 | links u32
 //! 0x20 READY    new → old  (empty): the new one serves; the old releases what it kept, exits
 //! 0x21 FAILED   new → old  reason (UTF-8)
@@ -64,6 +66,12 @@ pub enum Msg<'a> {
         unread: &'a [u8],
         unsent: &'a [u8],
     },
+    Held {
+        shard: u16,
+        tenant: u32,
+        agent: u32,
+        bytes: &'a [u8],
+    },
     Done {
         sessions: u32,
         conns: u32,
@@ -106,6 +114,7 @@ impl Msg<'_> {
             Msg::Session { .. } => 0x10,
             Msg::Conn { .. } => 0x11,
             Msg::Link { .. } => 0x12,
+            Msg::Held { .. } => 0x13,
             Msg::Done { .. } => 0x1F,
             Msg::Ready => 0x20,
             Msg::Failed(_) => 0x21,
@@ -178,6 +187,17 @@ impl Msg<'_> {
                 out.push(u8::from(*hello_seen));
                 bytes(out, unread);
                 bytes(out, unsent);
+            }
+            Msg::Held {
+                shard,
+                tenant,
+                agent,
+                bytes,
+            } => {
+                out.extend_from_slice(&shard.to_be_bytes());
+                out.extend_from_slice(&tenant.to_be_bytes());
+                out.extend_from_slice(&agent.to_be_bytes());
+                out.extend_from_slice(bytes);
             }
             Msg::Done {
                 sessions,
@@ -313,6 +333,18 @@ pub fn decode(b: &[u8]) -> Result<Msg<'_>, WireError> {
             unread: r.bytes()?,
             unsent: r.bytes()?,
         },
+        0x13 => {
+            let shard = r.u16()?;
+            let tenant = r.u32()?;
+            let agent = r.u32()?;
+            let n = r.b.len();
+            Msg::Held {
+                shard,
+                tenant,
+                agent,
+                bytes: r.take(n)?,
+            }
+        }
         0x1F => Msg::Done {
             sessions: r.u32()?,
             conns: r.u32()?,
@@ -366,6 +398,12 @@ mod tests {
                 hello_seen: true,
                 unread: b"",
                 unsent: b"xyz",
+            },
+            Msg::Held {
+                shard: 1,
+                tenant: 7,
+                agent: 9,
+                bytes: b"held",
             },
             Msg::Done {
                 sessions: 1,

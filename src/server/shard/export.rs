@@ -109,7 +109,12 @@ impl ShardHandler {
                 );
                 ctx.export(conn, ShardMsg::Moved);
             } else if let Some(l) = self.links.get(key) {
-                // Connecting or lost: the new process reconnects and REOPENs its sessions.
+                // Connecting or lost: the new process reconnects and REOPENs its sessions, then
+                // sends the input held for the pod meanwhile.
+                let held = l.held().to_vec();
+                if !held.is_empty() {
+                    out.held.insert(key, held);
+                }
                 ctx.abort(l.conn());
             }
             self.links.remove(key);
@@ -269,6 +274,9 @@ impl ShardHandler {
             let action = self
                 .links
                 .restore(key, sids, now, self.shared.cfg.agent_grace_ms);
+            if let Some(h) = self.restore_held.remove(&key) {
+                self.links.restore_held(key, &h);
+            }
             self.apply_link_actions(ctx, key, vec![action]);
             if self.shared.pod_present(key.0, key.1) {
                 self.pod_added(ctx, key);

@@ -82,6 +82,8 @@ pub struct ShardHandler {
     journal: Option<Journal>,
     /// Sessions restored from the state dir (or handed over), taken at start.
     restore_records: Vec<Vec<u8>>,
+    /// Client input held for pods that were away, taken at start.
+    restore_held: crate::state::Held,
     /// Connections and links handed over by the process this one replaces, taken at start.
     moved: Option<Moved>,
     /// Handing everything over to a new process (live upgrade).
@@ -137,6 +139,7 @@ impl ShardHandler {
             qevents: Vec::new(),
             journal: restore.journal,
             restore_records: restore.records,
+            restore_held: restore.held,
             moved: restore.moved,
             exporting: None,
             exported_done: false,
@@ -691,6 +694,17 @@ impl shards::Handler for ShardHandler {
             self.table.ids_iter().collect()
         };
         if self.journal.is_some() {
+            // Input held for pods that are away goes to the next daemon with the sessions.
+            for key in self.links.keys() {
+                let held = self
+                    .links
+                    .get(key)
+                    .map(|l| l.held().to_vec())
+                    .unwrap_or_default();
+                if !held.is_empty() {
+                    self.persist_held(key, &held);
+                }
+            }
             info!(
                 sessions = self.table.len(),
                 "sessions kept in the state dir for the next clawtermd"

@@ -23,6 +23,8 @@ pub struct Restore {
     /// A live upgrade: the connections and links the old process handed over (the sessions
     /// are `records`, as they were there).
     pub moved: Option<Moved>,
+    /// Client input held for pods that were away, sent after their REOPENs.
+    pub held: crate::state::Held,
 }
 
 /// Connections and pod links handed over to a shard by the process it replaces.
@@ -75,6 +77,17 @@ impl ShardHandler {
             return;
         };
         if let Err(e) = j.output(sid, first_seq, data, piece) {
+            self.journal_failed(e);
+        }
+    }
+
+    /// Journals the input held for a pod that is away (SIGTERM: the next daemon sends it after
+    /// the REOPENs), or that nothing is held any more (empty: the link is up).
+    pub(super) fn persist_held(&mut self, key: (u32, u32), bytes: &[u8]) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        if let Err(e) = j.held(key, bytes) {
             self.journal_failed(e);
         }
     }
@@ -160,6 +173,9 @@ impl ShardHandler {
         }
         for (key, sids) in by_pod {
             let action = self.links.restore(key, sids, now, grace);
+            if let Some(h) = self.restore_held.remove(&key) {
+                self.links.restore_held(key, &h);
+            }
             self.apply_link_actions(ctx, key, vec![action]);
             if self.shared.pod_present(key.0, key.1) {
                 self.pod_added(ctx, key);

@@ -422,6 +422,10 @@ impl ShardHandler {
             Ok(()) => {
                 let up = self.links.link_up(key);
                 ctx.send(conn, &up.send);
+                // What was held for the pod is on its way: the journal holds nothing for it.
+                if self.journal.is_some() {
+                    self.persist_held(key, &[]);
+                }
                 let readers = self.links.drained(key, ctx.is_backpressured(conn));
                 self.resume_readers(ctx, readers);
                 let waiting = up.waiting;
