@@ -821,3 +821,42 @@ fn input_held_for_an_absent_pod_survives_a_restart() {
     c.send_data(b"after;");
     assert_eq!(c.recv_within(Duration::from_secs(10)).payload, b"after;");
 }
+
+/// A session whose agent ended it while its client was away keeps its output for the client
+/// across a restart: the RESUME gets the replay, then DISCONNECT; the pod is not asked to take
+/// the session back (no REOPEN: the exec agent starts no second process).
+#[test]
+fn a_session_its_agent_closed_keeps_its_output_across_a_restart() {
+    let dir = TempDir::with_sock("closed");
+    let state = dir.0.join("state");
+    let starts = dir.0.join("starts");
+    let script = format!(
+        "echo started >> {}; read line; echo bye-$line",
+        starts.display()
+    );
+    let _agent = AgentProc::exec_sh(&dir.sock(), TENANT, AGENT, &script);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    let mut c = srv.session(AGENT);
+    let (sid, token) = (c.sid, c.token);
+    c.send_data(b"now\n");
+    c.suspend(); // the output and the agent's CLOSE come while suspended
+    std::thread::sleep(ms(500));
+    stop_with(srv, libc::SIGTERM);
+    let srv = start("epoll", 1, &dir.sock(), &state);
+    std::thread::sleep(ms(300)); // a REOPEN, if one were sent, would start the script again
+    let mut c = srv.client();
+    c.resume(sid, 1, &token);
+    let mut got = Vec::new();
+    loop {
+        let f = c.recv_within(Duration::from_secs(10));
+        match f.ty {
+            FrameType::Data => got.extend_from_slice(&f.payload),
+            FrameType::Disconnect => break,
+            FrameType::Error => {} // AGENT_GONE may precede DISCONNECT
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, b"bye-now\n");
+    let n = std::fs::read_to_string(&starts).unwrap().lines().count();
+    assert_eq!(n, 1, "the agent was asked to take the closed session back");
+}

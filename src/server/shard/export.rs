@@ -240,9 +240,9 @@ impl ShardHandler {
         for mut s in sessions {
             let sid = s.id();
             let key = (s.tenant(), s.agent());
-            if !linked.contains(&key) {
+            if !linked.contains(&key) && !s.agent_closed() {
                 // Its link did not come (connecting or lost in the old process): a new one
-                // starts unpaused, with REOPEN.
+                // starts unpaused, with REOPEN. (A session its agent closed needs no pod.)
                 s.clear_pod_flow();
                 lost.entry(key).or_default().push(sid);
             }

@@ -155,6 +155,9 @@ impl ShardHandler {
             s.restored(now);
             let sid = s.id();
             let key = (s.tenant(), s.agent());
+            // A session its agent closed waits only for its client (replay, then DISCONNECT):
+            // its pod is not asked to take it back.
+            let needs_pod = !s.agent_closed();
             // Counted like a created session (the limits apply to restored ones too).
             self.shared
                 .sessions
@@ -167,7 +170,9 @@ impl ShardHandler {
                 self.shared.release_session();
                 continue;
             }
-            by_pod.entry(key).or_default().push(sid);
+            if needs_pod {
+                by_pod.entry(key).or_default().push(sid);
+            }
             self.arm(ctx, sid);
             restored += 1;
         }
