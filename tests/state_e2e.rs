@@ -860,3 +860,51 @@ fn a_session_its_agent_closed_keeps_its_output_across_a_restart() {
     let n = std::fs::read_to_string(&starts).unwrap().lines().count();
     assert_eq!(n, 1, "the agent was asked to take the closed session back");
 }
+
+/// Connections that open and close while the daemon hands itself over (one closing in the very
+/// turn its shard freezes cannot be moved) never hold a live upgrade up; none is refused.
+#[test]
+fn upgrades_complete_while_connections_come_and_go() {
+    for io in ["uring", "epoll"] {
+        let dir = TempDir::with_sock("upgrade-churn");
+        let state = dir.0.join("state");
+        let _agent = AgentProc::echo(&dir.sock(), TENANT, AGENT);
+        let mut srv = start(io, 2, &dir.sock(), &state);
+        let addr = srv.addr;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let churn = std::thread::spawn(move || {
+            let (mut n, mut refused) = (0u32, 0u32);
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                match std::net::TcpStream::connect(addr) {
+                    Ok(s) => drop(s),
+                    Err(_) => refused += 1,
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            (n, refused)
+        });
+        let mut c = srv.session(AGENT);
+        for k in 0..5 {
+            let t0 = std::time::Instant::now();
+            let next = start_upgrade(io, 2, &dir.sock(), &state);
+            wait_exit(srv, "the old clawtermd");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "[{io}] upgrade {k} took {:?}",
+                t0.elapsed()
+            );
+            srv = next;
+            c.send_data(format!("r{k}").as_bytes());
+            assert_eq!(
+                c.recv_within(Duration::from_secs(10)).payload,
+                format!("r{k}").as_bytes()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (n, refused) = churn.join().unwrap();
+        assert!(n > 100, "[{io}] only {n} connections made");
+        assert_eq!(refused, 0, "[{io}] {refused} of {n} connections refused");
+    }
+}

@@ -151,8 +151,9 @@ pub trait Context<M> {
     /// Take a live conn out of the runtime without closing it (a live upgrade moves it to
     /// another process): once no op is in flight on it, `on_exported` gets its socket with
     /// the bytes received but not delivered and the output not yet sent. The id is dead here
-    /// afterwards.
-    fn export(&mut self, conn: ConnId, msg: M);
+    /// afterwards. `false` (and no `on_exported`): the conn is gone already (closed, failed —
+    /// its `on_closed` may still be on its way) or unknown.
+    fn export(&mut self, conn: ConnId, msg: M) -> bool;
     /// Take a connected socket in (e.g. one another process exported): `out` is sent first;
     /// reading starts at once.
     fn adopt_fd(&mut self, fd: std::os::fd::OwnedFd, out: &[u8]) -> ConnId;
@@ -219,7 +220,7 @@ impl<M: Send + 'static> Context<M> for Ctx<'_, M> {
     fn hand_off(&mut self, conn: ConnId, shard: usize, msg: M) {
         self.core.hand_off(conn, shard, msg)
     }
-    fn export(&mut self, conn: ConnId, msg: M) {
+    fn export(&mut self, conn: ConnId, msg: M) -> bool {
         self.core.export(conn, msg)
     }
     fn adopt_fd(&mut self, fd: std::os::fd::OwnedFd, out: &[u8]) -> ConnId {

@@ -599,8 +599,13 @@ impl<M: Send + 'static> Core<M> {
 
     /// Takes a live conn out of the runtime: like a hand-off, but delivered to this shard's
     /// handler (`on_exported`) with its fd, once no op is in flight on it.
-    pub fn export(&mut self, id: ConnId, msg: M) {
+    /// Whether the conn was live (a dead or unknown one is not exported: nothing follows).
+    pub fn export(&mut self, id: ConnId, msg: M) -> bool {
+        if self.lookup(id).is_none() {
+            return false;
+        }
         self.hand_off(id, EXPORT, msg);
+        true
     }
 
     /// Takes a connected socket in, `out` queued first; reading starts at once.

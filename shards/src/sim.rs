@@ -278,11 +278,15 @@ impl<M> Context<M> for SimCtx<M> {
         }
         self.hand_offs.push((conn, shard, msg));
     }
-    fn export(&mut self, conn: ConnId, msg: M) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.ending = Ending::HandedOff;
+    fn export(&mut self, conn: ConnId, msg: M) -> bool {
+        match self.conns.get_mut(&conn) {
+            Some(c) if c.ending == Ending::Open => {
+                c.ending = Ending::HandedOff;
+                self.exports.push((conn, msg));
+                true
+            }
+            _ => false,
         }
-        self.exports.push((conn, msg));
     }
     fn adopt_fd(&mut self, _fd: std::os::fd::OwnedFd, out: &[u8]) -> ConnId {
         let id = self.new_conn(None);

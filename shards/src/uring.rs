@@ -638,7 +638,14 @@ impl UringShard {
             } else {
                 c.out = None;
             }
-        } else if c.flags & (f::HANDOFF | f::SEND) == 0 {
+        } else if c.flags & f::HANDOFF != 0 {
+            // Leaving this shard: a send the peer is slow to take must not hold the hand-off
+            // up. Cancelled, it reports what it sent; the rest moves with the conn.
+            if c.flags & (f::SEND | f::CANCEL_SEND) == f::SEND {
+                c.flags |= f::CANCEL_SEND;
+                self.cancel(ud(K_SEND, idx, gen));
+            }
+        } else if c.flags & f::SEND == 0 {
             if let Some(q) = c.out.as_deref() {
                 let buf = q.front();
                 let len = buf.len().min(1 << 30) as u32;

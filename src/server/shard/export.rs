@@ -69,16 +69,17 @@ impl ShardHandler {
                         ConnState::Bound(s) => s,
                         ConnState::Handshake => 0,
                     };
-                    waiting.insert(
-                        cid(id),
-                        Pending::Client {
-                            sid,
-                            peer: conn.peer.to_string(),
-                            inbuf: std::mem::take(&mut conn.inbuf),
-                        },
-                    );
+                    let pending = Pending::Client {
+                        sid,
+                        peer: conn.peer.to_string(),
+                        inbuf: std::mem::take(&mut conn.inbuf),
+                    };
                     self.clients.conns.remove(&c);
-                    ctx.export(id, ShardMsg::Moved);
+                    // A connection that is already gone (its close not yet seen) does not
+                    // move: its session is suspended in the new process.
+                    if ctx.export(id, ShardMsg::Moved) {
+                        waiting.insert(cid(id), pending);
+                    }
                 }
                 _ => {
                     // Cannot move as it is (TLS, QUIC): kept, bound to nothing, until the new
@@ -98,16 +99,21 @@ impl ShardHandler {
             if l.is_up() {
                 let conn = l.conn();
                 let (hello_seen, inbuf, unsent) = l.take_for_export();
-                waiting.insert(
-                    cid(conn),
-                    Pending::Link {
-                        key,
-                        hello_seen,
-                        inbuf,
-                        unsent,
-                    },
-                );
-                ctx.export(conn, ShardMsg::Moved);
+                if ctx.export(conn, ShardMsg::Moved) {
+                    waiting.insert(
+                        cid(conn),
+                        Pending::Link {
+                            key,
+                            hello_seen,
+                            inbuf,
+                            unsent,
+                        },
+                    );
+                } else if !unsent.is_empty() {
+                    // The link broke in this very turn: its sessions are restored as lost in
+                    // the new process; what was held for the pod goes with them.
+                    out.held.insert(key, unsent);
+                }
             } else if let Some(l) = self.links.get(key) {
                 // Connecting or lost: the new process reconnects and REOPENs its sessions, then
                 // sends the input held for the pod meanwhile.
