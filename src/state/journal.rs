@@ -38,7 +38,8 @@ pub const HEADER_LEN: usize = 64;
 /// what a damaged length can make the reader believe).
 pub const MAX_BODY: usize = 256 << 20;
 
-const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
+/// Slice-by-16 tables: every agent frame is checksummed on the shard's path.
+const CRC32C: Crc<u32, crc::Table<16>> = Crc::<u32, crc::Table<16>>::new(&CRC_32_ISCSI);
 /// kind u8 + session id u32.
 const ENTRY_HEAD: usize = 1 + 4;
 

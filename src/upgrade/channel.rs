@@ -1,16 +1,20 @@
-//! The hand-off socket: [`wire`](super::wire) messages over a Unix stream socket, each with the
-//! descriptors it names attached (SCM_RIGHTS) to the same `sendmsg`.
+//! The hand-off socket: [`wire`](super::wire) messages over a Unix stream socket, with the
+//! descriptors they name passed by SCM_RIGHTS.
 //!
-//! Linux attaches passed descriptors to the bytes of the `sendmsg` that carried them and never
-//! merges them into another sender's read, so every read here is a `recvmsg` that collects
-//! whatever descriptors arrive and each message is read to its exact length: a message's
-//! descriptors come with its own bytes.
+//! Messages that carry descriptors are batched: up to [`MAX_FDS`] descriptors go in one
+//! `sendmsg` together with the messages naming them, so a hand-over of thousands of
+//! connections costs tens of system calls, not thousands. Linux attaches passed descriptors to
+//! the first bytes of the `sendmsg` that carried them, and never delivers them with another
+//! sender's bytes; the receiver reads with `recvmsg` only and keeps the descriptors in arrival
+//! order, and each message takes its own ([`Channel::take_fds`]): they always arrive with or
+//! before the message that names them.
 
 use super::wire::{self, Msg};
 use rustix::net::{
     recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
 };
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,11 +24,18 @@ use std::time::Duration;
 /// Descriptors one `sendmsg` carries at most (the kernel's SCM_MAX_FD is 253).
 pub const MAX_FDS: usize = 250;
 
+/// Messages waiting to be sent past this many bytes go out.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// One end of the hand-off socket.
 pub struct Channel {
     sock: UnixStream,
-    /// Messages without descriptors, batched until the next flush.
-    buf: Vec<u8>,
+    /// Messages waiting to go out in one `sendmsg`, and the descriptors they carry (new
+    /// descriptors of the caller's: sent, then closed here).
+    batch: Vec<u8>,
+    batch_fds: Vec<OwnedFd>,
+    /// Descriptors received that no message has taken yet.
+    fds: VecDeque<OwnedFd>,
     /// Bytes received (for the hand-off's metrics).
     pub received: u64,
     /// Bytes sent.
@@ -32,41 +43,23 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// Wraps a connected socket; reads wait at most `timeout`.
+    /// Wraps a connected socket; reads and writes wait at most `timeout`.
     pub fn new(sock: UnixStream, timeout: Duration) -> io::Result<Channel> {
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
         Ok(Channel {
             sock,
-            buf: Vec::new(),
+            batch: Vec::new(),
+            batch_fds: Vec::new(),
+            fds: VecDeque::new(),
             received: 0,
             sent: 0,
         })
     }
 
-    /// Queues a message without descriptors (sent at the next [`Channel::flush`] or
-    /// [`Channel::send_with_fds`], or once 1 MiB is waiting).
-    pub fn queue(&mut self, m: &Msg<'_>) -> io::Result<()> {
-        debug_assert_eq!(m.fds(), 0);
-        m.encode(&mut self.buf);
-        if self.buf.len() >= 1 << 20 {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Sends what is queued.
-    pub fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.sock.write_all(&self.buf)?;
-            self.sent += self.buf.len() as u64;
-            self.buf.clear();
-        }
-        Ok(())
-    }
-
-    /// Sends a message now, with its descriptors (after what is queued).
-    pub fn send_with_fds(&mut self, m: &Msg<'_>, fds: &[impl AsFd]) -> io::Result<()> {
+    /// Queues a message and the descriptors it names (sent at the next [`Channel::flush`], or
+    /// once a batch is full).
+    pub fn queue_with_fds(&mut self, m: &Msg<'_>, fds: &[impl AsFd]) -> io::Result<()> {
         if fds.len() != m.fds() || fds.len() > MAX_FDS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -77,9 +70,32 @@ impl Channel {
                 ),
             ));
         }
-        self.flush()?;
-        let mut bytes = Vec::new();
-        m.encode(&mut bytes);
+        if self.batch_fds.len() + fds.len() > MAX_FDS {
+            self.flush()?;
+        }
+        m.encode(&mut self.batch);
+        for f in fds {
+            self.batch_fds.push(f.as_fd().try_clone_to_owned()?);
+        }
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Queues a message without descriptors.
+    pub fn queue(&mut self, m: &Msg<'_>) -> io::Result<()> {
+        self.queue_with_fds(m, &[] as &[OwnedFd])
+    }
+
+    /// Sends what is queued: one `sendmsg` with the batch's descriptors (the rest of a long
+    /// batch follows as plain writes).
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.batch);
+        let fds = std::mem::take(&mut self.batch_fds);
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut cmsg = SendAncillaryBuffer::new(&mut space);
@@ -88,26 +104,37 @@ impl Channel {
                 "descriptors do not fit the control buffer",
             ));
         }
-        // The descriptors go with the first sendmsg; the rest of a long message follows.
-        let n = sendmsg(
-            &self.sock,
-            &[IoSlice::new(&bytes)],
-            &mut cmsg,
-            SendFlags::NOSIGNAL,
-        )?;
+        let n = loop {
+            match sendmsg(
+                &self.sock,
+                &[IoSlice::new(&bytes)],
+                &mut cmsg,
+                SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => break n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         self.sock.write_all(&bytes[n..])?;
         self.sent += bytes.len() as u64;
         Ok(())
     }
 
-    /// Sends a message without descriptors now.
+    /// Sends a message now, with its descriptors (after what is queued).
+    pub fn send_with_fds(&mut self, m: &Msg<'_>, fds: &[impl AsFd]) -> io::Result<()> {
+        self.queue_with_fds(m, fds)?;
+        self.flush()
+    }
+
+    /// Sends a message without descriptors now (after what is queued).
     pub fn send(&mut self, m: &Msg<'_>) -> io::Result<()> {
         self.queue(m)?;
         self.flush()
     }
 
-    /// Reads exactly `buf.len()` bytes, collecting the descriptors that come with them.
-    fn read_exact_fds(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<()> {
+    /// Reads exactly `buf.len()` bytes, keeping the descriptors that come with them.
+    fn read_exact_fds(&mut self, buf: &mut [u8]) -> io::Result<()> {
         let mut got = 0;
         let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         while got < buf.len() {
@@ -125,7 +152,7 @@ impl Channel {
             };
             for m in cmsg.drain() {
                 if let RecvAncillaryMessage::ScmRights(received) = m {
-                    fds.extend(received);
+                    self.fds.extend(received);
                 }
             }
             if r.bytes == 0 {
@@ -139,18 +166,38 @@ impl Channel {
         Ok(())
     }
 
-    /// Receives one message: its bytes (type and body; decode with [`wire::decode`]) and the
-    /// descriptors that came with it.
-    pub fn recv(&mut self) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-        let mut fds = Vec::new();
+    /// Receives one message: its bytes (type and body; decode with [`wire::decode`]). The
+    /// descriptors it names are then taken with [`Channel::take_fds`].
+    pub fn recv(&mut self) -> io::Result<Vec<u8>> {
         let mut prefix = [0u8; 4];
-        self.read_exact_fds(&mut prefix, &mut fds)?;
+        self.read_exact_fds(&mut prefix)?;
         let n =
             Msg::announced(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut body = vec![0u8; n];
-        self.read_exact_fds(&mut body, &mut fds)?;
+        self.read_exact_fds(&mut body)?;
         self.received += 4 + n as u64;
-        Ok((body, fds))
+        Ok(body)
+    }
+
+    /// The next `n` descriptors received, in the order they were sent: those of the message
+    /// just received. Fewer than `n` waiting is an error (they arrive with or before the
+    /// message that names them).
+    pub fn take_fds(&mut self, n: usize) -> io::Result<Vec<OwnedFd>> {
+        if self.fds.len() < n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a message names {n} descriptors; {} arrived",
+                    self.fds.len()
+                ),
+            ));
+        }
+        Ok(self.fds.drain(..n).collect())
+    }
+
+    /// Descriptors received that no message has taken.
+    pub fn spare_fds(&self) -> usize {
+        self.fds.len()
     }
 }
 
@@ -164,49 +211,73 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    /// Descriptors arrive with their own message, in order, across batched messages without
-    /// any; the passed descriptor is the same socket.
+    /// Descriptors batched with their messages (more than fit one `sendmsg`, and batches with
+    /// messages without any between them) are taken by the messages that name them, in order;
+    /// a passed descriptor is the same socket.
     #[test]
-    fn descriptors_travel_with_their_message() {
+    fn descriptors_go_with_the_messages_that_name_them() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut tx = Channel::new(a, Duration::from_secs(5)).unwrap();
         let mut rx = Channel::new(b, Duration::from_secs(5)).unwrap();
-        let (mut p1, p2) = UnixStream::pair().unwrap();
-        tx.queue(&Msg::Done {
-            sessions: 1,
-            conns: 2,
-            links: 3,
-        })
-        .unwrap();
-        tx.send_with_fds(
-            &Msg::Conn {
-                shard: 0,
-                sid: 9,
-                peer: "p",
-                unread: &[1; 100_000],
-                unsent: b"",
-            },
-            &[p2.as_fd()],
-        )
-        .unwrap();
-        tx.send(&Msg::Ready).unwrap();
-        let (m, fds) = rx.recv().unwrap();
+        let n = 600; // three batches
+        let mut ours = Vec::new();
+        let t = std::thread::spawn(move || {
+            let mut keep = Vec::new();
+            tx.queue(&Msg::Done {
+                sessions: 1,
+                conns: 2,
+                links: 3,
+            })
+            .unwrap();
+            for i in 0..n {
+                let (p1, p2) = UnixStream::pair().unwrap();
+                let unread = vec![i as u8; if i == 7 { 100_000 } else { 3 }];
+                tx.queue_with_fds(
+                    &Msg::Conn {
+                        shard: 0,
+                        sid: i,
+                        peer: "p",
+                        unread: &unread,
+                        unsent: b"",
+                    },
+                    &[p2.as_fd()],
+                )
+                .unwrap();
+                if i % 100 == 0 {
+                    tx.queue(&Msg::Ready).unwrap();
+                }
+                keep.push(p1);
+            }
+            tx.flush().unwrap();
+            keep
+        });
+        let m = rx.recv().unwrap();
         assert!(matches!(decode(&m).unwrap(), Msg::Done { .. }));
-        assert!(fds.is_empty());
-        let (m, fds) = rx.recv().unwrap();
-        assert!(
-            matches!(decode(&m).unwrap(), Msg::Conn { sid: 9, unread, .. } if unread.len() == 100_000)
-        );
-        assert_eq!(fds.len(), 1);
-        let (m, fds2) = rx.recv().unwrap();
-        assert_eq!(decode(&m).unwrap(), Msg::Ready);
-        assert!(fds2.is_empty());
-        // The descriptor received is the other end of p1.
-        let mut s = UnixStream::from(fds.into_iter().next().unwrap());
-        drop(p2);
-        p1.write_all(b"hi").unwrap();
-        let mut got = [0u8; 2];
-        s.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hi");
+        assert_eq!(rx.take_fds(0).unwrap().len(), 0);
+        for i in 0..n {
+            let m = rx.recv().unwrap();
+            match decode(&m).unwrap() {
+                Msg::Conn { sid, unread, .. } => {
+                    assert_eq!(sid, i);
+                    assert_eq!(unread[0], i as u8);
+                }
+                other => panic!("{other:?}"),
+            }
+            let fd = rx.take_fds(1).unwrap().pop().unwrap();
+            ours.push(UnixStream::from(fd));
+            if i % 100 == 0 {
+                assert_eq!(decode(&rx.recv().unwrap()).unwrap(), Msg::Ready);
+            }
+        }
+        assert_eq!(rx.spare_fds(), 0);
+        let mut keep = t.join().unwrap();
+        // Each received descriptor is the other end of the sender's pair, in order.
+        for (i, (mine, theirs)) in ours.iter_mut().zip(keep.iter_mut()).enumerate() {
+            theirs.write_all(&[(i % 251) as u8]).unwrap();
+            let mut got = [0u8; 1];
+            mine.read_exact(&mut got).unwrap();
+            assert_eq!(got[0], (i % 251) as u8);
+        }
+        assert!(rx.take_fds(1).is_err(), "no descriptor is left over");
     }
 }

@@ -115,7 +115,7 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
 /// `Ok(true)`: handed over, the new process serves.
 fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<bool> {
     let mut ch = Channel::new(stream, Duration::from_secs(30))?;
-    let (hello, _) = ch.recv()?;
+    let hello = ch.recv()?;
     let (version, pid, shards) = match decode(&hello)? {
         Msg::Hello {
             version,
@@ -197,7 +197,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             sessions += 1;
         }
         for c in &x.conns {
-            ch.send_with_fds(
+            ch.queue_with_fds(
                 &Msg::Conn {
                     shard,
                     sid: c.sid,
@@ -218,7 +218,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             })?;
         }
         for l in &x.links {
-            ch.send_with_fds(
+            ch.queue_with_fds(
                 &Msg::Link {
                     shard,
                     tenant: l.key.0,
@@ -238,7 +238,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         links,
     })?;
     let handed = frozen_at.elapsed();
-    let (answer, _) = ch.recv()?;
+    let answer = ch.recv()?;
     match decode(&answer)? {
         Msg::Ready => {}
         Msg::Failed(why) => {

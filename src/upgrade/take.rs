@@ -67,7 +67,7 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
         pid: std::process::id(),
         shards: shards as u16,
     })?;
-    let (b, mut fds) = ch.recv()?;
+    let b = ch.recv()?;
     let (tcp, udp, udp_steered) = match decode(&b)? {
         Msg::Refuse(why) => return Err(TakeError::Refused(why.to_string())),
         Msg::Accept {
@@ -79,14 +79,7 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
         } if v == VERSION && n as usize == shards => (tcp as usize, udp as usize, udp_steered),
         other => return Err(bad(format!("unexpected answer to HELLO: {other:?}")).into()),
     };
-    if fds.len() != 1 + tcp + udp {
-        return Err(bad(format!(
-            "ACCEPT came with {} descriptors, not {}",
-            fds.len(),
-            1 + tcp + udp
-        ))
-        .into());
-    }
+    let mut fds = ch.take_fds(1 + tcp + udp)?;
     let udp_fds = fds.split_off(1 + tcp);
     let tcp_fds = fds.split_off(1);
     let lock = fds.pop().ok_or_else(|| bad("no lock descriptor"))?;
@@ -94,11 +87,9 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
     let mut held: Vec<crate::state::Held> = (0..shards).map(|_| Default::default()).collect();
     let (mut sessions, mut conns, mut links) = (0usize, 0usize, 0usize);
     loop {
-        let (b, mut fds) = ch.recv()?;
+        let b = ch.recv()?;
         let m = decode(&b)?;
-        if fds.len() != m.fds() {
-            return Err(bad(format!("{} descriptors with {m:?}", fds.len())).into());
-        }
+        let mut fds = ch.take_fds(m.fds())?;
         let shard_of = |s: u16| -> io::Result<usize> {
             if (s as usize) < shards {
                 Ok(s as usize)
@@ -162,7 +153,9 @@ pub fn take_over(dir: &Path, shards: usize) -> Result<Taken, TakeError> {
                 conns: c,
                 links: l,
             } => {
-                if (s as usize, c as usize, l as usize) != (sessions, conns, links) {
+                if (s as usize, c as usize, l as usize) != (sessions, conns, links)
+                    || ch.spare_fds() != 0
+                {
                     return Err(bad(format!(
                         "DONE says {s} sessions, {c} connections, {l} links; {sessions}, {conns}, {links} came"
                     ))
