@@ -303,6 +303,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     links,
                     started,
                 } = crate::upgrade::take::take_over(dir, cfg_shards)?;
+                let received_at = started.elapsed();
                 let fail = |ch: &mut crate::upgrade::channel::Channel,
                             e: &dyn std::fmt::Display| {
                     let _ = ch.send(&crate::upgrade::wire::Msg::Failed(&e.to_string()));
@@ -335,6 +336,11 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     })
                     .collect();
                 inherited = sockets;
+                tracing::debug!(
+                    received_ms = received_at.as_millis() as u64,
+                    journals_ms = started.elapsed().as_millis() as u64,
+                    "upgrade: everything received, journals written"
+                );
                 taken = Some((channel, sessions, conns, links, started));
                 (Some(sd), restores)
             }
@@ -396,6 +402,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     let _ = shared.metrics.backend.set(runtime.backend().to_string());
     let upgraded = taken.is_some();
     if let Some((mut ch, sessions, conns, links, started)) = taken {
+        let runtime_ms = started.elapsed().as_millis() as u64;
         // READY once every shard has taken its part in (its on_start ran).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while shared.metrics.ready_shards.load(Ordering::Relaxed) < cfg_shards
@@ -420,6 +427,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
             links,
             bytes = ch.received,
             took_ms = took.as_millis() as u64,
+            runtime_started_ms = runtime_ms,
             "upgrade: took over; serving"
         );
     }

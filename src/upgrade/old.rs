@@ -183,6 +183,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
     drop(tx);
     let frozen_at = Instant::now();
     let (mut sessions, mut conns, mut links, mut kept) = (0u32, 0u32, 0u32, 0usize);
+    let mut exported_at = None;
     for _ in 0..src.shards {
         let x = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
             io::Error::new(
@@ -190,6 +191,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
                 "a shard did not hand over within 10 s; its sessions are in the state dir",
             )
         })?;
+        exported_at = Some(frozen_at.elapsed());
         let shard = x.shard as u16;
         kept += x.kept;
         for record in &x.sessions {
@@ -273,6 +275,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         reconnecting = kept,
         bytes = ch.sent,
         frozen_ms = handed.as_millis() as u64,
+        exported_ms = exported_at.unwrap_or_default().as_millis() as u64,
         took_ms = started.elapsed().as_millis() as u64,
         "upgrade: handed over; exiting"
     );
