@@ -880,6 +880,9 @@ fn coordinate(o: &Opts) -> i32 {
             v.insert("mismatched_echoes".into(), json!(c("mismatched_echoes")));
             v.insert("unsolicited_data".into(), json!(c("unsolicited_data")));
             v.insert("latency_us".into(), h("latency_us"));
+            // One value per session: its longest echo wait in the window (a lost echo counts
+            // as a wait until the end of the drain): the longest pause each client saw.
+            v.insert("session_max_latency_us".into(), h("session_max_latency_us"));
             v.insert(
                 "client_cpu_fraction".into(),
                 json!(

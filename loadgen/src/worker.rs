@@ -73,6 +73,9 @@ struct Conn {
     epollout: bool,
     /// Outstanding echoes: (tag, intended or actual send time).
     out: VecDeque<(u32, Instant)>,
+    /// Echo: the longest wait (µs) of any of this session's measured echoes, 0 if none (the
+    /// per-session histogram `session_max_latency_us`: the longest pause each client saw).
+    max_wait_us: u64,
     local: Option<SocketAddrV4>,
     /// The source address+port of the connection that opened the session (it landed on the
     /// owner shard, so a reconnect from it lands there again).
@@ -163,6 +166,7 @@ impl Conn {
             wbuf: Vec::new(),
             epollout: false,
             out: VecDeque::new(),
+            max_wait_us: 0,
             local: None,
             home: None,
             resume_last: 0,
@@ -266,6 +270,8 @@ struct Worker<'a> {
     n_in_window: u64,
     h_latency: Histogram<u64>,
     h_lag: Histogram<u64>,
+    /// Echo: one value per session, its longest wait (`Conn::max_wait_us`).
+    h_session_max: Histogram<u64>,
     /// Delayed ACKs: (due, connection), in due order (`--ack-delay`).
     ack_q: VecDeque<(Instant, usize)>,
     ack_delay: Duration,
@@ -348,6 +354,7 @@ impl<'a> Worker<'a> {
             n_in_window: 0,
             h_latency: new_hist(),
             h_lag: new_hist(),
+            h_session_max: new_hist(),
             ack_q: VecDeque::new(),
             ack_delay: Duration::from_secs_f64(o.ack_delay_ms / 1000.0),
             spin: Duration::from_micros(o.spin_us),
@@ -1193,6 +1200,8 @@ impl<'a> Worker<'a> {
                 self.done_counter += 1;
                 let us = (now.saturating_duration_since(at).as_micros() as u64).max(1);
                 self.h_latency.saturating_record(us);
+                let c = &mut self.conns[i];
+                c.max_wait_us = c.max_wait_us.max(us);
             }
         }
         if self.mode == Mode::EchoClosed && self.win.is_some() {
@@ -1489,8 +1498,17 @@ impl<'a> Worker<'a> {
         self.count("drain_ms", drain.elapsed().as_millis() as u64);
         let (a, b) = (wa, wb);
         let mut lost = 0;
+        let end = Instant::now();
         for c in &self.conns {
-            lost += c.out.iter().filter(|x| x.1 >= a && x.1 < b).count() as u64;
+            let mut max = c.max_wait_us;
+            for x in c.out.iter().filter(|x| x.1 >= a && x.1 < b) {
+                lost += 1;
+                // An echo that never came: the session waited at least until now.
+                max = max.max((end.saturating_duration_since(x.1).as_micros() as u64).max(1));
+            }
+            if max > 0 {
+                self.h_session_max.saturating_record(max);
+            }
         }
         self.count("lost_in_window", lost);
         let alive = self.up_count() as u64;
@@ -1710,6 +1728,7 @@ impl<'a> Worker<'a> {
         for (k, h) in [
             ("latency_us", &self.h_latency),
             ("send_lag_us", &self.h_lag),
+            ("session_max_latency_us", &self.h_session_max),
         ] {
             if !h.is_empty() {
                 hists.insert(k.to_string(), hist_to_json(h));
