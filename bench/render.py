@@ -3,10 +3,10 @@
 
   render.py record RUN_DIR --profile P --history bench/history.jsonl [--failed JSON]
             [--seconds S] [--ios "uring epoll"] [--placement TEXT]
-      Summarises the loadgen JSON files of one bench/run.sh run into one JSON line appended
-      to the history file (and prints it), with every goal of the benchmark issue next to the
-      figure measured for it (met / not met; not evaluated where the profile is smaller than
-      the goal's setting).
+      Summarises the loadgen JSON files of one bench/run.sh run (and state_figures.json, the
+      state dir and live upgrade figures) into one JSON line appended to the history file (and
+      prints it), with every goal of the benchmark issues (6, 14) next to the figure measured
+      for it (met / not met; not evaluated where the run is smaller than the goal's setting).
   render.py goals RECORD_JSON
       Prints the goals of one recorded run (the JSON line `record` printed) as text.
   render.py quick RECORD_JSON
@@ -138,6 +138,63 @@ def summarize(kind, d, srv_cpu=None, lg_cpu=None):
     return s
 
 
+def summarize_state(d):
+    """The figures of one state_figures run (bench/src/bin/state_figures.rs) that the history
+    keeps: live upgrades under busy and idle load, SIGKILL + restart, the state dir's cost."""
+    if d is None:
+        return {"missing": True}
+    s = {"ok": d.get("ok"), "problems": (d.get("problems") or [])[:5], "params": d.get("params"),
+         "placement": d.get("placement")}
+    lat = lambda h: {q: pick(h, q) for q in ("count", "p50", "p99", "max")}
+    for k in ("busy_upgrade", "idle_upgrade"):
+        u = d.get(k)
+        if not isinstance(u, dict):
+            continue
+        s[k] = {
+            "sessions": u.get("sessions"),
+            "upgrades": len(u.get("upgrades") or []),
+            "start_to_old_exit_ms": lat(pick(u, "upgrade", "start_to_old_exit_ms")),
+            "start_to_listening_ms": lat(pick(u, "upgrade", "start_to_listening_ms")),
+            "frozen_ms": lat(pick(u, "upgrade", "frozen_ms")),
+            "took_ms": lat(pick(u, "upgrade", "took_ms")),
+            "pause_p99_ms": u.get("pause_p99_ms"),
+            "pause_max_ms": u.get("pause_max_ms"),
+            "session_max_latency_us": lat(u.get("session_max_latency_us")),
+            "latency_us": lat(u.get("latency_us") or u.get("probe_latency_us")),
+            "lost": u.get("lost", u.get("probe_lost")),
+            "refused_connects": pick(u, "probes", "tcp_refused_or_failed"),
+            "tcp_connects_during_upgrades": pick(u, "probes", "tcp_connects_during_upgrades"),
+            "new_sessions_failed": pick(u, "probes", "new_sessions_failed"),
+            "new_session_ms": lat(pick(u, "probes", "new_session_ms")),
+        }
+        if k == "idle_upgrade":
+            s[k]["alive_at_end"] = u.get("sessions_alive_at_end")
+        else:
+            s[k]["rate_total_per_s"] = u.get("rate_total_per_s")
+    k = d.get("kill_restart")
+    if isinstance(k, dict):
+        s["kill_restart"] = {x: k.get(x) for x in (
+            "sessions", "restored", "fold_ms", "start_to_listening_ms", "start_to_all_resumed_ms",
+            "resume_failures", "pending_bytes_expected", "pending_bytes_replayed", "bytes_lost",
+            "bytes_duplicated")}
+        s["kill_restart"]["resume_ms"] = lat(k.get("resume_ms"))
+    c = d.get("cost")
+    if isinstance(c, dict):
+        e, r = c.get("echo_closed_loop") or {}, c.get("rss_per_idle_session") or {}
+        s["cost"] = {
+            "echo_sessions": e.get("sessions"),
+            "echo_rate_without": e.get("median_without"), "echo_rate_with": e.get("median_with"),
+            "echo_ratio": e.get("ratio_of_medians"), "echo_median_pair_ratio": e.get("median_pair_ratio"),
+            "echo_rate_reps": {"without": e.get("rate_without"), "with": e.get("rate_with")},
+            "rss_sessions": r.get("sessions"),
+            "rss_bytes_without": r.get("median_without"), "rss_bytes_with": r.get("median_with"),
+            "rss_bytes_difference": r.get("difference"),
+            "rss_parts_per_session": r.get("rss_parts_per_session"),
+            "state_dir_allocated_bytes": r.get("state_dir_allocated_bytes"),
+        }
+    return s
+
+
 def closed_reps(run_dir, io, sm):
     """The closed-loop echo reps of one backend, in run order ({io}.echo_closed.N.json)."""
     out, n = [], 1
@@ -211,6 +268,9 @@ def record(a):
             bulk[fs] = m
     if bulk:
         res["bulk"] = bulk
+    # The state dir and live upgrade figures (state_figures, issue 14), when the run had them.
+    if os.path.exists(os.path.join(a.run_dir, "state_figures.json")):
+        res["state"] = summarize_state(load(os.path.join(a.run_dir, "state_figures.json")))
 
     g = lambda *k: pick(res, *k)
     ratios = {}
@@ -258,7 +318,7 @@ def record(a):
 
 
 # ------------------------------------------------------------------------------------------
-# Goals (issue 6): each next to the figure measured for it.
+# Goals (issues 6 and 14): each next to the figure measured for it.
 
 def _delta(a, b):
     return None if a is None or b is None else a - b
@@ -297,7 +357,36 @@ def goal_table(ios):
                              pick(r, "resume_cross_paced", "same_port_resumed_us", "p50")), full),
         ("tls_idle_bytes", "server RSS per idle TLS session", "<=", 16384, " B",
          lambda r, q: pick(r, "tls", "idle", "rss_bytes_per_session"), full),
+        # Issue 14: sessions across restarts and live upgrades (state_figures).
+        ("upgrade_pause_busy", "live upgrade under 2,000 busy echo sessions: p99 over sessions of "
+         "each one's longest echo wait", "<=", 50, " ms",
+         lambda r, q: pick(r, "state", "busy_upgrade", "pause_p99_ms"),
+         lambda p, r: (pick(r, "state", "busy_upgrade", "sessions") or 0) >= 2000),
+        ("upgrade_pause_idle", "live upgrade with 10,000 idle sessions: p99 pause of the echo probes",
+         "<=", 50, " ms", lambda r, q: pick(r, "state", "idle_upgrade", "pause_p99_ms"),
+         lambda p, r: (pick(r, "state", "idle_upgrade", "sessions") or 0) >= 10000),
+        ("upgrade_refused", "connects refused during live upgrades (busy and idle)", "<=", 0, "",
+         lambda r, q: _sum(pick(r, "state", "busy_upgrade", "refused_connects"),
+                           pick(r, "state", "idle_upgrade", "refused_connects")),
+         lambda p, r: pick(r, "state", "busy_upgrade") is not None),
+        ("kill_all_resumed", "SIGKILL + restart, 10,000 sessions: new process's start to every "
+         "session RESUMEd", "<=", 1000, " ms",
+         lambda r, q: pick(r, "state", "kill_restart", "start_to_all_resumed_ms"),
+         lambda p, r: (pick(r, "state", "kill_restart", "sessions") or 0) >= 10000),
+        ("kill_bytes_lost", "SIGKILL + restart: bytes of pending output lost", "<=", 0, " B",
+         lambda r, q: pick(r, "state", "kill_restart", "bytes_lost"),
+         lambda p, r: pick(r, "state", "kill_restart") is not None),
+        ("state_echo_ratio", "closed-loop echo with / without a state dir (1 shard, same run)", ">=", 0.95, "×",
+         lambda r, q: pick(r, "state", "cost", "echo_ratio"), full),
+        ("state_idle_bytes", "server RSS per idle session, with minus without a state dir", "<=", 64, " B",
+         lambda r, q: pick(r, "state", "cost", "rss_bytes_difference"),
+         lambda p, r: (pick(r, "state", "cost", "rss_sessions") or 0) >= 10000),
     ]
+
+
+def _sum(*xs):
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return sum(xs) if xs else None
 
 
 def evaluate_goals(profile, ios, res, ratios):
@@ -312,6 +401,8 @@ def evaluate_goals(profile, ios, res, ratios):
         if ok and isinstance(v, (int, float)):
             met = v >= target if cmp == ">=" else v <= target
         note = "" if ok else f"not evaluated: the {profile} profile does not run the goal's setting"
+        if ok and v is None:
+            note = "not measured in this run"
         out.append({"id": gid, "goal": text, "target": f"{cmp} {fmt(target)}{unit}",
                     "measured": v, "unit": unit.strip(), "met": met, "note": note})
     return out
@@ -472,6 +563,30 @@ def profile_section(profile, runs):
         ser += [(f"{io}/raw closed-loop rate", G("ratios", f"{io}_over_raw", "echo_closed_rate")),
                 (f"{io}/raw echo p99", G("ratios", f"{io}_over_raw", "echo_p99"))]
     charts.append(chart("server / raw TCP echo ratios", runs, ser, log=True))
+    # Issue 14 (state_figures): live upgrades, SIGKILL + restart, the state dir's cost (only
+    # once a run of this profile has them).
+    st = lambda *k: G("results", "state", *k)
+    if any(isinstance(pick(r, "results", "state"), dict) for r in runs):
+        charts.append(chart("Live upgrade: longest echo wait per session, p99 and max (ms, log)", runs,
+                            [("busy p99", st("busy_upgrade", "pause_p99_ms")),
+                             ("busy max", st("busy_upgrade", "pause_max_ms")),
+                             ("idle probes p99", st("idle_upgrade", "pause_p99_ms")),
+                             ("idle probes max", st("idle_upgrade", "pause_max_ms"))], unit=" ms", log=True))
+        charts.append(chart("Live upgrade: new process's start to the old one's exit, and frozen (ms, max)", runs,
+                            [("busy start→old exit", st("busy_upgrade", "start_to_old_exit_ms", "max")),
+                             ("idle start→old exit", st("idle_upgrade", "start_to_old_exit_ms", "max")),
+                             ("busy frozen", st("busy_upgrade", "frozen_ms", "max")),
+                             ("idle frozen", st("idle_upgrade", "frozen_ms", "max"))], unit=" ms"))
+        charts.append(chart("SIGKILL + restart: start to listening and to every session RESUMEd (ms)", runs,
+                            [("start→listening", st("kill_restart", "start_to_listening_ms")),
+                             ("start→all resumed", st("kill_restart", "start_to_all_resumed_ms")),
+                             ("journal fold", st("kill_restart", "fold_ms"))], unit=" ms"))
+        charts.append(chart("State dir cost: closed-loop echo, 1 shard, same run (round trips/s)", runs,
+                            [("without state dir", st("cost", "echo_rate_without")),
+                             ("with state dir", st("cost", "echo_rate_with"))]))
+        charts.append(chart("State dir cost: server RSS per idle session (B)", runs,
+                            [("without state dir", st("cost", "rss_bytes_without")),
+                             ("with state dir", st("cost", "rss_bytes_with"))], unit=" B"))
 
     last = runs[-1]
     rows = []
@@ -496,8 +611,9 @@ def profile_section(profile, runs):
         f'{ {True: "met", False: "not met"}.get(g["met"], "–") }</td>'
         f'<td style="text-align:left">{html.escape(g.get("note", ""))}</td></tr>'
         for g in last.get("goals", []))
-    goals_html = (f'<table><tr><th>goal (issue 6)</th><th>target</th><th>measured</th><th></th><th>note</th></tr>'
+    goals_html = (f'<table><tr><th>goal (issues 6, 14)</th><th>target</th><th>measured</th><th></th><th>note</th></tr>'
                   f'{goal_rows}</table>') if goal_rows else "<p>No goals recorded for this run.</p>"
+    state_html = state_table(pick(last, "results", "state"))
     rat = pick(last, "ratios") or {}
     rat_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(kk)}</td><td>{fmt(vv)}</td></tr>"
                        for k, v in rat.items() for kk, vv in v.items())
@@ -522,10 +638,61 @@ host {html.escape(json.dumps(last.get("host", {})))}</p>
 <th>echo µs p50 / p90 / p99 / p99.9 / max</th><th>RESUMED µs p50 / p99, burst</th>
 <th>RESUMED µs p50 / p99, paced</th><th>1st replay µs p50 / p99, burst</th></tr>
 {"".join(rows)}</table>
+{state_html}
 <div class="charts">{"".join(f'<div>{c}</div>' for c in charts)}</div>
 <details><summary>Ratios of the latest run</summary><table>{rat_rows}</table></details>
 <details><summary>Runs</summary><table><tr><th>time (UTC)</th><th>git</th><th>status</th><th>wall</th><th>load avg at start</th><th>note</th></tr>{hist_rows}</table></details>
 """
+
+
+def state_table(st):
+    """The latest run's state dir and live upgrade figures (state_figures), as a table."""
+    if not isinstance(st, dict) or st.get("missing"):
+        return ""
+    rows = []
+    for k, name in (("busy_upgrade", "live upgrade, busy echo sessions"),
+                    ("idle_upgrade", "live upgrade, idle sessions (+ echo probes)")):
+        u = st.get(k)
+        if not isinstance(u, dict):
+            continue
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in [
+            html.escape(name), fmt(u.get("sessions")), fmt(u.get("upgrades")),
+            " / ".join(fmt(pick(u, "start_to_old_exit_ms", q)) for q in ("p50", "max")),
+            " / ".join(fmt(pick(u, "frozen_ms", q)) for q in ("p50", "max")),
+            f'{fmt(u.get("pause_p99_ms"))} / {fmt(u.get("pause_max_ms"))}',
+            fmt(u.get("lost")), fmt(u.get("refused_connects")),
+        ]) + "</tr>")
+    up = ""
+    if rows:
+        up = ("<table><tr><th>live upgrade</th><th>sessions</th><th>upgrades</th>"
+              "<th>start→old exit ms p50 / max</th><th>frozen ms p50 / max</th>"
+              "<th>pause ms p99 / max (per-session longest echo wait)</th><th>echoes lost</th>"
+              "<th>connects refused</th></tr>" + "".join(rows) + "</table>")
+    k = st.get("kill_restart")
+    kill = ""
+    if isinstance(k, dict):
+        kill = ("<table><tr><th>SIGKILL + restart</th><th>restored</th><th>start→listening ms</th>"
+                "<th>journal fold ms</th><th>start→all RESUMEd ms</th><th>resume failures</th>"
+                "<th>pending bytes</th><th>bytes lost</th><th>bytes duplicated</th></tr><tr>"
+                + "".join(f"<td>{fmt(k.get(x))}</td>" for x in (
+                    "sessions", "restored", "start_to_listening_ms", "fold_ms",
+                    "start_to_all_resumed_ms", "resume_failures", "pending_bytes_expected",
+                    "bytes_lost", "bytes_duplicated")) + "</tr></table>")
+    c = st.get("cost")
+    cost = ""
+    if isinstance(c, dict):
+        cost = ("<table><tr><th>state dir cost</th><th>closed-loop echo/s without / with</th>"
+                "<th>ratio (medians; median pair)</th><th>RSS B/idle session without / with</th>"
+                "<th>difference</th><th>state dir allocated</th></tr><tr><td>1 shard</td>"
+                f'<td>{fmt(c.get("echo_rate_without"))} / {fmt(c.get("echo_rate_with"))}</td>'
+                f'<td>{fmt(c.get("echo_ratio"))}; {fmt(c.get("echo_median_pair_ratio"))}</td>'
+                f'<td>{fmt(c.get("rss_bytes_without"))} / {fmt(c.get("rss_bytes_with"))}</td>'
+                f'<td>{fmt(c.get("rss_bytes_difference"))}</td>'
+                f'<td>{fmt(c.get("state_dir_allocated_bytes"))} B</td></tr></table>')
+    status = "ok" if st.get("ok") else "FAILED: " + html.escape("; ".join(st.get("problems") or []))
+    return (f"<h3>Sessions across restarts and live upgrades, latest run (state_figures: {status})</h3>"
+            f"<p>{html.escape(str(st.get('placement') or ''))}; "
+            f"{html.escape(json.dumps(st.get('params') or {}))}</p>{up}{kill}{cost}")
 
 
 def render(a):

@@ -2,8 +2,10 @@
 # ClawTerm benchmark: builds release, runs loadgen scenarios against clawtermd (io_uring and
 # epoll backends, one shard on CPU 0, the echo agent pod pinned to CPU 0 too, loadgen on CPU 1)
 # and against a raw TCP echo server (the no-protocol baseline), plus TLS and QUIC idle (and
-# QUIC echo) scenarios; appends one JSON line to bench/history.jsonl (with each goal next to
-# its measured figure) and regenerates bench/dashboard.html.
+# QUIC echo) scenarios and the state dir / live upgrade figures (bench/src/bin/state_figures.rs:
+# upgrades under busy and idle load, SIGKILL + restart, the state dir's cost); appends one JSON
+# line to bench/history.jsonl (with each goal next to its measured figure) and regenerates
+# bench/dashboard.html.
 #
 #   bash bench/run.sh [--profile smoke|full|quick] [--io "uring epoll"] [--no-build] [--keep]
 #                     [--history FILE] [--dashboard FILE] [--note TEXT]
@@ -34,7 +36,7 @@ while [ $# -gt 0 ]; do
     --history) HISTORY="$2"; shift 2 ;;
     --dashboard) DASHBOARD="$2"; shift 2 ;;
     --note) NOTE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -47,17 +49,21 @@ done
 ACK_DELAY=1000
 # RESUME_RATE: the paced resume rounds (new resumes per second); the burst rounds start
 # --inflight (256) at a time. TLS_N / QUIC_N: idle sessions over TLS / QUIC; QUIC_ECHO_*: the
-# open-loop echo over QUIC.
+# open-loop echo over QUIC. STATE_ARGS: the sizes of state_figures (the issue's in full: 10,000
+# idle sessions and 2,000 busy ones across 3 upgrades, 10,000 across SIGKILL; its closed-loop
+# cost reps use CLOSED_N sessions for DUR seconds).
 case "$PROFILE" in
   smoke) IDLE_N=500;   ECHO_N=500;   ECHO_RATE=5000;  CLOSED_N=500;  RESUME_N=500;   DUR=3;  CONN_INFLIGHT=64
          RESUME_RATE=2000; TLS_N=200;   QUIC_N=200;  QUIC_ECHO_N=100;  QUIC_ECHO_RATE=1000; TQ_DUR=2
-         CLOSED_REPS=2; BULK_PROBES=4 ;;
+         CLOSED_REPS=2; BULK_PROBES=4
+         STATE_ARGS=(--idle 2000 --busy 500 --kill 2000 --upgrades 2 --reps 3) ;;
   full)  IDLE_N=19000; ECHO_N=10000; ECHO_RATE=50000; CLOSED_N=10000; RESUME_N=10000; DUR=15; CONN_INFLIGHT=64
          RESUME_RATE=2000; TLS_N=10000; QUIC_N=5000; QUIC_ECHO_N=1000; QUIC_ECHO_RATE=5000; TQ_DUR=10
-         CLOSED_REPS=3; BULK_PROBES=8 ;;
+         CLOSED_REPS=3; BULK_PROBES=8
+         STATE_ARGS=(--idle 10000 --busy 2000 --kill 10000 --upgrades 3 --reps 3) ;;
   quick) IDLE_N=10000; CLOSED_N=1000; DUR=5; CONN_INFLIGHT=64; CLOSED_REPS=1
          ECHO_N=0; ECHO_RATE=0; RESUME_N=0; RESUME_RATE=0; TLS_N=0; QUIC_N=0; QUIC_ECHO_N=0
-         QUIC_ECHO_RATE=0; TQ_DUR=0; BULK_PROBES=0 ;;
+         QUIC_ECHO_RATE=0; TQ_DUR=0; BULK_PROBES=0; STATE_ARGS=() ;;
   *) echo "bench/run.sh: --profile must be smoke, full or quick" >&2; exit 2 ;;
 esac
 
@@ -68,15 +74,18 @@ cd "$ROOT" || exit 2
 T_START=$(date +%s)
 
 if [ "$BUILD" = 1 ]; then
-  echo "[bench] cargo build --release (clawtermd, claw-agent, loadgen)" >&2
-  if ! cargo build --release -p clawterm -p loadgen --bins >&2; then
+  echo "[bench] cargo build --release (clawtermd, claw-agent, loadgen, state_figures)" >&2
+  if ! cargo build --release -p clawterm -p loadgen --bins >&2 \
+     || ! cargo build --release -p clawterm-bench --bin state_figures >&2; then
     echo "[bench] build FAILED" >&2
     exit 1
   fi
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
-for b in clawtermd claw-agent loadgen; do
+NEED=(clawtermd claw-agent loadgen)
+[ ${#STATE_ARGS[@]} -gt 0 ] && NEED+=(state_figures)
+for b in "${NEED[@]}"; do
   [ -x "$BIN/$b" ] || { echo "[bench] $BIN/$b missing (build first)" >&2; exit 1; }
 done
 
@@ -262,6 +271,20 @@ else
   FAILED+=("raw (raw-echo-server did not start)")
 fi
 stop_server
+
+# Sessions across restarts and live upgrades (issue 14): state_figures starts its own daemons
+# (state dirs in /dev/shm), pods and loadgen runs, placed like the rest (server and pod on
+# SRV_CPU, clients on LG_CPU; the upgraded and restarted daemons have 2 shards, the cost reps 1).
+STATE_PIN=(--no-pin)
+if [ ${#SRV_PIN[@]} -gt 0 ] && [ -n "$LG_CPU" ]; then STATE_PIN=(--server-cpu "$SRV_CPU" --client-cpu "$LG_CPU"); fi
+echo "[bench] --- state_figures ${STATE_ARGS[*]} --closed-sessions $CLOSED_N --cost-seconds $DUR --io $first_io" >&2
+"$BIN/state_figures" "${STATE_ARGS[@]}" --closed-sessions "$CLOSED_N" --cost-seconds "$DUR" \
+  --io "$first_io" "${STATE_PIN[@]}" --json "$RUN_DIR/state_figures.json" >/dev/null
+rc=$?
+if [ $rc -ne 0 ]; then
+  FAILED+=("state_figures (exit $rc)")
+  echo "[bench] state_figures FAILED (exit $rc)" >&2
+fi
 
 # Connect last: each connect run leaves ~100,000 sockets in TIME_WAIT for 60 s, which slows
 # every later scenario's socket lookups (the open-loop echo tail and the cross-shard resume
