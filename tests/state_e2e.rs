@@ -862,7 +862,9 @@ fn a_session_its_agent_closed_keeps_its_output_across_a_restart() {
 }
 
 /// Connections that open and close while the daemon hands itself over (one closing in the very
-/// turn its shard freezes cannot be moved) never hold a live upgrade up; none is refused.
+/// turn its shard freezes cannot be moved) never hold a live upgrade up; none is refused. New
+/// sessions opened meanwhile all get their ACCEPT and echo (a connection the old process had
+/// accepted as its listener went over moves too, never reset).
 #[test]
 fn upgrades_complete_while_connections_come_and_go() {
     for io in ["uring", "epoll"] {
@@ -885,6 +887,24 @@ fn upgrades_complete_while_connections_come_and_go() {
             }
             (n, refused)
         });
+        let s3 = stop.clone();
+        let fresh = std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !s3.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut c = Client::connect(addr);
+                if let Err(e) = c.try_connect(TENANT, AGENT) {
+                    panic!("new session {n} refused with ERROR {e}");
+                }
+                c.send_data(format!("n{n}").as_bytes());
+                assert_eq!(
+                    c.recv_within(Duration::from_secs(10)).payload,
+                    format!("n{n}").as_bytes(),
+                    "new session {n}'s echo"
+                );
+                n += 1;
+            }
+            n
+        });
         let mut c = srv.session(AGENT);
         for k in 0..5 {
             let t0 = std::time::Instant::now();
@@ -904,6 +924,10 @@ fn upgrades_complete_while_connections_come_and_go() {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (n, refused) = churn.join().unwrap();
+        let sessions = fresh
+            .join()
+            .unwrap_or_else(|_| panic!("[{io}] a new session failed during the upgrades"));
+        assert!(sessions > 20, "[{io}] only {sessions} new sessions made");
         assert!(n > 100, "[{io}] only {n} connections made");
         assert_eq!(refused, 0, "[{io}] {refused} of {n} connections refused");
     }

@@ -23,6 +23,10 @@ fn conn_token(idx: u32, gen: u32) -> u64 {
 pub(crate) struct EpollShard {
     ep: OwnedFd,
     listener: Option<OwnedFd>,
+    /// The listener and UDP socket joined the epoll set (the shard accepts).
+    registered: bool,
+    /// `stop_accepting` was acted on.
+    released: bool,
     wake_fd: RawFd,
     scratch: Vec<u8>,
     events: Vec<libc::epoll_event>,
@@ -56,24 +60,9 @@ impl Driver for EpollShard {
         )?;
         if let Some(l) = &listener {
             sys::set_nonblocking(l.as_raw_fd(), true)?;
-            ctl(
-                ep.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                l.as_raw_fd(),
-                libc::EPOLLIN as u32,
-                TOK_LISTEN,
-            )?;
         }
-        if let Some(u) = udp_fd {
-            // Level-triggered: a batch left unread (budget spent) is reported again.
-            ctl(
-                ep.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                u,
-                libc::EPOLLIN as u32,
-                TOK_UDP,
-            )?;
-        }
+        // The listener and the UDP socket join the epoll set when the shard starts accepting
+        // (`register_listeners`).
         Ok(EpollShard {
             ep,
             listener,
@@ -82,6 +71,8 @@ impl Driver for EpollShard {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
             udp: udp_fd.map(|_| UdpRx::new()),
             udp_fd,
+            registered: false,
+            released: false,
         })
     }
 
@@ -98,9 +89,17 @@ impl Driver for EpollShard {
                 core.begin_shutdown(h);
                 self.release_listeners(); // stop accepting
             }
-            if core.accept_stopped && (self.listener.is_some() || self.udp_fd.is_some()) {
+            if core.accept_stopped && !self.released {
                 // The listening sockets went to another process.
+                self.released = true;
                 self.release_listeners();
+                if !core.stopping {
+                    h.on_accept_stopped(&mut Ctx::new(core));
+                }
+            }
+            if !self.registered && !core.accept_paused && !core.accept_stopped && !core.stopping {
+                self.registered = true;
+                self.register_listeners()?;
             }
             core.settle(h, |c, idx| self.drive(c, idx));
             if core.stopping && core.live == 0 {
@@ -164,6 +163,29 @@ impl EpollShard {
     /// Stops polling the listener and the UDP socket and closes this shard's listener. Removed
     /// from the epoll set explicitly: another fd (a copy kept for a live upgrade) may keep the
     /// socket open, and with it the registration.
+    fn register_listeners(&mut self) -> io::Result<()> {
+        if let Some(l) = &self.listener {
+            ctl(
+                self.ep.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                l.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                TOK_LISTEN,
+            )?;
+        }
+        if let Some(u) = self.udp_fd {
+            // Level-triggered: a batch left unread (budget spent) is reported again.
+            ctl(
+                self.ep.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                u,
+                libc::EPOLLIN as u32,
+                TOK_UDP,
+            )?;
+        }
+        Ok(())
+    }
+
     fn release_listeners(&mut self) {
         if let Some(l) = self.listener.take() {
             let _ = ctl(

@@ -87,6 +87,10 @@ pub trait Handler: 'static {
         _msg: Self::Msg,
     ) {
     }
+    /// After `ctx.stop_accepting`: the shard has let go of its listening sockets and no
+    /// `on_accept` follows any more (connections the kernel had already accepted for this
+    /// shard were delivered before this). Called once.
+    fn on_accept_stopped(&mut self, _ctx: &mut impl Context<Self::Msg>) {}
     /// The deadline set with `ctx.wake_at` passed.
     fn on_tick(&mut self, _ctx: &mut impl Context<Self::Msg>, _now: Instant) {}
     /// A datagram arrived on this shard's UDP socket ([`Config::udp`](crate::Config::udp)). The bytes are
@@ -160,6 +164,9 @@ pub trait Context<M> {
     /// Stop accepting connections and reading datagrams on this shard (a live upgrade gave
     /// the listening sockets to another process; what the kernel queued stays queued for it).
     fn stop_accepting(&mut self);
+    /// Start accepting on a runtime started paused ([`Inherited::paused`](crate::Inherited)):
+    /// until then the shard takes neither connections nor datagrams (the kernel queues them).
+    fn start_accepting(&mut self);
     /// Request an `on_tick` at `deadline` (the earliest requested deadline wins).
     fn wake_at(&mut self, deadline: Instant);
     /// Ask the whole runtime to stop.
@@ -228,6 +235,9 @@ impl<M: Send + 'static> Context<M> for Ctx<'_, M> {
     }
     fn stop_accepting(&mut self) {
         self.core.accept_stopped = true;
+    }
+    fn start_accepting(&mut self) {
+        self.core.accept_paused = false;
     }
     fn wake_at(&mut self, deadline: Instant) {
         self.core.wake_at = Some(match self.core.wake_at {

@@ -325,6 +325,8 @@ pub(crate) struct Core<M> {
     exported: VecDeque<Exported<M>>,
     /// The handler asked to stop accepting (a live upgrade gave the listener away).
     pub accept_stopped: bool,
+    /// Started paused ([`crate::Inherited::paused`]) and not yet told to accept.
+    pub accept_paused: bool,
     pub stash: HashMap<u32, Vec<u8>>,
     pub wake_at: Option<Instant>,
     pub shared: Arc<Shared<M>>,
@@ -365,6 +367,7 @@ impl<M: Send + 'static> Core<M> {
             events: VecDeque::new(),
             exported: VecDeque::new(),
             accept_stopped: false,
+            accept_paused: false,
             handoffs: HashMap::new(),
             stash: HashMap::new(),
             wake_at: None,

@@ -57,6 +57,11 @@ pub struct Inherited {
     pub udp: Vec<std::os::fd::OwnedFd>,
     /// Whether a steering program is attached to the UDP sockets' reuseport group.
     pub udp_steered: bool,
+    /// Start with accepting paused: the shards take neither connections nor datagrams until
+    /// each calls [`Context::start_accepting`](crate::Context::start_accepting) (a live upgrade
+    /// starts the new shards before the sessions arrive; what the kernel queues meanwhile
+    /// waits, it is not refused).
+    pub paused: bool,
 }
 
 impl<M: Send + 'static> Runtime<M> {
@@ -116,6 +121,7 @@ impl<M: Send + 'static> Runtime<M> {
             },
         };
 
+        let paused = inherited.paused;
         // Listeners: bound here so that errors surface from start() and port 0 resolves once.
         let mut listeners = Vec::new();
         let mut local_addr = None;
@@ -223,7 +229,7 @@ impl<M: Send + 'static> Runtime<M> {
                     let _span = tracing::info_span!("shard", shard = i).entered();
                     let _guard = reactor::PanicGuard(shared2.clone());
                     shard_main(
-                        i, backend, cfg2, shared2, rx, listener, udp_sock, factory, ready,
+                        i, backend, cfg2, shared2, rx, listener, udp_sock, paused, factory, ready,
                     )
                 });
             match spawned {
@@ -285,6 +291,7 @@ impl<M: Send + 'static> Runtime<M> {
                 .map(|f| f.try_clone())
                 .collect::<io::Result<_>>()?,
             udp_steered: self.udp_steered,
+            paused: false,
         })
     }
 
@@ -365,6 +372,7 @@ fn shard_main<H, F>(
     rx: crossbeam_channel::Receiver<Envelope<H::Msg>>,
     listener: Option<std::os::fd::OwnedFd>,
     udp_sock: Option<std::os::fd::OwnedFd>,
+    paused: bool,
     factory: Arc<F>,
     ready: crossbeam_channel::Sender<io::Result<()>>,
 ) -> io::Result<()>
@@ -381,6 +389,7 @@ where
     // leaked on purpose; see uring.rs.
     let mut core = std::mem::ManuallyDrop::new(Core::new(i, cfg.shards, backend, &cfg, shared));
     core.udp = udp_sock;
+    core.accept_paused = paused;
     match backend {
         Backend::Uring => {
             drive::<uring::UringShard, H, F>(i, core, &cfg, listener, &rx, &*factory, ready)

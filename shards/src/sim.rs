@@ -66,6 +66,7 @@ pub struct SimCtx<M> {
     stopped: bool,
     exports: Vec<(ConnId, M)>,
     accept_stopped: bool,
+    accept_paused: bool,
     adopted: Vec<ConnId>,
 }
 
@@ -85,6 +86,7 @@ impl<M> SimCtx<M> {
             stopped: false,
             exports: Vec::new(),
             accept_stopped: false,
+            accept_paused: false,
             adopted: Vec::new(),
         }
     }
@@ -124,6 +126,16 @@ impl<M> SimCtx<M> {
     /// Connections the handler adopted (`Context::adopt_fd`) since the last call, in order.
     pub fn take_adopted(&mut self) -> Vec<ConnId> {
         std::mem::take(&mut self.adopted)
+    }
+
+    /// Start paused, like a runtime started with [`crate::Inherited::paused`].
+    pub fn pause_accepting(&mut self) {
+        self.accept_paused = true;
+    }
+
+    /// Whether accepting is paused (until `Context::start_accepting`).
+    pub fn accept_paused(&self) -> bool {
+        self.accept_paused
     }
 
     /// Whether the handler stopped accepting (`Context::stop_accepting`).
@@ -298,6 +310,9 @@ impl<M> Context<M> for SimCtx<M> {
     }
     fn stop_accepting(&mut self) {
         self.accept_stopped = true;
+    }
+    fn start_accepting(&mut self) {
+        self.accept_paused = false;
     }
     fn wake_at(&mut self, deadline: Instant) {
         self.wake = Some(match self.wake {

@@ -280,9 +280,13 @@ impl Driver for UringShard {
                 // datagrams from them (what the kernel queued stays queued for it).
                 self.accept_released = true;
                 if self.accept_armed {
+                    // `on_accept_stopped` comes with the accept's final CQE.
                     self.cancel(ud(K_ACCEPT, 0, 0));
                 } else {
                     self.listener = None;
+                    if !core.stopping {
+                        h.on_accept_stopped(&mut Ctx::new(core));
+                    }
                 }
                 if self.udp_armed {
                     self.cancel(K_UDP << 56);
@@ -304,7 +308,8 @@ impl Driver for UringShard {
                 self.wake_armed = true;
                 self.misc_ops += 1;
             }
-            if !core.stopping && !core.accept_stopped && !self.accept_armed {
+            if !core.stopping && !core.accept_stopped && !core.accept_paused && !self.accept_armed
+            {
                 if let Some(l) = &self.listener {
                     if self.accept_retry_at.is_none_or(|t| core.now >= t) {
                         self.accept_retry_at = None;
@@ -320,7 +325,7 @@ impl Driver for UringShard {
                     }
                 }
             }
-            if !core.stopping && !core.accept_stopped && !self.udp_armed {
+            if !core.stopping && !core.accept_stopped && !core.accept_paused && !self.udp_armed {
                 if let Some(fd) = self.udp_fd {
                     let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
                         .multi(true)
@@ -492,6 +497,9 @@ impl UringShard {
                     self.accept_armed = false;
                     if core.stopping || core.accept_stopped {
                         self.listener = None;
+                        if core.accept_stopped && !core.stopping {
+                            h.on_accept_stopped(&mut Ctx::new(core));
+                        }
                     } else if res < 0 {
                         // e.g. EMFILE: back off a little instead of spinning.
                         self.accept_retry_at = Some(core.now + Duration::from_millis(50));

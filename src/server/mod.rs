@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod fdtable;
 pub mod limits;
 pub mod metrics;
 pub mod quic;
@@ -250,7 +251,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     let admin_addr = cfg.admin;
     // The state dir first: a daemon refused it must not have bound anything.
     let mut inherited = shards::Inherited::default();
-    let mut taken = None;
+    let mut taking: Option<crate::upgrade::take::Taking> = None;
     let (state, restores) = match &cfg.state_dir {
         None => (
             None,
@@ -263,6 +264,11 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     cfg.session.hard_ring_bytes(),
                     crate::state::mapped::WINDOW,
                 )?;
+                // Their clients come back all at once: room for their connections now, not
+                // one doubling at a time with the shards running (see `fdtable`).
+                if let Ok(d) = std::fs::File::open(dir) {
+                    fdtable::reserve(&d, r.sessions + 1024);
+                }
                 tracing::info!(
                     dir = %dir.display(),
                     sessions = r.sessions,
@@ -292,57 +298,24 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     old_pid = ?pid,
                     "upgrade: taking over from the running clawtermd"
                 );
-                let crate::upgrade::take::Taken {
-                    lock,
-                    sockets,
-                    shards: per_shard,
-                    held,
-                    mut channel,
-                    sessions,
-                    conns,
-                    links,
-                    started,
-                } = crate::upgrade::take::take_over(dir, cfg_shards)?;
-                let received_at = started.elapsed();
-                let fail = |ch: &mut crate::upgrade::channel::Channel,
-                            e: &dyn std::fmt::Display| {
-                    let _ = ch.send(&crate::upgrade::wire::Msg::Failed(&e.to_string()));
-                };
+                let mut t = crate::upgrade::take::connect(dir, cfg_shards)?;
+                let lock = t.lock.take().ok_or_else(|| {
+                    StartError::Runtime(std::io::Error::other("the hand-over gave no lock"))
+                })?;
                 let sd = match crate::state::StateDir::with_lock(dir, lock) {
                     Ok(sd) => sd,
                     Err(e) => {
-                        fail(&mut channel, &e);
+                        t.fail(&e);
                         return Err(e.into());
                     }
                 };
-                let (records, moved): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
-                let journals = match sd.install(&records, &held, crate::state::mapped::WINDOW) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        fail(&mut channel, &e);
-                        return Err(e.into());
-                    }
-                };
-                let restores = records
-                    .into_iter()
-                    .zip(moved)
-                    .zip(journals)
-                    .zip(held)
-                    .map(|(((records, moved), j), held)| shard::Restore {
-                        records,
-                        journal: Some(j),
-                        moved: Some(moved),
-                        held,
-                    })
-                    .collect();
-                inherited = sockets;
-                tracing::debug!(
-                    received_ms = received_at.as_millis() as u64,
-                    journals_ms = started.elapsed().as_millis() as u64,
-                    "upgrade: everything received, journals written"
-                );
-                taken = Some((channel, sessions, conns, links, started));
-                (Some(sd), restores)
+                // The shards start empty, accepting paused; the sessions come once they run.
+                inherited = t.sockets.take().unwrap_or_default();
+                taking = Some(t);
+                (
+                    Some(sd),
+                    (0..cfg_shards).map(|_| shard::Restore::default()).collect(),
+                )
             }
             Err(e) => return Err(e.into()),
         },
@@ -369,6 +342,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         quic,
     });
     let s2 = shared.clone();
+    let runtime_at = std::time::Instant::now();
     let runtime = shards::Runtime::start_inherited(rt_cfg, inherited, move |i| {
         // On the shard's thread: liveness (`/healthz`) notices when the thread ends.
         s2.metrics.watch_shard_thread();
@@ -382,8 +356,8 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
-            if let Some((mut ch, ..)) = taken {
-                let _ = ch.send(&crate::upgrade::wire::Msg::Failed(&e.to_string()));
+            if let Some(t) = taking.as_mut() {
+                t.fail(&e);
             }
             return Err(e);
         }
@@ -400,36 +374,45 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         }
     }));
     let _ = shared.metrics.backend.set(runtime.backend().to_string());
-    let upgraded = taken.is_some();
-    if let Some((mut ch, sessions, conns, links, started)) = taken {
-        let runtime_ms = started.elapsed().as_millis() as u64;
-        // READY once every shard has taken its part in (its on_start ran).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while shared.metrics.ready_shards.load(Ordering::Relaxed) < cfg_shards
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+    let runtime_started = runtime_at.elapsed();
+    let upgraded = taking.is_some();
+    if let (Some(mut t), Some(sd)) = (taking, state.as_ref()) {
+        match take_sessions(&mut t, sd, &runtime, cfg_shards) {
+            Ok((counts, received_ms)) => {
+                // Every shard has its part in place: take connections again.
+                let remote = runtime.remote();
+                for i in 0..cfg_shards {
+                    remote.send(i, shard::ShardMsg::Serve);
+                }
+                let took = t.started.elapsed();
+                shared.metrics.note_upgrade(
+                    counts.sessions as u64,
+                    counts.conns as u64,
+                    counts.links as u64,
+                    counts.bytes,
+                    took,
+                );
+                if let Err(e) = t.ready() {
+                    tracing::warn!("upgrade: could not tell the old clawtermd we serve: {e}");
+                }
+                tracing::info!(
+                    sessions = counts.sessions,
+                    connections = counts.conns,
+                    links = counts.links,
+                    bytes = counts.bytes,
+                    took_ms = took.as_millis() as u64,
+                    received_ms,
+                    runtime_start_ms = runtime_started.as_millis() as u64,
+                    "upgrade: took over; serving"
+                );
+            }
+            Err(e) => {
+                t.fail(&e);
+                runtime.shutdown();
+                let _ = runtime.join();
+                return Err(e);
+            }
         }
-        let took = started.elapsed();
-        shared.metrics.note_upgrade(
-            sessions as u64,
-            conns as u64,
-            links as u64,
-            ch.received,
-            took,
-        );
-        if let Err(e) = ch.send(&crate::upgrade::wire::Msg::Ready) {
-            tracing::warn!("upgrade: could not tell the old clawtermd we serve: {e}");
-        }
-        tracing::info!(
-            sessions,
-            connections = conns,
-            links,
-            bytes = ch.received,
-            took_ms = took.as_millis() as u64,
-            runtime_started_ms = runtime_ms,
-            "upgrade: took over; serving"
-        );
     }
     let admin = match admin_addr {
         Some(a) => Some(start_admin(a, &shared, upgraded)?),
@@ -450,6 +433,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                         tcp: dup(&kept.tcp)?,
                         udp: dup(&kept.udp)?,
                         udp_steered: kept.udp_steered,
+                        paused: false,
                     })
                 }),
                 lock: sd.lock_fd().map_err(StartError::Runtime)?,
@@ -469,6 +453,54 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         shared,
         admin,
     })
+}
+
+/// The new process of a live upgrade, its shards running (accepting paused): takes each
+/// shard's part in as it arrives (a fresh journal, then the shard adopts it) and waits until
+/// every shard has. Returns what moved and when the last part arrived (ms since HELLO).
+fn take_sessions(
+    t: &mut crate::upgrade::take::Taking,
+    sd: &crate::state::StateDir,
+    runtime: &shards::Runtime<shard::ShardMsg>,
+    shards: usize,
+) -> Result<(crate::upgrade::take::Counts, u64), StartError> {
+    let generation = sd.next_generation()?;
+    let remote = runtime.remote();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let counts = t.receive(|i, part| {
+        let journal = sd
+            .install_shard(
+                i,
+                shards,
+                generation,
+                &part.records,
+                &part.held,
+                crate::state::mapped::WINDOW,
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let restore = shard::Restore {
+            records: part.records,
+            journal: Some(journal),
+            moved: Some(part.moved),
+            held: part.held,
+        };
+        if !remote.send(i, shard::ShardMsg::TakeOver(Box::new(restore), done_tx.clone())) {
+            return Err(std::io::Error::other(format!("shard {i} is gone")));
+        }
+        Ok(())
+    })?;
+    let received_ms = t.started.elapsed().as_millis() as u64;
+    for _ in 0..shards {
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .map_err(|_| {
+                StartError::Runtime(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "a shard did not take its part of the hand-over in within 10 s",
+                ))
+            })?;
+    }
+    Ok((counts, received_ms))
 }
 
 /// Starts the admin endpoint. After a live upgrade the old process may hold the port a moment

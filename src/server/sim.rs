@@ -375,6 +375,10 @@ impl Sim {
                 ids.push(conn);
                 s.h.on_exported(&mut s.ctx, conn, fd, unread, out, msg);
             }
+            // The runtime has let go of the listener (no accept was in flight).
+            if s.ctx.accept_stopped() {
+                s.h.on_accept_stopped(&mut s.ctx);
+            }
         }
         drop(tx);
         let mut restores: Vec<super::shard::Restore> = (0..n).map(|_| Default::default()).collect();
@@ -409,7 +413,9 @@ impl Sim {
         }
         let cfg = self.shared.cfg.clone();
         let dir = self.dir.clone();
-        let mut next = Sim::with_restores(cfg, restores);
+        // The new process's shards start empty, accepting paused, and take their parts in
+        // as messages, as in `server::start`.
+        let mut next = Sim::with_restores(cfg, (0..n).map(|_| Default::default()).collect());
         // The registry of the node is the same pods; connections get their new ids.
         for (key, p) in &self.pods {
             next.shared.registry.set_present(
@@ -419,6 +425,16 @@ impl Sim {
                 },
                 p.listening,
             );
+        }
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        for (i, r) in restores.into_iter().enumerate() {
+            next.shards[i].ctx.pause_accepting();
+            next.deliver(i, ShardMsg::TakeOver(Box::new(r), done_tx.clone()));
+        }
+        assert_eq!(done_rx.try_iter().count(), n, "every shard took its part in");
+        for i in 0..n {
+            next.deliver(i, ShardMsg::Serve);
+            assert!(!next.shards[i].ctx.accept_paused(), "shard {i} accepts again");
         }
         let mut remap: HashMap<(usize, ConnId), (usize, ConnId)> = HashMap::new();
         for (i, ids) in moved_ids.iter().enumerate() {

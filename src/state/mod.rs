@@ -261,15 +261,8 @@ impl StateDir {
         Ok(self._lock.try_clone()?.into())
     }
 
-    /// Fresh journals for sessions handed over by a live upgrade: per shard, the session
-    /// records (whole). Written beside the old files and renamed over them; a newer
-    /// generation than any file there.
-    pub fn install(
-        &self,
-        records: &[Vec<Vec<u8>>],
-        held: &[Held],
-        window: usize,
-    ) -> Result<Vec<Journal>, StateError> {
+    /// The generation journals written now must carry: newer than any file there.
+    pub fn next_generation(&self) -> Result<u64, StateError> {
         let mut generation = 0;
         for (path, _) in self.journal_files()? {
             let mut head = [0u8; journal::HEADER_LEN];
@@ -281,21 +274,46 @@ impl StateDir {
                 }
             }
         }
-        let shards = records.len();
+        Ok(generation + 1)
+    }
+
+    /// A fresh journal for shard `shard` of `shards`, holding the sessions a live upgrade
+    /// handed over (records whole) and the input held for pods that are away; written beside
+    /// the old file and renamed over it. Shards are installed one by one as their parts
+    /// arrive: a crash part way leaves generations side by side, and the newer records win
+    /// on the next start.
+    pub fn install_shard(
+        &self,
+        shard: usize,
+        shards: usize,
+        generation: u64,
+        records: &[Vec<u8>],
+        held: &Held,
+        window: usize,
+    ) -> Result<Journal, StateError> {
         // A record's session id is its first body field (after magic, version and length).
         let id = |r: &[u8]| {
             r.get(10..14)
                 .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
         };
-        self.write_journals(
-            records
-                .iter()
-                .map(|recs| recs.iter().map(|r| (id(r), r)).collect::<Vec<_>>()),
-            held,
-            shards,
-            generation + 1,
-            window,
-        )
+        let mut initial = Vec::new();
+        for rec in records {
+            Entry::Record(id(rec), rec).append_to(&mut initial);
+        }
+        for (key, bytes) in held {
+            Entry::Held { key: *key, bytes }.append_to(&mut initial);
+        }
+        let header = Header {
+            shard: shard as u16,
+            shards: shards as u16,
+            generation,
+            wall_ms: wall_ms(),
+        };
+        let path = self.journal_path(shard).with_extension("journal.new");
+        let mut j = Journal::create(&path, header, &initial, window).map_err(io_err(&path))?;
+        let to = self.journal_path(shard);
+        j.rename(&to).map_err(io_err(&to))?;
+        Ok(j)
     }
 
     /// Writes one fresh journal per shard holding `(id, record)` entries, then renames them

@@ -6,14 +6,17 @@
 //!    is refused before anything moves: the old process serves on, the new one exits saying why.
 //! 2. The old process hands over the state dir's lock and its listening sockets (TCP, and UDP
 //!    with QUIC) — the same sockets, so connections the kernel queues meanwhile wait for the
-//!    new process rather than being refused — then every shard freezes: it stops accepting,
-//!    writes each session's record, and takes its plaintext client connections and connected
-//!    pod links out of its reactor with the bytes received but not yet processed and the
-//!    output not yet sent. All of it goes over the socket, descriptors by SCM_RIGHTS.
-//! 3. The new process writes fresh journals, starts its shards on the inherited sockets with
-//!    the sessions, connections and links, and says READY once they serve. The old one then
-//!    closes what could not move (TLS and QUIC connections: their clients RESUME at the new
-//!    process, with exact replay) and exits.
+//!    new process rather than being refused. The new process grows its descriptor table for
+//!    everything to come, starts its shards (empty, accepting paused) and says START.
+//! 3. Every old shard freezes: it stops accepting, writes each session's record, and takes its
+//!    plaintext client connections and connected pod links out of its reactor with the bytes
+//!    received but not yet processed and the output not yet sent (connections accepted as the
+//!    listener went over included). Each shard's part goes over the socket as soon as it is
+//!    complete (SHARD), descriptors by SCM_RIGHTS.
+//! 4. The new process writes that shard's fresh journal and its shard takes the part in and
+//!    serves it at once; once every shard has, they accept again and it says READY. The old
+//!    one then closes what could not move (TLS and QUIC connections: their clients RESUME at
+//!    the new process, with exact replay) and exits.
 //!
 //! See `docs/STATE.md` for the guarantees and the format ([`wire`]).
 

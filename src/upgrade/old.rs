@@ -170,11 +170,29 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             tcp,
             udp,
             udp_steered: sockets.udp_steered,
+            open: crate::server::fdtable::open_count().unwrap_or(0) as u32,
         },
         &fds,
     )?;
     drop(fds);
-    // Freeze every shard and collect what it hands over.
+    // The new process starts its shards (accepting paused) and says START: only then does
+    // anything freeze here, so its start-up is not part of any session's pause.
+    let answer = ch.recv()?;
+    match decode(&answer)? {
+        Msg::Start => {}
+        Msg::Failed(why) => {
+            return Err(io::Error::other(format!(
+                "the new clawtermd (pid {pid}) could not start: {why}"
+            )))
+        }
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected START, got {other:?}"),
+            ))
+        }
+    }
+    // Freeze every shard and pass on each one's part as soon as it is complete.
     *frozen = true;
     let (tx, rx) = crossbeam_channel::unbounded::<ShardExport>();
     for i in 0..src.shards {
@@ -194,6 +212,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         exported_at = Some(frozen_at.elapsed());
         let shard = x.shard as u16;
         kept += x.kept;
+        let before = (sessions, conns, links);
         for record in &x.sessions {
             ch.queue(&Msg::Session { shard, record })?;
             sessions += 1;
@@ -233,6 +252,12 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             )?;
             links += 1;
         }
+        ch.send(&Msg::ShardEnd {
+            shard,
+            sessions: sessions - before.0,
+            conns: conns - before.1,
+            links: links - before.2,
+        })?;
     }
     ch.send(&Msg::Done {
         sessions,

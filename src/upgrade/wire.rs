@@ -6,9 +6,13 @@
 //! ```text
 //! message:  len u32 | type u8 | body          len counts type + body; at most MAX_MESSAGE
 //! 0x01 HELLO    new → old  "CTUP" | version u16 | pid u32 | shards u16
-//! 0x02 ACCEPT   old → new  version u16 | shards u16 | tcp u16 | udp u16 | udp_steered u8
+//! 0x02 ACCEPT   old → new  version u16 | shards u16 | tcp u16 | udp u16 | udp_steered u8 |
+//!                          open u32 (descriptors the old one has open: the new one makes room
+//!                          for them before its threads start)
 //!                          fds: the state dir's lock, then `tcp` listeners, then `udp` sockets
 //! 0x03 REFUSE   old → new  reason (UTF-8): nothing was handed over, the old one serves on
+//! 0x04 START    new → old  (empty): the new one's shards run (accepting paused): freeze and
+//!                          send; FAILED instead: nothing moved, the old one serves on
 //! 0x10 SESSION  old → new  shard u16 | session record (CTSR, ring included)
 //! 0x11 CONN     old → new  shard u16 | session u32 (0: before CONNECT/RESUME) | peer (u16 len,
 //!                          UTF-8) | unread (u32 len, bytes) | unsent (u32 len, bytes);  fd: 1
@@ -16,6 +20,8 @@
 //!                          len, bytes) | unsent (u32 len, bytes);  fd: 1
 //! 0x13 HELD     old → new  shard u16 | tenant u32 | agent u32 | pod-link messages: client
 //!                          input held for a pod that is away (its link does not move)
+//! 0x1E SHARD    old → new  shard u16 | sessions u32 | conns u32 | links u32: that shard's
+//!                          part is complete (its sessions can be served at once)
 //! 0x1F DONE     old → new  sessions u32 | conns u32 | links u32
 //! 0x20 READY    new → old  (empty): the new one serves; the old releases what it kept, exits
 //! 0x21 FAILED   new → old  reason (UTF-8)
@@ -27,7 +33,9 @@
 /// HELLO's magic.
 pub const MAGIC: [u8; 4] = *b"CTUP";
 /// The hand-off format this code speaks.
-pub const VERSION: u16 = 1;
+/// 2: START and SHARD (the new process runs its shards before the freeze and takes each
+/// shard's part as soon as it is complete).
+pub const VERSION: u16 = 2;
 /// Largest message (a session record with a full ring fits many times over).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
@@ -45,8 +53,10 @@ pub enum Msg<'a> {
         tcp: u16,
         udp: u16,
         udp_steered: bool,
+        open: u32,
     },
     Refuse(&'a str),
+    Start,
     Session {
         shard: u16,
         record: &'a [u8],
@@ -71,6 +81,12 @@ pub enum Msg<'a> {
         tenant: u32,
         agent: u32,
         bytes: &'a [u8],
+    },
+    ShardEnd {
+        shard: u16,
+        sessions: u32,
+        conns: u32,
+        links: u32,
     },
     Done {
         sessions: u32,
@@ -111,10 +127,12 @@ impl Msg<'_> {
             Msg::Hello { .. } => 0x01,
             Msg::Accept { .. } => 0x02,
             Msg::Refuse(_) => 0x03,
+            Msg::Start => 0x04,
             Msg::Session { .. } => 0x10,
             Msg::Conn { .. } => 0x11,
             Msg::Link { .. } => 0x12,
             Msg::Held { .. } => 0x13,
+            Msg::ShardEnd { .. } => 0x1E,
             Msg::Done { .. } => 0x1F,
             Msg::Ready => 0x20,
             Msg::Failed(_) => 0x21,
@@ -147,11 +165,13 @@ impl Msg<'_> {
                 tcp,
                 udp,
                 udp_steered,
+                open,
             } => {
                 for v in [*version, *shards, *tcp, *udp] {
                     out.extend_from_slice(&v.to_be_bytes());
                 }
                 out.push(u8::from(*udp_steered));
+                out.extend_from_slice(&open.to_be_bytes());
             }
             Msg::Refuse(r) | Msg::Failed(r) => out.extend_from_slice(r.as_bytes()),
             Msg::Session { shard, record } => {
@@ -208,7 +228,18 @@ impl Msg<'_> {
                     out.extend_from_slice(&v.to_be_bytes());
                 }
             }
-            Msg::Ready => {}
+            Msg::ShardEnd {
+                shard,
+                sessions,
+                conns,
+                links,
+            } => {
+                out.extend_from_slice(&shard.to_be_bytes());
+                for v in [*sessions, *conns, *links] {
+                    out.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+            Msg::Ready | Msg::Start => {}
         }
         let len = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&len.to_be_bytes());
@@ -307,8 +338,10 @@ pub fn decode(b: &[u8]) -> Result<Msg<'_>, WireError> {
             tcp: r.u16()?,
             udp: r.u16()?,
             udp_steered: r.bool()?,
+            open: r.u32()?,
         },
         0x03 => Msg::Refuse(r.str(body.len())?),
+        0x04 => Msg::Start,
         0x10 => Msg::Session {
             shard: r.u16()?,
             record: r.take(body.len() - 2.min(body.len()))?,
@@ -345,6 +378,12 @@ pub fn decode(b: &[u8]) -> Result<Msg<'_>, WireError> {
                 bytes: r.take(n)?,
             }
         }
+        0x1E => Msg::ShardEnd {
+            shard: r.u16()?,
+            sessions: r.u32()?,
+            conns: r.u32()?,
+            links: r.u32()?,
+        },
         0x1F => Msg::Done {
             sessions: r.u32()?,
             conns: r.u32()?,
@@ -378,8 +417,10 @@ mod tests {
                 tcp: 3,
                 udp: 0,
                 udp_steered: false,
+                open: 10_000,
             },
             Msg::Refuse("no"),
+            Msg::Start,
             Msg::Session {
                 shard: 1,
                 record: b"CTSR...",
@@ -404,6 +445,12 @@ mod tests {
                 tenant: 7,
                 agent: 9,
                 bytes: b"held",
+            },
+            Msg::ShardEnd {
+                shard: 2,
+                sessions: 1,
+                conns: 2,
+                links: 3,
             },
             Msg::Done {
                 sessions: 1,

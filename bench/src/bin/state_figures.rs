@@ -351,7 +351,12 @@ impl Daemon {
             .arg(&w.sock)
             .arg("--state-dir")
             .arg(state.map_or_else(|| PathBuf::from("off"), Path::to_path_buf))
-            .env("RUST_LOG", "info")
+            // STATE_FIGURES_RUST_LOG: clawtermd's log filter (e.g. `info,clawterm=debug` for
+            // the hand-over's time breakdown); STATE_FIGURES_LOGS=DIR keeps each daemon's log.
+            .env(
+                "RUST_LOG",
+                std::env::var("STATE_FIGURES_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -408,6 +413,15 @@ impl Daemon {
             .any(|l| l.contains("panicked"))
         {
             problem(format!("clawtermd panicked:\n{}", self.tail()));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(dir) = std::env::var("STATE_FIGURES_LOGS") {
+            let path = Path::new(&dir).join(format!("clawtermd-{}.log", self.pid()));
+            let _ = std::fs::write(path, self.lines.lock().unwrap().join("\n"));
         }
     }
 }

@@ -16,6 +16,9 @@ pub(super) struct Exporting {
     out: ShardExport,
     /// Runtime exports in flight: conn id → what the shard knows of it.
     waiting: BTreeMap<(u32, u32), Pending>,
+    /// The runtime let go of the listener (`on_accept_stopped`): no connection accepted
+    /// by this shard can come after what is collected.
+    accept_stopped: bool,
 }
 
 enum Pending {
@@ -142,7 +145,41 @@ impl ShardHandler {
             reply,
             out,
             waiting,
+            accept_stopped: false,
         });
+        self.maybe_finish_export();
+    }
+
+    /// A connection the kernel had accepted for this shard before its listener went to the new
+    /// process: it moves too, as it is (nothing was read from it), so its client notices
+    /// nothing. TLS included: the new process does its handshake. `false` when not exporting.
+    pub(super) fn export_late_accept(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: ConnId,
+        peer: std::net::SocketAddr,
+    ) -> bool {
+        let Some(x) = self.exporting.as_mut() else {
+            return false;
+        };
+        if ctx.export(conn, ShardMsg::Moved) {
+            x.waiting.insert(
+                cid(conn),
+                Pending::Client {
+                    sid: 0,
+                    peer: peer.to_string(),
+                    inbuf: Vec::new(),
+                },
+            );
+        }
+        true
+    }
+
+    /// The runtime let go of the listener: what is collected is all there is.
+    pub(super) fn accept_stopped(&mut self) {
+        if let Some(x) = self.exporting.as_mut() {
+            x.accept_stopped = true;
+        }
         self.maybe_finish_export();
     }
 
@@ -193,7 +230,7 @@ impl ShardHandler {
         if self
             .exporting
             .as_ref()
-            .is_some_and(|x| x.waiting.is_empty())
+            .is_some_and(|x| x.waiting.is_empty() && x.accept_stopped)
         {
             if let Some(x) = self.exporting.take() {
                 if x.reply.send(x.out).is_err() {
@@ -219,7 +256,17 @@ impl ShardHandler {
         self.quic_settle(ctx);
     }
 
-    /// In the new process, at start: the connections and links the old one handed over are
+    /// In the new process, once the shard runs: its part of the hand-over arrived.
+    pub(super) fn take_over(&mut self, ctx: &mut impl Context<ShardMsg>, r: super::Restore) {
+        self.journal = r.journal;
+        self.restore_records = r.records;
+        self.restore_held = r.held;
+        self.moved = Some(r.moved.unwrap_or_default());
+        self.adopt_moved(ctx);
+        self.publish_gauges();
+    }
+
+    /// In the new process: the connections and links the old one handed over are
     /// taken in, bound to their sessions as they were (their clients and pods notice nothing);
     /// sessions that lost their connection (TLS, QUIC) are suspended, and those whose link did
     /// not come are restored as after a restart (REOPEN once the pod's link is up).
@@ -298,7 +345,20 @@ impl ShardHandler {
             let id = ctx.adopt_fd(c.fd, &c.unsent);
             let client = Client::Tcp(id);
             let accepted_us = self.clock.us(ctx.now());
-            self.client_opened(ctx, client, peer, None, accepted_us, true);
+            // With TLS only connections accepted as the listener went over move (nothing read
+            // from them yet): their handshake happens here.
+            let tls = match (&self.shared.tls, c.sid) {
+                (Some(t), 0) => match t.accept() {
+                    Ok(conn) => Some(Box::new(conn)),
+                    Err(e) => {
+                        warn!(error = %e, "cannot start TLS on a handed-over connection");
+                        ctx.abort(id);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            self.client_opened(ctx, client, peer, tls, accepted_us, true);
             if c.sid != 0
                 && self
                     .table

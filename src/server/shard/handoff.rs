@@ -56,6 +56,12 @@ pub enum ShardMsg {
     Export(crossbeam_channel::Sender<crate::upgrade::ShardExport>),
     /// The new process serves: close what could not be handed over.
     Release,
+    /// In the new process of a live upgrade: this shard's part of the hand-over (sessions,
+    /// their journal, connections and links); the shard's index goes back on the channel
+    /// once they are in place.
+    TakeOver(Box<super::Restore>, crossbeam_channel::Sender<usize>),
+    /// Every shard has its part: start accepting (the runtime started paused).
+    Serve,
     /// Marks a connection leaving the runtime for another process.
     Moved,
 }

@@ -557,9 +557,11 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_accept(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, peer: SocketAddr) {
-        if self.exporting.is_some() || self.exported_done {
-            // Accepted in the turn the listener went to the new process: its client
-            // reconnects there.
+        if self.export_late_accept(ctx, conn, peer) {
+            return;
+        }
+        if self.exported_done {
+            // Cannot happen (the export waits for `on_accept_stopped`); never served here.
             ctx.abort(conn);
             return;
         }
@@ -642,6 +644,11 @@ impl shards::Handler for ShardHandler {
             ShardMsg::Resume { .. } | ShardMsg::Moved => {}
             ShardMsg::Export(reply) => self.export_all(ctx, reply),
             ShardMsg::Release => self.release_kept(ctx),
+            ShardMsg::TakeOver(restore, done) => {
+                self.take_over(ctx, *restore);
+                let _ = done.send(self.index);
+            }
+            ShardMsg::Serve => ctx.start_accepting(),
             ShardMsg::Datagram { from, bytes } => self.quic_datagram(ctx, from, &bytes),
             relay => self.on_relay(ctx, relay),
         }
@@ -668,6 +675,10 @@ impl shards::Handler for ShardHandler {
         _msg: ShardMsg,
     ) {
         self.exported(conn, fd, unread, out);
+    }
+
+    fn on_accept_stopped(&mut self, _ctx: &mut impl Context<ShardMsg>) {
+        self.accept_stopped();
     }
 
     fn on_tick(&mut self, ctx: &mut impl Context<ShardMsg>, _now: Instant) {
