@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// SIGINT, SIGTERM and SIGHUP, blocked so that they are only received through
-/// [`Signals::wait`].
+/// [`Signals::wait`]; and SIGUSR2, the daemon's own wake-up ([`wake`]).
 pub struct Signals(libc::sigset_t);
 
 impl Signals {
@@ -24,7 +24,9 @@ impl Signals {
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGHUP);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            BLOCKED.store(true, std::sync::atomic::Ordering::SeqCst);
             Signals(set)
         }
     }
@@ -41,6 +43,24 @@ impl Signals {
         (sig > 0).then_some(sig)
     }
 }
+
+/// Wakes [`Server::run_until_signal`] at once (SIGUSR2 to this process, received only there):
+/// a live upgrade that handed everything over does not wait for the next health check to end
+/// this process.
+pub fn wake() {
+    // Only where the signal is blocked and waited for: elsewhere (a server embedded without
+    // `Signals`) its default action would end the process.
+    if !BLOCKED.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let _ = rustix::process::kill_process(
+        rustix::process::getpid(),
+        rustix::process::Signal::USR2,
+    );
+}
+
+/// Set once [`Signals::block`] ran.
+static BLOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// How [`Server::run_until_signal`] ended.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -85,7 +105,7 @@ impl Server {
     pub fn run_until_signal(&self, signals: &Signals) -> Stop {
         loop {
             match signals.wait(Duration::from_millis(250)) {
-                None => {
+                None | Some(libc::SIGUSR2) => {
                     if self
                         .shared
                         .upgraded

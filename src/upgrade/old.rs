@@ -89,6 +89,7 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
                 match hand_over(stream, &src, &mut frozen) {
                     Ok(true) => {
                         src.done.store(true, Ordering::SeqCst);
+                        crate::server::daemon::wake();
                         return;
                     }
                     Ok(false) => {}
@@ -99,6 +100,7 @@ pub fn serve(dir: &Path, src: Source) -> io::Result<Serving> {
                         );
                         src.failed.store(true, Ordering::SeqCst);
                         src.done.store(true, Ordering::SeqCst);
+                        crate::server::daemon::wake();
                         return;
                     }
                     Err(e) => {
@@ -170,7 +172,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             tcp,
             udp,
             udp_steered: sockets.udp_steered,
-            open: crate::server::fdtable::open_count().unwrap_or(0) as u32,
+            open: crate::server::fdtable::table_size().unwrap_or(0) as u32,
         },
         &fds,
     )?;
@@ -202,6 +204,9 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
     let frozen_at = Instant::now();
     let (mut sessions, mut conns, mut links, mut kept) = (0u32, 0u32, 0u32, 0usize);
     let mut exported_at = None;
+    // What was sent stays open here until the new process serves: closing ten thousand
+    // descriptors is work the hand-over need not wait for.
+    let mut sent = Vec::with_capacity(src.shards);
     for _ in 0..src.shards {
         let x = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
             io::Error::new(
@@ -258,6 +263,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             conns: conns - before.1,
             links: links - before.2,
         })?;
+        sent.push(x);
     }
     ch.send(&Msg::Done {
         sessions,
@@ -283,6 +289,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
     for i in 0..src.shards {
         src.remote.send(i, ShardMsg::Release);
     }
+    drop(sent);
     let m = &src.metrics;
     m.upgrades_completed.fetch_add(1, Ordering::Relaxed);
     m.note_upgrade(

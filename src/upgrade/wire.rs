@@ -7,7 +7,7 @@
 //! message:  len u32 | type u8 | body          len counts type + body; at most MAX_MESSAGE
 //! 0x01 HELLO    new → old  "CTUP" | version u16 | pid u32 | shards u16
 //! 0x02 ACCEPT   old → new  version u16 | shards u16 | tcp u16 | udp u16 | udp_steered u8 |
-//!                          open u32 (descriptors the old one has open: the new one makes room
+//!                          open u32 (the old one's descriptor table size: the new one makes room
 //!                          for them before its threads start)
 //!                          fds: the state dir's lock, then `tcp` listeners, then `udp` sockets
 //! 0x03 REFUSE   old → new  reason (UTF-8): nothing was handed over, the old one serves on
