@@ -97,6 +97,8 @@ state_figures: sessions across clawtermd restarts and live upgrades (issue 14)
 Needs the release clawtermd, claw-agent and loadgen next to this program:
   cargo build --release -p clawterm -p loadgen --bins
 Progress on stderr, JSON on stdout. Exit 1 on a functional failure, never on a figure.
+Environment: STATE_FIGURES_RUST_LOG sets clawtermd's log filter (e.g. info,clawterm=debug for
+the hand-over's time breakdown); STATE_FIGURES_LOGS=DIR keeps each clawtermd's log there.
 See docs/BENCHMARKS.md.";
 
 // ---------------------------------------------------------------------------------------------
