@@ -308,8 +308,7 @@ impl Driver for UringShard {
                 self.wake_armed = true;
                 self.misc_ops += 1;
             }
-            if !core.stopping && !core.accept_stopped && !core.accept_paused && !self.accept_armed
-            {
+            if !core.stopping && !core.accept_stopped && !core.accept_paused && !self.accept_armed {
                 if let Some(l) = &self.listener {
                     if self.accept_retry_at.is_none_or(|t| core.now >= t) {
                         self.accept_retry_at = None;

@@ -47,7 +47,14 @@ impl Handler for Echo {
             Msg::Start => ctx.start_accepting(),
         }
     }
-    fn on_adopt(&mut self, _: &mut impl Context<Msg>, _: ConnId, _: SocketAddr, _: Vec<u8>, _: Msg) {
+    fn on_adopt(
+        &mut self,
+        _: &mut impl Context<Msg>,
+        _: ConnId,
+        _: SocketAddr,
+        _: Vec<u8>,
+        _: Msg,
+    ) {
     }
     fn on_accept_stopped(&mut self, _: &mut impl Context<Msg>) {
         let _ = self.tx.send(Ev::AcceptStopped(self.name));
@@ -69,7 +76,10 @@ fn paused_runtime_takes_over_the_listener() {
         let mut s = common::connect(addr);
         common::write_all(&mut s, b"1");
         assert_eq!(common::read_exact(&mut s, 2), b"A1");
-        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ev::Accepted("A")));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(Ev::Accepted("A"))
+        );
 
         let mut inherited = a.listening_sockets().unwrap();
         inherited.paused = true;
@@ -93,7 +103,10 @@ fn paused_runtime_takes_over_the_listener() {
             .set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         let mut buf = [0u8; 8];
-        assert!(waiting.read(&mut buf).is_err(), "{mode:?}: answered while paused");
+        assert!(
+            waiting.read(&mut buf).is_err(),
+            "{mode:?}: answered while paused"
+        );
         assert!(rx.try_recv().is_err(), "{mode:?}: accepted while paused");
         // The old connection is still A's.
         common::write_all(&mut s, b"3");
@@ -104,12 +117,18 @@ fn paused_runtime_takes_over_the_listener() {
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         assert_eq!(common::read_exact(&mut waiting, 2), b"B2", "{mode:?}");
-        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ev::Accepted("B")));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(Ev::Accepted("B"))
+        );
         // And new ones too; A never accepts again.
         let mut fresh = common::connect(addr);
         common::write_all(&mut fresh, b"4");
         assert_eq!(common::read_exact(&mut fresh, 2), b"B4", "{mode:?}");
-        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(Ev::Accepted("B")));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(Ev::Accepted("B"))
+        );
         drop((s, waiting, fresh));
         for rt in [a, b] {
             rt.shutdown();

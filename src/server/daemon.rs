@@ -53,10 +53,7 @@ pub fn wake() {
     if !BLOCKED.load(std::sync::atomic::Ordering::SeqCst) {
         return;
     }
-    let _ = rustix::process::kill_process(
-        rustix::process::getpid(),
-        rustix::process::Signal::USR2,
-    );
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::USR2);
 }
 
 /// Set once [`Signals::block`] ran.

@@ -484,7 +484,10 @@ fn take_sessions(
             moved: Some(part.moved),
             held: part.held,
         };
-        if !remote.send(i, shard::ShardMsg::TakeOver(Box::new(restore), done_tx.clone())) {
+        if !remote.send(
+            i,
+            shard::ShardMsg::TakeOver(Box::new(restore), done_tx.clone()),
+        ) {
             return Err(std::io::Error::other(format!("shard {i} is gone")));
         }
         Ok(())

@@ -431,10 +431,17 @@ impl Sim {
             next.shards[i].ctx.pause_accepting();
             next.deliver(i, ShardMsg::TakeOver(Box::new(r), done_tx.clone()));
         }
-        assert_eq!(done_rx.try_iter().count(), n, "every shard took its part in");
+        assert_eq!(
+            done_rx.try_iter().count(),
+            n,
+            "every shard took its part in"
+        );
         for i in 0..n {
             next.deliver(i, ShardMsg::Serve);
-            assert!(!next.shards[i].ctx.accept_paused(), "shard {i} accepts again");
+            assert!(
+                !next.shards[i].ctx.accept_paused(),
+                "shard {i} accepts again"
+            );
         }
         let mut remap: HashMap<(usize, ConnId), (usize, ConnId)> = HashMap::new();
         for (i, ids) in moved_ids.iter().enumerate() {

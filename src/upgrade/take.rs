@@ -143,7 +143,8 @@ impl Taking {
         let shards = self.shards;
         let ch = &mut self.channel;
         ch.send(&Msg::Start)?;
-        let mut per: Vec<Option<ShardPart>> = (0..shards).map(|_| Some(Default::default())).collect();
+        let mut per: Vec<Option<ShardPart>> =
+            (0..shards).map(|_| Some(Default::default())).collect();
         let mut got = vec![(0usize, 0usize, 0usize); shards];
         let (mut sessions, mut conns, mut links) = (0usize, 0usize, 0usize);
         loop {
