@@ -905,6 +905,32 @@ fn upgrades_complete_while_connections_come_and_go() {
             }
             n
         });
+        // Sessions resumed over and over on new connections: with two shards half the RESUMEs
+        // land on the other shard's listener and are handed across, also while the shards
+        // move one at a time.
+        let s4 = stop.clone();
+        let mut kept: Vec<Client> = (0..8).map(|_| srv.session(AGENT)).collect();
+        let resumer = std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !s4.load(std::sync::atomic::Ordering::Relaxed) {
+                let k = n as usize % kept.len();
+                let (sid, last, token, tx) =
+                    (kept[k].sid, kept[k].last_seq, kept[k].token, kept[k].tx_seq);
+                let mut c = Client::connect(addr);
+                let r = c.resume(sid, last, &token);
+                c.tx_seq = tx.max(r.last_client_seq);
+                c.last_seq = last;
+                c.send_data(format!("m{n}").as_bytes());
+                assert_eq!(
+                    c.recv_within(Duration::from_secs(10)).payload,
+                    format!("m{n}").as_bytes(),
+                    "resume {n}'s echo"
+                );
+                kept[k] = c;
+                n += 1;
+            }
+            n
+        });
         let mut c = srv.session(AGENT);
         for k in 0..5 {
             let t0 = std::time::Instant::now();
@@ -928,6 +954,10 @@ fn upgrades_complete_while_connections_come_and_go() {
             .join()
             .unwrap_or_else(|_| panic!("[{io}] a new session failed during the upgrades"));
         assert!(sessions > 20, "[{io}] only {sessions} new sessions made");
+        let resumes = resumer
+            .join()
+            .unwrap_or_else(|_| panic!("[{io}] a RESUME failed during the upgrades"));
+        assert!(resumes > 20, "[{io}] only {resumes} resumes made");
         assert!(n > 100, "[{io}] only {n} connections made");
         assert_eq!(refused, 0, "[{io}] {refused} of {n} connections refused");
     }

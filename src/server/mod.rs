@@ -288,6 +288,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                         journal: Some(j),
                         moved: None,
                         held,
+                        awaiting: false,
                     })
                     .collect();
                 (Some(sd), restores)
@@ -314,7 +315,12 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                 taking = Some(t);
                 (
                     Some(sd),
-                    (0..cfg_shards).map(|_| shard::Restore::default()).collect(),
+                    (0..cfg_shards)
+                        .map(|_| shard::Restore {
+                            awaiting: true,
+                            ..Default::default()
+                        })
+                        .collect(),
                 )
             }
             Err(e) => return Err(e.into()),
@@ -483,6 +489,7 @@ fn take_sessions(
             journal: Some(journal),
             moved: Some(part.moved),
             held: part.held,
+            awaiting: false,
         };
         if !remote.send(
             i,
@@ -490,19 +497,16 @@ fn take_sessions(
         ) {
             return Err(std::io::Error::other(format!("shard {i} is gone")));
         }
-        Ok(())
+        // Once the shard serves its part, the old process freezes the next one.
+        match done_rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("shard {i} did not take its part of the hand-over in within 10 s"),
+            )),
+        }
     })?;
     let received_ms = t.started.elapsed().as_millis() as u64;
-    for _ in 0..shards {
-        done_rx
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .map_err(|_| {
-                StartError::Runtime(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "a shard did not take its part of the hand-over in within 10 s",
-                ))
-            })?;
-    }
     Ok((counts, received_ms))
 }
 

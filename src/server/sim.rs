@@ -358,6 +358,14 @@ impl Sim {
         let (tx, rx) = crossbeam_channel::unbounded();
         // Which exported connection is which: clients and pod links by (shard, conn).
         let mut order: Vec<Vec<ConnId>> = vec![Vec::new(); n];
+        // Every shard stops accepting first, then they move one at a time.
+        let (qtx, qrx) = crossbeam_channel::unbounded();
+        for i in 0..n {
+            self.deliver(i, ShardMsg::Quiesce(qtx.clone()));
+            let s = &mut self.shards[i];
+            s.h.on_accept_stopped(&mut s.ctx);
+        }
+        assert_eq!(qrx.try_iter().count(), n, "every shard stopped accepting");
         for (i, ids) in order.iter_mut().enumerate() {
             self.deliver(i, ShardMsg::Export(tx.clone()));
             let s = &mut self.shards[i];

@@ -194,27 +194,43 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             ))
         }
     }
-    // Freeze every shard and pass on each one's part as soon as it is complete.
+    // Every shard stops accepting (the new process's shards take the queued connections once
+    // all of them have their part) and from now on keeps a RESUME for another shard's session
+    // unread, so that no connection is handed to a shard that has moved.
     *frozen = true;
-    let (tx, rx) = crossbeam_channel::unbounded::<ShardExport>();
-    for i in 0..src.shards {
-        src.remote.send(i, ShardMsg::Export(tx.clone()));
-    }
-    drop(tx);
     let frozen_at = Instant::now();
+    let (qtx, qrx) = crossbeam_channel::unbounded::<usize>();
+    for i in 0..src.shards {
+        src.remote.send(i, ShardMsg::Quiesce(qtx.clone()));
+    }
+    for _ in 0..src.shards {
+        qrx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a shard did not stop accepting within 10 s; its sessions are in the state dir",
+            )
+        })?;
+    }
+    // Then the shards move one at a time: each freezes only for its own part, while the others
+    // serve on; its sessions are served by the new process as soon as its part is in.
+    let (tx, rx) = crossbeam_channel::unbounded::<ShardExport>();
     let (mut sessions, mut conns, mut links, mut kept) = (0u32, 0u32, 0u32, 0usize);
-    let mut exported_at = None;
+    // The longest a shard took to export, and to have its part sent.
+    let mut exported_at: Option<Duration> = None;
+    let mut shard_sent = Duration::ZERO;
     // What was sent stays open here until the new process serves: closing ten thousand
     // descriptors is work the hand-over need not wait for.
     let mut sent = Vec::with_capacity(src.shards);
-    for _ in 0..src.shards {
+    for i in 0..src.shards {
+        let shard_at = Instant::now();
+        src.remote.send(i, ShardMsg::Export(tx.clone()));
         let x = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
                 "a shard did not hand over within 10 s; its sessions are in the state dir",
             )
         })?;
-        exported_at = Some(frozen_at.elapsed());
+        exported_at = Some(exported_at.unwrap_or_default().max(shard_at.elapsed()));
         let shard = x.shard as u16;
         kept += x.kept;
         let before = (sessions, conns, links);
@@ -264,6 +280,23 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
             links: links - before.2,
         })?;
         sent.push(x);
+        // The next shard freezes once this one serves in the new process: a shard's pause is
+        // its own hand-over, not shared with the next one's on the same cores.
+        match decode(&ch.recv()?)? {
+            Msg::ShardIn { shard: s } if s == shard => {}
+            Msg::Failed(why) => {
+                return Err(io::Error::other(format!(
+                    "the new clawtermd (pid {pid}) failed taking shard {shard} in: {why}"
+                )))
+            }
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("expected SHARD_IN {shard}, got {other:?}"),
+                ))
+            }
+        }
+        shard_sent = shard_sent.max(shard_at.elapsed());
     }
     ch.send(&Msg::Done {
         sessions,
@@ -308,6 +341,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         bytes = ch.sent,
         frozen_ms = handed.as_millis() as u64,
         exported_ms = exported_at.unwrap_or_default().as_millis() as u64,
+        shard_sent_ms = shard_sent.as_millis() as u64,
         took_ms = started.elapsed().as_millis() as u64,
         "upgrade: handed over; exiting"
     );

@@ -133,9 +133,10 @@ fn part(per: &mut [Option<ShardPart>], s: u16) -> io::Result<(usize, &mut ShardP
 }
 
 impl Taking {
-    /// Says START (this process's shards run), then takes the sessions in: each shard's part
-    /// goes to `on_shard` as soon as it is complete (SHARD), while the next is still on its
-    /// way. Returns once DONE came and every count matched.
+    /// Says START (this process's shards run), then takes the sessions in, one shard at a
+    /// time: each shard's part goes to `on_shard` as soon as it is complete (SHARD), which
+    /// returns once that shard serves it; SHARD_IN then tells the old process to freeze the
+    /// next. Returns once DONE came and every count matched.
     pub fn receive(
         &mut self,
         mut on_shard: impl FnMut(usize, ShardPart) -> io::Result<()>,
@@ -226,6 +227,8 @@ impl Taking {
                     if let Some(p) = per[i].take() {
                         on_shard(i, p)?;
                     }
+                    // That shard serves its part: the old process may freeze the next.
+                    ch.send(&Msg::ShardIn { shard })?;
                 }
                 Msg::Done {
                     sessions: s,

@@ -23,6 +23,8 @@
 //! 0x1E SHARD    old → new  shard u16 | sessions u32 | conns u32 | links u32: that shard's
 //!                          part is complete (its sessions can be served at once)
 //! 0x1F DONE     old → new  sessions u32 | conns u32 | links u32
+//! 0x22 SHARD_IN new → old  shard u16: that shard serves its part in the new process; the old
+//!                          one freezes the next shard only then
 //! 0x20 READY    new → old  (empty): the new one serves; the old releases what it kept, exits
 //! 0x21 FAILED   new → old  reason (UTF-8)
 //! ```
@@ -33,8 +35,8 @@
 /// HELLO's magic.
 pub const MAGIC: [u8; 4] = *b"CTUP";
 /// The hand-off format this code speaks.
-/// 2: START and SHARD (the new process runs its shards before the freeze and takes each
-/// shard's part as soon as it is complete).
+/// 2: START, SHARD and SHARD_IN (the new process runs its shards before the freeze; the
+/// shards move one at a time, each served by the new process as soon as its part is in).
 pub const VERSION: u16 = 2;
 /// Largest message (a session record with a full ring fits many times over).
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -95,6 +97,9 @@ pub enum Msg<'a> {
     },
     Ready,
     Failed(&'a str),
+    ShardIn {
+        shard: u16,
+    },
 }
 
 /// Why bytes are not a message.
@@ -136,6 +141,7 @@ impl Msg<'_> {
             Msg::Done { .. } => 0x1F,
             Msg::Ready => 0x20,
             Msg::Failed(_) => 0x21,
+            Msg::ShardIn { .. } => 0x22,
         }
     }
 
@@ -239,6 +245,7 @@ impl Msg<'_> {
                     out.extend_from_slice(&v.to_be_bytes());
                 }
             }
+            Msg::ShardIn { shard } => out.extend_from_slice(&shard.to_be_bytes()),
             Msg::Ready | Msg::Start => {}
         }
         let len = (out.len() - at - 4) as u32;
@@ -391,6 +398,7 @@ pub fn decode(b: &[u8]) -> Result<Msg<'_>, WireError> {
         },
         0x20 => Msg::Ready,
         0x21 => Msg::Failed(r.str(body.len())?),
+        0x22 => Msg::ShardIn { shard: r.u16()? },
         t => return Err(WireError::Type(t)),
     };
     if !matches!(m, Msg::Hello { version, .. } if version != VERSION) {
@@ -459,6 +467,7 @@ mod tests {
             },
             Msg::Ready,
             Msg::Failed("why"),
+            Msg::ShardIn { shard: 1 },
         ];
         for m in &msgs {
             let mut out = Vec::new();

@@ -145,7 +145,7 @@ impl ShardHandler {
             reply,
             out,
             waiting,
-            accept_stopped: false,
+            accept_stopped: self.accept_stopped_seen,
         });
         self.maybe_finish_export();
     }
@@ -262,7 +262,11 @@ impl ShardHandler {
         self.restore_records = r.records;
         self.restore_held = r.held;
         self.moved = Some(r.moved.unwrap_or_default());
+        self.awaiting = false;
         self.adopt_moved(ctx);
+        for (conn, peer, unread, msg) in std::mem::take(&mut self.queued_adopts) {
+            self.adopt(ctx, conn, peer, unread, msg);
+        }
         self.publish_gauges();
     }
 

@@ -52,6 +52,10 @@ pub enum ShardMsg {
     RelayClose { key: StreamKey, abort: bool },
     /// Pause or resume reading a relayed stream.
     RelayReading { key: StreamKey, on: bool },
+    /// A live upgrade begins: stop accepting, and from now on keep a RESUME for another
+    /// shard's session where it is (that shard may be moving); the index goes back once no
+    /// accept can follow.
+    Quiesce(crossbeam_channel::Sender<usize>),
     /// A live upgrade: freeze and hand everything over (see `crate::upgrade`).
     Export(crossbeam_channel::Sender<crate::upgrade::ShardExport>),
     /// The new process serves: close what could not be handed over.

@@ -90,6 +90,16 @@ pub struct ShardHandler {
     exporting: Option<export::Exporting>,
     /// Everything was handed over: this shard serves nothing any more.
     exported_done: bool,
+    /// A live upgrade began ([`ShardMsg::Quiesce`]): cross-shard hand-offs are held.
+    quiescing: bool,
+    /// Who waits for the runtime to let go of the listener.
+    quiesce_reply: Option<crossbeam_channel::Sender<usize>>,
+    /// The runtime let go of the listener (`on_accept_stopped`).
+    accept_stopped_seen: bool,
+    /// The new process of a live upgrade, before its part arrived, and the connections other
+    /// shards handed it meanwhile.
+    awaiting: bool,
+    queued_adopts: Vec<(ConnId, SocketAddr, Vec<u8>, ShardMsg)>,
 }
 
 /// Client → pod bytes of one batch of input sent to the link early past this size.
@@ -143,6 +153,11 @@ impl ShardHandler {
             moved: restore.moved,
             exporting: None,
             exported_done: false,
+            quiescing: false,
+            quiesce_reply: None,
+            accept_stopped_seen: false,
+            awaiting: restore.awaiting,
+            queued_adopts: Vec::new(),
         }
     }
 
@@ -394,6 +409,15 @@ impl ShardHandler {
                             alive = false;
                             break;
                         }
+                        Next::HandOff(_) if self.quiescing => {
+                            // A live upgrade is moving the shards one by one: the session's
+                            // may be on its way. The RESUME stays unread here and moves with
+                            // this shard's connections; the new process hands it over.
+                            ShardMetrics::inc(&self.m().frames_in, frames_in - 1);
+                            debug!(?conn, "RESUME for another shard kept for the new process");
+                            self.clients.set_reading(ctx, conn, false);
+                            return (rest_from, true);
+                        }
                         Next::HandOff(shard) => {
                             ShardMetrics::inc(&self.m().frames_in, frames_in);
                             let buffered = bytes[rest_from..].to_vec();
@@ -642,6 +666,15 @@ impl shards::Handler for ShardHandler {
             ShardMsg::PodAdded(t, a) => self.pod_added(ctx, (t, a)),
             ShardMsg::PodRemoved(t, a) => self.pod_removed(ctx, (t, a)),
             ShardMsg::Resume { .. } | ShardMsg::Moved => {}
+            ShardMsg::Quiesce(reply) => {
+                self.quiescing = true;
+                if self.accept_stopped_seen {
+                    let _ = reply.send(self.index);
+                } else {
+                    self.quiesce_reply = Some(reply);
+                    ctx.stop_accepting();
+                }
+            }
             ShardMsg::Export(reply) => self.export_all(ctx, reply),
             ShardMsg::Release => self.release_kept(ctx),
             ShardMsg::TakeOver(restore, done) => {
@@ -662,6 +695,12 @@ impl shards::Handler for ShardHandler {
         unread: Vec<u8>,
         msg: ShardMsg,
     ) {
+        if self.awaiting {
+            // A RESUME another shard of this (new) process passed on before this shard's part
+            // of the hand-over arrived: served once it has.
+            self.queued_adopts.push((conn, peer, unread, msg));
+            return;
+        }
         self.adopt(ctx, conn, peer, unread, msg);
     }
 
@@ -678,6 +717,10 @@ impl shards::Handler for ShardHandler {
     }
 
     fn on_accept_stopped(&mut self, _ctx: &mut impl Context<ShardMsg>) {
+        self.accept_stopped_seen = true;
+        if let Some(reply) = self.quiesce_reply.take() {
+            let _ = reply.send(self.index);
+        }
         self.accept_stopped();
     }
 

@@ -25,6 +25,9 @@ pub struct Restore {
     pub moved: Option<Moved>,
     /// Client input held for pods that were away, sent after their REOPENs.
     pub held: crate::state::Held,
+    /// The new process of a live upgrade: the shard's part of the hand-over comes later
+    /// ([`super::ShardMsg::TakeOver`]); connections other shards hand it meanwhile wait.
+    pub awaiting: bool,
 }
 
 /// Connections and pod links handed over to a shard by the process it replaces.
