@@ -8,15 +8,17 @@
 //!    with QUIC) — the same sockets, so connections the kernel queues meanwhile wait for the
 //!    new process rather than being refused. The new process grows its descriptor table for
 //!    everything to come, starts its shards (empty, accepting paused) and says START.
-//! 3. Every old shard freezes: it stops accepting, writes each session's record, and takes its
-//!    plaintext client connections and connected pod links out of its reactor with the bytes
-//!    received but not yet processed and the output not yet sent (connections accepted as the
-//!    listener went over included). Each shard's part goes over the socket as soon as it is
-//!    complete (SHARD), descriptors by SCM_RIGHTS.
+//! 3. Every old shard stops accepting and from then on keeps a RESUME for another shard's
+//!    session unread on its connection. Then the shards move one at a time: a shard freezes,
+//!    writes each session's record, and takes its plaintext client connections and connected
+//!    pod links out of its reactor with the bytes received but not yet processed and the
+//!    output not yet sent (connections accepted as the listener went over included); its part
+//!    goes over the socket (SHARD), descriptors by SCM_RIGHTS.
 //! 4. The new process writes that shard's fresh journal and its shard takes the part in and
-//!    serves it at once; once every shard has, they accept again and it says READY. The old
-//!    one then closes what could not move (TLS and QUIC connections: their clients RESUME at
-//!    the new process, with exact replay) and exits.
+//!    serves it at once (SHARD_IN: only now does the next old shard freeze); once every shard
+//!    has, they accept again and it says READY. The old one then closes what could not move
+//!    (TLS and QUIC connections: their clients RESUME at the new process, with exact replay)
+//!    and exits.
 //!
 //! See `docs/STATE.md` for the guarantees and the format ([`wire`]).
 
