@@ -179,21 +179,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
     drop(fds);
     // The new process starts its shards (accepting paused) and says START: only then does
     // anything freeze here, so its start-up is not part of any session's pause.
-    let answer = ch.recv()?;
-    match decode(&answer)? {
-        Msg::Start => {}
-        Msg::Failed(why) => {
-            return Err(io::Error::other(format!(
-                "the new clawtermd (pid {pid}) could not start: {why}"
-            )))
-        }
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("expected START, got {other:?}"),
-            ))
-        }
-    }
+    expect(&mut ch, pid, &Msg::Start, "could not start")?;
     // Every shard stops accepting (the new process's shards take the queued connections once
     // all of them have their part) and from now on keeps a RESUME for another shard's session
     // unread, so that no connection is handed to a shard that has moved.
@@ -282,20 +268,12 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         sent.push(x);
         // The next shard freezes once this one serves in the new process: a shard's pause is
         // its own hand-over, not shared with the next one's on the same cores.
-        match decode(&ch.recv()?)? {
-            Msg::ShardIn { shard: s } if s == shard => {}
-            Msg::Failed(why) => {
-                return Err(io::Error::other(format!(
-                    "the new clawtermd (pid {pid}) failed taking shard {shard} in: {why}"
-                )))
-            }
-            other => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("expected SHARD_IN {shard}, got {other:?}"),
-                ))
-            }
-        }
+        expect(
+            &mut ch,
+            pid,
+            &Msg::ShardIn { shard },
+            &format!("failed taking shard {shard} in"),
+        )?;
         shard_sent = shard_sent.max(shard_at.elapsed());
     }
     ch.send(&Msg::Done {
@@ -304,21 +282,12 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         links,
     })?;
     let handed = frozen_at.elapsed();
-    let answer = ch.recv()?;
-    match decode(&answer)? {
-        Msg::Ready => {}
-        Msg::Failed(why) => {
-            return Err(io::Error::other(format!(
-                "the new clawtermd (pid {pid}) failed after the hand-over: {why}; the sessions are in the state dir: start clawtermd on it again"
-            )))
-        }
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("expected READY, got {other:?}"),
-            ))
-        }
-    }
+    expect(&mut ch, pid, &Msg::Ready, "failed after the hand-over").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{e}; the sessions are in the state dir: start clawtermd on it again"),
+        )
+    })?;
     for i in 0..src.shards {
         src.remote.send(i, ShardMsg::Release);
     }
@@ -346,4 +315,20 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
         "upgrade: handed over; exiting"
     );
     Ok(true)
+}
+
+/// Waits for the new process's `want`. Its FAILED (saying what it `failed` doing, and why)
+/// or any other message is an error.
+fn expect(ch: &mut Channel, pid: u32, want: &Msg<'_>, failed: &str) -> io::Result<()> {
+    let answer = ch.recv()?;
+    match decode(&answer)? {
+        m if &m == want => Ok(()),
+        Msg::Failed(why) => Err(io::Error::other(format!(
+            "the new clawtermd (pid {pid}) {failed}: {why}"
+        ))),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected {want:?}, got {other:?}"),
+        )),
+    }
 }

@@ -351,16 +351,13 @@ impl ShardHandler {
             let accepted_us = self.clock.us(ctx.now());
             // With TLS only connections accepted as the listener went over move (nothing read
             // from them yet): their handshake happens here.
-            let tls = match (&self.shared.tls, c.sid) {
-                (Some(t), 0) => match t.accept() {
-                    Ok(conn) => Some(Box::new(conn)),
-                    Err(e) => {
-                        warn!(error = %e, "cannot start TLS on a handed-over connection");
-                        ctx.abort(id);
-                        continue;
-                    }
-                },
-                _ => None,
+            let tls = if c.sid == 0 {
+                match self.start_tls(ctx, id) {
+                    Some(tls) => tls,
+                    None => continue,
+                }
+            } else {
+                None
             };
             self.client_opened(ctx, client, peer, tls, accepted_us, true);
             if c.sid != 0

@@ -36,6 +36,26 @@ impl ShardHandler {
 
     /// A new client connection (an accepted TCP connection, a QUIC stream, or a relayed
     /// stream): it starts in the handshake state with its deadline filed.
+    /// The TLS state of a new TCP connection when the server speaks TLS (`Some(None)`
+    /// without). `None`: TLS could not start; the connection was aborted.
+    pub(super) fn start_tls(
+        &self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: shards::ConnId,
+    ) -> Option<Option<Box<rustls::ServerConnection>>> {
+        match &self.shared.tls {
+            Some(t) => match t.accept() {
+                Ok(c) => Some(Some(Box::new(c))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start TLS");
+                    ctx.abort(conn);
+                    None
+                }
+            },
+            None => Some(None),
+        }
+    }
+
     pub(super) fn client_opened(
         &mut self,
         ctx: &mut impl Context<ShardMsg>,

@@ -40,7 +40,7 @@ use shards::{ConnId, Context};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 #[derive(Copy, Clone, Debug)]
 enum Key {
@@ -602,16 +602,8 @@ impl shards::Handler for ShardHandler {
             }
             return;
         }
-        let tls = match &self.shared.tls {
-            Some(t) => match t.accept() {
-                Ok(c) => Some(Box::new(c)),
-                Err(e) => {
-                    warn!(error = %e, "cannot start TLS");
-                    ctx.abort(conn);
-                    return;
-                }
-            },
-            None => None,
+        let Some(tls) = self.start_tls(ctx, conn) else {
+            return;
         };
         self.client_opened(ctx, client, peer, tls, accepted_us, false);
     }
