@@ -9,6 +9,7 @@
 //!   table, resume tokens — driven by an injected clock.
 
 pub mod auth;
+pub mod cluster;
 pub mod pods;
 pub mod server;
 pub mod state;

@@ -1,0 +1,1 @@
+//! The session directory on Redis (filled in by the keeper work).

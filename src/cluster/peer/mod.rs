@@ -1,0 +1,1 @@
+//! The node-to-node link (filled in by the peer-link work).
