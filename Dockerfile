@@ -48,8 +48,10 @@ RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src shards/src
              testkit/src bench/src/bin bench/benches \
     && touch src/lib.rs core/src/lib.rs poll/src/lib.rs agent/src/lib.rs client/src/lib.rs shards/src/lib.rs \
              testkit/src/lib.rs \
-    && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs loadgen/src/main.rs \
+    && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs src/bin/clawtermctl.rs \
+                loadgen/src/main.rs \
                 bench/src/bin/pod_figures.rs bench/src/bin/tls_figures.rs bench/src/bin/reconnect_figure.rs \
+                bench/src/bin/state_figures.rs bench/src/bin/cluster_figures.rs \
                 bench/benches/codec.rs bench/benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo fetch --locked \
     && cargo build --release --locked -p clawterm --bins \
@@ -67,7 +69,7 @@ COPY loadgen loadgen
 COPY src src
 RUN cargo build --release --locked -p clawterm --bins \
     && mkdir -p /out \
-    && for b in clawtermd claw-agent clawterm; do \
+    && for b in clawtermd claw-agent clawterm clawtermctl; do \
          objcopy --strip-debug "target/release/$b" "/out/$b"; \
        done \
     && /out/clawtermd --version
@@ -113,7 +115,7 @@ LABEL org.opencontainers.image.title="clawtermd" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="${SOURCE}"
-COPY --from=builder /out/clawtermd /out/claw-agent /out/clawterm /usr/local/bin/
+COPY --from=builder /out/clawtermd /out/claw-agent /out/clawterm /out/clawtermctl /usr/local/bin/
 USER 65532:65532
 # 7220/tcp: ClawTerm clients; 7221/udp: QUIC (reserved: not served by this build yet);
 # 9720/tcp: admin (/metrics, /healthz, /readyz) when CLAWTERM_ADMIN=0.0.0.0:9720.

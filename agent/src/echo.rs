@@ -10,6 +10,9 @@ use super::{Agent, OpenInfo, Orphan, Outbox, SessionId};
 pub struct EchoAgent;
 
 impl Agent for EchoAgent {
+    /// An echo session has no state: it moves as it is.
+    const MOVABLE: bool = true;
+
     fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
         let _ = out.data(s, bytes);
     }

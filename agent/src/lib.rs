@@ -69,6 +69,14 @@ pub use signal::stop_on_signals;
 
 pub use clawterm_core::podlink::CloseReason;
 
+/// What [`Agent::export`] answers: the session's state (sent as STATE messages of at most 1
+/// MiB, then the empty STATE), or that it cannot move (the empty STATE at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    State(Vec<u8>),
+    NotMovable,
+}
+
 /// Tests that open PTYs or count process-wide descriptors and threads take this lock, so
 /// that they don't see each other's.
 #[cfg(test)]
@@ -115,6 +123,29 @@ pub struct OpenInfo {
 /// `orphan` keeps nothing: the session ends with the link, as `link_closed` says. See
 /// `docs/POD-LINK.md` §7.
 pub trait Agent {
+    /// Whether this agent can move its sessions to another node (ClawRoam, POD-LINK.md §7):
+    /// `true` makes its links say HELLO version 2, so the daemon may send EXPORT and STATE,
+    /// and [`Agent::export`] / [`Agent::import`] carry each session's state. An agent that
+    /// cannot move a session (a running process, as `exec` and `shell`) keeps `false`: the
+    /// daemon then never asks, and moves such sessions only when the operator forces it.
+    ///
+    /// A movable agent whose sessions have no state (the `echo` agent) answers EXPORT with an
+    /// empty state: "HELLO 2 and an empty STATE" is a session that moves as it is.
+    const MOVABLE: bool = false;
+    /// The session is leaving this node (EXPORT): return its state, which reaches the target
+    /// pod's [`Agent::import`]. After this call the session is gone from this pod: forget it
+    /// (no `close` follows, nothing more can be sent for it). Output the SDK held for it while
+    /// the daemon had it paused is sent before the state, so none is lost. The default (for a
+    /// movable agent) moves no state.
+    fn export(&mut self, s: SessionId) -> Export {
+        let _ = s;
+        Export::State(Vec::new())
+    }
+    /// The state a session brought from another node, delivered after its REOPEN
+    /// ([`Agent::open`] with `info.reopen`) and before any of its DATA.
+    fn import(&mut self, s: SessionId, state: Vec<u8>, out: &Outbox) {
+        let _ = (s, state, out);
+    }
     /// A session was opened (OPEN) or re-bound to this pod (REOPEN, `info.reopen`) with
     /// nothing of it kept here: start it.
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {

@@ -44,6 +44,8 @@ struct Sess {
     input_held_by_output: bool,
     /// What we last told the daemon: PAUSE sent (and no CONTINUE since).
     input_pause_sent: bool,
+    /// STATE chunks arriving after a REOPEN (a session moving in), until the empty STATE.
+    importing: Option<Vec<u8>>,
 }
 
 impl Sess {
@@ -505,7 +507,11 @@ pub(crate) fn serve_link_with<A: Agent>(
         &mut hello,
         0,
         &Msg::Hello {
-            version: VERSION,
+            version: if A::MOVABLE {
+                clawterm_core::podlink::codec::VERSION_MIGRATE
+            } else {
+                VERSION
+            },
             name: AGENT_NAME,
         },
     );
@@ -600,7 +606,10 @@ fn read_loop<A: Agent>(
                     at += used;
                     if !hello_seen {
                         match msg {
-                            Msg::Hello { version, .. } if version == VERSION => {
+                            Msg::Hello { version, .. }
+                                if (VERSION..=clawterm_core::podlink::codec::VERSION_MIGRATE)
+                                    .contains(&version) =>
+                            {
                                 hello_seen = true;
                                 if let Some(make) = make.take() {
                                     *slot = Some(make());
@@ -785,6 +794,57 @@ fn dispatch<A: Agent>(
             shared.cond.notify_all();
             if removed.is_some_and(|x| !x.closing) {
                 agent.close(s, reason, out);
+            }
+        }
+        Msg::Export => {
+            // ClawRoam: the session leaves this pod. What was held while paused goes first,
+            // then the state and the empty STATE, and nothing more for it.
+            let live_now = live(&shared.lock());
+            if !live_now {
+                return;
+            }
+            let state = if A::MOVABLE {
+                agent.export(s)
+            } else {
+                crate::Export::NotMovable
+            };
+            let mut st = shared.lock();
+            let held = st
+                .sessions
+                .remove(&s)
+                .map(|x| x.held)
+                .unwrap_or_default();
+            for m in held {
+                let _ = shared.enqueue(&mut st, m);
+            }
+            let mut buf = Vec::new();
+            if let crate::Export::State(bytes) = &state {
+                for chunk in bytes.chunks(MAX_BODY) {
+                    encode(&mut buf, s, &Msg::State(chunk));
+                }
+            }
+            encode(&mut buf, s, &Msg::State(&[]));
+            let _ = shared.enqueue(&mut st, buf);
+            drop(st);
+            shared.cond.notify_all();
+        }
+        Msg::State(chunk) => {
+            // A session moving in: its state follows its REOPEN, ending with an empty STATE.
+            let done = {
+                let mut st = shared.lock();
+                let Some(x) = st.sessions.get_mut(&s) else {
+                    return;
+                };
+                let buf = x.importing.get_or_insert_with(Vec::new);
+                if chunk.is_empty() {
+                    x.importing.take()
+                } else {
+                    buf.extend_from_slice(chunk);
+                    None
+                }
+            };
+            if let Some(state) = done {
+                agent.import(s, state, out);
             }
         }
         Msg::Hello { .. } => tracing::warn!("HELLO in the middle of a pod link; ignored"),

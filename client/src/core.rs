@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use clawterm_core::proto::frame::encode_with;
 use clawterm_core::proto::{
     self, decode, encode_to_vec, seq, Accept, Ack, Connect, Decoded, ErrorCode, ErrorFrame,
-    FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_V1, FLAG_GAP, FLAG_REPLAY,
+    FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_ROAM, CAP_V1, FLAG_GAP, FLAG_REPLAY,
 };
 
 /// Largest DATA payload the client sends (the server's minimum `--max-payload` is 1024).
@@ -119,6 +119,10 @@ pub struct CoreOptions {
     /// Report new output as [`CoreEvent::Data`] (default `true`). A driver that reads DATA
     /// through [`ClientCore::on_bytes_observed`] may turn this off to save a copy per frame.
     pub data_events: bool,
+    /// Offer ROAM (capability `0x04`, default `true`): the client follows a session that moves
+    /// to another node of a cluster ([`CoreEvent::Roam`]); the driver reconnects there and
+    /// resumes. Without it the session stays reachable where the client connects.
+    pub offer_roam: bool,
 }
 
 impl Default for CoreOptions {
@@ -127,6 +131,7 @@ impl Default for CoreOptions {
             acks: AckPolicy::PerRead,
             offer_reliable: true,
             data_events: true,
+            offer_roam: true,
         }
     }
 }
@@ -329,11 +334,13 @@ impl ClientCore {
         self.out.clear();
         let c = Connect {
             version: proto::VERSION,
-            caps: if self.opts.offer_reliable {
-                CAP_V1 | CAP_RELIABLE
-            } else {
-                CAP_V1
-            },
+            caps: CAP_V1
+                | if self.opts.offer_reliable {
+                    CAP_RELIABLE
+                } else {
+                    0
+                }
+                | if self.opts.offer_roam { CAP_ROAM } else { 0 },
             caps_width: proto::payload::CapsWidth::U8,
             tenant_id: self.tenant,
             agent_id: self.agent,
@@ -722,7 +729,9 @@ impl ClientCore {
                 self.events.push_back(CoreEvent::Ended);
                 Ok(false)
             }
-            (Phase::Attached, FrameType::Roam) => {
+            // ROAM on a live session, or as the answer to a RESUME that reached a node that
+            // does not hold the session (PROTOCOL.md §2.6).
+            (Phase::Attached | Phase::Resuming, FrameType::Roam) => {
                 let r = Roam::parse(payload).map_err(|e| CoreError::Payload("ROAM", e))?;
                 self.resume_token = r.roam_token;
                 self.phase = Phase::Down;
@@ -862,6 +871,7 @@ mod tests {
             acks: AckPolicy::Manual,
             offer_reliable: false,
             data_events: false,
+            offer_roam: false,
         });
         c.start_connect([0; 16], 0);
         let out = frames(&c.take_output());

@@ -108,6 +108,7 @@ fn configure(core: &mut ClientCore, o: &Opts) {
         acks: AckPolicy::Manual,
         offer_reliable: false,
         data_events: false,
+        offer_roam: true,
     });
     core.set_timers(Timers {
         keepalive_ms: ((o.keepalive * 1000.0) as u64).max(1),

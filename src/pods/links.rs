@@ -22,6 +22,9 @@ pub struct Link<C> {
     connected: bool,
     /// The pod's HELLO arrived.
     hello_seen: bool,
+    /// The pod's HELLO version on the current connection (0: none yet); 2 = it can export
+    /// sessions (POD-LINK.md §7).
+    pod_version: u8,
     /// Messages queued before the connect completed.
     pending: Vec<u8>,
     /// A partial message from the pod.
@@ -125,6 +128,16 @@ impl<C> Link<C> {
         self.hello_seen = true;
     }
 
+    /// The pod's HELLO version (0 before its HELLO).
+    pub fn pod_version(&self) -> u8 {
+        self.pod_version
+    }
+
+    /// Notes the pod's HELLO version.
+    pub fn set_pod_version(&mut self, v: u8) {
+        self.pod_version = v;
+    }
+
     /// Takes the partial message the pod left (decode the new bytes after it).
     pub fn take_input(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.inbuf)
@@ -211,7 +224,7 @@ impl<C> Links<C> {
             &mut pending,
             0,
             &Msg::Hello {
-                version: podlink::codec::VERSION,
+                version: podlink::codec::VERSION_MIGRATE,
                 name,
             },
         );
@@ -221,6 +234,7 @@ impl<C> Links<C> {
             conn,
             connected: false,
             hello_seen: false,
+            pod_version: 0,
             pending,
             inbuf: Vec::new(),
             sessions: IdSet::default(),
@@ -247,6 +261,7 @@ impl<C> Links<C> {
             conn: ConnId::NONE,
             connected: false,
             hello_seen: false,
+            pod_version: 0,
             pending: Vec::new(),
             inbuf: Vec::new(),
             sessions: IdSet::default(),
@@ -281,6 +296,9 @@ impl<C> Links<C> {
             conn,
             connected: true,
             hello_seen,
+            // Not carried by a live upgrade's hand-off: taken as the base version until the
+            // link reconnects (sessions on it move only with --force meanwhile).
+            pod_version: u8::from(hello_seen),
             pending: Vec::new(),
             inbuf: Vec::new(),
             sessions: IdSet::default(),
@@ -307,6 +325,7 @@ impl<C> Links<C> {
         l.prefix_len = 0;
         l.connected = false;
         l.hello_seen = false;
+        l.pod_version = 0;
         l.inbuf.clear();
         l.lost_since.get_or_insert(now);
         Some(l.conn)

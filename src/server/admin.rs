@@ -1,4 +1,6 @@
-//! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and what
+//! `clawtermctl` asks (`GET /v1/sessions`, `GET /v1/nodes`, `POST /v1/roam`, `POST /v1/drain`;
+//! the two that move sessions only from a loopback address).
 //!
 //! A tiny HTTP/1.1 server outside the shards, so a misbehaving scraper cannot affect sessions:
 //! one thread accepts, and each connection gets a short-lived thread of its own (at most
@@ -35,6 +37,7 @@ pub struct Admin {
 struct State {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
+    ops: Option<Arc<super::ops::Ops>>,
     /// Connections being served.
     active: AtomicUsize,
 }
@@ -55,6 +58,16 @@ impl Admin {
         metrics: Arc<Metrics>,
         registry: Arc<Registry>,
     ) -> std::io::Result<Admin> {
+        Admin::start_with_ops(addr, metrics, registry, None)
+    }
+
+    /// [`Admin::start`] with the node's operations (`clawtermctl`).
+    pub fn start_with_ops(
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        registry: Arc<Registry>,
+        ops: Option<Arc<super::ops::Ops>>,
+    ) -> std::io::Result<Admin> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("admin endpoint {addr}: {e}")))?;
         let addr = listener.local_addr()?;
@@ -64,6 +77,7 @@ impl Admin {
         let state = Arc::new(State {
             metrics,
             registry,
+            ops,
             active: AtomicUsize::new(0),
         });
         let thread = std::thread::Builder::new()
@@ -124,7 +138,7 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, state: &Arc<State>) {
                 .stack_size(128 * 1024)
                 .spawn(move || {
                     let st = &slot.0;
-                    if let Err(e) = serve(s, &st.metrics, &st.registry) {
+                    if let Err(e) = serve(s, st) {
                         tracing::debug!("admin request failed: {e}");
                     }
                 });
@@ -137,7 +151,8 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, state: &Arc<State>) {
 }
 
 /// Reads one request head (bounded in size and total time) and answers it.
-fn serve(mut s: TcpStream, metrics: &Metrics, registry: &Registry) -> std::io::Result<()> {
+fn serve(mut s: TcpStream, st: &State) -> std::io::Result<()> {
+    let (metrics, registry) = (&st.metrics, &st.registry);
     s.set_nonblocking(false)?;
     s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let deadline = Instant::now() + HEAD_DEADLINE;
@@ -179,10 +194,14 @@ fn serve(mut s: TcpStream, metrics: &Metrics, registry: &Registry) -> std::io::R
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let head_only = method == "HEAD";
+    let route = path.split('?').next().unwrap_or("");
+    if route.starts_with("/v1/") {
+        return serve_ops(&mut s, st.ops.as_deref(), method, path);
+    }
     if method != "GET" && !head_only {
         return respond(&mut s, false, "405 Method Not Allowed", "use GET or HEAD\n");
     }
-    match path.split('?').next().unwrap_or("") {
+    match route {
         "/metrics" => respond_typed(
             &mut s,
             head_only,
@@ -212,6 +231,112 @@ fn serve(mut s: TcpStream, metrics: &Metrics, registry: &Registry) -> std::io::R
             "404 Not Found",
             "try /metrics, /healthz or /readyz\n",
         ),
+    }
+}
+
+/// The value of `key` in the query string of `path` (no percent-decoding: ids and node
+/// names are plain).
+fn query<'a>(path: &'a str, key: &str) -> Option<&'a str> {
+    path.split_once('?')?
+        .1
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `clawtermctl`'s routes. Moving sessions is refused unless the request comes from this
+/// machine (the endpoint may be bound wider for scrapers).
+fn serve_ops(
+    s: &mut TcpStream,
+    ops: Option<&super::ops::Ops>,
+    method: &str,
+    path: &str,
+) -> std::io::Result<()> {
+    let Some(ops) = ops else {
+        return respond(s, false, "503 Service Unavailable", "no operations on this endpoint\n");
+    };
+    let json = |s: &mut TcpStream, status: &str, v: &serde_json::Value| {
+        respond_typed(s, false, status, "application/json", &format!("{v}\n"))
+    };
+    let route = path.split('?').next().unwrap_or("");
+    let mutating = matches!(route, "/v1/roam" | "/v1/drain");
+    match (method, mutating) {
+        ("GET", false) | ("POST", true) => {}
+        _ => {
+            return respond(
+                s,
+                false,
+                "405 Method Not Allowed",
+                "GET /v1/sessions, GET /v1/nodes, POST /v1/roam, POST /v1/drain\n",
+            )
+        }
+    }
+    if mutating && !s.peer_addr().is_ok_and(|a| a.ip().is_loopback()) {
+        return respond(
+            s,
+            false,
+            "403 Forbidden",
+            "moving sessions is allowed from this machine only (run clawtermctl on the node)\n",
+        );
+    }
+    let force = query(path, "force").is_some_and(|v| v == "1" || v == "true");
+    match route {
+        "/v1/sessions" => json(s, "200 OK", &ops.sessions_json()),
+        "/v1/nodes" => match ops.nodes_json() {
+            Ok(v) => json(s, "200 OK", &v),
+            Err(e) => json(s, "503 Service Unavailable", &serde_json::json!({ "error": e })),
+        },
+        "/v1/roam" => {
+            let id = query(path, "id").and_then(|i| u32::from_str_radix(i, 16).ok());
+            let (Some(id), Some(to)) = (id, query(path, "to")) else {
+                return json(
+                    s,
+                    "400 Bad Request",
+                    &serde_json::json!({ "error": "give id=SESSION_ID (hex) and to=NODE" }),
+                );
+            };
+            let v = match ops.roam(id, to, force) {
+                super::cluster::RoamOutcome::Moved { to, took_us } => {
+                    serde_json::json!({ "result": "moved", "to": to, "took_ms": took_us as f64 / 1000.0 })
+                }
+                super::cluster::RoamOutcome::CalledOff(why) => {
+                    serde_json::json!({ "result": "called_off", "why": why })
+                }
+                super::cluster::RoamOutcome::Refused(why) => {
+                    serde_json::json!({ "result": "refused", "why": why })
+                }
+            };
+            json(s, "200 OK", &v)
+        }
+        "/v1/drain" => {
+            // Progress lines as they come, then the summary; the body ends with the connection.
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n",
+            )?;
+            let to = query(path, "to");
+            // The DaemonSet's preStop names its own pod: under hostNetwork the endpoint may be
+            // served by the newer pod's clawtermd that took this one's sessions over (a live
+            // upgrade), whose sessions must stay.
+            if let Some(pod) = query(path, "pod") {
+                let mine = std::env::var("POD_NAME").unwrap_or_default();
+                if pod != mine {
+                    let v = serde_json::json!({
+                        "summary": true, "total": 0, "moved": 0, "failed": 0, "failures": [],
+                        "elapsed_s": 0.0, "per_second": 0.0,
+                        "skipped": format!("this endpoint is served by pod `{mine}`, not `{pod}` (a live upgrade took over): nothing of `{pod}` to drain"),
+                    });
+                    s.write_all(format!("{v}\n").as_bytes())?;
+                    return s.flush();
+                }
+            }
+            let res = ops.drain(to, force, |line| {
+                s.write_all(format!("{line}\n").as_bytes()).is_ok() && s.flush().is_ok()
+            });
+            if let Err(e) = res {
+                s.write_all(format!("{}\n", serde_json::json!({ "error": e })).as_bytes())?;
+            }
+            s.flush()
+        }
+        _ => respond(s, false, "404 Not Found", "no such route\n"),
     }
 }
 

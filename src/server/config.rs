@@ -46,6 +46,48 @@ pub struct ServerConfig {
     pub admin: Option<std::net::SocketAddr>,
     /// UDP port for QUIC (0 = pick one); `None` = QUIC off. QUIC needs TLS (`tls`).
     pub quic_port: Option<u16>,
+    /// ClawRoam (`--keeper`): `None` = one node on its own.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A node of a cluster (docs/CLUSTER.md).
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// This node's name (`--node-id`).
+    pub node_id: String,
+    /// The keeper's Redis URL (`--keeper`).
+    pub keeper: String,
+    /// Where clients reach this node (`--advertise`; ROAM frames carry it).
+    pub advertise: std::net::SocketAddr,
+    /// Whether `--advertise` named a port (otherwise it follows the bound port, e.g. 0).
+    pub advertise_port_given: bool,
+    /// Where the peer link listens (bind address, `--peer-port`).
+    pub peer_bind: std::net::SocketAddr,
+    /// Where other nodes reach the peer link.
+    pub peer_advertise: std::net::SocketAddr,
+    /// The cluster secret (`--cluster-secret`), at least 16 bytes.
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("node_id", &self.node_id)
+            .field("keeper", &self.keeper)
+            .field("advertise", &self.advertise)
+            .field("peer_bind", &self.peer_bind)
+            .field("peer_advertise", &self.peer_advertise)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The host name, for `--node-id`'s default.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 impl Default for ServerConfig {
@@ -71,6 +113,7 @@ impl Default for ServerConfig {
             max_auth_failures_per_ip: 30,
             admin: None,
             quic_port: None,
+            cluster: None,
         }
     }
 }

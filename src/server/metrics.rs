@@ -76,6 +76,16 @@ pub struct ShardMetrics {
     pub state_compactions: AtomicU64,
     pub handshake: Histogram,
     pub resume: Histogram,
+    /// ClawRoam moves started here, completed (the target holds the session), called off.
+    pub roams_started: AtomicU64,
+    pub roams_completed: AtomicU64,
+    pub roams_called_off: AtomicU64,
+    /// Sessions that roamed in and serve here.
+    pub roams_in: AtomicU64,
+    /// RESUMEs for sessions held elsewhere answered with ROAM.
+    pub roam_redirects: AtomicU64,
+    /// Freeze to release of the moves that completed.
+    pub roam: Histogram,
 }
 
 impl ShardMetrics {
@@ -364,6 +374,24 @@ impl Metrics {
             "clawterm_quic_forwarded_total {}",
             sum(&|s| s.quic_forwarded.load(Relaxed))
         );
+        let _ = writeln!(o, "# HELP clawterm_roams_total ClawRoam moves of sessions away from this node, by result (called_off: the session went on here).\n# TYPE clawterm_roams_total counter");
+        for (result, pick) in [
+            ("started", 0u8),
+            ("completed", 1),
+            ("called_off", 2),
+        ] {
+            let n = sum(&|s| {
+                match pick {
+                    0 => &s.roams_started,
+                    1 => &s.roams_completed,
+                    _ => &s.roams_called_off,
+                }
+                .load(Relaxed)
+            });
+            let _ = writeln!(o, "clawterm_roams_total{{result=\"{result}\"}} {n}");
+        }
+        let _ = writeln!(o, "# HELP clawterm_roams_in_total Sessions that moved to this node from another and serve here.\n# TYPE clawterm_roams_in_total counter\nclawterm_roams_in_total {}", sum(&|s| s.roams_in.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_roam_redirects_total RESUMEs for sessions held by another node answered with ROAM.\n# TYPE clawterm_roam_redirects_total counter\nclawterm_roam_redirects_total {}", sum(&|s| s.roam_redirects.load(Relaxed)));
         let _ = writeln!(o, "# HELP clawterm_pods Agent pod sockets registered on the node.\n# TYPE clawterm_pods gauge\nclawterm_pods {pod_sockets}");
         for (name, help, pick) in [
             (
@@ -376,13 +404,18 @@ impl Metrics {
                 "Accept to RESUMED sent, for resumed sessions.",
                 1,
             ),
+            (
+                "clawterm_roam_seconds",
+                "ClawRoam moves that completed: freeze to release at the source.",
+                2,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
             fn pick_h(s: &ShardMetrics, pick: u8) -> &Histogram {
-                if pick == 0 {
-                    &s.handshake
-                } else {
-                    &s.resume
+                match pick {
+                    0 => &s.handshake,
+                    1 => &s.resume,
+                    _ => &s.roam,
                 }
             }
             let mut cum = 0u64;

@@ -9,11 +9,13 @@
 //! [`start`] starts the runtime and returns a [`Server`] handle.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod fdtable;
 pub mod limits;
 pub mod metrics;
+pub mod ops;
 pub mod quic;
 pub mod settings;
 pub mod shard;
@@ -48,6 +50,8 @@ pub struct Shared {
     pub tls: Option<tls::Tls>,
     /// QUIC on the UDP port (None when off; it needs TLS).
     pub quic: Option<Arc<quic::QuicShared>>,
+    /// ClawRoam: this node's part in a cluster (`--keeper`); `None` on a node of its own.
+    pub cluster: Option<Arc<cluster::ClusterNode>>,
 }
 
 impl Shared {
@@ -192,6 +196,9 @@ pub enum StartError {
     State(#[from] crate::state::StateError),
     #[error(transparent)]
     Upgrade(#[from] crate::upgrade::take::TakeError),
+    /// The cluster could not be joined (keeper, peer link).
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The admin endpoint could not listen (the message names the address).
     #[error("{source}")]
     Admin {
@@ -330,6 +337,24 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         .into_iter()
         .map(|r| std::sync::Mutex::new(Some(r)))
         .collect();
+    // ClawRoam: the node's ordinal (the top byte of its session ids) comes from the keeper
+    // before any shard makes an id; a state dir remembers it for a restart while the keeper
+    // is away.
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(cc) => {
+            let cached = cfg
+                .state_dir
+                .as_deref()
+                .and_then(|d| read_ordinal(d, &cc.node_id));
+            let node = cluster::ClusterNode::join(cc.clone(), cfg_shards, cfg.port, cached)
+                .map_err(StartError::Cluster)?;
+            if let Some(d) = cfg.state_dir.as_deref() {
+                write_ordinal(d, &cc.node_id, node.keeper.ordinal());
+            }
+            Some(node)
+        }
+    };
     let registry = Registry::start_without_callback(&cfg.socket_dir).map_err(|source| {
         StartError::SocketDir {
             path: cfg.socket_dir.clone(),
@@ -346,6 +371,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         metrics: Arc::new(metrics::Metrics::new(cfg_shards)),
         tls,
         quic,
+        cluster,
     });
     let s2 = shared.clone();
     let runtime_at = std::time::Instant::now();
@@ -420,8 +446,29 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
             }
         }
     }
+    if let Some(c) = &shared.cluster {
+        match c.start_peers(runtime.remote()) {
+            Ok(addr) => {
+                let s3 = shared.clone();
+                c.spawn_refresher(move || s3.sessions.load(Ordering::Relaxed) as u64);
+                tracing::info!(
+                    node = c.id(),
+                    ordinal = c.keeper.ordinal(),
+                    peer = %addr,
+                    advertise = %c.client_addr(),
+                    "joined the cluster"
+                );
+            }
+            Err(e) => {
+                runtime.shutdown();
+                let _ = runtime.join();
+                c.leave();
+                return Err(StartError::Cluster(e));
+            }
+        }
+    }
     let admin = match admin_addr {
-        Some(a) => Some(start_admin(a, &shared, upgraded)?),
+        Some(a) => Some(start_admin(a, &shared, upgraded, runtime.remote())?),
         None => None,
     };
     let upgrade = match &state {
@@ -510,16 +557,36 @@ fn take_sessions(
     Ok((counts, received_ms))
 }
 
+/// The node ordinal a state dir remembers for `node` (`DIR/cluster-ordinal`: `NODE ORDINAL`).
+fn read_ordinal(dir: &std::path::Path, node: &str) -> Option<u8> {
+    let text = std::fs::read_to_string(dir.join("cluster-ordinal")).ok()?;
+    let (n, o) = text.trim().split_once(' ')?;
+    (n == node).then(|| o.parse().ok()).flatten()
+}
+
+fn write_ordinal(dir: &std::path::Path, node: &str, ordinal: u8) {
+    if let Err(e) = std::fs::write(dir.join("cluster-ordinal"), format!("{node} {ordinal}\n")) {
+        tracing::warn!(dir = %dir.display(), "cannot remember the cluster ordinal: {e}");
+    }
+}
+
 /// Starts the admin endpoint. After a live upgrade the old process may hold the port a moment
 /// longer (it exits once we serve): retried for up to 10 s then.
 fn start_admin(
     a: SocketAddr,
     shared: &Arc<Shared>,
     retry: bool,
+    remote: shards::Remote<shard::ShardMsg>,
 ) -> Result<admin::Admin, StartError> {
+    let ops = Arc::new(ops::Ops::new(shared.clone(), remote));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match admin::Admin::start(a, shared.metrics.clone(), shared.registry.clone()) {
+        match admin::Admin::start_with_ops(
+            a,
+            shared.metrics.clone(),
+            shared.registry.clone(),
+            Some(ops.clone()),
+        ) {
             Ok(x) => return Ok(x),
             Err(e)
                 if retry
@@ -570,6 +637,9 @@ impl Server {
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.registry.stop();
+        if let Some(c) = &self.shared.cluster {
+            c.leave();
+        }
         self.runtime.shutdown();
     }
     pub fn join(self) -> std::io::Result<()> {

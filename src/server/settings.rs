@@ -159,6 +159,26 @@ pub struct Settings {
     /// session id can take the session over).
     #[arg(long, env = "CLAWTERM_ALLOW_LEGACY_RESUME", value_parser = BoolishValueParser::new())]
     pub allow_legacy_resume: bool,
+    /// This node's name in a cluster [default: the host name].
+    #[arg(long, env = "CLAWTERM_NODE_ID", value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// The cluster's session directory (ClawRoam), e.g. `redis://HOST:6379/0`. Without it the
+    /// node is on its own: nothing is shared and sessions never move.
+    #[arg(long, env = "CLAWTERM_KEEPER", value_name = "URL")]
+    pub keeper: Option<String>,
+    /// Where clients and other nodes reach this node, HOST[:PORT] [default: the bind address
+    /// and --port]. ROAM frames send clients here, so in a cluster it must be an address they
+    /// can reach (not 0.0.0.0).
+    #[arg(long, env = "CLAWTERM_ADVERTISE", value_name = "HOST[:PORT]")]
+    pub advertise: Option<String>,
+    /// Node-to-node link (sessions moving between nodes, relay), mutually authenticated with
+    /// the cluster secret; listens on the bind address.
+    #[arg(long, env = "CLAWTERM_PEER_PORT", default_value_t = 7223)]
+    pub peer_port: u16,
+    /// File holding the cluster secret (at least 16 bytes, the same on every node): it
+    /// authenticates the peer link both ways and encrypts it. Required with --keeper.
+    #[arg(long, env = "CLAWTERM_CLUSTER_SECRET", value_name = "FILE")]
+    pub cluster_secret: Option<PathBuf>,
     /// TOML config file: keys are the long option names with `_` for `-` (`ring_bytes =
     /// 262144`); the command line and CLAWTERM_* variables win over it.
     #[arg(long, env = "CLAWTERM_CONFIG")]
@@ -571,6 +591,7 @@ fn build_config(
         quic_port: (!a.no_quic).then_some(a.quic_port),
         conn_rate_per_ip: a.max_conn_rate_per_ip,
         max_auth_failures_per_ip: a.max_auth_failures_per_ip,
+        cluster: cluster_config(a)?,
         admin: match a.admin.as_str() {
             "off" => None,
             addr => Some(addr.parse().map_err(|_| {
@@ -583,6 +604,112 @@ fn build_config(
             })?),
         },
     })
+}
+
+/// The cluster part of the configuration: `None` without `--keeper` (one node on its own).
+fn cluster_config(a: &Settings) -> Result<Option<crate::server::config::ClusterConfig>, Bad> {
+    let Some(url) = a.keeper.clone().filter(|u| !u.is_empty() && u != "off") else {
+        return Ok(None);
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(bad(
+            &["keeper"],
+            format!("--keeper must be a Redis URL such as redis://HOST:6379/0, got `{url}`"),
+        ));
+    }
+    let Some(secret_file) = a.cluster_secret.clone() else {
+        return Err(bad(
+            &["keeper"],
+            "--keeper needs --cluster-secret FILE (the same secret of at least 16 bytes on every node): the peer link is never open without credentials",
+        ));
+    };
+    let secret = std::fs::read(&secret_file).map_err(|e| {
+        bad(
+            &["cluster-secret"],
+            format!("--cluster-secret {}: {e}", secret_file.display()),
+        )
+    })?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        return Err(bad(
+            &["cluster-secret"],
+            format!(
+                "--cluster-secret {}: the secret is {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64 > FILE`)",
+                secret_file.display(),
+                secret.len()
+            ),
+        ));
+    }
+    let node_id = match &a.node_id {
+        Some(n) => n.clone(),
+        None => crate::server::config::host_name().ok_or_else(|| {
+            bad(&["node-id"], "cannot read the host name: pass --node-id NAME")
+        })?,
+    };
+    if node_id.is_empty()
+        || node_id.len() > 64
+        || !node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(bad(
+            &["node-id"],
+            format!("--node-id must be 1 to 64 characters of letters, digits, `-`, `_` or `.`, got `{node_id}`"),
+        ));
+    }
+    let (host, port) = match &a.advertise {
+        Some(adv) => match adv.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
+                let port = p.parse::<u16>().map_err(|_| {
+                    bad(&["advertise"], format!("--advertise {adv}: `{p}` is not a port"))
+                })?;
+                (h.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+            }
+            _ => (adv.clone(), a.port),
+        },
+        None if a.bind.is_unspecified() => {
+            return Err(bad(
+                &["advertise", "bind"],
+                "in a cluster (--keeper) clients and nodes must be told where this node is: pass --advertise HOST[:PORT] (the bind address is 0.0.0.0)",
+            ))
+        }
+        None => (a.bind.to_string(), a.port),
+    };
+    if port == 0 || a.peer_port == 0 {
+        return Err(bad(
+            &["port", "peer-port", "advertise"],
+            "in a cluster (--keeper) other nodes must know this node's ports: give --port (or --advertise HOST:PORT) and --peer-port other than 0",
+        ));
+    }
+    let ip: IpAddr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            use std::net::ToSocketAddrs;
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.next())
+                .map(|sa| sa.ip())
+                .ok_or_else(|| {
+                    bad(&["advertise"], format!("--advertise: cannot resolve `{host}`"))
+                })?
+        }
+    };
+    if ip.is_unspecified() {
+        return Err(bad(
+            &["advertise"],
+            "--advertise must be an address clients can reach, not 0.0.0.0 or ::",
+        ));
+    }
+    Ok(Some(crate::server::config::ClusterConfig {
+        node_id,
+        keeper: url,
+        advertise: std::net::SocketAddr::new(ip, port),
+        advertise_port_given: a.advertise.as_deref().is_some_and(|s| s.contains(':')),
+        peer_bind: std::net::SocketAddr::new(a.bind, a.peer_port),
+        peer_advertise: std::net::SocketAddr::new(ip, a.peer_port),
+        secret,
+    }))
 }
 
 #[cfg(test)]

@@ -110,6 +110,7 @@ impl Sim {
             metrics: Arc::new(super::metrics::Metrics::new(shard_count)),
             tls: None,
             quic: None,
+            cluster: None,
         });
         let t0 = Instant::now();
         let mut shards = Vec::with_capacity(shard_count);

@@ -653,6 +653,8 @@ pub enum PodMsg {
     Close(u8),
     Pause,
     Continue,
+    Export,
+    State(Vec<u8>),
     Unknown(u8),
     /// The daemon sent bytes that are not a valid message (the fake pod closes the link).
     Broken(String),
@@ -687,6 +689,8 @@ impl PodMsg {
             Msg::Close(r) => PodMsg::Close(r.code()),
             Msg::Pause => PodMsg::Pause,
             Msg::Continue => PodMsg::Continue,
+            Msg::Export => PodMsg::Export,
+            Msg::State(b) => PodMsg::State(b.to_vec()),
             Msg::Unknown { ty, .. } => PodMsg::Unknown(*ty),
         }
     }

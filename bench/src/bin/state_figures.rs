@@ -538,6 +538,7 @@ fn core_opts(c: &mut ClientCore) {
         acks: AckPolicy::Manual,
         offer_reliable: false,
         data_events: true,
+        offer_roam: true,
     });
 }
 

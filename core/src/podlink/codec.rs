@@ -6,8 +6,13 @@ pub const HEADER_LEN: usize = 9;
 /// Largest body a message may carry.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// Pod-link protocol version.
+/// Pod-link protocol version of the base protocol (sections 1–6 of POD-LINK.md).
 pub const VERSION: u8 = 1;
+
+/// HELLO version of a side that understands EXPORT and STATE (POD-LINK.md §7): the daemon
+/// speaks it and accepts pods of version 1 or 2; a version-1 pod never receives EXPORT or
+/// STATE.
+pub const VERSION_MIGRATE: u8 = 2;
 
 /// Message types (POD-LINK.md §3).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -32,6 +37,10 @@ pub enum MsgType {
     Pause,
     /// `0x41` CONTINUE: sending may resume.
     Continue,
+    /// `0x50` EXPORT (daemon → pod): the session is leaving this node; send its state.
+    Export,
+    /// `0x51` STATE (both directions): a chunk of the session's agent state; empty ends it.
+    State,
     /// A type code this version does not know.
     Unknown(u8),
 }
@@ -50,6 +59,8 @@ impl MsgType {
             MsgType::Close => 0x30,
             MsgType::Pause => 0x40,
             MsgType::Continue => 0x41,
+            MsgType::Export => 0x50,
+            MsgType::State => 0x51,
             MsgType::Unknown(c) => c,
         }
     }
@@ -67,6 +78,8 @@ impl MsgType {
             0x30 => MsgType::Close,
             0x40 => MsgType::Pause,
             0x41 => MsgType::Continue,
+            0x50 => MsgType::Export,
+            0x51 => MsgType::State,
             c => MsgType::Unknown(c),
         }
     }
@@ -84,6 +97,8 @@ impl MsgType {
             MsgType::Close => "CLOSE",
             MsgType::Pause => "PAUSE",
             MsgType::Continue => "CONTINUE",
+            MsgType::Export => "EXPORT",
+            MsgType::State => "STATE",
             MsgType::Unknown(_) => "UNKNOWN",
         }
     }
@@ -102,6 +117,8 @@ pub enum CloseReason {
     Error,
     /// 4: refused.
     Refused,
+    /// 5: the session roamed to another node (ClawRoam).
+    Roamed,
     /// A reason code this version does not know.
     Other(u8),
 }
@@ -115,6 +132,7 @@ impl CloseReason {
             CloseReason::SuspendExpired => 2,
             CloseReason::Error => 3,
             CloseReason::Refused => 4,
+            CloseReason::Roamed => 5,
             CloseReason::Other(c) => c,
         }
     }
@@ -127,6 +145,7 @@ impl CloseReason {
             2 => CloseReason::SuspendExpired,
             3 => CloseReason::Error,
             4 => CloseReason::Refused,
+            5 => CloseReason::Roamed,
             c => CloseReason::Other(c),
         }
     }
@@ -178,6 +197,10 @@ pub enum Msg<'a> {
     Pause,
     /// CONTINUE: sending may resume.
     Continue,
+    /// EXPORT: the session is leaving this node; the pod answers with its state.
+    Export,
+    /// STATE: a chunk of the session's agent state (≤ 1 MiB); an empty one ends the state.
+    State(&'a [u8]),
     /// A type this version does not know: receivers ignore it.
     Unknown {
         /// The type code.
@@ -201,6 +224,8 @@ impl Msg<'_> {
             Msg::Close(_) => MsgType::Close,
             Msg::Pause => MsgType::Pause,
             Msg::Continue => MsgType::Continue,
+            Msg::Export => MsgType::Export,
+            Msg::State(_) => MsgType::State,
             Msg::Unknown { ty, .. } => MsgType::Unknown(*ty),
         }
     }
@@ -311,6 +336,13 @@ pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, DecodeError> {
         },
         MsgType::Pause => Msg::Pause,
         MsgType::Continue => Msg::Continue,
+        MsgType::Export => {
+            if !body.is_empty() {
+                return Err(bad(ty, body.len(), "must be empty"));
+            }
+            Msg::Export
+        }
+        MsgType::State => Msg::State(body),
         MsgType::Unknown(ty) => Msg::Unknown { ty, body },
     };
     Ok(Decoded::Msg {
@@ -340,13 +372,13 @@ pub fn encode(out: &mut Vec<u8>, session_id: u32, msg: &Msg<'_>) {
             out.push(o.client_caps);
             out.extend_from_slice(o.peer.as_bytes());
         }
-        Msg::Data(d) => out.extend_from_slice(d),
+        Msg::Data(d) | Msg::State(d) => out.extend_from_slice(d),
         Msg::Resize { cols, rows } => {
             out.extend_from_slice(&cols.to_be_bytes());
             out.extend_from_slice(&rows.to_be_bytes());
         }
         Msg::Close(r) => out.push(r.code()),
-        Msg::Detached | Msg::Attached | Msg::Pause | Msg::Continue => {}
+        Msg::Detached | Msg::Attached | Msg::Pause | Msg::Continue | Msg::Export => {}
         Msg::Unknown { body, .. } => out.extend_from_slice(body),
     }
     let len = out.len() - start - 4;
@@ -391,6 +423,10 @@ mod tests {
             Msg::Close(CloseReason::Refused),
             Msg::Pause,
             Msg::Continue,
+            Msg::Export,
+            Msg::State(b"log"),
+            Msg::State(b""),
+            Msg::Close(CloseReason::Roamed),
             Msg::Unknown {
                 ty: 0x77,
                 body: b"zz",

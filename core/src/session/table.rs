@@ -11,6 +11,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub struct IdSpace {
     bits: u32,
     shard: u32,
+    /// In a cluster: this node's ordinal (1 ..= 255), the id's top 8 bits, so nodes never
+    /// issue the same id (docs/CLUSTER.md); 0 on a node of its own (all bits random).
+    node: u8,
 }
 
 impl IdSpace {
@@ -24,7 +27,18 @@ impl IdSpace {
         IdSpace {
             bits,
             shard: shard as u32,
+            node: 0,
         }
+    }
+
+    /// The same space with the node's cluster ordinal in the top 8 bits (1 ..= 255; 0 = none).
+    pub fn with_node(self, node: u8) -> IdSpace {
+        IdSpace { node, ..self }
+    }
+
+    /// The node ordinal an id carries (0 for ids of a node outside a cluster).
+    pub fn node(&self) -> u8 {
+        self.node
     }
 
     /// The shard that owns `id` (may be ≥ the shard count for an id that was never issued).
@@ -34,7 +48,10 @@ impl IdSpace {
 
     /// An id of this shard made from random bits; never 0.
     pub fn make(&self, random: u32) -> Option<u32> {
-        let id = (random << self.bits) | self.shard;
+        let mut id = (random << self.bits) | self.shard;
+        if self.node != 0 {
+            id = (id & 0x00FF_FFFF) | (u32::from(self.node) << 24);
+        }
         (id != 0).then_some(id)
     }
 }
@@ -259,5 +276,32 @@ mod tests {
         want.sort_unstable();
         assert_eq!(walked, want);
         assert_eq!(walked.len(), 1300 - 1300_usize.div_ceil(3));
+    }
+}
+
+#[cfg(test)]
+mod node_ids {
+    use super::*;
+
+    /// In a cluster every id carries the node's ordinal in its top byte and still names its
+    /// shard in the low bits, so two nodes never issue the same id.
+    #[test]
+    fn cluster_ids_carry_the_node_and_the_shard() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for shards in [1usize, 3, 4, 256] {
+            for shard in [0, shards - 1] {
+                let sp = IdSpace::new(shard, shards).with_node(42);
+                for _ in 0..1000 {
+                    let Some(id) = sp.make(rng.next_u32()) else {
+                        continue;
+                    };
+                    assert_eq!(id >> 24, 42);
+                    assert_eq!(sp.owner(id), shard);
+                }
+            }
+        }
+        let other = IdSpace::new(0, 4).with_node(43);
+        assert_eq!(other.make(u32::MAX).map(|i| i >> 24), Some(43));
+        assert_eq!(IdSpace::new(0, 4).node(), 0);
     }
 }

@@ -68,6 +68,32 @@ pub enum ShardMsg {
     Serve,
     /// Marks a connection leaving the runtime for another process.
     Moved,
+    /// ClawRoam: move session `sid` to node `to` (`clawtermctl roam`, drain); the outcome
+    /// goes back on `reply`.
+    RoamOut {
+        sid: u32,
+        to: String,
+        force: bool,
+        reply: crossbeam_channel::Sender<crate::server::cluster::RoamOutcome>,
+    },
+    /// ClawRoam: a peer node's message about a session of this shard.
+    Peer {
+        from: String,
+        msg: crate::cluster::peer::PeerMsg,
+    },
+    /// ClawRoam: the keeper's answer to a holder flip.
+    RoamClaimed {
+        sid: u32,
+        epoch: u64,
+        result: Result<crate::cluster::keeper::Claim, crate::cluster::keeper::KeeperError>,
+    },
+    /// ClawRoam: where the keeper says `sid` lives (`None`: nowhere, or no answer).
+    Located {
+        sid: u32,
+        entry: Option<crate::cluster::keeper::Entry>,
+    },
+    /// This shard's sessions (`clawtermctl sessions`, drain).
+    Sessions(crossbeam_channel::Sender<Vec<crate::server::cluster::SessionRow>>),
 }
 
 impl ShardHandler {

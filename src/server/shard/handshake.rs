@@ -150,6 +150,7 @@ impl ShardHandler {
         let sid = s.id();
         s.accept(CAP_RELIABLE | CAP_ROAM, &peer_s, now, &mut self.scratch);
         self.persist_meta(ctx, sid);
+        self.roam_created(sid);
         if let Some(l) = self.links.get_mut(key) {
             l.add_session(sid);
         }
@@ -200,14 +201,35 @@ impl ShardHandler {
             self.refuse(ctx, conn, ErrorCode::AuthFailed);
             return Next::Stop;
         }
-        let owner = self.table.ids().owner(sid);
-        if owner >= self.shared.cfg.shards || sid == 0 {
+        let shards = self.shared.cfg.shards;
+        let owner = match &self.shared.cluster {
+            // A session that roamed in keeps its id: its home is in range on every node.
+            Some(_) => super::super::cluster::home(sid, shards),
+            None => self.table.ids().owner(sid),
+        };
+        if owner >= shards || sid == 0 {
             self.auth_failed(ctx, conn);
             self.refuse(ctx, conn, ErrorCode::NoSuchSession);
             return Next::Stop;
         }
         if owner != self.index {
             return Next::HandOff(owner);
+        }
+        if self.shared.cluster.is_some() {
+            if self.roam.frozen(sid) && self.table.get(sid).is_some() {
+                // Moving (or arriving): the RESUME waits for the move's end.
+                self.roam_park(ctx, conn, sid);
+                return Next::Wait;
+            }
+            if self.table.get(sid).is_none() {
+                let token = match &r {
+                    Resume::Full { token, .. } => Some(*token),
+                    Resume::Legacy { .. } => None,
+                };
+                if let Some(next) = self.roam_resume(ctx, conn, sid, token.as_ref()) {
+                    return next;
+                }
+            }
         }
         let now = self.now(ctx);
         let (from, found) = match r {

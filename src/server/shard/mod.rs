@@ -13,6 +13,7 @@ mod handshake;
 mod persist;
 mod podlinks;
 mod quic;
+mod roam;
 mod sink;
 mod timers;
 
@@ -54,6 +55,8 @@ enum Key {
     Retry((u32, u32)),
     /// Refresh the gauges in the metrics.
     Stats,
+    /// A ClawRoam move's deadline or poll (`roam.rs`).
+    Roam(u32),
 }
 
 const STATS_EVERY_MS: u64 = 1000;
@@ -100,6 +103,8 @@ pub struct ShardHandler {
     /// shards handed it meanwhile.
     awaiting: bool,
     queued_adopts: Vec<(ConnId, SocketAddr, Vec<u8>, ShardMsg)>,
+    /// ClawRoam: sessions leaving, arriving, gone elsewhere (`roam.rs`).
+    roam: roam::Roaming,
 }
 
 /// Client → pod bytes of one batch of input sent to the link early past this size.
@@ -134,7 +139,10 @@ impl ShardHandler {
         };
         ShardHandler {
             index,
-            table: SessionTable::new(IdSpace::new(index, shared.cfg.shards)),
+            table: SessionTable::new(
+                IdSpace::new(index, shared.cfg.shards)
+                    .with_node(shared.cluster.as_ref().map_or(0, |c| c.keeper.ordinal())),
+            ),
             clients: Clients::new(index, shared.metrics.clone(), quic),
             shared,
             clock,
@@ -158,6 +166,7 @@ impl ShardHandler {
             accept_stopped_seen: false,
             awaiting: restore.awaiting,
             queued_adopts: Vec::new(),
+            roam: roam::Roaming::default(),
         }
     }
 
@@ -347,6 +356,7 @@ impl ShardHandler {
     fn remove_session(&mut self, sid: u32) {
         if let Some(s) = self.table.remove(sid) {
             self.persist_end(sid);
+            self.roam_ended(sid);
             self.shared.release_session();
             if let Some(l) = self.links.get_mut((s.tenant(), s.agent())) {
                 l.remove_session(sid);
@@ -405,6 +415,13 @@ impl ShardHandler {
                         Next::Continue => {}
                         Next::Batched(key) => pod_batch = Some(key),
                         Next::Park => break,
+                        Next::Wait => {
+                            // ClawRoam: the frame stays unread until what it waits for comes
+                            // (a COMMIT, the keeper's answer, the end of a move).
+                            ShardMetrics::inc(&self.m().frames_in, frames_in - 1);
+                            self.clients.set_reading(ctx, conn, false);
+                            return (rest_from, true);
+                        }
                         Next::Stop => {
                             alive = false;
                             break;
@@ -502,6 +519,9 @@ impl ShardHandler {
             ConnState::Bound(sid) => {
                 let now = self.now(ctx);
                 let cfg = &self.shared.cfg.session;
+                if self.roam.frozen(sid) {
+                    return Next::Wait;
+                }
                 let Some(s) = self.table.get_mut(sid) else {
                     self.drop_conn(ctx, conn, true);
                     return Next::Stop;
@@ -542,6 +562,9 @@ enum Next {
     HandOff(usize),
     /// Stop decoding for now (reading is paused); what follows stays buffered.
     Park,
+    /// Stop decoding before this frame, which stays buffered (reading is paused) and is
+    /// decoded again later (ClawRoam: `roam.rs`).
+    Wait,
 }
 
 impl ShardHandler {
@@ -674,6 +697,20 @@ impl shards::Handler for ShardHandler {
                 let _ = done.send(self.index);
             }
             ShardMsg::Serve => ctx.start_accepting(),
+            ShardMsg::RoamOut {
+                sid,
+                to,
+                force,
+                reply,
+            } => self.roam_out(ctx, sid, to, force, reply),
+            ShardMsg::Peer { from, msg } => self.on_peer(ctx, from, msg),
+            ShardMsg::RoamClaimed { sid, epoch, result } => {
+                self.roam_claimed(ctx, sid, epoch, result)
+            }
+            ShardMsg::Located { sid, entry } => self.on_located(ctx, sid, entry),
+            ShardMsg::Sessions(reply) => {
+                let _ = reply.send(self.session_rows());
+            }
             ShardMsg::Datagram { from, bytes } => self.quic_datagram(ctx, from, &bytes),
             relay => self.on_relay(ctx, relay),
         }

@@ -155,7 +155,7 @@ impl ShardHandler {
             &mut prefix,
             0,
             &PodMsg::Hello {
-                version: podlink::codec::VERSION,
+                version: podlink::codec::VERSION_MIGRATE,
                 name: &name,
             },
         );
@@ -323,23 +323,32 @@ impl ShardHandler {
                 return false;
             };
             if let PodMsg::Hello { version, name } = msg {
-                if version != podlink::codec::VERSION {
+                if !(podlink::codec::VERSION..=podlink::codec::VERSION_MIGRATE).contains(&version) {
                     warn!(
                         ?key,
                         version,
                         name,
-                        "pod HELLO has unsupported version {version} (this server speaks {}); breaking the link",
-                        podlink::codec::VERSION
+                        "pod HELLO has unsupported version {version} (this server speaks {} and {}); breaking the link",
+                        podlink::codec::VERSION,
+                        podlink::codec::VERSION_MIGRATE
                     );
                     return false;
                 }
                 l.saw_hello();
+                l.set_pod_version(version);
                 *hello_seen = true;
                 debug!(?key, version, name, "pod HELLO");
                 return true;
             }
             warn!(?key, "pod sent {} before HELLO", msg.ty().name());
             return false;
+        }
+        if let PodMsg::State(chunk) = msg {
+            // ClawRoam: a session being exported (`roam.rs`); anything else is ignored.
+            if !self.roam_state(ctx, sid, chunk) {
+                debug!(?key, session = sid, "STATE for a session not being exported; ignored");
+            }
+            return true;
         }
         let now = self.now(ctx);
         let cfg = &self.shared.cfg.session;

@@ -27,6 +27,7 @@ impl ShardHandler {
                     }
                 }
                 Key::Grace(pod) => self.grace_expired(ctx, pod),
+                Key::Roam(sid) => self.on_roam_timer(ctx, sid),
                 Key::Quic(ch, gen) => {
                     if let Some(q) = self.clients.quic.as_mut() {
                         q.on_timeout(ch, gen, ctx.now());
@@ -39,6 +40,7 @@ impl ShardHandler {
                     }
                     self.publish_gauges();
                     self.limiter.sweep(now);
+                    self.roam_sweep(now);
                     self.wheel.insert(now + STATS_EVERY_MS, Key::Stats);
                 }
                 // Reconnects only a link still waiting with no attempt in flight.
@@ -52,6 +54,9 @@ impl ShardHandler {
                         continue; // re-armed since; stale entry
                     }
                     s.armed = 0;
+                    if self.roam.frozen(sid) {
+                        continue; // moving: its timers wait (re-armed if the move is off)
+                    }
                     let conn = self.attached.get(&sid).copied();
                     if s.delivery_check().is_some_and(|d| d <= now) {
                         let delivered = conn.is_some_and(|c| self.clients.delivered(ctx, c));

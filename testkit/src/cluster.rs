@@ -1,0 +1,244 @@
+//! A ClawRoam cluster for tests and figures: a real `redis-server` on a free port and
+//! `clawtermd` nodes on 127.0.0.N, each with its own socket dir and echo agent.
+
+use super::{bin, clear_clawterm_env, start_agent, start_server, Lines, Proc, TempDir};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on `ip` (bound and released: good enough for a test on loopback).
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}
+
+/// A `redis-server` of its own (no persistence) on 127.0.0.1 and a free port; killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts one; panics (naming the package to install) if `redis-server` is missing.
+    pub fn start() -> Redis {
+        let port = free_port(Ipv4Addr::LOCALHOST);
+        let mut r = Redis { port, child: None };
+        r.restart();
+        r
+    }
+
+    /// Where nodes reach it.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills it (a keeper outage).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: no persistence).
+    pub fn restart(&mut self) {
+        self.kill();
+        let exe = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("redis-server is not installed: apt-get install redis-server (.ci/run does)");
+        let child = Command::new(exe)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer PING");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One clawtermd node of a test cluster, with its agent (tenant 7, agent 1).
+pub struct Node {
+    pub id: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub peer_port: u16,
+    pub admin: SocketAddr,
+    pub dir: TempDir,
+    pub child: Child,
+    pub lines: Lines,
+    pub agent: Option<Proc>,
+}
+
+impl Node {
+    /// Starts node `n` (1-based: 127.0.0.n, id `node{n}`) of the cluster whose keeper is at
+    /// `keeper`, with `tokens` and the cluster secret file `secret`; `extra` goes to clawtermd.
+    /// Its echo agent starts first (agent modes in `agent`, e.g. `["echo"]`).
+    pub fn start(
+        n: u8,
+        keeper: &str,
+        tokens: &Path,
+        secret: &Path,
+        agent: &[&str],
+        extra: &[&str],
+    ) -> Node {
+        let ip = Ipv4Addr::new(127, 0, 0, n);
+        let dir = TempDir::with_sock(&format!("node{n}"));
+        let agent = (!agent.is_empty()).then(|| start_agent(&dir.sock(), 7, 1, agent));
+        let (port, peer_port, admin_port) = (free_port(ip), free_port(ip), free_port(ip));
+        let id = format!("node{n}");
+        let mut cmd = Command::new(bin("clawtermd"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        clear_clawterm_env(&mut cmd);
+        cmd.args(["--bind", &ip.to_string(), "--port", &port.to_string()])
+            .args(["--insecure-plaintext", "--no-quic", "--shards", "2"])
+            .args(["--node-id", &id, "--keeper", keeper])
+            .args(["--peer-port", &peer_port.to_string()])
+            .args(["--admin", &format!("{ip}:{admin_port}")])
+            .arg("--tokens")
+            .arg(tokens)
+            .arg("--cluster-secret")
+            .arg(secret)
+            .arg("--socket-dir")
+            .arg(dir.sock())
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let (child, lines, _) = start_server(&mut cmd, &id);
+        Node {
+            id,
+            ip,
+            port,
+            peer_port,
+            admin: SocketAddr::new(ip.into(), admin_port),
+            dir,
+            child,
+            lines,
+            agent,
+        }
+    }
+
+    /// Where clients connect.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    /// An admin request (`GET`/`POST` and a path): the status code and the body.
+    pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        admin_request(self.admin, method, path)
+    }
+
+    /// Runs `clawtermctl --admin THIS ARGS`: exit code, stdout, stderr.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("clawtermctl"))
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .args(args)
+            .output()
+            .expect("run clawtermctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The node's stderr so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Sessions this node serves, from `/v1/sessions`.
+    pub fn session_count(&self) -> usize {
+        let (_, body) = self.admin("GET", "/v1/sessions");
+        body.matches("\"id\":").count()
+    }
+
+    /// A metric's value summed over its label sets (`name{...} V` and `name V` lines).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.admin("GET", "/metrics");
+        body.lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP/1.1 request to an admin endpoint; the status code and the body.
+pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Writes a cluster secret file in `dir` and returns its path.
+pub fn secret_file(dir: &Path, secret: &str) -> PathBuf {
+    let p = dir.join("cluster.secret");
+    std::fs::write(&p, secret).expect("write the cluster secret");
+    p
+}
