@@ -133,10 +133,12 @@ pub trait Agent {
     /// empty state: "HELLO 2 and an empty STATE" is a session that moves as it is.
     const MOVABLE: bool = false;
     /// The session is leaving this node (EXPORT): return its state, which reaches the target
-    /// pod's [`Agent::import`]. After this call the session is gone from this pod: forget it
-    /// (no `close` follows, nothing more can be sent for it). Output the SDK held for it while
-    /// the daemon had it paused is sent before the state, so none is lost. The default (for a
-    /// movable agent) moves no state.
+    /// pod's [`Agent::import`]. Output the SDK held for it while the daemon had it paused is
+    /// sent before the state, so none is lost; what the agent sends afterwards is held. The
+    /// move then ends one of two ways: [`Agent::close`] with [`CloseReason::Roamed`] (it lives
+    /// on the other node now: forget it; what was held is dropped), or
+    /// [`Agent::resume_output`] (CONTINUE: the move was called off and the session goes on
+    /// here as if nothing happened). The default (for a movable agent) moves no state.
     fn export(&mut self, s: SessionId) -> Export {
         let _ = s;
         Export::State(Vec::new())

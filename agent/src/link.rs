@@ -808,12 +808,18 @@ fn dispatch<A: Agent>(
             } else {
                 crate::Export::NotMovable
             };
+            // The session stays (paused: what the agent sends meanwhile is held) until CLOSE
+            // reason 5 (it moved: forgotten, dropping what was held) or CONTINUE (the move was
+            // called off: it goes on here as if nothing happened).
             let mut st = shared.lock();
-            let held = st
-                .sessions
-                .remove(&s)
-                .map(|x| x.held)
-                .unwrap_or_default();
+            let held = match st.sessions.get_mut(&s) {
+                Some(x) => {
+                    x.paused = true;
+                    x.held_bytes = 0;
+                    std::mem::take(&mut x.held)
+                }
+                None => Vec::new(),
+            };
             for m in held {
                 let _ = shared.enqueue(&mut st, m);
             }

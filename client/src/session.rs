@@ -237,6 +237,9 @@ pub struct Session {
     fatal: Option<ClientError>,
     epoch: Instant,
     last_seen: u64,
+    /// The handshake in progress was answered with ROAM (the session is held by another node
+    /// of a cluster): the endpoint changed; resume there.
+    roamed: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -343,6 +346,7 @@ impl Session {
             fatal: None,
             epoch: Instant::now(),
             last_seen: unix_now(),
+            roamed: false,
         })
     }
 
@@ -365,6 +369,20 @@ impl Session {
     /// Opens a connection and runs the handshake (CONNECT or RESUME) to completion, blocking
     /// (the first connection of [`Session::connect`] and [`Session::resume`]).
     fn establish(&mut self, resume: bool) -> Result<usize, ClientError> {
+        // A RESUME that reached a node not holding the session is answered with ROAM: follow it
+        // (a few hops at most: a session that moved again meanwhile).
+        let mut r = self.establish_once(resume);
+        for _ in 0..4 {
+            if r.is_ok() || !std::mem::take(&mut self.roamed) {
+                break;
+            }
+            r = self.establish_once(true);
+        }
+        r
+    }
+
+    fn establish_once(&mut self, resume: bool) -> Result<usize, ClientError> {
+        self.roamed = false;
         let r = (|| {
             let conn = self.dialer().dial()?;
             let mut hs = self.start_handshake(conn, resume)?;
@@ -503,6 +521,12 @@ impl Session {
                         ))
                     }
                     CoreEvent::Resumed { resent: r, .. } => resent = r,
+                    CoreEvent::Roam(addr) => {
+                        // Resume at the node that holds the session (PROTOCOL.md §2.6).
+                        self.endpoint = addr.to_string();
+                        self.roamed = true;
+                        return Err(unreachable("the session is held by another node (ROAM)"));
+                    }
                     other => self.push_core_event(other),
                 }
             }

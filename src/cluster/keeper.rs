@@ -661,6 +661,19 @@ impl Worker {
         to: &str,
         epoch: u64,
     ) -> Result<Claim, KeeperError> {
+        // A connection that died unnoticed fails here, before the flip is sent: that failure
+        // is a plain "unavailable", never an ambiguous one.
+        let alive = self
+            .conn
+            .as_mut()
+            .is_some_and(|c| redis::cmd("PING").query::<String>(c).is_ok());
+        if !alive {
+            self.conn = None;
+            self.next_try = Instant::now();
+            if !self.ensure() {
+                return Err(KeeperError::Unavailable("not connected".into()));
+            }
+        }
         let c = self
             .conn
             .as_mut()

@@ -76,7 +76,12 @@ struct Outgoing {
     started_us: u64,
     deadline: u64,
     reply: Option<crossbeam_channel::Sender<RoamOutcome>>,
+    /// Times the keeper was asked, in vain, whether a flip whose answer was lost happened.
+    rechecks: u32,
 }
+
+/// Times a lost flip answer is re-checked (200 ms apart) before the move is called off.
+const RECHECKS: u32 = 10;
 
 struct Warm {
     from: String,
@@ -181,6 +186,7 @@ impl ShardHandler {
                 started_us: self.clock.us(ctx.now()),
                 deadline: now + EXPORT_MS,
                 reply: Some(reply),
+                rechecks: 0,
             },
         );
         ShardMetrics::inc(&self.m().roams_started, 1);
@@ -551,10 +557,38 @@ impl ShardHandler {
                     Some(e) if e.node == me => {
                         self.roam_call_off(ctx, sid, "the keeper kept this node".into())
                     }
-                    // No answer: stay frozen and ask again (never two holders).
-                    _ => {
+                    // No answer: stay frozen and ask again, a while.
+                    _ if o.rechecks < RECHECKS => {
+                        if let Some(o) = self.roam.out.get_mut(&sid) {
+                            o.rechecks += 1;
+                        }
                         let now = self.now(ctx);
                         self.roam_timer(ctx, sid, now + 200);
+                    }
+                    // Still none: the flip may have landed. The target is told to drop its
+                    // warm copy (ABORT, in `roam_call_off`), this node takes the session at
+                    // a newer epoch than the flip's and writes that to the directory (queued
+                    // until the keeper is back), so the directory ends naming this node and a
+                    // late target asking it is told to drop its copy.
+                    _ => {
+                        let fence = o.epoch + 1;
+                        self.roam.epochs.insert(sid, fence);
+                        if let (Some(c), Some(s)) =
+                            (self.shared.cluster.as_ref(), self.table.get(sid))
+                        {
+                            c.keeper.adopted(
+                                sid,
+                                fence,
+                                s.tenant(),
+                                s.agent(),
+                                token_hash(s.resume_token()),
+                            );
+                        }
+                        self.roam_call_off(
+                            ctx,
+                            sid,
+                            "the keeper's answer to the flip was lost and it stays unreachable".into(),
+                        );
                     }
                 }
                 return;
