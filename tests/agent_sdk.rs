@@ -53,7 +53,8 @@ impl Link {
             },
         );
         match l.recv() {
-            Some((0, Got::Hello(1, name))) => assert_eq!(name, "claw-agent"),
+            // 2: the agent can move sessions (echo), 1: it cannot (exec, shell).
+            Some((0, Got::Hello(1 | 2, name))) => assert_eq!(name, "claw-agent"),
             other => panic!("expected HELLO, got {other:?}"),
         }
         l

@@ -39,7 +39,14 @@ impl Cluster {
     }
 
     fn add(&mut self, i: u8, agent: &[&str], extra: &[&str]) {
-        let node = Node::start(i, &self.redis.url(), &self.tokens, &self.secret, agent, extra);
+        let node = Node::start(
+            i,
+            &self.redis.url(),
+            &self.tokens,
+            &self.secret,
+            agent,
+            extra,
+        );
         self.nodes.push(node);
     }
 
@@ -51,7 +58,11 @@ impl Cluster {
                 body.matches("\"alive\":true").count() >= n
             })
         });
-        assert!(ok, "nodes never saw each other: {}", self.nodes[0].admin("GET", "/v1/nodes").1);
+        assert!(
+            ok,
+            "nodes never saw each other: {}",
+            self.nodes[0].admin("GET", "/v1/nodes").1
+        );
     }
 
     fn node(&self, i: usize) -> &Node {
@@ -60,8 +71,14 @@ impl Cluster {
 }
 
 fn session_at(endpoint: &str) -> Session {
-    Session::connect_with(endpoint, TENANT, AGENT, TOKEN, fast_opts(Transport::Plaintext))
-        .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"))
+    Session::connect_with(
+        endpoint,
+        TENANT,
+        AGENT,
+        TOKEN,
+        fast_opts(Transport::Plaintext),
+    )
+    .unwrap_or_else(|e| panic!("connect to {endpoint}: {e}"))
 }
 
 /// One echo round trip of `line` on `s`, collecting into `got` until `want` is all there.
@@ -83,7 +100,12 @@ fn echo(s: &mut Session, line: &[u8], got: &mut Vec<u8>, want: &mut Vec<u8>) {
             Err(e) => panic!("session {:08x} failed: {e}", s.session_id()),
         }
     }
-    assert_eq!(got, want, "session {:08x}: not exactly once, in order", s.session_id());
+    assert_eq!(
+        got,
+        want,
+        "session {:08x}: not exactly once, in order",
+        s.session_id()
+    );
 }
 
 fn id_hex(s: &Session) -> String {
@@ -117,7 +139,11 @@ fn sessions_move_under_traffic_and_clients_follow() {
     {
         let (s, got, want) = &mut sessions[0];
         echo(s, b"after the move\n", got, want);
-        assert_eq!(s.endpoint(), c.node(2).endpoint(), "the client followed ROAM");
+        assert_eq!(
+            s.endpoint(),
+            c.node(2).endpoint(),
+            "the client followed ROAM"
+        );
     }
     assert_eq!(c.node(2).session_count(), 1);
 
@@ -143,13 +169,24 @@ fn sessions_move_under_traffic_and_clients_follow() {
     }
     let (code, out, err) = drain.join().unwrap();
     assert_eq!(code, Some(0), "drain: {out} {err}\n{}", c.node(1).log());
-    assert!(out.contains(&format!("{} of {} sessions moved", n - 1, n - 1)), "{out}");
+    assert!(
+        out.contains(&format!("{} of {} sessions moved", n - 1, n - 1)),
+        "{out}"
+    );
     for (i, (s, got, want)) in sessions.iter_mut().enumerate() {
         echo(s, format!("s{i} last\n").as_bytes(), got, want);
     }
-    assert_eq!(c.node(1).session_count(), 0, "the drained node still holds sessions");
+    assert_eq!(
+        c.node(1).session_count(),
+        0,
+        "the drained node still holds sessions"
+    );
     assert_eq!(c.node(3).session_count(), n - 1);
-    assert!(c.node(1).metric("clawterm_roams_total{result=\"completed\"}") >= n as f64);
+    assert!(
+        c.node(1)
+            .metric("clawterm_roams_total{result=\"completed\"}")
+            >= n as f64
+    );
     for (s, _, _) in &sessions[1..] {
         assert_eq!(s.endpoint(), c.node(3).endpoint());
     }
@@ -174,10 +211,7 @@ fn resume_at_the_wrong_node_is_redirected_with_exact_replay() {
     let mut opts = fast_opts(Transport::Plaintext);
     opts.auto_reconnect = false;
     let e = Session::resume_with(&forged, opts).unwrap_err();
-    assert!(
-        matches!(e, ClientError::NoSuchSession),
-        "{e:?}"
-    );
+    assert!(matches!(e, ClientError::NoSuchSession), "{e:?}");
     let mut s = Session::resume_with(&creds, fast_opts(Transport::Plaintext)).unwrap();
     let mut replay = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -188,7 +222,11 @@ fn resume_at_the_wrong_node_is_redirected_with_exact_replay() {
         }
     }
     assert_eq!(replay, b"unread\n");
-    assert_eq!(s.endpoint(), c.node(1).endpoint(), "redirected to the holder");
+    assert_eq!(
+        s.endpoint(),
+        c.node(1).endpoint(),
+        "redirected to the holder"
+    );
     assert!(c.node(2).metric("clawterm_roam_redirects_total") >= 1.0);
 }
 
@@ -214,12 +252,24 @@ fn failed_moves_are_called_off_and_the_session_goes_on() {
     c.redis.kill();
     let (code, _, err) = c.node(1).ctl(&["roam", &id, "--to", "node2"]);
     assert_eq!(code, 1, "a move without the keeper must be called off");
-    assert!(err.contains("keeper") || err.contains("called_off"), "{err}");
+    assert!(
+        err.contains("keeper") || err.contains("called_off"),
+        "{err}"
+    );
     echo(&mut s, b"three\n", &mut got, &mut want);
     let mut s2 = session_at(&c.node(1).endpoint());
     let (mut got2, mut want2) = (Vec::new(), Vec::new());
-    echo(&mut s2, b"made while the keeper is down\n", &mut got2, &mut want2);
-    assert_eq!(s2.session_id() >> 24, s.session_id() >> 24, "ids keep the node's ordinal");
+    echo(
+        &mut s2,
+        b"made while the keeper is down\n",
+        &mut got2,
+        &mut want2,
+    );
+    assert_eq!(
+        s2.session_id() >> 24,
+        s.session_id() >> 24,
+        "ids keep the node's ordinal"
+    );
 
     // Back (empty: no persistence): nodes register again and moves work.
     c.redis.restart();
@@ -248,7 +298,8 @@ fn hostile_peers_are_refused() {
     let peer = std::net::SocketAddr::new(c.node(1).ip.into(), c.node(1).peer_port);
     let mut raw = std::net::TcpStream::connect(peer).unwrap();
     use std::io::{Read, Write};
-    raw.write_all(b"GET / HTTP/1.1\r\n\r\nMIGRATE everything please").unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\nMIGRATE everything please")
+        .unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 256];
     let n = raw.read(&mut buf).unwrap_or(0);
@@ -277,4 +328,131 @@ fn hostile_peers_are_refused() {
     let (code, out, err) = c.node(1).ctl(&["roam", &id_hex(&s), "--to", "node2"]);
     assert_eq!(code, 0, "{out} {err}");
     echo(&mut s, b"z\n", &mut got, &mut want);
+}
+
+/// The example agent with real per-session state (a conversation log) moves with its session:
+/// after the move the numbering goes on and `history` shows the lines typed before it.
+#[test]
+fn an_agents_state_moves_with_its_session() {
+    let redis = Redis::start();
+    let dir = TempDir::new("journal");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TENANT} {}\n", hex(&TOKEN))).unwrap();
+    let secret = secret_file(dir.path(), "a test cluster secret, 32 bytes.");
+    let exe = clawterm_testkit::bin("clawtermd")
+        .parent()
+        .unwrap()
+        .join("examples/journal_agent");
+    assert!(
+        exe.exists(),
+        "build the example first: cargo build --examples ({})",
+        exe.display()
+    );
+    let mut agents = Vec::new();
+    let nodes: Vec<Node> = (1..=2)
+        .map(|i| {
+            let n = Node::start(i, &redis.url(), &tokens, &secret, &[], &[]);
+            let mut a = std::process::Command::new(&exe)
+                .arg(n.dir.sock())
+                .args([TENANT.to_string(), AGENT.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            clawterm_testkit::wait_agent_listening(&mut a);
+            agents.push(clawterm_testkit::Proc(a));
+            n
+        })
+        .collect();
+    let ok = clawterm_testkit::wait_until(Duration::from_secs(10), || {
+        nodes[0]
+            .admin("GET", "/v1/nodes")
+            .1
+            .matches("\"alive\":true")
+            .count()
+            >= 2
+    });
+    assert!(ok);
+    let mut s = session_at(&nodes[0].endpoint());
+    let read_until = |s: &mut Session, what: &str| {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&got).contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            if let Ok(Some(Event::Data(d))) = s.recv(Duration::from_millis(100)) {
+                got.extend_from_slice(&d);
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    s.send(b"plan the trip\n").unwrap();
+    read_until(&mut s, "#1: plan the trip");
+    s.send(b"book the train\n").unwrap();
+    read_until(&mut s, "#2: book the train");
+    let (code, out, err) = nodes[0].ctl(&["roam", &id_hex(&s), "--to", "node2"]);
+    assert_eq!(code, 0, "{out} {err}\n{}", nodes[0].log());
+    s.send(b"pack\n").unwrap();
+    let after = read_until(&mut s, "#3: pack");
+    assert!(after.contains("journal of 2 lines moved here"), "{after}");
+    s.send(b"history\n").unwrap();
+    let h = read_until(&mut s, "(3 lines)");
+    assert!(
+        h.contains("1 plan the trip") && h.contains("2 book the train"),
+        "{h}"
+    );
+    assert_eq!(s.endpoint(), nodes[1].endpoint());
+}
+
+/// A client that does not follow ROAM keeps its connection when its session moves: the node
+/// it is connected to relays it to the new holder, exactly once, in order. A RESUME of such a
+/// client at a node that does not hold its session is relayed too, with exact replay.
+#[test]
+fn clients_without_roam_are_relayed() {
+    let c = Cluster::start(2);
+    let mut opts = fast_opts(Transport::Plaintext);
+    opts.follow_roam = false;
+    let mut s =
+        Session::connect_with(&c.node(1).endpoint(), TENANT, AGENT, TOKEN, opts.clone()).unwrap();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    echo(&mut s, b"before\n", &mut got, &mut want);
+    let (code, out, err) = c.node(1).ctl(&["roam", &id_hex(&s), "--to", "node2"]);
+    assert_eq!(code, 0, "{out} {err}\n{}", c.node(1).log());
+    for i in 0..50 {
+        echo(
+            &mut s,
+            format!("relayed {i}\n").as_bytes(),
+            &mut got,
+            &mut want,
+        );
+    }
+    assert_eq!(
+        s.endpoint(),
+        c.node(1).endpoint(),
+        "the client stayed where it was"
+    );
+    assert_eq!(c.node(2).session_count(), 1);
+    assert_eq!(c.node(1).session_count(), 0);
+    assert!(c.node(1).metric("clawterm_relays_total") >= 1.0);
+
+    // The connection drops; the client resumes where it connects (node 1): relayed, with the
+    // output it had not read replayed.
+    s.send(b"unread\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let creds = s.detach();
+    let mut s = Session::resume_with(&creds, opts).unwrap();
+    let mut replay = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replay.len() < b"unread\n".len() {
+        assert!(Instant::now() < deadline, "no replay: {replay:?}");
+        if let Ok(Some(Event::Data(d))) = s.recv(Duration::from_millis(100)) {
+            replay.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(replay, b"unread\n");
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    echo(&mut s, b"after the resume\n", &mut got, &mut want);
+    assert_eq!(s.endpoint(), c.node(1).endpoint());
 }

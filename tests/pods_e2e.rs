@@ -193,7 +193,8 @@ fn pod_restarted_within_grace_gets_reopen_then_held_input() {
         for &l in &links {
             let first = evs.iter().find(|e| e.link == l).unwrap();
             match &first.msg {
-                PodMsg::Hello { version: 1, name } => {
+                // The daemon speaks version 2 (it understands EXPORT and STATE).
+                PodMsg::Hello { version: 2, name } => {
                     assert!(name.starts_with("clawtermd shard "), "HELLO name {name:?}")
                 }
                 m => panic!("link {l}: first message {m:?}, expected HELLO; all: {evs:#?}"),
@@ -992,7 +993,7 @@ fn two_hundred_sessions_use_at_most_one_link_per_shard() {
         for &l in &links {
             let first = evs.iter().find(|e| e.link == l).unwrap();
             match &first.msg {
-                PodMsg::Hello { version: 1, name } => names.push(name.clone()),
+                PodMsg::Hello { version: 2, name } => names.push(name.clone()),
                 m => panic!("link {l}: first message {m:?}"),
             }
         }
@@ -1008,8 +1009,8 @@ fn two_hundred_sessions_use_at_most_one_link_per_shard() {
 
 // Pod HELLO version (POD-LINK.md §1) -------------------------------------------------------------
 
-/// A pod whose HELLO carries a version other than 1 is not spoken to: the daemon breaks the
-/// link (the pod reads EOF) and logs a warning naming the version.
+/// A pod whose HELLO carries a version other than 1 or 2 is not spoken to: the daemon breaks
+/// the link (the pod reads EOF) and logs a warning naming the version.
 #[test]
 fn pod_hello_with_another_version_breaks_the_link() {
     use clawterm::podlink::{self, Msg};
@@ -1046,11 +1047,11 @@ fn pod_hello_with_another_version_breaks_the_link() {
             &mut hello,
             0,
             &Msg::Hello {
-                version: 2,
+                version: 3,
                 name: "pod from the future",
             },
         );
-        link.write_all(&hello).expect("send HELLO v2");
+        link.write_all(&hello).expect("send HELLO v3");
         // The daemon's HELLO (and perhaps an OPEN), then EOF.
         link.set_read_timeout(Some(TIMEOUT)).unwrap();
         let mut got = Vec::new();
@@ -1068,17 +1069,17 @@ fn pod_hello_with_another_version_breaks_the_link() {
         }
         match podlink::decode(&got) {
             Ok(podlink::Decoded::Msg {
-                msg: Msg::Hello { version: 1, .. },
+                msg: Msg::Hello { version: 2, .. },
                 ..
             }) => {}
-            other => panic!("the daemon's first message was not HELLO v1: {other:?}"),
+            other => panic!("the daemon's first message was not HELLO v2: {other:?}"),
         }
         assert!(
             wait_until(TIMEOUT, || srv
                 .log()
                 .iter()
-                .any(|l| l.contains("WARN") && l.contains("unsupported version 2"))),
-            "no warning naming version 2; log:\n{}",
+                .any(|l| l.contains("WARN") && l.contains("unsupported version 3"))),
+            "no warning naming version 3; log:\n{}",
             srv.log_tail(20)
         );
         drop(c);

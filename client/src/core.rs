@@ -13,7 +13,8 @@ use std::collections::VecDeque;
 use clawterm_core::proto::frame::encode_with;
 use clawterm_core::proto::{
     self, decode, encode_to_vec, seq, Accept, Ack, Connect, Decoded, ErrorCode, ErrorFrame,
-    FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_ROAM, CAP_V1, FLAG_GAP, FLAG_REPLAY,
+    FrameType, Resize, Resume, Resumed, Roam, CAP_RELIABLE, CAP_ROAM, CAP_V1, FLAG_GAP,
+    FLAG_REPLAY,
 };
 
 /// Largest DATA payload the client sends (the server's minimum `--max-payload` is 1024).

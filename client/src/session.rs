@@ -65,6 +65,9 @@ pub struct Options {
     /// compatibility with servers run with `--insecure-plaintext`; the `clawterm` CLI defaults
     /// to TLS.
     pub transport: Transport,
+    /// Offer ROAM (capability `0x04`, default on): when the session moves to another node of
+    /// a cluster, follow it there. Off: the node this client connects to relays the session.
+    pub follow_roam: bool,
 }
 
 impl Default for Options {
@@ -76,6 +79,7 @@ impl Default for Options {
             timers: Timers::default(),
             auto_reconnect: true,
             transport: Transport::Plaintext,
+            follow_roam: true,
         }
     }
 }
@@ -291,6 +295,10 @@ impl Session {
     ) -> Result<Session, ClientError> {
         let mut core = ClientCore::new(tenant, agent, token);
         core.set_timers(opts.timers);
+        core.set_options(crate::core::CoreOptions {
+            offer_roam: opts.follow_roam,
+            ..core.options()
+        });
         let mut s = Session::with_core(core, endpoint, opts)?;
         s.establish(false)?;
         Ok(s)

@@ -207,7 +207,11 @@ fn run(args: &Args, addr: SocketAddr) -> Result<ExitCode, Failure> {
                 None => Err(Failure::Node(format!("unexpected answer: {v}"))),
             }
         }
-        Cmd::Drain { to, force, only_pod } => {
+        Cmd::Drain {
+            to,
+            force,
+            only_pod,
+        } => {
             let mut path = String::from("/v1/drain?");
             if let Some(t) = to {
                 path.push_str(&format!("to={t}&"));
@@ -287,8 +291,8 @@ fn request(
     method: &str,
     path: &str,
 ) -> Result<(u16, BufReader<TcpStream>), Failure> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(Failure::Unreachable)?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(Failure::Unreachable)?;
     // A drain reports at least once a second; a node that says nothing for a minute is stuck.
     let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
     let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -336,7 +340,11 @@ fn stream_lines(
 ) -> Result<(), Failure> {
     let (code, r) = request(addr, method, path)?;
     if code != 200 {
-        let body: String = r.lines().map_while(Result::ok).collect::<Vec<_>>().join(" ");
+        let body: String = r
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+            .join(" ");
         return Err(Failure::Node(format!("the node answered {code}: {body}")));
     }
     for line in r.lines() {

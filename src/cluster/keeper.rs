@@ -15,7 +15,7 @@
 //! | `P:nodes` | set | every node id ever registered |
 //! | `P:ordinals` | hash | node id → ordinal (1 ..= 255), allocated once |
 //! | `P:ordinal:next` | string | the last ordinal handed out |
-//! | `P:s:{sid}` | hash | `node`, `epoch`, `tenant`, `agent`, `th` (hex SHA-256 of the resume token, domain separated) |
+//! | `P:s:{sid}` | hash | `node`, `epoch`, `tenant`, `agent`, `caps`, `th` (hex SHA-256 of the resume token, domain separated) |
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
@@ -61,6 +61,9 @@ pub struct Entry {
     pub epoch: u64,
     pub tenant: u32,
     pub agent: u32,
+    /// The capabilities of the CONNECT that made it (ROAM `0x04`: its client follows ROAM;
+    /// otherwise RESUMEs elsewhere are relayed).
+    pub caps: u8,
     /// [`token_hash`] of its resume token.
     pub token_hash: [u8; 32],
 }
@@ -153,12 +156,14 @@ enum Write {
     Created {
         tenant: u32,
         agent: u32,
+        caps: u8,
         th: [u8; 32],
     },
     Adopted {
         epoch: u64,
         tenant: u32,
         agent: u32,
+        caps: u8,
         th: [u8; 32],
     },
     Ended,
@@ -207,7 +212,7 @@ return {'stale', n, e}
 const ADOPT_LUA: &str = r#"
 local e = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if e < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'tenant', ARGV[3], 'agent', ARGV[4], 'th', ARGV[5])
+  redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', ARGV[2], 'tenant', ARGV[3], 'agent', ARGV[4], 'th', ARGV[5], 'caps', ARGV[6])
   return 1
 end
 return 0
@@ -220,8 +225,7 @@ fn now_ms() -> u64 {
 }
 
 fn rerr(what: &str, e: redis::RedisError) -> KeeperError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
-    {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         KeeperError::Unavailable(format!("{what}: {e}"))
     } else {
         KeeperError::Redis(format!("{what}: {e}"))
@@ -331,7 +335,9 @@ impl Keeper {
         let t = std::thread::Builder::new()
             .name("keeper".into())
             .spawn(move || w.run(rx))
-            .map_err(|e| KeeperError::Unavailable(format!("cannot start the keeper thread: {e}")))?;
+            .map_err(|e| {
+                KeeperError::Unavailable(format!("cannot start the keeper thread: {e}"))
+            })?;
         if let Ok(mut g) = inner.thread.lock() {
             *g = Some(t);
         }
@@ -354,12 +360,13 @@ impl Keeper {
     }
 
     /// A session was made here (epoch 1). Queued; never blocks.
-    pub fn created(&self, sid: u32, tenant: u32, agent: u32, token_hash: [u8; 32]) {
+    pub fn created(&self, sid: u32, tenant: u32, agent: u32, caps: u8, token_hash: [u8; 32]) {
         let _ = self.0.tx.send(Cmd::Write(
             sid,
             Write::Created {
                 tenant,
                 agent,
+                caps,
                 th: token_hash,
             },
         ));
@@ -367,13 +374,22 @@ impl Keeper {
 
     /// A session moved here at `epoch`: the record names this node unless it already holds a
     /// newer epoch (repairs a flip or record a Redis fail-over lost). Queued; never blocks.
-    pub fn adopted(&self, sid: u32, epoch: u64, tenant: u32, agent: u32, token_hash: [u8; 32]) {
+    pub fn adopted(
+        &self,
+        sid: u32,
+        epoch: u64,
+        tenant: u32,
+        agent: u32,
+        caps: u8,
+        token_hash: [u8; 32],
+    ) {
         let _ = self.0.tx.send(Cmd::Write(
             sid,
             Write::Adopted {
                 epoch,
                 tenant,
                 agent,
+                caps,
                 th: token_hash,
             },
         ));
@@ -413,7 +429,9 @@ impl Keeper {
         };
         if let Err(e) = self.0.tx.send(cmd) {
             if let Cmd::Claim { reply, .. } = e.into_inner() {
-                reply(Err(KeeperError::Unavailable("the keeper thread is gone".into())));
+                reply(Err(KeeperError::Unavailable(
+                    "the keeper thread is gone".into(),
+                )));
             }
         }
     }
@@ -433,7 +451,9 @@ impl Keeper {
         };
         if let Err(e) = self.0.tx.send(cmd) {
             if let Cmd::Lookup { reply, .. } = e.into_inner() {
-                reply(Err(KeeperError::Unavailable("the keeper thread is gone".into())));
+                reply(Err(KeeperError::Unavailable(
+                    "the keeper thread is gone".into(),
+                )));
             }
         }
     }
@@ -603,7 +623,12 @@ impl Worker {
         for (sid, w) in &self.pending {
             let key = self.keys.session(*sid);
             match w {
-                Write::Created { tenant, agent, th } => {
+                Write::Created {
+                    tenant,
+                    agent,
+                    caps,
+                    th,
+                } => {
                     p.cmd("HSET")
                         .arg(&key)
                         .arg("node")
@@ -614,6 +639,8 @@ impl Worker {
                         .arg(tenant)
                         .arg("agent")
                         .arg(agent)
+                        .arg("caps")
+                        .arg(caps)
                         .arg("th")
                         .arg(hex::encode(th))
                         .ignore();
@@ -622,6 +649,7 @@ impl Worker {
                     epoch,
                     tenant,
                     agent,
+                    caps,
                     th,
                 } => {
                     p.cmd("EVAL")
@@ -633,6 +661,7 @@ impl Worker {
                         .arg(tenant)
                         .arg(agent)
                         .arg(hex::encode(th))
+                        .arg(caps)
                         .ignore();
                 }
                 Write::Ended => {
@@ -710,9 +739,8 @@ impl Worker {
             .conn
             .as_mut()
             .ok_or_else(|| KeeperError::Unavailable("not connected".into()))?;
-        let r: redis::RedisResult<HashMap<String, String>> = redis::cmd("HGETALL")
-            .arg(self.keys.session(sid))
-            .query(c);
+        let r: redis::RedisResult<HashMap<String, String>> =
+            redis::cmd("HGETALL").arg(self.keys.session(sid)).query(c);
         match r {
             Ok(h) => Ok(entry(&h)),
             Err(e) => {
@@ -831,7 +859,9 @@ impl Worker {
                 reply,
             } => {
                 if Instant::now() >= deadline {
-                    reply(Err(KeeperError::Unavailable("timed out in the queue".into())));
+                    reply(Err(KeeperError::Unavailable(
+                        "timed out in the queue".into(),
+                    )));
                 } else if !self.ensure() {
                     reply(Err(KeeperError::Unavailable("not connected".into())));
                 } else {
@@ -911,7 +941,10 @@ impl Worker {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.flush();
-            if self.last_hb.is_none_or(|t| t.elapsed() >= self.cfg.heartbeat) {
+            if self
+                .last_hb
+                .is_none_or(|t| t.elapsed() >= self.cfg.heartbeat)
+            {
                 if self.ensure() {
                     self.heartbeat();
                 } else {
@@ -938,6 +971,7 @@ fn entry(h: &HashMap<String, String>) -> Option<Entry> {
         epoch: h.get("epoch")?.parse().ok()?,
         tenant: h.get("tenant")?.parse().ok()?,
         agent: h.get("agent")?.parse().ok()?,
+        caps: h.get("caps").and_then(|c| c.parse().ok()).unwrap_or(0),
         token_hash: th,
     })
 }

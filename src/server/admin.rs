@@ -252,7 +252,12 @@ fn serve_ops(
     path: &str,
 ) -> std::io::Result<()> {
     let Some(ops) = ops else {
-        return respond(s, false, "503 Service Unavailable", "no operations on this endpoint\n");
+        return respond(
+            s,
+            false,
+            "503 Service Unavailable",
+            "no operations on this endpoint\n",
+        );
     };
     let json = |s: &mut TcpStream, status: &str, v: &serde_json::Value| {
         respond_typed(s, false, status, "application/json", &format!("{v}\n"))
@@ -283,7 +288,11 @@ fn serve_ops(
         "/v1/sessions" => json(s, "200 OK", &ops.sessions_json()),
         "/v1/nodes" => match ops.nodes_json() {
             Ok(v) => json(s, "200 OK", &v),
-            Err(e) => json(s, "503 Service Unavailable", &serde_json::json!({ "error": e })),
+            Err(e) => json(
+                s,
+                "503 Service Unavailable",
+                &serde_json::json!({ "error": e }),
+            ),
         },
         "/v1/roam" => {
             let id = query(path, "id").and_then(|i| u32::from_str_radix(i, 16).ok());

@@ -139,7 +139,10 @@ impl ClusterNode {
 
     /// Where clients reach this node.
     pub fn client_addr(&self) -> SocketAddr {
-        self.client_addr.get().copied().unwrap_or(self.cfg.advertise)
+        self.client_addr
+            .get()
+            .copied()
+            .unwrap_or(self.cfg.advertise)
     }
 
     /// The shard of this node that keeps session `sid` (its live copy, a warm copy or a
@@ -236,17 +239,21 @@ impl ClusterNode {
 
     /// A peer's message: to the shard that keeps its session.
     fn on_peer(&self, from: &str, msg: PeerMsg) {
-        let sid = match &msg {
+        let shard = match &msg {
             PeerMsg::Migrate { sid, .. }
             | PeerMsg::Ready { sid, .. }
             | PeerMsg::Refuse { sid, .. }
             | PeerMsg::Commit { sid, .. }
-            | PeerMsg::Abort { sid, .. } => *sid,
-            _ => return, // liveness and relay are the link's own business
+            | PeerMsg::Abort { sid, .. }
+            | PeerMsg::RelayOpen { sid, .. } => self.home(*sid),
+            PeerMsg::RelayData { stream, .. } | PeerMsg::RelayClose { stream } => {
+                super::shard::relay_route(*stream, self.keeper.ordinal(), self.shards)
+            }
+            _ => return, // liveness is the link's own business
         };
         if let Some(r) = self.remote.get() {
             r.send(
-                self.home(sid),
+                shard,
                 ShardMsg::Peer {
                     from: from.to_string(),
                     msg,

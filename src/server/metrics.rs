@@ -86,6 +86,10 @@ pub struct ShardMetrics {
     pub roam_redirects: AtomicU64,
     /// Freeze to release of the moves that completed.
     pub roam: Histogram,
+    /// Clients this shard started relaying to the node that holds their session.
+    pub relays_opened: AtomicU64,
+    /// Relayed clients this shard anchors (gauge).
+    pub relays_anchored: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -375,11 +379,7 @@ impl Metrics {
             sum(&|s| s.quic_forwarded.load(Relaxed))
         );
         let _ = writeln!(o, "# HELP clawterm_roams_total ClawRoam moves of sessions away from this node, by result (called_off: the session went on here).\n# TYPE clawterm_roams_total counter");
-        for (result, pick) in [
-            ("started", 0u8),
-            ("completed", 1),
-            ("called_off", 2),
-        ] {
+        for (result, pick) in [("started", 0u8), ("completed", 1), ("called_off", 2)] {
             let n = sum(&|s| {
                 match pick {
                     0 => &s.roams_started,
@@ -391,6 +391,8 @@ impl Metrics {
             let _ = writeln!(o, "clawterm_roams_total{{result=\"{result}\"}} {n}");
         }
         let _ = writeln!(o, "# HELP clawterm_roams_in_total Sessions that moved to this node from another and serve here.\n# TYPE clawterm_roams_in_total counter\nclawterm_roams_in_total {}", sum(&|s| s.roams_in.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_relays_total Clients that cannot follow ROAM, relayed from this node to the node that holds their session.\n# TYPE clawterm_relays_total counter\nclawterm_relays_total {}", sum(&|s| s.relays_opened.load(Relaxed)));
+        let _ = writeln!(o, "# HELP clawterm_relayed_sessions Relayed clients this node anchors now (refreshed every second).\n# TYPE clawterm_relayed_sessions gauge\nclawterm_relayed_sessions {}", sum(&|s| s.relays_anchored.load(Relaxed)));
         let _ = writeln!(o, "# HELP clawterm_roam_redirects_total RESUMEs for sessions held by another node answered with ROAM.\n# TYPE clawterm_roam_redirects_total counter\nclawterm_roam_redirects_total {}", sum(&|s| s.roam_redirects.load(Relaxed)));
         let _ = writeln!(o, "# HELP clawterm_pods Agent pod sockets registered on the node.\n# TYPE clawterm_pods gauge\nclawterm_pods {pod_sockets}");
         for (name, help, pick) in [

@@ -166,7 +166,11 @@ impl Ops {
         let rows = self.sessions();
         let total = rows.len();
         let started = Instant::now();
-        let mut queue = rows.into_iter().map(|r| r.id).collect::<Vec<_>>().into_iter();
+        let mut queue = rows
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+            .into_iter();
         let mut inflight: Vec<(u32, crossbeam_channel::Receiver<RoamOutcome>)> = Vec::new();
         let (mut moved, mut failed) = (0usize, Vec::<Value>::new());
         let mut last = Instant::now();
@@ -194,10 +198,13 @@ impl Ops {
                 let (sid, r) = inflight.swap_remove(i);
                 match r.try_recv() {
                     Ok(RoamOutcome::Moved { .. }) => moved += 1,
-                    Ok(RoamOutcome::CalledOff(why)) | Ok(RoamOutcome::Refused(why)) => failed
-                        .push(json!({ "id": format!("{sid:08x}"), "why": why })),
+                    Ok(RoamOutcome::CalledOff(why)) | Ok(RoamOutcome::Refused(why)) => {
+                        failed.push(json!({ "id": format!("{sid:08x}"), "why": why }))
+                    }
                     Err(crossbeam_channel::TryRecvError::Empty) => inflight.push((sid, r)),
-                    Err(_) => failed.push(json!({ "id": format!("{sid:08x}"), "why": "the shard did not answer" })),
+                    Err(_) => failed.push(
+                        json!({ "id": format!("{sid:08x}"), "why": "the shard did not answer" }),
+                    ),
                 }
             }
             if last.elapsed() >= Duration::from_secs(1) {

@@ -643,7 +643,10 @@ fn cluster_config(a: &Settings) -> Result<Option<crate::server::config::ClusterC
     let node_id = match &a.node_id {
         Some(n) => n.clone(),
         None => crate::server::config::host_name().ok_or_else(|| {
-            bad(&["node-id"], "cannot read the host name: pass --node-id NAME")
+            bad(
+                &["node-id"],
+                "cannot read the host name: pass --node-id NAME",
+            )
         })?,
     };
     if node_id.is_empty()
@@ -691,7 +694,10 @@ fn cluster_config(a: &Settings) -> Result<Option<crate::server::config::ClusterC
                 .and_then(|mut it| it.next())
                 .map(|sa| sa.ip())
                 .ok_or_else(|| {
-                    bad(&["advertise"], format!("--advertise: cannot resolve `{host}`"))
+                    bad(
+                        &["advertise"],
+                        format!("--advertise: cannot resolve `{host}`"),
+                    )
                 })?
         }
     };

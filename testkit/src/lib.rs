@@ -201,7 +201,10 @@ pub fn wait_until(t: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// `target/PROFILE/deps/TEST-HASH`, `target/PROFILE/examples/NAME` or `target/PROFILE/NAME`).
 /// Panics, saying what to build, if it is not there.
 pub fn bin(name: &str) -> PathBuf {
-    if !matches!(name, "clawtermd" | "claw-agent" | "clawterm" | "clawtermctl") {
+    if !matches!(
+        name,
+        "clawtermd" | "claw-agent" | "clawterm" | "clawtermctl"
+    ) {
         panic!("no binary {name:?} in the clawterm package");
     }
     if let Some(d) = std::env::var_os("CLAWTERM_BIN_DIR") {

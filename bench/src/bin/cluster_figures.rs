@@ -73,7 +73,10 @@ fn parse() -> Result<Args, String> {
 
 fn opts() -> Options {
     Options {
-        backoff: clawterm_client::Backoff::new(Duration::from_millis(5), Duration::from_millis(200)),
+        backoff: clawterm_client::Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(200),
+        ),
         connect_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(10),
         transport: Transport::Plaintext,
@@ -98,7 +101,11 @@ fn setup(nodes: u8, extra: &[&str]) -> Setup {
         .collect();
     let ok = harness::wait_until(Duration::from_secs(10), || {
         nodes.iter().all(|n| {
-            n.admin("GET", "/v1/nodes").1.matches("\"alive\":true").count() >= nodes.len()
+            n.admin("GET", "/v1/nodes")
+                .1
+                .matches("\"alive\":true")
+                .count()
+                >= nodes.len()
         })
     });
     assert!(ok, "the nodes never saw each other");
@@ -138,7 +145,11 @@ impl Driver {
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
             for i in 0..n {
                 if echo && self.in_flight[i].is_none() {
-                    let line = format!("{:08x} {:>10}\n", self.sessions[i].session_id(), self.sent[i]);
+                    let line = format!(
+                        "{:08x} {:>10}\n",
+                        self.sessions[i].session_id(),
+                        self.sent[i]
+                    );
                     self.sent[i] += 1;
                     if let Err(e) = self.sessions[i].send(line.as_bytes()) {
                         self.errors.push(format!("send: {e}"));
@@ -268,13 +279,19 @@ fn cutover(n: usize, failed: &mut bool) -> Value {
         errors.extend(d.errors);
     }
     let server_hist = s.nodes[0].metric("clawterm_roam_seconds_count");
-    if lost > 0 || !errors.is_empty() || followed != n || summary["moved"].as_u64() != Some(n as u64) {
+    if lost > 0
+        || !errors.is_empty()
+        || followed != n
+        || summary["moved"].as_u64() != Some(n as u64)
+    {
         *failed = true;
     }
     let p50 = percentile(&mut gaps, 0.5);
     let p99 = percentile(&mut gaps, 0.99);
     let max = percentile(&mut gaps, 1.0);
-    eprintln!("  cutover gap p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; drain {drain_s:.2} s");
+    eprintln!(
+        "  cutover gap p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; drain {drain_s:.2} s"
+    );
     drop(s.redis);
     json!({
         "sessions": n,
@@ -310,7 +327,12 @@ fn drain_figure(n: usize, failed: &mut bool) -> Value {
     // Every client follows: wait until node 2 serves them all attached.
     let all = harness::wait_until(Duration::from_secs(60), || {
         s.nodes[1].metric("clawterm_sessions{state=\"attached\"") as usize >= n
-            || s.nodes[1].admin("GET", "/v1/sessions").1.matches("\"attached\"").count() >= n
+            || s.nodes[1]
+                .admin("GET", "/v1/sessions")
+                .1
+                .matches("\"attached\"")
+                .count()
+                >= n
     });
     stop.store(true, Ordering::Relaxed);
     let mut followed = 0;
@@ -354,7 +376,10 @@ fn connect_resume(endpoint: &str, n: usize) -> (f64, f64) {
             })
         })
         .collect();
-    let creds: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+    let creds: Vec<_> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect();
     let rate = creds.len() as f64 / t0.elapsed().as_secs_f64();
     let mut lat = Vec::new();
     for c in creds.iter().take(1000) {
@@ -368,7 +393,9 @@ fn connect_resume(endpoint: &str, n: usize) -> (f64, f64) {
 }
 
 fn keeper_cost(n: usize, reps: usize) -> Value {
-    eprintln!("keeper cost: {n} new sessions and 1000 resumes, with and without --keeper, {reps} reps");
+    eprintln!(
+        "keeper cost: {n} new sessions and 1000 resumes, with and without --keeper, {reps} reps"
+    );
     let s = setup(1, &[]);
     let dir = harness::TempDir::with_sock("solo");
     let _agent = harness::start_agent(&dir.sock(), TENANT, AGENT, &["echo"]);
@@ -383,7 +410,10 @@ fn keeper_cost(n: usize, reps: usize) -> Value {
     for r in 0..reps {
         let a = connect_resume(&s.nodes[0].endpoint(), n);
         let b = connect_resume(&solo, n);
-        eprintln!("  rep {r}: with keeper {:.0}/s p99 {:.2} ms; without {:.0}/s p99 {:.2} ms", a.0, a.1, b.0, b.1);
+        eprintln!(
+            "  rep {r}: with keeper {:.0}/s p99 {:.2} ms; without {:.0}/s p99 {:.2} ms",
+            a.0, a.1, b.0, b.1
+        );
         with.push(a);
         without.push(b);
     }

@@ -30,7 +30,8 @@ fn claim(k: &Keeper, sid: u32, from: u64, to: &str, epoch: u64) -> Result<Claim,
             let _ = tx.send(r);
         }),
     );
-    rx.recv_timeout(Duration::from_secs(5)).expect("claim answered")
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("claim answered")
 }
 
 fn lookup(k: &Keeper, sid: u32) -> Result<Option<Entry>, KeeperError> {
@@ -42,7 +43,8 @@ fn lookup(k: &Keeper, sid: u32) -> Result<Option<Entry>, KeeperError> {
             let _ = tx.send(r);
         }),
     );
-    rx.recv_timeout(Duration::from_secs(5)).expect("lookup answered")
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("lookup answered")
 }
 
 #[test]
@@ -67,9 +69,12 @@ fn directory_ordinals_flip_and_nodes() {
     let a = Keeper::start(cfg(&redis, "a", "t1"), Duration::from_secs(2)).unwrap();
     assert_eq!(a.ordinal(), oa, "an ordinal is the node id's for good");
 
-    a.created(7, 1, 2, token_hash(&[9; 16]));
+    a.created(7, 1, 2, 6, token_hash(&[9; 16]));
     let e = lookup(&a, 7).unwrap().expect("record");
-    assert_eq!((e.node.as_str(), e.epoch, e.tenant, e.agent), ("a", 1, 1, 2));
+    assert_eq!(
+        (e.node.as_str(), e.epoch, e.tenant, e.agent, e.caps),
+        ("a", 1, 1, 2, 6)
+    );
     assert_eq!(e.token_hash, token_hash(&[9; 16]));
 
     assert_eq!(
@@ -83,15 +88,24 @@ fn directory_ordinals_flip_and_nodes() {
     let e = lookup(&b, 7).unwrap().unwrap();
     assert_eq!((e.node.as_str(), e.epoch), ("b", 2));
     // The old holder flipping again loses; ending it from there deletes nothing.
-    assert!(matches!(claim(&a, 7, 1, "c", 2).unwrap(), Claim::Stale { .. }));
+    assert!(matches!(
+        claim(&a, 7, 1, "c", 2).unwrap(),
+        Claim::Stale { .. }
+    ));
     a.ended(7);
     assert!(lookup(&a, 7).unwrap().is_some(), "a stale ender deleted it");
     b.ended(7);
-    assert_eq!(lookup(&a, 7).unwrap(), None);
+    // b's write is b's keeper thread's (asynchronous): a sees it once it landed.
+    assert!(clawterm_testkit::wait_until(Duration::from_secs(3), || {
+        lookup(&a, 7).unwrap().is_none()
+    }));
     assert_eq!(claim(&a, 8, 1, "b", 2).unwrap(), Claim::Missing);
     // Adopted: only ever to a newer epoch.
-    b.adopted(9, 4, 1, 1, [0; 32]);
-    a.adopted(9, 3, 1, 1, [0; 32]);
+    b.adopted(9, 4, 1, 1, 6, [0; 32]);
+    assert!(clawterm_testkit::wait_until(Duration::from_secs(3), || {
+        lookup(&a, 9).unwrap().is_some()
+    }));
+    a.adopted(9, 3, 1, 1, 6, [0; 32]);
     assert_eq!(lookup(&a, 9).unwrap().unwrap().node, "b");
 
     let nodes = a.nodes(Duration::from_secs(2)).unwrap();
@@ -117,12 +131,15 @@ fn outage_is_survived_and_writes_are_replayed() {
     let t = Instant::now();
     let r = claim(&k, 1, 1, "x", 2);
     assert!(
-        matches!(r, Err(KeeperError::Unavailable(_)) | Err(KeeperError::Ambiguous(_))),
+        matches!(
+            r,
+            Err(KeeperError::Unavailable(_)) | Err(KeeperError::Ambiguous(_))
+        ),
         "{r:?}"
     );
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(clawterm_testkit::wait_until(Duration::from_secs(3), || !k.is_up()));
-    k.created(5, 1, 1, [1; 32]);
+    k.created(5, 1, 1, 6, [1; 32]);
     let mut c = cfg(&redis, "m", "t2");
     c.cached_ordinal = Some(7);
     let cached = Keeper::start(c, Duration::from_millis(300)).unwrap();
@@ -132,7 +149,10 @@ fn outage_is_survived_and_writes_are_replayed() {
     assert!(matches!(e, Err(KeeperError::Unavailable(_))));
 
     redis.restart();
-    assert!(clawterm_testkit::wait_until(Duration::from_secs(10), || k.is_up()));
+    assert!(clawterm_testkit::wait_until(
+        Duration::from_secs(10),
+        || k.is_up()
+    ));
     let ok = clawterm_testkit::wait_until(Duration::from_secs(5), || {
         matches!(lookup(&k, 5), Ok(Some(_)))
     });

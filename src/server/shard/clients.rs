@@ -19,7 +19,13 @@ use std::sync::Arc;
 pub enum Client {
     Tcp(ConnId),
     Quic(StreamKey),
-    Relay { shard: u16, key: StreamKey },
+    Relay {
+        shard: u16,
+        key: StreamKey,
+    },
+    /// A client connected to another node of the cluster, relayed here over the peer link
+    /// (ClawRoam; `relay.rs`): the stream id.
+    Peer(u64),
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
@@ -28,6 +34,9 @@ pub(super) enum ConnState {
     Handshake,
     /// Bound to a session.
     Bound(u32),
+    /// Relayed to the node that holds its session (ClawRoam anchor; `relay.rs`): its bytes
+    /// are not decoded here.
+    Relayed,
 }
 
 pub(super) struct Conn {
@@ -67,6 +76,10 @@ pub(super) struct Clients {
     pub(super) quic: Option<QuicShard>,
     /// Streams of this shard relayed to the shard that owns their session.
     pub(super) relays: IdMap<StreamKey, usize>,
+    /// Streams other nodes relay here ([`Client::Peer`]): the anchor node of each.
+    pub(super) peers: IdMap<u64, String>,
+    /// The cluster, for [`Client::Peer`] output.
+    cluster: Option<Arc<super::super::cluster::ClusterNode>>,
     /// Decrypted bytes of the TLS connection being read (reused).
     plain: Vec<u8>,
     /// TLS records being written (reused).
@@ -76,11 +89,18 @@ pub(super) struct Clients {
 }
 
 impl Clients {
-    pub(super) fn new(shard: usize, metrics: Arc<Metrics>, quic: Option<QuicShard>) -> Clients {
+    pub(super) fn new(
+        shard: usize,
+        metrics: Arc<Metrics>,
+        quic: Option<QuicShard>,
+        cluster: Option<Arc<super::super::cluster::ClusterNode>>,
+    ) -> Clients {
         Clients {
             conns: IdMap::default(),
             quic,
             relays: IdMap::default(),
+            peers: IdMap::default(),
+            cluster,
             plain: Vec::new(),
             tls_out: Vec::new(),
             metrics,
@@ -106,6 +126,26 @@ impl Clients {
                     bytes: bytes.to_vec(),
                 },
             ),
+            Client::Peer(stream) => {
+                if let (Some(node), Some(c)) = (self.peers.get(&stream), self.cluster.as_ref()) {
+                    // A lost peer link ends the stream there (its anchor closes the client,
+                    // which resumes); nothing to do here but let the session's timers run.
+                    let _ = c.send(
+                        node,
+                        crate::cluster::peer::PeerMsg::RelayData {
+                            stream,
+                            bytes: bytes.to_vec(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A relayed stream of another node ends here: its anchor closes the client.
+    fn peer_close(&mut self, stream: u64) {
+        if let (Some(node), Some(c)) = (self.peers.remove(&stream), self.cluster.as_ref()) {
+            let _ = c.send(&node, crate::cluster::peer::PeerMsg::RelayClose { stream });
         }
     }
 
@@ -165,6 +205,7 @@ impl Clients {
             Client::Relay { shard, key } => {
                 ctx.send_to_shard(shard as usize, ShardMsg::RelayClose { key, abort: false })
             }
+            Client::Peer(stream) => self.peer_close(stream),
         }
     }
 
@@ -180,6 +221,7 @@ impl Clients {
             Client::Relay { shard, key } => {
                 ctx.send_to_shard(shard as usize, ShardMsg::RelayClose { key, abort: true })
             }
+            Client::Peer(stream) => self.peer_close(stream),
         }
     }
 
@@ -194,6 +236,8 @@ impl Clients {
             Client::Relay { shard, key } => {
                 ctx.send_to_shard(shard as usize, ShardMsg::RelayReading { key, on })
             }
+            // No flow control across nodes in this version (`relay.rs`).
+            Client::Peer(_) => {}
         }
     }
 
@@ -261,7 +305,7 @@ impl Clients {
         match conn {
             Client::Tcp(id) => Some(ctx.is_backpressured(id)),
             Client::Quic(k) => self.quic.as_ref().map(|q| q.is_backpressured(k)),
-            Client::Relay { .. } => None,
+            Client::Relay { .. } | Client::Peer(_) => None,
         }
     }
 
@@ -272,7 +316,7 @@ impl Clients {
         match conn {
             Client::Tcp(id) => ctx.unsent(id) == Some(0),
             Client::Quic(k) => self.quic.as_ref().is_some_and(|q| q.unsent(k) == Some(0)),
-            Client::Relay { .. } => false,
+            Client::Relay { .. } | Client::Peer(_) => false,
         }
     }
 

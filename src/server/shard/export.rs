@@ -67,10 +67,10 @@ impl ShardHandler {
                 continue;
             };
             match c {
-                Client::Tcp(id) if conn.tls.is_none() => {
+                Client::Tcp(id) if conn.tls.is_none() && conn.state != ConnState::Relayed => {
                     let sid = match conn.state {
                         ConnState::Bound(s) => s,
-                        ConnState::Handshake => 0,
+                        ConnState::Handshake | ConnState::Relayed => 0,
                     };
                     let pending = Pending::Client {
                         sid,

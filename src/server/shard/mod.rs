@@ -13,12 +13,14 @@ mod handshake;
 mod persist;
 mod podlinks;
 mod quic;
+mod relay;
 mod roam;
 mod sink;
 mod timers;
 
 pub use handoff::ShardMsg;
 pub use persist::{Moved, Restore};
+pub use relay::route as relay_route;
 use sink::Scratch;
 
 pub use clients::Client;
@@ -105,6 +107,8 @@ pub struct ShardHandler {
     queued_adopts: Vec<(ConnId, SocketAddr, Vec<u8>, ShardMsg)>,
     /// ClawRoam: sessions leaving, arriving, gone elsewhere (`roam.rs`).
     roam: roam::Roaming,
+    /// ClawRoam: clients relayed to (or from) other nodes (`relay.rs`).
+    relays: relay::Relays,
 }
 
 /// Client → pod bytes of one batch of input sent to the link early past this size.
@@ -143,7 +147,7 @@ impl ShardHandler {
                 IdSpace::new(index, shared.cfg.shards)
                     .with_node(shared.cluster.as_ref().map_or(0, |c| c.keeper.ordinal())),
             ),
-            clients: Clients::new(index, shared.metrics.clone(), quic),
+            clients: Clients::new(index, shared.metrics.clone(), quic, shared.cluster.clone()),
             shared,
             clock,
             attached: IdMap::default(),
@@ -167,6 +171,7 @@ impl ShardHandler {
             awaiting: restore.awaiting,
             queued_adopts: Vec::new(),
             roam: roam::Roaming::default(),
+            relays: relay::Relays::default(),
         }
     }
 
@@ -201,6 +206,10 @@ impl ShardHandler {
     /// Plaintext bytes from a client: frames are decoded straight from them when no partial
     /// frame is pending (no copy); a trailing partial frame is kept in the connection's buffer.
     fn on_plaintext(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
+        if self.is_relayed(&conn) {
+            self.relay_forward(ctx, conn, data);
+            return;
+        }
         let Some(c) = self.clients.conns.get_mut(&conn) else {
             return;
         };
@@ -259,6 +268,7 @@ impl ShardHandler {
         );
         ShardMetrics::set(&m.connections, self.clients.conns.len() as u64);
         ShardMetrics::set(&m.pod_links, self.links.connected() as u64);
+        ShardMetrics::set(&m.relays_anchored, self.relays.anchored() as u64);
         if let Some(q) = self.clients.quic.as_ref() {
             ShardMetrics::set(&m.quic_connections, q.counts().connections);
         }
@@ -319,6 +329,7 @@ impl ShardHandler {
                         self.attached.remove(&sid);
                     }
                 }
+                ConnState::Relayed => self.relay_conn_gone(conn),
             }
         }
         if close {
@@ -415,6 +426,18 @@ impl ShardHandler {
                         Next::Continue => {}
                         Next::Batched(key) => pod_batch = Some(key),
                         Next::Park => break,
+                        Next::Relay => {
+                            ShardMetrics::inc(&self.m().frames_in, frames_in);
+                            if let Some((c, sid, node)) = self.relays.pending.take() {
+                                if c == conn {
+                                    let first = bytes[rest_from..].to_vec();
+                                    self.relay_start(ctx, conn, sid, node, first, false);
+                                    return (bytes.len(), true);
+                                }
+                            }
+                            alive = false;
+                            break;
+                        }
                         Next::Wait => {
                             // ClawRoam: the frame stays unread until what it waits for comes
                             // (a COMMIT, the keeper's answer, the end of a move).
@@ -499,7 +522,7 @@ impl ShardHandler {
                 }
             }
             Some(ConnState::Handshake) => self.refuse(ctx, conn, code),
-            None => {}
+            Some(ConnState::Relayed) | None => {}
         }
     }
 
@@ -508,6 +531,7 @@ impl ShardHandler {
             return Next::Stop;
         };
         match state {
+            ConnState::Relayed => Next::Stop,
             ConnState::Handshake => match f.ty {
                 FrameType::Connect => self.on_connect(ctx, conn, f),
                 FrameType::Resume => self.on_resume(ctx, conn, f),
@@ -565,6 +589,9 @@ enum Next {
     /// Stop decoding before this frame, which stays buffered (reading is paused) and is
     /// decoded again later (ClawRoam: `roam.rs`).
     Wait,
+    /// This RESUME and what follows it go to the node that holds the session: the connection
+    /// is relayed from now on (`relays.pending` names where; `relay.rs`).
+    Relay,
 }
 
 impl ShardHandler {

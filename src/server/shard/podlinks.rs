@@ -346,7 +346,11 @@ impl ShardHandler {
         if let PodMsg::State(chunk) = msg {
             // ClawRoam: a session being exported (`roam.rs`); anything else is ignored.
             if !self.roam_state(ctx, sid, chunk) {
-                debug!(?key, session = sid, "STATE for a session not being exported; ignored");
+                debug!(
+                    ?key,
+                    session = sid,
+                    "STATE for a session not being exported; ignored"
+                );
             }
             return true;
         }

@@ -147,11 +147,6 @@ impl ShardHandler {
         if s.state() == State::Closed || s.agent_closed() {
             return refuse(format!("session {sid:08x} is ending"));
         }
-        if s.caps() & CAP_ROAM == 0 {
-            return refuse(format!(
-                "session {sid:08x}: its client does not follow ROAM (capability 0x04), and relaying it is not available"
-            ));
-        }
         let key = (s.tenant(), s.agent());
         let Some(l) = self.links.get(key) else {
             return refuse(format!("session {sid:08x}: no link to its agent pod"));
@@ -298,12 +293,9 @@ impl ShardHandler {
                 }
             }
             PeerMsg::Refuse { sid, epoch, reason } => {
-                if self
-                    .roam
-                    .out
-                    .get(&sid)
-                    .is_some_and(|o| o.epoch == epoch && o.to == from && o.phase == OutPhase::Offered)
-                {
+                if self.roam.out.get(&sid).is_some_and(|o| {
+                    o.epoch == epoch && o.to == from && o.phase == OutPhase::Offered
+                }) {
                     self.roam_call_off(ctx, sid, format!("{from} refused: {reason}"));
                 }
             }
@@ -327,6 +319,9 @@ impl ShardHandler {
                     self.roam_drop_warm(ctx, sid, "the source called the move off");
                 }
             }
+            msg @ (PeerMsg::RelayOpen { .. }
+            | PeerMsg::RelayData { .. }
+            | PeerMsg::RelayClose { .. }) => self.on_relay_msg(ctx, from, msg),
             _ => {}
         }
     }
@@ -456,6 +451,7 @@ impl ShardHandler {
                 epoch,
                 s.tenant(),
                 s.agent(),
+                s.caps(),
                 token_hash(s.resume_token()),
             );
         }
@@ -475,11 +471,7 @@ impl ShardHandler {
             self.shared.release_session();
             let key = (s.tenant(), s.agent());
             let mut msg = Vec::new();
-            podlink::encode(
-                &mut msg,
-                sid,
-                &PodMsg::Close(podlink::CloseReason::Normal),
-            );
+            podlink::encode(&mut msg, sid, &PodMsg::Close(podlink::CloseReason::Normal));
             self.link_send(ctx, key, &msg);
             if let Some(l) = self.links.get_mut(key) {
                 l.remove_session(sid);
@@ -517,7 +509,10 @@ impl ShardHandler {
                 self.roam_call_off(
                     ctx,
                     sid,
-                    format!("keeper shows {node} at epoch {e}, not this node at {}", epoch - 1),
+                    format!(
+                        "keeper shows {node} at epoch {e}, not this node at {}",
+                        epoch - 1
+                    ),
                 );
             }
             Err(KeeperError::Ambiguous(why)) => {
@@ -551,9 +546,7 @@ impl ShardHandler {
         if let Some(o) = self.roam.out.get(&sid) {
             if o.phase == OutPhase::Rechecking {
                 match &entry {
-                    Some(e) if e.node == o.to && e.epoch == o.epoch => {
-                        self.roam_release(ctx, sid)
-                    }
+                    Some(e) if e.node == o.to && e.epoch == o.epoch => self.roam_release(ctx, sid),
                     Some(e) if e.node == me => {
                         self.roam_call_off(ctx, sid, "the keeper kept this node".into())
                     }
@@ -581,13 +574,15 @@ impl ShardHandler {
                                 fence,
                                 s.tenant(),
                                 s.agent(),
+                                s.caps(),
                                 token_hash(s.resume_token()),
                             );
                         }
                         self.roam_call_off(
                             ctx,
                             sid,
-                            "the keeper's answer to the flip was lost and it stays unreachable".into(),
+                            "the keeper's answer to the flip was lost and it stays unreachable"
+                                .into(),
                         );
                     }
                 }
@@ -653,12 +648,23 @@ impl ShardHandler {
             );
         }
         if let Some(conn) = self.attached.remove(&sid) {
-            if let Some(addr) = client {
-                let mut out = Vec::with_capacity(64);
-                encode_roam(&mut out, sid, next_seq, addr, &token);
-                self.clients.send(ctx, conn, &out, &Default::default());
+            if caps & CAP_ROAM == 0 {
+                // The client cannot follow: this node relays it to the target, resuming the
+                // session there on its behalf (it has everything sent so far: nothing is
+                // replayed), with the input it had not read yet.
+                let mut first = Self::resume_on_behalf(sid, next_seq.wrapping_sub(1), token);
+                if let Some(c) = self.clients.conns.get_mut(&conn) {
+                    first.append(&mut c.inbuf);
+                }
+                self.relay_start(ctx, conn, sid, o.to.clone(), first, true);
+            } else {
+                if let Some(addr) = client {
+                    let mut out = Vec::with_capacity(64);
+                    encode_roam(&mut out, sid, next_seq, addr, &token);
+                    self.clients.send(ctx, conn, &out, &Default::default());
+                }
+                self.drop_conn(ctx, conn, true);
             }
-            self.drop_conn(ctx, conn, true);
         }
         let mut msg = Vec::new();
         podlink::encode(&mut msg, sid, &PodMsg::Close(podlink::CloseReason::Roamed));
@@ -810,7 +816,9 @@ impl ShardHandler {
         if let Some(t) = self.roam.tombs.get(&sid) {
             if t.expires > now && ct_eq(&t.token_hash, &th) {
                 if t.caps & CAP_ROAM == 0 {
-                    return None; // relay is not available: the client cannot follow
+                    // The client cannot follow: relayed from here.
+                    self.relays.pending = Some((conn, sid, t.node.clone()));
+                    return Some(super::Next::Relay);
                 }
                 let (addr, node) = (t.client, t.node.clone());
                 self.send_roam_and_close(ctx, conn, sid, addr, token);
@@ -823,6 +831,10 @@ impl ShardHandler {
                 let e = entry.as_ref()?;
                 if e.node == cluster.id() || !ct_eq(&e.token_hash, &th) {
                     return None;
+                }
+                if e.caps & CAP_ROAM == 0 {
+                    self.relays.pending = Some((conn, sid, e.node.clone()));
+                    return Some(super::Next::Relay);
                 }
                 let addr = cluster.node(&e.node).filter(|n| n.alive)?.client;
                 self.send_roam_and_close(ctx, conn, sid, addr, token);
@@ -904,8 +916,13 @@ impl ShardHandler {
     /// A session was made here: the directory learns it.
     pub(super) fn roam_created(&mut self, sid: u32) {
         if let (Some(c), Some(s)) = (self.shared.cluster.as_ref(), self.table.get(sid)) {
-            c.keeper
-                .created(sid, s.tenant(), s.agent(), token_hash(s.resume_token()));
+            c.keeper.created(
+                sid,
+                s.tenant(),
+                s.agent(),
+                s.caps(),
+                token_hash(s.resume_token()),
+            );
         }
     }
 
@@ -935,7 +952,7 @@ impl ShardHandler {
                         _ => "closing",
                     },
                     ring_bytes: s.ring().payload_bytes(),
-                    movable: exports && s.caps() & CAP_ROAM != 0 && !s.agent_closed(),
+                    movable: exports && !s.agent_closed(),
                     roaming: self.roam.out.contains_key(&s.id()),
                 }
             })
