@@ -22,6 +22,7 @@
 mod bulk;
 mod quic;
 mod raw_server;
+mod roam;
 mod shells;
 mod sys;
 mod worker;
@@ -66,7 +67,10 @@ const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
 [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic] [--ca PEM | --pin SHA256] \
 [--server-name NAME] [--resume-rate R] [--open-rate R] [--bulk B] [--bulk-bytes N]
-  SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo | bulk
+  SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo | bulk | roam
+    roam: loadgen roam --target HOST:PORT --admin HOST:PORT [--to NODE] [--sessions N]
+          [--no-roam-share F] [--idle] [--rate R]: sessions under echo traffic (the client
+          library, following ROAM) while the node at --admin is drained (loadgen/src/roam.rs)
     bulk: B sessions keep 4 messages of N bytes (default 60000) in flight through the echo
           agent while --sessions probes time a 32-byte echo every 20 ms (plaintext TCP)
        loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
@@ -1028,6 +1032,10 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if args.first().map(String::as_str) == Some("roam") {
+        // Sessions under traffic while their node is drained (ClawRoam; docs/CLUSTER.md).
+        std::process::exit(roam::main(&args[1..]));
     }
     if args.first().map(String::as_str) == Some("shells") {
         // N shell sessions through a `claw-agent shell` pod (bench/shells.sh).

@@ -108,7 +108,8 @@ fn configure(core: &mut ClientCore, o: &Opts) {
         acks: AckPolicy::Manual,
         offer_reliable: false,
         data_events: false,
-        offer_roam: true,
+        // The epoll driver does not follow ROAM: such sessions are relayed when they move.
+        offer_roam: false,
     });
     core.set_timers(Timers {
         keepalive_ms: ((o.keepalive * 1000.0) as u64).max(1),
