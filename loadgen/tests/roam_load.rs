@@ -132,3 +132,146 @@ fn a_node_with_two_thousand_sessions_drains_under_traffic() {
     assert!(ids(&nodes[0]).is_empty(), "node 1 still serves sessions");
     assert_eq!(ids(&nodes[1]).len(), 2000);
 }
+
+/// `loadgen roam` with `fault` injected shortly after the drain starts; its JSON (it may fail:
+/// moves are called off).
+fn roam_with_fault(
+    node: &Node,
+    extra: &[&str],
+    after_moves: f64,
+    fault: impl FnOnce(),
+) -> serde_json::Value {
+    let child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "roam",
+            "--target",
+            &node.endpoint(),
+            "--admin",
+            &node.admin.to_string(),
+        ])
+        .args([
+            "--tenant",
+            &TENANT.to_string(),
+            "--agent",
+            &AGENT.to_string(),
+        ])
+        .args(["--token", &hex(&TOKEN), "--warmup", "1.5", "--settle", "3"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run loadgen roam");
+    // Once the drain has moved `after_moves` sessions (or started: 0).
+    let metric = if after_moves > 0.0 {
+        "clawterm_roams_total{result=\"completed\"}"
+    } else {
+        "clawterm_roams_total{result=\"started\"}"
+    };
+    let ok = clawterm_testkit::wait_until(Duration::from_secs(30), || {
+        node.metric(metric) >= after_moves.max(1.0)
+    });
+    assert!(ok, "the drain never started");
+    fault();
+    let out = child.wait_with_output().expect("loadgen roam");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "loadgen roam printed no JSON: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// After the moves settled: every session is served by exactly one node.
+fn served_once(nodes: &[Node], total: usize) {
+    let ok = clawterm_testkit::wait_until(Duration::from_secs(30), || {
+        !nodes[0]
+            .admin("GET", "/v1/sessions")
+            .1
+            .contains("\"roaming\"")
+    });
+    assert!(ok, "moves never settled");
+    let sets: Vec<HashSet<String>> = nodes.iter().map(ids).collect();
+    let mut all = HashSet::new();
+    for s in &sets {
+        for id in s {
+            assert!(
+                all.insert(id.clone()),
+                "session {id} is served by two nodes"
+            );
+        }
+    }
+    assert_eq!(all.len(), total, "sessions lost: {sets:?}");
+}
+
+/// Faults in the middle of a drain: the keeper killed, the keeper frozen (its answers lost:
+/// flips of unknown outcome), the target frozen (cut off from its peers, then back with its
+/// old view). Moves that cannot complete are called off; never is a session served by two
+/// nodes, never is an echo lost, doubled or reordered.
+#[test]
+fn faults_during_a_drain_lose_nothing_and_never_split_a_session() {
+    // The keeper dies.
+    {
+        let mut redis = Redis::start();
+        let dir = TempDir::new("roam-fault-kill");
+        let nodes = cluster(&dir, &redis);
+        let rp = std::sync::Mutex::new(&mut redis);
+        let v = roam_with_fault(
+            &nodes[0],
+            &["--sessions", "1000", "--to", "node2"],
+            100.0,
+            // Some moves are done by then, others in flight, others not started.
+            || rp.lock().unwrap().kill(),
+        );
+        eprintln!("keeper killed: {v}");
+        let failed = v["failed_moves"].as_u64().unwrap_or(0);
+        assert!(failed > 0, "the keeper died after the drain: {v:#}");
+        assert!(failed < 1000, "the keeper died before the drain: {v:#}");
+        assert_eq!(v["broken_streams"], 0, "keeper killed: {v:#}");
+        assert_eq!(v["errors"], 0, "keeper killed: {v:#}");
+        served_once(&nodes, 1000);
+    }
+    // The keeper hangs (answers lost), and comes back.
+    {
+        let redis = Redis::start();
+        let dir = TempDir::new("roam-fault-freeze");
+        let nodes = cluster(&dir, &redis);
+        let v = roam_with_fault(
+            &nodes[0],
+            &["--sessions", "60", "--to", "node2"],
+            0.0,
+            || {
+                redis.freeze();
+                std::thread::sleep(Duration::from_secs(3));
+                redis.thaw();
+            },
+        );
+        eprintln!("keeper frozen: {v}");
+        assert_eq!(v["broken_streams"], 0, "keeper frozen: {v:#}");
+        assert_eq!(v["errors"], 0, "keeper frozen: {v:#}");
+        served_once(&nodes, 60);
+    }
+    // The target is cut off mid-drain, then comes back.
+    {
+        let redis = Redis::start();
+        let dir = TempDir::new("roam-fault-target");
+        let nodes = cluster(&dir, &redis);
+        let v = roam_with_fault(
+            &nodes[0],
+            &["--sessions", "1000", "--to", "node2"],
+            100.0,
+            || {
+                // Longer than the 5 s a target has to get ready: the moves in flight to it are
+                // called off, and it comes back with warm copies it must not serve.
+                nodes[1].freeze();
+                std::thread::sleep(Duration::from_secs(7));
+                nodes[1].thaw();
+            },
+        );
+        eprintln!("target frozen: {v}");
+        assert!(v["failed_moves"].as_u64().unwrap_or(0) > 0, "{v:#}");
+        assert_eq!(v["broken_streams"], 0, "target frozen: {v:#}");
+        assert_eq!(v["errors"], 0, "target frozen: {v:#}");
+        served_once(&nodes, 1000);
+    }
+}

@@ -161,6 +161,15 @@ impl ClusterNode {
         g.get(id).cloned()
     }
 
+    /// The node table as last refreshed (id, addresses).
+    pub fn nodes_cached(&self) -> Vec<(String, NodeAddrs)> {
+        let g = match self.nodes.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     /// Re-reads the nodes from the keeper (a blocking call: admin and the refresher thread
     /// only, never a shard).
     pub fn refresh(&self) -> Result<Vec<NodeView>, keeper::KeeperError> {

@@ -137,13 +137,25 @@ impl Ops {
             .cluster
             .as_ref()
             .ok_or("this node is not in a cluster (no --keeper)")?;
-        let views = c.refresh().map_err(|e| format!("keeper: {e}"))?;
-        let alive: Vec<(String, u64)> = views
-            .into_iter()
-            .filter(|v| v.alive && v.id != c.id())
-            .filter(|v| to.is_none_or(|t| t == v.id))
-            .map(|v| (v.id, v.sessions))
-            .collect();
+        // The keeper's view, or the last one this node had if the keeper is away (the moves
+        // then need the keeper for their flips, and are called off without it).
+        let alive: Vec<(String, u64)> = match c.refresh() {
+            Ok(views) => views
+                .into_iter()
+                .filter(|v| v.alive && v.id != c.id())
+                .filter(|v| to.is_none_or(|t| t == v.id))
+                .map(|v| (v.id, v.sessions))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("drain: keeper unreachable ({e}); using the last node table");
+                c.nodes_cached()
+                    .into_iter()
+                    .filter(|(id, n)| n.alive && id != c.id())
+                    .filter(|(id, _)| to.is_none_or(|t| t == id))
+                    .map(|(id, n)| (id, n.sessions))
+                    .collect()
+            }
+        };
         if alive.is_empty() {
             return Err(match to {
                 Some(t) => format!("node {t} is not a live node of the cluster"),

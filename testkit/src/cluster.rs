@@ -44,6 +44,21 @@ impl Redis {
         }
     }
 
+    /// Freezes it (SIGSTOP): connections stay open but nothing is answered — a keeper that
+    /// hangs, or a network that drops its packets.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            crate::signal(c.id(), libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            crate::signal(c.id(), libc::SIGCONT);
+        }
+    }
+
     /// Starts it again on the same port (empty: no persistence).
     pub fn restart(&mut self) {
         self.kill();
@@ -91,6 +106,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        self.thaw();
         self.kill();
     }
 }
@@ -209,8 +225,22 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Freezes the node (SIGSTOP): cut off from its peers and the keeper as if its network
+    /// dropped everything, without closing a connection.
+    pub fn freeze(&self) {
+        crate::signal(self.child.id(), libc::SIGSTOP);
+    }
+
+    /// Lets a frozen node go on (SIGCONT), with the view it had when it stopped.
+    pub fn thaw(&self) {
+        crate::signal(self.child.id(), libc::SIGCONT);
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        self.thaw();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
