@@ -82,7 +82,9 @@ impl Journal {
 struct Journals(HashMap<SessionId, Journal>);
 
 impl Agent for Journals {
-    const MOVABLE: bool = true;
+    fn movable() -> bool {
+        true
+    }
 
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
         self.0.entry(s).or_default();

@@ -119,6 +119,8 @@ enum OwnedMsg {
     Close(u8),
     Pause,
     Continue,
+    Export,
+    State(Vec<u8>),
     Unknown(u8, Vec<u8>),
 }
 
@@ -151,6 +153,8 @@ impl OwnedMsg {
             OwnedMsg::Close(r) => Msg::Close(CloseReason::from_code(*r)),
             OwnedMsg::Pause => Msg::Pause,
             OwnedMsg::Continue => Msg::Continue,
+            OwnedMsg::Export => Msg::Export,
+            OwnedMsg::State(b) => Msg::State(b),
             OwnedMsg::Unknown(ty, body) => Msg::Unknown { ty: *ty, body },
         }
     }
@@ -171,6 +175,8 @@ fn pod_msg() -> impl Strategy<Value = OwnedMsg> {
         any::<u8>().prop_map(OwnedMsg::Close),
         Just(OwnedMsg::Pause),
         Just(OwnedMsg::Continue),
+        Just(OwnedMsg::Export),
+        vec(any::<u8>(), 0..600).prop_map(OwnedMsg::State),
         (
             any::<u8>().prop_filter("an unknown type code", |c| {
                 matches!(

@@ -168,6 +168,29 @@ fn handshake_opens_a_session_and_data_flows() {
     );
 }
 
+/// Migration messages from a pod never hurt a shard: a STATE for a session that is not being
+/// exported is ignored (the roam code takes it when one is), and so is an EXPORT (daemon → pod
+/// only) or a STATE for a session that does not exist; the link stays up and the session goes
+/// on. (The simulated pod says HELLO version 1.)
+#[test]
+fn stray_migration_messages_from_a_pod_are_ignored() {
+    let mut sim = node(1);
+    let mut c = Client::connect(&mut sim, 0);
+    assert!(c.accepted(), "{:?}", c.events);
+    let sid = c.core.session_id();
+    c.send(&mut sim, b"before ");
+    assert!(sim.pod_send(TENANT, AGENT, sid, &PodMsg::State(b"soul")));
+    assert!(sim.pod_send(TENANT, AGENT, sid, &PodMsg::State(b"")));
+    assert!(sim.pod_send(TENANT, AGENT, sid, &PodMsg::Export));
+    assert!(sim.pod_send(TENANT, AGENT, sid ^ 0x10, &PodMsg::State(b"x")));
+    c.send(&mut sim, b"after");
+    assert_eq!(
+        c.data, b"before after",
+        "the session goes on, nothing else reached it"
+    );
+    assert_eq!(sim.pods[&(TENANT, AGENT)].input[&sid], b"before after");
+}
+
 /// A first frame that is neither CONNECT nor RESUME is refused with ERROR and the connection
 /// closed; a connection that says nothing is cut at the handshake deadline; a CONNECT for a
 /// pod that is not there gets NO_AGENT.

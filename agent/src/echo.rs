@@ -1,17 +1,26 @@
 //! `claw-agent echo`: each DATA message comes back as one DATA message.
 
-use super::{Agent, OpenInfo, Orphan, Outbox, SessionId};
+use super::{Agent, Export, OpenInfo, Orphan, Outbox, SessionId};
 
 /// `echo`: each DATA message comes back as one DATA message.
 ///
 /// An echo session holds no state, but it outlives a link that ends without a CLOSE for it like
 /// any other (the listener's daemon grace): a REOPEN re-binds it, and the echoes the SDK was
 /// holding for it (the old daemon had PAUSEd it) are sent on the new link.
+///
+/// It moves to another node (ClawRoam): its links say HELLO version 2 and it exports every
+/// session with an empty state (one empty STATE; echoes the SDK was holding go out before it and
+/// move with the session's replay ring).
 pub struct EchoAgent;
 
 impl Agent for EchoAgent {
-    /// An echo session has no state: it moves as it is.
-    const MOVABLE: bool = true;
+    fn movable() -> bool {
+        true
+    }
+
+    fn export(&mut self, _s: SessionId) -> Export {
+        Export::State(Vec::new())
+    }
 
     fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
         let _ = out.data(s, bytes);

@@ -21,6 +21,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 /// `exec`: one process per session, on pipes.
+///
+/// Its sessions cannot move to another node (ClawRoam): a running process cannot be put into
+/// STATE, so its links keep HELLO version 1 ([`Agent::movable`](crate::Agent::movable) is
+/// `false`) and a move happens only when the operator forces it, restarting the program on the
+/// target. See the crate docs, "Empty state, and cannot export".
 pub struct ExecAgent {
     argv: Arc<Vec<OsString>>,
     /// The link's event loop and each session's place in it.

@@ -21,7 +21,11 @@
 //! * sessions outlive the daemon: when a link ends without a CLOSE for a session, an agent that
 //!   hands the session's state over ([`Agent::orphan`]) gets it back on the link that REOPENs
 //!   it within the listener's daemon grace ([`Agent::rebind`], [`AgentListener::daemon_grace`]),
-//!   with the DATA the SDK was holding for it sent first.
+//!   with the DATA the SDK was holding for it sent first;
+//! * sessions can move to another node (ClawRoam, POD-LINK.md §8) with their agent's state: an
+//!   agent that says so ([`Agent::movable`]) hands a session's state over on EXPORT
+//!   ([`Agent::export`]) and gets it back on the target ([`Agent::import`]) before the session's
+//!   next input — see "Moving sessions" below.
 //!
 //! The agents `claw-agent` runs are here too, ready to serve or to wrap: [`EchoAgent`],
 //! [`ExecAgent`] (one process per session on pipes) and [`ShellAgent`] (a login shell in a PTY
@@ -44,6 +48,50 @@
 //! listener.serve(|| Echo, clawterm_agent::stop_on_signals())?;
 //! # Ok::<(), std::io::Error>(())
 //! ```
+//!
+//! # Moving sessions (ClawRoam)
+//!
+//! A pod says in its HELLO whether it can move sessions: version 2
+//! ([`VERSION_MIGRATE`](clawterm_core::podlink::codec::VERSION_MIGRATE)) means it understands
+//! EXPORT and STATE; a pod of version 1 never receives them, and the daemon moves its sessions
+//! only when the operator forces it (the target pod then sees a plain REOPEN and starts the
+//! session afresh). The SDK says 2 on the links of an agent whose [`Agent::movable`] is `true`,
+//! 1 otherwise, and accepts a daemon that says 1 or 2.
+//!
+//! * **Source.** The daemon sends PAUSE, then EXPORT. The SDK sends what it was holding for the
+//!   session (output the PAUSE held back: it goes into the session's replay ring and moves with
+//!   it), calls [`Agent::export`] and sends the state it returns as STATE messages of at most
+//!   1 MiB each, then the empty STATE that ends it. From then on nothing more goes out for the
+//!   session: what the agent sends for it is held. If the move completes, the daemon's CLOSE
+//!   reason 5 ([`CloseReason::Roamed`]) reaches [`Agent::close`] and the SDK forgets the
+//!   session (and what it held); if the move is called off, the daemon's CONTINUE flushes what
+//!   was held and reaches [`Agent::resume_output`], and the session goes on here as if nothing
+//!   had happened. So `export` must not end the session: it ends on `close`.
+//! * **Target.** The daemon sends REOPEN ([`Agent::open`] with `info.reopen`, or
+//!   [`Agent::rebind`]), then the state as STATE messages ending with an empty one, then the
+//!   input it held during the move. The SDK collects the chunks and calls [`Agent::import`]
+//!   with the whole state before it delivers any DATA for the session (DATA that arrives before
+//!   the empty STATE waits, bounded, in the SDK). A REOPEN without STATE (a pod or daemon
+//!   restart, or a forced move of a version-1 pod's session) gets no `import`.
+//!
+//! **Empty state, and "cannot export".** The contract gives a pod two ways to answer EXPORT
+//! with nothing: a session whose state is empty (an echo) and a session that cannot move (a
+//! running process) both answer with one empty STATE, and the daemon cannot tell them apart.
+//! The SDK keeps the contract as it is (the empty STATE always ends the state; there is no
+//! marker byte) and leaves the distinction to the HELLO:
+//! * [`Agent::export`] returns [`Export::State`] (the bytes, sent in chunks of at most 1 MiB —
+//!   none at all for empty state — then the empty STATE) or [`Export::NotMovable`] (the empty
+//!   STATE at once). On the wire the two are the same when the state is empty.
+//! * The daemon reads "HELLO 2 + empty state" as *movable with empty state* (`echo`) and
+//!   "HELLO 1" as *not movable* (moved only by the operator's explicit force). So an agent that
+//!   cannot move its sessions must say HELLO 1 — leave [`Agent::movable`] `false` — rather than
+//!   answer `NotMovable`: `NotMovable` from a movable agent is moved as empty state, and the
+//!   target starts from nothing. That is why [`EchoAgent`] says 2 and [`ExecAgent`] and
+//!   [`ShellAgent`] keep HELLO 1 on their links: a running process (its memory, its open files,
+//!   its terminal) cannot be serialised into STATE, and a HELLO 2 would make every one of their
+//!   sessions look movable with empty state — a move would silently restart the program on the
+//!   target. (Their `export` is the default `NotMovable` anyway, for a daemon that sends EXPORT
+//!   to a version-1 pod regardless.)
 
 mod echo;
 mod exec;
@@ -61,7 +109,7 @@ mod testutil;
 pub use echo::EchoAgent;
 pub use exec::ExecAgent;
 pub use input::{input_queue, InputReceiver, InputSender, INPUT_HARD_LIMIT, INPUT_HIGH, INPUT_LOW};
-pub use link::{serve_link, Outbox, HELD_INPUT_PAUSE};
+pub use link::{serve_link, Outbox, HELD_INPUT_PAUSE, MAX_IMPORT_STATE};
 pub use listener::AgentListener;
 pub use orphans::{Orphan, DEFAULT_DAEMON_GRACE};
 pub use shell::{shell_path, ShellAgent};
@@ -69,11 +117,16 @@ pub use signal::stop_on_signals;
 
 pub use clawterm_core::podlink::CloseReason;
 
-/// What [`Agent::export`] answers: the session's state (sent as STATE messages of at most 1
-/// MiB, then the empty STATE), or that it cannot move (the empty STATE at once).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What [`Agent::export`] answers for a session that is leaving this node (EXPORT).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Export {
+    /// The session's state: the SDK sends it as STATE chunks of at most 1 MiB (none for an
+    /// empty state), then the empty STATE that ends it. The target's [`Agent::import`] gets
+    /// these bytes.
     State(Vec<u8>),
+    /// This session cannot be exported: the SDK answers the empty STATE at once. The daemon
+    /// cannot tell this from an empty state (see the crate docs, "Empty state, and cannot
+    /// export"): an agent whose sessions cannot move says so with [`Agent::movable`] `false`.
     NotMovable,
 }
 
@@ -122,32 +175,11 @@ pub struct OpenInfo {
 /// OPEN of it, or the end of the grace, drops the [`Orphan`], which ends it. The default
 /// `orphan` keeps nothing: the session ends with the link, as `link_closed` says. See
 /// `docs/POD-LINK.md` §7.
+///
+/// **Moving sessions.** An agent whose [`Agent::movable`] is `true` can have its sessions moved
+/// to another node with their state ([`Agent::export`] on the source, [`Agent::import`] on the
+/// target); see the crate docs, "Moving sessions (ClawRoam)".
 pub trait Agent {
-    /// Whether this agent can move its sessions to another node (ClawRoam, POD-LINK.md §7):
-    /// `true` makes its links say HELLO version 2, so the daemon may send EXPORT and STATE,
-    /// and [`Agent::export`] / [`Agent::import`] carry each session's state. An agent that
-    /// cannot move a session (a running process, as `exec` and `shell`) keeps `false`: the
-    /// daemon then never asks, and moves such sessions only when the operator forces it.
-    ///
-    /// A movable agent whose sessions have no state (the `echo` agent) answers EXPORT with an
-    /// empty state: "HELLO 2 and an empty STATE" is a session that moves as it is.
-    const MOVABLE: bool = false;
-    /// The session is leaving this node (EXPORT): return its state, which reaches the target
-    /// pod's [`Agent::import`]. Output the SDK held for it while the daemon had it paused is
-    /// sent before the state, so none is lost; what the agent sends afterwards is held. The
-    /// move then ends one of two ways: [`Agent::close`] with [`CloseReason::Roamed`] (it lives
-    /// on the other node now: forget it; what was held is dropped), or
-    /// [`Agent::resume_output`] (CONTINUE: the move was called off and the session goes on
-    /// here as if nothing happened). The default (for a movable agent) moves no state.
-    fn export(&mut self, s: SessionId) -> Export {
-        let _ = s;
-        Export::State(Vec::new())
-    }
-    /// The state a session brought from another node, delivered after its REOPEN
-    /// ([`Agent::open`] with `info.reopen`) and before any of its DATA.
-    fn import(&mut self, s: SessionId, state: Vec<u8>, out: &Outbox) {
-        let _ = (s, state, out);
-    }
     /// A session was opened (OPEN) or re-bound to this pod (REOPEN, `info.reopen`) with
     /// nothing of it kept here: start it.
     fn open(&mut self, s: SessionId, info: &OpenInfo, out: &Outbox) {
@@ -207,5 +239,39 @@ pub trait Agent {
     /// on this handler.
     fn link_closed(&mut self, out: &Outbox) {
         let _ = out;
+    }
+    /// Whether this agent's sessions can move to another node (ClawRoam): `true` makes its
+    /// links say HELLO version 2, so the daemon may EXPORT its sessions ([`Agent::export`]) and
+    /// bring sessions in with their state ([`Agent::import`]); `false` (the default) says
+    /// version 1, and the daemon moves its sessions only when the operator forces it (they
+    /// restart on the target).
+    ///
+    /// A property of the type, not of a handler: the SDK sends its HELLO as soon as a link is
+    /// accepted, before the daemon's HELLO arrives and before the factory makes the link's
+    /// handler. An agent that wraps another forwards it (`Inner::movable()`).
+    fn movable() -> bool
+    where
+        Self: Sized,
+    {
+        false
+    }
+    /// The session `s` is leaving this node (EXPORT, after a PAUSE): return its state. The SDK
+    /// sends it and then nothing more for `s` (what is sent for it meanwhile is held). Don't
+    /// end the session here: the move may still be called off (CONTINUE:
+    /// [`Agent::resume_output`], and the session goes on here); it ends with
+    /// [`Agent::close`] and [`CloseReason::Roamed`] once the target holds it. Stop producing
+    /// output for it meanwhile (output held then is lost if the move completes).
+    ///
+    /// The default, [`Export::NotMovable`], answers the empty STATE at once.
+    fn export(&mut self, s: SessionId) -> Export {
+        let _ = s;
+        Export::NotMovable
+    }
+    /// The session `s` moved here from another node: `state` is what the source's
+    /// [`Agent::export`] returned (all of it; possibly empty). Called after [`Agent::open`]
+    /// (with `info.reopen`) or [`Agent::rebind`] for the REOPEN, and before any DATA for `s`:
+    /// restore the session's state from it. The default ignores it.
+    fn import(&mut self, s: SessionId, state: Vec<u8>, out: &Outbox) {
+        let _ = (s, state, out);
     }
 }

@@ -1,6 +1,6 @@
 //! One pod link: the HELLO exchange, the read/dispatch loop, and the [`Outbox`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::input::{INPUT_HARD_LIMIT, INPUT_HIGH};
 use super::orphans::Orphans;
-use super::{Agent, OpenInfo, SessionId, AGENT_NAME};
-use clawterm_core::podlink::codec::VERSION;
+use super::{Agent, Export, OpenInfo, SessionId, AGENT_NAME};
+use clawterm_core::podlink::codec::{VERSION, VERSION_MIGRATE};
 use clawterm_core::podlink::{decode, encode, CloseReason, Decoded, Msg, MAX_BODY};
 
 /// How long the daemon has to send its HELLO after connecting.
@@ -20,6 +21,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_BATCH: usize = 256 * 1024;
 /// Read chunk size.
 const READ_CHUNK: usize = 64 * 1024;
+/// Largest agent state the SDK collects for a session that moves in (the daemon's own limit
+/// for a move is the same); beyond it the session is closed with an error.
+pub const MAX_IMPORT_STATE: usize = 64 << 20;
+/// Output an agent sends for a session after it was exported, held in case the move is called
+/// off; beyond this it is dropped (with a warning), since an exported session should be quiet.
+const EXPORTED_HOLD_LIMIT: usize = 4 << 20;
 
 enum WriterCmd {
     Bytes(Vec<u8>),
@@ -44,12 +51,37 @@ struct Sess {
     input_held_by_output: bool,
     /// What we last told the daemon: PAUSE sent (and no CONTINUE since).
     input_pause_sent: bool,
-    /// STATE chunks arriving after a REOPEN (a session moving in), until the empty STATE.
+    /// Opened by REOPEN, and no DATA delivered since: STATE may follow (a session that moved
+    /// in, POD-LINK.md §8).
+    may_import: bool,
+    /// The STATE chunks received so far, from the first STATE after the REOPEN until the empty
+    /// one (then [`Agent::import`]).
     importing: Option<Vec<u8>>,
+    /// DATA that arrived while `importing`, delivered after the import, and its size.
+    import_queue: VecDeque<Vec<u8>>,
+    import_queued: usize,
+    /// `import_queue` passed [`INPUT_HIGH`]: the session's input is paused until the import.
+    input_held_by_import: bool,
+    /// EXPORT was answered: nothing more goes out for the session (what is sent is held) until
+    /// CONTINUE (the move was called off) or CLOSE (it moved).
+    exported: bool,
 }
 
 impl Sess {
+    /// Output for the session is held, not sent: the daemon PAUSEd it, or it was exported.
+    fn holds(&self) -> bool {
+        self.paused || self.exported
+    }
+
     fn hold(&mut self, buf: Vec<u8>, closing: bool) {
+        if self.exported && !closing && self.held_bytes + buf.len() > EXPORTED_HOLD_LIMIT {
+            tracing::warn!(
+                bytes = buf.len(),
+                "output for a session that was exported (it is moving to another node) is over {} MiB; dropped",
+                EXPORTED_HOLD_LIMIT >> 20
+            );
+            return;
+        }
         self.held_bytes += buf.len();
         self.held.push(buf);
         self.closing = closing;
@@ -61,8 +93,10 @@ impl Sess {
     /// The PAUSE or CONTINUE for this session's input that the daemon must now be sent, if
     /// the wanted state changed (POD-LINK.md §4: pod → daemon PAUSE stops the client's input).
     fn input_flow(&mut self) -> Option<Msg<'static>> {
-        let want = self.input_held_by_agent || self.input_held_by_output;
-        if self.closing || want == self.input_pause_sent {
+        let want =
+            self.input_held_by_agent || self.input_held_by_output || self.input_held_by_import;
+        // Nothing goes out for an exported session (the daemon holds its input anyway).
+        if self.closing || self.exported || want == self.input_pause_sent {
             return None;
         }
         self.input_pause_sent = want;
@@ -252,7 +286,7 @@ impl Outbox {
         if sess.closing {
             return Ok(());
         }
-        if sess.paused {
+        if sess.holds() {
             sess.hold(buf, closing);
             self.shared.input_flow(&mut st, s);
             return Ok(());
@@ -278,7 +312,7 @@ impl Outbox {
         if st.sessions.get(&s).is_none_or(|x| x.closing) {
             return Ok(());
         }
-        if st.sessions.get(&s).is_some_and(|x| x.paused) {
+        if st.sessions.get(&s).is_some_and(|x| x.holds()) {
             if let Some(sess) = st.sessions.get_mut(&s) {
                 sess.hold(buf, closing);
             }
@@ -310,7 +344,10 @@ impl Outbox {
                 && st.batching.is_some()
                 && st.batching == Some(std::thread::current().id())
                 && st.batch.len() < BATCH_LIMIT
-                && st.sessions.get(&s).is_some_and(|x| !x.paused && !x.closing);
+                && st
+                    .sessions
+                    .get(&s)
+                    .is_some_and(|x| !x.holds() && !x.closing);
             if sendable {
                 encode(&mut st.batch, s, &Msg::Data(bytes));
                 return Ok(());
@@ -377,18 +414,19 @@ impl Outbox {
         st.link_open && st.sessions.get(&s).is_some_and(|x| !x.closing)
     }
 
-    /// Whether the daemon has paused `s` (PAUSE without CONTINUE yet).
+    /// Whether the daemon has paused `s` (PAUSE without CONTINUE yet), or `s` was exported
+    /// (it is moving to another node): DATA sent for it now is held.
     pub fn is_paused(&self, s: SessionId) -> bool {
         self.shared
             .lock()
             .sessions
             .get(&s)
-            .is_some_and(|x| x.paused)
+            .is_some_and(|x| x.holds())
     }
 
-    /// Blocks while the daemon has `s` paused. Returns `true` when DATA may be sent, `false`
-    /// once the session or the link is closed. For producer threads (back-pressure): call it
-    /// before producing each chunk of output. Never call it from an [`Agent`] method (the
+    /// Blocks while the daemon has `s` paused (or `s` was exported and its move is not over).
+    /// Returns `true` when DATA may be sent, `false` once the session or the link is closed.
+    /// For producer threads (back-pressure): call it before producing each chunk of output. Never call it from an [`Agent`] method (the
     /// CONTINUE that ends the wait is delivered on that same thread).
     pub fn wait_sendable(&self, s: SessionId) -> bool {
         let mut st = self.shared.lock();
@@ -399,7 +437,7 @@ impl Outbox {
             match st.sessions.get(&s) {
                 None => return false,
                 Some(x) if x.closing => return false,
-                Some(x) if !x.paused => return true,
+                Some(x) if !x.holds() => return true,
                 Some(_) => {}
             }
             st = self.shared.cond.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -459,10 +497,11 @@ enum End {
     Protocol(String),
 }
 
-/// Serves one link on the calling thread until it ends: sends our HELLO, expects the daemon's
-/// HELLO first, then dispatches every message to `agent`. Protocol errors (malformed input, a
-/// first message that isn't HELLO, a HELLO of another version) close the link with a warning
-/// and return `Err` of kind `InvalidData`; EOF returns `Ok(())`.
+/// Serves one link on the calling thread until it ends: sends our HELLO (version 2 if
+/// [`Agent::movable`], else 1), expects the daemon's HELLO (version 1 or 2) first, then
+/// dispatches every message to `agent`. Protocol errors (malformed input, a first message that
+/// isn't HELLO, a HELLO of another version) close the link with a warning and return `Err` of
+/// kind `InvalidData`; EOF returns `Ok(())`.
 ///
 /// [`AgentListener::serve`](super::AgentListener::serve) runs this on one thread per link; use
 /// it directly for a custom accept loop or a test over `UnixStream::pair()`. A link served this
@@ -507,11 +546,7 @@ pub(crate) fn serve_link_with<A: Agent>(
         &mut hello,
         0,
         &Msg::Hello {
-            version: if A::MOVABLE {
-                clawterm_core::podlink::codec::VERSION_MIGRATE
-            } else {
-                VERSION
-            },
+            version: hello_version::<A>(),
             name: AGENT_NAME,
         },
     );
@@ -572,6 +607,16 @@ pub(crate) fn serve_link_with<A: Agent>(
     }
 }
 
+/// The version our HELLO says: 2 for an agent that can move sessions, else 1 (see the crate
+/// docs, "Moving sessions").
+fn hello_version<A: Agent>() -> u8 {
+    if A::movable() {
+        VERSION_MIGRATE
+    } else {
+        VERSION
+    }
+}
+
 fn read_loop<A: Agent>(
     mut stream: &UnixStream,
     make: impl FnOnce() -> A,
@@ -607,8 +652,7 @@ fn read_loop<A: Agent>(
                     if !hello_seen {
                         match msg {
                             Msg::Hello { version, .. }
-                                if (VERSION..=clawterm_core::podlink::codec::VERSION_MIGRATE)
-                                    .contains(&version) =>
+                                if (VERSION..=VERSION_MIGRATE).contains(&version) =>
                             {
                                 hello_seen = true;
                                 if let Some(make) = make.take() {
@@ -620,7 +664,7 @@ fn read_loop<A: Agent>(
                             }
                             Msg::Hello { version, .. } => {
                                 return End::Protocol(format!(
-                                    "daemon speaks pod-link version {version}, we speak {VERSION}"
+                                    "daemon speaks pod-link version {version}, we speak {VERSION} and {VERSION_MIGRATE}"
                                 ));
                             }
                             other => {
@@ -692,7 +736,13 @@ fn dispatch<A: Agent>(
                     );
                     return;
                 }
-                st.sessions.insert(s, Sess::default());
+                st.sessions.insert(
+                    s,
+                    Sess {
+                        may_import: reopen,
+                        ..Sess::default()
+                    },
+                );
             }
             let info = OpenInfo {
                 tenant: o.tenant,
@@ -730,9 +780,19 @@ fn dispatch<A: Agent>(
             }
         }
         Msg::Data(b) => {
-            if live(&shared.lock()) {
-                agent.data(s, b, out);
+            {
+                let mut st = shared.lock();
+                let Some(x) = st.sessions.get_mut(&s).filter(|x| !x.closing) else {
+                    return;
+                };
+                if x.importing.is_some() {
+                    queue_for_import(shared, &mut st, s, b);
+                    return;
+                }
+                // Input came first: a plain REOPEN, no state follows.
+                x.may_import = false;
             }
+            agent.data(s, b, out);
         }
         Msg::Resize { cols, rows } => {
             if live(&shared.lock()) {
@@ -771,6 +831,8 @@ fn dispatch<A: Agent>(
                     return;
                 };
                 x.paused = false;
+                // After an EXPORT: the move was called off, the session goes on here.
+                x.exported = false;
                 x.held_bytes = 0;
                 x.input_held_by_output = false;
                 let closing = x.closing;
@@ -796,63 +858,8 @@ fn dispatch<A: Agent>(
                 agent.close(s, reason, out);
             }
         }
-        Msg::Export => {
-            // ClawRoam: the session leaves this pod. What was held while paused goes first,
-            // then the state and the empty STATE, and nothing more for it.
-            let live_now = live(&shared.lock());
-            if !live_now {
-                return;
-            }
-            let state = if A::MOVABLE {
-                agent.export(s)
-            } else {
-                crate::Export::NotMovable
-            };
-            // The session stays (paused: what the agent sends meanwhile is held) until CLOSE
-            // reason 5 (it moved: forgotten, dropping what was held) or CONTINUE (the move was
-            // called off: it goes on here as if nothing happened).
-            let mut st = shared.lock();
-            let held = match st.sessions.get_mut(&s) {
-                Some(x) => {
-                    x.paused = true;
-                    x.held_bytes = 0;
-                    std::mem::take(&mut x.held)
-                }
-                None => Vec::new(),
-            };
-            for m in held {
-                let _ = shared.enqueue(&mut st, m);
-            }
-            let mut buf = Vec::new();
-            if let crate::Export::State(bytes) = &state {
-                for chunk in bytes.chunks(MAX_BODY) {
-                    encode(&mut buf, s, &Msg::State(chunk));
-                }
-            }
-            encode(&mut buf, s, &Msg::State(&[]));
-            let _ = shared.enqueue(&mut st, buf);
-            drop(st);
-            shared.cond.notify_all();
-        }
-        Msg::State(chunk) => {
-            // A session moving in: its state follows its REOPEN, ending with an empty STATE.
-            let done = {
-                let mut st = shared.lock();
-                let Some(x) = st.sessions.get_mut(&s) else {
-                    return;
-                };
-                let buf = x.importing.get_or_insert_with(Vec::new);
-                if chunk.is_empty() {
-                    x.importing.take()
-                } else {
-                    buf.extend_from_slice(chunk);
-                    None
-                }
-            };
-            if let Some(state) = done {
-                agent.import(s, state, out);
-            }
-        }
+        Msg::Export => export(agent, out, s),
+        Msg::State(chunk) => import(agent, out, s, chunk),
         Msg::Hello { .. } => tracing::warn!("HELLO in the middle of a pod link; ignored"),
         Msg::Unknown { ty, body } => {
             tracing::debug!(
@@ -862,6 +869,160 @@ fn dispatch<A: Agent>(
                 "unknown pod-link message; ignored"
             )
         }
+    }
+}
+
+/// DATA for a session whose state is still arriving (STATE chunks after its REOPEN): it waits
+/// for the import. Past [`INPUT_HIGH`] the session's input is paused (pod → daemon) until the
+/// import; past [`INPUT_HARD_LIMIT`] (a daemon that ignores the PAUSE) it is dropped.
+fn queue_for_import(shared: &Shared, st: &mut State, s: SessionId, b: &[u8]) {
+    let Some(x) = st.sessions.get_mut(&s) else {
+        return;
+    };
+    if x.import_queued + b.len() > INPUT_HARD_LIMIT {
+        tracing::warn!(
+            session = s,
+            bytes = b.len(),
+            "input for a session whose state is still arriving is over {} MiB; dropped",
+            INPUT_HARD_LIMIT >> 20
+        );
+        return;
+    }
+    x.import_queued += b.len();
+    x.import_queue.push_back(b.to_vec());
+    if x.import_queued > INPUT_HIGH && !x.input_held_by_import {
+        x.input_held_by_import = true;
+        shared.input_flow(st, s);
+    }
+}
+
+/// EXPORT (POD-LINK.md §8): what was held for the session goes out (it moves with the session's
+/// replay ring), then the agent's state as STATE chunks and the empty STATE; from then on
+/// nothing goes out for the session until CONTINUE (the move was called off) or CLOSE.
+fn export<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId) {
+    let shared = &out.shared;
+    let importing = {
+        let mut st = shared.lock();
+        let Some(x) = st.sessions.get_mut(&s) else {
+            tracing::debug!(session = s, "EXPORT for a session not open here; ignored");
+            return;
+        };
+        if x.exported {
+            tracing::debug!(
+                session = s,
+                "EXPORT for a session already exported; ignored"
+            );
+            return;
+        }
+        let held = std::mem::take(&mut x.held);
+        x.held_bytes = 0;
+        x.input_held_by_output = false;
+        if x.closing {
+            // The agent closed it while it was paused: its last output and CLOSE go out now,
+            // and there is no session left to move.
+            st.sessions.remove(&s);
+            for m in held {
+                let _ = shared.enqueue(&mut st, m);
+            }
+            drop(st);
+            shared.cond.notify_all();
+            return;
+        }
+        x.exported = true;
+        x.may_import = false;
+        let importing = x.importing.take().is_some();
+        x.import_queue.clear();
+        x.import_queued = 0;
+        x.input_held_by_import = false;
+        for m in held {
+            let _ = shared.enqueue(&mut st, m);
+        }
+        importing
+    };
+    let state = if importing {
+        // Its own state had not all arrived: there is nothing whole to hand on.
+        tracing::warn!(
+            session = s,
+            "EXPORT of a session whose state is still arriving; answered as not movable"
+        );
+        Export::NotMovable
+    } else {
+        agent.export(s)
+    };
+    let state = match state {
+        Export::State(v) => v,
+        Export::NotMovable => Vec::new(),
+    };
+    let mut buf = Vec::with_capacity(state.len() + 9 * (2 + state.len() / MAX_BODY));
+    for chunk in state.chunks(MAX_BODY) {
+        encode(&mut buf, s, &Msg::State(chunk));
+    }
+    encode(&mut buf, s, &Msg::State(&[]));
+    let mut st = shared.lock();
+    if st.sessions.contains_key(&s) {
+        let _ = shared.enqueue(&mut st, buf);
+    }
+}
+
+/// STATE from the daemon: a chunk of the state of a session that moved in (after its REOPEN);
+/// the empty one ends it, and the agent imports it before the DATA that waited meanwhile.
+fn import<A: Agent>(agent: &mut A, out: &Outbox, s: SessionId, chunk: &[u8]) {
+    let shared = &out.shared;
+    let (state, queued) = {
+        let mut st = shared.lock();
+        let Some(x) = st
+            .sessions
+            .get_mut(&s)
+            .filter(|x| x.may_import && !x.closing)
+        else {
+            tracing::debug!(
+                session = s,
+                len = chunk.len(),
+                "STATE for a session that is not moving in; ignored"
+            );
+            return;
+        };
+        if !chunk.is_empty() {
+            let have = x.importing.as_ref().map_or(0, Vec::len);
+            if have + chunk.len() <= MAX_IMPORT_STATE {
+                x.importing
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(chunk);
+                return;
+            }
+            tracing::warn!(
+                session = s,
+                "the state of a session moving in is over {} MiB; closing the session",
+                MAX_IMPORT_STATE >> 20
+            );
+            x.importing = None;
+            x.may_import = false;
+            x.import_queue.clear();
+            x.import_queued = 0;
+            drop(st);
+            let _ = out.close(s, CloseReason::Error);
+            agent.close(s, CloseReason::Error, out);
+            return;
+        }
+        x.may_import = false;
+        x.import_queued = 0;
+        (
+            x.importing.take().unwrap_or_default(),
+            std::mem::take(&mut x.import_queue),
+        )
+    };
+    agent.import(s, state, out);
+    for d in queued {
+        let live = shared.lock().sessions.get(&s).is_some_and(|x| !x.closing);
+        if !live {
+            break;
+        }
+        agent.data(s, &d, out);
+    }
+    let mut st = shared.lock();
+    if let Some(x) = st.sessions.get_mut(&s) {
+        x.input_held_by_import = false;
+        shared.input_flow(&mut st, s);
     }
 }
 
@@ -1066,5 +1227,364 @@ mod tests {
         }
         drop(d);
         h.join().unwrap().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    //! Moving sessions (POD-LINK.md §8) over real Unix sockets to an [`AgentListener`]: the
+    //! HELLO versions, EXPORT on the source (state, then nothing more; CLOSE 5 or CONTINUE
+    //! after it) and REOPEN + STATE on the target (the import before the first DATA).
+    use super::*;
+    use crate::testutil::*;
+    use crate::{EchoAgent, ExecAgent, ShellAgent};
+    use std::sync::Arc;
+
+    /// The type codes of what `d` got for `sid` after the `n`th message it got, in order.
+    fn after(d: &Daemon, sid: u32, n: usize) -> Vec<u8> {
+        d.seen[n..]
+            .iter()
+            .filter(|(s, _)| *s == sid)
+            .map(|&(_, t)| t)
+            .collect()
+    }
+
+    /// Where the empty STATE of `sid` is in what `d` got.
+    fn end_of_state(d: &Daemon, sid: u32) -> usize {
+        let ends: Vec<usize> = d
+            .seen
+            .iter()
+            .enumerate()
+            .filter(|(_, &(s, t))| s == sid && t == 0x51)
+            .map(|(i, _)| i)
+            .collect();
+        *ends.last().expect("a STATE")
+    }
+
+    #[test]
+    fn echo_says_hello_2_and_exports_an_empty_state_then_nothing_more() {
+        let _g = serial();
+        let pod = Pod::start(Duration::ZERO, || EchoAgent);
+        let mut d = pod.connect();
+        assert_eq!(d.wait_hello(), 2, "echo can move its sessions");
+        d.open(3);
+        d.open(4);
+        d.input(3, "hi");
+        d.wait_for(3, "hi");
+        d.send(3, &Msg::Pause);
+        d.send(3, &Msg::Export);
+        assert_eq!(d.wait_state(3), Vec::<Vec<u8>>::new(), "one empty STATE");
+        let end = end_of_state(&d, 3);
+        // Input after the EXPORT (a daemon would hold it) is echoed into the void, and the
+        // PAUSE the SDK would send for the input once the held output passed its threshold
+        // is not sent either.
+        d.input(3, "late");
+        d.send(3, &Msg::Data(&vec![b'x'; HELD_INPUT_PAUSE + 1]));
+        d.input(4, "probe");
+        d.wait_for(4, "probe");
+        // The move completes.
+        d.send(3, &Msg::Close(CloseReason::Roamed));
+        d.input(4, " probe-2");
+        d.wait_for(4, "probe-2");
+        assert_eq!(
+            after(&d, 3, end + 1),
+            Vec::<u8>::new(),
+            "nothing after the STATE"
+        );
+        assert_eq!(d.text(3), "hi");
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn echoes_held_by_the_pause_go_out_before_the_state() {
+        let _g = serial();
+        let pod = Pod::start(Duration::ZERO, || EchoAgent);
+        let mut d = pod.connect();
+        d.open(3);
+        d.open(4);
+        d.send(3, &Msg::Pause);
+        d.input(3, "held");
+        d.input(4, "probe");
+        d.wait_for(4, "probe");
+        assert_eq!(d.text(3), "", "held while paused");
+        d.send(3, &Msg::Export);
+        d.wait_state(3);
+        assert_eq!(d.text(3), "held");
+        assert_eq!(after(&d, 3, 0), [0x10, 0x51], "DATA, then the empty STATE");
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn a_called_off_move_goes_on_as_if_nothing_had_happened() {
+        let _g = serial();
+        let pod = Pod::start(Duration::ZERO, || EchoAgent);
+        let mut d = pod.connect();
+        d.open(3);
+        d.input(3, "a ");
+        d.wait_for(3, "a ");
+        d.send(3, &Msg::Pause);
+        d.send(3, &Msg::Export);
+        d.wait_state(3);
+        d.input(3, "b ");
+        d.open(4);
+        d.input(4, "probe");
+        d.wait_for(4, "probe");
+        assert_eq!(d.text(3), "a ", "held after the EXPORT");
+        d.send(3, &Msg::Continue);
+        d.input(3, "c");
+        d.wait_for(3, "c");
+        assert_eq!(d.text(3), "a b c");
+        d.end();
+        pod.stop();
+    }
+
+    /// What [`Soul`] was told, in order.
+    type Events = Arc<Mutex<Vec<String>>>;
+
+    /// A movable agent whose state is what each session sent; it answers each input with the
+    /// length of that state.
+    struct Soul {
+        logs: HashMap<SessionId, Vec<u8>>,
+        events: Events,
+    }
+
+    impl Soul {
+        fn note(&self, e: String) {
+            self.events.lock().unwrap().push(e);
+        }
+    }
+
+    impl Agent for Soul {
+        fn movable() -> bool {
+            true
+        }
+        fn open(&mut self, s: SessionId, info: &OpenInfo, _out: &Outbox) {
+            self.logs.insert(s, Vec::new());
+            self.note(format!("open {s} reopen={}", info.reopen));
+        }
+        fn data(&mut self, s: SessionId, bytes: &[u8], out: &Outbox) {
+            let log = self.logs.entry(s).or_default();
+            log.extend_from_slice(bytes);
+            let n = log.len();
+            if bytes.len() < 100 {
+                self.note(format!("data {s} {}", String::from_utf8_lossy(bytes)));
+            }
+            let _ = out.data(s, format!("<{n}>").as_bytes());
+        }
+        fn export(&mut self, s: SessionId) -> Export {
+            self.note(format!("export {s}"));
+            Export::State(self.logs.get(&s).cloned().unwrap_or_default())
+        }
+        fn import(&mut self, s: SessionId, state: Vec<u8>, _out: &Outbox) {
+            if state.len() < 100 {
+                self.note(format!("import {s} {}", String::from_utf8_lossy(&state)));
+            } else {
+                self.note(format!("import {s} {} bytes", state.len()));
+            }
+            self.logs.insert(s, state);
+        }
+        fn close(&mut self, s: SessionId, reason: CloseReason, _out: &Outbox) {
+            self.logs.remove(&s);
+            self.note(format!("close {s} {}", reason.name()));
+        }
+        fn resume_output(&mut self, s: SessionId, _out: &Outbox) {
+            self.note(format!("continue {s}"));
+        }
+    }
+
+    fn soul_pod() -> (Pod, Events) {
+        let events = Events::default();
+        let e = Arc::clone(&events);
+        let pod = Pod::start(Duration::ZERO, move || Soul {
+            logs: HashMap::new(),
+            events: Arc::clone(&e),
+        });
+        (pod, events)
+    }
+
+    fn events(e: &Events) -> Vec<String> {
+        e.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_session_moving_in_is_imported_before_its_first_data() {
+        let _g = serial();
+        let (pod, ev) = soul_pod();
+        let mut d = pod.connect();
+        assert_eq!(d.wait_hello(), 2);
+        d.reopen(5);
+        d.send(5, &Msg::Detached); // as the daemon does for a suspended session
+        d.send(5, &Msg::State(b"ab"));
+        d.input(5, "x"); // early: waits for the import
+        d.send(5, &Msg::State(b"c"));
+        d.send(5, &Msg::State(b""));
+        d.input(5, "y");
+        d.wait_for(5, "<5>");
+        assert_eq!(d.text(5), "<4><5>", "the state, then x, then y");
+        assert_eq!(
+            events(&ev),
+            ["open 5 reopen=true", "import 5 abc", "data 5 x", "data 5 y"]
+        );
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn a_plain_reopen_gets_no_import_and_a_stray_state_is_ignored() {
+        let _g = serial();
+        let (pod, ev) = soul_pod();
+        let mut d = pod.connect();
+        d.reopen(6);
+        d.input(6, "x");
+        d.send(6, &Msg::State(b"zz")); // after DATA: not a move
+        d.send(6, &Msg::State(b""));
+        d.open(7);
+        d.send(7, &Msg::State(b"q")); // after OPEN: not a move
+        d.send(7, &Msg::State(b""));
+        d.send(8, &Msg::State(b"")); // no such session
+        d.input(6, "y");
+        d.input(7, "z");
+        d.wait_for(7, "<1>");
+        d.wait_for(6, "<2>");
+        assert_eq!(
+            events(&ev),
+            [
+                "open 6 reopen=true",
+                "data 6 x",
+                "open 7 reopen=false",
+                "data 6 y",
+                "data 7 z"
+            ]
+        );
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn a_big_state_moves_in_chunks_of_1_mib_and_close_5_reaches_the_agent() {
+        let _g = serial();
+        let (pod, ev) = soul_pod();
+        let mut src = pod.connect();
+        src.open(9);
+        let big = vec![b's'; 900 * 1024];
+        for _ in 0..3 {
+            src.send(9, &Msg::Data(&big));
+        }
+        let total = 3 * big.len();
+        src.wait_for(9, &format!("<{total}>"));
+        src.send(9, &Msg::Pause);
+        src.send(9, &Msg::Export);
+        let chunks = src.wait_state(9);
+        let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_BODY, MAX_BODY, total - 2 * MAX_BODY]);
+        // The target: another link (another daemon's, in real life).
+        let mut dst = pod.connect();
+        dst.reopen(10);
+        for c in &chunks {
+            dst.send(10, &Msg::State(c));
+        }
+        dst.send(10, &Msg::State(b""));
+        dst.input(10, "!");
+        dst.wait_for(10, &format!("<{}>", total + 1));
+        src.send(9, &Msg::Close(CloseReason::Roamed));
+        src.open(11);
+        src.input(11, "probe");
+        src.wait_for(11, "<5>");
+        let e = events(&ev);
+        assert!(e.contains(&"export 9".to_owned()), "{e:?}");
+        assert!(e.contains(&format!("import 10 {total} bytes")), "{e:?}");
+        assert!(e.contains(&"close 9 roamed".to_owned()), "{e:?}");
+        assert!(
+            !e.iter().any(|x| x.starts_with("continue 9")),
+            "no CONTINUE for a session that moved: {e:?}"
+        );
+        src.end();
+        dst.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn input_waiting_for_the_import_is_paused_past_its_threshold_and_then_delivered() {
+        let _g = serial();
+        let (pod, ev) = soul_pod();
+        let mut d = pod.connect();
+        d.reopen(5);
+        d.send(5, &Msg::State(b"st"));
+        let chunk = vec![b'i'; 64 * 1024];
+        let n = crate::INPUT_HIGH / chunk.len() + 1;
+        for _ in 0..n {
+            d.send(5, &Msg::Data(&chunk));
+        }
+        wait_until("an input PAUSE", || {
+            d.pump(Duration::from_millis(10));
+            d.input_pauses.get(&5) == Some(&1)
+        });
+        assert_eq!(d.text(5), "", "nothing delivered before the import");
+        d.send(5, &Msg::State(b""));
+        let total = 2 + n * chunk.len();
+        d.wait_for(5, &format!("<{total}>"));
+        wait_until("the input CONTINUE", || {
+            d.pump(Duration::from_millis(10));
+            d.seen.last() == Some(&(5, 0x41))
+        });
+        assert_eq!(events(&ev)[..2], ["open 5 reopen=true", "import 5 st"]);
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn a_state_over_the_limit_closes_the_session_not_the_link() {
+        let _g = serial();
+        let (pod, ev) = soul_pod();
+        let mut d = pod.connect();
+        d.reopen(5);
+        let chunk = vec![0u8; MAX_BODY];
+        for _ in 0..MAX_IMPORT_STATE / MAX_BODY {
+            d.send(5, &Msg::State(&chunk));
+        }
+        d.send(5, &Msg::State(b"!"));
+        assert_eq!(d.wait_close(5), CloseReason::Error);
+        d.open(6);
+        d.input(6, "alive");
+        d.wait_for(6, "<5>");
+        assert!(events(&ev).contains(&"close 5 error".to_owned()));
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn exec_and_shell_say_hello_1() {
+        let _g = serial();
+        let argv = Arc::new(vec![std::ffi::OsString::from("cat")]);
+        let pod = Pod::start(Duration::ZERO, move || ExecAgent::new(Arc::clone(&argv)));
+        let mut d = pod.connect();
+        assert_eq!(d.wait_hello(), 1, "exec cannot move a running process");
+        d.end();
+        pod.stop();
+        let shell = Arc::new(crate::shell_path(None));
+        let pod = Pod::start(Duration::ZERO, move || ShellAgent::new(Arc::clone(&shell)));
+        let mut d = pod.connect();
+        assert_eq!(d.wait_hello(), 1, "shell cannot move a running process");
+        d.end();
+        pod.stop();
+    }
+
+    #[test]
+    fn a_non_movable_agent_answers_export_with_an_empty_state_at_once() {
+        let _g = serial();
+        let argv = Arc::new(vec![std::ffi::OsString::from("cat")]);
+        let pod = Pod::start(Duration::ZERO, move || ExecAgent::new(Arc::clone(&argv)));
+        let mut d = pod.connect();
+        d.open(3);
+        d.input(3, "before\n");
+        d.wait_for(3, "before");
+        d.send(3, &Msg::Pause);
+        d.send(3, &Msg::Export);
+        assert_eq!(d.wait_state(3), Vec::<Vec<u8>>::new());
+        d.send(3, &Msg::Close(CloseReason::Roamed));
+        d.end();
+        pod.stop();
     }
 }

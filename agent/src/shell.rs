@@ -36,6 +36,11 @@ pub fn shell_path(arg: Option<PathBuf>) -> PathBuf {
 }
 
 /// `shell`: a login shell in a PTY per session.
+///
+/// Its sessions cannot move to another node (ClawRoam): a running process cannot be put into
+/// STATE, so its links keep HELLO version 1 ([`Agent::movable`](crate::Agent::movable) is
+/// `false`) and a move happens only when the operator forces it, restarting the program on the
+/// target. See the crate docs, "Empty state, and cannot export".
 pub struct ShellAgent {
     shell: Arc<PathBuf>,
     /// The link's event loop and each session's place in it.

@@ -3,7 +3,7 @@
 //! Tests that use them take [`serial`].
 
 use crate::{serve_link, Agent, AgentListener, CloseReason};
-use clawterm_core::podlink::codec::VERSION;
+use clawterm_core::podlink::codec::VERSION_MIGRATE;
 use clawterm_core::podlink::{decode, encode, Decoded, Msg, Open};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -24,6 +24,12 @@ pub(crate) struct Daemon {
     pub(crate) input_pauses: HashMap<u32, usize>,
     /// Output that arrived for a session after its CLOSE.
     pub(crate) after_close: usize,
+    /// The version of the agent's HELLO, once it arrived.
+    pub(crate) hello: Option<u8>,
+    /// STATE bodies the agent sent, per session, in order (the empty one included).
+    pub(crate) states: HashMap<u32, Vec<Vec<u8>>>,
+    /// Every message the agent sent: (SESSION_ID, type code), in order.
+    pub(crate) seen: Vec<(u32, u8)>,
     pub(crate) link: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -48,12 +54,16 @@ impl Daemon {
             closed: HashMap::new(),
             input_pauses: HashMap::new(),
             after_close: 0,
+            hello: None,
+            states: HashMap::new(),
+            seen: Vec::new(),
             link,
         };
+        // As clawtermd does: version 2 (the link tests in `link.rs` speak 1).
         d.send(
             0,
             &Msg::Hello {
-                version: VERSION,
+                version: VERSION_MIGRATE,
                 name: "test",
             },
         );
@@ -149,7 +159,10 @@ impl Daemon {
         }) = decode(&self.buf[at..])
         {
             at += used;
+            self.seen.push((session_id, msg.ty().code()));
             match msg {
+                Msg::Hello { version, .. } => self.hello = Some(version),
+                Msg::State(b) => self.states.entry(session_id).or_default().push(b.to_vec()),
                 Msg::Data(b) => {
                     if self.closed.contains_key(&session_id) {
                         self.after_close += 1;
@@ -179,6 +192,32 @@ impl Daemon {
                 "session {sid}: no {needle:?} in {:?}",
                 self.text(sid)
             );
+            self.pump(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the agent's HELLO; its version.
+    pub(crate) fn wait_hello(&mut self) -> u8 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(v) = self.hello {
+                return v;
+            }
+            assert!(t0.elapsed() < T, "no HELLO from the agent");
+            self.pump(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the empty STATE that ends `sid`'s exported state; the STATE bodies before it.
+    pub(crate) fn wait_state(&mut self, sid: u32) -> Vec<Vec<u8>> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(v) = self.states.get(&sid) {
+                if v.last().is_some_and(|b| b.is_empty()) {
+                    return v[..v.len() - 1].to_vec();
+                }
+            }
+            assert!(t0.elapsed() < T, "session {sid}: no empty STATE");
             self.pump(Duration::from_millis(50));
         }
     }

@@ -44,7 +44,9 @@ fn check_msg(wire: &[u8], session_id: u32, msg: &Msg<'_>) {
     assert_eq!(msg.ty().code(), wire[4]);
     let body = &wire[HEADER_LEN..];
     let lenient = match msg {
-        Msg::Detached | Msg::Attached | Msg::Pause | Msg::Continue => !body.is_empty(),
+        Msg::Detached | Msg::Attached | Msg::Pause | Msg::Continue | Msg::Export => {
+            !body.is_empty()
+        }
         Msg::Close(_) => body.len() != 1,
         _ => false,
     };

@@ -6,12 +6,14 @@ pub const HEADER_LEN: usize = 9;
 /// Largest body a message may carry.
 pub const MAX_BODY: usize = 1 << 20;
 
-/// Pod-link protocol version of the base protocol (sections 1–6 of POD-LINK.md).
+/// Pod-link protocol version 1: the base protocol (POD-LINK.md §§2–5). A pod that says 1 in
+/// its HELLO never receives EXPORT or STATE.
 pub const VERSION: u8 = 1;
 
-/// HELLO version of a side that understands EXPORT and STATE (POD-LINK.md §7): the daemon
-/// speaks it and accepts pods of version 1 or 2; a version-1 pod never receives EXPORT or
-/// STATE.
+/// Pod-link protocol version 2: the base protocol plus session migration (ClawRoam,
+/// POD-LINK.md §8: EXPORT, STATE and CLOSE reason 5). A pod says 2 in its HELLO when it can move
+/// sessions. `clawtermd` says 2 in its HELLO and accepts pods that say 1 or 2 (it sends EXPORT
+/// only to a pod that said 2); the agent SDK accepts a daemon that says 1 or 2.
 pub const VERSION_MIGRATE: u8 = 2;
 
 /// Message types (POD-LINK.md §3).
@@ -39,7 +41,7 @@ pub enum MsgType {
     Continue,
     /// `0x50` EXPORT (daemon → pod): the session is leaving this node; send its state.
     Export,
-    /// `0x51` STATE (both directions): a chunk of the session's agent state; empty ends it.
+    /// `0x51` STATE (both directions): a chunk of the session's opaque agent state.
     State,
     /// A type code this version does not know.
     Unknown(u8),
@@ -117,7 +119,7 @@ pub enum CloseReason {
     Error,
     /// 4: refused.
     Refused,
-    /// 5: the session roamed to another node (ClawRoam).
+    /// 5: the session roamed to another node (POD-LINK.md §8); the pod forgets it.
     Roamed,
     /// A reason code this version does not know.
     Other(u8),
@@ -147,6 +149,19 @@ impl CloseReason {
             4 => CloseReason::Refused,
             5 => CloseReason::Roamed,
             c => CloseReason::Other(c),
+        }
+    }
+
+    /// A short name for logs (`other` for codes this version does not know).
+    pub const fn name(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::ClientDisconnect => "client disconnect",
+            CloseReason::SuspendExpired => "suspend TTL expired",
+            CloseReason::Error => "error",
+            CloseReason::Refused => "refused",
+            CloseReason::Roamed => "roamed",
+            CloseReason::Other(_) => "other",
         }
     }
 }
@@ -197,9 +212,12 @@ pub enum Msg<'a> {
     Pause,
     /// CONTINUE: sending may resume.
     Continue,
-    /// EXPORT: the session is leaving this node; the pod answers with its state.
+    /// EXPORT (pod-link version 2): the session is leaving this node; the pod answers with its
+    /// state as [`Msg::State`] chunks ending with an empty one, then sends nothing more for it.
+    /// The body is empty (a body is ignored, as for PAUSE and CONTINUE).
     Export,
-    /// STATE: a chunk of the session's agent state (≤ 1 MiB); an empty one ends the state.
+    /// STATE (pod-link version 2): a chunk (at most [`MAX_BODY`] bytes) of the session's opaque
+    /// agent state; an empty one ends the state.
     State(&'a [u8]),
     /// A type this version does not know: receivers ignore it.
     Unknown {
@@ -336,12 +354,8 @@ pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, DecodeError> {
         },
         MsgType::Pause => Msg::Pause,
         MsgType::Continue => Msg::Continue,
-        MsgType::Export => {
-            if !body.is_empty() {
-                return Err(bad(ty, body.len(), "must be empty"));
-            }
-            Msg::Export
-        }
+        // Like PAUSE and CONTINUE, a body on EXPORT is ignored (a later version may add one).
+        MsgType::Export => Msg::Export,
         MsgType::State => Msg::State(body),
         MsgType::Unknown(ty) => Msg::Unknown { ty, body },
     };
@@ -355,7 +369,7 @@ pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, DecodeError> {
 /// Appends `msg` for `session_id` to `out`.
 ///
 /// # Panics
-/// If a DATA body is over [`MAX_BODY`] (split it first).
+/// If a DATA or STATE body is over [`MAX_BODY`] (split it first).
 pub fn encode(out: &mut Vec<u8>, session_id: u32, msg: &Msg<'_>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; 4]);
@@ -423,10 +437,14 @@ mod tests {
             Msg::Close(CloseReason::Refused),
             Msg::Pause,
             Msg::Continue,
-            Msg::Export,
-            Msg::State(b"log"),
-            Msg::State(b""),
             Msg::Close(CloseReason::Roamed),
+            Msg::Hello {
+                version: VERSION_MIGRATE,
+                name: "",
+            },
+            Msg::Export,
+            Msg::State(b"soul"),
+            Msg::State(b""),
             Msg::Unknown {
                 ty: 0x77,
                 body: b"zz",
@@ -446,5 +464,73 @@ mod tests {
                 d => panic!("{d:?}"),
             }
         }
+    }
+
+    #[test]
+    fn migration_codes_are_the_contracts() {
+        assert_eq!(MsgType::Export.code(), 0x50);
+        assert_eq!(MsgType::State.code(), 0x51);
+        assert_eq!(MsgType::from_code(0x50), MsgType::Export);
+        assert_eq!(MsgType::from_code(0x51), MsgType::State);
+        assert_eq!(MsgType::Export.name(), "EXPORT");
+        assert_eq!(MsgType::State.name(), "STATE");
+        assert_eq!(CloseReason::Roamed.code(), 5);
+        assert_eq!(CloseReason::from_code(5), CloseReason::Roamed);
+        assert_eq!(CloseReason::Roamed.name(), "roamed");
+        assert_eq!(CloseReason::from_code(6), CloseReason::Other(6));
+        assert_eq!((VERSION, VERSION_MIGRATE), (1, 2));
+    }
+
+    fn one(buf: &[u8]) -> (u32, Msg<'_>, usize) {
+        match decode(buf).unwrap() {
+            Decoded::Msg {
+                session_id,
+                msg,
+                used,
+            } => (session_id, msg, used),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn export_and_state_on_the_wire() {
+        let mut v = Vec::new();
+        encode(&mut v, 7, &Msg::Export);
+        assert_eq!(v, [0, 0, 0, 5, 0x50, 0, 0, 0, 7]);
+        v.clear();
+        encode(&mut v, 7, &Msg::State(b""));
+        assert_eq!(
+            v,
+            [0, 0, 0, 5, 0x51, 0, 0, 0, 7],
+            "the empty STATE ends the state"
+        );
+        v.clear();
+        encode(&mut v, 7, &Msg::State(b"ab"));
+        assert_eq!(v, [0, 0, 0, 7, 0x51, 0, 0, 0, 7, b'a', b'b']);
+        // EXPORT with a body: the body is ignored, as for PAUSE and CONTINUE.
+        assert_eq!(
+            one(&[0, 0, 0, 6, 0x50, 0, 0, 0, 7, 9]),
+            (7, Msg::Export, 10)
+        );
+    }
+
+    #[test]
+    fn a_state_chunk_of_the_largest_body_round_trips_and_one_more_byte_breaks_the_link() {
+        let body = vec![0x5a; MAX_BODY];
+        let mut v = Vec::new();
+        encode(&mut v, 3, &Msg::State(&body));
+        assert_eq!(v.len(), HEADER_LEN + MAX_BODY);
+        assert_eq!(one(&v), (3, Msg::State(&body), v.len()));
+        // LEN of a 1 MiB + 1 body.
+        let mut over = ((MAX_BODY + 6) as u32).to_be_bytes().to_vec();
+        over.extend_from_slice(&[0x51, 0, 0, 0, 3]);
+        assert_eq!(decode(&over), Err(DecodeError::BadLen(MAX_BODY as u32 + 6)));
+    }
+
+    #[test]
+    #[should_panic(expected = "over 1 MiB")]
+    fn encoding_a_state_chunk_over_the_limit_panics() {
+        let body = vec![0; MAX_BODY + 1];
+        encode(&mut Vec::new(), 1, &Msg::State(&body));
     }
 }

@@ -6,4 +6,5 @@ pub mod codec;
 
 pub use codec::{
     decode, encode, CloseReason, DecodeError, Decoded, Msg, MsgType, Open, HEADER_LEN, MAX_BODY,
+    VERSION, VERSION_MIGRATE,
 };
