@@ -456,3 +456,66 @@ fn clients_without_roam_are_relayed() {
     echo(&mut s, b"after the resume\n", &mut got, &mut want);
     assert_eq!(s.endpoint(), c.node(1).endpoint());
 }
+
+/// A peer that knows the secret cannot replay an old hand-over or slip in a forged record:
+/// the node refuses (REFUSE) and its sessions are untouched.
+#[test]
+fn replayed_and_forged_hand_overs_are_refused() {
+    use clawterm::cluster::peer::{PeerAuth, PeerMsg, Peers};
+    let c = Cluster::start(2);
+    let mut s = session_at(&c.node(1).endpoint());
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    echo(&mut s, b"one\n", &mut got, &mut want);
+    let sid = s.session_id();
+    let (code, out, err) = c.node(1).ctl(&["roam", &id_hex(&s), "--to", "node2"]);
+    assert_eq!(code, 0, "{out} {err}");
+    echo(&mut s, b"two\n", &mut got, &mut want);
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let secret = std::fs::read(&c.secret).unwrap();
+    let intruder = Peers::start(
+        "127.0.0.9:0".parse().unwrap(),
+        "intruder".into(),
+        PeerAuth::from_secret(secret.trim_ascii()).unwrap(),
+        std::sync::Arc::new(move |_from: &str, m: PeerMsg| {
+            let _ = tx.lock().unwrap().send(m);
+        }),
+    )
+    .unwrap();
+    let node1 = std::net::SocketAddr::new(c.node(1).ip.into(), c.node(1).peer_port);
+    let refused = |msg: PeerMsg| -> String {
+        assert!(intruder.send("node1", node1, msg));
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(PeerMsg::Refuse { reason, .. }) => return reason,
+                Ok(_) => continue,
+                Err(_) => panic!("no REFUSE; node log:\n{}", c.node(1).log()),
+            }
+        }
+    };
+    // The hand-over node 1 made, replayed to it at the same epoch.
+    let why = refused(PeerMsg::Migrate {
+        sid,
+        epoch: 2,
+        from: "intruder".into(),
+        record: Vec::new(),
+        state: Vec::new(),
+        caps_hint: 0,
+    });
+    assert!(why.contains("replayed"), "{why}");
+    // A forged record at a newer epoch.
+    let why = refused(PeerMsg::Migrate {
+        sid,
+        epoch: 9,
+        from: "intruder".into(),
+        record: b"CTSR definitely not a session".to_vec(),
+        state: Vec::new(),
+        caps_hint: 0,
+    });
+    assert!(why.contains("unreadable"), "{why}");
+    intruder.shutdown();
+    echo(&mut s, b"three\n", &mut got, &mut want);
+    assert_eq!(c.node(1).session_count(), 0);
+    assert_eq!(c.node(2).session_count(), 1);
+}

@@ -200,10 +200,15 @@ impl ClusterNode {
     /// Sends `msg` to node `to` on the peer link; false when it cannot go (unknown node, link
     /// down or full): the caller calls its hand-over off.
     pub fn send(&self, to: &str, msg: PeerMsg) -> bool {
-        let (Some(peers), Some(n)) = (self.peers.get(), self.node(to)) else {
+        let Some(peers) = self.peers.get() else {
             return false;
         };
-        peers.send(to, n.peer, msg)
+        // A node the table does not know yet may still have a link to us (it connected
+        // first): the answer goes on that link.
+        let addr = self
+            .node(to)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |n| n.peer);
+        peers.send(to, addr, msg)
     }
 
     /// Asks the keeper to flip `sid`'s holder to `to` at `epoch` (from `epoch - 1`); the
