@@ -5,13 +5,14 @@
 //!
 //! ```text
 //! loadgen roam --target HOST:PORT --admin HOST:PORT [--to NODE] [--sessions N] [--rate R]
-//!     [--no-roam-share F] [--idle] [--warmup SECS] [--settle SECS] [--threads T] [--json FILE]
+//!     [--no-roam-share F] [--idle] [--warmup SECS] [--settle SECS] [--threads T] [--window W]
+//!     [--json FILE]
 //!     [--tenant T --agent A --token HEX]
 //! ```
 //!
 //! Each echo session keeps one 24-byte echo in flight (`--rate 0`, closed loop) or sends
 //! `--rate` per second. After `--warmup`, the node at `--admin` is drained (`POST /v1/drain`,
-//! to `--to` or spread by the node), and per session the **gap** — its longest wait for an echo
+//! to `--to` or spread by the node, `--window` moves at a time), and per session the **gap** — its longest wait for an echo
 //! while the drain ran and `--settle` seconds after — is recorded: it spans freeze, hand-over,
 //! ROAM, reconnect, RESUME and the resent input's echo. With `--idle` nothing is echoed during
 //! the drain (a drain figure); each session then proves it still works with one echo at the
@@ -39,6 +40,7 @@ struct Args {
     warmup: f64,
     settle: f64,
     threads: usize,
+    window: usize,
     json: Option<String>,
     tenant: u32,
     agent: u32,
@@ -57,6 +59,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
         warmup: 2.0,
         settle: 2.0,
         threads: 8,
+        window: 256,
         json: None,
         tenant: 1,
         agent: 1,
@@ -77,6 +80,7 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "--warmup" => a.warmup = num(v()?)?,
             "--settle" => a.settle = num(v()?)?,
             "--threads" => a.threads = (num(v()?)? as usize).max(1),
+            "--window" => a.window = (num(v()?)? as usize).max(1),
             "--json" => a.json = Some(v()?),
             "--tenant" => a.tenant = num(v()?)? as u32,
             "--agent" => a.agent = num(v()?)? as u32,
@@ -230,12 +234,12 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// `POST /v1/drain` to the admin endpoint; progress to stderr; the summary line.
-fn drain(admin: &str, to: Option<&str>) -> Result<Value, String> {
+fn drain(admin: &str, to: Option<&str>, window: usize) -> Result<Value, String> {
     let mut s = std::net::TcpStream::connect(admin).map_err(|e| format!("admin {admin}: {e}"))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
     let path = match to {
-        Some(t) => format!("/v1/drain?to={t}"),
-        None => "/v1/drain".into(),
+        Some(t) => format!("/v1/drain?window={window}&to={t}"),
+        None => format!("/v1/drain?window={window}"),
     };
     write!(
         s,
@@ -328,7 +332,7 @@ pub fn main(args: &[String]) -> i32 {
         a.to.as_deref().unwrap_or("spread")
     );
     let t0 = Instant::now();
-    let summary = drain(&a.admin, a.to.as_deref());
+    let summary = drain(&a.admin, a.to.as_deref(), a.window);
     let drain_s = t0.elapsed().as_secs_f64();
     phase.store(2, Ordering::Relaxed);
     let t_after = Instant::now();

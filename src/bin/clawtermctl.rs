@@ -65,6 +65,9 @@ enum Cmd {
         /// sessions stay). Without a value: this pod's, from $POD_NAME.
         #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
         only_pod: Option<String>,
+        /// Sessions moving at once (1 to 256).
+        #[arg(long, default_value_t = 256)]
+        window: usize,
     },
 }
 
@@ -211,8 +214,9 @@ fn run(args: &Args, addr: SocketAddr) -> Result<ExitCode, Failure> {
             to,
             force,
             only_pod,
+            window,
         } => {
-            let mut path = String::from("/v1/drain?");
+            let mut path = format!("/v1/drain?window={window}&");
             if let Some(t) = to {
                 path.push_str(&format!("to={t}&"));
             }

@@ -148,7 +148,7 @@ enum Cmd {
         limit: usize,
         reply: Sender<Result<Vec<(u32, Entry)>, KeeperError>>,
     },
-    Stop,
+    Stop(bool),
 }
 
 #[derive(Clone, Debug)]
@@ -328,6 +328,8 @@ impl Keeper {
             next_try: Instant::now(),
             backoff: Duration::from_millis(100),
             last_hb: None,
+            deregister: true,
+            last_ok: None,
         };
         if w.conn.is_some() {
             w.heartbeat();
@@ -491,7 +493,13 @@ impl Keeper {
 
     /// Deregisters the node (best effort) and stops the thread (waits up to 2 s).
     pub fn shutdown(&self) {
-        let _ = self.0.tx.send(Cmd::Stop);
+        self.stop(true);
+    }
+
+    /// Stops the thread; `deregister`: remove the node record too (not when another process
+    /// of this node took over, a live upgrade, whose heartbeats keep the record).
+    pub fn stop(&self, deregister: bool) {
+        let _ = self.0.tx.send(Cmd::Stop(deregister));
         let t = self.0.thread.lock().ok().and_then(|mut g| g.take());
         if let Some(t) = t {
             let deadline = Instant::now() + Duration::from_secs(2);
@@ -517,6 +525,10 @@ struct Worker {
     next_try: Instant,
     backoff: Duration,
     last_hb: Option<Instant>,
+    /// Remove the node record when the thread ends.
+    deregister: bool,
+    /// When Redis last answered (a flip then skips its liveness PING).
+    last_ok: Option<Instant>,
 }
 
 impl Worker {
@@ -675,7 +687,10 @@ impl Worker {
             }
         }
         match p.query::<()>(c) {
-            Ok(()) => self.pending.clear(),
+            Ok(()) => {
+                self.pending.clear();
+                self.last_ok = Some(Instant::now());
+            }
             Err(e) => {
                 let e = rerr("directory writes", e);
                 self.lost(&e);
@@ -692,10 +707,14 @@ impl Worker {
     ) -> Result<Claim, KeeperError> {
         // A connection that died unnoticed fails here, before the flip is sent: that failure
         // is a plain "unavailable", never an ambiguous one.
-        let alive = self
-            .conn
-            .as_mut()
-            .is_some_and(|c| redis::cmd("PING").query::<String>(c).is_ok());
+        let recent = self
+            .last_ok
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100));
+        let alive = recent
+            || self
+                .conn
+                .as_mut()
+                .is_some_and(|c| redis::cmd("PING").query::<String>(c).is_ok());
         if !alive {
             self.conn = None;
             self.next_try = Instant::now();
@@ -715,13 +734,16 @@ impl Worker {
             .arg(epoch.to_string())
             .invoke(c);
         match r {
-            Ok((k, node, e)) => Ok(match k.as_str() {
-                "done" => Claim::Done,
-                "missing" => Claim::Missing,
-                _ => Claim::Stale {
-                    node,
-                    epoch: e.parse().unwrap_or(0),
-                },
+            Ok((k, node, e)) => Ok({
+                self.last_ok = Some(Instant::now());
+                match k.as_str() {
+                    "done" => Claim::Done,
+                    "missing" => Claim::Missing,
+                    _ => Claim::Stale {
+                        node,
+                        epoch: e.parse().unwrap_or(0),
+                    },
+                }
             }),
             Err(e) => {
                 let k = rerr("flip", e);
@@ -742,7 +764,10 @@ impl Worker {
         let r: redis::RedisResult<HashMap<String, String>> =
             redis::cmd("HGETALL").arg(self.keys.session(sid)).query(c);
         match r {
-            Ok(h) => Ok(entry(&h)),
+            Ok(h) => {
+                self.last_ok = Some(Instant::now());
+                Ok(entry(&h))
+            }
             Err(e) => {
                 let k = rerr("lookup", e);
                 self.lost(&k);
@@ -899,7 +924,10 @@ impl Worker {
                 };
                 let _ = reply.send(r);
             }
-            Cmd::Stop => return false,
+            Cmd::Stop(deregister) => {
+                self.deregister = deregister;
+                return false;
+            }
         }
         true
     }
@@ -954,6 +982,9 @@ impl Worker {
         }
         // Leaving: what is queued goes, and the node record with it.
         self.flush();
+        if !self.deregister {
+            return;
+        }
         if let Some(c) = self.conn.as_mut() {
             let _ = redis::cmd("DEL")
                 .arg(self.keys.node(&self.cfg.node.id))

@@ -337,7 +337,10 @@ fn serve_ops(
                     return s.flush();
                 }
             }
-            let res = ops.drain(to, force, |line| {
+            let window = query(path, "window")
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(super::ops::DRAIN_WINDOW);
+            let res = ops.drain(to, force, window, |line| {
                 s.write_all(format!("{line}\n").as_bytes()).is_ok() && s.flush().is_ok()
             });
             if let Err(e) = res {

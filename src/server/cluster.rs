@@ -291,12 +291,13 @@ impl ClusterNode {
             });
     }
 
-    /// Leaves the cluster: the peer link closes and the node's keeper record goes.
-    pub fn leave(&self) {
+    /// Leaves the cluster: the peer link closes and the node's keeper record goes — unless
+    /// `handed_over` (a live upgrade: the new process is this node now and keeps the record).
+    pub fn leave(&self, handed_over: bool) {
         if let Some(p) = self.peers.get() {
             p.shutdown();
         }
-        self.keeper.shutdown();
+        self.keeper.stop(!handed_over);
     }
 }
 

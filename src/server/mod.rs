@@ -447,7 +447,18 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         }
     }
     if let Some(c) = &shared.cluster {
-        match c.start_peers(runtime.remote()) {
+        // After a live upgrade the old process holds the peer port until it exits (moments
+        // after READY): retried for up to 10 s then, like the admin port.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut started = c.start_peers(runtime.remote());
+        while upgraded
+            && started.as_ref().is_err_and(|e| e.contains("in use"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            started = c.start_peers(runtime.remote());
+        }
+        match started {
             Ok(addr) => {
                 let s3 = shared.clone();
                 c.spawn_refresher(move || s3.sessions.load(Ordering::Relaxed) as u64);
@@ -462,7 +473,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
             Err(e) => {
                 runtime.shutdown();
                 let _ = runtime.join();
-                c.leave();
+                c.leave(false);
                 return Err(StartError::Cluster(e));
             }
         }
@@ -638,7 +649,7 @@ impl Server {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.registry.stop();
         if let Some(c) = &self.shared.cluster {
-            c.leave();
+            c.leave(self.shared.upgraded.load(Ordering::Relaxed));
         }
         self.runtime.shutdown();
     }

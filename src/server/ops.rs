@@ -165,15 +165,17 @@ impl Ops {
         Ok(alive)
     }
 
-    /// `POST /v1/drain[?to=NODE][&force=1]`: moves every session off this node, `DRAIN_WINDOW`
-    /// at a time. `progress` gets one JSON line per second and the summary at the end;
+    /// `POST /v1/drain[?to=NODE][&force=1][&window=N]`: moves every session off this node,
+    /// `window` (at most [`DRAIN_WINDOW`]) at a time. `progress` gets one JSON line per second and the summary at the end;
     /// returns whether every session moved.
     pub fn drain(
         &self,
         to: Option<&str>,
         force: bool,
+        window: usize,
         mut progress: impl FnMut(&Value) -> bool,
     ) -> Result<bool, String> {
+        let window = window.clamp(1, DRAIN_WINDOW);
         let mut targets = self.targets(to)?;
         let rows = self.sessions();
         let total = rows.len();
@@ -187,7 +189,7 @@ impl Ops {
         let (mut moved, mut failed) = (0usize, Vec::<Value>::new());
         let mut last = Instant::now();
         loop {
-            while inflight.len() < DRAIN_WINDOW {
+            while inflight.len() < window {
                 let Some(sid) = queue.next() else { break };
                 let Some(t) = targets.iter_mut().min_by_key(|t| t.1) else {
                     break;

@@ -751,6 +751,83 @@ mod tests {
         [&DEV[..], &["--config", "c.toml"], args].concat()
     }
 
+    /// The cluster options are checked together, each refusal naming the fix; without
+    /// --keeper none of them matters.
+    #[test]
+    fn cluster_options_are_checked_with_their_fix() {
+        let dir = std::env::temp_dir().join(format!("ct-cluster-opts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good");
+        std::fs::write(&good, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "tooshort").unwrap();
+        let (g, sh) = (good.to_str().unwrap(), short.to_str().unwrap());
+        let base = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = DEV.iter().map(|s| s.to_string()).collect();
+            v.extend(["--keeper", "redis://127.0.0.1:6379/0"].map(String::from));
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let run = |argv: Vec<String>| {
+            let a: Vec<&str> = argv.iter().map(String::as_str).collect();
+            load(&a, &[], "")
+        };
+        let e = run(base(&["--advertise", "10.0.0.1"])).unwrap_err();
+        assert!(e.contains("--cluster-secret"), "{e}");
+        let e = run(base(&["--cluster-secret", sh, "--advertise", "10.0.0.1"])).unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        let e = run(base(&["--cluster-secret", g])).unwrap_err();
+        assert!(e.contains("--advertise"), "{e}");
+        let e = run(base(&[
+            "--cluster-secret",
+            g,
+            "--advertise",
+            "10.0.0.1",
+            "--port",
+            "0",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("other than 0"), "{e}");
+        let e = run(base(&[
+            "--cluster-secret",
+            g,
+            "--advertise",
+            "10.0.0.1",
+            "--node-id",
+            "a b",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("--node-id"), "{e}");
+        let e = load(&[DEV[0], DEV[1], DEV[2], "--keeper", "http://x"], &[], "").unwrap_err();
+        assert!(e.contains("redis://"), "{e}");
+        let c = run(base(&[
+            "--cluster-secret",
+            g,
+            "--advertise",
+            "10.0.0.1:7300",
+            "--node-id",
+            "n-1",
+            "--peer-port",
+            "7400",
+        ]))
+        .unwrap();
+        let cc = c.cluster.expect("a cluster");
+        assert_eq!(cc.node_id, "n-1");
+        assert_eq!(cc.advertise, "10.0.0.1:7300".parse().unwrap());
+        assert_eq!(cc.peer_advertise, "10.0.0.1:7400".parse().unwrap());
+        assert_eq!(
+            cc.secret.len(),
+            32,
+            "the file's trailing newline is not part of it"
+        );
+        assert!(
+            !format!("{cc:?}").contains("0123456789abcdef"),
+            "the secret is redacted"
+        );
+        assert!(load(&DEV, &[], "").unwrap().cluster.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn defaults_without_file_or_environment() {
         let cfg = load(&DEV, &[], "").unwrap();

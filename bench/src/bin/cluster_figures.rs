@@ -1,41 +1,45 @@
 //! The figures of ClawRoam (issue 15; docs/CLUSTER.md, docs/BENCHMARKS.md "ClawRoam"): a real
 //! `redis-server` and `clawtermd` nodes on 127.0.0.1/.2, each with its `claw-agent echo` pod.
+//! The sessions are driven by `loadgen roam` (the client library's sessions, RELIABLE,
+//! following ROAM or not; loadgen/src/roam.rs).
 //!
-//! * **cutover** (`--sessions N`): N echo sessions on node 1 (the client library, RELIABLE,
-//!   following ROAM), each keeping one 32-byte echo in flight (closed loop), while node 1 is
-//!   drained to node 2 — N moves under load. Per session, the **cutover gap** is its longest
-//!   wait for an echo during the drain: it spans the freeze, the hand-over, ROAM, the reconnect
-//!   and RESUME at the target and the resent input's echo, so it is an upper bound of "freeze
-//!   → first byte from the target". p50/p99/max over the sessions, plus the server's own
-//!   freeze → release (`clawterm_roam_seconds`, bucket bounds) and every echo checked exactly
-//!   once, in order.
-//! * **drain** (`--drain N`): N idle attached sessions on node 1, drained to node 2: total time,
-//!   moves per second, and that every client followed (its session answers an echo at node 2).
+//! * **cutover** (`--sessions N`, default 1,000): N echo sessions on node 1, each keeping one
+//!   echo in flight (closed loop), while node 1 is drained to node 2 — N moves under load. Per
+//!   session the **cutover gap** is its longest wait for an echo during the drain: it spans
+//!   the freeze, the hand-over, ROAM, the reconnect and RESUME at the target and the resent
+//!   input's echo, so it bounds "freeze → first byte from the target" from above. p50/p99/max
+//!   over the sessions, every echo checked exactly once, in order; plus the source's own
+//!   freeze → release histogram (`clawterm_roam_seconds`).
+//! * **drain** (`--drain N`, default 10,000): N idle attached sessions drained to node 2: total
+//!   time and moves per second; then every session echoes once at node 2.
+//! * **relay** (`--relay N`, default 200): N echo sessions whose clients do not follow ROAM,
+//!   closed loop, 5 s direct at node 1, then node 1 drained to node 2 and 5 s relayed by node 1:
+//!   echoes per second and mean round trip before and after, and their ratio.
 //! * **keeper cost** (`--keeper-sessions N`): new sessions per second (CONNECT → ACCEPT, 8
-//!   threads) and RESUME p99 against one node with `--keeper` and one without, alternating,
+//!   threads) and RESUME p99 against a node with `--keeper` and one without, alternating,
 //!   `--reps` each.
 //!
 //! ```text
-//! cargo build --release -p clawterm --bins && cargo build --release -p clawterm-bench --bin cluster_figures
-//! ./target/release/cluster_figures [--sessions 1000] [--drain 10000] [--keeper-sessions 2000] [--reps 3] [--json FILE]
+//! cargo build --release -p clawterm -p loadgen --bins && cargo build --release -p clawterm-bench --bin cluster_figures
+//! ./target/release/cluster_figures [--sessions 1000] [--drain 10000] [--relay 200] [--keeper-sessions 2000] [--reps 3] [--json FILE]
 //! ```
 //!
 //! Progress on stderr, one JSON object on stdout (and `--json FILE`). Exit status 1 when
 //! something failed functionally (a move failed, an echo was lost or doubled, a client did not
 //! follow), never because a figure missed its goal; 2 for bad usage. Every wait is bounded.
 
-use clawterm_client::{Event, Options, Session, Transport};
+use clawterm_client::{Options, Session, Transport};
 use clawterm_testkit as harness;
 use harness::client::{hex, AGENT, TENANT, TOKEN};
-use harness::cluster::{admin_request, secret_file, Node, Redis};
+use harness::cluster::{secret_file, Node, Redis};
 use serde_json::{json, Value};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Args {
     sessions: usize,
+    /// Echoes per second per session during the cutover run (0: closed loop).
+    rate: f64,
+    relay: usize,
     drain: usize,
     keeper_sessions: usize,
     reps: usize,
@@ -45,6 +49,8 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         sessions: 1000,
+        rate: 10.0,
+        relay: 200,
         drain: 10_000,
         keeper_sessions: 2000,
         reps: 3,
@@ -55,6 +61,8 @@ fn parse() -> Result<Args, String> {
         let mut v = || it.next().ok_or(format!("{k} needs a value"));
         match k.as_str() {
             "--sessions" => a.sessions = v()?.parse().map_err(|e| format!("{k}: {e}"))?,
+            "--rate" => a.rate = v()?.parse().map_err(|e| format!("{k}: {e}"))?,
+            "--relay" => a.relay = v()?.parse().map_err(|e| format!("{k}: {e}"))?,
             "--drain" => a.drain = v()?.parse().map_err(|e| format!("{k}: {e}"))?,
             "--keeper-sessions" => {
                 a.keeper_sessions = v()?.parse().map_err(|e| format!("{k}: {e}"))?
@@ -62,7 +70,7 @@ fn parse() -> Result<Args, String> {
             "--reps" => a.reps = v()?.parse().map_err(|e| format!("{k}: {e}"))?,
             "--json" => a.json = Some(v()?),
             "-h" | "--help" => {
-                println!("cluster_figures [--sessions N] [--drain N] [--keeper-sessions N] [--reps R] [--json FILE]");
+                println!("cluster_figures [--sessions N] [--rate R] [--drain N] [--relay N] [--keeper-sessions N] [--reps R] [--json FILE]");
                 std::process::exit(0);
             }
             _ => return Err(format!("unknown argument {k}")),
@@ -85,7 +93,7 @@ fn opts() -> Options {
 }
 
 struct Setup {
-    redis: Redis,
+    _redis: Redis,
     nodes: Vec<Node>,
     _dir: harness::TempDir,
 }
@@ -110,77 +118,9 @@ fn setup(nodes: u8, extra: &[&str]) -> Setup {
     });
     assert!(ok, "the nodes never saw each other");
     Setup {
-        redis,
+        _redis: redis,
         nodes,
         _dir: dir,
-    }
-}
-
-/// Sessions driven by one thread: each keeps one echo in flight; the longest wait per session
-/// while `measuring` is on is its gap.
-struct Driver {
-    sessions: Vec<Session>,
-    sent: Vec<u64>,
-    got: Vec<Vec<u8>>,
-    want: Vec<Vec<u8>>,
-    in_flight: Vec<Option<Instant>>,
-    max_wait: Vec<Duration>,
-    errors: Vec<String>,
-}
-
-impl Driver {
-    fn run(mut self, echo: bool, stop: Arc<AtomicBool>, measuring: Arc<AtomicBool>) -> Driver {
-        let n = self.sessions.len();
-        while !stop.load(Ordering::Relaxed) {
-            let mut fds: Vec<libc::pollfd> = self
-                .sessions
-                .iter()
-                .map(|s| libc::pollfd {
-                    fd: s.poll_fd().map_or(-1, |f| f.as_raw_fd()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: `fds` is a valid array of `fds.len()` pollfd entries for the call.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
-            for i in 0..n {
-                if echo && self.in_flight[i].is_none() {
-                    let line = format!(
-                        "{:08x} {:>10}\n",
-                        self.sessions[i].session_id(),
-                        self.sent[i]
-                    );
-                    self.sent[i] += 1;
-                    if let Err(e) = self.sessions[i].send(line.as_bytes()) {
-                        self.errors.push(format!("send: {e}"));
-                        continue;
-                    }
-                    self.want[i].extend_from_slice(line.as_bytes());
-                    self.in_flight[i] = Some(Instant::now());
-                }
-                loop {
-                    match self.sessions[i].try_recv() {
-                        Ok(Some(Event::Data(d))) => {
-                            self.got[i].extend_from_slice(&d);
-                            if self.got[i].len() >= self.want[i].len() {
-                                if let Some(t) = self.in_flight[i].take() {
-                                    if measuring.load(Ordering::Relaxed) {
-                                        self.max_wait[i] = self.max_wait[i].max(t.elapsed());
-                                    }
-                                }
-                            }
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) => break,
-                        Err(e) => {
-                            self.errors.push(format!("session: {e}"));
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self
     }
 }
 
@@ -192,169 +132,107 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn open(endpoint: &str, n: usize) -> Vec<Session> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        match Session::connect_with(endpoint, TENANT, AGENT, TOKEN, opts()) {
-            Ok(s) => out.push(s),
-            Err(e) => panic!("session {i} at {endpoint}: {e}"),
-        }
-        if i % 1000 == 999 {
-            eprintln!("  {} sessions open", i + 1);
-        }
-    }
-    out
-}
-
-/// Drains node 1 to node 2 over the admin endpoint; the summary line.
-fn drain(node: &Node, to: &str) -> Value {
-    let (code, body) = admin_request(node.admin, "POST", &format!("/v1/drain?to={to}"));
-    assert_eq!(code, 200, "drain: {body}");
-    body.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["summary"].as_bool() == Some(true))
-        .unwrap_or_else(|| panic!("no drain summary: {body}"))
-}
-
-fn spread(sessions: Vec<Session>, threads: usize) -> Vec<Driver> {
-    let mut drivers: Vec<Driver> = (0..threads)
-        .map(|_| Driver {
-            sessions: Vec::new(),
-            sent: Vec::new(),
-            got: Vec::new(),
-            want: Vec::new(),
-            in_flight: Vec::new(),
-            max_wait: Vec::new(),
-            errors: Vec::new(),
-        })
-        .collect();
-    for (i, s) in sessions.into_iter().enumerate() {
-        let d = &mut drivers[i % threads];
-        d.sessions.push(s);
-        d.sent.push(0);
-        d.got.push(Vec::new());
-        d.want.push(Vec::new());
-        d.in_flight.push(None);
-        d.max_wait.push(Duration::ZERO);
-    }
-    drivers
-}
-
-fn cutover(n: usize, failed: &mut bool) -> Value {
-    eprintln!("cutover: {n} echo sessions on node1, drained to node2 under load");
-    let s = setup(2, &[]);
-    let sessions = open(&s.nodes[0].endpoint(), n);
-    let stop = Arc::new(AtomicBool::new(false));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let handles: Vec<_> = spread(sessions, 8)
-        .into_iter()
-        .map(|d| {
-            let (st, me) = (stop.clone(), measuring.clone());
-            std::thread::spawn(move || d.run(true, st, me))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
-    measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    let summary = drain(&s.nodes[0], "node2");
-    let drain_s = t0.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(2));
-    measuring.store(false, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    let mut gaps = Vec::new();
-    let (mut lost, mut errors, mut followed) = (0usize, Vec::new(), 0usize);
-    for h in handles {
-        let d = h.join().expect("driver thread");
-        for i in 0..d.sessions.len() {
-            gaps.push(d.max_wait[i].as_secs_f64() * 1000.0);
-            let complete = d.got[i].len() - d.got[i].len().min(d.want[i].len());
-            let _ = complete;
-            if !d.want[i].starts_with(&d.got[i]) {
-                lost += 1;
-            }
-            if d.sessions[i].endpoint() == s.nodes[1].endpoint() {
-                followed += 1;
-            }
-        }
-        errors.extend(d.errors);
-    }
-    let server_hist = s.nodes[0].metric("clawterm_roam_seconds_count");
-    if lost > 0
-        || !errors.is_empty()
-        || followed != n
-        || summary["moved"].as_u64() != Some(n as u64)
-    {
+/// Runs `loadgen roam` against node 1 of `s` (draining it) with `extra`; its JSON.
+fn loadgen_roam(s: &Setup, extra: &[&str], failed: &mut bool) -> Value {
+    let loadgen = harness::bin("clawtermd")
+        .parent()
+        .map(|d| d.join("loadgen"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| panic!("loadgen not built: cargo build --release -p loadgen"));
+    let out = std::process::Command::new(loadgen)
+        .args(["roam", "--target", &s.nodes[0].endpoint()])
+        .args(["--admin", &s.nodes[0].admin.to_string()])
+        .args([
+            "--tenant",
+            &TENANT.to_string(),
+            "--agent",
+            &AGENT.to_string(),
+        ])
+        .args(["--token", &hex(&TOKEN)])
+        .args(extra)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run loadgen roam");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| json!({ "error": String::from_utf8_lossy(&out.stdout).into_owned() }));
+    if !out.status.success() {
         *failed = true;
     }
-    let p50 = percentile(&mut gaps, 0.5);
-    let p99 = percentile(&mut gaps, 0.99);
-    let max = percentile(&mut gaps, 1.0);
-    eprintln!(
-        "  cutover gap p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; drain {drain_s:.2} s"
+    v
+}
+
+fn cutover(n: usize, rate: f64, failed: &mut bool) -> Value {
+    eprintln!("cutover: {n} echo sessions on node1 ({rate}/s each; 0: closed loop), moved to node2 one at a time");
+    let s = setup(2, &[]);
+    // One move at a time: each session's gap is its own move's, not a queue's.
+    let v = loadgen_roam(
+        &s,
+        &[
+            "--sessions",
+            &n.to_string(),
+            "--to",
+            "node2",
+            "--window",
+            "1",
+            "--rate",
+            &rate.to_string(),
+        ],
+        failed,
     );
-    drop(s.redis);
-    json!({
-        "sessions": n,
-        "moved": summary["moved"],
-        "failed_moves": summary["failed"],
-        "drain_s": drain_s,
-        "gap_ms": { "p50": p50, "p99": p99, "max": max },
-        "server_roams_timed": server_hist,
-        "clients_followed": followed,
-        "echo_streams_broken": lost,
-        "errors": errors.len(),
-        "first_errors": errors.iter().take(5).collect::<Vec<_>>(),
-    })
+    let server = s.nodes[0].admin("GET", "/metrics").1;
+    let buckets: Vec<String> = server
+        .lines()
+        .filter(|l| l.starts_with("clawterm_roam_seconds_bucket"))
+        .map(str::to_string)
+        .collect();
+    json!({ "loadgen": v, "server_freeze_to_release_buckets": buckets })
 }
 
 fn drain_figure(n: usize, failed: &mut bool) -> Value {
     eprintln!("drain: {n} idle sessions on node1, drained to node2");
     let s = setup(2, &[]);
-    let sessions = open(&s.nodes[0].endpoint(), n);
-    let stop = Arc::new(AtomicBool::new(false));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let handles: Vec<_> = spread(sessions, 8)
-        .into_iter()
-        .map(|d| {
-            let (st, me) = (stop.clone(), measuring.clone());
-            std::thread::spawn(move || d.run(false, st, me))
-        })
-        .collect();
-    let t0 = Instant::now();
-    let summary = drain(&s.nodes[0], "node2");
-    let took = t0.elapsed().as_secs_f64();
-    eprintln!("  drained {} in {took:.2} s", summary["moved"]);
-    // Every client follows: wait until node 2 serves them all attached.
-    let all = harness::wait_until(Duration::from_secs(60), || {
-        s.nodes[1].metric("clawterm_sessions{state=\"attached\"") as usize >= n
-            || s.nodes[1]
-                .admin("GET", "/v1/sessions")
-                .1
-                .matches("\"attached\"")
-                .count()
-                >= n
-    });
-    stop.store(true, Ordering::Relaxed);
-    let mut followed = 0;
-    for h in handles {
-        let d = h.join().expect("driver thread");
-        followed += d
-            .sessions
-            .iter()
-            .filter(|x| x.endpoint() == s.nodes[1].endpoint())
-            .count();
-    }
-    if summary["moved"].as_u64() != Some(n as u64) || followed != n || !all {
-        *failed = true;
-    }
+    let v = loadgen_roam(
+        &s,
+        &[
+            "--sessions",
+            &n.to_string(),
+            "--to",
+            "node2",
+            "--idle",
+            "--settle",
+            "5",
+        ],
+        failed,
+    );
+    json!({ "loadgen": v })
+}
+
+/// Echo through a relaying node versus direct, in the same run: clients that do not follow
+/// ROAM, closed loop, before (direct at node 1) and after (relayed by node 1 to node 2) a drain.
+fn relay(n: usize, failed: &mut bool) -> Value {
+    eprintln!("relay: {n} echo sessions without ROAM, direct then relayed");
+    let s = setup(2, &[]);
+    let v = loadgen_roam(
+        &s,
+        &[
+            "--sessions",
+            &n.to_string(),
+            "--to",
+            "node2",
+            "--no-roam-share",
+            "1",
+            "--warmup",
+            "5",
+            "--settle",
+            "5",
+        ],
+        failed,
+    );
+    let before = v["before"]["echoes_per_s"].as_f64().unwrap_or(0.0);
+    let after = v["after"]["echoes_per_s"].as_f64().unwrap_or(0.0);
     json!({
-        "sessions": n,
-        "moved": summary["moved"],
-        "failed_moves": summary["failed"],
-        "total_s": took,
-        "node_reported_s": summary["elapsed_s"],
-        "per_second": summary["per_second"],
-        "clients_followed": followed,
+        "loadgen": v,
+        "throughput_ratio": if before > 0.0 { after / before } else { 0.0 },
     })
 }
 
@@ -442,7 +320,7 @@ fn main() {
     let mut failed = false;
     let mut out = json!({ "figures": "cluster" });
     if a.sessions > 0 {
-        out["cutover"] = cutover(a.sessions, &mut failed);
+        out["cutover"] = cutover(a.sessions, a.rate, &mut failed);
     }
     if a.drain > 0 {
         out["drain"] = drain_figure(a.drain, &mut failed);
@@ -450,7 +328,9 @@ fn main() {
     if a.keeper_sessions > 0 {
         out["keeper_cost"] = keeper_cost(a.keeper_sessions, a.reps);
     }
-    out["relay"] = json!({ "measured": false, "why": "relay for clients without ROAM is not built (docs/CLUSTER.md)" });
+    if a.relay > 0 {
+        out["relay"] = relay(a.relay, &mut failed);
+    }
     println!("{out}");
     if let Some(p) = &a.json {
         if let Err(e) = std::fs::write(p, format!("{out}\n")) {
