@@ -292,32 +292,30 @@ impl ShardHandler {
                     c.claim(self.index, sid, epoch, &to);
                 }
             }
-            PeerMsg::Refuse { sid, epoch, reason } => {
+            PeerMsg::Refuse { sid, epoch, reason }
                 if self.roam.out.get(&sid).is_some_and(|o| {
                     o.epoch == epoch && o.to == from && o.phase == OutPhase::Offered
-                }) {
-                    self.roam_call_off(ctx, sid, format!("{from} refused: {reason}"));
-                }
+                }) =>
+            {
+                self.roam_call_off(ctx, sid, format!("{from} refused: {reason}"));
             }
-            PeerMsg::Commit { sid, epoch } => {
+            PeerMsg::Commit { sid, epoch }
                 if self
                     .roam
                     .warm
                     .get(&sid)
-                    .is_some_and(|w| w.epoch == epoch && w.from == from)
-                {
-                    self.roam_serve(ctx, sid);
-                }
+                    .is_some_and(|w| w.epoch == epoch && w.from == from) =>
+            {
+                self.roam_serve(ctx, sid);
             }
-            PeerMsg::Abort { sid, epoch } => {
+            PeerMsg::Abort { sid, epoch }
                 if self
                     .roam
                     .warm
                     .get(&sid)
-                    .is_some_and(|w| w.epoch == epoch && w.from == from)
-                {
-                    self.roam_drop_warm(ctx, sid, "the source called the move off");
-                }
+                    .is_some_and(|w| w.epoch == epoch && w.from == from) =>
+            {
+                self.roam_drop_warm(ctx, sid, "the source called the move off");
             }
             msg @ (PeerMsg::RelayOpen { .. }
             | PeerMsg::RelayData { .. }
