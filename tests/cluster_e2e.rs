@@ -519,3 +519,51 @@ fn replayed_and_forged_hand_overs_are_refused() {
     assert_eq!(c.node(1).session_count(), 0);
     assert_eq!(c.node(2).session_count(), 1);
 }
+
+/// Over TLS, a client that follows ROAM to another node keeps checking the certificate against
+/// the name it first connected to (the nodes share a certificate for it; the new node's address
+/// is not in it).
+#[test]
+fn roam_over_tls_keeps_the_server_name() {
+    use clawterm_client::TlsTrust;
+    let redis = Redis::start();
+    let dir = TempDir::new("cluster-tls");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TENANT} {}\n", hex(&TOKEN))).unwrap();
+    let secret = secret_file(dir.path(), "a test cluster secret, 32 bytes.");
+    // A certificate for localhost and 127.0.0.1 only, shared by both nodes.
+    let (cert, key, _) = clawterm::server::tls::self_signed(dir.path()).unwrap();
+    let nodes: Vec<Node> = (1..=2)
+        .map(|i| Node::start_tls(i, &redis.url(), &tokens, &secret, &["echo"], (&cert, &key)))
+        .collect();
+    let ok = clawterm_testkit::wait_until(Duration::from_secs(10), || {
+        nodes[0]
+            .admin("GET", "/v1/nodes")
+            .1
+            .matches("\"alive\":true")
+            .count()
+            >= 2
+    });
+    assert!(ok);
+    let trust = TlsTrust {
+        ca: Some(cert.clone()),
+        pin: None,
+        server_name: None,
+    };
+    let mut s = Session::connect_with(
+        &nodes[0].endpoint(),
+        TENANT,
+        AGENT,
+        TOKEN,
+        fast_opts(Transport::Tls(trust)),
+    )
+    .unwrap();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    echo(&mut s, b"over tls\n", &mut got, &mut want);
+    let (code, out, err) = nodes[0].ctl(&["roam", &id_hex(&s), "--to", "node2"]);
+    assert_eq!(code, 0, "{out} {err}");
+    echo(&mut s, b"still over tls\n", &mut got, &mut want);
+    assert_eq!(s.endpoint(), nodes[1].endpoint());
+    let (_, name) = s.tls_info().expect("TLS");
+    assert!(!name.is_empty());
+}

@@ -136,6 +136,30 @@ impl Node {
         agent: &[&str],
         extra: &[&str],
     ) -> Node {
+        Node::start_with(n, keeper, tokens, secret, agent, extra, None)
+    }
+
+    /// [`Node::start`] serving TLS 1.3 with `tls` (certificate, key) instead of plaintext.
+    pub fn start_tls(
+        n: u8,
+        keeper: &str,
+        tokens: &Path,
+        secret: &Path,
+        agent: &[&str],
+        tls: (&Path, &Path),
+    ) -> Node {
+        Node::start_with(n, keeper, tokens, secret, agent, &[], Some(tls))
+    }
+
+    fn start_with(
+        n: u8,
+        keeper: &str,
+        tokens: &Path,
+        secret: &Path,
+        agent: &[&str],
+        extra: &[&str],
+        tls: Option<(&Path, &Path)>,
+    ) -> Node {
         let ip = Ipv4Addr::new(127, 0, 0, n);
         let dir = TempDir::with_sock(&format!("node{n}"));
         let agent = (!agent.is_empty()).then(|| start_agent(&dir.sock(), 7, 1, agent));
@@ -147,7 +171,7 @@ impl Node {
             .stderr(Stdio::piped());
         clear_clawterm_env(&mut cmd);
         cmd.args(["--bind", &ip.to_string(), "--port", &port.to_string()])
-            .args(["--insecure-plaintext", "--no-quic", "--shards", "2"])
+            .args(["--no-quic", "--shards", "2"])
             .args(["--node-id", &id, "--keeper", keeper])
             .args(["--peer-port", &peer_port.to_string()])
             .args(["--admin", &format!("{ip}:{admin_port}")])
@@ -157,11 +181,19 @@ impl Node {
             .arg(secret)
             .arg("--socket-dir")
             .arg(dir.sock())
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            .args(extra);
+        match tls {
+            Some((cert, key)) => {
+                cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            }
+            None => {
+                cmd.arg("--insecure-plaintext");
+            }
+        }
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("CLUSTER_LOG").unwrap_or_else(|_| "info".into()),
+        );
         let (child, lines, _) = start_server(&mut cmd, &id);
         Node {
             id,
