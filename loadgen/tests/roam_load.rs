@@ -4,11 +4,10 @@
 //! come back exactly once, in order; every session must move; the drained node must end with
 //! none, and no session may be served by two nodes.
 
-use clawterm_testkit::client::{hex, AGENT, TENANT, TOKEN};
-use clawterm_testkit::cluster::{secret_file, Node, Redis};
+use clawterm_testkit::client::{hex, TENANT, TOKEN};
+use clawterm_testkit::cluster::{roam_command, secret_file, Node, Redis};
 use clawterm_testkit::TempDir;
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 fn cluster(dir: &TempDir, redis: &Redis) -> Vec<Node> {
@@ -46,21 +45,7 @@ fn ids(n: &Node) -> HashSet<String> {
 }
 
 fn roam(node: &Node, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args([
-            "roam",
-            "--target",
-            &node.endpoint(),
-            "--admin",
-            &node.admin.to_string(),
-        ])
-        .args([
-            "--tenant",
-            &TENANT.to_string(),
-            "--agent",
-            &AGENT.to_string(),
-        ])
-        .args(["--token", &hex(&TOKEN)])
+    let out = roam_command(env!("CARGO_BIN_EXE_loadgen").as_ref(), node)
         .args(extra)
         .output()
         .expect("run loadgen roam");
@@ -141,20 +126,7 @@ fn roam_with_fault(
     after_moves: f64,
     fault: impl FnOnce(),
 ) -> serde_json::Value {
-    let child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args([
-            "roam",
-            "--target",
-            &node.endpoint(),
-            "--admin",
-            &node.admin.to_string(),
-        ])
-        .args([
-            "--tenant",
-            &TENANT.to_string(),
-            "--agent",
-            &AGENT.to_string(),
-        ])
+    let child = roam_command(env!("CARGO_BIN_EXE_loadgen").as_ref(), node)
         .args(["--token", &hex(&TOKEN), "--warmup", "1.5", "--settle", "3"])
         .args(extra)
         .stdout(std::process::Stdio::piped())

@@ -218,6 +218,20 @@ end
 return 0
 "#;
 
+/// `url` with its password (if any) replaced by `***`, for logs and error text.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_string(),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -281,7 +295,7 @@ impl Keeper {
     /// without gets [`KeeperError::Unavailable`]: a new node joins only through the keeper.
     pub fn start(cfg: KeeperConfig, connect_timeout: Duration) -> Result<Keeper, KeeperError> {
         let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| KeeperError::BadUrl(format!("{}: {e}", cfg.url)))?;
+            .map_err(|e| KeeperError::BadUrl(format!("{}: {e}", redact(&cfg.url))))?;
         let keys = Keys(cfg.prefix.clone());
         let (conn, ord) = match connect(&client, connect_timeout) {
             Ok(mut c) => {
@@ -297,13 +311,13 @@ impl Keeper {
             }
             Err(e) => match cfg.cached_ordinal {
                 Some(o) => {
-                    warn!(url = %cfg.url, "keeper unreachable at start ({e}); serving with the remembered ordinal {o} and retrying");
+                    warn!(url = %redact(&cfg.url), "keeper unreachable at start ({e}); serving with the remembered ordinal {o} and retrying");
                     (None, o)
                 }
                 None => {
                     return Err(KeeperError::Unavailable(format!(
                         "{}: {e} (a node joins a cluster for the first time only with the keeper reachable)",
-                        cfg.url
+                        redact(&cfg.url)
                     )))
                 }
             },
@@ -536,9 +550,9 @@ impl Worker {
         if let Some(i) = self.inner.upgrade() {
             let was = i.up.swap(up, Ordering::Relaxed);
             if was && !up {
-                warn!(url = %self.cfg.url, "keeper unreachable; sessions go on, moves wait");
+                warn!(url = %redact(&self.cfg.url), "keeper unreachable; sessions go on, moves wait");
             } else if !was && up {
-                info!(url = %self.cfg.url, "keeper reachable again");
+                info!(url = %redact(&self.cfg.url), "keeper reachable again");
             }
         }
     }

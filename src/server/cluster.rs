@@ -97,7 +97,7 @@ impl ClusterNode {
             },
             Duration::from_secs(3),
         )
-        .map_err(|e| format!("keeper {}: {e}", cfg.keeper))?;
+        .map_err(|e| format!("keeper {}: {e}", keeper::redact(&cfg.keeper)))?;
         let c = Arc::new(ClusterNode {
             cfg,
             keeper,

@@ -73,7 +73,7 @@ impl std::fmt::Debug for ClusterConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterConfig")
             .field("node_id", &self.node_id)
-            .field("keeper", &self.keeper)
+            .field("keeper", &crate::cluster::keeper::redact(&self.keeper))
             .field("advertise", &self.advertise)
             .field("peer_bind", &self.peer_bind)
             .field("peer_advertise", &self.peer_advertise)

@@ -302,6 +302,23 @@ pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String
     (code, body)
 }
 
+/// `loadgen roam` (the binary at `loadgen`) draining `node`: its client and admin addresses and
+/// the test tenant's credentials; add the rest.
+pub fn roam_command(loadgen: &Path, node: &Node) -> Command {
+    use crate::client::{AGENT, TENANT, TOKEN};
+    let mut cmd = Command::new(loadgen);
+    cmd.args(["roam", "--target", &node.endpoint()])
+        .args(["--admin", &node.admin.to_string()])
+        .args([
+            "--tenant",
+            &TENANT.to_string(),
+            "--agent",
+            &AGENT.to_string(),
+        ])
+        .args(["--token", &crate::hex(&TOKEN)]);
+    cmd
+}
+
 /// Writes a cluster secret file in `dir` and returns its path.
 pub fn secret_file(dir: &Path, secret: &str) -> PathBuf {
     let p = dir.join("cluster.secret");

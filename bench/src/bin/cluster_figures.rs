@@ -139,16 +139,7 @@ fn loadgen_roam(s: &Setup, extra: &[&str], failed: &mut bool) -> Value {
         .map(|d| d.join("loadgen"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| panic!("loadgen not built: cargo build --release -p loadgen"));
-    let out = std::process::Command::new(loadgen)
-        .args(["roam", "--target", &s.nodes[0].endpoint()])
-        .args(["--admin", &s.nodes[0].admin.to_string()])
-        .args([
-            "--tenant",
-            &TENANT.to_string(),
-            "--agent",
-            &AGENT.to_string(),
-        ])
-        .args(["--token", &hex(&TOKEN)])
+    let out = harness::cluster::roam_command(&loadgen, &s.nodes[0])
         .args(extra)
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -48,6 +48,31 @@ fn lookup(k: &Keeper, sid: u32) -> Result<Option<Entry>, KeeperError> {
 }
 
 #[test]
+fn passwords_never_reach_the_logs() {
+    assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://:***@h:6379/0");
+    assert_eq!(redact("redis://u:s3cret@h/0"), "redis://u:***@h/0");
+    assert_eq!(redact("redis://h:6379/0"), "redis://h:6379/0");
+    let e = Keeper::start(
+        KeeperConfig {
+            url: "redis://:s3cret@127.0.0.1:1/0".into(),
+            node: NodeInfo {
+                id: "x".into(),
+                client_addr: String::new(),
+                peer_addr: String::new(),
+                shards: 1,
+            },
+            heartbeat: Duration::from_secs(1),
+            prefix: "t0".into(),
+            cached_ordinal: None,
+        },
+        Duration::from_millis(200),
+    )
+    .err()
+    .expect("nothing listens on port 1");
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+}
+
+#[test]
 fn token_hash_is_domain_separated_and_stable() {
     let a = token_hash(&[1; 16]);
     assert_eq!(a, token_hash(&[1; 16]));

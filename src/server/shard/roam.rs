@@ -439,19 +439,8 @@ impl ShardHandler {
         self.persist_meta(ctx, sid);
         // The directory names this node at the hand-over's epoch (the source flipped it; this
         // repairs it should a Redis fail-over have lost the flip or the record).
-        if let (Some(c), Some(s), Some(&epoch)) = (
-            self.shared.cluster.as_ref(),
-            self.table.get(sid),
-            self.roam.epochs.get(&sid),
-        ) {
-            c.keeper.adopted(
-                sid,
-                epoch,
-                s.tenant(),
-                s.agent(),
-                s.caps(),
-                token_hash(s.resume_token()),
-            );
+        if let Some(&epoch) = self.roam.epochs.get(&sid) {
+            self.directory_adopt(sid, epoch);
         }
         self.arm(ctx, sid);
         debug!(session = sid, "roamed-in session serves");
@@ -564,18 +553,7 @@ impl ShardHandler {
                     _ => {
                         let fence = o.epoch + 1;
                         self.roam.epochs.insert(sid, fence);
-                        if let (Some(c), Some(s)) =
-                            (self.shared.cluster.as_ref(), self.table.get(sid))
-                        {
-                            c.keeper.adopted(
-                                sid,
-                                fence,
-                                s.tenant(),
-                                s.agent(),
-                                s.caps(),
-                                token_hash(s.resume_token()),
-                            );
-                        }
+                        self.directory_adopt(sid, fence);
                         self.roam_call_off(
                             ctx,
                             sid,
@@ -900,6 +878,21 @@ impl ShardHandler {
             .is_some_and(|c| !c.inbuf.is_empty())
         {
             self.on_plaintext(ctx, conn, &[]);
+        }
+    }
+
+    /// The directory names this node as `sid`'s holder at `epoch` unless it holds a newer one
+    /// (queued on the keeper thread).
+    fn directory_adopt(&self, sid: u32, epoch: u64) {
+        if let (Some(c), Some(s)) = (self.shared.cluster.as_ref(), self.table.get(sid)) {
+            c.keeper.adopted(
+                sid,
+                epoch,
+                s.tenant(),
+                s.agent(),
+                s.caps(),
+                token_hash(s.resume_token()),
+            );
         }
     }
 
