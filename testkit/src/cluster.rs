@@ -19,21 +19,31 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
 /// A `redis-server` of its own (no persistence) on 127.0.0.1 and a free port; killed on drop.
 pub struct Redis {
     pub port: u16,
+    ip: Ipv4Addr,
     child: Option<Child>,
 }
 
 impl Redis {
     /// Starts one; panics (naming the package to install) if `redis-server` is missing.
     pub fn start() -> Redis {
-        let port = free_port(Ipv4Addr::LOCALHOST);
-        let mut r = Redis { port, child: None };
+        Redis::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// One listening on `ip`.
+    pub fn start_on(ip: Ipv4Addr) -> Redis {
+        let port = free_port(ip);
+        let mut r = Redis {
+            port,
+            ip,
+            child: None,
+        };
         r.restart();
         r
     }
 
     /// Where nodes reach it.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://{}:{}/0", self.ip, self.port)
     }
 
     /// Kills it (a keeper outage).
@@ -71,10 +81,12 @@ impl Redis {
                 "--port",
                 &self.port.to_string(),
                 "--bind",
-                "127.0.0.1",
+                &self.ip.to_string(),
                 "--save",
                 "",
                 "--appendonly",
+                "no",
+                "--protected-mode",
                 "no",
             ])
             .stdin(Stdio::null())
@@ -85,7 +97,7 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = TcpStream::connect((self.ip, self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 let mut buf = [0u8; 16];
                 if s.write_all(b"PING\r\n").is_ok()
@@ -139,6 +151,21 @@ impl Node {
         Node::start_with(n, keeper, tokens, secret, agent, extra, None)
     }
 
+    /// Node `n` (id `node{n}`) on address `ip`; inside network namespace `netns` when given
+    /// (its admin endpoint then listens on every address of the namespace, so a
+    /// `clawtermctl`/loadgen run in it reaches it on 127.0.0.1 — see [`Node::admin_local`]).
+    pub fn start_at(
+        n: u8,
+        ip: Ipv4Addr,
+        netns: Option<&str>,
+        keeper: &str,
+        tokens: &Path,
+        secret: &Path,
+        agent: &[&str],
+    ) -> Node {
+        Node::spawn(n, ip, netns, keeper, tokens, secret, agent, &[], None)
+    }
+
     /// [`Node::start`] serving TLS 1.3 with `tls` (certificate, key) instead of plaintext.
     pub fn start_tls(
         n: u8,
@@ -161,11 +188,45 @@ impl Node {
         tls: Option<(&Path, &Path)>,
     ) -> Node {
         let ip = Ipv4Addr::new(127, 0, 0, n);
+        Node::spawn(n, ip, None, keeper, tokens, secret, agent, extra, tls)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        n: u8,
+        ip: Ipv4Addr,
+        netns: Option<&str>,
+        keeper: &str,
+        tokens: &Path,
+        secret: &Path,
+        agent: &[&str],
+        extra: &[&str],
+        tls: Option<(&Path, &Path)>,
+    ) -> Node {
         let dir = TempDir::with_sock(&format!("node{n}"));
+        // The agent listens on a Unix socket path: reachable from any network namespace.
         let agent = (!agent.is_empty()).then(|| start_agent(&dir.sock(), 7, 1, agent));
-        let (port, peer_port, admin_port) = (free_port(ip), free_port(ip), free_port(ip));
+        // A namespace has ports of its own: any port free here is free there.
+        let probe = if netns.is_some() {
+            Ipv4Addr::LOCALHOST
+        } else {
+            ip
+        };
+        let (port, peer_port, admin_port) = (free_port(probe), free_port(probe), free_port(probe));
+        let admin_ip = if netns.is_some() {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            ip
+        };
         let id = format!("node{n}");
-        let mut cmd = Command::new(bin("clawtermd"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("clawtermd"));
+                c
+            }
+            None => Command::new(bin("clawtermd")),
+        };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -174,7 +235,7 @@ impl Node {
             .args(["--no-quic", "--shards", "2"])
             .args(["--node-id", &id, "--keeper", keeper])
             .args(["--peer-port", &peer_port.to_string()])
-            .args(["--admin", &format!("{ip}:{admin_port}")])
+            .args(["--admin", &format!("{admin_ip}:{admin_port}")])
             .arg("--tokens")
             .arg(tokens)
             .arg("--cluster-secret")
@@ -258,6 +319,11 @@ impl Node {
 }
 
 impl Node {
+    /// The admin endpoint as seen from inside the node's own network namespace.
+    pub fn admin_local(&self) -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.admin.port())
+    }
+
     /// Freezes the node (SIGSTOP): cut off from its peers and the keeper as if its network
     /// dropped everything, without closing a connection.
     pub fn freeze(&self) {
@@ -300,6 +366,132 @@ pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
+}
+
+/// A network namespace joined to this one by a veth pair: `host` here, `inside` there
+/// (10.231.K.1 and .2, /24). [`Netns::cut`] takes the link down — everything in the namespace
+/// is cut off from everything outside, its processes running on — and [`Netns::restore`]
+/// brings it back. Removed on drop. Needs root and `ip` (iproute2).
+pub struct Netns {
+    pub name: String,
+    pub host: Ipv4Addr,
+    pub inside: Ipv4Addr,
+    veth: String,
+}
+
+impl Netns {
+    /// Creates it; `None` (with the reason on stderr) where namespaces cannot be made.
+    pub fn create(k: u8) -> Option<Netns> {
+        let name = format!("ctns{}-{k}", std::process::id());
+        let veth = format!("ctv{}{k}", std::process::id() % 100_000);
+        let peer = format!("{veth}p");
+        let (host, inside) = (Ipv4Addr::new(10, 231, k, 1), Ipv4Addr::new(10, 231, k, 2));
+        let ns = Netns {
+            name: name.clone(),
+            host,
+            inside,
+            veth: veth.clone(),
+        };
+        let steps: [Vec<String>; 8] = [
+            vec!["netns".into(), "add".into(), name.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                veth.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                peer.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                peer.clone(),
+                "netns".into(),
+                name.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                format!("{host}/24"),
+                "dev".into(),
+                veth.clone(),
+            ],
+            vec!["link".into(), "set".into(), veth.clone(), "up".into()],
+            vec![
+                "-n".into(),
+                name.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{inside}/24"),
+                "dev".into(),
+                peer.clone(),
+            ],
+            vec![
+                "-n".into(),
+                name.clone(),
+                "link".into(),
+                "set".into(),
+                peer.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                name.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        for s in steps {
+            match Command::new("ip").args(&s).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    eprintln!("ip {}: {}", s.join(" "), String::from_utf8_lossy(&o.stderr));
+                    return None;
+                }
+                Err(e) => {
+                    eprintln!("ip: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(ns)
+    }
+
+    /// Takes the link down: the namespace is cut off.
+    pub fn cut(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &self.veth, "down"])
+            .status();
+    }
+
+    /// Brings the link back.
+    pub fn restore(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "set", &self.veth, "up"])
+            .status();
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 /// `loadgen roam` (the binary at `loadgen`) draining `node`: its client and admin addresses and
