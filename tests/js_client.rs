@@ -1,0 +1,45 @@
+//! The TypeScript client library (`clients/js`, issue 16) under the README's test command: its
+//! own tests (Node's built-in runner) run here, against the project's vectors. Its packages
+//! come from the npm registry, pinned by `clients/js/package-lock.json` (`npm ci`, run here
+//! when `node_modules` is missing or older than the lock file). Node and npm are required
+//! (`.ci/run` installs Debian's `nodejs` and `npm` when they are missing).
+
+use std::path::Path;
+use std::process::Command;
+
+fn npm(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new("npm")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("npm {args:?}: {e} (install Node.js and npm: apt-get install nodejs npm)")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn typescript_codec_passes_its_tests_against_every_vector() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js");
+    let modules = dir.join("node_modules");
+    let lock = dir.join("package-lock.json");
+    let stale = match (modules.metadata(), lock.metadata()) {
+        (Ok(m), Ok(l)) => match (m.modified(), l.modified()) {
+            (Ok(m), Ok(l)) => m < l,
+            _ => true,
+        },
+        _ => true,
+    };
+    if stale {
+        let (ok, text) = npm(&dir, &["ci", "--no-audit", "--no-fund"]);
+        assert!(ok, "npm ci failed:\n{text}");
+    }
+    let (ok, text) = npm(&dir, &["test"]);
+    assert!(ok, "the TypeScript library's tests failed:\n{text}");
+    assert!(text.contains("# fail 0"), "{text}");
+}
