@@ -196,7 +196,15 @@ if redis.call('HGET', KEYS[1], 'node') == ARGV[1] then return redis.call('DEL', 
 return 0
 "#;
 
+/// The flip. ARGV[5] is its deadline (UNIX ms): a flip that reaches Redis later — a request
+/// retransmitted after a partition healed, whose sender long gave up waiting — is refused, so
+/// it can never land after the target, asking the directory, was told the source kept the
+/// session (docs/CLUSTER.md).
 const CLAIM_LUA: &str = r#"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[5]) then
+  return {'late', '', '0'}
+end
 local n = redis.call('HGET', KEYS[1], 'node')
 if not n then return {'missing', '', '0'} end
 local e = redis.call('HGET', KEYS[1], 'epoch')
@@ -718,17 +726,18 @@ impl Worker {
         from: u64,
         to: &str,
         epoch: u64,
+        deadline: Instant,
     ) -> Result<Claim, KeeperError> {
+        let deadline_ms = now_ms()
+            + deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64;
         // A connection that died unnoticed fails here, before the flip is sent: that failure
         // is a plain "unavailable", never an ambiguous one.
-        let recent = self
-            .last_ok
-            .is_some_and(|t| t.elapsed() < Duration::from_millis(100));
-        let alive = recent
-            || self
-                .conn
-                .as_mut()
-                .is_some_and(|c| redis::cmd("PING").query::<String>(c).is_ok());
+        let alive = self
+            .conn
+            .as_mut()
+            .is_some_and(|c| redis::cmd("PING").query::<String>(c).is_ok());
         if !alive {
             self.conn = None;
             self.next_try = Instant::now();
@@ -746,11 +755,17 @@ impl Worker {
             .arg(from.to_string())
             .arg(to)
             .arg(epoch.to_string())
+            .arg(deadline_ms.to_string())
             .invoke(c);
         match r {
             Ok((k, node, e)) => Ok({
                 self.last_ok = Some(Instant::now());
                 match k.as_str() {
+                    "late" => {
+                        return Err(KeeperError::Unavailable(
+                            "the flip reached the keeper after its deadline; not done".into(),
+                        ))
+                    }
                     "done" => Claim::Done,
                     "missing" => Claim::Missing,
                     _ => Claim::Stale {
@@ -906,7 +921,7 @@ impl Worker {
                 } else {
                     // The session's own queued write goes first (its record must exist).
                     self.flush();
-                    reply(self.do_claim(sid, from, &to, epoch));
+                    reply(self.do_claim(sid, from, &to, epoch, deadline));
                 }
             }
             Cmd::Lookup {

@@ -31,8 +31,11 @@ const EXPORT_MS: u64 = 2_000;
 /// Time the target has to be warm, and the keeper to answer a flip, before the move is
 /// called off.
 const READY_MS: u64 = 5_000;
-/// Time a warm copy waits for COMMIT before it asks the keeper who holds the session.
-const WARM_MS: u64 = 5_000;
+/// Time a warm copy waits for COMMIT before it asks the keeper who holds the session. Longer
+/// than the source may take to flip it (READY within `READY_MS` of the offer, then a flip that
+/// the keeper refuses after `CLAIM_TIMEOUT`), with margin: when the target asks, no flip can
+/// land any more, so its answer is final.
+const WARM_MS: u64 = 10_000;
 /// Largest agent state a session may carry to another node.
 const MAX_STATE: usize = 64 << 20;
 /// How long a keeper answer about where a session lives is trusted.
@@ -79,9 +82,6 @@ struct Outgoing {
     /// Times the keeper was asked, in vain, whether a flip whose answer was lost happened.
     rechecks: u32,
 }
-
-/// Times a lost flip answer is re-checked (200 ms apart) before the move is called off.
-const RECHECKS: u32 = 10;
 
 struct Warm {
     from: String,
@@ -534,32 +534,27 @@ impl ShardHandler {
             if o.phase == OutPhase::Rechecking {
                 match &entry {
                     Some(e) if e.node == o.to && e.epoch == o.epoch => self.roam_release(ctx, sid),
-                    Some(e) if e.node == me => {
+                    Some(e) if e.node == me && e.epoch < o.epoch => {
                         self.roam_call_off(ctx, sid, "the keeper kept this node".into())
                     }
-                    // No answer: stay frozen and ask again, a while.
-                    _ if o.rechecks < RECHECKS => {
+                    // No answer: the flip may or may not have landed. The session stays frozen
+                    // here until the keeper can say which (never guessed: a node that took it
+                    // back while the target, asking the keeper, found the flip would serve it
+                    // twice). Asked again, 200 ms apart growing to 1 s.
+                    _ => {
+                        let rechecks = o.rechecks;
                         if let Some(o) = self.roam.out.get_mut(&sid) {
                             o.rechecks += 1;
                         }
+                        if rechecks == 10 {
+                            warn!(
+                                session = sid,
+                                "flip outcome unknown and the keeper unreachable: the session waits, frozen, for the keeper"
+                            );
+                        }
                         let now = self.now(ctx);
-                        self.roam_timer(ctx, sid, now + 200);
-                    }
-                    // Still none: the flip may have landed. The target is told to drop its
-                    // warm copy (ABORT, in `roam_call_off`), this node takes the session at
-                    // a newer epoch than the flip's and writes that to the directory (queued
-                    // until the keeper is back), so the directory ends naming this node and a
-                    // late target asking it is told to drop its copy.
-                    _ => {
-                        let fence = o.epoch + 1;
-                        self.roam.epochs.insert(sid, fence);
-                        self.directory_adopt(sid, fence);
-                        self.roam_call_off(
-                            ctx,
-                            sid,
-                            "the keeper's answer to the flip was lost and it stays unreachable"
-                                .into(),
-                        );
+                        let wait = (200 * (1 + u64::from(rechecks) / 5)).min(1000);
+                        self.roam_timer(ctx, sid, now + wait);
                     }
                 }
                 return;
