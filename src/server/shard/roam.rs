@@ -537,6 +537,16 @@ impl ShardHandler {
                     Some(e) if e.node == me && e.epoch < o.epoch => {
                         self.roam_call_off(ctx, sid, "the keeper kept this node".into())
                     }
+                    // The keeper answers and has no record: no flip landed there (or Redis lost
+                    // it, and the target then finds none either and drops its copy).
+                    None if self
+                        .shared
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.keeper.is_up()) =>
+                    {
+                        self.roam_call_off(ctx, sid, "the keeper has no record of the flip".into())
+                    }
                     // No answer: the flip may or may not have landed. The session stays frozen
                     // here until the keeper can say which (never guessed: a node that took it
                     // back while the target, asking the keeper, found the flip would serve it
