@@ -143,11 +143,6 @@ enum Cmd {
         reply: Reply<Option<Entry>>,
     },
     Nodes(Sender<Result<Vec<NodeView>, KeeperError>>),
-    Sessions {
-        node: Option<String>,
-        limit: usize,
-        reply: Sender<Result<Vec<(u32, Entry)>, KeeperError>>,
-    },
     Stop(bool),
 }
 
@@ -351,7 +346,6 @@ impl Keeper {
             backoff: Duration::from_millis(100),
             last_hb: None,
             deregister: true,
-            last_ok: None,
         };
         if w.conn.is_some() {
             w.heartbeat();
@@ -493,26 +487,6 @@ impl Keeper {
             .map_err(|_| KeeperError::Unavailable("no answer in time".into()))?
     }
 
-    /// Up to `limit` session records, of `node` or all (blocking: admin only).
-    pub fn sessions(
-        &self,
-        node: Option<&str>,
-        limit: usize,
-        timeout: Duration,
-    ) -> Result<Vec<(u32, Entry)>, KeeperError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.0
-            .tx
-            .send(Cmd::Sessions {
-                node: node.map(str::to_string),
-                limit,
-                reply: tx,
-            })
-            .map_err(|_| KeeperError::Unavailable("the keeper thread is gone".into()))?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| KeeperError::Unavailable("no answer in time".into()))?
-    }
-
     /// Deregisters the node (best effort) and stops the thread (waits up to 2 s).
     pub fn shutdown(&self) {
         self.stop(true);
@@ -549,8 +523,6 @@ struct Worker {
     last_hb: Option<Instant>,
     /// Remove the node record when the thread ends.
     deregister: bool,
-    /// When Redis last answered (a flip then skips its liveness PING).
-    last_ok: Option<Instant>,
 }
 
 impl Worker {
@@ -709,10 +681,7 @@ impl Worker {
             }
         }
         match p.query::<()>(c) {
-            Ok(()) => {
-                self.pending.clear();
-                self.last_ok = Some(Instant::now());
-            }
+            Ok(()) => self.pending.clear(),
             Err(e) => {
                 let e = rerr("directory writes", e);
                 self.lost(&e);
@@ -759,7 +728,6 @@ impl Worker {
             .invoke(c);
         match r {
             Ok((k, node, e)) => Ok({
-                self.last_ok = Some(Instant::now());
                 match k.as_str() {
                     "late" => {
                         return Err(KeeperError::Unavailable(
@@ -793,10 +761,7 @@ impl Worker {
         let r: redis::RedisResult<HashMap<String, String>> =
             redis::cmd("HGETALL").arg(self.keys.session(sid)).query(c);
         match r {
-            Ok(h) => {
-                self.last_ok = Some(Instant::now());
-                Ok(entry(&h))
-            }
+            Ok(h) => Ok(entry(&h)),
             Err(e) => {
                 let k = rerr("lookup", e);
                 self.lost(&k);
@@ -849,56 +814,6 @@ impl Worker {
         })
     }
 
-    fn do_sessions(
-        &mut self,
-        node: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(u32, Entry)>, KeeperError> {
-        let c = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| KeeperError::Unavailable("not connected".into()))?;
-        let pattern = format!("{}:s:*", self.keys.0);
-        let res = (|| -> redis::RedisResult<Vec<(u32, Entry)>> {
-            let mut out = Vec::new();
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(c)?;
-                let mut p = redis::pipe();
-                for k in &keys {
-                    p.cmd("HGETALL").arg(k);
-                }
-                let recs: Vec<HashMap<String, String>> = p.query(c)?;
-                for (k, h) in keys.iter().zip(recs) {
-                    let sid = k
-                        .rsplit(':')
-                        .next()
-                        .and_then(|s| u32::from_str_radix(s, 16).ok());
-                    if let (Some(sid), Some(e)) = (sid, entry(&h)) {
-                        if node.is_none_or(|n| n == e.node) && out.len() < limit {
-                            out.push((sid, e));
-                        }
-                    }
-                }
-                cursor = next;
-                if cursor == 0 || out.len() >= limit {
-                    return Ok(out);
-                }
-            }
-        })();
-        res.map_err(|e| {
-            let k = rerr("sessions", e);
-            self.lost(&k);
-            k
-        })
-    }
-
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
             Cmd::Write(sid, w) => {
@@ -943,15 +858,6 @@ impl Worker {
                     Err(KeeperError::Unavailable("not connected".into()))
                 };
                 let _ = tx.send(r);
-            }
-            Cmd::Sessions { node, limit, reply } => {
-                let r = if self.ensure() {
-                    self.flush();
-                    self.do_sessions(node.as_deref(), limit)
-                } else {
-                    Err(KeeperError::Unavailable("not connected".into()))
-                };
-                let _ = reply.send(r);
             }
             Cmd::Stop(deregister) => {
                 self.deregister = deregister;

@@ -12,8 +12,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-/// How long a shard waits for the keeper to answer a holder flip before it re-checks.
-pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a holder flip may take, queued behind others on the keeper thread included; after
+/// it the keeper refuses it (its Lua checks the deadline) and the shard re-checks.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a lookup for a RESUME at the wrong node may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -230,22 +231,15 @@ impl ClusterNode {
     }
 
     /// Asks the keeper where `sid` lives; the answer reaches shard `shard` as
-    /// [`ShardMsg::Located`] (`None`: not in the directory, or the keeper did not answer).
+    /// [`ShardMsg::Located`] (`Ok(None)`: not in the directory; `Err`: no answer).
     pub fn locate(&self, shard: usize, sid: u32) {
         let remote = self.remote.get().cloned();
         self.keeper.lookup(
             sid,
             LOOKUP_TIMEOUT,
-            Box::new(move |result| {
+            Box::new(move |answer| {
                 if let Some(r) = remote {
-                    let entry = match result {
-                        Ok(e) => e,
-                        Err(e) => {
-                            tracing::debug!(session = sid, "keeper lookup failed: {e}");
-                            None
-                        }
-                    };
-                    r.send(shard, ShardMsg::Located { sid, entry });
+                    r.send(shard, ShardMsg::Located { sid, answer });
                 }
             }),
         );

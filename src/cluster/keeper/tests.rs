@@ -139,8 +139,6 @@ fn directory_ordinals_flip_and_nodes() {
     b.shutdown();
     let nodes = a.nodes(Duration::from_secs(2)).unwrap();
     assert!(nodes.iter().any(|n| n.id == "b" && !n.alive), "{nodes:?}");
-    let listed = a.sessions(None, 100, Duration::from_secs(2)).unwrap();
-    assert_eq!(listed.len(), 1);
     a.shutdown();
 }
 

@@ -87,10 +87,10 @@ pub enum ShardMsg {
         epoch: u64,
         result: Result<crate::cluster::keeper::Claim, crate::cluster::keeper::KeeperError>,
     },
-    /// ClawRoam: where the keeper says `sid` lives (`None`: nowhere, or no answer).
+    /// ClawRoam: where the keeper says `sid` lives (`Ok(None)`: no record; `Err`: no answer).
     Located {
         sid: u32,
-        entry: Option<crate::cluster::keeper::Entry>,
+        answer: Result<Option<crate::cluster::keeper::Entry>, crate::cluster::keeper::KeeperError>,
     },
     /// This shard's sessions (`clawtermctl sessions`, drain).
     Sessions(crossbeam_channel::Sender<Vec<crate::server::cluster::SessionRow>>),

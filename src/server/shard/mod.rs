@@ -206,13 +206,13 @@ impl ShardHandler {
     /// Plaintext bytes from a client: frames are decoded straight from them when no partial
     /// frame is pending (no copy); a trailing partial frame is kept in the connection's buffer.
     fn on_plaintext(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
-        if self.is_relayed(&conn) {
-            self.relay_forward(ctx, conn, data);
-            return;
-        }
         let Some(c) = self.clients.conns.get_mut(&conn) else {
             return;
         };
+        if c.state == ConnState::Relayed {
+            self.relay_forward(ctx, conn, data);
+            return;
+        }
         if c.inbuf.is_empty() {
             // Fast path: decode straight from the receive buffer.
             let (used, alive) = self.process(ctx, conn, data);
@@ -365,14 +365,23 @@ impl ShardHandler {
     }
 
     fn remove_session(&mut self, sid: u32) {
-        if let Some(s) = self.table.remove(sid) {
-            self.persist_end(sid);
+        if self.forget_session(sid).is_some() {
             self.roam_ended(sid);
-            self.shared.release_session();
-            if let Some(l) = self.links.get_mut((s.tenant(), s.agent())) {
-                l.remove_session(sid);
-            }
         }
+    }
+
+    /// Takes `sid` out of this shard (table, journal, node count, its pod link); its pod key
+    /// if it was here. The directory is the caller's business: a session that ended leaves it
+    /// (`remove_session`), one that moved or never served here does not.
+    fn forget_session(&mut self, sid: u32) -> Option<(u32, u32)> {
+        let s = self.table.remove(sid)?;
+        let key = (s.tenant(), s.agent());
+        self.persist_end(sid);
+        self.shared.release_session();
+        if let Some(l) = self.links.get_mut(key) {
+            l.remove_session(sid);
+        }
+        Some(key)
     }
 
     /// Feeds received bytes through the frame decoder. Returns how many bytes were consumed
@@ -734,7 +743,7 @@ impl shards::Handler for ShardHandler {
             ShardMsg::RoamClaimed { sid, epoch, result } => {
                 self.roam_claimed(ctx, sid, epoch, result)
             }
-            ShardMsg::Located { sid, entry } => self.on_located(ctx, sid, entry),
+            ShardMsg::Located { sid, answer } => self.on_located(ctx, sid, answer),
             ShardMsg::Sessions(reply) => {
                 let _ = reply.send(self.session_rows());
             }

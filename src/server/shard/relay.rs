@@ -18,7 +18,7 @@
 //! its client does not read yet); its cost is measured in docs/BENCHMARKS.md.
 
 use super::clients::Written;
-use super::{Client, Conn, ConnState, ShardHandler, ShardMsg};
+use super::{Client, ConnState, ShardHandler, ShardMsg};
 use crate::cluster::peer::PeerMsg;
 use crate::proto::{self, Decoded, FrameType, Resume};
 use crate::session::table::IdMap;
@@ -269,17 +269,6 @@ impl ShardHandler {
             .encode(o)
         });
         out
-    }
-
-    /// Whether `conn` is relayed (anchor side); its bytes bypass the frame decoder.
-    pub(super) fn is_relayed(&self, conn: &Client) -> bool {
-        matches!(
-            self.clients.conns.get(conn),
-            Some(Conn {
-                state: ConnState::Relayed,
-                ..
-            })
-        )
     }
 }
 

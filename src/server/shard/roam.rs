@@ -33,9 +33,9 @@ const EXPORT_MS: u64 = 2_000;
 const READY_MS: u64 = 5_000;
 /// Time a warm copy waits for COMMIT before it asks the keeper who holds the session. Longer
 /// than the source may take to flip it (READY within `READY_MS` of the offer, then a flip that
-/// the keeper refuses after `CLAIM_TIMEOUT`), with margin: when the target asks, no flip can
-/// land any more, so its answer is final.
-const WARM_MS: u64 = 10_000;
+/// the keeper refuses after `CLAIM_TIMEOUT`, 3 s), with margin: when the target asks, no flip
+/// can land any more, so its answer is final.
+const WARM_MS: u64 = 12_000;
 /// Largest agent state a session may carry to another node.
 const MAX_STATE: usize = 64 << 20;
 /// How long a keeper answer about where a session lives is trusted.
@@ -102,9 +102,11 @@ struct Tomb {
 }
 
 impl Roaming {
-    /// Whether `sid` is frozen for a move (its input and timers wait).
+    /// Whether `sid` is frozen for a move (its input and timers wait). On the per-frame path:
+    /// with no move under way it costs two length checks, no lookup.
     pub(super) fn frozen(&self, sid: u32) -> bool {
-        self.out.contains_key(&sid) || self.warm.contains_key(&sid)
+        (!self.out.is_empty() && self.out.contains_key(&sid))
+            || (!self.warm.is_empty() && self.warm.contains_key(&sid))
     }
 
     /// The epoch of `sid` on this node.
@@ -454,15 +456,10 @@ impl ShardHandler {
         }
         debug!(session = sid, "warm copy dropped: {why}");
         self.roam.epochs.remove(&sid);
-        if let Some(s) = self.table.remove(sid) {
-            self.shared.release_session();
-            let key = (s.tenant(), s.agent());
+        if let Some(key) = self.forget_session(sid) {
             let mut msg = Vec::new();
             podlink::encode(&mut msg, sid, &PodMsg::Close(podlink::CloseReason::Normal));
             self.link_send(ctx, key, &msg);
-            if let Some(l) = self.links.get_mut(key) {
-                l.remove_session(sid);
-            }
         }
         self.redrive_parked(ctx, sid);
     }
@@ -516,13 +513,13 @@ impl ShardHandler {
         }
     }
 
-    /// The keeper said where a session lives: a lost flip is settled, a late warm copy serves
+    /// The keeper's answer about where a session lives (`Err`: it gave none): a lost flip is settled, a late warm copy serves
     /// or goes, and RESUMEs waiting for the answer go on.
     pub(super) fn on_located(
         &mut self,
         ctx: &mut impl Context<ShardMsg>,
         sid: u32,
-        entry: Option<Entry>,
+        answer: Result<Option<Entry>, KeeperError>,
     ) {
         let me = self
             .shared
@@ -532,25 +529,24 @@ impl ShardHandler {
             .unwrap_or_default();
         if let Some(o) = self.roam.out.get(&sid) {
             if o.phase == OutPhase::Rechecking {
-                match &entry {
-                    Some(e) if e.node == o.to && e.epoch == o.epoch => self.roam_release(ctx, sid),
-                    Some(e) if e.node == me && e.epoch < o.epoch => {
+                match &answer {
+                    Ok(Some(e)) if e.node == o.to && e.epoch == o.epoch => {
+                        self.roam_release(ctx, sid)
+                    }
+                    Ok(Some(e)) if e.node == me && e.epoch < o.epoch => {
                         self.roam_call_off(ctx, sid, "the keeper kept this node".into())
                     }
-                    // The keeper answers and has no record: no flip landed there (or Redis lost
-                    // it, and the target then finds none either and drops its copy).
-                    None if self
-                        .shared
-                        .cluster
-                        .as_ref()
-                        .is_some_and(|c| c.keeper.is_up()) =>
-                    {
+                    // The keeper answered and has no record: no flip landed (a late one is
+                    // refused by its deadline; a record Redis lost, the target finds missing
+                    // too, and drops its copy).
+                    Ok(None) => {
                         self.roam_call_off(ctx, sid, "the keeper has no record of the flip".into())
                     }
-                    // No answer: the flip may or may not have landed. The session stays frozen
-                    // here until the keeper can say which (never guessed: a node that took it
-                    // back while the target, asking the keeper, found the flip would serve it
-                    // twice). Asked again, 200 ms apart growing to 1 s.
+                    // No answer (or one that names neither side): the flip may or may not have
+                    // landed. The session stays frozen here until the keeper can say which
+                    // (never guessed: a node that took it back while the target, asking the
+                    // keeper, found the flip would serve it twice). Asked again, 200 ms apart
+                    // growing to 1 s.
                     _ => {
                         let rechecks = o.rechecks;
                         if let Some(o) = self.roam.out.get_mut(&sid) {
@@ -559,7 +555,7 @@ impl ShardHandler {
                         if rechecks == 10 {
                             warn!(
                                 session = sid,
-                                "flip outcome unknown and the keeper unreachable: the session waits, frozen, for the keeper"
+                                "flip outcome unknown: the session waits, frozen, for the keeper"
                             );
                         }
                         let now = self.now(ctx);
@@ -572,10 +568,10 @@ impl ShardHandler {
         }
         if let Some(w) = self.roam.warm.get(&sid) {
             if w.asked {
-                match &entry {
-                    Some(e) if e.node == me && e.epoch == w.epoch => self.roam_serve(ctx, sid),
-                    Some(_) => self.roam_drop_warm(ctx, sid, "the keeper names another holder"),
-                    None => {
+                match &answer {
+                    Ok(Some(e)) if e.node == me && e.epoch == w.epoch => self.roam_serve(ctx, sid),
+                    Ok(_) => self.roam_drop_warm(ctx, sid, "the keeper names no flip to this node"),
+                    Err(_) => {
                         if let Some(w) = self.roam.warm.get_mut(&sid) {
                             w.asked = false;
                         }
@@ -586,6 +582,8 @@ impl ShardHandler {
                 return;
             }
         }
+        // A RESUME that waited: no answer counts as no record (NO_SUCH_SESSION, as alone).
+        let entry = answer.unwrap_or(None);
         let now = self.now(ctx);
         self.roam.located.insert(sid, (entry, now + LOCATED_MS));
         self.redrive_parked(ctx, sid);
@@ -650,13 +648,7 @@ impl ShardHandler {
         let mut msg = Vec::new();
         podlink::encode(&mut msg, sid, &PodMsg::Close(podlink::CloseReason::Roamed));
         self.link_send(ctx, key, &msg);
-        if self.table.remove(sid).is_some() {
-            self.persist_end(sid);
-            self.shared.release_session();
-            if let Some(l) = self.links.get_mut(key) {
-                l.remove_session(sid);
-            }
-        }
+        self.forget_session(sid);
         self.roam.epochs.remove(&sid);
         let took = self.clock.us(ctx.now()).saturating_sub(o.started_us);
         let m = self.m();
