@@ -71,6 +71,11 @@ pub struct Config {
     pub io: IoMode,
     /// TCP listener, one SO_REUSEPORT socket per shard. Port 0 = pick a free port.
     pub listen: Option<SocketAddr>,
+    /// Further TCP listeners, one SO_REUSEPORT socket per shard each (port 0 = pick a free
+    /// port). A connection accepted on `extra_listen[i]` reaches
+    /// [`Handler::on_accept_at`](crate::Handler::on_accept_at) with listener `i + 1`; `listen`
+    /// is listener 0.
+    pub extra_listen: Vec<SocketAddr>,
     /// Listen backlog.
     pub backlog: i32,
     /// Provided-buffer size for receives (and the epoll scratch buffer size).
@@ -99,6 +104,7 @@ impl Default for Config {
             cpus: vec![None],
             io: IoMode::Auto,
             listen: None,
+            extra_listen: Vec::new(),
             backlog: 4096,
             buf_size: 16 * 1024,
             bufs_per_shard: 256,

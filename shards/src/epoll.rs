@@ -22,8 +22,9 @@ fn conn_token(idx: u32, gen: u32) -> u64 {
 
 pub(crate) struct EpollShard {
     ep: OwnedFd,
-    listener: Option<OwnedFd>,
-    /// The listener and UDP socket joined the epoll set (the shard accepts).
+    /// By listener index.
+    listeners: Vec<Option<OwnedFd>>,
+    /// The listeners and UDP socket joined the epoll set (the shard accepts).
     registered: bool,
     /// `stop_accepting` was acted on.
     released: bool,
@@ -45,7 +46,7 @@ fn ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Res
 impl Driver for EpollShard {
     fn new(
         cfg: &Config,
-        listener: Option<OwnedFd>,
+        listeners: Vec<Option<OwnedFd>>,
         wake_fd: RawFd,
         udp_fd: Option<RawFd>,
     ) -> io::Result<Self> {
@@ -58,14 +59,14 @@ impl Driver for EpollShard {
             libc::EPOLLIN as u32,
             TOK_WAKE,
         )?;
-        if let Some(l) = &listener {
+        for l in listeners.iter().flatten() {
             sys::set_nonblocking(l.as_raw_fd(), true)?;
         }
         // The listener and the UDP socket join the epoll set when the shard starts accepting
         // (`register_listeners`).
         Ok(EpollShard {
             ep,
-            listener,
+            listeners,
             wake_fd,
             scratch: vec![0u8; cfg.buf_size],
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
@@ -143,8 +144,8 @@ impl Driver for EpollShard {
                 if data == TOK_WAKE {
                     sys::eventfd_read(self.wake_fd);
                     core.drain_mailbox(rx, h);
-                } else if data == TOK_LISTEN {
-                    self.accept(core, h);
+                } else if data & TOK_LISTEN != 0 {
+                    self.accept(core, h, (data & 0xffff) as usize);
                 } else if data == TOK_UDP {
                     if let Some(u) = self.udp.as_mut() {
                         u.drain(core, h);
@@ -164,14 +165,16 @@ impl EpollShard {
     /// from the epoll set explicitly: another fd (a copy kept for a live upgrade) may keep the
     /// socket open, and with it the registration.
     fn register_listeners(&mut self) -> io::Result<()> {
-        if let Some(l) = &self.listener {
-            ctl(
-                self.ep.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                l.as_raw_fd(),
-                libc::EPOLLIN as u32,
-                TOK_LISTEN,
-            )?;
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(l) = l {
+                ctl(
+                    self.ep.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    l.as_raw_fd(),
+                    libc::EPOLLIN as u32,
+                    TOK_LISTEN | i as u64,
+                )?;
+            }
         }
         if let Some(u) = self.udp_fd {
             // Level-triggered: a batch left unread (budget spent) is reported again.
@@ -187,7 +190,7 @@ impl EpollShard {
     }
 
     fn release_listeners(&mut self) {
-        if let Some(l) = self.listener.take() {
+        for l in self.listeners.iter_mut().filter_map(Option::take) {
             let _ = ctl(
                 self.ep.as_raw_fd(),
                 libc::EPOLL_CTL_DEL,
@@ -202,8 +205,10 @@ impl EpollShard {
         }
     }
 
-    fn accept<H: Handler>(&mut self, core: &mut Core<H::Msg>, h: &mut H) {
-        let Some(l) = &self.listener else { return };
+    fn accept<H: Handler>(&mut self, core: &mut Core<H::Msg>, h: &mut H, which: usize) {
+        let Some(Some(l)) = self.listeners.get(which) else {
+            return;
+        };
         let lfd = l.as_raw_fd();
         for _ in 0..128 {
             match sys::accept(lfd) {
@@ -214,7 +219,7 @@ impl EpollShard {
                     sys::set_nodelay(fd.as_raw_fd());
                     let id = core.alloc(std::os::fd::IntoRawFd::into_raw_fd(fd), f::READING);
                     core.mark_dirty(id.index());
-                    h.on_accept(&mut Ctx::new(core), id, peer);
+                    h.on_accept_at(&mut Ctx::new(core), id, peer, which);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

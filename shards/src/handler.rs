@@ -42,6 +42,19 @@ pub trait Handler: 'static {
 
     fn on_start(&mut self, _ctx: &mut impl Context<Self::Msg>) {}
     fn on_accept(&mut self, ctx: &mut impl Context<Self::Msg>, conn: ConnId, peer: SocketAddr);
+    /// A connection accepted on listener `listener` (0: [`Config::listen`](crate::Config::listen),
+    /// `i + 1`: [`Config::extra_listen`](crate::Config::extra_listen)`[i]`). By default, the
+    /// same as [`Handler::on_accept`]: a handler with one listener need not know.
+    fn on_accept_at(
+        &mut self,
+        ctx: &mut impl Context<Self::Msg>,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+    ) {
+        let _ = listener;
+        self.on_accept(ctx, conn, peer);
+    }
     /// Bytes are borrowed from the provided buffer, which is recycled when this returns.
     fn on_data(&mut self, ctx: &mut impl Context<Self::Msg>, conn: ConnId, data: &[u8]);
     /// Peer EOF (`None`) or error; the conn is gone after this. Not called for conns the

@@ -39,11 +39,14 @@ impl<M: Send + 'static> Remote<M> {
 pub struct Runtime<M: Send + 'static> {
     /// Copies of the shards' listening sockets (see [`Runtime::listening_sockets`]).
     kept: Vec<std::os::fd::OwnedFd>,
+    /// Per extra listener, its shards' sockets.
+    kept_extra: Vec<Vec<std::os::fd::OwnedFd>>,
     kept_udp: Vec<std::os::fd::OwnedFd>,
     shared: Arc<Shared<M>>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     backend: Backend,
     local_addr: Option<SocketAddr>,
+    extra_local_addrs: Vec<SocketAddr>,
     udp_local_addr: Option<SocketAddr>,
     udp_steered: bool,
 }
@@ -53,6 +56,10 @@ pub struct Runtime<M: Send + 'static> {
 pub struct Inherited {
     /// One TCP listener per shard, in shard order.
     pub tcp: Vec<std::os::fd::OwnedFd>,
+    /// Per extra listener ([`Config::extra_listen`], in order), one socket per shard. An
+    /// extra listener inherited here is used instead of binding its address; one missing is
+    /// bound.
+    pub extra: Vec<Vec<std::os::fd::OwnedFd>>,
     /// One UDP socket per shard, in shard order (QUIC).
     pub udp: Vec<std::os::fd::OwnedFd>,
     /// Whether a steering program is attached to the UDP sockets' reuseport group.
@@ -88,10 +95,14 @@ impl<M: Send + 'static> Runtime<M> {
         F: Fn(usize) -> H + Send + Sync + 'static,
     {
         cfg.validate()?;
+        let extra_counts: Vec<usize> = inherited.extra.iter().map(Vec::len).collect();
         for (what, n) in [
             ("TCP listeners", inherited.tcp.len()),
             ("UDP sockets", inherited.udp.len()),
-        ] {
+        ]
+        .into_iter()
+        .chain(extra_counts.into_iter().map(|n| ("extra TCP listeners", n)))
+        {
             if n != 0 && n != cfg.shards {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -150,6 +161,40 @@ impl<M: Send + 'static> Runtime<M> {
         } else {
             listeners.resize_with(cfg.shards, || None);
         }
+        // Extra listeners: per shard, the sockets of every extra listener, in order.
+        let mut extra: Vec<Vec<std::os::fd::OwnedFd>> = Vec::new();
+        let mut extra_local_addrs = Vec::new();
+        let mut inherited_extra = inherited.extra.into_iter();
+        for addr in &cfg.extra_listen {
+            let socks = match inherited_extra.next() {
+                Some(fds) if !fds.is_empty() => {
+                    for fd in &fds {
+                        sys::set_nonblocking(
+                            std::os::fd::AsRawFd::as_raw_fd(fd),
+                            backend == Backend::Epoll,
+                        )?;
+                    }
+                    fds
+                }
+                _ => {
+                    let mut fds = Vec::with_capacity(cfg.shards);
+                    let mut bind_addr = *addr;
+                    for _ in 0..cfg.shards {
+                        let fd =
+                            sys::tcp_listener(&bind_addr, cfg.backlog, backend == Backend::Epoll)?;
+                        if fds.is_empty() {
+                            bind_addr = sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+                        }
+                        fds.push(fd);
+                    }
+                    fds
+                }
+            };
+            if let Some(first) = socks.first() {
+                extra_local_addrs.push(sys::local_addr(std::os::fd::AsRawFd::as_raw_fd(first))?);
+            }
+            extra.push(socks);
+        }
         let mut udp_socks = Vec::new();
         let mut udp_local_addr = None;
         let mut udp_steered = false;
@@ -193,6 +238,25 @@ impl<M: Send + 'static> Runtime<M> {
         for l in listeners.iter().flatten() {
             kept.push(l.try_clone()?);
         }
+        let mut kept_extra = Vec::new();
+        for socks in &extra {
+            kept_extra.push(
+                socks
+                    .iter()
+                    .map(|f| f.try_clone())
+                    .collect::<io::Result<Vec<_>>>()?,
+            );
+        }
+        // Per shard: listener 0 (`listen`), then one socket of each extra listener.
+        let mut per_shard: Vec<Vec<Option<std::os::fd::OwnedFd>>> =
+            listeners.into_iter().map(|l| vec![l]).collect();
+        for socks in extra {
+            for (i, fd) in socks.into_iter().enumerate() {
+                if let Some(v) = per_shard.get_mut(i) {
+                    v.push(Some(fd));
+                }
+            }
+        }
         let mut kept_udp = Vec::new();
         for u in udp_socks.iter().flatten() {
             kept_udp.push(u.try_clone()?);
@@ -214,7 +278,7 @@ impl<M: Send + 'static> Runtime<M> {
         let mut threads = Vec::with_capacity(cfg.shards);
         for (i, ((rx, listener), udp_sock)) in receivers
             .into_iter()
-            .zip(listeners)
+            .zip(per_shard)
             .zip(udp_socks)
             .enumerate()
         {
@@ -259,11 +323,13 @@ impl<M: Send + 'static> Runtime<M> {
         }
         let rt = Runtime {
             kept,
+            kept_extra,
             kept_udp,
             shared,
             threads,
             backend,
             local_addr,
+            extra_local_addrs,
             udp_local_addr,
             udp_steered,
         };
@@ -285,6 +351,11 @@ impl<M: Send + 'static> Runtime<M> {
                 .iter()
                 .map(|f| f.try_clone())
                 .collect::<io::Result<_>>()?,
+            extra: self
+                .kept_extra
+                .iter()
+                .map(|v| v.iter().map(|f| f.try_clone()).collect::<io::Result<_>>())
+                .collect::<io::Result<_>>()?,
             udp: self
                 .kept_udp
                 .iter()
@@ -302,6 +373,12 @@ impl<M: Send + 'static> Runtime<M> {
     /// Actual bound listen address (port 0 resolved).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
+    }
+
+    /// Actual bound addresses of the extra listeners, in [`Config::extra_listen`]'s order
+    /// (port 0 resolved).
+    pub fn extra_local_addrs(&self) -> &[SocketAddr] {
+        &self.extra_local_addrs
     }
 
     /// Actual bound UDP address (port 0 resolved).
@@ -370,7 +447,7 @@ fn shard_main<H, F>(
     cfg: Arc<Config>,
     shared: Arc<Shared<H::Msg>>,
     rx: crossbeam_channel::Receiver<Envelope<H::Msg>>,
-    listener: Option<std::os::fd::OwnedFd>,
+    listeners: Vec<Option<std::os::fd::OwnedFd>>,
     udp_sock: Option<std::os::fd::OwnedFd>,
     paused: bool,
     factory: Arc<F>,
@@ -392,10 +469,10 @@ where
     core.accept_paused = paused;
     match backend {
         Backend::Uring => {
-            drive::<uring::UringShard, H, F>(i, core, &cfg, listener, &rx, &*factory, ready)
+            drive::<uring::UringShard, H, F>(i, core, &cfg, listeners, &rx, &*factory, ready)
         }
         Backend::Epoll => {
-            drive::<epoll::EpollShard, H, F>(i, core, &cfg, listener, &rx, &*factory, ready)
+            drive::<epoll::EpollShard, H, F>(i, core, &cfg, listeners, &rx, &*factory, ready)
         }
     }
 }
@@ -406,7 +483,7 @@ where
 pub(crate) trait Driver: Sized {
     fn new(
         cfg: &Config,
-        listener: Option<std::os::fd::OwnedFd>,
+        listeners: Vec<Option<std::os::fd::OwnedFd>>,
         wake_fd: std::os::fd::RawFd,
         udp_fd: Option<std::os::fd::RawFd>,
     ) -> io::Result<Self>;
@@ -430,13 +507,13 @@ fn drive<D: Driver, H: Handler, F: Fn(usize) -> H>(
     i: usize,
     mut core: std::mem::ManuallyDrop<Core<H::Msg>>,
     cfg: &Config,
-    listener: Option<std::os::fd::OwnedFd>,
+    listeners: Vec<Option<std::os::fd::OwnedFd>>,
     rx: &crossbeam_channel::Receiver<Envelope<H::Msg>>,
     factory: &F,
     ready: crossbeam_channel::Sender<io::Result<()>>,
 ) -> io::Result<()> {
     let udp_fd = core.udp.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-    let mut be = match D::new(cfg, listener, core.wake_fd(), udp_fd) {
+    let mut be = match D::new(cfg, listeners, core.wake_fd(), udp_fd) {
         Ok(b) => b,
         Err(e) => {
             let _ = ready.send(Err(e));

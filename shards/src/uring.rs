@@ -179,14 +179,21 @@ fn probe_live(ring: &mut IoUring, bufs: &mut BufRing) -> Result<(), String> {
     Ok(())
 }
 
+/// One listening socket of the shard and its multishot accept.
+struct Listener {
+    /// Closed (None) once its accept has ended for good.
+    fd: Option<OwnedFd>,
+    armed: bool,
+    retry_at: Option<Instant>,
+}
+
 pub(crate) struct UringShard {
     ring: ManuallyDrop<IoUring>,
     bufs: ManuallyDrop<BufRing>,
-    listener: Option<OwnedFd>,
-    accept_armed: bool,
+    /// By listener index (the user data of its accept).
+    listeners: Vec<Listener>,
     /// `stop_accepting` was acted on.
     accept_released: bool,
-    accept_retry_at: Option<Instant>,
     wake_fd: RawFd,
     wake_armed: bool,
     /// Target of the armed eventfd Read (heap, stable address).
@@ -209,7 +216,7 @@ pub(crate) struct UringShard {
 impl Driver for UringShard {
     fn new(
         cfg: &Config,
-        listener: Option<OwnedFd>,
+        listeners: Vec<Option<OwnedFd>>,
         wake_fd: RawFd,
         udp_fd: Option<RawFd>,
     ) -> io::Result<Self> {
@@ -227,16 +234,21 @@ impl Driver for UringShard {
             }
             return Err(e);
         }
-        if let Some(l) = &listener {
+        for l in listeners.iter().flatten() {
             sys::set_nonblocking(l.as_raw_fd(), false)?;
         }
         Ok(UringShard {
             ring,
             bufs,
-            listener,
-            accept_armed: false,
+            listeners: listeners
+                .into_iter()
+                .map(|fd| Listener {
+                    fd,
+                    armed: false,
+                    retry_at: None,
+                })
+                .collect(),
             accept_released: false,
-            accept_retry_at: None,
             wake_fd,
             wake_armed: false,
             wake_buf: Box::into_raw(Box::new(0u64)),
@@ -268,25 +280,16 @@ impl Driver for UringShard {
         loop {
             if !core.stopping && core.shared.stop.load(Ordering::SeqCst) {
                 core.begin_shutdown(h);
-                if self.accept_armed {
-                    self.cancel(ud(K_ACCEPT, 0, 0));
-                } else {
-                    self.listener = None;
-                }
+                self.end_accepts();
                 hard_deadline = Some(core.now + Duration::from_secs(4));
             }
             if core.accept_stopped && !self.accept_released {
                 // The listening sockets went to another process: stop taking connections and
                 // datagrams from them (what the kernel queued stays queued for it).
                 self.accept_released = true;
-                if self.accept_armed {
-                    // `on_accept_stopped` comes with the accept's final CQE.
-                    self.cancel(ud(K_ACCEPT, 0, 0));
-                } else {
-                    self.listener = None;
-                    if !core.stopping {
-                        h.on_accept_stopped(&mut Ctx::new(core));
-                    }
+                // `on_accept_stopped` comes with the last armed accept's final CQE.
+                if !self.end_accepts() && !core.stopping {
+                    h.on_accept_stopped(&mut Ctx::new(core));
                 }
                 if self.udp_armed {
                     self.cancel(K_UDP << 56);
@@ -308,20 +311,25 @@ impl Driver for UringShard {
                 self.wake_armed = true;
                 self.misc_ops += 1;
             }
-            if !core.stopping && !core.accept_stopped && !core.accept_paused && !self.accept_armed {
-                if let Some(l) = &self.listener {
-                    if self.accept_retry_at.is_none_or(|t| core.now >= t) {
-                        self.accept_retry_at = None;
-                        let e = opcode::AcceptMulti::new(Fd(l.as_raw_fd()))
-                            .flags(libc::SOCK_CLOEXEC)
-                            .build()
-                            .user_data(ud(K_ACCEPT, 0, 0));
-                        // SAFETY: references only the listener fd, which is closed only after
-                        // the accept's final CQE.
-                        unsafe { self.push(e) };
-                        self.accept_armed = true;
-                        self.misc_ops += 1;
+            if !core.stopping && !core.accept_stopped && !core.accept_paused {
+                for i in 0..self.listeners.len() {
+                    let l = &mut self.listeners[i];
+                    let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else {
+                        continue;
+                    };
+                    if l.armed || l.retry_at.is_some_and(|t| core.now < t) {
+                        continue;
                     }
+                    l.retry_at = None;
+                    l.armed = true;
+                    let e = opcode::AcceptMulti::new(Fd(fd))
+                        .flags(libc::SOCK_CLOEXEC)
+                        .build()
+                        .user_data(ud(K_ACCEPT, i as u32, 0));
+                    // SAFETY: references only the listener fd, which is closed only after
+                    // the accept's final CQE (`Listener::fd` is dropped then).
+                    unsafe { self.push(e) };
+                    self.misc_ops += 1;
                 }
             }
             if !core.stopping && !core.accept_stopped && !core.accept_paused && !self.udp_armed {
@@ -353,9 +361,7 @@ impl Driver for UringShard {
                         if self.wake_armed {
                             self.cancel(K_WAKE << 56);
                         }
-                        if self.accept_armed {
-                            self.cancel(ud(K_ACCEPT, 0, 0));
-                        }
+                        self.end_accepts();
                         if self.udp_armed {
                             self.cancel(K_UDP << 56);
                         }
@@ -375,10 +381,8 @@ impl Driver for UringShard {
                 }
             }
             let mut deadline = core.next_deadline();
-            for t in [self.accept_retry_at, teardown_deadline, hard_deadline]
-                .into_iter()
-                .flatten()
-            {
+            let retry = self.listeners.iter().filter_map(|l| l.retry_at).min();
+            for t in [retry, teardown_deadline, hard_deadline].into_iter().flatten() {
                 deadline = Some(deadline.map_or(t, |d| d.min(t)));
             }
             if self.udp_more {
@@ -423,6 +427,21 @@ impl UringShard {
             }
         }
         self.fatal = Some(io::Error::other("io_uring submission queue stuck full"));
+    }
+
+    /// Ends every listener's accept: cancels the armed ones (each closes its socket with its
+    /// final CQE) and closes the others now. Returns whether any accept was still armed.
+    fn end_accepts(&mut self) -> bool {
+        let mut armed = false;
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].armed {
+                armed = true;
+                self.cancel(ud(K_ACCEPT, i as u32, 0));
+            } else {
+                self.listeners[i].fd = None;
+            }
+        }
+        armed
     }
 
     fn cancel(&mut self, target: u64) {
@@ -474,6 +493,7 @@ impl UringShard {
                 }
             }
             K_ACCEPT => {
+                let which = (u & 0xffff_ffff) as usize;
                 if res >= 0 {
                     if core.stopping {
                         sys::close(res);
@@ -482,7 +502,7 @@ impl UringShard {
                         let peer = sys::peer_addr(res).unwrap_or_else(sys::unspecified_addr);
                         let id = core.alloc(res, f::READING);
                         core.mark_dirty(id.index());
-                        h.on_accept(&mut Ctx::new(core), id, peer);
+                        h.on_accept_at(&mut Ctx::new(core), id, peer, which);
                     }
                 } else if res != -libc::ECANCELED {
                     tracing::warn!(
@@ -493,15 +513,19 @@ impl UringShard {
                 }
                 if !cqueue::more(flags) {
                     self.misc_ops -= 1;
-                    self.accept_armed = false;
+                    let Some(l) = self.listeners.get_mut(which) else {
+                        return;
+                    };
+                    l.armed = false;
                     if core.stopping || core.accept_stopped {
-                        self.listener = None;
-                        if core.accept_stopped && !core.stopping {
+                        l.fd = None;
+                        let last = self.listeners.iter().all(|l| !l.armed);
+                        if last && core.accept_stopped && !core.stopping {
                             h.on_accept_stopped(&mut Ctx::new(core));
                         }
                     } else if res < 0 {
                         // e.g. EMFILE: back off a little instead of spinning.
-                        self.accept_retry_at = Some(core.now + Duration::from_millis(50));
+                        l.retry_at = Some(core.now + Duration::from_millis(50));
                     }
                 }
             }

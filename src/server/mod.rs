@@ -495,6 +495,11 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
                     };
                     Ok(shards::Inherited {
                         tcp: dup(&kept.tcp)?,
+                        extra: kept
+                            .extra
+                            .iter()
+                            .map(|v| dup(v))
+                            .collect::<std::io::Result<Vec<_>>>()?,
                         udp: dup(&kept.udp)?,
                         udp_steered: kept.udp_steered,
                         paused: false,

@@ -162,8 +162,15 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
     let sockets = (src.sockets)()?;
     let lock = src.lock.try_clone()?;
     let mut fds: Vec<OwnedFd> = vec![lock];
-    let (tcp, udp) = (sockets.tcp.len() as u16, sockets.udp.len() as u16);
+    // The extra listeners (WebSocket) travel as further TCP listeners after the main ones,
+    // `shards` of each: a new process that has none of them takes the first `shards` only.
+    let extra: usize = sockets.extra.iter().map(Vec::len).sum();
+    let (tcp, udp) = (
+        (sockets.tcp.len() + extra) as u16,
+        sockets.udp.len() as u16,
+    );
     fds.extend(sockets.tcp);
+    fds.extend(sockets.extra.into_iter().flatten());
     fds.extend(sockets.udp);
     ch.send_with_fds(
         &Msg::Accept {

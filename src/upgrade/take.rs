@@ -102,8 +102,19 @@ pub fn connect(dir: &Path, shards: usize) -> Result<Taking, TakeError> {
     };
     let mut fds = ch.take_fds(1 + tcp + udp)?;
     let udp_fds = fds.split_off(1 + tcp);
-    let tcp_fds = fds.split_off(1);
+    let mut tcp_fds = fds.split_off(1);
     let lock = fds.pop().ok_or_else(|| bad("no lock descriptor"))?;
+    // The main listeners (one per shard), then each extra listener's (WebSocket), `shards`
+    // at a time; an old process without extra listeners sends just the main ones.
+    let mut extra = Vec::new();
+    if tcp_fds.len() > shards && shards > 0 {
+        let mut rest = tcp_fds.split_off(shards);
+        while rest.len() >= shards {
+            let tail = rest.split_off(shards);
+            extra.push(rest);
+            rest = tail;
+        }
+    }
     // Room for every descriptor to come, before this process's shard threads start (see
     // `fdtable`): with them running, each doubling of the table would wait for an RCU grace
     // period in the middle of the hand-over.
@@ -112,6 +123,7 @@ pub fn connect(dir: &Path, shards: usize) -> Result<Taking, TakeError> {
         lock: Some(lock),
         sockets: Some(shards::Inherited {
             tcp: tcp_fds,
+            extra,
             udp: udp_fds,
             udp_steered,
             paused: true,
