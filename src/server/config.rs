@@ -48,6 +48,21 @@ pub struct ServerConfig {
     pub quic_port: Option<u16>,
     /// ClawRoam (`--keeper`): `None` = one node on its own.
     pub cluster: Option<ClusterConfig>,
+    /// The WebSocket port and the browser terminal page; `None` = off (`--no-ws`).
+    pub ws: Option<WsSettings>,
+}
+
+/// The WebSocket port (`--ws-port`) and what it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WsSettings {
+    /// TCP port (0 = pick one).
+    pub port: u16,
+    /// The page's files (`--web-root`); `None`: the default places.
+    pub web_root: Option<PathBuf>,
+    /// Further origins allowed (`--ws-origin`).
+    pub origins: Vec<String>,
+    /// Largest client message.
+    pub max_message: u64,
 }
 
 /// A node of a cluster (docs/CLUSTER.md).
@@ -112,6 +127,7 @@ impl Default for ServerConfig {
             conn_rate_per_ip: 10_000,
             max_auth_failures_per_ip: 30,
             admin: None,
+            ws: None,
             quic_port: None,
             cluster: None,
         }

@@ -62,6 +62,12 @@ pub struct ShardMetrics {
     pub quic_connections: AtomicU64,
     /// QUIC datagrams that reached this shard but belonged to another (no steering program).
     pub quic_forwarded: AtomicU64,
+    /// Connections accepted on the WebSocket port.
+    pub ws_accepted: AtomicU64,
+    /// Of those, upgraded to a WebSocket.
+    pub ws_upgraded: AtomicU64,
+    /// Requests refused and WebSockets closed for a broken rule.
+    pub ws_refused: AtomicU64,
     /// Attached connections found not to acknowledge (PROTOCOL.md §7.16).
     pub unacked_connections: AtomicU64,
     /// Frames dropped from replay rings unacknowledged, while attached / while suspended.
@@ -378,6 +384,31 @@ impl Metrics {
             "clawterm_quic_forwarded_total {}",
             sum(&|s| s.quic_forwarded.load(Relaxed))
         );
+        for (name, help, pick) in [
+            (
+                "clawterm_ws_connections_total",
+                "Connections accepted on the WebSocket port (pages and WebSockets).",
+                0u8,
+            ),
+            (
+                "clawterm_ws_upgrades_total",
+                "Connections of the WebSocket port upgraded to a WebSocket.",
+                1,
+            ),
+            (
+                "clawterm_ws_refused_total",
+                "WebSocket-port requests refused (HTTP 4xx) and WebSockets closed because the client broke a rule.",
+                2,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            let v = sum(&|s| match pick {
+                0 => s.ws_accepted.load(Relaxed),
+                1 => s.ws_upgraded.load(Relaxed),
+                _ => s.ws_refused.load(Relaxed),
+            });
+            let _ = writeln!(o, "{name} {v}");
+        }
         let _ = writeln!(o, "# HELP clawterm_roams_total ClawRoam moves of sessions away from this node, by result (called_off: the session went on here).\n# TYPE clawterm_roams_total counter");
         for (result, pick) in [("started", 0u8), ("completed", 1), ("called_off", 2)] {
             let n = sum(&|s| {

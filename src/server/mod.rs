@@ -22,6 +22,7 @@ pub mod shard;
 pub mod sim;
 pub mod tls;
 pub mod watch;
+pub mod ws;
 
 pub use config::{Auth, ServerConfig};
 
@@ -52,6 +53,8 @@ pub struct Shared {
     pub quic: Option<Arc<quic::QuicShared>>,
     /// ClawRoam: this node's part in a cluster (`--keeper`); `None` on a node of its own.
     pub cluster: Option<Arc<cluster::ClusterNode>>,
+    /// The WebSocket port's page and rules (None when the port is off).
+    pub ws: Option<ws::WsConfig>,
 }
 
 impl Shared {
@@ -199,6 +202,9 @@ pub enum StartError {
     /// The cluster could not be joined (keeper, peer link).
     #[error("cluster: {0}")]
     Cluster(String),
+    /// The browser terminal page could not be read.
+    #[error("{0}")]
+    Web(String),
     /// The admin endpoint could not listen (the message names the address).
     #[error("{source}")]
     Admin {
@@ -242,7 +248,16 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         listen: Some(SocketAddr::new(cfg.bind, cfg.port)),
         udp: quic_port.map(|p| SocketAddr::new(cfg.bind, p)),
         udp_steering: quic_port.map(|_| quic::steering_program(cfg.shards)),
+        extra_listen: cfg
+            .ws
+            .iter()
+            .map(|w| SocketAddr::new(cfg.bind, w.port))
+            .collect(),
         ..shards::Config::default()
+    };
+    let ws = match &cfg.ws {
+        Some(w) => Some(ws_config(w)?),
+        None => None,
     };
     let quic = match quic_port {
         Some(_) => Some(Arc::new(
@@ -372,6 +387,7 @@ pub fn start(cfg: ServerConfig) -> Result<Server, StartError> {
         tls,
         quic,
         cluster,
+        ws,
     });
     let s2 = shared.clone();
     let runtime_at = std::time::Instant::now();
@@ -616,9 +632,45 @@ fn start_admin(
     }
 }
 
+/// The WebSocket port's page (read into memory now) and rules. A configured `--web-root`
+/// that cannot be read stops the start; without one, the page built beside the binary (or
+/// installed) is used, else a placeholder that says how to build it.
+fn ws_config(w: &config::WsSettings) -> Result<ws::WsConfig, StartError> {
+    let assets = match &w.web_root {
+        Some(dir) => ws::assets::Assets::load(dir)
+            .map_err(|e| StartError::Web(format!("--web-root: {e}")))?,
+        None => match ws::assets::Assets::default_root() {
+            Some(dir) => ws::assets::Assets::load(&dir).unwrap_or_else(|e| {
+                tracing::warn!("browser terminal page: {e}; serving a placeholder");
+                ws::assets::Assets::placeholder()
+            }),
+            None => ws::assets::Assets::placeholder(),
+        },
+    };
+    match &assets.root {
+        Some(r) => {
+            tracing::debug!(root = %r.display(), files = assets.len(), "browser terminal page")
+        }
+        None => tracing::info!(
+            "the browser terminal page is not built (scripts/build-web.sh): / serves a placeholder"
+        ),
+    }
+    Ok(ws::WsConfig {
+        assets,
+        origins: ws::http::OriginPolicy {
+            allowed: w.origins.clone(),
+        },
+        max_message: w.max_message,
+    })
+}
+
 impl Server {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.runtime.local_addr()
+    }
+    /// The WebSocket port's address, when it is on.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.runtime.extra_local_addrs().first().copied()
     }
     /// The QUIC (UDP) address, when QUIC is on.
     pub fn quic_addr(&self) -> Option<SocketAddr> {

@@ -50,6 +50,30 @@ pub struct Settings {
     /// Turn QUIC off.
     #[arg(long, env = "CLAWTERM_NO_QUIC", value_parser = BoolishValueParser::new())]
     pub no_quic: bool,
+    /// TCP port of the WebSocket endpoint (`/ws`) and the browser terminal page (`/`); TLS
+    /// 1.3 with the same certificate as the TCP port, plaintext only with
+    /// --insecure-plaintext [default: 7222; with --port 0, a free port too].
+    #[arg(long, env = "CLAWTERM_WS_PORT", value_name = "PORT")]
+    pub ws_port: Option<u16>,
+    /// Turn the WebSocket port off.
+    #[arg(long, env = "CLAWTERM_NO_WS", value_parser = BoolishValueParser::new())]
+    pub no_ws: bool,
+    /// The browser terminal page's files [default: clients/web/dist of the source tree the
+    /// binary was built in, else /usr/share/clawterm/web, else a page saying how to build it].
+    #[arg(long, env = "CLAWTERM_WEB_ROOT", value_name = "DIR")]
+    pub web_root: Option<PathBuf>,
+    /// Origins (as browsers send them, e.g. https://app.example.com) whose pages may open a
+    /// WebSocket besides the page this port serves; comma-separated, `*` for any.
+    #[arg(
+        long,
+        env = "CLAWTERM_WS_ORIGIN",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub ws_origin: Vec<String>,
+    /// Largest WebSocket message a client may send, in bytes (close 1009 beyond).
+    #[arg(long, env = "CLAWTERM_WS_MAX_MESSAGE", default_value_t = 1 << 20)]
+    pub ws_max_message: u64,
     /// Directory where agent pods' sockets appear ({tenant}_{agent}).
     #[arg(
         short = 's',
@@ -589,6 +613,17 @@ fn build_config(
         upgrade: a.upgrade,
         tls,
         quic_port: (!a.no_quic).then_some(a.quic_port),
+        ws: (!a.no_ws).then(|| crate::server::config::WsSettings {
+            port: a.ws_port.unwrap_or(if a.port == 0 { 0 } else { 7222 }),
+            web_root: a.web_root.clone(),
+            origins: a
+                .ws_origin
+                .iter()
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_message: a.ws_max_message.max(1024),
+        }),
         conn_rate_per_ip: a.max_conn_rate_per_ip,
         max_auth_failures_per_ip: a.max_auth_failures_per_ip,
         cluster: cluster_config(a)?,

@@ -111,6 +111,7 @@ impl Sim {
             tls: None,
             quic: None,
             cluster: None,
+            ws: None,
         });
         let t0 = Instant::now();
         let mut shards = Vec::with_capacity(shard_count);

@@ -165,10 +165,7 @@ fn hand_over(stream: UnixStream, src: &Source, frozen: &mut bool) -> io::Result<
     // The extra listeners (WebSocket) travel as further TCP listeners after the main ones,
     // `shards` of each: a new process that has none of them takes the first `shards` only.
     let extra: usize = sockets.extra.iter().map(Vec::len).sum();
-    let (tcp, udp) = (
-        (sockets.tcp.len() + extra) as u16,
-        sockets.udp.len() as u16,
-    );
+    let (tcp, udp) = ((sockets.tcp.len() + extra) as u16, sockets.udp.len() as u16);
     fds.extend(sockets.tcp);
     fds.extend(sockets.extra.into_iter().flatten());
     fds.extend(sockets.udp);

@@ -232,7 +232,7 @@ impl Node {
             .stderr(Stdio::piped());
         clear_clawterm_env(&mut cmd);
         cmd.args(["--bind", &ip.to_string(), "--port", &port.to_string()])
-            .args(["--no-quic", "--shards", "2"])
+            .args(["--no-quic", "--no-ws", "--shards", "2"])
             .args(["--node-id", &id, "--keeper", keeper])
             .args(["--peer-port", &peer_port.to_string()])
             .args(["--admin", &format!("{admin_ip}:{admin_port}")])

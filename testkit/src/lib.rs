@@ -302,6 +302,14 @@ pub fn quic_addr(line: &str) -> Option<SocketAddr> {
         .ok()
 }
 
+/// The WebSocket address in `clawtermd`'s "listening on tcp ADDR ..., websocket ADDR, ..." line.
+pub fn ws_addr(line: &str) -> Option<SocketAddr> {
+    word_after(line, ", websocket ")?
+        .trim_end_matches(',')
+        .parse()
+        .ok()
+}
+
 /// A `clawtermd` command (no arguments yet) without the caller's `CLAWTERM*` settings, with
 /// stdin and stdout null and stderr piped, for [`start_server`].
 pub fn clawtermd() -> Command {

@@ -30,6 +30,8 @@ pub struct TlsEnv {
     pub sock: PathBuf,
     /// The QUIC address, when the server was started with QUIC.
     pub quic: Option<SocketAddr>,
+    /// The WebSocket address (wss), unless started with `--no-ws`.
+    pub ws: Option<SocketAddr>,
     pub dir: TempDir,
 }
 
@@ -98,6 +100,7 @@ impl TlsEnv {
             quic: line
                 .contains(" and quic ")
                 .then(|| quic_addr(&line).expect("QUIC address")),
+            ws: crate::ws_addr(&line),
             dir,
         }
     }

@@ -856,6 +856,8 @@ pub const CONFIGS: [Cfg; 4] = [
 pub struct ServerProc {
     child: Child,
     pub addr: SocketAddr,
+    /// The WebSocket port, when on.
+    pub ws: Option<SocketAddr>,
     lines: Lines,
 }
 
@@ -883,7 +885,13 @@ impl ServerProc {
         let (child, lines, line) =
             start_server(&mut cmd, &format!("clawtermd ({cfg:?} {extra:?})"));
         let addr = tcp_addr(&line).unwrap_or_else(|| panic!("bad listen line {line:?}"));
-        ServerProc { child, addr, lines }
+        let ws = crate::harness::ws_addr(&line);
+        ServerProc {
+            child,
+            addr,
+            ws,
+            lines,
+        }
     }
 
     /// The stderr lines so far.

@@ -139,8 +139,12 @@ fn main() -> ExitCode {
         Some(q) => format!(" and quic {q} (forwarded between shards)"),
         None => String::new(),
     };
+    let ws = match server.ws_addr() {
+        Some(w) => format!(", websocket {w}"),
+        None => String::new(),
+    };
     info!(
-        "clawtermd {} listening on tcp {} ({}){}, {} shards, {} I/O, agents in {}",
+        "clawtermd {} listening on tcp {} ({}){}{}, {} shards, {} I/O, agents in {}",
         env!("CARGO_PKG_VERSION"),
         addr,
         if cfg.tls.is_some() {
@@ -149,10 +153,20 @@ fn main() -> ExitCode {
             "plaintext"
         },
         quic,
+        ws,
         cfg.shards,
         server.backend(),
         cfg.socket_dir.display()
     );
+    if let Some(w) = server.ws_addr() {
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        let host = if w.ip().is_unspecified() {
+            std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), w.port())
+        } else {
+            w
+        };
+        info!("browser terminal on {scheme}://{host}/ (WebSocket endpoint /ws)");
+    }
     if let Some(a) = server.admin_addr() {
         info!("admin endpoint on http://{a} (/metrics, /healthz, /readyz)");
     }

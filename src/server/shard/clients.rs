@@ -50,6 +50,32 @@ pub(super) struct Conn {
     pub(super) adopted: bool,
     /// TLS state (None on a plaintext port).
     pub(super) tls: Option<Box<rustls::ServerConnection>>,
+    /// WebSocket state (None but on the WebSocket port; `websocket.rs`).
+    pub(super) ws: Option<Box<WsConn>>,
+}
+
+/// A connection of the WebSocket port: its HTTP request, then its WebSocket.
+#[derive(Debug)]
+pub struct WsConn {
+    pub(super) phase: WsPhase,
+}
+
+#[derive(Debug)]
+pub(super) enum WsPhase {
+    /// The request head so far.
+    Http(Vec<u8>),
+    /// Upgraded: ClawTerm frames travel in binary messages.
+    Open(crate::server::ws::frames::WsIn),
+    /// Answered (a page, a refusal) or closed: nothing more is read or sent.
+    Done,
+}
+
+impl WsConn {
+    pub(super) fn new() -> Box<WsConn> {
+        Box::new(WsConn {
+            phase: WsPhase::Http(Vec::new()),
+        })
+    }
 }
 
 /// The frames in a buffer of client bytes, counted by whoever encoded them.
@@ -84,6 +110,7 @@ pub(super) struct Clients {
     plain: Vec<u8>,
     /// TLS records being written (reused).
     tls_out: Vec<u8>,
+
     metrics: Arc<Metrics>,
     shard: usize,
 }
@@ -164,6 +191,44 @@ impl Clients {
             m.error(*code as u16);
         }
         ShardMetrics::inc(&m.bytes_out, bytes.len() as u64);
+        if let Some(ws) = self.conns.get(&conn).and_then(|c| c.ws.as_ref()) {
+            // One binary message per batch of frames; nothing before the upgrade or after
+            // the close.
+            if !matches!(ws.phase, WsPhase::Open(_)) {
+                return;
+            }
+            let (hdr, n) = crate::server::ws::frames::binary_header(bytes.len());
+            self.send_parts(ctx, conn, &hdr[..n], bytes);
+            return;
+        }
+        self.send_raw(ctx, conn, bytes);
+    }
+
+    /// [`Clients::send_raw`] of `a` then `b`, without joining them first.
+    fn send_parts(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, a: &[u8], b: &[u8]) {
+        match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
+            Some(tls) => {
+                use std::io::Write;
+                // The plaintext buffer is unbounded by default; this cannot fail.
+                let _ = tls.writer().write_all(a);
+                let _ = tls.writer().write_all(b);
+                self.tls_flush(ctx, conn);
+            }
+            None => {
+                self.transport_send(ctx, conn, a);
+                self.transport_send(ctx, conn, b);
+            }
+        }
+    }
+
+    /// Sends bytes as they are on the connection's transport: encrypted on TLS, not framed
+    /// on WebSocket (an HTTP response, a WebSocket control frame).
+    pub(super) fn send_raw(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        bytes: &[u8],
+    ) {
         match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
             Some(tls) => {
                 use std::io::Write;

@@ -67,7 +67,11 @@ impl ShardHandler {
                 continue;
             };
             match c {
-                Client::Tcp(id) if conn.tls.is_none() && conn.state != ConnState::Relayed => {
+                Client::Tcp(id)
+                    if conn.tls.is_none()
+                        && conn.ws.is_none()
+                        && conn.state != ConnState::Relayed =>
+                {
                     let sid = match conn.state {
                         ConnState::Bound(s) => s,
                         ConnState::Handshake | ConnState::Relayed => 0,

@@ -20,6 +20,8 @@ pub enum ShardMsg {
         accepted_at: Instant,
         /// The connection's TLS state, which moves with it.
         tls: Option<Box<rustls::ServerConnection>>,
+        /// Its WebSocket state (a connection of the WebSocket port), which moves with it.
+        ws: Option<Box<super::clients::WsConn>>,
     },
     /// The pod registry saw a pod socket appear.
     PodAdded(u32, u32),
@@ -110,6 +112,7 @@ impl ShardHandler {
         let accepted_us = self.clients.conns.get(&conn).map_or(0, |c| c.accepted_us);
         let peer = self.clients.conns.get(&conn).map(|c| c.peer);
         let tls = self.clients.conns.get_mut(&conn).and_then(|c| c.tls.take());
+        let ws = self.clients.conns.get_mut(&conn).and_then(|c| c.ws.take());
         self.drop_conn(ctx, conn, false);
         let accepted_at = self.clock.instant_us(accepted_us);
         match (conn, peer) {
@@ -122,6 +125,7 @@ impl ShardHandler {
                         buffered,
                         accepted_at,
                         tls,
+                        ws,
                     },
                 );
             }
@@ -204,6 +208,7 @@ impl ShardHandler {
             buffered,
             accepted_at,
             tls,
+            ws,
         } = msg
         else {
             ctx.abort(conn);
@@ -212,6 +217,9 @@ impl ShardHandler {
         let client = Client::Tcp(conn);
         let accepted_us = self.clock.us(accepted_at);
         self.client_opened(ctx, client, peer, tls, accepted_us, true);
+        if let Some(c) = self.clients.conns.get_mut(&client) {
+            c.ws = ws;
+        }
         self.on_plaintext(ctx, client, &buffered);
         if !unread.is_empty() && self.clients.conns.contains_key(&client) {
             shards::Handler::on_data(self, ctx, conn, &unread);

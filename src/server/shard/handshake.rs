@@ -75,6 +75,7 @@ impl ShardHandler {
                 accepted_us,
                 adopted,
                 tls,
+                ws: None,
             },
         );
         let d = self.now(ctx) + self.shared.cfg.handshake_ms;

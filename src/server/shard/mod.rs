@@ -17,6 +17,7 @@ mod relay;
 mod roam;
 mod sink;
 mod timers;
+mod websocket;
 
 pub use handoff::ShardMsg;
 pub use persist::{Moved, Restore};
@@ -65,6 +66,10 @@ const STATS_EVERY_MS: u64 = 1000;
 
 /// One shard's state.
 pub struct ShardHandler {
+    /// Unmasked WebSocket payload of the read being handled (reused; `websocket.rs`).
+    ws_payload: Vec<u8>,
+    /// WebSocket control frames to answer with (reused).
+    ws_replies: Vec<u8>,
     index: usize,
     shared: Arc<Shared>,
     clock: Clock,
@@ -142,6 +147,8 @@ impl ShardHandler {
             shard: index,
         };
         ShardHandler {
+            ws_payload: Vec::new(),
+            ws_replies: Vec::new(),
             index,
             table: SessionTable::new(
                 IdSpace::new(index, shared.cfg.shards)
@@ -196,7 +203,16 @@ impl ShardHandler {
             }
             Ok(plain) => {
                 if !plain.is_empty() {
-                    self.on_plaintext(ctx, conn, &plain);
+                    let ws = self
+                        .clients
+                        .conns
+                        .get(&conn)
+                        .is_some_and(|c| c.ws.is_some());
+                    if ws {
+                        self.on_ws_bytes(ctx, conn, &plain);
+                    } else {
+                        self.on_plaintext(ctx, conn, &plain);
+                    }
                 }
                 self.clients.recycle(plain);
             }
@@ -321,6 +337,9 @@ impl ShardHandler {
 
     /// Forgets a connection (and closes it, flushing, when `close`).
     fn drop_conn(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, close: bool) {
+        if close {
+            self.ws_goodbye(ctx, conn);
+        }
         if let Some(c) = self.clients.conns.remove(&conn) {
             match c.state {
                 ConnState::Handshake => self.pending_handshakes -= 1,
@@ -607,13 +626,13 @@ impl ShardHandler {
     /// Client bytes, TLS or not.
     fn on_client_bytes(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
         ShardMetrics::inc(&self.m().bytes_in, data.len() as u64);
-        if self
-            .clients
-            .conns
-            .get(&conn)
-            .is_some_and(|c| c.tls.is_some())
-        {
+        let Some(c) = self.clients.conns.get(&conn) else {
+            return;
+        };
+        if c.tls.is_some() {
             self.on_tls_data(ctx, conn, data);
+        } else if c.ws.is_some() {
+            self.on_ws_bytes(ctx, conn, data);
         } else {
             self.on_plaintext(ctx, conn, data);
         }
@@ -665,6 +684,21 @@ impl shards::Handler for ShardHandler {
             return;
         };
         self.client_opened(ctx, client, peer, tls, accepted_us, false);
+    }
+
+    fn on_accept_at(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: ConnId,
+        peer: SocketAddr,
+        listener: usize,
+    ) {
+        // Listener 1 is the WebSocket port (the only extra listener).
+        if listener == 1 && !self.exported_done {
+            self.ws_accept(ctx, conn, peer);
+        } else {
+            shards::Handler::on_accept(self, ctx, conn, peer);
+        }
     }
 
     fn on_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: ConnId, data: &[u8]) {
