@@ -382,7 +382,10 @@ impl Driver for UringShard {
             }
             let mut deadline = core.next_deadline();
             let retry = self.listeners.iter().filter_map(|l| l.retry_at).min();
-            for t in [retry, teardown_deadline, hard_deadline].into_iter().flatten() {
+            for t in [retry, teardown_deadline, hard_deadline]
+                .into_iter()
+                .flatten()
+            {
                 deadline = Some(deadline.map_or(t, |d| d.min(t)));
             }
             if self.udp_more {
