@@ -4,7 +4,7 @@
 //! loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] [--json FILE]
 //!     [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID]
 //!     [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port]
-//!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic]
+//!     [--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic|ws | --tls | --quic]
 //!     [--ca PEM | --pin SHA256] [--server-name NAME] [--resume-rate R] [--open-rate R]
 //! loadgen raw-echo-server [--bind ADDR:PORT] [--duration SECS]
 //! loadgen self-signed-cert DIR
@@ -26,6 +26,7 @@ mod roam;
 mod shells;
 mod sys;
 mod worker;
+mod ws;
 
 use clawterm_client::core::{ClientCore, CoreEvent, CoreOptions};
 use hdrhistogram::Histogram;
@@ -50,6 +51,9 @@ pub enum Transport {
     Tls,
     /// QUIC (UDP), one connection and one stream per session.
     Quic,
+    /// WebSocket (plaintext, `clawtermd --ws-port`, `/ws`): one masked binary message per
+    /// write, as the browser page sends them.
+    Ws,
 }
 
 impl Transport {
@@ -58,6 +62,7 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
             Transport::Quic => "quic",
+            Transport::Ws => "ws",
         }
     }
 }
@@ -65,7 +70,7 @@ impl Transport {
 const USAGE: &str = "usage: loadgen SCENARIO --target HOST:PORT [--sessions N] [--duration SECS] \
 [--json FILE] [--tenant T --agent A --token HEX] [--rate R] [--workers W] [--server-pid PID] \
 [--inflight N] [--warmup SECS] [--keepalive SECS] [--reconnect same-port|new-port] \
-[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic | --tls | --quic] [--ca PEM | --pin SHA256] \
+[--shards-hint S] [--ack-delay MS] [--spin-us US] [--transport tcp|tls|quic|ws | --tls | --quic] [--ca PEM | --pin SHA256] \
 [--server-name NAME] [--resume-rate R] [--open-rate R] [--bulk B] [--bulk-bytes N]
   SCENARIO: idle | connect | echo | resume | resume-cross | raw-echo | bulk | roam
     roam: loadgen roam --target HOST:PORT --admin HOST:PORT [--to NODE] [--sessions N]
@@ -240,7 +245,8 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
                     "tcp" => Transport::Tcp,
                     "tls" => Transport::Tls,
                     "quic" => Transport::Quic,
-                    v => return Err(format!("--transport: `{v}` is not tcp, tls or quic")),
+                    "ws" => Transport::Ws,
+                    v => return Err(format!("--transport: `{v}` is not tcp, tls, quic or ws")),
                 }
             }
             // Shorthands, as the `clawterm` client spells them.
@@ -357,6 +363,10 @@ fn open_stream(o: &Opts) -> Result<Box<dyn Rw>, (bool, String)> {
     };
     match o.transport {
         Transport::Tcp => Ok(Box::new(tcp()?)),
+        Transport::Ws => Ok(Box::new(
+            ws::WsStream::open(tcp()?, &o.target.to_string())
+                .map_err(|e| (true, format!("WebSocket {}: {e}", o.target)))?,
+        )),
         Transport::Tls => {
             let (cfg, name) = tls_client(o).map_err(|e| (false, e))?;
             let c = rustls::ClientConnection::new(cfg, name)

@@ -92,6 +92,8 @@ struct Conn {
     ack_queued: bool,
     /// TLS over TCP.
     tls: Option<Box<rustls::ClientConnection>>,
+    /// WebSocket over TCP (`--transport ws`).
+    ws: Option<Box<crate::ws::WsClient>>,
     /// QUIC: the connection in the worker's endpoint.
     qch: Option<quinn_proto::ConnectionHandle>,
     /// Resume: the group this connection's resume is recorded under (`resume`, or
@@ -178,6 +180,7 @@ impl Conn {
             want_replay: false,
             ack_queued: false,
             tls: None,
+            ws: None,
             qch: None,
             label: "resume",
         }
@@ -305,7 +308,7 @@ impl<'a> Worker<'a> {
         ep.ctl(libc::EPOLL_CTL_ADD, 0, STDIN_TOKEN, libc::EPOLLIN as u32);
         let mut tls = None;
         let mut qep = None;
-        if o.transport != Transport::Tcp {
+        if matches!(o.transport, Transport::Tls | Transport::Quic) {
             let (cfg, name) = crate::tls_client(o)?;
             if o.transport == Transport::Quic {
                 let host = match &name {
@@ -502,6 +505,15 @@ impl<'a> Worker<'a> {
         if self.conns[i].hello == Hello::Connect {
             self.conns[i].home = self.conns[i].local;
         }
+        if self.o.transport == Transport::Ws && self.conns[i].hello != Hello::Raw {
+            self.conns[i].ws = Some(Box::new(crate::ws::WsClient::new(
+                (i as u32).wrapping_mul(0x9e37_79b9) ^ self.idx as u32,
+            )));
+            self.conns[i].st = St::Secure;
+            let req = crate::ws::request(&self.dst.to_string());
+            self.send_raw(i, &req);
+            return;
+        }
         if let Some((cfg, name)) = &self.tls {
             match rustls::ClientConnection::new(cfg.clone(), name.clone()) {
                 Ok(t) => {
@@ -565,6 +577,7 @@ impl<'a> Worker<'a> {
         c.rbuf = Vec::new();
         c.wbuf = Vec::new();
         c.tls = None;
+        c.ws = None;
         let qch = c.qch.take();
         let lost = c.out.len() as u64;
         c.out.clear();
@@ -584,6 +597,7 @@ impl<'a> Worker<'a> {
         let fd = std::mem::replace(&mut c.fd, -1);
         c.st = St::Free;
         c.tls = None;
+        c.ws = None;
         let qch = c.qch.take();
         sys::close(fd);
         if let (Some(ch), Some(q)) = (qch, self.qep.as_mut()) {
@@ -675,6 +689,14 @@ impl<'a> Worker<'a> {
             if let Some(q) = self.qep.as_mut() {
                 q.write(ch, bytes);
             }
+            return;
+        }
+        if let Some(w) = self.conns[i].ws.as_mut() {
+            let mut out = std::mem::take(&mut self.tls_out);
+            out.clear();
+            w.frame(&mut out, bytes);
+            self.send_raw(i, &out);
+            self.tls_out = out;
             return;
         }
         if let Some(t) = self.conns[i].tls.as_mut() {
@@ -919,6 +941,8 @@ impl<'a> Worker<'a> {
                 self.raw_bytes(i, n);
             } else if self.conns[i].tls.is_some() {
                 self.tls_in(i, n);
+            } else if self.conns[i].ws.is_some() {
+                self.ws_in(i, n);
             } else {
                 self.feed(i, Some(n));
             }
@@ -972,6 +996,33 @@ impl<'a> Worker<'a> {
             self.secured(i);
         }
         if !self.conns[i].rbuf.is_empty() {
+            self.feed(i, None);
+        }
+    }
+
+    /// `n` bytes of WebSocket in the scratch buffer: the upgrade's answer, then binary
+    /// messages whose payload is the protocol's byte stream.
+    fn ws_in(&mut self, i: usize, n: usize) {
+        let c = &mut self.conns[i];
+        let (Some(w), rb) = (c.ws.as_mut(), &mut c.rbuf) else {
+            return;
+        };
+        let mut reply = Vec::new();
+        let opened = match w.feed(&self.scratch[..n], rb, &mut reply) {
+            Ok(o) => o,
+            Err(e) => {
+                self.fail(i, e);
+                return;
+            }
+        };
+        if !reply.is_empty() {
+            self.send_raw(i, &reply);
+        }
+        if opened && self.conns[i].st == St::Secure {
+            self.secured(i);
+        }
+        if self.conns[i].ws.as_ref().is_some_and(|w| w.is_open()) && !self.conns[i].rbuf.is_empty()
+        {
             self.feed(i, None);
         }
     }
@@ -1291,6 +1342,7 @@ impl<'a> Worker<'a> {
                     let fd = std::mem::replace(&mut c.fd, -1);
                     c.st = St::Free;
                     c.tls = None;
+                    c.ws = None;
                     sys::close(fd);
                 }
             }
