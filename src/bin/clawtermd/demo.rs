@@ -68,6 +68,9 @@ pub fn prepare(cfg: &mut ServerConfig, tls: bool) -> std::io::Result<Demo> {
                 tracing::error!("demo agent stopped: {e}");
             }
         })?;
+    if cfg.ws.as_ref().is_some_and(|w| w.web_root.is_none()) {
+        build_page_if_missing();
+    }
     cfg.bind = Ipv4Addr::LOCALHOST.into();
     cfg.socket_dir = sockets;
     cfg.auth = Auth::Tokens(tokens);
@@ -87,13 +90,67 @@ pub fn prepare(cfg: &mut ServerConfig, tls: bool) -> std::io::Result<Demo> {
     })
 }
 
+/// The demo serves the browser terminal: when this binary runs from a source tree whose page
+/// is not built yet and Node.js is here, build it (`scripts/build-web.sh`, first run only);
+/// otherwise the port serves a page that says how. Only for a person at a terminal (a script or a test running the demo does not build).
+fn build_page_if_missing() {
+    use std::io::IsTerminal;
+    if clawterm::server::ws::assets::Assets::default_root().is_some()
+        || !std::io::stdin().is_terminal()
+    {
+        return;
+    }
+    let Some(tree) = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.parent()?.to_path_buf()))
+    else {
+        return;
+    };
+    let script = tree.join("scripts/build-web.sh");
+    let has_npm = std::process::Command::new("npm")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !script.is_file() || !has_npm {
+        return;
+    }
+    println!(
+        "  building the browser terminal page (first run only): {}",
+        script.display()
+    );
+    match std::process::Command::new("bash").arg(&script).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("  building the page failed ({s}); / serves a placeholder"),
+        Err(e) => eprintln!(
+            "  cannot run {}: {e}; / serves a placeholder",
+            script.display()
+        ),
+    }
+}
+
 impl Demo {
     /// Prints how to use the demo server, then runs the scripted walkthrough on a thread.
     /// Prints how to use the demo server (TCP at `addr`, QUIC at `quic` when on) and runs
     /// the scripted client in the background.
-    pub fn run_walkthrough(&self, addr: SocketAddr, quic: Option<SocketAddr>) {
+    pub fn run_walkthrough(
+        &self,
+        addr: SocketAddr,
+        quic: Option<SocketAddr>,
+        ws: Option<SocketAddr>,
+    ) {
         println!();
         let token = hex::encode(self.token);
+        if let Some(w) = ws {
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            println!(
+                "  browser terminal: {scheme}://{w}/#tenant={DEMO_TENANT}&agent={DEMO_AGENT}&token={token}"
+            );
+            if self.tls.is_some() {
+                println!("    (self-signed certificate: the browser asks you to accept it once)");
+            }
+        }
         match &self.tls {
             Some((cert, fp)) => {
                 println!("  clawtermd demo is running on {addr} (TLS 1.3, loopback only)");

@@ -171,7 +171,7 @@ fn main() -> ExitCode {
         info!("admin endpoint on http://{a} (/metrics, /healthz, /readyz)");
     }
     if let Some(d) = &demo {
-        d.run_walkthrough(addr, server.quic_addr());
+        d.run_walkthrough(addr, server.quic_addr(), server.ws_addr());
     }
     // A shard that failed takes its sessions with it: exit non-zero so the supervisor restarts
     // the node.
