@@ -196,6 +196,16 @@ pub fn wait_until(t: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// `loadgen`, built beside `clawtermd` (`cargo build [--release] -p loadgen`); panics saying so
+/// when it is not there.
+pub fn loadgen_bin() -> PathBuf {
+    bin("clawtermd")
+        .parent()
+        .map(|d| d.join("loadgen"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| panic!("loadgen not built: cargo build [--release] -p loadgen"))
+}
+
 /// A binary of the `clawterm` package: `$CLAWTERM_BIN_DIR/NAME` if that variable is set,
 /// otherwise `NAME` in the running executable's target directory (`target/PROFILE/`, found from
 /// `target/PROFILE/deps/TEST-HASH`, `target/PROFILE/examples/NAME` or `target/PROFILE/NAME`).

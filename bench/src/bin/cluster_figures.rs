@@ -134,11 +134,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// Runs `loadgen roam` against node 1 of `s` (draining it) with `extra`; its JSON.
 fn loadgen_roam(s: &Setup, extra: &[&str], failed: &mut bool) -> Value {
-    let loadgen = harness::bin("clawtermd")
-        .parent()
-        .map(|d| d.join("loadgen"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| panic!("loadgen not built: cargo build --release -p loadgen"));
+    let loadgen = harness::loadgen_bin();
     let out = harness::cluster::roam_command(&loadgen, &s.nodes[0])
         .args(extra)
         .stderr(std::process::Stdio::inherit())

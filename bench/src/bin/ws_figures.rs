@@ -96,7 +96,7 @@ fn server() -> Server {
 }
 
 fn loadgen(args: &[String]) -> Value {
-    let exe = harness::bin("loadgen");
+    let exe = harness::loadgen_bin();
     let out = Command::new(&exe)
         .args(args)
         .args([
