@@ -19,4 +19,4 @@ install() {
 }
 install "$root/clients/js"
 install "$root/clients/web"
-(cd "$root/clients/web" && npm run --silent build)
+(cd "$root/clients/web" && npm run --silent typecheck && npm run --silent build)
