@@ -1,5 +1,7 @@
 //! The TypeScript client library (`clients/js`, issue 16) under the README's test command: its
-//! own tests (Node's built-in runner) run here, against the project's vectors. Its packages
+//! own tests (Node's built-in runner) run here: the codec against the project's vectors, the
+//! sans-IO core, and sessions against this build's `clawtermd` and `claw-agent echo` over TCP
+//! and WebSocket. Its packages
 //! come from the npm registry, pinned by `clients/js/package-lock.json` (`npm ci`, run here
 //! when `node_modules` is missing or older than the lock file). Node and npm are required
 //! (`.ci/run` installs Debian's `nodejs` and `npm` when they are missing).
@@ -8,9 +10,14 @@ use std::path::Path;
 use std::process::Command;
 
 fn npm(dir: &Path, args: &[&str]) -> (bool, String) {
+    // The session tests run this build's clawtermd and claw-agent.
+    let bins = Path::new(env!("CARGO_BIN_EXE_clawtermd"))
+        .parent()
+        .expect("the binaries' directory");
     let out = Command::new("npm")
         .args(args)
         .current_dir(dir)
+        .env("CLAWTERM_BIN_DIR", bins)
         .output()
         .unwrap_or_else(|e| {
             panic!("npm {args:?}: {e} (install Node.js and npm: apt-get install nodejs npm)")
@@ -24,7 +31,7 @@ fn npm(dir: &Path, args: &[&str]) -> (bool, String) {
 }
 
 #[test]
-fn typescript_codec_passes_its_tests_against_every_vector() {
+fn typescript_library_passes_its_tests_against_the_vectors_and_the_real_server() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js");
     let modules = dir.join("node_modules");
     let lock = dir.join("package-lock.json");
