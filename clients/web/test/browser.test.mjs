@@ -5,7 +5,7 @@
 // - a reload of the page resumes the session (same session, screen kept, new input works);
 // - 10 MB of output renders without loss (and its rate is reported);
 // - the time from the network coming back to the first replayed byte on screen (reported);
-// - a screenshot goes to docs/browser-terminal.png.
+// - a screenshot (docs/browser-terminal.png with CLAWTERM_SCREENSHOT=docs/browser-terminal.png).
 // Binaries: $CLAWTERM_BIN_DIR or ../../target/debug. Run by `npm test` (tests/browser_e2e.rs).
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -252,7 +252,11 @@ test("the browser terminal keeps its session through cuts, reloads and floods", 
   await t.test("screenshot", async () => {
     await page.keyboard.type("clear; echo 'clawterm: this session survives reloads, lid closes and network changes'; ls /\n");
     await sleep(500);
-    const out = join(repo, "docs/browser-terminal.png");
+    // docs/browser-terminal.png is refreshed with CLAWTERM_SCREENSHOT=docs/browser-terminal.png
+    // (a test run leaves the tree as it was).
+    const out = process.env.CLAWTERM_SCREENSHOT
+      ? resolve(repo, process.env.CLAWTERM_SCREENSHOT)
+      : join(tmpdir(), "clawterm-browser-terminal.png");
     await page.screenshot({ path: out });
   });
   assert.deepEqual(errors, [], "no page errors");
