@@ -10,6 +10,8 @@
 #
 # Stages:
 #   builder    rust:1-bookworm; builds clawtermd, claw-agent and clawterm in release.
+#   web        node:20-bookworm-slim; builds the browser terminal page (clients/web, npm ci from
+#              the lock file, esbuild), served by clawtermd from /usr/share/clawterm/web.
 #   agent      debian:bookworm-slim + bash + claw-agent: `shell` mode needs a real shell.
 #   clawtermd  gcr.io/distroless/cc-debian12:nonroot (glibc + libgcc, no shell), UID/GID 65532.
 #
@@ -23,6 +25,7 @@
 ARG RUST_IMAGE=rust:1-bookworm
 ARG AGENT_BASE_IMAGE=debian:bookworm-slim
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG NODE_IMAGE=node:20-bookworm-slim
 
 # ---------------------------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS builder
@@ -51,7 +54,7 @@ RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src shards/src
     && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs src/bin/clawtermctl.rs \
                 loadgen/src/main.rs \
                 bench/src/bin/pod_figures.rs bench/src/bin/tls_figures.rs bench/src/bin/reconnect_figure.rs \
-                bench/src/bin/state_figures.rs bench/src/bin/cluster_figures.rs \
+                bench/src/bin/state_figures.rs bench/src/bin/cluster_figures.rs bench/src/bin/ws_figures.rs \
                 bench/benches/codec.rs bench/benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo fetch --locked \
     && cargo build --release --locked -p clawterm --bins \
@@ -73,6 +76,18 @@ RUN cargo build --release --locked -p clawterm --bins \
          objcopy --strip-debug "target/release/$b" "/out/$b"; \
        done \
     && /out/clawtermd --version
+
+# ---------------------------------------------------------------------------------------------
+# The browser terminal page: npm packages from the registry through the lock file (the package
+# layer is rebuilt only when a manifest or lock changes), then the esbuild bundle.
+FROM ${NODE_IMAGE} AS web
+WORKDIR /web/clients/web
+COPY clients/web/package.json clients/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY clients/js/src /web/clients/js/src
+COPY clients/web/build.mjs ./
+COPY clients/web/src src
+RUN npm run build && test -f dist/index.html
 
 # ---------------------------------------------------------------------------------------------
 # The example agent pod: claw-agent's `shell` mode runs a login shell per session, so this image
@@ -116,8 +131,9 @@ LABEL org.opencontainers.image.title="clawtermd" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="${SOURCE}"
 COPY --from=builder /out/clawtermd /out/claw-agent /out/clawterm /out/clawtermctl /usr/local/bin/
+COPY --from=web /web/clients/web/dist /usr/share/clawterm/web
 USER 65532:65532
-# 7220/tcp: ClawTerm clients; 7221/udp: QUIC (reserved: not served by this build yet);
-# 9720/tcp: admin (/metrics, /healthz, /readyz) when CLAWTERM_ADMIN=0.0.0.0:9720.
-EXPOSE 7220/tcp 7221/udp 9720/tcp
+# 7220/tcp: ClawTerm clients (TLS); 7221/udp: QUIC; 7222/tcp: WebSocket and the browser
+# terminal page; 9720/tcp: admin (/metrics, /healthz, /readyz) when CLAWTERM_ADMIN=0.0.0.0:9720.
+EXPOSE 7220/tcp 7221/udp 7222/tcp 9720/tcp
 ENTRYPOINT ["/usr/local/bin/clawtermd"]

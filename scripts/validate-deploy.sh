@@ -148,15 +148,16 @@ def dockerfile():
             cur["instrs"].append((kw, rest))
     args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
     names = [s["name"] for s in stages]
-    if names != ["builder", "agent", "clawtermd"]:
-        err(f"Dockerfile stages are {names}, expected builder, agent, clawtermd (clawtermd last = default target)")
+    if names != ["builder", "web", "agent", "clawtermd"]:
+        err(f"Dockerfile stages are {names}, expected builder, web, agent, clawtermd (clawtermd last = default target)")
         return
-    ok("stages builder, agent, clawtermd (default target: clawtermd)")
+    ok("stages builder, web, agent, clawtermd (default target: clawtermd)")
 
     def base(s):
         return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), s["from"])
 
-    expect = {"builder": r"^rust:1(\.\d+)*(-slim)?-bookworm$", "agent": r"^debian:bookworm-slim",
+    expect = {"builder": r"^rust:1(\.\d+)*(-slim)?-bookworm$", "web": r"^node:20(\.\d+)*-bookworm-slim$",
+              "agent": r"^debian:bookworm-slim",
               "clawtermd": r"^gcr\.io/distroless/cc-debian12:nonroot"}
     for s in stages:
         if not re.match(expect[s["name"]], base(s)):
@@ -178,7 +179,7 @@ def dockerfile():
             err(f".dockerignore must exclude {must}")
     ignored_top = {p.rstrip("/") for p in ignore if not p.startswith("!") and "*" not in p}
     kept = {p[1:].rstrip("/") for p in ignore if p.startswith("!")}
-    for k, rest in builder["instrs"]:
+    for k, rest in builder["instrs"] + stages[1]["instrs"]:
         if k == "COPY" and "--from" not in rest:
             for src in rest.split()[:-1]:
                 if not os.path.exists(src):
@@ -188,7 +189,7 @@ def dockerfile():
     ok(".dockerignore excludes target/, fuzz/, .git/, bench/ and keeps every COPY source")
 
     labels_needed = {"title", "description", "version", "revision", "created", "licenses", "source"}
-    for s in stages[1:]:
+    for s in stages[2:]:
         kws = [k for k, _ in s["instrs"]]
         users = [r for k, r in s["instrs"] if k == "USER"]
         if not users or users[-1].split(":")[0] in ("0", "root"):
@@ -199,14 +200,14 @@ def dockerfile():
             err(f"stage {s['name']} lacks OCI labels {sorted(labels_needed - have)}")
         if "ENTRYPOINT" not in kws:
             err(f"stage {s['name']} has no ENTRYPOINT")
-    final = stages[2]
+    final = stages[3]
     ep = [r for k, r in final["instrs"] if k == "ENTRYPOINT"][-1]
     if json.loads(ep) != ["/usr/local/bin/clawtermd"]:
         err(f"clawtermd ENTRYPOINT is {ep}, expected [\"/usr/local/bin/clawtermd\"]")
     exposed = set(" ".join(r for k, r in final["instrs"] if k == "EXPOSE").split())
-    if exposed != {"7220/tcp", "7221/udp", "9720/tcp"}:
-        err(f"clawtermd EXPOSE is {sorted(exposed)}, expected 7220/tcp 7221/udp 9720/tcp")
-    ok("agent and clawtermd stages: non-root USER, OCI labels, ENTRYPOINT; clawtermd EXPOSEs 7220/tcp 7221/udp 9720/tcp")
+    if exposed != {"7220/tcp", "7221/udp", "7222/tcp", "9720/tcp"}:
+        err(f"clawtermd EXPOSE is {sorted(exposed)}, expected 7220/tcp 7221/udp 7222/tcp 9720/tcp")
+    ok("agent and clawtermd stages: non-root USER, OCI labels, ENTRYPOINT; clawtermd EXPOSEs 7220/tcp 7221/udp 7222/tcp 9720/tcp")
 
 
 # ----------------------------------------------------------------------------------------------
