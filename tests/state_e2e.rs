@@ -304,6 +304,11 @@ fn live_upgrade_keeps_plaintext_connections_and_sessions() {
                 next.addr, addr,
                 "[{io}] the new process listens on the same socket"
             );
+            assert_eq!(
+                next.ws, srv.ws,
+                "[{io}] the WebSocket port is handed over too"
+            );
+            assert!(next.ws.is_some());
             assert!(
                 next.log().iter().any(|l| l.contains("upgrade: took over")),
                 "[{io}] {}",
@@ -349,6 +354,14 @@ fn live_upgrade_keeps_plaintext_connections_and_sessions() {
         let mut c = srv.session(AGENT);
         c.send_data(b"new");
         assert_eq!(c.recv().payload, b"new");
+        // The WebSocket port, inherited three times, serves the page.
+        let ws = srv.ws.expect("WebSocket port");
+        let mut s = std::net::TcpStream::connect(ws).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut page = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut page);
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "[{io}] {page}");
     }
 }
 

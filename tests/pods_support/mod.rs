@@ -123,6 +123,8 @@ impl Drop for AgentProc {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The WebSocket port (on unless `--no-ws`).
+    pub ws: Option<SocketAddr>,
     lines: Lines,
 }
 
@@ -143,7 +145,13 @@ impl Server {
         cmd.env("RUST_LOG", level);
         let (child, lines, line) = start_server(&mut cmd, "clawtermd");
         let addr = tcp_addr(&line).expect("listen address");
-        Server { child, addr, lines }
+        let ws = clawterm_testkit::ws_addr(&line);
+        Server {
+            child,
+            addr,
+            ws,
+            lines,
+        }
     }
 
     pub fn pid(&self) -> u32 {
