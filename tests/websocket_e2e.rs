@@ -363,14 +363,14 @@ fn a_tungstenite_client_interoperates() {
     }
 }
 
-/// With a certificate the WebSocket port speaks TLS 1.3 (wss), the same certificate as TCP.
-#[test]
-fn wss_with_the_servers_certificate() {
-    let env = harness::tls::TlsEnv::start(&[(1, &["echo"])], 1, "info");
-    let ws = env.ws.expect("wss port");
-    let mut roots = rustls::RootCertStore::empty();
+/// A wss stream over TLS 1.3 trusting `cert`, opened at `ws` (`/ws`).
+fn wss(
+    ws: SocketAddr,
+    cert: &std::path::Path,
+) -> tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
     use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&env.cert).unwrap() {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let cfg = std::sync::Arc::new(
@@ -387,8 +387,86 @@ fn wss_with_the_servers_certificate() {
     let tcp = std::net::TcpStream::connect(ws).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let tls = rustls::StreamOwned::new(conn, tcp);
-    let (mut sock, _) = tungstenite::client(format!("wss://localhost:{}/ws", ws.port()), tls)
-        .expect("wss handshake");
+    tungstenite::client(format!("wss://localhost:{}/ws", ws.port()), tls)
+        .expect("wss handshake")
+        .0
+}
+
+/// Frames from a WebSocket through the first one of type `typ`.
+fn frames_until<S: Read + Write>(
+    sock: &mut tungstenite::WebSocket<S>,
+    buf: &mut Vec<u8>,
+    typ: u8,
+) -> Vec<Frame> {
+    let mut out = Vec::new();
+    loop {
+        while let Some((f, n)) = decode(buf).unwrap() {
+            buf.drain(..n);
+            let done = f.typ == typ;
+            out.push(f);
+            if done {
+                return out;
+            }
+        }
+        let m = sock.read().expect("the WebSocket ended");
+        buf.extend_from_slice(&m.into_data());
+    }
+}
+
+/// A session made over QUIC (the client library) is resumed over wss with exact replay: the
+/// output produced while it was away comes back once, as REPLAY.
+#[test]
+fn a_quic_session_resumes_over_wss_with_exact_replay() {
+    use clawterm_client::{Event, Options, Session};
+    let env = harness::tls::TlsEnv::start_quic(&[(1, &["echo"])], 2, "info");
+    let quic = env.quic.expect("QUIC port");
+    let endpoint = format!(
+        "quic://127.0.0.1:{}?ca={}&name=localhost",
+        quic.port(),
+        env.cert.display()
+    );
+    let mut s = Session::connect_with(
+        &endpoint,
+        harness::tls::TENANT,
+        1,
+        harness::tls::TOKEN,
+        Options::default(),
+    )
+    .expect("session over QUIC");
+    s.send(b"over quic").unwrap();
+    let mut got = Vec::new();
+    while got.len() < 9 {
+        if let Some(Event::Data(d)) = s.recv(Duration::from_millis(200)).unwrap() {
+            got.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(got, b"over quic");
+    // Its echo is produced but never read by this client: the detach (SUSPEND) leaves it in
+    // the replay ring, and the RESUME over wss says the client does not have it.
+    s.send(b"missed while away").unwrap();
+    std::thread::sleep(ms(300));
+    let creds = s.detach();
+    let mut sock = wss(env.ws.expect("wss port"), &env.cert);
+    let mut p = creds.session_id.to_be_bytes().to_vec();
+    p.extend_from_slice(&creds.last_seq.to_be_bytes());
+    p.extend_from_slice(&creds.resume_token);
+    let resume = encode(creds.session_id, creds.next_seq, RESUME, 0, &p);
+    sock.send(tungstenite::Message::binary(resume)).unwrap();
+    let mut buf = Vec::new();
+    let fs = frames_until(&mut sock, &mut buf, RESUMED);
+    assert_eq!(fs.last().unwrap().typ, RESUMED, "{fs:?}");
+    let replay = frames_until(&mut sock, &mut buf, DATA);
+    let f = replay.last().unwrap();
+    assert_eq!(f.flags & F_REPLAY, F_REPLAY, "{f:?}");
+    assert_eq!(f.payload, b"missed while away");
+}
+
+/// With a certificate the WebSocket port speaks TLS 1.3 (wss), the same certificate as TCP.
+#[test]
+fn wss_with_the_servers_certificate() {
+    let env = harness::tls::TlsEnv::start(&[(1, &["echo"])], 1, "info");
+    let ws = env.ws.expect("wss port");
+    let mut sock = wss(ws, &env.cert);
     let connect = encode(
         0,
         1,
