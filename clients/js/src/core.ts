@@ -52,6 +52,30 @@ export class ProtocolError extends Error {
   }
 }
 
+/** The name of an ERROR code (§6), or `ERROR_<code>` for a code this version does not know. */
+export function errorName(code: number): string {
+  for (const [k, v] of Object.entries(ErrorCode)) if (v === code) return k;
+  return `ERROR_${code}`;
+}
+
+/**
+ * An ERROR frame from the server (PROTOCOL.md §6): `code` (see {@link ErrorCode}), its name,
+ * the server's message, and whether it ended the session for this client (`fatal`: a refused
+ * token, an unknown or expired session, a take-over, …) or only the connection.
+ */
+export class ServerError extends Error {
+  readonly codeName: string;
+  constructor(
+    readonly code: number,
+    readonly serverMessage: string,
+    readonly fatal: boolean,
+  ) {
+    super(`${errorName(code)} (${code})${serverMessage ? `: ${serverMessage}` : ""}`);
+    this.name = "ServerError";
+    this.codeName = errorName(code);
+  }
+}
+
 export interface CoreOptions {
   /**
    * `perRead` (default): one cumulative ACK for the newest DATA after each `onBytes`.

@@ -6,9 +6,9 @@
  * (`webSocketConnector`, or `tcpConnector` in Node); a `ws://` or `wss://` URL picks the
  * WebSocket one with the platform's `WebSocket`.
  */
-import { ClientCore, ProtocolError, type CoreEvent } from "./core.js";
+import { ClientCore, ProtocolError, ServerError, type CoreEvent } from "./core.js";
 import { ErrorCode } from "./payload.js";
-import type { Conn, Connector } from "./transport.js";
+import type { Conn, ConnHandlers, Connector } from "./transport.js";
 import { webSocketConnector } from "./websocket.js";
 
 /** What a tab or a process keeps to resume the session later (JSON-serialisable). */
@@ -62,7 +62,9 @@ export interface ConnectOptions extends SessionOptions {
   token: string | Uint8Array;
 }
 
-export interface ResumeOptions extends SessionOptions {
+export interface ResumeOptions extends Omit<SessionOptions, "url"> {
+  /** Where to resume (default: the credentials' endpoint). */
+  url?: string;
   /** Resume as if output through this SEQ was received (default: the credentials'). */
   lastSeq?: number;
 }
@@ -144,7 +146,7 @@ export class Session {
   }
 
   /** An existing session (RESUME) from its {@link Credentials}; it connects at once. */
-  static resume(c: Credentials, o: ResumeOptions): Session {
+  static resume(c: Credentials, o: ResumeOptions = {}): Session {
     const core = ClientCore.forResume(
       c.tenant,
       c.agent,
@@ -152,7 +154,7 @@ export class Session {
       hexToBytes(c.resumeToken, 16),
       o.lastSeq ?? c.lastSeq,
       c.nextSeq,
-      Session.coreOpts(o),
+      Session.coreOpts({ ...o, url: o.url ?? c.endpoint }),
     );
     const s = new Session(core, { ...o, url: o.url ?? c.endpoint });
     queueMicrotask(() => s.open());
@@ -242,26 +244,32 @@ export class Session {
 
   /** Leaves the session running on the server (SUSPEND) without reconnecting. */
   detach() {
+    const goodbye = this.core.attached;
     this.core.suspend(now());
     this.flush();
     this.detached = true;
-    this.shutdown("detached");
+    this.shutdown("detached", goodbye);
   }
 
   /** Ends the session (DISCONNECT). */
   close() {
+    const goodbye = this.core.attached;
     this.core.disconnect(now());
     this.flush();
-    this.shutdown("closed by the client");
+    this.shutdown("closed by the client", goodbye);
   }
 
-  private shutdown(reason: string) {
+  /** `goodbye`: what was queued (SUSPEND, DISCONNECT) is sent before the connection closes. */
+  private shutdown(reason: string, goodbye = false) {
     clearTimeout(this.retryTimer);
     clearTimeout(this.connectTimer);
     clearInterval(this.tickTimer);
     const c = this.conn;
     this.conn = null;
-    c?.close();
+    if (c) {
+      if (goodbye && c.end) c.end();
+      else c.close();
+    }
     if (this.state !== "closed") {
       this.setState("closed", { reason });
       this.fire("close", reason);
@@ -283,7 +291,7 @@ export class Session {
       if (mine() && !this.core.attached) conn?.close();
     }, this.opts.connectTimeoutMs ?? 10_000);
     (this.connectTimer as { unref?: () => void }).unref?.();
-    conn = this.connector(this.endpoint, {
+    const handlers: ConnHandlers = {
       open: () => {
         if (!mine()) return;
         if (this.core.hasSession) this.core.startResume(now());
@@ -307,7 +315,16 @@ export class Session {
       closed: (reason) => {
         if (mine()) this.lost(conn!, reason);
       },
-    });
+    };
+    try {
+      conn = this.connector(this.endpoint, handlers);
+    } catch (e) {
+      // A setting, not the network (no WebSocket class, a malformed endpoint): no retry.
+      const err = e instanceof Error ? e : new Error(String(e));
+      this.fire("error", err);
+      this.shutdown(`cannot connect: ${err.message}`);
+      return;
+    }
     this.conn = conn;
   }
 
@@ -346,11 +363,12 @@ export class Session {
             return;
           }
           if (ev.fatal) {
-            this.fire("error", new Error(`ERROR ${ev.code}: ${ev.message}`));
-            this.shutdown(`refused: ${ev.message || `ERROR ${ev.code}`}`);
+            const err = new ServerError(ev.code, ev.message, true);
+            this.fire("error", err);
+            this.shutdown(`refused: ${err.message}`);
             return;
           }
-          this.fire("error", new Error(`ERROR ${ev.code}: ${ev.message}`));
+          this.fire("error", new ServerError(ev.code, ev.message, false));
           break;
       }
     }

@@ -49,6 +49,15 @@ export function tcpConnector(opts: TcpOptions = {}): Connector {
         finish("closed by the client");
         sock.destroy();
       },
+      end() {
+        // What was written goes out, then FIN (destroy() would drop a DISCONNECT queued behind
+        // unsent input); the socket reads on until the server closes, at most 30 s.
+        finish("closed by the client");
+        sock.end();
+        const t = setTimeout(() => sock.destroy(), 30000);
+        t.unref();
+        sock.once("close", () => clearTimeout(t));
+      },
     };
   };
 }

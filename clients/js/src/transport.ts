@@ -18,6 +18,11 @@ export interface Conn {
   send(bytes: Uint8Array): void;
   /** Closes the connection at once (no goodbye): the session resumes on a new one. */
   close(): void;
+  /**
+   * Sends what is queued, then closes: how a goodbye (SUSPEND, DISCONNECT) reaches the server.
+   * Optional: without it the session uses {@link Conn.close}.
+   */
+  end?(): void;
 }
 
 /** Opens a connection to `endpoint` (a URL for WebSocket, `HOST:PORT` for TCP). */

@@ -88,6 +88,16 @@ export function webSocketConnector(opts: WebSocketOptions = {}): Connector {
           // already closing
         }
       },
+      end() {
+        // A WebSocket close is sent after the messages already queued.
+        if (done) return;
+        finish("closed by the client");
+        try {
+          ws.close(1000);
+        } catch {
+          // already closing
+        }
+      },
     };
   };
 }
