@@ -41,16 +41,17 @@ COPY core/Cargo.toml core/Cargo.toml
 COPY poll/Cargo.toml poll/Cargo.toml
 COPY agent/Cargo.toml agent/Cargo.toml
 COPY client/Cargo.toml client/Cargo.toml
+COPY clients/c/Cargo.toml clients/c/Cargo.toml
 COPY shards/Cargo.toml shards/Cargo.toml
 COPY loadgen/Cargo.toml loadgen/Cargo.toml
 COPY testkit/Cargo.toml testkit/Cargo.toml
 COPY bench/Cargo.toml bench/Cargo.toml
-# The test harness (testkit/) and measurement (bench/) crates are workspace members the image
-# never builds: their stubs stay for the real build too (.dockerignore keeps only their manifests).
-RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src shards/src loadgen/src \
+# The test harness (testkit/), measurement (bench/) and C ABI (clients/c/) crates are workspace
+# members the image never builds: their stubs stay for the real build too.
+RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src clients/c/src shards/src loadgen/src \
              testkit/src bench/src/bin bench/benches \
     && touch src/lib.rs core/src/lib.rs poll/src/lib.rs agent/src/lib.rs client/src/lib.rs shards/src/lib.rs \
-             testkit/src/lib.rs \
+             testkit/src/lib.rs clients/c/src/lib.rs \
     && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs src/bin/clawtermctl.rs \
                 loadgen/src/main.rs \
                 bench/src/bin/pod_figures.rs bench/src/bin/tls_figures.rs bench/src/bin/reconnect_figure.rs \
