@@ -14,6 +14,11 @@ import { webSocketConnector } from "./websocket.js";
 /** What a tab or a process keeps to resume the session later (JSON-serialisable). */
 export interface Credentials {
   endpoint: string;
+  /**
+   * The host TLS certificates are checked against, where it differs from the endpoint's (the
+   * session roamed to another node's address).
+   */
+  serverName?: string;
   tenant: number;
   agent: number;
   sessionId: number;
@@ -53,6 +58,8 @@ export interface SessionOptions {
   connectTimeoutMs?: number;
   keepaliveMs?: number;
   deadAfterMs?: number;
+  /** The name TLS certificates are checked against (default: the host of `url`). */
+  serverName?: string;
 }
 
 export interface ConnectOptions extends SessionOptions {
@@ -92,6 +99,13 @@ export function bytesToHex(b: Uint8Array): string {
   return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
 }
 
+/** The host of `HOST:PORT`, `[V6]:PORT` or a URL. */
+export function hostOf(endpoint: string): string {
+  const url = /^[a-z][a-z0-9+.-]*:\/\/(\[[^\]]*\]|[^/:?#]*)/i.exec(endpoint);
+  const hp = url ? url[1] : endpoint.replace(/:\d+$/, "");
+  return hp.startsWith("[") && hp.endsWith("]") ? hp.slice(1, -1) : hp;
+}
+
 const now = () => (typeof performance !== "undefined" ? performance.now() : Date.now());
 
 function randomBytes(n: number): Uint8Array {
@@ -104,6 +118,8 @@ export class Session {
   private core: ClientCore;
   private conn: Conn | null = null;
   private endpoint: string;
+  /** The host first connected to (TLS names are checked against it after a ROAM). */
+  private readonly serverName: string;
   private readonly connector: Connector;
   private readonly opts: SessionOptions;
   private listeners: Partial<Record<keyof Events, unknown[]>> = {};
@@ -120,6 +136,7 @@ export class Session {
     this.core = core;
     this.opts = opts;
     this.endpoint = opts.url;
+    this.serverName = opts.serverName ?? hostOf(opts.url);
     this.connector = opts.connector ?? webSocketConnector();
     if (opts.cols && opts.rows) core.resize(opts.cols, opts.rows, now());
     this.tickTimer = setInterval(() => this.tick(), 1000);
@@ -156,7 +173,7 @@ export class Session {
       c.nextSeq,
       Session.coreOpts({ ...o, url: o.url ?? c.endpoint }),
     );
-    const s = new Session(core, { ...o, url: o.url ?? c.endpoint });
+    const s = new Session(core, { ...o, url: o.url ?? c.endpoint, serverName: o.serverName ?? (o.url ? undefined : c.serverName) });
     queueMicrotask(() => s.open());
     return s;
   }
@@ -198,6 +215,7 @@ export class Session {
     if (!this.core.hasSession) return null;
     return {
       endpoint: this.endpoint,
+      ...(this.serverName !== hostOf(this.endpoint) ? { serverName: this.serverName } : {}),
       tenant: this.core.tenant,
       agent: this.core.agent,
       sessionId: this.core.sessionId,
@@ -317,7 +335,7 @@ export class Session {
       },
     };
     try {
-      conn = this.connector(this.endpoint, handlers);
+      conn = this.connector(this.endpoint, handlers, this.serverName);
     } catch (e) {
       // A setting, not the network (no WebSocket class, a malformed endpoint): no retry.
       const err = e instanceof Error ? e : new Error(String(e));
@@ -352,8 +370,17 @@ export class Session {
           const host = ev.address.includes(":") ? `[${ev.address}]` : ev.address;
           this.endpoint = `${host}:${ev.port}`;
           this.fire("roam", this.endpoint);
+          // Not a failure: resume there at once (as the Rust client does), no backoff.
+          const c = this.conn;
+          this.conn = null;
+          clearTimeout(this.connectTimer);
+          c?.close();
+          this.core.connectionLost();
+          if (this.state === "closed") return;
           this.attempt = 0;
-          this.conn?.close();
+          this.setState("reconnecting", { reason: `the session moved to ${this.endpoint}`, attempt: 0 });
+          clearTimeout(this.retryTimer);
+          this.retryTimer = setTimeout(() => this.open(), 0);
           return;
         }
         case "error":

@@ -8,7 +8,11 @@ import tls from "node:tls";
 import type { Conn, ConnHandlers, Connector } from "./transport.js";
 
 export interface TcpOptions {
-  /** TLS options (`ca`, `servername`, `rejectUnauthorized`, …); none: plaintext. */
+  /**
+   * TLS options (`ca`, `servername`, `rejectUnauthorized`, …); none: plaintext. Without
+   * `servername` the certificate is checked against the host the session first connected to
+   * (also after a ROAM to an address).
+   */
   tls?: tls.ConnectionOptions;
 }
 
@@ -19,8 +23,9 @@ export function splitHostPort(endpoint: string): [string, number] {
 }
 
 export function tcpConnector(opts: TcpOptions = {}): Connector {
-  return (endpoint: string, h: ConnHandlers): Conn => {
+  return (endpoint: string, h: ConnHandlers, serverName?: string): Conn => {
     const [host, port] = splitHostPort(endpoint);
+    const name = opts.tls?.servername ?? serverName ?? host;
     let done = false;
     const finish = (why: string) => {
       if (done) return;
@@ -28,9 +33,20 @@ export function tcpConnector(opts: TcpOptions = {}): Connector {
       h.closed(why);
     };
     const sock: net.Socket = opts.tls
-      ? tls.connect({ host, port, minVersion: "TLSv1.3", ...opts.tls }, () => {
-          if (!done) h.open();
-        })
+      ? tls.connect(
+          {
+            host,
+            port,
+            minVersion: "TLSv1.3",
+            // SNI for a DNS name only; the certificate is checked against the name either way.
+            servername: net.isIP(name) ? undefined : name,
+            checkServerIdentity: (_host, cert) => tls.checkServerIdentity(name, cert),
+            ...opts.tls,
+          },
+          () => {
+            if (!done) h.open();
+          },
+        )
       : net.connect({ host, port }, () => {
           if (!done) h.open();
         });

@@ -25,5 +25,9 @@ export interface Conn {
   end?(): void;
 }
 
-/** Opens a connection to `endpoint` (a URL for WebSocket, `HOST:PORT` for TCP). */
-export type Connector = (endpoint: string, h: ConnHandlers) => Conn;
+/**
+ * Opens a connection to `endpoint` (a URL for WebSocket, `HOST:PORT` for TCP). `serverName`:
+ * the host the session first connected to; after a ROAM the endpoint is the new node's
+ * address, and TLS certificates are still checked against this name (PROTOCOL.md §2.6).
+ */
+export type Connector = (endpoint: string, h: ConnHandlers, serverName?: string) => Conn;

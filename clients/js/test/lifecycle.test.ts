@@ -53,14 +53,21 @@ function errors(s: Session) {
 
 test("a Session's life against the real server", { timeout: 120000 }, async (t) => {
   const srv = await startServer();
-  t.after(() => srv.stop());
+  // Every session ends with the test, passed or failed (a reconnecting one would keep the
+  // process alive).
+  const sessions: Session[] = [];
+  const track = (s: Session) => (sessions.push(s), s);
+  t.after(() => {
+    for (const s of sessions) s.close();
+    srv.stop();
+  });
   const tcp = tcpConnector();
 
   await t.test("close() ends the session on the server, even behind a backlog of input", async () => {
     for (let i = 0; i < 2; i++) {
       const proxy = await halfCloseProxy(srv.tcp);
       try {
-        const s = Session.connect({ url: proxy.addr, connector: tcp, tenant: TENANT, agent: AGENT, token: TOKEN });
+        const s = track(Session.connect({ url: proxy.addr, connector: tcp, tenant: TENANT, agent: AGENT, token: TOKEN }));
         await waitFor("connected", () => s.status === "connected");
         s.write("q".repeat(4 << 20)); // the DISCONNECT queues behind 4 MiB
         const creds = s.credentials()!;
@@ -72,7 +79,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
         // The server closes its side once it has read everything (a RESUME arriving before
         // that would take the session over, and the DISCONNECT would never count).
         await waitFor("the server's close", () => proxy.upstreamClosed(), 30000);
-        const r = Session.resume(creds, { url: srv.tcp, connector: tcp });
+        const r = track(Session.resume(creds, { url: srv.tcp, connector: tcp }));
         const errs = errors(r);
         await waitFor("the refusal", () => r.status === "closed" || r.status === "connected", 10000);
         assert.equal(r.status, "closed", `round ${i}: the session was still there after close()`);
@@ -88,7 +95,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
   });
 
   await t.test("detach() keeps the session; what the agent wrote meanwhile is replayed exactly", async () => {
-    const a = Session.connect({ url: srv.tcp, connector: tcp, tenant: TENANT, agent: AGENT, token: TOKEN });
+    const a = track(Session.connect({ url: srv.tcp, connector: tcp, tenant: TENANT, agent: AGENT, token: TOKEN }));
     const outA = collect(a);
     await waitFor("connected", () => a.status === "connected");
     let want = "";
@@ -102,7 +109,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
     assert.equal(saved.lastSeq, a.credentials()!.lastSeq);
     const had = outA.text();
     await sleep(300); // the echo goes on into the ring
-    const b = Session.resume(saved, { connector: tcp });
+    const b = track(Session.resume(saved, { connector: tcp }));
     const outB = collect(b);
     await waitFor("everything", () => had.length + outB.length() >= want.length, 15000);
     assert.equal(had + outB.text(), want, "every byte once, in order, across detach and resume");
@@ -112,7 +119,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
   await t.test("input written while the network is down arrives once after the resume", async () => {
     const proxy = await startProxy(srv.tcp);
     try {
-      const s = Session.connect({ url: proxy.addr, connector: tcp, tenant: TENANT, agent: AGENT, token: TOKEN, backoff: { baseMs: 50, capMs: 200 } });
+      const s = track(Session.connect({ url: proxy.addr, connector: tcp, tenant: TENANT, agent: AGENT, token: TOKEN, backoff: { baseMs: 50, capMs: 200 } }));
       const out = collect(s);
       const statuses: string[] = [];
       s.on("status", (st) => statuses.push(st.state));
@@ -137,7 +144,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
   });
 
   await t.test("a wrong token is a typed, final refusal (no retry loop)", async () => {
-    const s = Session.connect({ url: srv.tcp, connector: tcp, tenant: TENANT, agent: AGENT, token: "00".repeat(32), backoff: { baseMs: 10, capMs: 20 } });
+    const s = track(Session.connect({ url: srv.tcp, connector: tcp, tenant: TENANT, agent: AGENT, token: "00".repeat(32), backoff: { baseMs: 10, capMs: 20 } }));
     const errs = errors(s);
     const reasons: string[] = [];
     s.on("close", (r) => reasons.push(r));
@@ -153,7 +160,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
   });
 
   await t.test("an agent nobody serves is NO_AGENT, final for a new session", async () => {
-    const s = Session.connect({ url: srv.tcp, connector: tcp, tenant: TENANT, agent: AGENT + 41, token: TOKEN });
+    const s = track(Session.connect({ url: srv.tcp, connector: tcp, tenant: TENANT, agent: AGENT + 41, token: TOKEN }));
     const errs = errors(s);
     await waitFor("closed", () => s.status === "closed");
     assert.equal((errs[0] as ServerError).code, ErrorCode.NO_AGENT);
@@ -164,7 +171,7 @@ test("a Session's life against the real server", { timeout: 120000 }, async (t) 
     const saved = (globalThis as { WebSocket?: unknown }).WebSocket;
     (globalThis as { WebSocket?: unknown }).WebSocket = undefined;
     try {
-      const s = Session.connect({ url: `ws://${srv.ws}/ws`, connector: noWs, tenant: TENANT, agent: AGENT, token: TOKEN });
+      const s = track(Session.connect({ url: `ws://${srv.ws}/ws`, connector: noWs, tenant: TENANT, agent: AGENT, token: TOKEN }));
       const errs = errors(s);
       await waitFor("closed", () => s.status === "closed", 2000);
       assert.match(errs[0].message, /WebSocket/);

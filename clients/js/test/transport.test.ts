@@ -2,7 +2,8 @@
 // one with the `ws` package on both ends (each send is one binary message; received messages
 // are one byte stream, however the server splits it; text messages, closes and a dead port),
 // a Session over WebSocket against a fake ClawTerm server that splits its frames across
-// messages at every byte, and the TCP one, plaintext and TLS with `ca` and `servername`.
+// messages at every byte, and the TCP one, plaintext and TLS with `ca` and `servername`; a
+// Session told to ROAM between two fake TLS nodes keeps checking the name it first used.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -18,9 +19,11 @@ import {
   type Connector,
   encode,
   encodeAccept,
+  encodeResumed,
   FrameReader,
   FrameType,
   parseConnect,
+  parseResume,
   Session,
   webSocketConnector,
 } from "../src/index.js";
@@ -341,6 +344,98 @@ test("TCP+TLS: `ca` and `servername` are checked; a wrong name never opens", { t
       srv.close();
     }
   } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("Session: ROAM to another node's address over TLS, checked against the first name", { timeout: 20000, skip: haveOpenssl() ? false : "no openssl to make a certificate" }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "ct-js-roam-"));
+  const servers: tls.Server[] = [];
+  const conns: tls.TLSSocket[] = [];
+  try {
+    // A certificate for the name "localhost" only: 127.0.0.1, where ROAM sends the client,
+    // is not in it.
+    execFileSync(
+      "openssl",
+      ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+        "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")],
+      { stdio: "ignore", timeout: 10000 },
+    );
+    const key = readFileSync(join(dir, "key.pem"));
+    const cert = readFileSync(join(dir, "cert.pem"));
+    const roamToken = new Uint8Array(16).fill(0x55);
+    const node = (onFrame: (f: { type: number; payload: Uint8Array }, send: (type: number, seq: number, p: Uint8Array) => void, c: tls.TLSSocket) => void) => {
+      const srv = tls.createServer({ key, cert }, (c) => {
+        conns.push(c);
+        c.on("error", () => {});
+        const reader = new FrameReader();
+        const send = (type: number, seq: number, p: Uint8Array) => c.write(encode({ sessionId: 77, seq, type, flags: 0, payload: p }));
+        c.on("data", (d) => {
+          for (const f of reader.push(new Uint8Array(d))) onFrame(f, send, c);
+        });
+      });
+      srv.on("tlsClientError", () => {});
+      servers.push(srv);
+      return new Promise<number>((r) => srv.listen(0, "127.0.0.1", () => r((srv.address() as net.AddressInfo).port)));
+    };
+    let resumeSeen: { lastSeq?: number; token?: Uint8Array } | undefined;
+    const portB = await node((f, send) => {
+      if (f.type === FrameType.RESUME) {
+        resumeSeen = parseResume(f.payload);
+        send(FrameType.RESUMED, 6, encodeResumed({ sessionId: 77, lastClientSeq: 0, firstReplaySeq: 0 }));
+        send(FrameType.DATA, 7, te.encode("from B"));
+      }
+    });
+    const portA = await node((f, send, c) => {
+      if (f.type === FrameType.CONNECT) {
+        send(FrameType.ACCEPT, 1, encodeAccept({ sessionId: 77, version: 1, caps: CAP_RELIABLE | 0x04, resumeToken: new Uint8Array(16).fill(1) }));
+        send(FrameType.DATA, 2, te.encode("from A;"));
+        const roam = new Uint8Array(1 + 4 + 2 + 16);
+        roam.set([4, 127, 0, 0, 1]);
+        new DataView(roam.buffer).setUint16(5, portB);
+        roam.set(roamToken, 7);
+        send(FrameType.ROAM, 3, roam);
+        c.end();
+      }
+    });
+    const s = Session.connect({
+      url: `localhost:${portA}`,
+      connector: tcpConnector({ tls: { ca: cert } }),
+      tenant: 7,
+      agent: 1,
+      token: "ef".repeat(32),
+      backoff: { baseMs: 10, capMs: 50 },
+    });
+    try {
+      let text = "";
+      const roams: string[] = [];
+      const errs: Error[] = [];
+      s.on("data", (b) => (text += Buffer.from(b).toString()));
+      s.on("roam", (ep) => roams.push(ep));
+      s.on("error", (e) => errs.push(e));
+      const statuses: string[] = [];
+      s.on("status", (st) => statuses.push(`${st.state} ${st.reason ?? ""}`));
+      for (const t0 = Date.now(); text !== "from A;from B" && Date.now() - t0 < 10000; ) {
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      assert.equal(text, "from A;from B", `output from both nodes; statuses: ${statuses.slice(0, 4).join(" | ")}`);
+      assert.deepEqual(errs, []);
+      assert.deepEqual(roams, [`127.0.0.1:${portB}`]);
+      assert.equal(statuses[1], `reconnecting the session moved to 127.0.0.1:${portB}`);
+      assert.equal(s.stats().reconnects, 0, "a move is not a loss");
+      assert.equal(resumeSeen?.lastSeq, 2);
+      assert.deepEqual(resumeSeen?.token, roamToken, "RESUME at the new node carries the roam token");
+      const creds = s.credentials()!;
+      assert.equal(creds.endpoint, `127.0.0.1:${portB}`);
+      assert.equal(creds.serverName, "localhost", "the name to check travels with the credentials");
+      assert.equal(creds.resumeToken, "55".repeat(16));
+    } finally {
+      s.close();
+    }
+  } finally {
+    for (const c of conns) c.destroy();
+    for (const srv of servers) srv.close();
     rmSync(dir, { recursive: true, force: true });
   }
 });
