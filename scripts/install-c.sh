@@ -14,8 +14,9 @@ echo "install-c: cargo build --release -p clawterm-ffi"
 target="${CARGO_TARGET_DIR:-$root/target}/release"
 install -d "$prefix/include" "$prefix/lib/pkgconfig"
 install -m 0644 "$root/clients/c/include/clawterm.h" "$prefix/include/"
-install -m 0755 "$target/libclawterm.so" "$prefix/lib/"
-install -m 0644 "$target/libclawterm.a" "$prefix/lib/"
+# Built as libclawterm_ffi (the server crate is `clawterm`), installed as libclawterm.
+install -m 0755 "$target/libclawterm_ffi.so" "$prefix/lib/libclawterm.so"
+install -m 0644 "$target/libclawterm_ffi.a" "$prefix/lib/libclawterm.a"
 sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" "$root/clients/c/clawterm.pc.in" \
   > "$prefix/lib/pkgconfig/clawterm.pc"
 echo "install-c: installed clawterm.h, libclawterm.so, libclawterm.a and clawterm.pc under $prefix"

@@ -9,19 +9,31 @@ use harness::client::{hex, AGENT, TENANT, TOKEN};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where cargo put libclawterm.so / .a (beside the test binaries' parent).
+/// A directory with the libraries as C programs link them (`libclawterm.so`, `libclawterm.a`,
+/// as scripts/install-c.sh installs them), copied from what cargo built beside the test
+/// binaries (`libclawterm_ffi.*`).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    assert!(
-        dir.join("libclawterm.so").exists(),
-        "libclawterm.so not in {} (cargo build -p clawterm-ffi)",
-        dir.display()
-    );
+    // target/PROFILE/deps (where cargo builds a test's dependencies), then target/PROFILE.
+    let deps = exe.parent().expect("deps dir").to_path_buf();
+    let profile = deps.parent().expect("target dir").to_path_buf();
+    let dir = profile.join("c-libs");
+    std::fs::create_dir_all(&dir).expect("c-libs dir");
+    for (from, to) in [
+        ("libclawterm_ffi.so", "libclawterm.so"),
+        ("libclawterm_ffi.a", "libclawterm.a"),
+    ] {
+        let src = [deps.join(from), profile.join(from)]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{from} not built (cargo build -p clawterm-ffi)"));
+        // A fresh name each time: a running test may be using the previous copy.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{to}.{}.{n}", std::process::id()));
+        std::fs::copy(&src, &tmp).expect("copy the library");
+        std::fs::rename(&tmp, dir.join(to)).expect("rename the library");
+    }
     dir
 }
 
