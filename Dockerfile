@@ -55,7 +55,7 @@ RUN mkdir -p src/bin/clawtermd core/src poll/src agent/src client/src clients/c/
     && for f in src/bin/clawtermd/main.rs src/bin/claw-agent.rs src/bin/clawterm.rs src/bin/clawtermctl.rs \
                 loadgen/src/main.rs \
                 bench/src/bin/pod_figures.rs bench/src/bin/tls_figures.rs bench/src/bin/reconnect_figure.rs \
-                bench/src/bin/state_figures.rs bench/src/bin/cluster_figures.rs bench/src/bin/ws_figures.rs \
+                bench/src/bin/state_figures.rs bench/src/bin/cluster_figures.rs bench/src/bin/ws_figures.rs bench/src/bin/client_echo.rs \
                 bench/benches/codec.rs bench/benches/session_memory.rs; do echo 'fn main() {}' > "$f"; done \
     && cargo fetch --locked \
     && cargo build --release --locked -p clawterm --bins \
