@@ -56,7 +56,10 @@ class Server:
         self.proc = subprocess.Popen(
             [str(BINS / "clawtermd"), "--bind", "127.0.0.1", "--port", "0", "--insecure-plaintext",
              "--tokens", tokens, "--socket-dir", sock, "--admin", "off", "--no-quic", "--no-ws",
-             "--shards", "2"],
+             "--shards", "2",
+             # A full replay ring pauses the agent instead of dropping its oldest output: what
+             # a program that must see every line runs (the default, drop, reports a GAP).
+             "--overflow", "pause"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(RUST_LOG="info"),
         )
         deadline = time.monotonic() + 10
@@ -90,6 +93,8 @@ class Proxy:
         self.lsock.listen(64)
         self.addr = "127.0.0.1:%d" % self.lsock.getsockname()[1]
         self.conns = []
+        #: Connections accepted so far (a reconnect is one more).
+        self.accepted = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -102,6 +107,7 @@ class Proxy:
             u = socket.create_connection(self.target)
             with self.lock:
                 self.conns += [c, u]
+                self.accepted += 1
             for a, b in ((c, u), (u, c)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 

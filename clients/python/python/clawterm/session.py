@@ -21,6 +21,9 @@ class RunResult:
     output: str
     #: Its exit status.
     status: int
+    #: Output was lost while the connection was down (the server's replay ring overflowed
+    #: under ``--overflow drop``, its default): ``output`` then lacks part of what was printed.
+    lost: bool = False
 
 
 class Session:
@@ -120,6 +123,7 @@ class Session:
         the line and its prompts are not part of it. The session may
         lose its connection any number of times meanwhile: nothing is lost or repeated.
         """
+        self.take_gap()
         tag = secrets.token_hex(6)
         # printf with %s so the shell's echo of this line never looks like the markers.
         # One line, so no prompt comes between the command and the END marker.
@@ -133,7 +137,7 @@ class Session:
         m = self.expect(end, max(0.0, deadline - time.monotonic()))
         out = m.string[: m.start()]
         out = out.replace("\r\n", "\n")
-        return RunResult(output=out, status=int(m.group(1)))
+        return RunResult(output=out, status=int(m.group(1)), lost=self.take_gap())
 
     # -- the rest --------------------------------------------------------------------------
     def resize(self, cols: int, rows: int) -> None:
