@@ -8,18 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!(
-            "{what}: {e} (install Node.js, npm and chromium: apt-get install nodejs npm chromium)"
-        )
-    });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    text
+    clawterm_testkit::run_ok(
+        cmd,
+        what,
+        "install Node.js, npm and chromium: apt-get install nodejs npm chromium",
+    )
 }
 
 #[test]

@@ -8,16 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("{what}: {e} (needs python3 with venv: apt-get install python3-venv)")
-    });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    text
+    clawterm_testkit::run_ok(
+        cmd,
+        what,
+        "needs python3 with venv: apt-get install python3-venv",
+    )
 }
 
 #[test]

@@ -196,6 +196,21 @@ pub fn wait_until(t: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Runs `cmd` to completion and returns its stdout and stderr together; panics with `what`
+/// and that output if it fails, or with `missing` (what to install) if it cannot start.
+pub fn run_ok(cmd: &mut Command, what: &str, missing: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e} ({missing})"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
 /// `loadgen`, built beside `clawtermd` (`cargo build [--release] -p loadgen`); panics saying so
 /// when it is not there.
 pub fn loadgen_bin() -> PathBuf {

@@ -191,33 +191,49 @@ impl Clients {
             m.error(*code as u16);
         }
         ShardMetrics::inc(&m.bytes_out, bytes.len() as u64);
-        if let Some(ws) = self.conns.get(&conn).and_then(|c| c.ws.as_ref()) {
-            // One binary message per batch of frames; nothing before the upgrade or after
-            // the close.
-            if !matches!(ws.phase, WsPhase::Open(_)) {
-                return;
-            }
-            let (hdr, n) = crate::server::ws::frames::binary_header(bytes.len());
-            self.send_parts(ctx, conn, &hdr[..n], bytes);
-            return;
-        }
-        self.send_raw(ctx, conn, bytes);
+        self.send_framed(ctx, conn, bytes, true);
     }
 
-    /// [`Clients::send_raw`] of `a` then `b`, without joining them first.
-    fn send_parts(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, a: &[u8], b: &[u8]) {
-        match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
-            Some(tls) => {
-                use std::io::Write;
-                // The plaintext buffer is unbounded by default; this cannot fail.
-                let _ = tls.writer().write_all(a);
-                let _ = tls.writer().write_all(b);
-                self.tls_flush(ctx, conn);
+    /// Sends `bytes` on `conn`'s transport with one lookup of the connection: in one binary
+    /// message on an upgraded WebSocket when `ws_frame` (nothing before the upgrade or after
+    /// the close), then encrypted on TLS.
+    fn send_framed(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        bytes: &[u8],
+        ws_frame: bool,
+    ) {
+        let mut hdr = ([0u8; 10], 0);
+        let tls = match self.conns.get_mut(&conn) {
+            Some(c) => {
+                match &c.ws {
+                    Some(ws) if ws_frame && matches!(ws.phase, WsPhase::Open(_)) => {
+                        hdr = crate::server::ws::frames::binary_header(bytes.len());
+                    }
+                    Some(_) if ws_frame => return,
+                    _ => {}
+                }
+                match c.tls.as_mut() {
+                    Some(tls) => {
+                        use std::io::Write;
+                        // The plaintext buffer is unbounded by default; this cannot fail.
+                        let _ = tls.writer().write_all(&hdr.0[..hdr.1]);
+                        let _ = tls.writer().write_all(bytes);
+                        true
+                    }
+                    None => false,
+                }
             }
-            None => {
-                self.transport_send(ctx, conn, a);
-                self.transport_send(ctx, conn, b);
+            None => false,
+        };
+        if tls {
+            self.tls_flush(ctx, conn);
+        } else {
+            if hdr.1 > 0 {
+                self.transport_send(ctx, conn, &hdr.0[..hdr.1]);
             }
+            self.transport_send(ctx, conn, bytes);
         }
     }
 
@@ -229,15 +245,7 @@ impl Clients {
         conn: Client,
         bytes: &[u8],
     ) {
-        match self.conns.get_mut(&conn).and_then(|c| c.tls.as_mut()) {
-            Some(tls) => {
-                use std::io::Write;
-                // The plaintext buffer is unbounded by default; this cannot fail.
-                let _ = tls.writer().write_all(bytes);
-                self.tls_flush(ctx, conn);
-            }
-            None => self.transport_send(ctx, conn, bytes),
-        }
+        self.send_framed(ctx, conn, bytes, false);
     }
 
     /// Sends whatever TLS records the connection has pending (handshake, alerts, data).

@@ -194,8 +194,15 @@ impl ShardHandler {
         &self.shared.metrics.shards[self.index]
     }
 
-    /// Ciphertext from a TLS connection: decrypt it all, then process the plaintext.
-    fn on_tls_data(&mut self, ctx: &mut impl Context<ShardMsg>, conn: Client, data: &[u8]) {
+    /// Ciphertext from a TLS connection: decrypt it all, then process the plaintext (`ws`: a
+    /// connection of the WebSocket port, whose plaintext is HTTP, then WebSocket frames).
+    fn on_tls_data(
+        &mut self,
+        ctx: &mut impl Context<ShardMsg>,
+        conn: Client,
+        data: &[u8],
+        ws: bool,
+    ) {
         match self.clients.decrypt(ctx, conn, data) {
             Err(e) => {
                 debug!(?conn, error = %e, "TLS failure; closing");
@@ -203,11 +210,6 @@ impl ShardHandler {
             }
             Ok(plain) => {
                 if !plain.is_empty() {
-                    let ws = self
-                        .clients
-                        .conns
-                        .get(&conn)
-                        .is_some_and(|c| c.ws.is_some());
                     if ws {
                         self.on_ws_bytes(ctx, conn, &plain);
                     } else {
@@ -630,7 +632,8 @@ impl ShardHandler {
             return;
         };
         if c.tls.is_some() {
-            self.on_tls_data(ctx, conn, data);
+            let ws = c.ws.is_some();
+            self.on_tls_data(ctx, conn, data, ws);
         } else if c.ws.is_some() {
             self.on_ws_bytes(ctx, conn, data);
         } else {
