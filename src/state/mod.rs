@@ -188,12 +188,15 @@ impl StateDir {
         {
             if e == rustix::io::Errno::WOULDBLOCK {
                 // The holder writes its pid right after taking the lock: give it a moment.
+                // Until it has, the file may still name an earlier holder that has exited
+                // (the pid stays behind when a process ends): only a live pid is the holder.
+                let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
                 let mut pid = None;
                 for _ in 0..100 {
                     let mut s = String::new();
                     let _ = lock.rewind();
                     let _ = lock.read_to_string(&mut s);
-                    pid = s.trim().parse().ok();
+                    pid = s.trim().parse::<u32>().ok().filter(alive);
                     if pid.is_some() {
                         break;
                     }
